@@ -1,0 +1,22 @@
+"""Shared test setup.
+
+On a machine without CUDA the Triton kernels run in the interpreter; TRITON_INTERPRET
+must be set before triton is first imported, hence here. Hypothesis profiles:
+  ci        (default) quick enough for CI on 2 cores
+  thorough  >= 10k examples over all policies, shapes and dtypes: TKV_PROFILE=thorough
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=400, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("TKV_PROFILE", "ci"))

@@ -1,0 +1,19 @@
+"""tritonkv: KV-cache eviction policies compiled to fused Triton kernels.
+
+    import tritonkv as tkv
+    policy = tkv.sink(4) | tkv.recent(64) | tkv.top(-tkv.anchor_similarity())
+    out = tkv.evict(keys, values, policy, budget=0.5)
+"""
+
+from .api import Evicted, EvictedVarlen, evict
+from .budget import pyramid_budgets
+from .dsl import (Policy, anchor_similarity, key_norm, position, proxy_attention, random, recent,
+                  sample, sink, top, value_norm)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "evict", "Evicted", "EvictedVarlen", "Policy", "pyramid_budgets",
+    "anchor_similarity", "proxy_attention", "key_norm", "value_norm", "random", "position",
+    "sink", "recent", "top", "sample",
+]

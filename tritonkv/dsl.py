@@ -1,0 +1,592 @@
+"""The policy language: score expressions, selection clauses and policies.
+
+Pure Python (no torch, no triton). Every node is a frozen dataclass, so two
+policies built the same way compare equal and hash alike; the compiler caches
+generated kernels on that structure. ``repr`` prints the expression that built
+a node, so a policy reads back as the line of code that made it.
+
+Scores produce one number per key per KV head (higher = more worth keeping).
+Clauses say how tokens are kept within a budget; ``|`` joins them into a
+:class:`Policy`. The meaning of every node is written down, as PyTorch code,
+in :mod:`tritonkv.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Optional, Tuple, Union
+
+__all__ = [
+    "Score", "AnchorSimilarity", "ProxyAttention", "KeyNorm", "ValueNorm", "Random",
+    "Position", "Const", "Neg", "BinaryOp", "Pool", "Normalize", "Softmax",
+    "Clause", "Sink", "Recent", "Top", "Sample", "Policy",
+    "anchor_similarity", "proxy_attention", "key_norm", "value_norm", "random",
+    "position", "sink", "recent", "top", "sample", "as_policy", "walk",
+]
+
+REDUCTIONS = ("mean", "sum", "max")
+POOL_MODES = ("avg", "max")
+BINARY_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+# Random streams 0 .. MAX_RANDOM_STREAM-1 belong to random(); sample clauses draw their
+# Gumbel noise from the streams above (see reference.gumbel_stream).
+MAX_RANDOM_STREAM = 1 << 16
+
+Count = Union[int, float]
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_count(name: str, n, *, allow_none: bool = False) -> Optional[Count]:
+    """A token count (int >= 0) or a fraction of N (float in (0, 1])."""
+    if n is None and allow_none:
+        return None
+    if isinstance(n, bool) or not _is_number(n):
+        raise TypeError(f"{name}: expected an int token count or a float fraction of N, got {n!r}")
+    if isinstance(n, numbers.Integral):
+        if n < 0:
+            raise ValueError(f"{name}: a token count must be >= 0, got {n}")
+        return int(n)
+    n = float(n)
+    if not (0.0 < n <= 1.0):
+        raise ValueError(f"{name}: a fraction of N must be in (0, 1], got {n}")
+    return n
+
+
+def _check_share(share) -> Optional[float]:
+    if share is None:
+        return None
+    if isinstance(share, bool) or not _is_number(share) or not (0.0 < float(share) <= 1.0):
+        raise ValueError(f"share: expected a number in (0, 1] or None, got {share!r}")
+    return float(share)
+
+
+def _check_positive(name: str, x) -> float:
+    if isinstance(x, bool) or not _is_number(x) or not math.isfinite(float(x)) or float(x) <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {x!r}")
+    return float(x)
+
+
+def _as_score(x, op: str) -> "Score":
+    if isinstance(x, Score):
+        return x
+    if _is_number(x):
+        return Const(float(x))
+    raise TypeError(f"cannot combine a score with {type(x).__name__} in '{op}'")
+
+
+# --------------------------------------------------------------------------- scores
+
+
+class Score:
+    """Base of every score expression node."""
+
+    def children(self) -> Tuple["Score", ...]:
+        return ()
+
+    # arithmetic ----------------------------------------------------------------
+    def __add__(self, other):
+        return BinaryOp("add", self, _as_score(other, "+"))
+
+    def __radd__(self, other):
+        return BinaryOp("add", _as_score(other, "+"), self)
+
+    def __sub__(self, other):
+        return BinaryOp("sub", self, _as_score(other, "-"))
+
+    def __rsub__(self, other):
+        return BinaryOp("sub", _as_score(other, "-"), self)
+
+    def __mul__(self, other):
+        return BinaryOp("mul", self, _as_score(other, "*"))
+
+    def __rmul__(self, other):
+        return BinaryOp("mul", _as_score(other, "*"), self)
+
+    def __truediv__(self, other):
+        return BinaryOp("div", self, _as_score(other, "/"))
+
+    def __rtruediv__(self, other):
+        return BinaryOp("div", _as_score(other, "/"), self)
+
+    def __neg__(self):
+        return Neg(self)
+
+    def __bool__(self):
+        raise TypeError("a score expression has no truth value; build clauses with top()/sample()")
+
+    # transforms ----------------------------------------------------------------
+    def pool(self, kernel: int, mode: str = "avg") -> "Pool":
+        """1-D pooling over neighbouring tokens (odd ``kernel``, same length out)."""
+        return Pool(self, kernel, mode)
+
+    def normalize(self) -> "Normalize":
+        """Per-head standardization over the tokens: (x - mean) / std."""
+        return Normalize(self)
+
+    def softmax(self, temperature: float = 1.0) -> "Softmax":
+        """Softmax over the tokens of each head: exp(x / t) / sum exp(x / t)."""
+        return Softmax(self, temperature)
+
+    # properties of the tree ----------------------------------------------------
+    @property
+    def needs_queries(self) -> bool:
+        return any(isinstance(n, ProxyAttention) for n in walk(self))
+
+    @property
+    def needs_keys(self) -> bool:
+        return any(isinstance(n, (AnchorSimilarity, ProxyAttention, KeyNorm)) for n in walk(self))
+
+    @property
+    def needs_values(self) -> bool:
+        return any(isinstance(n, ValueNorm) for n in walk(self))
+
+
+def walk(node: Score) -> Iterator[Score]:
+    """Every node of an expression, children before parents (post-order)."""
+    for child in node.children():
+        yield from walk(child)
+    yield node
+
+
+@dataclass(frozen=True, repr=False)
+class AnchorSimilarity(Score):
+    """Cosine similarity of each key to its head's anchor (KeyDiff)."""
+
+    def __repr__(self):
+        return "anchor_similarity()"
+
+
+@dataclass(frozen=True, repr=False)
+class ProxyAttention(Score):
+    """Attention paid to each key by the proxy queries (NACL, SnapKV, H2O, TOVA)."""
+
+    window: Optional[Count] = None
+    causal: bool = False
+    reduce: str = "mean"
+    pool_kernel: int = 1  # named so that the .pool() method of every score stays reachable
+    pool_mode: str = "avg"
+    group_reduce: str = "mean"
+
+    def __post_init__(self):
+        if self.window is not None:
+            w = _check_count("window", self.window)
+            if w == 0:
+                raise ValueError("window: expected at least one proxy query, got 0")
+            object.__setattr__(self, "window", w)
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal: expected a bool, got {self.causal!r}")
+        for name in ("reduce", "group_reduce"):
+            if getattr(self, name) not in REDUCTIONS:
+                raise ValueError(f"{name}: expected one of {REDUCTIONS}, got {getattr(self, name)!r}")
+        _check_pool(self.pool_kernel, self.pool_mode)
+
+    def __repr__(self):
+        defaults = ProxyAttention()
+        fields = {"window": "window", "causal": "causal", "reduce": "reduce", "pool": "pool_kernel",
+                  "pool_mode": "pool_mode", "group_reduce": "group_reduce"}
+        args = [f"{arg}={getattr(self, name)!r}" for arg, name in fields.items()
+                if getattr(self, name) != getattr(defaults, name)]
+        return f"proxy_attention({', '.join(args)})"
+
+
+@dataclass(frozen=True, repr=False)
+class KeyNorm(Score):
+    """L2 norm of each key."""
+
+    def __repr__(self):
+        return "key_norm()"
+
+
+@dataclass(frozen=True, repr=False)
+class ValueNorm(Score):
+    """L2 norm of each value."""
+
+    def __repr__(self):
+        return "value_norm()"
+
+
+@dataclass(frozen=True, repr=False)
+class Random(Score):
+    """Uniform in [0, 1), from Philox keyed by (seed, batch, head, token, stream)."""
+
+    stream: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.stream, bool) or not isinstance(self.stream, numbers.Integral) \
+                or not (0 <= self.stream < MAX_RANDOM_STREAM):
+            raise ValueError(f"stream: expected an int in [0, {MAX_RANDOM_STREAM}), got {self.stream!r}")
+
+    def __repr__(self):
+        return "random()" if self.stream == 0 else f"random(stream={self.stream})"
+
+
+@dataclass(frozen=True, repr=False)
+class Position(Score):
+    """Token position i / N (0 for the first token, (N-1)/N for the last)."""
+
+    def __repr__(self):
+        return "position()"
+
+
+@dataclass(frozen=True, repr=False)
+class Const(Score):
+    value: float
+
+    def __post_init__(self):
+        if not math.isfinite(self.value):
+            raise ValueError(f"a constant in a score must be finite, got {self.value!r}")
+
+    def __repr__(self):
+        return repr(self.value)
+
+
+@dataclass(frozen=True, repr=False)
+class Neg(Score):
+    operand: Score
+
+    def children(self):
+        return (self.operand,)
+
+    def __repr__(self):
+        return f"-{_wrap(self.operand)}"
+
+
+@dataclass(frozen=True, repr=False)
+class BinaryOp(Score):
+    op: str
+    left: Score
+    right: Score
+
+    def __post_init__(self):
+        if self.op not in BINARY_SYMBOLS:
+            raise ValueError(f"op: expected one of {tuple(BINARY_SYMBOLS)}, got {self.op!r}")
+
+    def children(self):
+        return (self.left, self.right)
+
+    def __repr__(self):
+        return f"({self.left!r} {BINARY_SYMBOLS[self.op]} {self.right!r})"
+
+
+def _check_pool(kernel, mode):
+    if isinstance(kernel, bool) or not isinstance(kernel, numbers.Integral) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"pool kernel: expected an odd int >= 1, got {kernel!r}")
+    if mode not in POOL_MODES:
+        raise ValueError(f"pool mode: expected one of {POOL_MODES}, got {mode!r}")
+
+
+@dataclass(frozen=True, repr=False)
+class Pool(Score):
+    operand: Score
+    kernel: int
+    mode: str = "avg"
+
+    def __post_init__(self):
+        _check_pool(self.kernel, self.mode)
+
+    def children(self):
+        return (self.operand,)
+
+    def __repr__(self):
+        return f"{_wrap(self.operand)}.pool({self.kernel}, {self.mode!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class Normalize(Score):
+    operand: Score
+
+    def children(self):
+        return (self.operand,)
+
+    def __repr__(self):
+        return f"{_wrap(self.operand)}.normalize()"
+
+
+@dataclass(frozen=True, repr=False)
+class Softmax(Score):
+    operand: Score
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "temperature", _check_positive("temperature", self.temperature))
+
+    def children(self):
+        return (self.operand,)
+
+    def __repr__(self):
+        t = "" if self.temperature == 1.0 else repr(self.temperature)
+        return f"{_wrap(self.operand)}.softmax({t})"
+
+
+def _wrap(node: Score) -> str:
+    """Parenthesize a unary operand where the printed form would be ambiguous."""
+    text = repr(node)
+    if isinstance(node, (Neg, Const)) and not text.startswith("("):
+        return f"({text})"
+    return text
+
+
+# --------------------------------------------------------------------------- clauses
+
+
+class Clause:
+    """One step of filling the budget. Join clauses with ``|``."""
+
+    forced = False
+
+    def __or__(self, other):
+        return Policy((self,)) | other
+
+    def __ror__(self, other):
+        return as_policy(other) | self
+
+    def adaptive(self, floor: float = 0.2) -> "Policy":
+        """This clause as a policy with AdaKV head budgets (see Policy.adaptive)."""
+        return Policy((self,)).adaptive(floor)
+
+    def pyramid(self, beta: float = 20.0) -> "Policy":
+        """This clause as a policy with PyramidKV layer budgets (see Policy.pyramid)."""
+        return Policy((self,)).pyramid(beta)
+
+
+@dataclass(frozen=True, repr=False)
+class Sink(Clause):
+    """Always keep the first ``n`` tokens (attention sinks)."""
+
+    n: Count
+    forced = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "n", _check_count("sink n", self.n))
+
+    def __repr__(self):
+        return f"sink({self.n!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class Recent(Clause):
+    """Always keep the last ``n`` tokens; ``n=None`` keeps as many as the budget leaves."""
+
+    n: Optional[Count] = None
+    forced = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "n", _check_count("recent n", self.n, allow_none=True))
+
+    def __repr__(self):
+        return "recent()" if self.n is None else f"recent({self.n!r})"
+
+
+def _check_clause_score(score):
+    if not isinstance(score, Score):
+        raise TypeError(f"score: expected a score expression (e.g. -tkv.anchor_similarity()), got {score!r}")
+    return score
+
+
+@dataclass(frozen=True, repr=False)
+class Top(Clause):
+    """Keep the highest scores among tokens not yet kept (ties to the lower index)."""
+
+    score: Score
+    share: Optional[float] = None
+
+    def __post_init__(self):
+        _check_clause_score(self.score)
+        object.__setattr__(self, "share", _check_share(self.share))
+
+    def __repr__(self):
+        share = "" if self.share is None else f", share={self.share!r}"
+        return f"top({self.score!r}{share})"
+
+
+@dataclass(frozen=True, repr=False)
+class Sample(Clause):
+    """Draw tokens without replacement, P ∝ softmax(score / temperature), among tokens not yet kept."""
+
+    score: Score
+    share: Optional[float] = None
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _check_clause_score(self.score)
+        object.__setattr__(self, "share", _check_share(self.share))
+        object.__setattr__(self, "temperature", _check_positive("temperature", self.temperature))
+
+    def __repr__(self):
+        extra = "" if self.share is None else f", share={self.share!r}"
+        extra += "" if self.temperature == 1.0 else f", temperature={self.temperature!r}"
+        return f"sample({self.score!r}{extra})"
+
+
+HEAD_BUDGETS = ("uniform", "adaptive")
+LAYER_BUDGETS = ("uniform", "pyramid")
+
+
+@dataclass(frozen=True, repr=False)
+class Policy:
+    """Clauses filled in order within the budget, plus how the budget is spread.
+
+    ``heads="adaptive"`` (AdaKV) spreads a layer's budget across its KV heads by score;
+    ``layers="pyramid"`` (PyramidKV) gives lower layers more budget than upper ones.
+    """
+
+    clauses: Tuple[Clause, ...]
+    heads: str = "uniform"
+    head_floor: float = 0.2
+    layers: str = "uniform"
+    pyramid_beta: float = 20.0
+
+    def __post_init__(self):
+        if not self.clauses:
+            raise ValueError("a policy needs at least one clause")
+        for c in self.clauses:
+            if not isinstance(c, Clause):
+                raise TypeError(f"policy clauses: expected tkv clauses (sink/recent/top/sample), got {c!r}")
+        explicit = [c.share for c in self.selective[:-1] if c.share is not None]
+        if sum(explicit) > 1.0 + 1e-9:
+            raise ValueError(f"share: the shares of the clauses before the last sum to {sum(explicit)} > 1")
+        if self.heads not in HEAD_BUDGETS:
+            raise ValueError(f"heads: expected one of {HEAD_BUDGETS}, got {self.heads!r}")
+        if self.layers not in LAYER_BUDGETS:
+            raise ValueError(f"layers: expected one of {LAYER_BUDGETS}, got {self.layers!r}")
+        if self.heads == "adaptive":
+            if len(self.selective) != 1 or not isinstance(self.selective[0], Top):
+                raise ValueError("heads='adaptive' (AdaKV) needs exactly one top(...) clause "
+                                 "to rank tokens across heads")
+            if not (0.0 <= self.head_floor <= 1.0):
+                raise ValueError(f"head_floor: expected a fraction in [0, 1], got {self.head_floor!r}")
+        _check_positive("pyramid_beta", self.pyramid_beta)
+
+    def __or__(self, other):
+        if isinstance(other, Clause):
+            return replace(self, clauses=self.clauses + (other,))
+        if isinstance(other, Policy):
+            return replace(self, clauses=self.clauses + other.clauses)
+        return NotImplemented
+
+    @property
+    def forced(self) -> Tuple[Clause, ...]:
+        return tuple(c for c in self.clauses if c.forced)
+
+    @property
+    def selective(self) -> Tuple[Clause, ...]:
+        return tuple(c for c in self.clauses if not c.forced)
+
+    @property
+    def scores(self) -> Tuple[Score, ...]:
+        """The distinct score expressions of the selective clauses, in first-use order."""
+        out = []
+        for c in self.selective:
+            if c.score not in out:
+                out.append(c.score)
+        return tuple(out)
+
+    @property
+    def needs_queries(self) -> bool:
+        return any(s.needs_queries for s in self.scores)
+
+    @property
+    def needs_keys(self) -> bool:
+        return any(s.needs_keys for s in self.scores)
+
+    @property
+    def needs_values(self) -> bool:
+        return any(s.needs_values for s in self.scores)
+
+    def adaptive(self, floor: float = 0.2) -> "Policy":
+        """AdaKV: spread the layer's budget across KV heads by score; each head keeps at
+        least ``floor`` of its uniform share."""
+        return replace(self, heads="adaptive", head_floor=float(floor))
+
+    def pyramid(self, beta: float = 20.0) -> "Policy":
+        """PyramidKV: per-layer budgets falling linearly from the first to the last layer,
+        the last getting 1/beta of the average; their mean is the budget asked for."""
+        return replace(self, layers="pyramid", pyramid_beta=float(beta))
+
+    def __repr__(self):
+        text = " | ".join(repr(c) for c in self.clauses)
+        if self.heads == "adaptive":
+            text = f"({text}).adaptive({self.head_floor!r})"
+        if self.layers == "pyramid":
+            text = f"({text}).pyramid({self.pyramid_beta!r})" if self.heads == "uniform" \
+                else f"{text}.pyramid({self.pyramid_beta!r})"
+        return text
+
+
+def as_policy(x) -> Policy:
+    """A Policy from a Policy or a single clause; a clear TypeError otherwise."""
+    if isinstance(x, Policy):
+        return x
+    if isinstance(x, Clause):
+        return Policy((x,))
+    if isinstance(x, Score):
+        raise TypeError(f"policy: got a score ({x!r}); wrap it in a clause, e.g. tkv.top({x!r})")
+    raise TypeError(f"policy: expected a tritonkv Policy or clause, got {type(x).__name__}")
+
+
+# --------------------------------------------------------------------------- constructors
+
+
+def anchor_similarity() -> AnchorSimilarity:
+    """Cosine similarity of each key to the mean of its head's L2-normalized keys.
+    KeyDiff keeps the least similar keys: ``top(-anchor_similarity())``."""
+    return AnchorSimilarity()
+
+
+def proxy_attention(window: Optional[Count] = None, causal: bool = False, reduce: str = "mean",
+                    pool: int = 1, pool_mode: str = "avg", group_reduce: str = "mean") -> ProxyAttention:
+    """Softmax attention of the proxy queries over all keys, reduced to one number per key.
+
+    window: how many of the given proxy queries to use (the last ones); an int count, a float
+        fraction of N, or None for all of them.
+    causal: each proxy query (the last positions of the sequence) sees keys up to its own
+        position only (SnapKV), or all keys (NACL).
+    reduce: how the window's rows combine: "mean", "sum" or "max".
+    pool, pool_mode: 1-D pooling over neighbouring keys per query head (odd kernel; 1 = none).
+    group_reduce: how a GQA group's query heads combine into their KV head.
+    """
+    return ProxyAttention(window, causal, reduce, pool, pool_mode, group_reduce)
+
+
+def key_norm() -> KeyNorm:
+    """L2 norm of each key (KNorm keeps the lowest: ``top(-key_norm())``)."""
+    return KeyNorm()
+
+
+def value_norm() -> ValueNorm:
+    """L2 norm of each value."""
+    return ValueNorm()
+
+
+def random(stream: int = 0) -> Random:
+    """Uniform in [0, 1) per token; distinct ``stream`` values give independent draws."""
+    return Random(stream)
+
+
+def position() -> Position:
+    """Relative token position i / N."""
+    return Position()
+
+
+def sink(n: Count) -> Sink:
+    """Always keep the first ``n`` tokens (an int count, or a float fraction of N)."""
+    return Sink(n)
+
+
+def recent(n: Optional[Count] = None) -> Recent:
+    """Always keep the last ``n`` tokens (count, fraction of N, or None: what the budget leaves)."""
+    return Recent(n)
+
+
+def top(score: Score, share: Optional[float] = None) -> Top:
+    """Keep the highest-scoring tokens not yet kept; ``share`` of what forced clauses leave."""
+    return Top(score, share)
+
+
+def sample(score: Score, share: Optional[float] = None, temperature: float = 1.0) -> Sample:
+    """Sample tokens not yet kept, without replacement, P ∝ softmax(score / temperature)."""
+    return Sample(score, share, temperature)

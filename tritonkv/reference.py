@@ -1,0 +1,300 @@
+"""Plain PyTorch semantics of every policy node: the source of truth.
+
+Written for clarity, not speed. Every score is computed in float32 from inputs upcast
+to float32 and has shape [B, H_kv, N]. The compiled Triton path must agree with this
+module: scores within the tolerances stated in tests/tolerances.py, kept tokens exactly
+wherever the scores are not tied to within those tolerances.
+
+Selection rules (shared with the kernels):
+- a priority is the clause's score (``top``) or ``score / temperature + Gumbel`` noise
+  (``sample``: the Gumbel-top-k trick draws without replacement with P ∝ softmax);
+- NaN priorities count as -inf; -0.0 equals +0.0; ties go to the lower token index.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import dsl
+from .budget import Allocation, allocate
+from .philox import uniform_grid
+
+NORM_EPS = 1e-12  # as torch.nn.functional.normalize: x / max(||x||, eps)
+GUMBEL_STREAM_BASE = dsl.MAX_RANDOM_STREAM
+
+
+def gumbel_stream(clause_index: int) -> int:
+    """Philox stream of the Gumbel noise of the selective clause at ``clause_index``."""
+    return GUMBEL_STREAM_BASE + clause_index
+
+
+@dataclass
+class Inputs:
+    """What scores are computed from: float32 copies of the cache, and the run's seed."""
+
+    keys: torch.Tensor                   # [B, H, N, D]
+    values: torch.Tensor                 # [B, H, N, Dv]
+    queries: Optional[torch.Tensor]      # [B, Hq, W, D] or None
+    seed: int = 0
+
+    @property
+    def device(self):
+        return self.keys.device
+
+    @property
+    def shape(self):
+        b, h, n, _ = self.keys.shape
+        return b, h, n
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def anchor_similarity(keys: torch.Tensor) -> torch.Tensor:
+    """cos(k_i, a) with a = mean_j normalize(k_j): KeyDiff's anchor, per head.
+
+    normalize(x) = x / max(||x||_2, 1e-12); cos(k, a) = normalize(k) . normalize(a).
+    A zero key scores 0.
+    """
+    unit = F.normalize(keys, dim=-1, eps=NORM_EPS)
+    anchor = F.normalize(unit.mean(dim=-2, keepdim=True), dim=-1, eps=NORM_EPS)
+    return (unit * anchor).sum(-1)
+
+
+def key_norm(keys: torch.Tensor) -> torch.Tensor:
+    """||k_i||_2."""
+    return torch.linalg.vector_norm(keys, dim=-1)
+
+
+def value_norm(values: torch.Tensor) -> torch.Tensor:
+    """||v_i||_2."""
+    return torch.linalg.vector_norm(values, dim=-1)
+
+
+def position(shape, device=None) -> torch.Tensor:
+    """i / N for token i."""
+    b, h, n = shape
+    return (torch.arange(n, dtype=torch.float32, device=device) / n).expand(b, h, n)
+
+
+def proxy_window(node: dsl.ProxyAttention, n: int, available: int) -> int:
+    """How many of the ``available`` proxy queries the node uses (the last ones)."""
+    if node.window is None:
+        return available
+    if isinstance(node.window, float):
+        w = max(1, min(n, math.floor(node.window * n + 0.5)))
+    else:
+        w = node.window
+    if w > available:
+        raise ValueError(f"queries: {node!r} needs the last {w} proxy queries, "
+                         f"but queries has only {available} (dim 2)")
+    return w
+
+
+def _reduce(x: torch.Tensor, how: str, dim: int) -> torch.Tensor:
+    if how == "mean":
+        return x.mean(dim)
+    if how == "sum":
+        return x.sum(dim)
+    return x.amax(dim)
+
+
+def pool1d(x: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
+    """Pool over the last dim, stride 1, same length, centred window of ``kernel``.
+
+    avg: sum over the window / kernel, tokens outside [0, N) count as 0 (PyTorch's
+    avg_pool1d with count_include_pad=True, as SnapKV uses it); max: outside is -inf.
+    """
+    if kernel == 1:
+        return x
+    shape = x.shape
+    flat = x.reshape(-1, 1, shape[-1])
+    if mode == "avg":
+        out = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    else:
+        out = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    return out.reshape(shape)
+
+
+def proxy_attention(node: dsl.ProxyAttention, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Attention of the proxy queries to every key, per KV head.
+
+    With q the last w rows of ``queries`` (the last w positions of the sequence, so row r
+    sits at position N - w + r):
+      p[g, r, i] = softmax_i(q[g, r] . k[i] / sqrt(D))   over keys i <= N - w + r if causal,
+                                                          over all keys otherwise;
+      s[g, i]    = reduce_r p[g, r, i]                    (mean / sum / max over the window);
+      s[g, i]    = pool(s[g, :])[i]                        (per query head, see pool1d);
+      score[i]   = group_reduce_g s[g, i]                  over the H_q / H_kv query heads
+                                                           of the KV head (GQA).
+    Computed in float32.
+    """
+    b, h_kv, n, d = keys.shape
+    h_q = queries.shape[1]
+    group = h_q // h_kv
+    w = proxy_window(node, n, queries.shape[2])
+    q = queries[:, :, -w:, :].reshape(b, h_kv, group, w, d)
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", q, keys) / math.sqrt(d)
+    if node.causal:
+        query_pos = torch.arange(n - w, n, device=keys.device).view(w, 1)
+        logits = logits.masked_fill(torch.arange(n, device=keys.device).view(1, n) > query_pos, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    per_query_head = pool1d(_reduce(probs, node.reduce, dim=3), node.pool_kernel, node.pool_mode)
+    return _reduce(per_query_head, node.group_reduce, dim=2)
+
+
+def random(node: dsl.Random, shape, seed: int, device=None) -> torch.Tensor:
+    """Uniform [0, 1) from Philox keyed by (seed, batch, head, token, stream); see philox.py."""
+    b, h, n = shape
+    return uniform_grid(seed, b, h, n, node.stream, device)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the tokens of each head, std the population standard
+    deviation; a head whose scores are all equal gets 0 everywhere."""
+    mean = x.mean(-1, keepdim=True)
+    std = (x - mean).square().mean(-1, keepdim=True).sqrt()
+    return torch.where(std > 0, (x - mean) / std, torch.zeros_like(x))
+
+
+def softmax(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(x / temperature) over the tokens of each head."""
+    return torch.softmax(x / temperature, dim=-1)
+
+
+# --------------------------------------------------------------------------- expressions
+
+
+def score(node: dsl.Score, inputs: Inputs, memo: Optional[Dict] = None) -> torch.Tensor:
+    """Evaluate a score expression to float32 [B, H_kv, N]."""
+    memo = {} if memo is None else memo
+    if node in memo:
+        return memo[node]
+    sub = lambda child: score(child, inputs, memo)  # noqa: E731
+    if isinstance(node, dsl.AnchorSimilarity):
+        out = anchor_similarity(inputs.keys)
+    elif isinstance(node, dsl.KeyNorm):
+        out = key_norm(inputs.keys)
+    elif isinstance(node, dsl.ValueNorm):
+        out = value_norm(inputs.values)
+    elif isinstance(node, dsl.Position):
+        out = position(inputs.shape, inputs.device)
+    elif isinstance(node, dsl.Random):
+        out = random(node, inputs.shape, inputs.seed, inputs.device)
+    elif isinstance(node, dsl.ProxyAttention):
+        if inputs.queries is None:
+            raise ValueError(f"queries: the policy uses {node!r}, which needs proxy queries; "
+                             f"pass queries=[B, H_q, W, D]")
+        out = proxy_attention(node, inputs.keys, inputs.queries)
+    elif isinstance(node, dsl.Const):
+        out = torch.full(inputs.shape, node.value, dtype=torch.float32, device=inputs.device)
+    elif isinstance(node, dsl.Neg):
+        out = -sub(node.operand)
+    elif isinstance(node, dsl.BinaryOp):
+        left, right = sub(node.left), sub(node.right)
+        out = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[node.op](left, right)
+    elif isinstance(node, dsl.Pool):
+        out = pool1d(sub(node.operand), node.kernel, node.mode)
+    elif isinstance(node, dsl.Normalize):
+        out = normalize(sub(node.operand))
+    elif isinstance(node, dsl.Softmax):
+        out = softmax(sub(node.operand), node.temperature)
+    else:  # pragma: no cover
+        raise TypeError(f"unknown score node {node!r}")
+    out = out.to(torch.float32).expand(inputs.shape)
+    memo[node] = out
+    return out
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def gumbel(shape, seed: int, stream: int, device=None) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)), u uniform from Philox (u = 0 gives -inf)."""
+    b, h, n = shape
+    u = uniform_grid(seed, b, h, n, stream, device)
+    return -torch.log(-torch.log(u))
+
+
+def priority(clause: dsl.Clause, clause_score: torch.Tensor, clause_index: int, seed: int) -> torch.Tensor:
+    """What a selective clause ranks by: its score, or score / temperature + Gumbel."""
+    if isinstance(clause, dsl.Sample):
+        inverse_t = torch.tensor(1.0 / clause.temperature, dtype=torch.float32, device=clause_score.device)
+        return clause_score * inverse_t + gumbel(clause_score.shape, seed, gumbel_stream(clause_index), clause_score.device)
+    return clause_score
+
+
+def rank_key(p: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf and -0.0 -> +0.0, so the ordering is the one the kernels use."""
+    p = torch.where(torch.isnan(p), torch.full_like(p, float("-inf")), p)
+    return torch.where(p == 0, torch.zeros_like(p), p)
+
+
+def take_top(p: torch.Tensor, taken: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` highest ``p`` among tokens not ``taken`` (ties: lower index)."""
+    if count == 0:
+        return torch.zeros_like(taken)
+    order = torch.sort(rank_key(p), dim=-1, descending=True, stable=True).indices
+    # stable sort by "already taken" keeps candidates first, still in priority order
+    order = torch.gather(order, -1, torch.sort(torch.gather(taken, -1, order).to(torch.int8),
+                                               dim=-1, stable=True).indices)
+    chosen = torch.zeros_like(taken)
+    chosen.scatter_(-1, order[..., :count], True)
+    return chosen
+
+
+def forced_mask(alloc: Allocation, shape, device=None) -> torch.Tensor:
+    b, h, n = shape
+    i = torch.arange(n, device=device)
+    return ((i < alloc.n_sink) | (i >= n - alloc.n_recent)).expand(b, h, n).clone()
+
+
+def select(policy: dsl.Policy, inputs: Inputs, k: int) -> torch.Tensor:
+    """Kept-token mask [B, H_kv, N] of a policy with a uniform per-head budget ``k``."""
+    shape = inputs.shape
+    alloc = allocate(policy, shape[2], k)
+    kept = forced_mask(alloc, shape, inputs.device)
+    memo: Dict = {}
+    for index, (clause, count) in enumerate(zip(policy.selective, alloc.clause_counts)):
+        p = priority(clause, score(clause.score, inputs, memo), index, inputs.seed)
+        kept |= take_top(p, kept, count)
+    return kept
+
+
+def select_adaptive(policy: dsl.Policy, inputs: Inputs, k: int) -> torch.Tensor:
+    """AdaKV (arXiv 2407.11550): one budget of H * k tokens per batch row, spread across
+    heads by score. Each head keeps its forced tokens and, as a floor, the top
+    round(head_floor * R) of its own candidates (R = what the forced tokens leave of k);
+    the rest of the row's budget goes to the highest scores over all heads (ties: lower
+    head, then lower token)."""
+    b, h, n = inputs.shape
+    alloc = allocate(policy, n, k)
+    clause = policy.selective[0]
+    remainder = alloc.clause_counts[0]
+    kept = forced_mask(alloc, inputs.shape, inputs.device)
+    s = score(clause.score, inputs)
+    floor = min(remainder, math.floor(policy.head_floor * remainder + 0.5))
+    kept |= take_top(s, kept, floor)
+    pooled = take_top(s.reshape(b, 1, h * n), kept.reshape(b, 1, h * n), h * (remainder - floor))
+    return kept | pooled.reshape(b, h, n)
+
+
+# --------------------------------------------------------------------------- gathering
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, h, index[b, h, j], :] as [B, H, n_kept, D]."""
+    return torch.gather(x, 2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+
+
+def kept_indices(kept: torch.Tensor) -> torch.Tensor:
+    """Ascending token indices of a mask with the same count in every row: [B, H, n_kept]."""
+    b, h, n = kept.shape
+    count = int(kept[0, 0].sum()) if kept.numel() else 0
+    positions = torch.arange(n, device=kept.device).expand(b, h, n)
+    return positions[kept].view(b, h, count)

@@ -1,0 +1,82 @@
+"""Checks of evict()'s arguments, run before any kernel: each error names the argument
+and says what was expected."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import dsl
+from .budget import resolve_budget
+from .reference import proxy_window
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = ("auto", "triton", "reference")
+_DTYPE_NAMES = "float16, bfloat16 or float32"
+
+
+def _check_tensor(name: str, x, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {layout}, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected 4 dims {layout}, got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: dtype {x.dtype} is not supported; expected {_DTYPE_NAMES}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name}: head dim (dim 3) must be >= 1, got shape {tuple(x.shape)}")
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (0 <= seed < 2 ** 64):
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def check_evict_args(keys, values, policy, budget, queries, seed, backend):
+    """Validate everything; return (policy, kept tokens per head, seed)."""
+    policy = dsl.as_policy(policy)
+    _check_tensor("keys", keys, "[B, H_kv, N, D]")
+    _check_tensor("values", values, "[B, H_kv, N, D_v]")
+    b, h, n, d = keys.shape
+    if values.shape[:3] != keys.shape[:3]:
+        raise ValueError(f"values: expected [B, H_kv, N] = {tuple(keys.shape[:3])} like keys, "
+                         f"got {tuple(values.shape[:3])}")
+    if values.dtype != keys.dtype:
+        raise TypeError(f"values: dtype {values.dtype} differs from keys' {keys.dtype}")
+    if values.device != keys.device:
+        raise ValueError(f"values: on {values.device}, keys on {keys.device}; expected one device")
+    if b < 1 or h < 1:
+        raise ValueError(f"keys: batch and head dims must be >= 1, got shape {tuple(keys.shape)}")
+    if n < 1:
+        raise ValueError(f"keys: the cache is empty (N = 0, shape {tuple(keys.shape)}); nothing to evict")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    seed = check_seed(seed)
+    if queries is not None:
+        _check_tensor("queries", queries, "[B, H_q, W, D]")
+        if queries.shape[0] != b:
+            raise ValueError(f"queries: batch {queries.shape[0]} differs from keys' {b}")
+        if queries.shape[1] % h != 0:
+            raise ValueError(f"queries: H_q = {queries.shape[1]} must be a multiple of H_kv = {h} (GQA)")
+        if queries.shape[3] != d:
+            raise ValueError(f"queries: head dim {queries.shape[3]} differs from keys' {d}")
+        if queries.shape[2] < 1:
+            raise ValueError("queries: expected at least one proxy query (W >= 1)")
+        if queries.dtype != keys.dtype:
+            raise TypeError(f"queries: dtype {queries.dtype} differs from keys' {keys.dtype}")
+        if queries.device != keys.device:
+            raise ValueError(f"queries: on {queries.device}, keys on {keys.device}; expected one device")
+    for score in policy.scores:
+        for node in dsl.walk(score):
+            if not isinstance(node, dsl.ProxyAttention):
+                continue
+            if queries is None:
+                raise ValueError(f"queries: the policy uses {node!r}, which needs proxy queries "
+                                 f"[B, H_q, W, D]; none were given")
+            w = proxy_window(node, n, queries.shape[2])
+            if node.causal and w > n:
+                raise ValueError(f"queries: a causal {node!r} places its {w} proxy queries at the "
+                                 f"last positions of the sequence, but N = {n} < {w}")
+    k = resolve_budget(budget, n)
+    return policy, k, seed
