@@ -254,16 +254,26 @@ def forced_mask(alloc: Allocation, shape, device=None) -> torch.Tensor:
     return ((i < alloc.n_sink) | (i >= n - alloc.n_recent)).expand(b, h, n).clone()
 
 
-def select(policy: dsl.Policy, inputs: Inputs, k: int) -> torch.Tensor:
-    """Kept-token mask [B, H_kv, N] of a policy with a uniform per-head budget ``k``."""
-    shape = inputs.shape
-    alloc = allocate(policy, shape[2], k)
-    kept = forced_mask(alloc, shape, inputs.device)
+def clause_priorities(policy: dsl.Policy, inputs: Inputs):
+    """What each selective clause ranks by, float32 [B, H_kv, N] each, in clause order."""
     memo: Dict = {}
-    for index, (clause, count) in enumerate(zip(policy.selective, alloc.clause_counts)):
-        p = priority(clause, score(clause.score, inputs, memo), index, inputs.seed)
+    return [priority(clause, score(clause.score, inputs, memo), index, inputs.seed)
+            for index, clause in enumerate(policy.selective)]
+
+
+def select_by_priority(alloc: Allocation, priorities, shape, device=None) -> torch.Tensor:
+    """Kept-token mask: the forced windows, then each clause's top ``count`` priorities
+    among the tokens not kept yet, in clause order."""
+    kept = forced_mask(alloc, shape, device)
+    for p, count in zip(priorities, alloc.clause_counts):
         kept |= take_top(p, kept, count)
     return kept
+
+
+def select(policy: dsl.Policy, inputs: Inputs, k: int) -> torch.Tensor:
+    """Kept-token mask [B, H_kv, N] of a policy with a uniform per-head budget ``k``."""
+    alloc = allocate(policy, inputs.shape[2], k)
+    return select_by_priority(alloc, clause_priorities(policy, inputs), inputs.shape, inputs.device)
 
 
 def select_adaptive(policy: dsl.Policy, inputs: Inputs, k: int) -> torch.Tensor:
