@@ -1,0 +1,348 @@
+"""Triton source for a policy's kernels, generated from its score expressions.
+
+The generated module holds, for a plan (see compiler.py):
+  - ``stats_<L>`` / ``merge_<L>`` for each statistics level L: the row quantities that
+    scores need first (anchor, proxy softmax statistics, moments for normalize, softmax
+    sums), accumulated per program over tiles and merged per row in a fixed order;
+  - ``score``: ONE kernel that evaluates every selective clause's priority for a tile of
+    tokens and stores one float32 per token per slot.
+
+Each score node becomes one or two lines that call the hand-written helpers of
+``tritonkv.kernels``; identical subtrees are emitted once. The source depends only on the
+policy's structure; shapes and dtypes enter as constexprs, so Triton specializes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+from . import dsl
+from .kernels.proxy import REDUCE_CODES
+
+GLOBAL_NODES = (dsl.AnchorSimilarity, dsl.ProxyAttention, dsl.Normalize, dsl.Softmax)
+RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog")
+CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE")
+
+
+def is_global(node: dsl.Score) -> bool:
+    return isinstance(node, GLOBAL_NODES)
+
+
+def stats_level(node: dsl.Score) -> int:
+    """The pass in which a global node's row statistics are computed: anchor and proxy
+    statistics read only the cache (level 0); normalize / softmax need their operand,
+    so they come one level after the global nodes inside it."""
+    if isinstance(node, (dsl.AnchorSimilarity, dsl.ProxyAttention)):
+        return 0
+    inner = [stats_level(n) for n in dsl.walk(node.operand) if is_global(n)]
+    return 1 + max(inner) if inner else 0
+
+
+def halo(node: dsl.Score) -> int:
+    """How many neighbouring tokens on each side a token's value depends on."""
+    own = 0
+    if isinstance(node, dsl.Pool):
+        own = node.kernel // 2
+    elif isinstance(node, dsl.ProxyAttention):
+        own = node.pool_kernel // 2
+    return own + max((halo(c) for c in node.children()), default=0)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One float32 priority per token that the select kernel ranks."""
+
+    score: dsl.Score
+    gumbel_stream: int = -1        # >= 0 for a sample clause: score / t + Gumbel(stream)
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class Program:
+    """What the generated module contains and how to call it."""
+
+    slots: Tuple[Slot, ...]
+    clause_slots: Tuple[int, ...]
+    globals: Tuple[dsl.Score, ...]            # index i names po_i / fo_i / w_i
+    levels: Tuple[Tuple[int, ...], ...]       # global indices per statistics level
+    halo: int
+    source: str
+
+    @property
+    def proxies(self) -> Tuple[int, ...]:
+        return tuple(i for i, g in enumerate(self.globals) if isinstance(g, dsl.ProxyAttention))
+
+
+def plan_slots(policy: dsl.Policy) -> Tuple[Tuple[Slot, ...], Tuple[int, ...]]:
+    from .reference import gumbel_stream
+    slots: List[Slot] = []
+    clause_slots = []
+    for index, clause in enumerate(policy.selective):
+        if isinstance(clause, dsl.Sample):
+            slot = Slot(clause.score, gumbel_stream(index), clause.temperature)
+        else:
+            slot = Slot(clause.score)
+        if slot not in slots:
+            slots.append(slot)
+        clause_slots.append(slots.index(slot))
+    return tuple(slots), tuple(clause_slots)
+
+
+def collect_globals(scores: Sequence[dsl.Score]) -> Tuple[dsl.Score, ...]:
+    out: List[dsl.Score] = []
+    for s in scores:
+        for node in dsl.walk(s):
+            if is_global(node) and node not in out:
+                out.append(node)
+    return tuple(out)
+
+
+class TileEmitter:
+    """Emits the lines that evaluate score nodes on the current tile."""
+
+    def __init__(self, program_globals: Tuple[dsl.Score, ...], prologue: List[str], body: List[str], indent: str):
+        self.globals = program_globals
+        self.prologue = prologue
+        self.body = body
+        self.indent = indent
+        self.memo: Dict[object, str] = {}
+        self.counter = 0
+
+    def emit(self, line: str) -> None:
+        self.body.append(self.indent + line)
+
+    def fresh(self, stem: str) -> str:
+        self.counter += 1
+        return f"{stem}_{self.counter}"
+
+    def once(self, key, make) -> str:
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+    # inputs of the tile ---------------------------------------------------------------
+    def keys(self) -> Tuple[str, str]:
+        def load():
+            self.emit("p_k = k_ptr + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh "
+                      "+ o_n.to(tl.int64)[:, None] * s_kn + o_d[None, :] * s_kd")
+            self.emit("b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)")
+            self.emit("b_kf = b_k.to(tl.float32)")
+            return "b_k"
+        self.once("keys", load)
+        return "b_k", "b_kf"
+
+    def key_norm(self) -> str:
+        def make():
+            _, kf = self.keys()
+            self.emit("b_knorm = row_norm(b_kf)")
+            return "b_knorm"
+        return self.once("key_norm", make)
+
+    def value_norm(self) -> str:
+        def make():
+            self.emit("p_v = v_ptr + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh "
+                      "+ o_n.to(tl.int64)[:, None] * s_vn + o_dv[None, :] * s_vd")
+            self.emit("b_vf = tl.load(p_v, mask=m_n[:, None] & m_dv[None, :], other=0.0).to(tl.float32)")
+            self.emit("b_vnorm = row_norm(b_vf)")
+            return "b_vnorm"
+        return self.once("value_norm", make)
+
+    # score nodes -----------------------------------------------------------------------
+    def value(self, node: dsl.Score) -> str:
+        return self.once(node, lambda: self._value(node))
+
+    def _assign(self, expr: str, stem: str = "x") -> str:
+        name = self.fresh(stem)
+        self.emit(f"{name} = {expr}")
+        return name
+
+    def _value(self, node: dsl.Score) -> str:
+        gi = self.globals.index(node) if is_global(node) else -1
+        if isinstance(node, dsl.KeyNorm):
+            return self.key_norm()
+        if isinstance(node, dsl.ValueNorm):
+            return self.value_norm()
+        if isinstance(node, dsl.Position):
+            return self._assign("position(o_n, N)")
+        if isinstance(node, dsl.Random):
+            return self._assign(f"uniform(seed, o_n, i_b, i_h, {node.stream})")
+        if isinstance(node, dsl.Const):
+            return self._assign(f"tl.full([BLOCK_N], {node.value!r}, tl.float32)")
+        if isinstance(node, dsl.Neg):
+            return self._assign(f"-{self.value(node.operand)}")
+        if isinstance(node, dsl.BinaryOp):
+            symbol = dsl.BINARY_SYMBOLS[node.op]
+            return self._assign(f"{self.value(node.left)} {symbol} {self.value(node.right)}")
+        if isinstance(node, dsl.Pool):
+            x = self.value(node.operand)
+            return self._assign(f"pool({x}, o_t, o_n, N, {node.kernel}, {node.mode == 'max'}, BLOCK_N)")
+        if isinstance(node, dsl.AnchorSimilarity):
+            self.prologue.append(f"    b_anchor_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * BLOCK_D + o_d)")
+            self.keys()
+            return self._assign(f"cosine_to(b_kf, {self.key_norm()}, b_anchor_{gi})")
+        if isinstance(node, dsl.ProxyAttention):
+            self.keys()
+            return self._assign(
+                f"proxy_attention_tile(b_k, q_ptr, s_qb, s_qh, s_qw, s_qd, "
+                f"ws_ptr + fo_{gi} + i_row * (2 * G * W_PAD_{gi}), i_b, i_h, N, W_total, w_{gi}, "
+                f"o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, {node.causal}, "
+                f"{REDUCE_CODES[node.reduce]}, {node.pool_kernel}, {node.pool_mode == 'max'}, "
+                f"{REDUCE_CODES[node.group_reduce]}, QK_SCALE, IEEE)")
+        if isinstance(node, dsl.Normalize):
+            self.prologue.append(f"    mean_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
+            self.prologue.append(f"    std_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2 + 1)")
+            return self._assign(f"standardize({self.value(node.operand)}, mean_{gi}, std_{gi})")
+        if isinstance(node, dsl.Softmax):
+            self.prologue.append(f"    smax_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
+            self.prologue.append(f"    ssum_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2 + 1)")
+            return self._assign(f"softmax_apply({self.value(node.operand)}, {node.temperature!r}, smax_{gi}, ssum_{gi})")
+        raise TypeError(f"no code generation for {node!r}")  # pragma: no cover
+
+
+HEADER = '''# Generated by tritonkv.codegen for:
+#   {policy}
+# Do not edit: the file name is a hash of its contents.
+import triton
+import triton.language as tl
+
+from tritonkv.kernels.primitives import (cosine_to, gumbel, pool, position, row_norm, softmax_apply,
+                                         standardize, uniform)
+from tritonkv.kernels.proxy import proxy_attention_tile, proxy_stats_merge, proxy_stats_tile
+from tritonkv.kernels.stats import (anchor_merge, anchor_tile, moments_merge, moments_store, moments_tile,
+                                    softmax_merge, softmax_store, softmax_tile)
+'''
+
+PROLOGUE = '''    i_b = i_row // H
+    i_h = i_row % H
+    o_t = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_dv = o_dv < DV'''
+
+TILE_START = '''{ind}o_n = {base} + o_t
+{ind}m_n = (o_n >= 0) & (o_n < N)
+{ind}m_val = (o_t >= HALO) & (o_t < BLOCK_N - HALO) & m_n'''
+
+
+def _signature(program_globals) -> Tuple[str, List[str]]:
+    params = ["k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr",
+              "s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd",
+              "s_qb", "s_qh", "s_qw", "s_qd", *RUNTIME_ARGS]
+    no_spec = list(RUNTIME_ARGS)
+    for i, g in enumerate(program_globals):
+        params += [f"po_{i}", f"fo_{i}"]
+        no_spec += [f"po_{i}", f"fo_{i}"]
+        if isinstance(g, dsl.ProxyAttention):
+            params.append(f"w_{i}")
+            no_spec.append(f"w_{i}")
+    params += [f"{c}: tl.constexpr" for c in CONSTEXPR_ARGS]
+    for i, g in enumerate(program_globals):
+        if isinstance(g, dsl.ProxyAttention):
+            params += [f"W_PAD_{i}: tl.constexpr", f"QB_{i}: tl.constexpr"]
+    return ", ".join(params), no_spec
+
+
+def _kernel(name: str, program_globals, lines: List[str]) -> List[str]:
+    params, no_spec = _signature(program_globals)
+    return [f"@triton.jit(do_not_specialize={no_spec!r})", f"def {name}({params}):", *lines, ""]
+
+
+def _stats_kernel(level: int, members: Sequence[int], program_globals) -> List[str]:
+    prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", "    i_c = tl.program_id(2)",
+                PROLOGUE]
+    body: List[str] = []
+    emitter = TileEmitter(program_globals, prologue, body, " " * 8)
+    init, update, store = [], [], []
+    for gi in members:
+        node = program_globals[gi]
+        if isinstance(node, dsl.AnchorSimilarity):
+            init.append(f"    acc_{gi} = tl.zeros([BLOCK_D], dtype=tl.float32)")
+            emitter.keys()
+            update.append(f"acc_{gi} = anchor_tile(acc_{gi}, b_kf, {emitter.key_norm()}, m_val)")
+            store.append(f"    tl.store(ws_ptr + po_{gi} + (i_row * S + i_s) * BLOCK_D + o_d, acc_{gi}, mask=(o_d >= 0) & (i_c == 0))")
+        elif isinstance(node, dsl.ProxyAttention):
+            init.append(f"    NCH_{gi}: tl.constexpr = G * W_PAD_{gi} // QB_{gi}")
+            init.append(f"    c_{gi} = tl.minimum(i_c, NCH_{gi} - 1)")
+            init.append(f"    run_m_{gi} = tl.full([QB_{gi}], float('-inf'), tl.float32)")
+            init.append(f"    run_l_{gi} = tl.zeros([QB_{gi}], dtype=tl.float32)")
+            emitter.keys()
+            update.append(f"run_m_{gi}, run_l_{gi} = proxy_stats_tile(run_m_{gi}, run_l_{gi}, b_k, q_ptr, s_qb, s_qh, "
+                          f"s_qw, s_qd, i_b, i_h, N, W_total, w_{gi}, c_{gi}, o_n, m_val, D, BLOCK_D, G, "
+                          f"W_PAD_{gi}, QB_{gi}, {node.causal}, QK_SCALE, IEEE)")
+            store.append(f"    o_q_{gi} = tl.arange(0, QB_{gi})")
+            store.append(f"    p_part_{gi} = ws_ptr + po_{gi} + ((i_row * NCH_{gi} + i_c) * S + i_s) * (2 * QB_{gi})")
+            store.append(f"    tl.store(p_part_{gi} + o_q_{gi}, run_m_{gi}, mask=(o_q_{gi} >= 0) & (i_c < NCH_{gi}))")
+            store.append(f"    tl.store(p_part_{gi} + QB_{gi} + o_q_{gi}, run_l_{gi}, mask=(o_q_{gi} >= 0) & (i_c < NCH_{gi}))")
+        elif isinstance(node, dsl.Normalize):
+            init.append(f"    n_{gi} = tl.full([], 0.0, tl.float32)")
+            init.append(f"    mean_acc_{gi} = tl.full([], 0.0, tl.float32)")
+            init.append(f"    m2_{gi} = tl.full([], 0.0, tl.float32)")
+            x = emitter.value(node.operand)
+            update.append(f"n_{gi}, mean_acc_{gi}, m2_{gi} = moments_tile(n_{gi}, mean_acc_{gi}, m2_{gi}, {x}, m_val)")
+            store.append(f"    moments_store(ws_ptr, po_{gi}, i_row, i_s, S, n_{gi}, mean_acc_{gi}, m2_{gi}, i_c == 0)")
+        elif isinstance(node, dsl.Softmax):
+            init.append(f"    sm_m_{gi} = tl.full([], float('-inf'), tl.float32)")
+            init.append(f"    sm_l_{gi} = tl.full([], 0.0, tl.float32)")
+            x = emitter.value(node.operand)
+            update.append(f"sm_m_{gi}, sm_l_{gi} = softmax_tile(sm_m_{gi}, sm_l_{gi}, {x}, {node.temperature!r}, m_val)")
+            store.append(f"    softmax_store(ws_ptr, po_{gi}, i_row, i_s, S, sm_m_{gi}, sm_l_{gi}, i_c == 0)")
+    tile = [TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO")]
+    lines = prologue + init + ["    for it in range(0, tiles_per_prog):"] + tile + body \
+        + [" " * 8 + u for u in update] + store
+    return _kernel(f"stats_{level}", program_globals, lines)
+
+
+def _merge_kernel(level: int, members: Sequence[int], program_globals) -> List[str]:
+    lines = ["    i_row = tl.program_id(0)", "    i_c = tl.program_id(1)"]
+    for gi in members:
+        node = program_globals[gi]
+        if isinstance(node, dsl.AnchorSimilarity):
+            lines += ["    if i_c == 0:", f"        anchor_merge(ws_ptr, po_{gi}, fo_{gi}, i_row, S, N, BLOCK_D)"]
+        elif isinstance(node, dsl.ProxyAttention):
+            lines += [f"    if i_c < G * W_PAD_{gi} // QB_{gi}:",
+                      f"        proxy_stats_merge(ws_ptr, po_{gi}, fo_{gi}, i_row, i_c, S, G * W_PAD_{gi} // QB_{gi}, "
+                      f"QB_{gi}, G * W_PAD_{gi})"]
+        elif isinstance(node, dsl.Normalize):
+            lines.append(f"    moments_merge(ws_ptr, po_{gi}, fo_{gi}, i_row, S, i_c == 0)")
+        elif isinstance(node, dsl.Softmax):
+            lines.append(f"    softmax_merge(ws_ptr, po_{gi}, fo_{gi}, i_row, S, i_c == 0)")
+    return _kernel(f"merge_{level}", program_globals, lines)
+
+
+def _score_kernel(slots: Sequence[Slot], program_globals) -> List[str]:
+    prologue = ["    i_t = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE]
+    body: List[str] = []
+    emitter = TileEmitter(program_globals, prologue, body, " " * 4)
+    body.append(TILE_START.format(ind=" " * 4, base="i_t * (BLOCK_N - 2 * HALO) - HALO"))
+    for index, slot in enumerate(slots):
+        x = emitter.value(slot.score)
+        if slot.gumbel_stream >= 0:
+            # as reference.priority: score * float32(1 / t) + Gumbel noise
+            x = emitter._assign(f"{x} * {1.0 / slot.temperature!r} + gumbel(seed, o_n, i_b, i_h, "
+                                f"{slot.gumbel_stream})", "prio")
+        emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * N + o_n, {x}, mask=m_val)")
+    return _kernel("score", program_globals, prologue + body)
+
+
+def generate(policy: dsl.Policy) -> Program:
+    """The generated module's source and the facts needed to launch it."""
+    slots, clause_slots = plan_slots(policy)
+    program_globals = collect_globals([s.score for s in slots])
+    n_levels = 1 + max((stats_level(g) for g in program_globals), default=-1)
+    levels = tuple(tuple(i for i, g in enumerate(program_globals) if stats_level(g) == level)
+                   for level in range(n_levels))
+    max_halo = max((halo(s.score) for s in slots), default=0)
+    lines = [HEADER.format(policy=repr(policy).replace("\n", " "))]
+    for level, members in enumerate(levels):
+        lines += _stats_kernel(level, members, program_globals)
+        lines += _merge_kernel(level, members, program_globals)
+    if slots:
+        lines += _score_kernel(slots, program_globals)
+    return Program(slots, clause_slots, program_globals, levels, max_halo, "\n".join(lines) + "\n")
+
+
+def qk_scale(d: int) -> float:
+    return 1.4426950408889634 / math.sqrt(d)

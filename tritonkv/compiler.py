@@ -1,0 +1,230 @@
+"""Policy -> plan of passes -> generated Triton source -> launches.
+
+A compiled policy runs, in order:
+  1. for each statistics level: ``stats_L`` (partials per program) and ``merge_L`` (per row);
+  2. ``score``: one fused kernel writing each clause's float32 priority per token;
+  3. ``select_gather`` (kernels/select.py): threshold select per clause, compaction and the
+     gather of kept K / V rows.
+No per-primitive score tensor and no [W, N] attention matrix reaches global memory: the
+only intermediates are the priorities (one float32 per token per slot) and row statistics.
+
+Generated modules are cached by policy structure, in memory and on disk (content-hashed
+files under ``$TRITONKV_CACHE_DIR``, default ``~/.cache/tritonkv``), so a second call with
+the same policy compiles nothing. ``TRITONKV_DEBUG=1`` prints where each source is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+
+from . import dsl
+from .api import Evicted, pack_varlen
+from .budget import allocate
+from .codegen import Program, generate, qk_scale
+from .kernels.common import interpreting, multiprocessor_count
+from .kernels.select import select_gather
+from .reference import proxy_window
+
+SCORE_WARPS = 4
+PROXY_WARPS = 8
+QUERY_CHUNK = 128  # proxy query rows per tl.dot
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRITONKV_CACHE_DIR", Path.home() / ".cache" / "tritonkv"))
+
+
+@dataclass
+class CompiledPolicy:
+    program: Program
+    module: object
+    path: Path
+
+    def kernel(self, name: str):
+        return getattr(self.module, name)
+
+
+_CACHE: Dict[Tuple, CompiledPolicy] = {}
+
+
+def structure_key(policy: dsl.Policy) -> Tuple:
+    """What the generated code depends on: the selective clauses' kinds, scores and temperatures."""
+    return tuple((type(c).__name__, c.score, getattr(c, "temperature", None)) for c in policy.selective)
+
+
+def _load_module(source: str) -> Tuple[object, Path]:
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    directory = cache_dir() / "kernels"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"tkv_{digest}.py"
+    if not path.exists() or path.read_text() != source:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        tmp.replace(path)  # atomic: concurrent processes never see half a file
+    if os.environ.get("TRITONKV_DEBUG"):
+        print(f"[tritonkv] generated kernels: {path}", file=sys.stderr)
+    name = f"tritonkv_generated_{digest}"
+    if name in sys.modules:
+        return sys.modules[name], path
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def compile_policy(policy: dsl.Policy) -> CompiledPolicy:
+    """The generated module of a policy (cached by structure)."""
+    key = structure_key(policy)
+    if key not in _CACHE:
+        program = generate(policy)
+        module, path = _load_module(program.source)
+        _CACHE[key] = CompiledPolicy(program, module, path)
+    return _CACHE[key]
+
+
+# --------------------------------------------------------------------------- launch geometry
+
+
+def proxy_tiling(window: int, group: int) -> Tuple[int, int]:
+    """(W_PAD, QB): window rows padded to a power of two >= 16, and query rows per tl.dot —
+    whole query heads (a power-of-two divisor of the group) up to QUERY_CHUNK rows."""
+    w_pad = max(16, triton.next_power_of_2(window))
+    if w_pad >= QUERY_CHUNK:
+        return w_pad, QUERY_CHUNK
+    heads = 1
+    pow2_of_group = group & -group
+    while heads * 2 <= pow2_of_group and w_pad * heads * 2 <= QUERY_CHUNK:
+        heads *= 2
+    return w_pad, w_pad * heads
+
+
+def block_tokens(d: int, halo: int, has_proxy: bool) -> int:
+    """Tokens per tile: a [BLOCK_N, BLOCK_D] float32 block stays near 16K elements."""
+    block_d = triton.next_power_of_2(d)
+    n = max(16, min(128, 8192 // block_d))
+    if has_proxy:
+        n = min(n, 64)
+    while n <= 4 * halo:
+        n *= 2
+    return n
+
+
+def stats_splits(rows: int, n_tiles: int, device: torch.device) -> int:
+    """Programs per row for a statistics pass: enough to fill the GPU a few times over."""
+    if interpreting() or device.type != "cuda":
+        return min(n_tiles, 3)  # more than one, so partial merging is always exercised
+    target = 4 * multiprocessor_count(device)
+    return max(1, min(n_tiles, triton.cdiv(target, rows)))
+
+
+@dataclass
+class Launch:
+    """Arguments shared by every generated kernel of one evict() call."""
+
+    args: List
+    constexprs: Dict
+    rows: int
+    n_tiles: int
+    splits: int
+    chunks_per_level: List[int]
+    workspace: torch.Tensor
+    num_warps: int
+
+
+def prepare(compiled: CompiledPolicy, keys, values, queries, seed: int, out: torch.Tensor) -> Launch:
+    program = compiled.program
+    b, h, n, d = keys.shape
+    dv = values.shape[-1]
+    rows = b * h
+    has_proxy = bool(program.proxies)
+    group = queries.shape[1] // h if queries is not None else 1
+    w_total = queries.shape[2] if queries is not None else 0
+    block_n = block_tokens(max(d, dv), program.halo, has_proxy)
+    stride = block_n - 2 * program.halo
+    n_tiles = triton.cdiv(n, stride)
+    splits = stats_splits(rows, n_tiles, keys.device)
+    tiles_per_prog = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_prog)
+    block_d, block_dv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+
+    per_global: List = []
+    constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                      HALO=program.halo, IEEE=keys.dtype == torch.float32, QK_SCALE=qk_scale(d))
+    offset = 0
+    chunks = {}
+    for i, node in enumerate(program.globals):
+        if isinstance(node, dsl.AnchorSimilarity):
+            part, final, nch = splits * block_d, block_d, 1
+        elif isinstance(node, dsl.ProxyAttention):
+            w = proxy_window(node, n, w_total)
+            w_pad, qb = proxy_tiling(w, group)
+            nch = group * w_pad // qb
+            part, final = nch * splits * 2 * qb, 2 * group * w_pad
+            constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"] = w_pad, qb
+        elif isinstance(node, dsl.Normalize):
+            part, final, nch = splits * 3, 2, 1
+        else:
+            part, final, nch = splits * 2, 2, 1
+        chunks[i] = nch
+        part_offset, offset = offset, offset + rows * part
+        final_offset, offset = offset, offset + rows * final
+        per_global += [part_offset, final_offset] + ([w] if isinstance(node, dsl.ProxyAttention) else [])
+    workspace = torch.empty(max(offset, 1), dtype=torch.float32, device=keys.device)
+    q = queries if queries is not None else keys
+    q_strides = queries.stride() if queries is not None else (0, 0, 0, 0)
+    args = [keys, values, q, workspace, out, *keys.stride(), *values.stride(), *q_strides,
+            n, h, w_total, seed, rows, splits, tiles_per_prog, *per_global]
+    chunks_per_level = [max(chunks[i] for i in members) for members in program.levels]
+    return Launch(args, constexprs, rows, n_tiles, splits, chunks_per_level, workspace,
+                  PROXY_WARPS if has_proxy else SCORE_WARPS)
+
+
+def score(compiled: CompiledPolicy, keys, values, queries, seed: int) -> torch.Tensor:
+    """Run the statistics passes and the score kernel: float32 priorities [n_slots, B*H, N]."""
+    b, h, n, _ = keys.shape
+    slots = len(compiled.program.slots)
+    out = torch.empty(slots, b * h, n, dtype=torch.float32, device=keys.device)
+    if slots == 0:
+        return out
+    launch = prepare(compiled, keys, values, queries, seed, out)
+    for level, nch in enumerate(launch.chunks_per_level):
+        compiled.kernel(f"stats_{level}")[(launch.splits, launch.rows, nch)](
+            *launch.args, **launch.constexprs, num_warps=launch.num_warps)
+        compiled.kernel(f"merge_{level}")[(launch.rows, nch)](
+            *launch.args, **launch.constexprs, num_warps=4)
+    compiled.kernel("score")[(launch.n_tiles, launch.rows)](
+        *launch.args, **launch.constexprs, num_warps=launch.num_warps)
+    return out
+
+
+def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int, return_priorities: bool = False):
+    """tritonkv.evict's compiled path (arguments already validated)."""
+    if not keys.is_cuda and not interpreting():
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                           "imported; use backend='reference' (or 'auto') on CPU")
+    if policy.heads == "adaptive":
+        from .reference import Inputs, select_adaptive  # AdaKV: see docs; selection runs in PyTorch
+        kept = select_adaptive(policy, Inputs(keys.float(), values.float(),
+                                              None if queries is None else queries.float(), seed), k)
+        return pack_varlen(keys, values, kept)
+    b, h, n, _ = keys.shape
+    alloc = allocate(policy, n, k)
+    compiled = compile_policy(policy)
+    if alloc.total == n and not return_priorities:   # everything is kept: nothing to rank
+        index = torch.arange(n, device=keys.device).expand(b, h, n).contiguous()
+        return Evicted(keys.contiguous().clone(), values.contiguous().clone(), index)
+    priorities = score(compiled, keys, values, queries, seed)
+    out_k, out_v, out_i = select_gather(priorities, compiled.program.clause_slots, alloc.clause_counts,
+                                        alloc.n_sink, alloc.n_recent, keys, values, alloc.total)
+    result = Evicted(out_k, out_v, out_i)
+    return (result, priorities) if return_priorities else result

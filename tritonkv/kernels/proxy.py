@@ -1,0 +1,140 @@
+"""Attention of proxy queries to keys, one tile of keys at a time, never materialized.
+
+Proxy query rows are numbered r = g * W_PAD + w for query head g of the KV head's GQA
+group and window row w (< the window actually used; the rest is padding). Rows are
+processed QB at a time: a chunk holds QB / W_PAD whole query heads when the window is
+short, or a part of one head when it is long (W_PAD > QB).
+
+Softmax statistics per row (max m and sum l of 2^(s - m), s = q.k * log2(e) / sqrt(D)) come
+first, from ``proxy_stats_tile`` over all keys; ``proxy_attention_tile`` then forms the
+probabilities of a tile, reduces them over the window, pools per query head and reduces
+over the group.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .primitives import pool, pool_rows
+from .stats import online_softmax_merge
+
+REDUCE_CODES = {"mean": 0, "sum": 1, "max": 2}  # the REDUCE / GROUP_REDUCE constexprs
+
+
+@triton.jit
+def _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr):
+    """Rows c*QB .. c*QB+QB-1 of the group's proxy queries [QB, BLOCK_D] (padding rows 0)."""
+    o_r = c * QB + tl.arange(0, QB)
+    w_r = o_r % W_PAD
+    m_r = w_r < w
+    o_d = tl.arange(0, BLOCK_D)
+    p_q = (q_ptr + i_b.to(tl.int64) * s_qb + (i_h * G + o_r // W_PAD).to(tl.int64)[:, None] * s_qh
+           + (W_total - w + w_r).to(tl.int64)[:, None] * s_qw + o_d[None, :] * s_qd)
+    b_q = tl.load(p_q, mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)
+    return b_q, o_r, w_r, m_r
+
+
+@triton.jit
+def _logits(b_q, b_k, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    """q . k * QK_SCALE (= log2(e) / sqrt(D)), float32 [QB, BLOCK_N]; float32 caches use
+    full-precision products rather than TF32."""
+    if IEEE:
+        s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    else:
+        s = tl.dot(b_q, tl.trans(b_k))
+    return s * QK_SCALE
+
+
+@triton.jit
+def _visible(m_r, w_r, o_n, m_val, N, w, CAUSAL: tl.constexpr):
+    vis = m_r[:, None] & m_val[None, :]
+    if CAUSAL:  # window row w_r sits at position N - w + w_r
+        vis = vis & (o_n[None, :] <= (N - w + w_r)[:, None])
+    return vis
+
+
+@triton.jit
+def proxy_stats_tile(run_m, run_l, b_k, q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, N, W_total, w, c,
+                     o_n, m_val, D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
+                     W_PAD: tl.constexpr, QB: tl.constexpr, CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr,
+                     IEEE: tl.constexpr):
+    """Online softmax statistics of chunk c's rows [QB] over this tile's visible keys."""
+    b_q, o_r, w_r, m_r = _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c, D, BLOCK_D, G, W_PAD, QB)
+    s = tl.where(_visible(m_r, w_r, o_n, m_val, N, w, CAUSAL), _logits(b_q, b_k, QK_SCALE, IEEE), float("-inf"))
+    t_m = tl.max(s, 1)
+    t_safe = tl.where(t_m == float("-inf"), 0.0, t_m)
+    t_l = tl.sum(tl.exp2(s - t_safe[:, None]), 1)
+    return online_softmax_merge(run_m, run_l, t_m, t_l, True)
+
+
+@triton.jit
+def proxy_stats_merge(ws_ptr, part, final, i_row, i_c, S, NCH, QB: tl.constexpr, QROWS: tl.constexpr):
+    """final[row] = (m [QROWS], l [QROWS]) from the partials of chunk i_c."""
+    o_q = tl.arange(0, QB)
+    m = tl.full([QB], float("-inf"), tl.float32)
+    l = tl.zeros([QB], dtype=tl.float32)
+    for s in range(0, S):
+        base = ws_ptr + part + ((i_row * NCH + i_c) * S + s) * (2 * QB)
+        m, l = online_softmax_merge(m, l, tl.load(base + o_q), tl.load(base + QB + o_q), True)
+    tl.store(ws_ptr + final + i_row * (2 * QROWS) + i_c * QB + o_q, m)
+    tl.store(ws_ptr + final + i_row * (2 * QROWS) + QROWS + i_c * QB + o_q, l)
+
+
+@triton.jit
+def _reduce(x, axis: tl.constexpr, HOW: tl.constexpr):
+    if HOW == 2:
+        return tl.max(x, axis)
+    else:
+        return tl.sum(x, axis)
+
+
+@triton.jit
+def _combine(a, b, HOW: tl.constexpr):
+    if HOW == 2:
+        return tl.maximum(a, b)
+    else:
+        return a + b
+
+
+@triton.jit
+def proxy_attention_tile(b_k, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, N, W_total, w,
+                         o_t, o_n, m_n, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr, CAUSAL: tl.constexpr,
+                         REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
+                         GROUP_REDUCE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    """reference.proxy_attention for one tile of keys; stats_ptr -> this row's (m, l)."""
+    QROWS: tl.constexpr = G * W_PAD
+    NCH: tl.constexpr = QROWS // QB
+    acc_grp = tl.full([BLOCK_N], 0.0, tl.float32)
+    acc_win = tl.full([BLOCK_N], 0.0, tl.float32)
+    for c in range(0, NCH):
+        b_q, o_r, w_r, m_r = _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c,
+                                         D, BLOCK_D, G, W_PAD, QB)
+        b_m = tl.load(stats_ptr + o_r)
+        b_l = tl.load(stats_ptr + QROWS + o_r)
+        vis = _visible(m_r, w_r, o_n, m_n, N, w, CAUSAL)
+        p = tl.where(vis, tl.exp2(_logits(b_q, b_k, QK_SCALE, IEEE) - b_m[:, None]) / b_l[:, None], 0.0)
+        if W_PAD <= QB:   # whole query heads in this chunk
+            HPC: tl.constexpr = QB // W_PAD
+            win = _reduce(tl.reshape(p, [HPC, W_PAD, BLOCK_N]), 1, REDUCE)
+            if REDUCE == 0:
+                win = win / w
+            if POOL > 1:
+                win = pool_rows(win, o_t, o_n, N, POOL, POOL_MAX, HPC, BLOCK_N)
+            acc_grp = _combine(acc_grp, _reduce(win, 0, GROUP_REDUCE), GROUP_REDUCE)
+        else:             # a part of one query head's window
+            CPH: tl.constexpr = W_PAD // QB
+            acc_win = _combine(acc_win, _reduce(p, 0, REDUCE), REDUCE)
+            if c % CPH == CPH - 1:
+                head = acc_win
+                if REDUCE == 0:
+                    head = head / w
+                if POOL > 1:
+                    head = pool(head, o_t, o_n, N, POOL, POOL_MAX, BLOCK_N)
+                acc_grp = _combine(acc_grp, head, GROUP_REDUCE)
+                acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if GROUP_REDUCE == 0:
+        acc_grp = acc_grp / G
+    return acc_grp

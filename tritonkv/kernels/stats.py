@@ -1,0 +1,114 @@
+"""Row statistics that a score needs before it can be evaluated per token.
+
+Each statistic is accumulated per program over a range of tiles (``*_tile``), written as
+a partial, and the partials of a row are merged by a finalize kernel (``*_merge``) in a
+fixed order, so results never depend on scheduling. Only lanes in ``m_val`` count: tiles
+overlap by their halo, and each token must be counted once.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .primitives import NORM_EPS
+
+
+# ---------------------------------------------------------------------------- anchor
+@triton.jit
+def anchor_tile(acc, b_kf, b_knorm, m_val):
+    """acc [BLOCK_D] += sum of the tile's L2-normalized keys."""
+    unit = b_kf / tl.maximum(b_knorm, NORM_EPS)[:, None]
+    return acc + tl.sum(tl.where(m_val[:, None], unit, 0.0), 0)
+
+
+@triton.jit
+def anchor_merge(ws_ptr, part, final, i_row, S, N, BLOCK_D: tl.constexpr):
+    """final[row] = normalize(sum of partials / N): the unit anchor."""
+    o_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(ws_ptr + part + (i_row * S + s) * BLOCK_D + o_d)
+    mean = acc / N
+    unit = mean / tl.maximum(tl.sqrt(tl.sum(mean * mean, 0)), NORM_EPS)
+    tl.store(ws_ptr + final + i_row * BLOCK_D + o_d, unit)
+
+
+# ---------------------------------------------------------------------------- moments
+@triton.jit
+def welford_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of (count, mean, sum of squared deviations)."""
+    n = n_a + n_b
+    frac = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+@triton.jit
+def moments_tile(n, mean, m2, x, m_val):
+    cnt = tl.sum(m_val.to(tl.float32), 0)
+    t_mean = tl.sum(tl.where(m_val, x, 0.0), 0) / tl.maximum(cnt, 1.0)
+    dev = x - t_mean
+    t_m2 = tl.sum(tl.where(m_val, dev * dev, 0.0), 0)
+    return welford_merge(n, mean, m2, cnt, t_mean, t_m2)
+
+
+@triton.jit
+def moments_store(ws_ptr, part, i_row, i_s, S, n, mean, m2, active):
+    base = ws_ptr + part + (i_row * S + i_s) * 3
+    tl.store(base, n, mask=active)
+    tl.store(base + 1, mean, mask=active)
+    tl.store(base + 2, m2, mask=active)
+
+
+@triton.jit
+def moments_merge(ws_ptr, part, final, i_row, S, active):
+    """final[row] = (mean, population std)."""
+    n = tl.full([], 0.0, tl.float32)
+    mean = tl.full([], 0.0, tl.float32)
+    m2 = tl.full([], 0.0, tl.float32)
+    for s in range(0, S):
+        base = ws_ptr + part + (i_row * S + s) * 3
+        n, mean, m2 = welford_merge(n, mean, m2, tl.load(base), tl.load(base + 1), tl.load(base + 2))
+    tl.store(ws_ptr + final + i_row * 2, mean, mask=active)
+    tl.store(ws_ptr + final + i_row * 2 + 1, tl.sqrt(m2 / tl.maximum(n, 1.0)), mask=active)
+
+
+# ---------------------------------------------------------------------------- softmax
+@triton.jit
+def online_softmax_merge(m_a, l_a, m_b, l_b, USE_EXP2: tl.constexpr):
+    """Merge (max, sum of exp(x - max)) pairs; a side that saw nothing has (-inf, 0)."""
+    m = tl.maximum(m_a, m_b)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    if USE_EXP2:
+        return m, l_a * tl.exp2(m_a - m_safe) + l_b * tl.exp2(m_b - m_safe)
+    else:
+        return m, l_a * tl.exp(m_a - m_safe) + l_b * tl.exp(m_b - m_safe)
+
+
+@triton.jit
+def softmax_tile(run_m, run_l, x, temperature, m_val):
+    y = tl.where(m_val, x / temperature, float("-inf"))
+    t_m = tl.max(y, 0)
+    t_safe = tl.where(t_m == float("-inf"), 0.0, t_m)
+    t_l = tl.sum(tl.where(m_val, tl.exp(y - t_safe), 0.0), 0)
+    return online_softmax_merge(run_m, run_l, t_m, t_l, False)
+
+
+@triton.jit
+def softmax_store(ws_ptr, part, i_row, i_s, S, run_m, run_l, active):
+    base = ws_ptr + part + (i_row * S + i_s) * 2
+    tl.store(base, run_m, mask=active)
+    tl.store(base + 1, run_l, mask=active)
+
+
+@triton.jit
+def softmax_merge(ws_ptr, part, final, i_row, S, active):
+    """final[row] = (max, sum of exp(x / t - max))."""
+    m = tl.full([], float("-inf"), tl.float32)
+    l = tl.full([], 0.0, tl.float32)
+    for s in range(0, S):
+        base = ws_ptr + part + (i_row * S + s) * 2
+        m, l = online_softmax_merge(m, l, tl.load(base), tl.load(base + 1), False)
+    tl.store(ws_ptr + final + i_row * 2, m, mask=active)
+    tl.store(ws_ptr + final + i_row * 2 + 1, l, mask=active)
