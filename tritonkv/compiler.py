@@ -95,25 +95,28 @@ def compile_policy(policy: dsl.Policy) -> CompiledPolicy:
 # --------------------------------------------------------------------------- launch geometry
 
 
-def proxy_tiling(window: int, group: int) -> Tuple[int, int]:
+def proxy_tiling(window: int, group: int, d: int, itemsize: int) -> Tuple[int, int]:
     """(W_PAD, QB): window rows padded to a power of two >= 16, and query rows per tl.dot —
-    whole query heads (a power-of-two divisor of the group) up to QUERY_CHUNK rows."""
+    whole query heads (a power-of-two divisor of the group) while the query block stays
+    within 32 KB (QUERY_CHUNK rows of bf16 at D = 128)."""
+    limit = max(16, min(QUERY_CHUNK, 32768 // (triton.next_power_of_2(d) * itemsize)))
     w_pad = max(16, triton.next_power_of_2(window))
-    if w_pad >= QUERY_CHUNK:
-        return w_pad, QUERY_CHUNK
+    if w_pad >= limit:
+        return w_pad, limit
     heads = 1
     pow2_of_group = group & -group
-    while heads * 2 <= pow2_of_group and w_pad * heads * 2 <= QUERY_CHUNK:
+    while heads * 2 <= pow2_of_group and w_pad * heads * 2 <= limit:
         heads *= 2
     return w_pad, w_pad * heads
 
 
-def block_tokens(d: int, halo: int, has_proxy: bool) -> int:
-    """Tokens per tile: a [BLOCK_N, BLOCK_D] float32 block stays near 16K elements."""
+def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2) -> int:
+    """Tokens per tile: a [BLOCK_N, BLOCK_D] float32 block stays near 16K elements, and the
+    key block fed to tl.dot within 16 KB."""
     block_d = triton.next_power_of_2(d)
     n = max(16, min(128, 8192 // block_d))
     if has_proxy:
-        n = min(n, 64)
+        n = max(16, min(n, 64, 16384 // (block_d * itemsize)))
     while n <= 4 * halo:
         n *= 2
     return n
@@ -149,7 +152,7 @@ def prepare(compiled: CompiledPolicy, keys, values, queries, seed: int, out: tor
     has_proxy = bool(program.proxies)
     group = queries.shape[1] // h if queries is not None else 1
     w_total = queries.shape[2] if queries is not None else 0
-    block_n = block_tokens(max(d, dv), program.halo, has_proxy)
+    block_n = block_tokens(max(d, dv), program.halo, has_proxy, keys.element_size())
     stride = block_n - 2 * program.halo
     n_tiles = triton.cdiv(n, stride)
     splits = stats_splits(rows, n_tiles, keys.device)
@@ -159,7 +162,8 @@ def prepare(compiled: CompiledPolicy, keys, values, queries, seed: int, out: tor
 
     per_global: List = []
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                      HALO=program.halo, IEEE=keys.dtype == torch.float32, QK_SCALE=qk_scale(d))
+                      HALO=program.halo, QK_SCALE=qk_scale(d),
+                      IEEE=keys.dtype == torch.float32 or (interpreting() and keys.dtype == torch.bfloat16))
     offset = 0
     chunks = {}
     for i, node in enumerate(program.globals):
@@ -167,7 +171,7 @@ def prepare(compiled: CompiledPolicy, keys, values, queries, seed: int, out: tor
             part, final, nch = splits * block_d, block_d, 1
         elif isinstance(node, dsl.ProxyAttention):
             w = proxy_window(node, n, w_total)
-            w_pad, qb = proxy_tiling(w, group)
+            w_pad, qb = proxy_tiling(w, group, d, keys.element_size())
             nch = group * w_pad // qb
             part, final = nch * splits * 2 * qb, 2 * group * w_pad
             constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"] = w_pad, qb

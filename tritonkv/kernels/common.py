@@ -8,9 +8,14 @@ import os
 import torch
 
 
+# triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when this package's
+# kernels are imported; what matters is the value at that moment.
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when tritonkv's kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return _INTERPRET_AT_IMPORT
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NORM_EPS = 1e-12           # as reference.NORM_EPS
-LOG2_E = 1.4426950408889634
+NORM_EPS = tl.constexpr(1e-12)   # as reference.NORM_EPS
 
 
 @triton.jit

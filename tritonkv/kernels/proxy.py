@@ -39,8 +39,13 @@ def _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c,
 @triton.jit
 def _logits(b_q, b_k, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
     """q . k * QK_SCALE (= log2(e) / sqrt(D)), float32 [QB, BLOCK_N]; float32 caches use
-    full-precision products rather than TF32."""
+    full-precision products rather than TF32.
+
+    IEEE is also set for bfloat16 in Triton's CPU interpreter, whose bfloat16 tl.dot returns
+    garbage (Triton 3.6); the operands are then upcast, which is exact."""
     if IEEE:
+        b_q = b_q.to(tl.float32)
+        b_k = b_k.to(tl.float32)
         s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     else:
         s = tl.dot(b_q, tl.trans(b_k))

@@ -221,13 +221,9 @@ def programs_per_row(rows: int, n: int, device: torch.device) -> int:
     return max(1, min(sms // rows, triton.cdiv(n, SCAN_BLOCK)))
 
 
-def select_gather(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int,
-                  keys: torch.Tensor, values: torch.Tensor, n_kept: int):
-    """Keep, per row, the forced windows and each clause's top ``counts[j]`` of
-    ``priorities[slots[j]]``; return kept keys, values and indices in token order.
-
-    priorities: float32 [n_slots, B * H, N] contiguous; keys / values [B, H, N, D] any strides.
-    """
+def select_gather_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int,
+                         keys: torch.Tensor, values: torch.Tensor, n_kept: int):
+    """(grid, args, constexprs, outputs) of one select_gather call; see select_gather."""
     b, h, n, d = keys.shape
     dv = values.shape[-1]
     rows = b * h
@@ -238,8 +234,6 @@ def select_gather(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent
     out_k = torch.empty(b, h, n_kept, d, dtype=keys.dtype, device=device)
     out_v = torch.empty(b, h, n_kept, dv, dtype=values.dtype, device=device)
     out_i = torch.empty(b, h, n_kept, dtype=torch.int64, device=device)
-    if n_kept == 0:
-        return out_k, out_v, out_i
     p = programs_per_row(rows, n, device)
     p_pad = triton.next_power_of_2(p)
     chunk = triton.cdiv(triton.cdiv(n, p), SCAN_BLOCK) * SCAN_BLOCK
@@ -251,14 +245,26 @@ def select_gather(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent
     slot_args = list(slots) + [0] * (MAX_CLAUSES - clauses)
     count_args = list(counts) + [0] * (MAX_CLAUSES - clauses)
     prio = priorities if priorities.numel() else torch.empty(1, dtype=torch.float32, device=device)
-    _select_gather_kernel[(p, rows)](
-        prio, keys, values, out_k, out_v, out_i, hist, bar, cnt, state,
-        *keys.stride(), *values.stride(),
-        n, h, rows, n_kept, n_sink, n_recent, chunk,
-        *slot_args, *count_args,
-        D=d, DV=dv, C=clauses, P=p, P_PAD=p_pad,
-        BLOCK=SCAN_BLOCK, BLOCK_T=GATHER_BLOCK,
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv),
-        num_warps=4,
-    )
-    return out_k, out_v, out_i
+    args = [prio, keys, values, out_k, out_v, out_i, hist, bar, cnt, state,
+            *keys.stride(), *values.stride(), n, h, rows, n_kept, n_sink, n_recent, chunk,
+            *slot_args, *count_args]
+    constexprs = dict(D=d, DV=dv, C=clauses, P=p, P_PAD=p_pad, BLOCK=SCAN_BLOCK, BLOCK_T=GATHER_BLOCK,
+                      BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv))
+    return (p, rows), args, constexprs, (out_k, out_v, out_i)
+
+
+SELECT_WARPS = 4
+
+
+def select_gather(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int,
+                  keys: torch.Tensor, values: torch.Tensor, n_kept: int):
+    """Keep, per row, the forced windows and each clause's top ``counts[j]`` of
+    ``priorities[slots[j]]``; return kept keys, values and indices in token order.
+
+    priorities: float32 [n_slots, B * H, N] contiguous; keys / values [B, H, N, D] any strides.
+    """
+    grid, args, constexprs, outputs = select_gather_launch(priorities, slots, counts, n_sink, n_recent,
+                                                           keys, values, n_kept)
+    if n_kept > 0:
+        _select_gather_kernel[grid](*args, **constexprs, num_warps=SELECT_WARPS)
+    return outputs

@@ -2,6 +2,7 @@
 
 from .attention import h2o, tova
 from .budgets import adakv, pyramidkv
+from .composites import keydiff_knorm, snapkv_sampled
 from .keydiff import keydiff
 from .knorm import knorm
 from .nacl import nacl
@@ -22,4 +23,10 @@ PRESETS = {
     "pyramidkv": pyramidkv,
 }
 
-__all__ = ["PRESETS"] + list(PRESETS)
+# composites: policies of our own that mix primitives (benchmarked beside the presets)
+COMPOSITES = {
+    "keydiff+knorm": keydiff_knorm(),
+    "snapkv+sample": snapkv_sampled(),
+}
+
+__all__ = ["PRESETS", "COMPOSITES", "keydiff_knorm", "snapkv_sampled"] + list(PRESETS)

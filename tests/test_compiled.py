@@ -1,0 +1,167 @@
+"""The compiled path (generated Triton kernels; in the interpreter on CPU) against reference.py."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import tritonkv as tkv
+from tritonkv import policies, reference
+from tritonkv.budget import allocate, resolve_budget
+from tritonkv.compiler import evict_compiled
+
+from .checks import assert_unchanged, check_evicted, snapshot
+from .strategies import caches, scores
+from .strategies import policies as policy_strategy
+from .tolerances import tolerance
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_device(*tensors):
+    return [None if t is None else t.to(DEVICE) for t in tensors]
+
+
+def boundaries_are_clear(alloc, priorities, errors, shape) -> bool:
+    """True when every clause's last kept reference priority beats the next candidate by
+    more than twice the largest difference between compiled and reference priorities:
+    then rounding cannot have changed the selection, and it must match exactly."""
+    kept = reference.forced_mask(alloc, shape)
+    for p, count, err in zip(priorities, alloc.clause_counts, errors):
+        key = reference.rank_key(p).masked_fill(kept, float("-inf"))
+        ordered = torch.sort(key, dim=-1, descending=True).values
+        candidates = int((~kept[0, 0]).sum())
+        if 0 < count < candidates:
+            last, following = ordered[..., count - 1], ordered[..., count]
+            gap = last - following
+            gap = torch.where(torch.isinf(last) & torch.isinf(following), torch.zeros_like(gap), gap)
+            if not bool((gap > 2 * err).all()):
+                return False
+        kept |= reference.take_top(p, kept, count)
+    return True
+
+
+def compare(keys, values, queries, policy, budget, seed=0):
+    """Run both paths; check properties, priorities and selections. Returns whether the
+    end-to-end kept sets were compared exactly."""
+    b, h, n, _ = keys.shape
+    k = resolve_budget(budget, n)
+    keys, values, queries = to_device(keys, values, queries)
+    before = snapshot(keys, values, queries)
+    out, prios = evict_compiled(keys, values, queries, policy, k, seed, return_priorities=True)
+    assert_unchanged(before, keys, values, queries)
+    out_cpu = type(out)(out.keys.cpu(), out.values.cpu(), out.indices.cpu())
+    check_evicted(out_cpu, keys.cpu(), values.cpu(), policy, k)
+
+    inputs = reference.Inputs(keys.float().cpu(), values.float().cpu(),
+                              None if queries is None else queries.float().cpu(), seed)
+    ref_prios = reference.clause_priorities(policy, inputs)
+    from tritonkv.codegen import plan_slots
+    _, clause_slots = plan_slots(policy)
+    got = [prios[s].cpu().view(b, h, n) for s in clause_slots]
+    errors = []
+    for j, (g, r) in enumerate(zip(got, ref_prios)):
+        finite = torch.isfinite(r)
+        assert torch.equal(torch.isinf(g) & ~torch.isnan(r), torch.isinf(r)), f"clause {j}: infinities differ"
+        diff = (g - r).abs().masked_fill(~finite, 0.0)
+        errors.append(float(diff.max()) if diff.numel() else 0.0)
+        bad = finite & ~(diff <= tolerance(r))
+        assert not bool(bad.any()), (
+            f"clause {j}: {int(bad.sum())} priorities off, first at {bad.nonzero()[0].tolist()}: "
+            f"got {g[bad][0].item()}, reference {r[bad][0].item()}")
+    alloc = allocate(policy, n, k)
+    own = reference.kept_indices(reference.select_by_priority(alloc, got, (b, h, n)))
+    if alloc.total < n:
+        assert torch.equal(out_cpu.indices, own), "select kernel differs from the reference selection"
+    if boundaries_are_clear(alloc, ref_prios, errors, (b, h, n)):
+        ref = tkv.evict(keys.cpu(), values.cpu(), policy, budget, queries=None if queries is None else queries.cpu(),
+                        seed=seed, backend="reference")
+        assert torch.equal(out_cpu.indices, ref.indices)
+        return True
+    return False
+
+
+# ------------------------------------------------------------------------------ presets
+
+PRESET_NAMES = sorted(set(policies.PRESETS) - {"adakv"}) + sorted(policies.COMPOSITES)
+
+
+def preset(name):
+    if name in policies.COMPOSITES:
+        return policies.COMPOSITES[name]
+    if name == "nacl":
+        return policies.nacl(sinks=8, proxy_window=16)  # the 256 sinks of the default fill small caches
+    if name in ("snapkv", "pyramidkv"):
+        return policies.PRESETS[name]() if name == "pyramidkv" else policies.snapkv(window=32)
+    return policies.PRESETS[name]()
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_preset_matches_reference(name, dtype):
+    g = torch.Generator().manual_seed(hash((name, str(dtype))) % 2 ** 31)
+    b, h, group, n, d = 2, 2, 2, 517, 128
+    keys = torch.randn(b, h, n, d, generator=g).to(dtype)
+    values = torch.randn(b, h, n, 96, generator=g).to(dtype)
+    queries = torch.randn(b, h * group, 64, d, generator=g).to(dtype)
+    exact = compare(keys, values, queries, preset(name), 0.3, seed=5)
+    assert exact, "random caches should have clear selection boundaries; the exact check did not run"
+
+
+@given(cache=caches(max_n=260), budget=st.one_of(st.integers(1, 300), st.floats(0.05, 1.0)),
+       seed=st.integers(0, 2 ** 40), name=st.sampled_from(PRESET_NAMES))
+@settings(max_examples=30)
+def test_presets_across_shapes(cache, budget, seed, name):
+    keys, values, queries = cache
+    policy = preset(name)
+    try:
+        from tritonkv.validate import check_evict_args
+        check_evict_args(keys, values, policy, budget, queries, seed, "triton")
+    except ValueError as e:
+        assume("queries" not in str(e))
+        raise
+    compare(keys, values, queries, policy, budget, seed)
+
+
+@given(cache=caches(max_n=200, head_dims=[64, 80], max_batch=2, max_heads=2),
+       policy=policy_strategy(), budget=st.floats(0.05, 0.9), seed=st.integers(0, 2 ** 31))
+@settings(max_examples=40)
+def test_random_policies_match_reference(cache, policy, budget, seed):
+    keys, values, queries = cache
+    try:
+        from tritonkv.validate import check_evict_args
+        check_evict_args(keys, values, policy, budget, queries, seed, "triton")
+    except ValueError as e:
+        assume("queries" not in str(e))
+        raise
+    compare(keys, values, queries, policy, budget, seed)
+
+
+def test_long_window_and_odd_group():
+    """Windows longer than one query chunk, a GQA ratio that is not a power of two."""
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(1, 2, 700, 64, generator=g)
+    queries = torch.randn(1, 6, 300, 64, generator=g)
+    for node in (tkv.proxy_attention(window=300, causal=True, reduce="max", pool=3, pool_mode="max"),
+                 tkv.proxy_attention(window=200, reduce="sum", group_reduce="max", pool=5)):
+        compare(keys, keys, queries, tkv.dsl.as_policy(tkv.top(node)), 0.2)
+
+
+def test_second_call_compiles_nothing():
+    from tritonkv import compiler
+    keys = torch.randn(1, 1, 64, 64)
+    policy = tkv.sink(2) | tkv.top(-tkv.key_norm() + tkv.position())
+    compiler.compile_policy(policy)
+    before = dict(compiler._CACHE)
+    compiler.compile_policy(tkv.sink(5) | tkv.top(-tkv.key_norm() + tkv.position()))  # same structure
+    assert compiler._CACHE.keys() == before.keys()
+    path = compiler.compile_policy(policy).path
+    assert path.exists() and "def score(" in path.read_text()
+
+
+def test_everything_kept_when_budget_covers_the_cache():
+    keys = torch.randn(2, 2, 33, 64)
+    out = evict_compiled(*to_device(keys, keys, None), policies.keydiff(), 33, 0)
+    assert torch.equal(out.indices.cpu(), torch.arange(33).expand(2, 2, 33))

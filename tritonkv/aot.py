@@ -1,0 +1,146 @@
+"""Compile every kernel of a policy for a GPU target without a GPU (Triton's AOT path).
+
+    python -m tritonkv.aot            # every preset and composite, for Hopper (sm_90)
+
+The arguments are the ones evict() would launch with, built on meta tensors, so what is
+compiled is exactly what runs. CI uses this to prove every generated kernel still builds
+for sm_90. Must run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import dsl, policies
+from .budget import allocate
+from .compiler import compile_policy, prepare
+from .reference import proxy_window
+from .kernels.select import SELECT_WARPS, _select_gather_kernel, select_gather_launch
+
+HOPPER = GPUTarget("cuda", 90, 32)
+HOPPER_SHARED_LIMIT = 232448   # bytes of shared memory one block may use on sm_90
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+          torch.int32: "i32", torch.int64: "i64"}
+
+
+def signature(fn, args, constexprs) -> Dict[str, str]:
+    runtime = [p.name for p in fn.params if not p.is_constexpr]
+    if len(runtime) != len(args):
+        raise ValueError(f"{fn.__name__}: {len(args)} arguments for {len(runtime)} parameters")
+    sig = {}
+    for name, value in zip(runtime, args):
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        else:
+            sig[name] = "fp32"
+    sig.update({name: "constexpr" for name in constexprs})
+    return sig
+
+
+@dataclass
+class Built:
+    policy: str
+    kernel: str
+    config: str
+    seconds: float
+    shared_bytes: int
+    ptx_lines: int
+
+
+def build(fn, args, constexprs, num_warps: int, target=HOPPER):
+    source = ASTSource(fn=fn, signature=signature(fn, args, constexprs), constexprs=constexprs)
+    return triton.compile(source, target=target, options={"num_warps": num_warps})
+
+
+def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=128, dv=None, group=4,
+                 window=64, dtype=torch.bfloat16, target=HOPPER) -> List[Built]:
+    """Compile the stats, merge, score and select kernels of one policy for ``target``."""
+    dv = dv or d
+    meta = dict(device="meta", dtype=dtype)
+    keys = torch.empty(batch, heads, n, d, **meta)
+    values = torch.empty(batch, heads, n, dv, **meta)
+    window = max([window] + [required_window(node, n) for score in policy.scores for node in dsl.walk(score)
+                             if isinstance(node, dsl.ProxyAttention)])
+    queries = torch.empty(batch, heads * group, window, d, **meta) if policy.needs_queries else None
+    compiled = compile_policy(policy)
+    program = compiled.program
+    config = f"{str(dtype).split('.')[-1]} D={d} Dv={dv} G={group} W={window}"
+    out: List[Built] = []
+
+    def record(kernel_name, fn, args, constexprs, warps):
+        start = time.perf_counter()
+        c = build(fn, args, constexprs, warps, target)
+        if c.metadata.shared > HOPPER_SHARED_LIMIT:
+            raise ValueError(f"{kernel_name} ({config}) needs {c.metadata.shared} B of shared memory, "
+                             f"more than sm_90's {HOPPER_SHARED_LIMIT}")
+        out.append(Built(name, kernel_name, config, time.perf_counter() - start, c.metadata.shared,
+                         c.asm["ptx"].count("\n")))
+
+    priorities = torch.empty(max(1, len(program.slots)), batch * heads, n, device="meta", dtype=torch.float32)
+    if program.slots:
+        launch = prepare(compiled, keys, values, queries, 0, priorities)
+        for level in range(len(program.levels)):
+            record(f"stats_{level}", compiled.kernel(f"stats_{level}"), launch.args, launch.constexprs, launch.num_warps)
+            record(f"merge_{level}", compiled.kernel(f"merge_{level}"), launch.args, launch.constexprs, 4)
+        record("score", compiled.kernel("score"), launch.args, launch.constexprs, launch.num_warps)
+    alloc = allocate(policy, n, n // 4)
+    _, args, constexprs, _ = select_gather_launch(priorities, program.clause_slots, alloc.clause_counts,
+                                                  alloc.n_sink, alloc.n_recent, keys, values, alloc.total)
+    constexprs["P"], constexprs["P_PAD"] = 16, 16   # what a GPU launch would use, not the CPU's 1
+    record("select_gather", _select_gather_kernel, args, constexprs, SELECT_WARPS)
+    return out
+
+
+def required_window(node: dsl.ProxyAttention, n: int) -> int:
+    if node.window is None:
+        return 1
+    return proxy_window(node, n, n)
+
+
+def all_policies() -> Dict[str, dsl.Policy]:
+    named = {name: make() for name, make in policies.PRESETS.items()}
+    named.update(policies.COMPOSITES)
+    return named
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one configuration per policy")
+    args = parser.parse_args(argv)
+    configs = [dict()]
+    if not args.quick:
+        configs += [dict(dtype=torch.float16, d=80, dv=64, group=1, window=7),
+                    dict(dtype=torch.float32, d=256, group=8, window=200),
+                    dict(dtype=torch.bfloat16, d=64, group=3, window=1)]
+    built: List[Built] = []
+    failures = []
+    for name, policy in all_policies().items():
+        for cfg in configs:
+            try:
+                built += build_policy(name, policy, **cfg)
+            except Exception as e:  # report every failure, then fail
+                failures.append((name, cfg, e))
+    print(f"{'policy':<16}{'kernel':<15}{'config':<34}{'s':>6}{'smem B':>8}{'ptx lines':>10}")
+    for b in built:
+        print(f"{b.policy:<16}{b.kernel:<15}{b.config:<34}{b.seconds:>6.2f}{b.shared_bytes:>8}{b.ptx_lines:>10}")
+    for name, cfg, e in failures:
+        print(f"FAILED {name} {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
+    print(f"{len(built)} kernels compiled for sm_{HOPPER.arch}, {len(failures)} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
