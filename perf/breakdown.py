@@ -1,0 +1,57 @@
+"""Where the time of one evict() goes: statistics + score kernels vs select + gather, next to
+the HBM floor. A tool for tuning, not part of the benchmark suite.
+
+    python perf/breakdown.py [--n 131072] [--batch 1]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tritonkv as tkv  # noqa: E402
+from perf.floor import copy_bandwidth, floor_bytes  # noqa: E402
+from perf.test_evict import POLICIES, make_cache  # noqa: E402
+from tritonkv import compiler  # noqa: E402
+from tritonkv.budget import allocate, resolve_budget  # noqa: E402
+from tritonkv.kernels.select import select_gather  # noqa: E402
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    args = parser.parse_args()
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(f"{'policy':<15}{'N':>8}{'total ms':>10}{'score ms':>10}{'select ms':>10}{'floor ms':>10}{'x floor':>9}")
+    for n in args.n:
+        keys, values, queries = make_cache(args.batch, n)
+        for name in args.policies.split(","):
+            policy = POLICIES[name]
+            q = queries if policy.needs_queries else None
+            k = resolve_budget(args.budget, n)
+            alloc = allocate(policy, n, k)
+            compiled = compiler.compile_policy(policy)
+            total = bench(lambda: tkv.evict(keys, values, policy, args.budget, queries=q))
+            score = bench(lambda: compiler.score(compiled, keys, values, q, 0))
+            prios = compiler.score(compiled, keys, values, q, 0)
+            select = bench(lambda: select_gather(prios, compiled.program.clause_slots, alloc.clause_counts,
+                                                 alloc.n_sink, alloc.n_recent, keys, values, alloc.total))
+            floor = floor_bytes(policy, keys, values, q, alloc.total) / bw
+            print(f"{name:<15}{n:>8}{total * 1e3:>10.3f}{score * 1e3:>10.3f}{select * 1e3:>10.3f}"
+                  f"{floor * 1e3:>10.3f}{total / floor:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""tritonkv.evict beside PyTorch eager and torch.compile of the same policy, on the GPU.
+
+Run (README): ``perf/run`` — one JSON per run under perf/results/.
+Each case's extra_info holds: policy, N, B, budget, time_ms, floor_ms, x_floor,
+eager_ms, compile_ms, speedup_vs_eager, speedup_vs_compile, extra_memory_bytes, and more.
+"""
+
+import os
+
+import pytest
+import torch
+
+import tritonkv as tkv
+from tritonkv import policies
+from tritonkv.budget import resolve_budget
+
+from .baselines import compiled_evict, eager_evict
+from .floor import floor_bytes
+from .timing import flush_l2, median_seconds, peak_extra_bytes
+
+HEADS, GROUP, WINDOW, DIM = 8, 4, 64, 128
+DTYPE = torch.bfloat16
+
+
+def _policies():
+    named = {name: make() for name, make in policies.PRESETS.items() if name not in ("adakv", "pyramidkv", "nacl")}
+    named["nacl"] = policies.nacl(proxy_window=WINDOW)   # the benchmark's proxy window is 64 for every policy
+    named.update(policies.COMPOSITES)
+    return named
+
+
+POLICIES = _policies()
+_env = os.environ.get
+N_VALUES = [int(x) for x in _env("TKV_BENCH_N", "8192,32768,131072,524288").split(",")]
+BATCHES = [int(x) for x in _env("TKV_BENCH_B", "1,4").split(",")]
+BUDGETS = [float(x) for x in _env("TKV_BENCH_BUDGETS", "0.1,0.5").split(",")]
+NAMES = _env("TKV_BENCH_POLICIES", ",".join(POLICIES)).split(",")
+BASELINES = _env("TKV_BENCH_BASELINES", "1") == "1"
+
+
+def make_cache(batch, n, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    keys = torch.randn(batch, HEADS, n, DIM, device="cuda", dtype=DTYPE, generator=g)
+    values = torch.randn(batch, HEADS, n, DIM, device="cuda", dtype=DTYPE, generator=g)
+    queries = torch.randn(batch, HEADS * GROUP, WINDOW, DIM, device="cuda", dtype=DTYPE, generator=g)
+    return keys, values, queries
+
+
+def kept_mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of kept positions that differ between two index tensors [B, H, n]."""
+    n = int(max(a.max(), b.max())) + 1
+    mask = lambda idx: torch.zeros(*idx.shape[:2], n, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)  # noqa: E731
+    return float((mask(a) ^ mask(b)).sum()) / (2 * a.numel())
+
+
+def _baseline(fn, rounds):
+    try:
+        out = fn()
+        return out, median_seconds(fn, rounds)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("n", N_VALUES)
+@pytest.mark.parametrize("name", NAMES)
+def test_evict(benchmark, bandwidth, name, n, batch, budget):
+    policy = POLICIES[name]
+    keys, values, queries = make_cache(batch, n)
+    queries = queries if policy.needs_queries else None
+    k = resolve_budget(budget, n)
+
+    def run():
+        return tkv.evict(keys, values, policy, budget, queries=queries, seed=0)
+
+    out = run()   # compiles on first use
+    n_kept = out.indices.shape[-1]
+    rounds = 10 if n * batch >= 2 ** 19 else 25
+    info = dict(policy=name, N=n, B=batch, H_kv=HEADS, H_q=HEADS * GROUP, D=DIM, window=WINDOW, budget=budget,
+                dtype="bfloat16", n_kept=n_kept)
+
+    if BASELINES:
+        eager_out, eager_s = _baseline(lambda: eager_evict(keys, values, queries, policy, k), max(3, rounds // 3))
+        compiled = compiled_evict(policy)
+        _, compile_s = _baseline(lambda: compiled(keys, values, queries, k=k, seed=0), max(3, rounds // 3))
+        if eager_out is not None:
+            mismatch = kept_mismatch(out.indices, eager_out[2])
+            info["kept_mismatch_vs_eager"] = mismatch
+            assert mismatch <= 1e-3, f"tritonkv and eager keep different tokens ({mismatch:.2%})"
+        del eager_out
+        info.update(eager_ms=eager_s and eager_s * 1e3, compile_ms=compile_s and compile_s * 1e3)
+
+    output_bytes = sum(t.numel() * t.element_size() for t in (out.keys, out.values, out.indices))
+    del out
+    info["extra_memory_bytes"] = peak_extra_bytes(run, output_bytes)
+    info["extra_bytes_per_token_head"] = info["extra_memory_bytes"] / (batch * HEADS * n)
+
+    benchmark.pedantic(run, setup=flush_l2, rounds=rounds, warmup_rounds=2)
+    seconds = benchmark.stats.stats.median
+    floor = floor_bytes(policy, keys, values, queries, n_kept)
+    info.update(time_ms=seconds * 1e3, floor_bytes=floor, bandwidth_GBps=bandwidth / 1e9,
+                floor_ms=floor / bandwidth * 1e3, x_floor=seconds / (floor / bandwidth))
+    if BASELINES:
+        info["speedup_vs_eager"] = info["eager_ms"] / info["time_ms"] if info["eager_ms"] else None
+        info["speedup_vs_compile"] = info["compile_ms"] / info["time_ms"] if info["compile_ms"] else None
+    benchmark.extra_info.update(info)
