@@ -18,7 +18,8 @@ from perf.floor import copy_bandwidth, floor_bytes  # noqa: E402
 from perf.test_evict import POLICIES, make_cache  # noqa: E402
 from tritonkv import compiler  # noqa: E402
 from tritonkv.budget import allocate, resolve_budget  # noqa: E402
-from tritonkv.kernels.select import select_gather  # noqa: E402
+from tritonkv.kernels.gather import gather_rows  # noqa: E402
+from tritonkv.kernels.select import select_indices  # noqa: E402
 
 
 def bench(fn):
@@ -34,7 +35,8 @@ def main():
     args = parser.parse_args()
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e9:.0f} GB/s")
-    print(f"{'policy':<15}{'N':>8}{'total ms':>10}{'score ms':>10}{'select ms':>10}{'floor ms':>10}{'x floor':>9}")
+    print(f"{'policy':<15}{'N':>8}{'total ms':>10}{'score ms':>10}{'select ms':>10}{'gather ms':>10}"
+          f"{'floor ms':>10}{'x floor':>9}")
     for n in args.n:
         keys, values, queries = make_cache(args.batch, n)
         for name in args.policies.split(","):
@@ -46,11 +48,15 @@ def main():
             total = bench(lambda: tkv.evict(keys, values, policy, args.budget, queries=q))
             score = bench(lambda: compiler.score(compiled, keys, values, q, 0))
             prios = compiler.score(compiled, keys, values, q, 0)
-            select = bench(lambda: select_gather(prios, compiled.program.clause_slots, alloc.clause_counts,
-                                                 alloc.n_sink, alloc.n_recent, keys, values, alloc.total))
+            rows = keys.shape[0] * keys.shape[1]
+            select = bench(lambda: select_indices(prios, compiled.program.clause_slots, alloc.clause_counts,
+                                                  alloc.n_sink, alloc.n_recent, rows, n, alloc.total, keys.device))
+            idx = select_indices(prios, compiled.program.clause_slots, alloc.clause_counts, alloc.n_sink,
+                                 alloc.n_recent, rows, n, alloc.total, keys.device).view(*keys.shape[:2], -1)
+            gather = bench(lambda: gather_rows(idx, keys, values))
             floor = floor_bytes(policy, keys, values, q, alloc.total) / bw
             print(f"{name:<15}{n:>8}{total * 1e3:>10.3f}{score * 1e3:>10.3f}{select * 1e3:>10.3f}"
-                  f"{floor * 1e3:>10.3f}{total / floor:>9.2f}")
+                  f"{gather * 1e3:>10.3f}{floor * 1e3:>10.3f}{total / floor:>9.2f}")
 
 
 if __name__ == "__main__":

@@ -101,13 +101,17 @@ def preset(name):
 @pytest.mark.parametrize("name", PRESET_NAMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_preset_matches_reference(name, dtype):
-    g = torch.Generator().manual_seed(hash((name, str(dtype))) % 2 ** 31)
-    b, h, group, n, d = 2, 2, 2, 517, 128
-    keys = torch.randn(b, h, n, d, generator=g).to(dtype)
-    values = torch.randn(b, h, n, 96, generator=g).to(dtype)
-    queries = torch.randn(b, h * group, 64, d, generator=g).to(dtype)
-    exact = compare(keys, values, queries, preset(name), 0.3, seed=5)
-    assert exact, "random caches should have clear selection boundaries; the exact check did not run"
+    exact = []
+    for attempt in range(3):   # a near-tie at a boundary skips the exact comparison; retry until one runs
+        g = torch.Generator().manual_seed(1000 * attempt + sum(map(ord, name + str(dtype))))
+        b, h, group, n, d = 2, 2, 2, 517, 128
+        keys = torch.randn(b, h, n, d, generator=g).to(dtype)
+        values = torch.randn(b, h, n, 96, generator=g).to(dtype)
+        queries = torch.randn(b, h * group, 64, d, generator=g).to(dtype)
+        exact.append(compare(keys, values, queries, preset(name), 0.3, seed=5))
+        if exact[-1]:
+            break
+    assert any(exact), "random caches should have clear selection boundaries; the exact check never ran"
 
 
 @given(cache=caches(max_n=260), budget=st.one_of(st.integers(1, 300), st.floats(0.05, 1.0)),

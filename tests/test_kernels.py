@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from tritonkv import philox, reference
 from tritonkv.budget import Allocation
 from tritonkv.kernels.primitives import uniform
-from tritonkv.kernels.select import select_gather
+from tritonkv.kernels.gather import gather_rows
+from tritonkv.kernels.select import select_indices
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -45,15 +46,16 @@ def adversarial_priorities(draw):
 
 @given(adversarial_priorities(), st.sampled_from([64, 80, 128]))
 @settings(max_examples=30)
-def test_select_gather_is_exact(case, d):
+def test_select_and_gather_are_exact(case, d):
     prios, alloc = case
     rows, n = prios.shape[1:]
     keys = torch.randn(1, rows, n, d).to(torch.float16)
     values = torch.randn(1, rows, n, 32).to(torch.float16)
     clauses = len(alloc.clause_counts)
     slots = list(range(clauses))
-    out_k, out_v, out_i = select_gather(prios.to(DEVICE), slots, alloc.clause_counts, alloc.n_sink, alloc.n_recent,
-                                        keys.to(DEVICE), values.to(DEVICE), alloc.total)
+    out_i = select_indices(prios.to(DEVICE), slots, alloc.clause_counts, alloc.n_sink, alloc.n_recent, rows, n,
+                           alloc.total, torch.device(DEVICE)).view(1, rows, alloc.total)
+    out_k, out_v = gather_rows(out_i, keys.to(DEVICE), values.to(DEVICE))
     kept = reference.select_by_priority(alloc, [prios[j].view(1, rows, n) for j in range(clauses)], (1, rows, n))
     want = reference.kept_indices(kept)
     got = out_i.cpu()

@@ -24,7 +24,8 @@ from . import dsl, policies
 from .budget import allocate
 from .compiler import compile_policy, prepare
 from .reference import proxy_window
-from .kernels.select import SELECT_WARPS, _select_gather_kernel, select_gather_launch
+from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
+from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_LIMIT = 232448   # bytes of shared memory one block may use on sm_90
@@ -97,10 +98,12 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
             record(f"merge_{level}", compiled.kernel(f"merge_{level}"), launch.args, launch.constexprs, 4)
         record("score", compiled.kernel("score"), launch.args, launch.constexprs, launch.num_warps)
     alloc = allocate(policy, n, n // 4)
-    _, args, constexprs, _ = select_gather_launch(priorities, program.clause_slots, alloc.clause_counts,
-                                                  alloc.n_sink, alloc.n_recent, keys, values, alloc.total)
-    constexprs["P"], constexprs["P_PAD"] = 16, 16   # what a GPU launch would use, not the CPU's 1
-    record("select_gather", _select_gather_kernel, args, constexprs, SELECT_WARPS)
+    _, args, constexprs, indices = select_launch(priorities, program.clause_slots, alloc.clause_counts,
+                                                 alloc.n_sink, alloc.n_recent, batch * heads, n, alloc.total,
+                                                 torch.device("meta"), programs=16)
+    record("select", _select_kernel, args, constexprs, SELECT_WARPS)
+    _, args, constexprs, _ = gather_launch(indices.view(batch, heads, -1), keys, values)
+    record("gather", _gather_kernel, args, constexprs, GATHER_WARPS)
     return out
 
 

@@ -65,6 +65,7 @@ class Program:
 
     slots: Tuple[Slot, ...]
     clause_slots: Tuple[int, ...]
+    reads_cache: bool                          # some score loads K or V tiles
     globals: Tuple[dsl.Score, ...]            # index i names po_i / fo_i / w_i
     levels: Tuple[Tuple[int, ...], ...]       # global indices per statistics level
     halo: int
@@ -183,12 +184,15 @@ class TileEmitter:
             self.keys()
             return self._assign(f"cosine_to(b_kf, {self.key_norm()}, b_anchor_{gi})")
         if isinstance(node, dsl.ProxyAttention):
+            chunk = f"b_q_{gi}, w_r_{gi}, m_r_{gi}, b_m_{gi}, b_l_{gi}"
+            self.prologue.append(f"    p_stats_{gi} = ws_ptr + fo_{gi} + i_row * (2 * G * W_PAD_{gi})")
+            self.prologue.append(f"    {chunk} = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, i_b, i_h, "
+                                 f"W_total, w_{gi}, 0, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, True)")
             self.keys()
             return self._assign(
-                f"proxy_attention_tile(b_k, q_ptr, s_qb, s_qh, s_qw, s_qd, "
-                f"ws_ptr + fo_{gi} + i_row * (2 * G * W_PAD_{gi}), i_b, i_h, N, W_total, w_{gi}, "
-                f"o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, {node.causal}, "
-                f"{REDUCE_CODES[node.reduce]}, {node.pool_kernel}, {node.pool_mode == 'max'}, "
+                f"proxy_attention_tile(b_k, {chunk}, q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, "
+                f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, "
+                f"{node.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, {node.pool_mode == 'max'}, "
                 f"{REDUCE_CODES[node.group_reduce]}, QK_SCALE, IEEE)")
         if isinstance(node, dsl.Normalize):
             self.prologue.append(f"    mean_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
@@ -209,7 +213,7 @@ import triton.language as tl
 
 from tritonkv.kernels.primitives import (cosine_to, gumbel, pool, position, row_norm, softmax_apply,
                                          standardize, uniform)
-from tritonkv.kernels.proxy import proxy_attention_tile, proxy_stats_merge, proxy_stats_tile
+from tritonkv.kernels.proxy import proxy_attention_tile, proxy_chunk, proxy_stats_merge, proxy_stats_tile
 from tritonkv.kernels.stats import (anchor_merge, anchor_tile, moments_merge, moments_store, moments_tile,
                                     softmax_merge, softmax_store, softmax_tile)
 '''
@@ -268,10 +272,11 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals) -> List[s
             init.append(f"    c_{gi} = tl.minimum(i_c, NCH_{gi} - 1)")
             init.append(f"    run_m_{gi} = tl.full([QB_{gi}], float('-inf'), tl.float32)")
             init.append(f"    run_l_{gi} = tl.zeros([QB_{gi}], dtype=tl.float32)")
+            init.append(f"    bs_q_{gi}, ws_r_{gi}, ms_r_{gi}, _, _ = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, ws_ptr, "
+                        f"i_b, i_h, W_total, w_{gi}, c_{gi}, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, False)")
             emitter.keys()
-            update.append(f"run_m_{gi}, run_l_{gi} = proxy_stats_tile(run_m_{gi}, run_l_{gi}, b_k, q_ptr, s_qb, s_qh, "
-                          f"s_qw, s_qd, i_b, i_h, N, W_total, w_{gi}, c_{gi}, o_n, m_val, D, BLOCK_D, G, "
-                          f"W_PAD_{gi}, QB_{gi}, {node.causal}, QK_SCALE, IEEE)")
+            update.append(f"run_m_{gi}, run_l_{gi} = proxy_stats_tile(run_m_{gi}, run_l_{gi}, b_k, bs_q_{gi}, "
+                          f"ws_r_{gi}, ms_r_{gi}, N, w_{gi}, o_n, m_val, {node.causal}, QK_SCALE, IEEE)")
             store.append(f"    o_q_{gi} = tl.arange(0, QB_{gi})")
             store.append(f"    p_part_{gi} = ws_ptr + po_{gi} + ((i_row * NCH_{gi} + i_c) * S + i_s) * (2 * QB_{gi})")
             store.append(f"    tl.store(p_part_{gi} + o_q_{gi}, run_m_{gi}, mask=(o_q_{gi} >= 0) & (i_c < NCH_{gi}))")
@@ -313,10 +318,10 @@ def _merge_kernel(level: int, members: Sequence[int], program_globals) -> List[s
 
 
 def _score_kernel(slots: Sequence[Slot], program_globals) -> List[str]:
-    prologue = ["    i_t = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE]
-    body: List[str] = []
-    emitter = TileEmitter(program_globals, prologue, body, " " * 4)
-    body.append(TILE_START.format(ind=" " * 4, base="i_t * (BLOCK_N - 2 * HALO) - HALO"))
+    prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE]
+    body: List[str] = ["    for it in range(0, tiles_per_prog):"]
+    emitter = TileEmitter(program_globals, prologue, body, " " * 8)
+    body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
     for index, slot in enumerate(slots):
         x = emitter.value(slot.score)
         if slot.gumbel_stream >= 0:
@@ -341,7 +346,8 @@ def generate(policy: dsl.Policy) -> Program:
         lines += _merge_kernel(level, members, program_globals)
     if slots:
         lines += _score_kernel(slots, program_globals)
-    return Program(slots, clause_slots, program_globals, levels, max_halo, "\n".join(lines) + "\n")
+    reads_cache = any(s.score.needs_keys or s.score.needs_values for s in slots)
+    return Program(slots, clause_slots, reads_cache, program_globals, levels, max_halo, "\n".join(lines) + "\n")
 
 
 def qk_scale(d: int) -> float:

@@ -3,8 +3,8 @@
 A compiled policy runs, in order:
   1. for each statistics level: ``stats_L`` (partials per program) and ``merge_L`` (per row);
   2. ``score``: one fused kernel writing each clause's float32 priority per token;
-  3. ``select_gather`` (kernels/select.py): threshold select per clause, compaction and the
-     gather of kept K / V rows.
+  3. ``select_indices`` (kernels/select.py): threshold select per clause and compaction of
+     the kept indices; 4. ``gather_rows`` (kernels/gather.py): the kept K / V rows.
 No per-primitive score tensor and no [W, N] attention matrix reaches global memory: the
 only intermediates are the priorities (one float32 per token per slot) and row statistics.
 
@@ -31,12 +31,13 @@ from .api import Evicted, pack_varlen
 from .budget import allocate
 from .codegen import Program, generate, qk_scale
 from .kernels.common import interpreting, multiprocessor_count
-from .kernels.select import select_gather
+from .kernels.gather import gather_rows
+from .kernels.select import select_indices
 from .reference import proxy_window
 
 SCORE_WARPS = 4
 PROXY_WARPS = 8
-QUERY_CHUNK = 128  # proxy query rows per tl.dot
+QUERY_CHUNK = 256  # most proxy query rows per tl.dot
 
 
 def cache_dir() -> Path:
@@ -98,8 +99,9 @@ def compile_policy(policy: dsl.Policy) -> CompiledPolicy:
 def proxy_tiling(window: int, group: int, d: int, itemsize: int) -> Tuple[int, int]:
     """(W_PAD, QB): window rows padded to a power of two >= 16, and query rows per tl.dot —
     whole query heads (a power-of-two divisor of the group) while the query block stays
-    within 32 KB (QUERY_CHUNK rows of bf16 at D = 128)."""
-    limit = max(16, min(QUERY_CHUNK, 32768 // (triton.next_power_of_2(d) * itemsize)))
+    within 64 KB (QUERY_CHUNK rows of bf16 at D = 128), so that typical windows (G * W <= 256)
+    are one chunk, loaded once per program."""
+    limit = max(16, min(QUERY_CHUNK, 65536 // (triton.next_power_of_2(d) * itemsize)))
     w_pad = max(16, triton.next_power_of_2(window))
     if w_pad >= limit:
         return w_pad, limit
@@ -110,11 +112,11 @@ def proxy_tiling(window: int, group: int, d: int, itemsize: int) -> Tuple[int, i
     return w_pad, w_pad * heads
 
 
-def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2) -> int:
+def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2, reads_cache: bool = True) -> int:
     """Tokens per tile: a [BLOCK_N, BLOCK_D] float32 block stays near 16K elements, and the
-    key block fed to tl.dot within 16 KB."""
+    key block fed to tl.dot within 16 KB; 1024 when no K / V tile is loaded."""
     block_d = triton.next_power_of_2(d)
-    n = max(16, min(128, 8192 // block_d))
+    n = max(16, min(128, 8192 // block_d)) if reads_cache else 1024
     if has_proxy:
         n = max(16, min(n, 64, 16384 // (block_d * itemsize)))
     while n <= 4 * halo:
@@ -152,7 +154,7 @@ def prepare(compiled: CompiledPolicy, keys, values, queries, seed: int, out: tor
     has_proxy = bool(program.proxies)
     group = queries.shape[1] // h if queries is not None else 1
     w_total = queries.shape[2] if queries is not None else 0
-    block_n = block_tokens(max(d, dv), program.halo, has_proxy, keys.element_size())
+    block_n = block_tokens(max(d, dv), program.halo, has_proxy, keys.element_size(), program.reads_cache)
     stride = block_n - 2 * program.halo
     n_tiles = triton.cdiv(n, stride)
     splits = stats_splits(rows, n_tiles, keys.device)
@@ -206,7 +208,7 @@ def score(compiled: CompiledPolicy, keys, values, queries, seed: int) -> torch.T
             *launch.args, **launch.constexprs, num_warps=launch.num_warps)
         compiled.kernel(f"merge_{level}")[(launch.rows, nch)](
             *launch.args, **launch.constexprs, num_warps=4)
-    compiled.kernel("score")[(launch.n_tiles, launch.rows)](
+    compiled.kernel("score")[(launch.splits, launch.rows)](
         *launch.args, **launch.constexprs, num_warps=launch.num_warps)
     return out
 
@@ -228,7 +230,8 @@ def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int,
         index = torch.arange(n, device=keys.device).expand(b, h, n).contiguous()
         return Evicted(keys.contiguous().clone(), values.contiguous().clone(), index)
     priorities = score(compiled, keys, values, queries, seed)
-    out_k, out_v, out_i = select_gather(priorities, compiled.program.clause_slots, alloc.clause_counts,
-                                        alloc.n_sink, alloc.n_recent, keys, values, alloc.total)
-    result = Evicted(out_k, out_v, out_i)
+    indices = select_indices(priorities, compiled.program.clause_slots, alloc.clause_counts, alloc.n_sink,
+                             alloc.n_recent, b * h, n, alloc.total, keys.device).view(b, h, alloc.total)
+    out_k, out_v = gather_rows(indices, keys, values)
+    result = Evicted(out_k, out_v, indices)
     return (result, priorities) if return_priorities else result

@@ -25,3 +25,33 @@ def _sm_count(index: int) -> int:
 
 def multiprocessor_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Programs of one kernel that fit on a multiprocessor at once, learnt from its first launch.
+# Until then 2 is assumed: true for any 4-warp kernel with under 100 KB of shared memory
+# (2 x 128 threads x 255 registers fit in the 64K registers of an SM).
+_BLOCKS_PER_SM = {}
+
+
+def _occupancy_key(kernel, num_warps, constexprs):
+    return (kernel.fn.__qualname__ if hasattr(kernel, "fn") else repr(kernel), num_warps,
+            tuple(sorted(constexprs.items())))
+
+
+def resident_programs(kernel, device: torch.device, num_warps: int, constexprs) -> int:
+    """How many programs of ``kernel`` the whole GPU holds at once (1 off the GPU)."""
+    if interpreting() or device.type != "cuda":
+        return 1
+    per_sm = _BLOCKS_PER_SM.get(_occupancy_key(kernel, num_warps, constexprs), 2)
+    return per_sm * multiprocessor_count(device)
+
+
+def record_occupancy(kernel, compiled, num_warps: int, constexprs) -> None:
+    """Remember the occupancy of a launched kernel (``compiled`` is what the launch returned)."""
+    try:
+        regs, shared = int(compiled.n_regs), int(compiled.metadata.shared)
+    except (AttributeError, TypeError):
+        return
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    per_sm = min(32, 64 // num_warps, 65536 // (regs_per_warp * num_warps), 233472 // (shared + 1024))
+    _BLOCKS_PER_SM[_occupancy_key(kernel, num_warps, constexprs)] = max(1, per_sm)

@@ -61,12 +61,25 @@ def _visible(m_r, w_r, o_n, m_val, N, w, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def proxy_stats_tile(run_m, run_l, b_k, q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, N, W_total, w, c,
-                     o_n, m_val, D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
-                     W_PAD: tl.constexpr, QB: tl.constexpr, CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr,
-                     IEEE: tl.constexpr):
-    """Online softmax statistics of chunk c's rows [QB] over this tile's visible keys."""
+def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
+                WITH_STATS: tl.constexpr):
+    """Query rows of chunk c with their row index in the window, mask, and (if WITH_STATS)
+    their softmax statistics from stats_ptr (this row's final m [QROWS], then l [QROWS])."""
     b_q, o_r, w_r, m_r = _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c, D, BLOCK_D, G, W_PAD, QB)
+    if WITH_STATS:
+        b_m = tl.load(stats_ptr + o_r)
+        b_l = tl.load(stats_ptr + G * W_PAD + o_r)
+    else:
+        b_m = tl.zeros([QB], dtype=tl.float32)
+        b_l = tl.zeros([QB], dtype=tl.float32)
+    return b_q, w_r, m_r, b_m, b_l
+
+
+@triton.jit
+def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, m_r, N, w, o_n, m_val,
+                     CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax statistics of one chunk's query rows [QB] over this tile's visible keys."""
     s = tl.where(_visible(m_r, w_r, o_n, m_val, N, w, CAUSAL), _logits(b_q, b_k, QK_SCALE, IEEE), float("-inf"))
     t_m = tl.max(s, 1)
     t_safe = tl.where(t_m == float("-inf"), 0.0, t_m)
@@ -104,42 +117,57 @@ def _combine(a, b, HOW: tl.constexpr):
 
 
 @triton.jit
-def proxy_attention_tile(b_k, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, N, W_total, w,
-                         o_t, o_n, m_n, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr, CAUSAL: tl.constexpr,
-                         REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
-                         GROUP_REDUCE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
-    """reference.proxy_attention for one tile of keys; stats_ptr -> this row's (m, l)."""
-    QROWS: tl.constexpr = G * W_PAD
-    NCH: tl.constexpr = QROWS // QB
-    acc_grp = tl.full([BLOCK_N], 0.0, tl.float32)
-    acc_win = tl.full([BLOCK_N], 0.0, tl.float32)
-    for c in range(0, NCH):
-        b_q, o_r, w_r, m_r = _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c,
-                                         D, BLOCK_D, G, W_PAD, QB)
-        b_m = tl.load(stats_ptr + o_r)
-        b_l = tl.load(stats_ptr + QROWS + o_r)
-        vis = _visible(m_r, w_r, o_n, m_n, N, w, CAUSAL)
-        p = tl.where(vis, tl.exp2(_logits(b_q, b_k, QK_SCALE, IEEE) - b_m[:, None]) / b_l[:, None], 0.0)
-        if W_PAD <= QB:   # whole query heads in this chunk
-            HPC: tl.constexpr = QB // W_PAD
-            win = _reduce(tl.reshape(p, [HPC, W_PAD, BLOCK_N]), 1, REDUCE)
+def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m_n, N, w,
+                  BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
+                  CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
+                  GROUP_REDUCE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    """Add chunk c's probabilities for this tile of keys to the window / group accumulators."""
+    vis = _visible(m_r, w_r, o_n, m_n, N, w, CAUSAL)
+    p = tl.where(vis, tl.exp2(_logits(b_q, b_k, QK_SCALE, IEEE) - b_m[:, None]) / b_l[:, None], 0.0)
+    if W_PAD <= QB:   # whole query heads in this chunk
+        HPC: tl.constexpr = QB // W_PAD
+        win = _reduce(tl.reshape(p, [HPC, W_PAD, BLOCK_N]), 1, REDUCE)
+        if REDUCE == 0:
+            win = win / w
+        if POOL > 1:
+            win = pool_rows(win, o_t, o_n, N, POOL, POOL_MAX, HPC, BLOCK_N)
+        acc_grp = _combine(acc_grp, _reduce(win, 0, GROUP_REDUCE), GROUP_REDUCE)
+    else:             # a part of one query head's window
+        CPH: tl.constexpr = W_PAD // QB
+        acc_win = _combine(acc_win, _reduce(p, 0, REDUCE), REDUCE)
+        if c % CPH == CPH - 1:
+            head = acc_win
             if REDUCE == 0:
-                win = win / w
+                head = head / w
             if POOL > 1:
-                win = pool_rows(win, o_t, o_n, N, POOL, POOL_MAX, HPC, BLOCK_N)
-            acc_grp = _combine(acc_grp, _reduce(win, 0, GROUP_REDUCE), GROUP_REDUCE)
-        else:             # a part of one query head's window
-            CPH: tl.constexpr = W_PAD // QB
-            acc_win = _combine(acc_win, _reduce(p, 0, REDUCE), REDUCE)
-            if c % CPH == CPH - 1:
-                head = acc_win
-                if REDUCE == 0:
-                    head = head / w
-                if POOL > 1:
-                    head = pool(head, o_t, o_n, N, POOL, POOL_MAX, BLOCK_N)
-                acc_grp = _combine(acc_grp, head, GROUP_REDUCE)
-                acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
+                head = pool(head, o_t, o_n, N, POOL, POOL_MAX, BLOCK_N)
+            acc_grp = _combine(acc_grp, head, GROUP_REDUCE)
+            acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
+    return acc_grp, acc_win
+
+
+@triton.jit
+def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr,
+                         i_b, i_h, N, W_total, w, o_t, o_n, m_n, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
+                         CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
+                         GROUP_REDUCE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    """reference.proxy_attention for one tile of keys.
+
+    b_q0 .. b_l0 are chunk 0 (proxy_chunk), loaded once per program: when all query rows fit
+    one chunk (the common case: G * W_PAD <= QB) nothing is reloaded per tile."""
+    NCH: tl.constexpr = G * W_PAD // QB
+    acc_grp = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, b_q0, w_r0, m_r0, b_m0, b_l0, b_k, o_t, o_n, m_n, N, w,
+                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE,
+                                     QK_SCALE, IEEE)
+    for c in range(1, NCH):
+        b_q, w_r, m_r, b_m, b_l = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
+                                              D, BLOCK_D, G, W_PAD, QB, True)
+        acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m_n, N, w,
+                                         BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE,
+                                         QK_SCALE, IEEE)
     if GROUP_REDUCE == 0:
         acc_grp = acc_grp / G
     return acc_grp

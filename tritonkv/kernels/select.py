@@ -1,4 +1,4 @@
-"""Threshold select, order-preserving compaction and row gather, in one kernel.
+"""Threshold select and order-preserving compaction of the kept token indices.
 
 A row is one (batch, KV head). Its tokens are kept by, in order: the forced windows
 (tokens < n_sink and >= N - n_recent), then each selective clause j, which keeps the
@@ -15,7 +15,8 @@ How one clause is selected, exactly and without a sort:
   3. the keys equal to t are kept in token order: each program counts its ties, and the
      program where the r-th tie falls finds its index (the "cut").
 Compaction: every program counts what it keeps, so each knows how many kept tokens come
-before its chunk; it then writes indices and gathers K and V rows in token order.
+before its chunk; it then writes the kept indices in token order. kernels/gather.py copies
+the K and V rows they name.
 
 P programs share a row, each owning a contiguous chunk of it. They meet at row barriers
 (an atomic counter per row), so all programs of the grid must be resident at once: the
@@ -29,14 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, multiprocessor_count
+from .common import interpreting, record_occupancy, resident_programs
 
 RADIX_BITS = 8
 N_DIGITS = 4
 N_BINS = 1 << RADIX_BITS
 MAX_CLAUSES = 4
 SCAN_BLOCK = 1024   # tokens per step of the passes over priorities
-GATHER_BLOCK = 32   # rows per step of the K / V gather
 BARRIERS_PER_CLAUSE = N_DIGITS + 1
 
 
@@ -90,16 +90,13 @@ def _kept_before(j: tl.constexpr, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n,
     return kept & m_n
 
 
-@triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk",
+@triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P",
                                "count0", "count1", "count2", "count3"])
-def _select_gather_kernel(
-    prio_ptr, k_ptr, v_ptr, out_k_ptr, out_v_ptr, out_i_ptr,
-    hist_ptr, bar_ptr, cnt_ptr, state_ptr,
-    s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-    N, H, rows, n_kept, n_sink, n_recent, chunk,
+def _select_kernel(
+    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr,
+    N, rows, n_kept, n_sink, n_recent, chunk, P,
     slot0, slot1, slot2, slot3, count0, count1, count2, count3,
-    D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, P: tl.constexpr, P_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    C: tl.constexpr, P_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)
@@ -187,84 +184,66 @@ def _select_gather_kernel(
         kept_per_chunk += gt_all + tl.minimum(tl.maximum(r_j - ties_before, 0), eq_all)
     offset = tl.sum(tl.where(m_p & (o_p < i_p), kept_per_chunk, 0), 0)
 
-    # ---- gather the kept rows, in token order
-    o_t = tl.arange(0, BLOCK_T)
-    o_d = tl.arange(0, BLOCK_D)
-    o_dv = tl.arange(0, BLOCK_DV)
-    i_b = i_row // H
-    i_h = i_row % H
-    p_k_row = k_ptr + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
-    p_v_row = v_ptr + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
-    out_row = i_row.to(tl.int64) * n_kept
-    for start in range(0, chunk, BLOCK_T):
-        o_n = lo + start + o_t
+    # ---- write the kept indices, in token order
+    out_row = out_i_ptr + i_row.to(tl.int64) * n_kept
+    for start in range(0, chunk, BLOCK):
+        o_n = lo + start + o_blk
         m_n = o_n < hi
         kept = _kept_before(C, prio_ptr, my_state, i_row, rows, N, o_n, m_n, n_sink, n_recent,
                             slot0, slot1, slot2, slot3)
-        dst = out_row + offset + tl.cumsum(kept.to(tl.int32), 0) - 1
-        tl.store(out_i_ptr + dst, o_n.to(tl.int64), mask=kept)
-        b_k = tl.load(p_k_row + o_n[:, None].to(tl.int64) * s_kn + o_d[None, :] * s_kd,
-                      mask=kept[:, None] & (o_d[None, :] < D))
-        tl.store(out_k_ptr + dst[:, None] * D + o_d[None, :], b_k, mask=kept[:, None] & (o_d[None, :] < D))
-        b_v = tl.load(p_v_row + o_n[:, None].to(tl.int64) * s_vn + o_dv[None, :] * s_vd,
-                      mask=kept[:, None] & (o_dv[None, :] < DV))
-        tl.store(out_v_ptr + dst[:, None] * DV + o_dv[None, :], b_v, mask=kept[:, None] & (o_dv[None, :] < DV))
+        dst = offset + tl.cumsum(kept.to(tl.int32), 0) - 1
+        tl.store(out_row + dst, o_n.to(tl.int64), mask=kept)
         offset += tl.sum(kept.to(tl.int32), 0)
 
 
-def programs_per_row(rows: int, n: int, device: torch.device) -> int:
-    """How many programs share a row: enough to fill the GPU, never more than can be
-    resident at once (the row barriers need that), one in the interpreter."""
+def programs_per_row(rows: int, n: int, device: torch.device, resident: int) -> int:
+    """How many programs share a row: enough to fill the GPU, no more than can be resident
+    at once (``resident`` programs of the grid; the row barriers need that), one in the
+    interpreter."""
     if interpreting() or device.type != "cuda":
         return 1
-    sms = multiprocessor_count(device)
-    return max(1, min(sms // rows, triton.cdiv(n, SCAN_BLOCK)))
+    return max(1, min(resident // rows, triton.cdiv(n, SCAN_BLOCK), MAX_PROGRAMS_PER_ROW))
 
 
-def select_gather_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int,
-                         keys: torch.Tensor, values: torch.Tensor, n_kept: int):
-    """(grid, args, constexprs, outputs) of one select_gather call; see select_gather."""
-    b, h, n, d = keys.shape
-    dv = values.shape[-1]
-    rows = b * h
+MAX_PROGRAMS_PER_ROW = 256   # P_PAD below
+SELECT_WARPS = 4
+
+
+def select_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int, rows: int, n: int,
+                  n_kept: int, device: torch.device, programs: int = 1):
+    """(grid, args, constexprs, indices) of one select call; see select_indices."""
     clauses = len(slots)
     if clauses > MAX_CLAUSES:
         raise ValueError(f"policy: at most {MAX_CLAUSES} selective clauses are supported, got {clauses}")
-    device = keys.device
-    out_k = torch.empty(b, h, n_kept, d, dtype=keys.dtype, device=device)
-    out_v = torch.empty(b, h, n_kept, dv, dtype=values.dtype, device=device)
-    out_i = torch.empty(b, h, n_kept, dtype=torch.int64, device=device)
-    p = programs_per_row(rows, n, device)
-    p_pad = triton.next_power_of_2(p)
+    out_i = torch.empty(rows, n_kept, dtype=torch.int64, device=device)
+    p = programs
     chunk = triton.cdiv(triton.cdiv(n, p), SCAN_BLOCK) * SCAN_BLOCK
+    p = triton.cdiv(n, chunk)
     c = max(clauses, 1)
     zeroed = torch.zeros(rows * c * N_DIGITS * N_BINS + rows, dtype=torch.int32, device=device)
     hist, bar = zeroed[: rows * c * N_DIGITS * N_BINS], zeroed[rows * c * N_DIGITS * N_BINS:]
-    cnt = torch.empty(rows * c * 2 * p_pad, dtype=torch.int32, device=device)
+    cnt = torch.empty(rows * c * 2 * MAX_PROGRAMS_PER_ROW, dtype=torch.int32, device=device)
     state = torch.empty(rows * p * 3 * c, dtype=torch.int32, device=device)
     slot_args = list(slots) + [0] * (MAX_CLAUSES - clauses)
     count_args = list(counts) + [0] * (MAX_CLAUSES - clauses)
     prio = priorities if priorities.numel() else torch.empty(1, dtype=torch.float32, device=device)
-    args = [prio, keys, values, out_k, out_v, out_i, hist, bar, cnt, state,
-            *keys.stride(), *values.stride(), n, h, rows, n_kept, n_sink, n_recent, chunk,
+    args = [prio, out_i, hist, bar, cnt, state, n, rows, n_kept, n_sink, n_recent, chunk, p,
             *slot_args, *count_args]
-    constexprs = dict(D=d, DV=dv, C=clauses, P=p, P_PAD=p_pad, BLOCK=SCAN_BLOCK, BLOCK_T=GATHER_BLOCK,
-                      BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv))
-    return (p, rows), args, constexprs, (out_k, out_v, out_i)
+    constexprs = dict(C=clauses, P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK)
+    return (p, rows), args, constexprs, out_i
 
 
-SELECT_WARPS = 4
-
-
-def select_gather(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int,
-                  keys: torch.Tensor, values: torch.Tensor, n_kept: int):
-    """Keep, per row, the forced windows and each clause's top ``counts[j]`` of
-    ``priorities[slots[j]]``; return kept keys, values and indices in token order.
-
-    priorities: float32 [n_slots, B * H, N] contiguous; keys / values [B, H, N, D] any strides.
-    """
-    grid, args, constexprs, outputs = select_gather_launch(priorities, slots, counts, n_sink, n_recent,
-                                                           keys, values, n_kept)
+def select_indices(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int, rows: int, n: int,
+                   n_kept: int, device: torch.device) -> torch.Tensor:
+    """Per row, the ascending indices [rows, n_kept] of the tokens kept by the forced windows
+    and by each clause's top ``counts[j]`` of ``priorities[slots[j]]`` (float32 [n_slots, rows, N])."""
+    resident = resident_programs(_select_kernel, device, SELECT_WARPS,
+                                 dict(C=len(slots), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK))
+    p = programs_per_row(rows, n, device, resident)
+    grid, args, constexprs, out_i = select_launch(priorities, slots, counts, n_sink, n_recent, rows, n,
+                                                  n_kept, device, p)
     if n_kept > 0:
-        _select_gather_kernel[grid](*args, **constexprs, num_warps=SELECT_WARPS)
-    return outputs
+        compiled = _select_kernel[grid](*args, **constexprs, num_warps=SELECT_WARPS)
+        if device.type == "cuda":
+            record_occupancy(_select_kernel, compiled, SELECT_WARPS, constexprs)
+    return out_i
