@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 from . import dsl, policies
 from .budget import allocate
-from .compiler import compile_policy, prepare
+from .compiler import compile_policy, launch_args
 from .reference import proxy_window
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
@@ -92,11 +92,11 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
 
     priorities = torch.empty(max(1, len(program.slots)), batch * heads, n, device="meta", dtype=torch.float32)
     if program.slots:
-        launch = prepare(compiled, keys, values, queries, 0, priorities)
+        geo, largs = launch_args(compiled, keys, values, queries, 0, priorities)
         for level in range(len(program.levels)):
-            record(f"stats_{level}", compiled.kernel(f"stats_{level}"), launch.args, launch.constexprs, launch.num_warps)
-            record(f"merge_{level}", compiled.kernel(f"merge_{level}"), launch.args, launch.constexprs, 4)
-        record("score", compiled.kernel("score"), launch.args, launch.constexprs, launch.num_warps)
+            record(f"stats_{level}", compiled.kernel(f"stats_{level}"), largs, geo.constexprs, geo.num_warps)
+            record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
+        record("score", compiled.kernel("score"), largs, geo.constexprs, geo.num_warps)
     alloc = allocate(policy, n, n // 4)
     _, args, constexprs, indices = select_launch(priorities, program.clause_slots, alloc.clause_counts,
                                                  alloc.n_sink, alloc.n_recent, batch * heads, n, alloc.total,

@@ -30,7 +30,8 @@ from . import dsl
 from .api import Evicted, pack_varlen
 from .budget import allocate
 from .codegen import Program, generate, qk_scale
-from .kernels.common import interpreting, multiprocessor_count
+from .kernels.common import cdiv, interpreting, next_power_of_2, multiprocessor_count
+from .kernels.launch import launch
 from .kernels.gather import gather_rows
 from .kernels.select import select_indices
 from .reference import proxy_window
@@ -83,13 +84,23 @@ def _load_module(source: str) -> Tuple[object, Path]:
     return module, path
 
 
+_BY_IDENTITY: Dict[int, Tuple[dsl.Policy, CompiledPolicy]] = {}
+
+
 def compile_policy(policy: dsl.Policy) -> CompiledPolicy:
-    """The generated module of a policy (cached by structure)."""
+    """The generated module of a policy (cached by structure; by identity first, which skips
+    hashing the expression tree when the same policy object comes back)."""
+    hit = _BY_IDENTITY.get(id(policy))
+    if hit is not None and hit[0] is policy:
+        return hit[1]
     key = structure_key(policy)
     if key not in _CACHE:
         program = generate(policy)
         module, path = _load_module(program.source)
         _CACHE[key] = CompiledPolicy(program, module, path)
+    if len(_BY_IDENTITY) > 1024:
+        _BY_IDENTITY.clear()
+    _BY_IDENTITY[id(policy)] = (policy, _CACHE[key])
     return _CACHE[key]
 
 
@@ -101,8 +112,8 @@ def proxy_tiling(window: int, group: int, d: int, itemsize: int) -> Tuple[int, i
     whole query heads (a power-of-two divisor of the group) while the query block stays
     within 64 KB (QUERY_CHUNK rows of bf16 at D = 128), so that typical windows (G * W <= 256)
     are one chunk, loaded once per program."""
-    limit = max(16, min(QUERY_CHUNK, 65536 // (triton.next_power_of_2(d) * itemsize)))
-    w_pad = max(16, triton.next_power_of_2(window))
+    limit = max(16, min(QUERY_CHUNK, 65536 // (next_power_of_2(d) * itemsize)))
+    w_pad = max(16, next_power_of_2(window))
     if w_pad >= limit:
         return w_pad, limit
     heads = 1
@@ -115,7 +126,7 @@ def proxy_tiling(window: int, group: int, d: int, itemsize: int) -> Tuple[int, i
 def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2, reads_cache: bool = True) -> int:
     """Tokens per tile: a [BLOCK_N, BLOCK_D] float32 block stays near 16K elements, and the
     key block fed to tl.dot within 16 KB; 1024 when no K / V tile is loaded."""
-    block_d = triton.next_power_of_2(d)
+    block_d = next_power_of_2(d)
     n = max(16, min(128, 8192 // block_d)) if reads_cache else 1024
     if has_proxy:
         n = max(16, min(n, 64, 16384 // (block_d * itemsize)))
@@ -129,43 +140,61 @@ def stats_splits(rows: int, n_tiles: int, device: torch.device) -> int:
     if interpreting() or device.type != "cuda":
         return min(n_tiles, 3)  # more than one, so partial merging is always exercised
     target = 4 * multiprocessor_count(device)
-    return max(1, min(n_tiles, triton.cdiv(target, rows)))
+    return max(1, min(n_tiles, cdiv(target, rows)))
 
 
-@dataclass
-class Launch:
-    """Arguments shared by every generated kernel of one evict() call."""
+@dataclass(frozen=True)
+class Geometry:
+    """Everything about a launch that depends only on shapes, strides and dtypes (cached)."""
 
-    args: List
     constexprs: Dict
+    per_global: Tuple[int, ...]     # po_i, fo_i (and w_i) for each global node
     rows: int
-    n_tiles: int
     splits: int
-    chunks_per_level: List[int]
-    workspace: torch.Tensor
+    tiles_per_prog: int
+    chunks_per_level: Tuple[int, ...]
+    workspace: int                  # float32 elements
     num_warps: int
+    num_stages: Optional[int]
 
 
-def prepare(compiled: CompiledPolicy, keys, values, queries, seed: int, out: torch.Tensor) -> Launch:
-    program = compiled.program
-    b, h, n, d = keys.shape
-    dv = values.shape[-1]
+def _override(name: str, default):
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+_GEOMETRY: Dict[Tuple, Geometry] = {}
+
+
+def geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, itemsize: int,
+             device: torch.device) -> Geometry:
+    """Launch geometry for these shapes, cached (programs live as long as the process)."""
+    key = (id(program), k_shape, v_shape, q_shape, dtype, device)
+    geo = _GEOMETRY.get(key)
+    if geo is None:
+        geo = _GEOMETRY[key] = _geometry(program, k_shape, v_shape, q_shape, dtype, itemsize, device)
+    return geo
+
+
+def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, itemsize: int,
+              device: torch.device) -> Geometry:
+    b, h, n, d = k_shape
+    dv = v_shape[-1]
     rows = b * h
     has_proxy = bool(program.proxies)
-    group = queries.shape[1] // h if queries is not None else 1
-    w_total = queries.shape[2] if queries is not None else 0
-    block_n = block_tokens(max(d, dv), program.halo, has_proxy, keys.element_size(), program.reads_cache)
-    stride = block_n - 2 * program.halo
-    n_tiles = triton.cdiv(n, stride)
-    splits = stats_splits(rows, n_tiles, keys.device)
-    tiles_per_prog = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_prog)
-    block_d, block_dv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
-
-    per_global: List = []
+    group = q_shape[1] // h if q_shape is not None else 1
+    w_total = q_shape[2] if q_shape is not None else 0
+    block_n = _override("TRITONKV_BLOCK_N", block_tokens(max(d, dv), program.halo, has_proxy, itemsize,
+                                                          program.reads_cache))
+    n_tiles = cdiv(n, block_n - 2 * program.halo)
+    splits = stats_splits(rows, n_tiles, device)
+    tiles_per_prog = cdiv(n_tiles, splits)
+    splits = cdiv(n_tiles, tiles_per_prog)
+    block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d),
-                      IEEE=keys.dtype == torch.float32 or (interpreting() and keys.dtype == torch.bfloat16))
+                      IEEE=dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16))
+    per_global: List[int] = []
     offset = 0
     chunks = {}
     for i, node in enumerate(program.globals):
@@ -173,7 +202,7 @@ def prepare(compiled: CompiledPolicy, keys, values, queries, seed: int, out: tor
             part, final, nch = splits * block_d, block_d, 1
         elif isinstance(node, dsl.ProxyAttention):
             w = proxy_window(node, n, w_total)
-            w_pad, qb = proxy_tiling(w, group, d, keys.element_size())
+            w_pad, qb = proxy_tiling(w, group, d, itemsize)
             nch = group * w_pad // qb
             part, final = nch * splits * 2 * qb, 2 * group * w_pad
             constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"] = w_pad, qb
@@ -185,31 +214,42 @@ def prepare(compiled: CompiledPolicy, keys, values, queries, seed: int, out: tor
         part_offset, offset = offset, offset + rows * part
         final_offset, offset = offset, offset + rows * final
         per_global += [part_offset, final_offset] + ([w] if isinstance(node, dsl.ProxyAttention) else [])
-    workspace = torch.empty(max(offset, 1), dtype=torch.float32, device=keys.device)
-    q = queries if queries is not None else keys
-    q_strides = queries.stride() if queries is not None else (0, 0, 0, 0)
+    chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
+    warps = _override("TRITONKV_WARPS", PROXY_WARPS if has_proxy else SCORE_WARPS)
+    stages = os.environ.get("TRITONKV_STAGES")
+    return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
+                    max(offset, 1), warps, int(stages) if stages else None)
+
+
+def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out: torch.Tensor, workspace=None):
+    """(geometry, args) of the generated kernels for these inputs."""
+    geo = geometry(compiled.program, tuple(keys.shape), tuple(values.shape),
+                   None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device)
+    workspace = out.new_empty(geo.workspace) if workspace is None else workspace
+    q = keys if queries is None else queries
+    q_strides = (0, 0, 0, 0) if queries is None else queries.stride()
     args = [keys, values, q, workspace, out, *keys.stride(), *values.stride(), *q_strides,
-            n, h, w_total, seed, rows, splits, tiles_per_prog, *per_global]
-    chunks_per_level = [max(chunks[i] for i in members) for members in program.levels]
-    return Launch(args, constexprs, rows, n_tiles, splits, chunks_per_level, workspace,
-                  PROXY_WARPS if has_proxy else SCORE_WARPS)
+            keys.shape[2], keys.shape[1], 0 if queries is None else queries.shape[2], seed, geo.rows,
+            geo.splits, geo.tiles_per_prog, *geo.per_global]
+    return geo, args
 
 
 def score(compiled: CompiledPolicy, keys, values, queries, seed: int) -> torch.Tensor:
     """Run the statistics passes and the score kernel: float32 priorities [n_slots, B*H, N]."""
     b, h, n, _ = keys.shape
     slots = len(compiled.program.slots)
-    out = torch.empty(slots, b * h, n, dtype=torch.float32, device=keys.device)
-    if slots == 0:
-        return out
-    launch = prepare(compiled, keys, values, queries, seed, out)
-    for level, nch in enumerate(launch.chunks_per_level):
-        compiled.kernel(f"stats_{level}")[(launch.splits, launch.rows, nch)](
-            *launch.args, **launch.constexprs, num_warps=launch.num_warps)
-        compiled.kernel(f"merge_{level}")[(launch.rows, nch)](
-            *launch.args, **launch.constexprs, num_warps=4)
-    compiled.kernel("score")[(launch.splits, launch.rows)](
-        *launch.args, **launch.constexprs, num_warps=launch.num_warps)
+    if not slots:
+        return torch.empty(0, b * h, n, dtype=torch.float32, device=keys.device)
+    geo = geometry(compiled.program, tuple(keys.shape), tuple(values.shape),
+                   None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device)
+    buffer = torch.empty(slots * b * h * n + geo.workspace, dtype=torch.float32, device=keys.device)
+    out, workspace = buffer[: slots * b * h * n].view(slots, b * h, n), buffer[slots * b * h * n:]
+    geo, args = launch_args(compiled, keys, values, queries, seed, out, workspace)
+    for level, nch in enumerate(geo.chunks_per_level):
+        launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, geo.constexprs,
+               geo.num_warps, geo.num_stages)
+        launch(compiled.kernel(f"merge_{level}"), (geo.rows, nch), args, geo.constexprs, 4)
+    launch(compiled.kernel("score"), (geo.splits, geo.rows), args, geo.constexprs, geo.num_warps, geo.num_stages)
     return out
 
 

@@ -55,3 +55,12 @@ def record_occupancy(kernel, compiled, num_warps: int, constexprs) -> None:
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     per_sm = min(32, 64 // num_warps, 65536 // (regs_per_warp * num_warps), 233472 // (shared + 1024))
     _BLOCKS_PER_SM[_occupancy_key(kernel, num_warps, constexprs)] = max(1, per_sm)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (triton.cdiv is a JIT function, slow to call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -6,6 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv, next_power_of_2
+from .launch import launch
+
 GATHER_ROWS = 64
 GATHER_WARPS = 4
 
@@ -41,11 +44,11 @@ def gather_launch(indices: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     n_kept = indices.shape[-1]
     out_k = torch.empty(b, h, n_kept, d, dtype=keys.dtype, device=keys.device)
     out_v = torch.empty(b, h, n_kept, dv, dtype=values.dtype, device=values.device)
-    block_t = max(16, min(GATHER_ROWS, 8192 // triton.next_power_of_2(max(d, dv))))
-    grid = (triton.cdiv(n_kept, block_t), b * h)
+    block_t = max(16, min(GATHER_ROWS, 8192 // next_power_of_2(max(d, dv))))
+    grid = (cdiv(n_kept, block_t), b * h)
     args = [indices, keys, values, out_k, out_v, *keys.stride(), *values.stride(), h, n_kept]
-    constexprs = dict(D=d, DV=dv, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d),
-                      BLOCK_DV=triton.next_power_of_2(dv))
+    constexprs = dict(D=d, DV=dv, BLOCK_T=block_t, BLOCK_D=next_power_of_2(d),
+                      BLOCK_DV=next_power_of_2(dv))
     return grid, args, constexprs, (out_k, out_v)
 
 
@@ -53,5 +56,5 @@ def gather_rows(indices: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     """keys[b, h, indices[b, h, j]] and values[...] as contiguous [B, H, n_kept, D] tensors."""
     grid, args, constexprs, outputs = gather_launch(indices, keys, values)
     if indices.shape[-1] > 0:
-        _gather_kernel[grid](*args, **constexprs, num_warps=GATHER_WARPS)
+        launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS)
     return outputs

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, record_occupancy, resident_programs
+from .common import cdiv, interpreting, next_power_of_2, record_occupancy, resident_programs
+from .launch import launch
 
 RADIX_BITS = 8
 N_DIGITS = 4
@@ -202,7 +203,7 @@ def programs_per_row(rows: int, n: int, device: torch.device, resident: int) -> 
     interpreter."""
     if interpreting() or device.type != "cuda":
         return 1
-    return max(1, min(resident // rows, triton.cdiv(n, SCAN_BLOCK), MAX_PROGRAMS_PER_ROW))
+    return max(1, min(resident // rows, cdiv(n, SCAN_BLOCK), MAX_PROGRAMS_PER_ROW))
 
 
 MAX_PROGRAMS_PER_ROW = 256   # P_PAD below
@@ -217,13 +218,13 @@ def select_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent
         raise ValueError(f"policy: at most {MAX_CLAUSES} selective clauses are supported, got {clauses}")
     out_i = torch.empty(rows, n_kept, dtype=torch.int64, device=device)
     p = programs
-    chunk = triton.cdiv(triton.cdiv(n, p), SCAN_BLOCK) * SCAN_BLOCK
-    p = triton.cdiv(n, chunk)
+    chunk = cdiv(cdiv(n, p), SCAN_BLOCK) * SCAN_BLOCK
+    p = cdiv(n, chunk)
     c = max(clauses, 1)
-    zeroed = torch.zeros(rows * c * N_DIGITS * N_BINS + rows, dtype=torch.int32, device=device)
-    hist, bar = zeroed[: rows * c * N_DIGITS * N_BINS], zeroed[rows * c * N_DIGITS * N_BINS:]
-    cnt = torch.empty(rows * c * 2 * MAX_PROGRAMS_PER_ROW, dtype=torch.int32, device=device)
-    state = torch.empty(rows * p * 3 * c, dtype=torch.int32, device=device)
+    # one zeroed int32 allocation: histograms and barrier counters must start at 0; the
+    # per-program counts and states are written before they are read
+    sizes = [rows * c * N_DIGITS * N_BINS, rows, rows * c * 2 * MAX_PROGRAMS_PER_ROW, rows * p * 3 * c]
+    hist, bar, cnt, state = torch.zeros(sum(sizes), dtype=torch.int32, device=device).split(sizes)
     slot_args = list(slots) + [0] * (MAX_CLAUSES - clauses)
     count_args = list(counts) + [0] * (MAX_CLAUSES - clauses)
     prio = priorities if priorities.numel() else torch.empty(1, dtype=torch.float32, device=device)
@@ -243,7 +244,7 @@ def select_indices(priorities: torch.Tensor, slots, counts, n_sink: int, n_recen
     grid, args, constexprs, out_i = select_launch(priorities, slots, counts, n_sink, n_recent, rows, n,
                                                   n_kept, device, p)
     if n_kept > 0:
-        compiled = _select_kernel[grid](*args, **constexprs, num_warps=SELECT_WARPS)
+        compiled = launch(_select_kernel, grid, args, constexprs, SELECT_WARPS)
         if device.type == "cuda":
             record_occupancy(_select_kernel, compiled, SELECT_WARPS, constexprs)
     return out_i
