@@ -214,7 +214,7 @@ import triton.language as tl
 from tritonkv.kernels.primitives import (cosine_to, gumbel, pool, position, row_norm, softmax_apply,
                                          standardize, uniform)
 from tritonkv.kernels.proxy import proxy_attention_tile, proxy_chunk, proxy_stats_merge, proxy_stats_tile
-from tritonkv.kernels.stats import (anchor_merge, anchor_tile, moments_merge, moments_store, moments_tile,
+from tritonkv.kernels.stats import (anchor_merge, anchor_store, anchor_tile, moments_merge, moments_store, moments_tile,
                                     softmax_merge, softmax_store, softmax_tile)
 '''
 
@@ -263,10 +263,10 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals) -> List[s
     for gi in members:
         node = program_globals[gi]
         if isinstance(node, dsl.AnchorSimilarity):
-            init.append(f"    acc_{gi} = tl.zeros([BLOCK_D], dtype=tl.float32)")
+            init.append(f"    acc_{gi} = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)")
             emitter.keys()
             update.append(f"acc_{gi} = anchor_tile(acc_{gi}, b_kf, {emitter.key_norm()}, m_val)")
-            store.append(f"    tl.store(ws_ptr + po_{gi} + (i_row * S + i_s) * BLOCK_D + o_d, acc_{gi}, mask=(o_d >= 0) & (i_c == 0))")
+            store.append(f"    anchor_store(ws_ptr, po_{gi}, i_row, i_s, S, acc_{gi}, i_c == 0, BLOCK_D)")
         elif isinstance(node, dsl.ProxyAttention):
             init.append(f"    NCH_{gi}: tl.constexpr = G * W_PAD_{gi} // QB_{gi}")
             init.append(f"    c_{gi} = tl.minimum(i_c, NCH_{gi} - 1)")

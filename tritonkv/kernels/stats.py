@@ -17,9 +17,16 @@ from .primitives import NORM_EPS
 # ---------------------------------------------------------------------------- anchor
 @triton.jit
 def anchor_tile(acc, b_kf, b_knorm, m_val):
-    """acc [BLOCK_D] += sum of the tile's L2-normalized keys."""
+    """acc [BLOCK_N, BLOCK_D] += the tile's L2-normalized keys; summed over tokens only once,
+    in anchor_store, so no tile pays a reduction across warps."""
     unit = b_kf / tl.maximum(b_knorm, NORM_EPS)[:, None]
-    return acc + tl.sum(tl.where(m_val[:, None], unit, 0.0), 0)
+    return acc + tl.where(m_val[:, None], unit, 0.0)
+
+
+@triton.jit
+def anchor_store(ws_ptr, part, i_row, i_s, S, acc, active, BLOCK_D: tl.constexpr):
+    o_d = tl.arange(0, BLOCK_D)
+    tl.store(ws_ptr + part + (i_row * S + i_s) * BLOCK_D + o_d, tl.sum(acc, 0), mask=(o_d >= 0) & active)
 
 
 @triton.jit
