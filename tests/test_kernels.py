@@ -96,3 +96,22 @@ def test_every_kernel_compiles_for_hopper():
                             timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert ", 0 failures" in result.stdout
+
+
+def test_fast_launcher_reuses_the_compiled_kernel():
+    """After the first launch of a specialization, launches skip Triton's dispatch and give
+    the same results; a new specialization (another dtype) compiles anew."""
+    from tritonkv.kernels import launch as L
+    if L.interpreting():
+        pytest.skip("the interpreter has no compiled kernels")
+    from tritonkv.kernels.gather import _gather_kernel
+    keys = torch.randn(1, 2, 100, 64, device=DEVICE)
+    idx = torch.arange(0, 100, 3, device=DEVICE).expand(1, 2, -1).contiguous()
+    for _ in range(3):
+        out_k, _ = gather_rows(idx, keys, keys)
+        assert torch.equal(out_k, keys[:, :, ::3])
+    launcher = L._LAUNCHERS[id(_gather_kernel)]
+    assert len(launcher.compiled) >= 1
+    before = len(launcher.compiled)
+    gather_rows(idx, keys.half(), keys.half())
+    assert len(launcher.compiled) == before + 1

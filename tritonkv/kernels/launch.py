@@ -8,7 +8,8 @@ compiles, caches and checks as usual) and afterwards calls the compiled kernel d
 The specialization key mirrors Triton's: each tensor's dtype and whether its address is
 16-byte aligned; each int's width and, unless the parameter is in ``do_not_specialize``,
 whether it equals 1 or is divisible by 16; every constexpr value; the launch options.
-When a launch hook is installed (profilers), every launch takes Triton's own path.
+When a launch hook is installed (profilers), every launch takes Triton's own path; otherwise
+the hooks are passed as None so the C launcher skips them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ import torch
 from triton import knobs
 
 from .common import interpreting
+
+
+def _hooks_installed() -> bool:
+    """A launch hook (profiler) is set. Triton 3.6 keeps hooks as a HookChain, always present."""
+    hook = knobs.runtime.launch_enter_hook
+    return bool(getattr(hook, "calls", hook))
 
 
 def _int_kind(value: int, specialize: bool):
@@ -55,7 +62,7 @@ class Launcher:
         options = {"num_warps": num_warps}
         if num_stages is not None:
             options["num_stages"] = num_stages
-        if knobs.runtime.launch_enter_hook is not None:
+        if _hooks_installed():
             return self.fn[grid](*args, **constexprs, **options)
         device = torch.cuda.current_device()
         key = self._key(args, constexprs, tuple(sorted(options.items())), device)
@@ -69,7 +76,7 @@ class Launcher:
         grid = tuple(grid) + (1,) * (3 - len(grid))
         stream = torch.cuda.current_stream(device).cuda_stream
         kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None,
-                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
+                   None, None, *full)
         return kernel
 
 
