@@ -36,8 +36,6 @@ from .kernels.gather import gather_rows
 from .kernels.select import select_indices
 from .reference import proxy_window
 
-SCORE_WARPS = 4
-PROXY_WARPS = 8
 QUERY_CHUNK = 256  # most proxy query rows per tl.dot
 
 
@@ -185,8 +183,13 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     has_proxy = bool(program.proxies)
     group = q_shape[1] // h if q_shape is not None else 1
     w_total = q_shape[2] if q_shape is not None else 0
-    block_n = _override("TRITONKV_BLOCK_N", block_tokens(max(d, dv), program.halo, has_proxy, itemsize,
-                                                          program.reads_cache))
+    block_n = block_tokens(max(d, dv), program.halo, has_proxy, itemsize, program.reads_cache)
+    if any(isinstance(g, dsl.AnchorSimilarity) for g in program.globals):
+        # the anchor pass accumulates whole [BLOCK_N, BLOCK_D] tiles: keep them at 8K floats
+        block_n = max(16, min(block_n, 8192 // next_power_of_2(d)))
+        while block_n <= 4 * program.halo:
+            block_n *= 2
+    block_n = _override("TRITONKV_BLOCK_N", block_n)
     n_tiles = cdiv(n, block_n - 2 * program.halo)
     splits = stats_splits(rows, n_tiles, device)
     tiles_per_prog = cdiv(n_tiles, splits)
@@ -216,7 +219,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         final_offset, offset = offset, offset + rows * final
         per_global += [part_offset, final_offset] + ([w] if isinstance(node, dsl.ProxyAttention) else [])
     chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
-    warps = _override("TRITONKV_WARPS", PROXY_WARPS if has_proxy or block_n * block_d > 8192 else SCORE_WARPS)
+    warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
     stages = os.environ.get("TRITONKV_STAGES")
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
                     max(offset, 1), warps, int(stages) if stages else None)

@@ -40,13 +40,13 @@ def shifted(x, o_t, o_n, N, J: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.cons
 
 
 @triton.jit
-def shifted_rows(x, o_t, o_n, N, J: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+def shifted_cols(x, o_t, o_n, N, J: tl.constexpr, COLS: tl.constexpr, BLOCK_N: tl.constexpr,
                  PAD: tl.constexpr):
-    """``shifted`` for each row of x [ROWS, BLOCK_N]."""
+    """``shifted`` for each column of x [BLOCK_N, COLS] (tokens along rows)."""
     idx = tl.minimum(tl.maximum(o_t + J, 0), BLOCK_N - 1)
-    y = tl.gather(x, tl.broadcast_to(idx[None, :], [ROWS, BLOCK_N]), 1)
+    y = tl.gather(x, tl.broadcast_to(idx[:, None], [BLOCK_N, COLS]), 0)
     ok = (o_n + J >= 0) & (o_n + J < N)
-    return tl.where(ok[None, :], y, PAD)
+    return tl.where(ok[:, None], y, PAD)
 
 
 @triton.jit
@@ -67,18 +67,18 @@ def pool(x, o_t, o_n, N, KERNEL: tl.constexpr, IS_MAX: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def pool_rows(x, o_t, o_n, N, KERNEL: tl.constexpr, IS_MAX: tl.constexpr, ROWS: tl.constexpr,
+def pool_cols(x, o_t, o_n, N, KERNEL: tl.constexpr, IS_MAX: tl.constexpr, COLS: tl.constexpr,
               BLOCK_N: tl.constexpr):
-    """``pool`` for each row of x [ROWS, BLOCK_N]."""
+    """``pool`` for each column of x [BLOCK_N, COLS]."""
     HALF: tl.constexpr = KERNEL // 2
     if IS_MAX:
-        acc = shifted_rows(x, o_t, o_n, N, -HALF, ROWS, BLOCK_N, float("-inf"))
+        acc = shifted_cols(x, o_t, o_n, N, -HALF, COLS, BLOCK_N, float("-inf"))
         for j in tl.static_range(1 - HALF, HALF + 1):
-            acc = tl.maximum(acc, shifted_rows(x, o_t, o_n, N, j, ROWS, BLOCK_N, float("-inf")))
+            acc = tl.maximum(acc, shifted_cols(x, o_t, o_n, N, j, COLS, BLOCK_N, float("-inf")))
     else:
-        acc = shifted_rows(x, o_t, o_n, N, -HALF, ROWS, BLOCK_N, 0.0)
+        acc = shifted_cols(x, o_t, o_n, N, -HALF, COLS, BLOCK_N, 0.0)
         for j in tl.static_range(1 - HALF, HALF + 1):
-            acc = acc + shifted_rows(x, o_t, o_n, N, j, ROWS, BLOCK_N, 0.0)
+            acc = acc + shifted_cols(x, o_t, o_n, N, j, COLS, BLOCK_N, 0.0)
         acc = acc / KERNEL
     return acc
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .primitives import pool, pool_rows
+from .primitives import pool, pool_cols
 from .stats import online_softmax_merge
 
 REDUCE_CODES = {"mean": 0, "sum": 1, "max": 2}  # the REDUCE / GROUP_REDUCE constexprs
@@ -117,24 +117,38 @@ def _combine(a, b, HOW: tl.constexpr):
 
 
 @triton.jit
+def _logits_t(b_k, b_q, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    """Transposed logits k . q * QK_SCALE, float32 [BLOCK_N, QB]: keys are rows, so reducing
+    over query rows is a reduction along each row (as a softmax row max in FlashAttention),
+    not across warps."""
+    if IEEE:
+        s = tl.dot(b_k.to(tl.float32), tl.trans(b_q.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(b_k, tl.trans(b_q))
+    return s * QK_SCALE
+
+
+@triton.jit
 def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m_n, N, w,
                   BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                   CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
                   GROUP_REDUCE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
     """Add chunk c's probabilities for this tile of keys to the window / group accumulators."""
-    vis = _visible(m_r, w_r, o_n, m_n, N, w, CAUSAL)
-    p = tl.where(vis, tl.exp2(_logits(b_q, b_k, QK_SCALE, IEEE) - b_m[:, None]) / b_l[:, None], 0.0)
+    vis = m_n[:, None] & m_r[None, :]
+    if CAUSAL:  # window row w_r sits at position N - w + w_r
+        vis = vis & (o_n[:, None] <= (N - w + w_r)[None, :])
+    p = tl.where(vis, tl.exp2(_logits_t(b_k, b_q, QK_SCALE, IEEE) - b_m[None, :]) / b_l[None, :], 0.0)
     if W_PAD <= QB:   # whole query heads in this chunk
         HPC: tl.constexpr = QB // W_PAD
-        win = _reduce(tl.reshape(p, [HPC, W_PAD, BLOCK_N]), 1, REDUCE)
+        win = _reduce(tl.reshape(p, [BLOCK_N, HPC, W_PAD]), 2, REDUCE)     # [BLOCK_N, HPC]
         if REDUCE == 0:
             win = win / w
         if POOL > 1:
-            win = pool_rows(win, o_t, o_n, N, POOL, POOL_MAX, HPC, BLOCK_N)
-        acc_grp = _combine(acc_grp, _reduce(win, 0, GROUP_REDUCE), GROUP_REDUCE)
+            win = pool_cols(win, o_t, o_n, N, POOL, POOL_MAX, HPC, BLOCK_N)
+        acc_grp = _combine(acc_grp, _reduce(win, 1, GROUP_REDUCE), GROUP_REDUCE)
     else:             # a part of one query head's window
         CPH: tl.constexpr = W_PAD // QB
-        acc_win = _combine(acc_win, _reduce(p, 0, REDUCE), REDUCE)
+        acc_win = _combine(acc_win, _reduce(p, 1, REDUCE), REDUCE)
         if c % CPH == CPH - 1:
             head = acc_win
             if REDUCE == 0:
