@@ -48,13 +48,16 @@ def resident_programs(kernel, device: torch.device, num_warps: int, constexprs) 
 
 def record_occupancy(kernel, compiled, num_warps: int, constexprs) -> None:
     """Remember the occupancy of a launched kernel (``compiled`` is what the launch returned)."""
+    key = _occupancy_key(kernel, num_warps, constexprs)
+    if key in _BLOCKS_PER_SM:
+        return
     try:
         regs, shared = int(compiled.n_regs), int(compiled.metadata.shared)
     except (AttributeError, TypeError):
         return
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     per_sm = min(32, 64 // num_warps, 65536 // (regs_per_warp * num_warps), 233472 // (shared + 1024))
-    _BLOCKS_PER_SM[_occupancy_key(kernel, num_warps, constexprs)] = max(1, per_sm)
+    _BLOCKS_PER_SM[key] = max(1, per_sm)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -8,8 +8,10 @@ compiles, caches and checks as usual) and afterwards calls the compiled kernel d
 The specialization key mirrors Triton's: each tensor's dtype and whether its address is
 16-byte aligned; each int's width and, unless the parameter is in ``do_not_specialize``,
 whether it equals 1 or is divisible by 16; every constexpr value; the launch options.
-When a launch hook is installed (profilers), every launch takes Triton's own path; otherwise
-the hooks are passed as None so the C launcher skips them.
+Which arguments are tensors and which are ints is learnt from the first call (the
+launchers in tritonkv always pass the same kinds in the same places); a call that breaks
+that pattern takes Triton's path. When a launch hook is installed (profilers), every launch
+takes Triton's own path; otherwise the hooks are passed as None so the C launcher skips them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from triton import knobs
 
 from .common import interpreting
 
+_I32_MIN, _I32_MAX = -2 ** 31, 2 ** 31 - 1
+
 
 def _hooks_installed() -> bool:
     """A launch hook (profiler) is set. Triton 3.6 keeps hooks as a HookChain, always present."""
@@ -28,55 +32,62 @@ def _hooks_installed() -> bool:
     return bool(getattr(hook, "calls", hook))
 
 
-def _int_kind(value: int, specialize: bool):
-    wide = not (-2 ** 31 <= value < 2 ** 31)
-    if not specialize:
-        return ("i64" if wide else "i32",)
-    return ("i64" if wide else "i32", value == 1, value % 16 == 0)
+def _raw_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)
 
 
 class Launcher:
     def __init__(self, fn):
         self.fn = fn
         params = fn.params
-        self.runtime = [p for p in params if not p.is_constexpr]
-        self.constexpr_names = [p.name for p in params if p.is_constexpr]
-        self.order = [(p.is_constexpr, p.name) for p in params]
+        runtime = [p for p in params if not p.is_constexpr]
+        self.n_runtime = len(runtime)
+        self.constexpr_names = tuple(p.name for p in params if p.is_constexpr)
+        # tritonkv's kernels put every constexpr after the runtime parameters
+        self.trailing_constexprs = all(p.is_constexpr for p in params[len(runtime):])
+        self.specialized = {i for i, p in enumerate(runtime) if not p.do_not_specialize}
+        self.tensors = self.ints = self.spec_ints = None
         self.compiled: Dict[tuple, object] = {}
 
-    def _key(self, args: Sequence, constexprs: dict, options: tuple, device_index: int) -> tuple:
-        key = [device_index, options]
-        for p, a in zip(self.runtime, args):
-            if isinstance(a, torch.Tensor):
-                key.append((a.dtype, a.data_ptr() % 16 == 0))
-            elif isinstance(a, bool):
-                key.append(("i1", a))
-            elif isinstance(a, int):
-                key.append(_int_kind(a, not p.do_not_specialize))
-            else:
-                key.append(type(a))
-        key.extend(constexprs[name] for name in self.constexpr_names)
-        return tuple(key)
+    def _learn(self, args: Sequence) -> None:
+        self.tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        self.ints = tuple(i for i, a in enumerate(args) if type(a) is int)
+        self.spec_ints = tuple(i for i in self.ints if i in self.specialized)
+
+    def _key(self, args: Sequence, constexprs: dict, options: tuple) -> tuple:
+        tensors = [args[i] for i in self.tensors]
+        ints = [args[i] for i in self.ints]
+        spec = [args[i] for i in self.spec_ints]
+        return (options,
+                tuple([t.dtype for t in tensors]),
+                tuple([t.data_ptr() & 15 == 0 for t in tensors]),
+                tuple([_I32_MIN <= v <= _I32_MAX for v in ints]),
+                tuple([v == 1 for v in spec]),
+                tuple([v & 15 == 0 for v in spec]),
+                tuple([constexprs[name] for name in self.constexpr_names]))
 
     def __call__(self, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
-        options = {"num_warps": num_warps}
-        if num_stages is not None:
-            options["num_stages"] = num_stages
-        if _hooks_installed():
-            return self.fn[grid](*args, **constexprs, **options)
+        options = (num_warps, num_stages)
+        kw = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+        if _hooks_installed() or not self.trailing_constexprs or len(args) != self.n_runtime:
+            return self.fn[grid](*args, **constexprs, **kw)
+        if self.tensors is None:
+            self._learn(args)
+        try:
+            key = self._key(args, constexprs, options)
+        except (AttributeError, TypeError):   # an argument of another kind than at first
+            return self.fn[grid](*args, **constexprs, **kw)
         device = torch.cuda.current_device()
-        key = self._key(args, constexprs, tuple(sorted(options.items())), device)
-        kernel = self.compiled.get(key)
-        if kernel is None:
-            kernel = self.fn[grid](*args, **constexprs, **options)
-            self.compiled[key] = kernel
+        entry = self.compiled.get((device, key))
+        if entry is None:
+            kernel = self.fn[grid](*args, **constexprs, **kw)
+            self.compiled[(device, key)] = (kernel, key[-1])
             return kernel
-        values = iter(args)
-        full = [constexprs[name] if is_constexpr else next(values) for is_constexpr, name in self.order]
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        stream = torch.cuda.current_stream(device).cuda_stream
-        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None,
-                   None, None, *full)
+        kernel, constexpr_values = entry
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        kernel.run(grid[0], g1, g2, _raw_stream(device), kernel.function, kernel.packed_metadata, None,
+                   None, None, *args, *constexpr_values)
         return kernel
 
 
