@@ -45,3 +45,30 @@ def peak_extra_bytes(fn, output_bytes) -> int:
     peak = torch.cuda.max_memory_allocated()
     del out
     return max(0, peak - base - output_bytes)
+
+
+def graph_seconds(fn, replays: int = 20) -> float:
+    """Device time of fn without launch gaps: fn captured once in a CUDA graph, the median
+    replay timed with events (L2 flushed before each replay)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()   # warm the allocator on the side stream
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        flush_l2()
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del graph
+    return statistics.median(times)

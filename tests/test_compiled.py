@@ -169,3 +169,21 @@ def test_everything_kept_when_budget_covers_the_cache():
     keys = torch.randn(2, 2, 33, 64)
     out = evict_compiled(*to_device(keys, keys, None), policies.keydiff(), 33, 0)
     assert torch.equal(out.indices.cpu(), torch.arange(33).expand(2, 2, 33))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_evict_is_cuda_graph_capturable():
+    """No host synchronization on the compiled path: evict can be captured and replayed."""
+    keys, values = torch.randn(2, 4, 3000, 128, device="cuda"), torch.randn(2, 4, 3000, 64, device="cuda")
+    queries = torch.randn(2, 8, 16, 128, device="cuda")
+    policy = policies.nacl(sinks=4, proxy_window=16)
+    want = tkv.evict(keys, values, policy, 0.3, queries=queries)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        tkv.evict(keys, values, policy, 0.3, queries=queries)
+        with torch.cuda.graph(graph, stream=stream):
+            got = tkv.evict(keys, values, policy, 0.3, queries=queries)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
