@@ -17,24 +17,43 @@ from tritonkv import dsl, reference
 from tritonkv.budget import allocate
 
 
-def eager_evict(keys, values, queries, policy: dsl.Policy, k: int, seed: int = 0):
+def eager_evict(keys, values, queries, policy: dsl.Policy, k: int, seed: int = 0, core=None):
+    """Evict with the eager formulas; ``core`` swaps in a compiled _evict_core."""
+    alloc = allocate(policy, keys.shape[2], k)
+    if core is not None and not _draws_random(policy):
+        # batch and length symbolic from the start: one compilation per policy (the Philox
+        # code of random draws cannot be compiled that way; those policies recompile per
+        # batch-size class instead)
+        for t, dims in ((keys, (0, 2)), (values, (0, 2)), (queries, (0,))):
+            for dim in dims if t is not None else ():
+                torch._dynamo.decorators.mark_unbacked(t, dim)
+    return (core or _evict_core)(keys, values, queries, alloc.n_sink, alloc.n_recent, alloc.total,
+                                 list(alloc.clause_counts), seed, policy=policy)
+
+
+def _draws_random(policy: dsl.Policy) -> bool:
+    return any(isinstance(c, dsl.Sample) for c in policy.selective) or any(
+        isinstance(node, dsl.Random) for score in policy.scores for node in dsl.walk(score))
+
+
+def _evict_core(keys, values, queries, n_sink, n_recent, total, counts, seed, policy):
     b, h, n, _ = keys.shape
-    alloc = allocate(policy, n, k)
     inputs = reference.Inputs(keys.float(), values.float(), None if queries is None else queries.float(), seed)
     positions = torch.arange(n, device=keys.device)
-    kept = ((positions < alloc.n_sink) | (positions >= n - alloc.n_recent)).expand(b, h, n)
+    kept = ((positions < n_sink) | (positions >= n - n_recent)).expand(b, h, n)
     memo = {}
-    for index, (clause, count) in enumerate(zip(policy.selective, alloc.clause_counts)):
+    for index, (clause, count) in enumerate(zip(policy.selective, counts)):
         p = reference.priority(clause, reference.score(clause.score, inputs, memo), index, seed)
         top = torch.topk(p.masked_fill(kept, float("-inf")), count, dim=-1).indices
         kept = kept.scatter(-1, top, True)
-    index = torch.sort(torch.where(kept, positions, n), dim=-1).values[..., : alloc.total]
-    gather = lambda x: torch.gather(x, 2, index.unsqueeze(-1).expand(b, h, alloc.total, x.shape[-1]))  # noqa: E731
+    index = torch.sort(torch.where(kept, positions, n), dim=-1).values[..., :total]
+    gather = lambda x: torch.gather(x, 2, index.unsqueeze(-1).expand(b, h, total, x.shape[-1]))  # noqa: E731
     return gather(keys), gather(values), index
 
 
 @functools.lru_cache(maxsize=None)
 def compiled_evict(policy: dsl.Policy):
-    """torch.compile of eager_evict for one policy."""
-    fn = functools.partial(eager_evict, policy=policy)
-    return torch.compile(fn, dynamic=True)
+    """torch.compile of the same function for one policy (the budget split computed outside,
+    so new N or budgets do not recompile)."""
+    core = torch.compile(_evict_core, dynamic=True)
+    return functools.partial(eager_evict, policy=policy, core=core)

@@ -23,7 +23,7 @@ def cuda_clock() -> float:
     return time.perf_counter()
 
 
-def median_seconds(fn, rounds: int, warmup: int = 2) -> float:
+def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
