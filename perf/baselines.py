@@ -20,20 +20,8 @@ from tritonkv.budget import allocate
 def eager_evict(keys, values, queries, policy: dsl.Policy, k: int, seed: int = 0, core=None):
     """Evict with the eager formulas; ``core`` swaps in a compiled _evict_core."""
     alloc = allocate(policy, keys.shape[2], k)
-    if core is not None and not _draws_random(policy):
-        # batch and length symbolic from the start: one compilation per policy (the Philox
-        # code of random draws cannot be compiled that way; those policies recompile per
-        # batch-size class instead)
-        for t, dims in ((keys, (0, 2)), (values, (0, 2)), (queries, (0,))):
-            for dim in dims if t is not None else ():
-                torch._dynamo.decorators.mark_unbacked(t, dim)
     return (core or _evict_core)(keys, values, queries, alloc.n_sink, alloc.n_recent, alloc.total,
                                  list(alloc.clause_counts), seed, policy=policy)
-
-
-def _draws_random(policy: dsl.Policy) -> bool:
-    return any(isinstance(c, dsl.Sample) for c in policy.selective) or any(
-        isinstance(node, dsl.Random) for score in policy.scores for node in dsl.walk(score))
 
 
 def _evict_core(keys, values, queries, n_sink, n_recent, total, counts, seed, policy):
@@ -53,7 +41,8 @@ def _evict_core(keys, values, queries, n_sink, n_recent, total, counts, seed, po
 
 @functools.lru_cache(maxsize=None)
 def compiled_evict(policy: dsl.Policy):
-    """torch.compile of the same function for one policy (the budget split computed outside,
-    so new N or budgets do not recompile)."""
+    """torch.compile of the same function for one policy (dynamic shapes; the budget split is
+    computed outside, so a new budget does not recompile; PyTorch still specializes batch 1
+    and N below 32767)."""
     core = torch.compile(_evict_core, dynamic=True)
     return functools.partial(eager_evict, policy=policy, core=core)

@@ -32,11 +32,14 @@ def _policies():
 
 
 POLICIES = _policies()
+# cheap policies first, those whose baselines draw random numbers or attend last
+ORDER = ["knorm", "streaming_llm", "keydiff", "tova", "keydiff+knorm", "snapkv", "h2o", "random", "nacl",
+         "snapkv+sample"]
 _env = os.environ.get
 N_VALUES = [int(x) for x in _env("TKV_BENCH_N", "8192,32768,131072,524288").split(",")]
 BATCHES = [int(x) for x in _env("TKV_BENCH_B", "1,4").split(",")]
 BUDGETS = [float(x) for x in _env("TKV_BENCH_BUDGETS", "0.1,0.5").split(",")]
-NAMES = _env("TKV_BENCH_POLICIES", ",".join(POLICIES)).split(",")
+NAMES = _env("TKV_BENCH_POLICIES", ",".join(ORDER)).split(",")
 BASELINES = _env("TKV_BENCH_BASELINES", "1") == "1"
 
 
@@ -55,19 +58,26 @@ def kept_mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mask(a) ^ mask(b)).sum()) / (2 * a.numel())
 
 
+COMPILE_N = [int(x) for x in _env("TKV_COMPILE_N", "32768,131072").split(",")]
+COMPILE_B = [int(x) for x in _env("TKV_COMPILE_B", "1").split(",")]
+
+
 def _baseline(fn, rounds):
+    """(output, median seconds), or (None, None) where the baseline cannot run (out of
+    memory; a torch.compile failure), which is recorded, never fatal to the case."""
     try:
         out = fn()
         return out, median_seconds(fn, rounds)
-    except torch.OutOfMemoryError:
+    except Exception as e:  # noqa: BLE001
+        print(f"\nbaseline failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         torch.cuda.empty_cache()
         return None, None
 
 
-@pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("n", N_VALUES)
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("n", N_VALUES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("budget", BUDGETS)
 def test_evict(benchmark, bandwidth, name, n, batch, budget):
     policy = POLICIES[name]
     keys, values, queries = make_cache(batch, n)
@@ -85,8 +95,10 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
 
     if BASELINES:
         eager_out, eager_s = _baseline(lambda: eager_evict(keys, values, queries, policy, k), 3)
-        compiled = compiled_evict(policy)
-        _, compile_s = _baseline(lambda: compiled(keys, values, queries, k=k, seed=0), 3)
+        compile_s = None
+        if n in COMPILE_N and batch in COMPILE_B:   # compilation costs minutes: a subset of cases
+            compiled = compiled_evict(policy)
+            _, compile_s = _baseline(lambda: compiled(keys, values, queries, k=k, seed=0), 3)
         if eager_out is not None:
             mismatch = kept_mismatch(out.indices, eager_out[2])
             info["kept_mismatch_vs_eager"] = mismatch
