@@ -47,7 +47,7 @@ def peak_extra_bytes(fn, output_bytes) -> int:
     return max(0, peak - base - output_bytes)
 
 
-def graph_seconds(fn, replays: int = 20) -> float:
+def graph_seconds(fn, replays: int = 10) -> float:
     """Device time of fn without launch gaps: fn captured once in a CUDA graph, the median
     replay timed with events (L2 flushed before each replay)."""
     fn()
