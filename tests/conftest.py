@@ -3,7 +3,8 @@
 On a machine without CUDA the Triton kernels run in the interpreter; TRITON_INTERPRET
 must be set before triton is first imported, hence here. Hypothesis profiles:
   ci        (default) quick enough for CI on 2 cores
-  thorough  >= 10k examples over all policies, shapes and dtypes: TKV_PROFILE=thorough
+  thorough  2500 examples per property test, >= 10k in all, over all policies, shapes and
+            dtypes: TKV_PROFILE=thorough ./run test -k "properties or shapes or policies_match or exact"
 """
 
 import os
@@ -17,6 +18,6 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("thorough", max_examples=400, deadline=None,
+settings.register_profile("thorough", max_examples=2500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("TKV_PROFILE", "ci"))
