@@ -1,0 +1,33 @@
+"""python -m tritonkv.dashboard {build,compare} ..."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .compare import DEFAULT_THRESHOLD
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tritonkv.dashboard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build the static HTML dashboard from a results directory")
+    b.add_argument("results", type=Path, help="directory of result files (perf/results)")
+    b.add_argument("-o", "--out", type=Path, default=Path("site"), help="output directory")
+    b.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    c = sub.add_parser("compare", help="flag regressions of a run against a baseline; exit 1 if any")
+    c.add_argument("new", help="result file of the new run")
+    c.add_argument("baseline", nargs="?", help="result file of the baseline (default: previous run, same GPU)")
+    c.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="relative slowdown of median AND min that counts as a regression (0.10 = 10%%)")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        from .build import build
+        index = build(args.results, args.out, args.threshold)
+        print(f"dashboard: {index}")
+        return 0
+    from .compare import main as compare_main
+    return compare_main(args.new, args.baseline, args.threshold)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

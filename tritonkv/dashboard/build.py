@@ -1,0 +1,143 @@
+"""The static HTML dashboard (plotly, no CDN: plotly.js is written beside the page)."""
+
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Set, Tuple
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from .compare import DEFAULT_THRESHOLD, compare
+from .results import Run, load_runs
+
+PROVIDERS = (("tritonkv", "time_ms", "#1f77b4"), ("eager", "eager_ms", "#d62728"),
+             ("torch.compile", "compile_ms", "#2ca02c"))
+DASHES = {0.1: "dot", 0.5: "solid"}
+SYMBOLS = {1: "circle", 4: "square"}
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
+h1 { margin-bottom: 4px; } .meta { color: #555; margin-bottom: 16px; }
+.grid { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; }
+table { border-collapse: collapse; font-size: 13px; } th, td { padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; }
+th { background: #f3f3f3; position: sticky; top: 0; } td:first-child, th:first-child { text-align: left; }
+tr.regressed td { background: #fdd; } tr.improved td { background: #dfd; }
+.flag { font-weight: bold; color: #b00; }
+"""
+
+
+def _fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _by_policy(run: Run) -> Dict[str, list]:
+    out = defaultdict(list)
+    for case in run.cases.values():
+        out[case.policy].append(case)
+    return out
+
+
+def scaling_figures(policy: str, cases) -> Tuple[go.Figure, go.Figure]:
+    """Time vs N and multiple-of-floor vs N, tritonkv beside eager and torch.compile."""
+    time_fig, floor_fig = go.Figure(), go.Figure()
+    groups = sorted({(c.batch, c.budget) for c in cases})
+    for provider, field, color in PROVIDERS:
+        for batch, budget in groups:
+            pts = sorted((c for c in cases if (c.batch, c.budget) == (batch, budget) and c.get(field)),
+                         key=lambda c: c.n)
+            if not pts:
+                continue
+            common = dict(mode="lines+markers", legendgroup=provider,
+                          line=dict(color=color, dash=DASHES.get(budget, "dash")),
+                          marker=dict(symbol=SYMBOLS.get(batch, "diamond"), size=7))
+            name = f"{provider} B={batch} budget={budget:g}"
+            time_fig.add_trace(go.Scatter(x=[c.n for c in pts], y=[c.get(field) for c in pts], name=name, **common))
+            floor_fig.add_trace(go.Scatter(x=[c.n for c in pts], y=[c.get(field) / c.get("floor_ms") for c in pts],
+                                           name=name, showlegend=False, **common))
+    for fig, title, ylabel in ((time_fig, f"{policy}: time per evict()", "ms (log)"),
+                               (floor_fig, f"{policy}: time / HBM floor", "x floor (log)")):
+        fig.update_layout(title=title, height=380, margin=dict(l=50, r=10, t=40, b=40),
+                          legend=dict(font=dict(size=10)))
+        fig.update_xaxes(type="log", title="N (tokens per head)")
+        fig.update_yaxes(type="log", title=ylabel)
+    floor_fig.add_hline(y=1.0, line=dict(color="#888", dash="dash"))
+    return time_fig, floor_fig
+
+
+def history_figure(policy: str, runs: List[Run], flagged: Set[Tuple]) -> go.Figure:
+    """Median time of every case of a policy across runs (same GPU), flagged cases marked."""
+    fig = go.Figure()
+    keys = sorted({k for r in runs for k in r.cases if k[0] == policy})
+    for key in keys:
+        xs, ys = [], []
+        for r in runs:
+            if key in r.cases:
+                xs.append(r.label)
+                ys.append(r.cases[key].median_s * 1e3)
+        name = f"N={key[1]} B={key[2]} budget={key[3]:g}"
+        width = 4 if key in flagged else 1.5
+        fig.add_trace(go.Scatter(x=xs, y=ys, name=name + (" (regressed)" if key in flagged else ""),
+                                 mode="lines+markers", line=dict(width=width)))
+    fig.update_layout(title=f"{policy}: history (median ms per run)", height=360,
+                      margin=dict(l=50, r=10, t=40, b=60), legend=dict(font=dict(size=9)))
+    fig.update_yaxes(type="log", title="ms (log)")
+    fig.update_xaxes(type="category", title="run (date, commit)")
+    return fig
+
+
+def table(run: Run, changes) -> str:
+    status = {c.case.key: ("regressed" if c.regressed else "improved" if c.improved else "") for c in changes}
+    ratio = {c.case.key: c.median_ratio for c in changes}
+    head = ("policy", "N", "B", "budget", "ms", "GPU ms", "floor ms", "x floor", "x floor (GPU)", "vs eager",
+            "vs compile", "extra B/token/head", "vs previous")
+    rows = []
+    for case in sorted(run.cases.values(), key=lambda c: c.key):
+        cls = status.get(case.key, "")
+        cells = [case.policy, case.n, case.batch, f"{case.budget:g}", _fmt(case.get("time_ms")),
+                 _fmt(case.get("gpu_ms")), _fmt(case.get("floor_ms")), _fmt(case.get("x_floor"), 2),
+                 _fmt(case.get("x_floor_gpu"), 2), _fmt(case.get("speedup_vs_eager"), 1),
+                 _fmt(case.get("speedup_vs_compile"), 1), _fmt(case.get("extra_bytes_per_token_head"), 1),
+                 _fmt(ratio.get(case.key), 2) + ("  REGRESSED" if cls == "regressed" else "")]
+        rows.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return ("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
+
+
+def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
+    runs = load_runs(results_dir)
+    if not runs:
+        raise SystemExit(f"no result files in {results_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plotly.min.js").write_text(get_plotlyjs())
+    latest = runs[-1]
+    same_gpu = [r for r in runs if r.gpu == latest.gpu]
+    changes = compare(latest, same_gpu[-2], threshold) if len(same_gpu) > 1 else []
+    flagged = {c.case.key for c in changes if c.regressed}
+    parts, fig_id = [], 0
+
+    def add(fig):
+        nonlocal fig_id
+        fig_id += 1
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{fig_id}"))
+
+    for policy, cases in sorted(_by_policy(latest).items()):
+        parts.append(f'<h2 id="{html.escape(policy)}">{html.escape(policy)}</h2><div class="grid">')
+        for fig in scaling_figures(policy, cases):
+            add(fig)
+        parts.append("</div>")
+        add(history_figure(policy, same_gpu, flagged))
+    baseline = f" vs previous run {same_gpu[-2].label}" if len(same_gpu) > 1 else " (no previous run on this GPU)"
+    meta = (f"latest run {html.escape(latest.label)} on {html.escape(latest.gpu)}: {len(latest.cases)} cases; "
+            f"{len(runs)} runs in {html.escape(str(results_dir))}; "
+            f'<span class="flag">{len(flagged)} regression(s)</span>{html.escape(baseline)} '
+            f"(median and min both above {1 + threshold:.2f}x)")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tritonkv perf</title>"
+            f"<script src='plotly.min.js'></script><style>{STYLE}</style></head><body>"
+            f"<h1>tritonkv performance</h1><div class='meta'>{meta}</div>"
+            + "".join(parts) + "<h2>Latest run</h2>" + table(latest, changes) + "</body></html>")
+    index = out_dir / "index.html"
+    index.write_text(page)
+    return index
