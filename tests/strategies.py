@@ -1,9 +1,19 @@
 """Hypothesis strategies: caches of every shape and dtype, random score trees, policies."""
 
+import os
+
 import torch
 from hypothesis import strategies as st
 
 import tritonkv as tkv
+
+THOROUGH = os.environ.get("TKV_PROFILE") == "thorough"
+
+
+def examples(n: int) -> int:
+    """A test's example count in the CI profile, x100 in the thorough one."""
+    return n * 100 if THOROUGH else n
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [64, 80, 96, 128, 256]

@@ -18,6 +18,8 @@ from tritonkv.kernels.primitives import uniform
 from tritonkv.kernels.gather import gather_rows
 from tritonkv.kernels.select import select_indices
 
+from .strategies import examples
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -45,7 +47,7 @@ def adversarial_priorities(draw):
 
 
 @given(adversarial_priorities(), st.sampled_from([64, 80, 128]))
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 def test_select_and_gather_are_exact(case, d):
     prios, alloc = case
     rows, n = prios.shape[1:]
