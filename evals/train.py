@@ -1,0 +1,109 @@
+"""Train the tiny Llama of the retrieval eval (reproducible: fixed seeds, fixed data stream).
+
+    python evals/train.py --out evals/checkpoint            # GPU, ~3 minutes on an H100
+    python evals/train.py --tiny --steps 200 --out /tmp/t   # a CPU smoke run
+
+The model: Llama architecture, 4 layers, hidden 256, 8 query heads / 4 KV heads (GQA 2),
+head dim 32, vocab 512 (evals/tasks.py), RoPE; ~4.3M parameters, saved in bfloat16
+(config.json + model.safetensors, ~9 MB). Data: niah and mqar mixed, lengths drawn per step
+from a curriculum that grows from 128-512 tokens to 512-2048 tokens; loss on answers only.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evals import tasks  # noqa: E402
+
+MODEL = dict(vocab_size=tasks.VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=8192,
+             rope_theta=10000.0, tie_word_embeddings=True)
+TINY = dict(MODEL, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16)
+
+
+def length_at(step: int, steps: int, g, max_len: int) -> int:
+    """Curriculum: short contexts first, up to max_len in the second half."""
+    progress = min(1.0, step / (0.5 * steps))
+    hi = int(512 + progress * (max_len - 512)) if max_len > 512 else max_len
+    lo = max(64, hi // 4)
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+
+def accuracy(model, device, length: int, batches: int = 4, batch: int = 16):
+    model.eval()
+    hits = total = 0
+    with torch.no_grad():
+        for task in tasks.TASKS:
+            for i in range(batches):
+                prompts, answers = tasks.eval_batch(task, 10_000 + i, batch, length)
+                x = torch.cat([prompts, answers[:, :-1]], dim=1).to(device)
+                logits = model(x).logits[:, prompts.shape[1] - 1:]
+                hits += int((logits.argmax(-1).cpu() == answers).all(-1).sum())
+                total += batch
+    model.train()
+    return hits / total
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max-len", type=int, default=2048)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model for CPU smoke runs")
+    parser.add_argument("--minutes", type=float, default=None, help="stop after this wall time")
+    args = parser.parse_args(argv)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = LlamaConfig(**(TINY if args.tiny else MODEL))
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    g = torch.Generator().manual_seed(args.seed)
+    log = []
+    start = time.time()
+    for step in range(args.steps):
+        length = length_at(step, args.steps, g, args.max_len)
+        x, y = tasks.train_batch(g, args.batch, length)
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == args.steps - 1:
+            entry = dict(step=step, loss=float(loss), length=length, seconds=round(time.time() - start, 1))
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+        if args.minutes is not None and time.time() - start > 60 * args.minutes:
+            print(f"stopping at step {step}: {args.minutes} minutes", flush=True)
+            break
+    acc = {n: accuracy(model, device, n) for n in ((256, 2048) if not args.tiny else (128,))}
+    print(json.dumps(dict(final_accuracy=acc, parameters=params)), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(args.out)
+    (args.out / "training_log.json").write_text(json.dumps(dict(args=vars(args) | {"out": str(args.out)}, log=log,
+                                                                final_accuracy=acc, parameters=params), indent=1))
+
+
+if __name__ == "__main__":
+    main()
