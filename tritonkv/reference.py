@@ -154,12 +154,17 @@ def random(node: dsl.Random, shape, seed: int, device=None) -> torch.Tensor:
     return uniform_grid(seed, b, h, n, node.stream, device)
 
 
+NORMALIZE_RTOL = 1e-6
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std over the tokens of each head, std the population standard
-    deviation; a head whose scores are all equal gets 0 everywhere."""
+    deviation. A head whose scores are equal to float32 precision (std <= 1e-6 * |mean|)
+    gets 0 everywhere: dividing rounding noise by rounding noise would give arbitrary
+    values (e.g. KeyDiff's cosines of two keys, equal in exact arithmetic)."""
     mean = x.mean(-1, keepdim=True)
     std = (x - mean).square().mean(-1, keepdim=True).sqrt()
-    return torch.where(std > 0, (x - mean) / std, torch.zeros_like(x))
+    return torch.where(std > NORMALIZE_RTOL * mean.abs(), (x - mean) / std, torch.zeros_like(x))
 
 
 def softmax(x: torch.Tensor, temperature: float) -> torch.Tensor:

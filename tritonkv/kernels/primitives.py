@@ -103,8 +103,9 @@ def position(o_n, N):
 
 @triton.jit
 def standardize(x, mean, std):
-    """(x - mean) / std, 0 where std is 0 (or NaN), as reference.normalize."""
-    return tl.where(std > 0, (x - mean) / std, 0.0)
+    """(x - mean) / std, 0 where std <= 1e-6 * |mean| (equal to float32 precision) or NaN,
+    as reference.normalize."""
+    return tl.where(std > 1e-6 * tl.abs(mean), (x - mean) / std, 0.0)
 
 
 @triton.jit
