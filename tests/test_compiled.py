@@ -187,3 +187,15 @@ def test_evict_is_cuda_graph_capturable():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+
+
+def test_adaptive_policy_matches_reference():
+    """AdaKV: compiled scores, cross-head selection in PyTorch; same packed result."""
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 4, 300, 64, generator=g), torch.randn(2, 4, 300, 32, generator=g)
+    queries = torch.randn(2, 8, 16, 64, generator=g)
+    policy = policies.adakv(policies.snapkv(window=16))
+    got = evict_compiled(*to_device(keys, values, queries), policy, 60, 0)
+    want = tkv.evict(keys, values, policy, 60, queries=queries, backend="reference")
+    assert torch.equal(got.lengths.cpu(), want.lengths) and torch.equal(got.indices.cpu(), want.indices)
+    assert torch.equal(got.keys.cpu(), want.keys) and int(want.lengths.sum()) == 2 * 4 * 60

@@ -34,7 +34,7 @@ from .kernels.common import cdiv, interpreting, next_power_of_2, multiprocessor_
 from .kernels.launch import launch
 from .kernels.gather import gather_rows
 from .kernels.select import select_indices
-from .reference import proxy_window
+from .reference import proxy_window, select_adaptive_by_priority
 
 QUERY_CHUNK = 256  # most proxy query rows per tl.dot
 
@@ -262,14 +262,15 @@ def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int,
     if not keys.is_cuda and not interpreting():
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                            "imported; use backend='reference' (or 'auto') on CPU")
-    if policy.heads == "adaptive":
-        from .reference import Inputs, select_adaptive  # AdaKV: see docs; selection runs in PyTorch
-        kept = select_adaptive(policy, Inputs(keys.float(), values.float(),
-                                              None if queries is None else queries.float(), seed), k)
-        return pack_varlen(keys, values, kept)
     b, h, n, _ = keys.shape
     alloc = allocate(policy, n, k)
     compiled = compile_policy(policy)
+    if policy.heads == "adaptive":
+        # AdaKV: scores from the generated kernel; the cross-head selection (a floor per head,
+        # then the row's best over all heads) is a stable sort in PyTorch, not the radix select
+        priorities = score(compiled, keys, values, queries, seed)
+        kept = select_adaptive_by_priority(policy, alloc, priorities[0].view(b, h, n))
+        return pack_varlen(keys, values, kept)
     if alloc.total == n and not return_priorities:   # everything is kept: nothing to rank
         index = torch.arange(n, device=keys.device).expand(b, h, n).contiguous()
         return Evicted(keys.contiguous().clone(), values.contiguous().clone(), index)

@@ -283,16 +283,18 @@ def select(policy: dsl.Policy, inputs: Inputs, k: int) -> torch.Tensor:
 
 def select_adaptive(policy: dsl.Policy, inputs: Inputs, k: int) -> torch.Tensor:
     """AdaKV (arXiv 2407.11550): one budget of H * k tokens per batch row, spread across
-    heads by score. Each head keeps its forced tokens and, as a floor, the top
-    round(head_floor * R) of its own candidates (R = what the forced tokens leave of k);
-    the rest of the row's budget goes to the highest scores over all heads (ties: lower
-    head, then lower token)."""
-    b, h, n = inputs.shape
-    alloc = allocate(policy, n, k)
-    clause = policy.selective[0]
+    heads by score; see select_adaptive_by_priority."""
+    alloc = allocate(policy, inputs.shape[2], k)
+    return select_adaptive_by_priority(policy, alloc, score(policy.selective[0].score, inputs))
+
+
+def select_adaptive_by_priority(policy: dsl.Policy, alloc: Allocation, s: torch.Tensor) -> torch.Tensor:
+    """Each head keeps its forced tokens and, as a floor, the top round(head_floor * R) of
+    its own candidates (R = what the forced tokens leave of k); the rest of the row's budget
+    goes to the highest scores over all heads (ties: lower head, then lower token)."""
+    b, h, n = s.shape
     remainder = alloc.clause_counts[0]
-    kept = forced_mask(alloc, inputs.shape, inputs.device)
-    s = score(clause.score, inputs)
+    kept = forced_mask(alloc, s.shape, s.device)
     floor = min(remainder, math.floor(policy.head_floor * remainder + 0.5))
     kept |= take_top(s, kept, floor)
     pooled = take_top(s.reshape(b, 1, h * n), kept.reshape(b, 1, h * n), h * (remainder - floor))
