@@ -91,6 +91,17 @@ def _kept_before(j: tl.constexpr, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n,
     return kept & m_n
 
 
+@triton.jit
+def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, slot, i_row, rows, N, n_sink, n_recent,
+                slot0, slot1, slot2, slot3):
+    """(candidate mask, key) of clause j for the tokens o_n: in range, not kept by the forced
+    windows or an earlier clause."""
+    m_n = o_n < hi
+    cand = m_n & ~_kept_before(j, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n, n_sink, n_recent,
+                               slot0, slot1, slot2, slot3)
+    return cand, _clause_key(prio_ptr, slot, i_row, rows, N, o_n, m_n)
+
+
 @triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P",
                                "count0", "count1", "count2", "count3"])
 def _select_kernel(
@@ -121,10 +132,8 @@ def _select_kernel(
             local = tl.zeros([256], dtype=tl.int32)
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
-                m_n = o_n < hi
-                cand = m_n & ~_kept_before(j, prio_ptr, my_state, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                                           slot0, slot1, slot2, slot3)
-                key = _clause_key(prio_ptr, slot, i_row, rows, N, o_n, m_n)
+                cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, slot, i_row, rows, N, n_sink, n_recent,
+                                        slot0, slot1, slot2, slot3)
                 if digit > 0:
                     cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
                 local += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=cand)
@@ -141,10 +150,8 @@ def _select_kernel(
         n_gt = tl.full([], 0, tl.int32)
         for start in range(0, chunk, BLOCK):
             o_n = lo + start + o_blk
-            m_n = o_n < hi
-            cand = m_n & ~_kept_before(j, prio_ptr, my_state, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                                       slot0, slot1, slot2, slot3)
-            key = _clause_key(prio_ptr, slot, i_row, rows, N, o_n, m_n)
+            cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, slot, i_row, rows, N, n_sink, n_recent,
+                                    slot0, slot1, slot2, slot3)
             n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
             n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P_PAD
@@ -158,10 +165,8 @@ def _select_kernel(
             seen = tl.full([], 0, tl.int32)
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
-                m_n = o_n < hi
-                cand = m_n & ~_kept_before(j, prio_ptr, my_state, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                                           slot0, slot1, slot2, slot3)
-                key = _clause_key(prio_ptr, slot, i_row, rows, N, o_n, m_n)
+                cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, slot, i_row, rows, N, n_sink, n_recent,
+                                        slot0, slot1, slot2, slot3)
                 eq = (cand & (key == prefix)).to(tl.int32)
                 rank = seen + tl.cumsum(eq, 0)
                 cut = tl.maximum(cut, tl.max(tl.where((eq > 0) & (rank == need), o_n, -1), 0))
