@@ -62,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model for CPU smoke runs")
     parser.add_argument("--minutes", type=float, default=None, help="stop after this wall time")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="continue from a directory this script wrote (model, optimizer, step, data stream)")
     args = parser.parse_args(argv)
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -76,9 +78,17 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     g = torch.Generator().manual_seed(args.seed)
-    log = []
+    log, first = [], 0
+    if args.resume is not None:   # model, optimizer, schedule and data stream exactly where they stopped
+        state = torch.load(args.resume / "trainer_state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        g.set_state(state["generator"])
+        first, log = state["step"], state["log"]
     start = time.time()
-    for step in range(args.steps):
+    step = first
+    for step in range(first, args.steps):
         length = length_at(step, args.steps, g, args.max_len)
         x, y = tasks.train_batch(g, args.batch, length)
         x, y = x.to(device), y.to(device)
@@ -98,8 +108,10 @@ def main(argv=None):
             print(f"stopping at step {step}: {args.minutes} minutes", flush=True)
             break
     acc = {n: accuracy(model, device, n) for n in ((256, 2048) if not args.tiny else (128,))}
-    print(json.dumps(dict(final_accuracy=acc, parameters=params)), flush=True)
+    print(json.dumps(dict(final_accuracy=acc, parameters=params, steps_done=step + 1)), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                    generator=g.get_state(), step=step + 1, log=log), args.out / "trainer_state.pt")
     model.to(torch.bfloat16).save_pretrained(args.out)
     (args.out / "training_log.json").write_text(json.dumps(dict(args=vars(args) | {"out": str(args.out)}, log=log,
                                                                 final_accuracy=acc, parameters=params), indent=1))
