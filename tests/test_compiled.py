@@ -199,3 +199,12 @@ def test_adaptive_policy_matches_reference():
     want = tkv.evict(keys, values, policy, 60, queries=queries, backend="reference")
     assert torch.equal(got.lengths.cpu(), want.lengths) and torch.equal(got.indices.cpu(), want.indices)
     assert torch.equal(got.keys.cpu(), want.keys) and int(want.lengths.sum()) == 2 * 4 * 60
+
+
+@pytest.mark.parametrize("name", ["keydiff", "snapkv", "nacl"])
+def test_a_few_thousand_tokens(name):
+    g = torch.Generator().manual_seed(7)
+    keys = torch.randn(1, 2, 3001, 64, generator=g).bfloat16()
+    values = torch.randn(1, 2, 3001, 80, generator=g).bfloat16()
+    queries = torch.randn(1, 8, 64, 64, generator=g).bfloat16()
+    assert compare(keys, values, queries, preset(name), 0.1, seed=1)
