@@ -5,7 +5,11 @@ import pytest
 import tritonkv as tkv
 from tritonkv import dsl, policies
 
-NAMESPACE = {name: getattr(tkv, name) for name in tkv.__all__}
+NAMESPACE = {name: getattr(tkv, name) for name in tkv.__all__ if name != "policies"}
+
+
+def test_readme_spelling_of_presets_works():
+    assert tkv.policies.snapkv() == policies.snapkv()
 
 
 def all_presets():

@@ -5,6 +5,7 @@
     out = tkv.evict(keys, values, policy, budget=0.5)
 """
 
+from . import policies
 from .api import Evicted, EvictedVarlen, evict
 from .budget import pyramid_budgets
 from .dsl import (Policy, anchor_similarity, key_norm, position, proxy_attention, random, recent,
@@ -13,7 +14,7 @@ from .dsl import (Policy, anchor_similarity, key_norm, position, proxy_attention
 __version__ = "0.1.0"
 
 __all__ = [
-    "evict", "Evicted", "EvictedVarlen", "Policy", "pyramid_budgets",
+    "evict", "Evicted", "EvictedVarlen", "Policy", "pyramid_budgets", "policies",
     "anchor_similarity", "proxy_attention", "key_norm", "value_norm", "random", "position",
     "sink", "recent", "top", "sample",
 ]
