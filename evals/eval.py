@@ -34,7 +34,8 @@ def eval_policies():
     return named
 
 
-def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int):
+def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int, out: Path | None = None):
+    """Evaluate every variant; with `out`, the results so far are rewritten after each one."""
     from transformers import LlamaForCausalLM
 
     from tritonkv.integrations import hf
@@ -43,6 +44,8 @@ def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
     rows = []
+    meta = dict(checkpoint=str(checkpoint), length=length, samples_per_task=samples, device=device,
+                gpu=torch.cuda.get_device_name() if device == "cuda" else None)
     data = {task: [tasks.eval_batch(task, seed + i, batch, length) for i in range(samples // batch)]
             for task in tasks.TASKS}
     variants = [("full", None, {})] + [(n, p, {}) for n, p in eval_policies().items()]
@@ -62,8 +65,10 @@ def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int):
                 rows.append(dict(policy=name, budget=budget, task=task, accuracy=hits / total, samples=total))
             print(f"{name:<28} budget {budget:<5} " + "  ".join(
                 f"{r['task']} {r['accuracy']:.2f}" for r in rows[-2:]) + f"  ({time.time() - start:.1f}s)", flush=True)
-    return dict(checkpoint=str(checkpoint), length=length, samples_per_task=samples, device=device,
-                gpu=torch.cuda.get_device_name() if device == "cuda" else None, rows=rows)
+            if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(meta | dict(rows=rows), indent=1))
+    return meta | dict(rows=rows)
 
 
 def render(results_path: Path, docs: Path):
@@ -118,9 +123,7 @@ def main(argv=None):
     if args.render:
         render(args.render, args.docs)
         return
-    results = run(args.checkpoint, args.samples, args.length, args.batch, args.seed)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
+    run(args.checkpoint, args.samples, args.length, args.batch, args.seed, out=args.json)
     print(f"wrote {args.json}")
 
 

@@ -109,11 +109,18 @@ def test_fast_launcher_reuses_the_compiled_kernel():
     from tritonkv.kernels.gather import _gather_kernel
     keys = torch.randn(1, 2, 100, 64, device=DEVICE)
     idx = torch.arange(0, 100, 3, device=DEVICE).expand(1, 2, -1).contiguous()
+    sizes = []
     for _ in range(3):
         out_k, _ = gather_rows(idx, keys, keys)
         assert torch.equal(out_k, keys[:, :, ::3])
-    launcher = L._LAUNCHERS[id(_gather_kernel)]
-    assert len(launcher.compiled) >= 1
-    before = len(launcher.compiled)
+        launcher = L._LAUNCHERS[id(_gather_kernel)]
+        sizes.append(len(launcher.compiled))
+    assert sizes[0] >= 1 and sizes[0] == sizes[1] == sizes[2]   # later launches reuse the first
+    # another dtype is another specialization (other tests may have compiled it already)
+    out_k, _ = gather_rows(idx, keys.half(), keys.half())
+    assert torch.equal(out_k, keys.half()[:, :, ::3])
+    has_half = [k for k in launcher.compiled if any(torch.float16 in part for part in k[1] if isinstance(part, tuple))]
+    assert has_half
+    count = len(launcher.compiled)
     gather_rows(idx, keys.half(), keys.half())
-    assert len(launcher.compiled) == before + 1
+    assert len(launcher.compiled) == count
