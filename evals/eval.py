@@ -3,10 +3,17 @@
     python evals/eval.py --checkpoint evals/checkpoint --json evals/results.json   # GPU or CPU
     python evals/eval.py --render evals/results.json --docs docs                  # table + plot
 
-Every prompt (context + question) is prefilled, the cache compressed with the policy at
-the budget (tritonkv.integrations.hf; compiled kernels on CUDA), and the answer decoded
-greedily from the compressed cache; accuracy = exact match of all answer tokens.
-"full" keeps the whole cache (budget 100% for every policy equals it).
+Two settings, so that every answer token is decoded from the compressed cache (a prompt
+prefilled whole would compute the first answer token before any eviction):
+
+  question-aware     context + question minus its last token prefilled and compressed (the
+                     proxy-query window sees the question, as in SnapKV / NACL on LongBench);
+                     the last question token and the answer then run on the compressed cache.
+  question-agnostic  the context alone prefilled and compressed (KeyDiff's setting: a cache
+                     compressed once, asked later); the whole question runs on it.
+
+Budgets are fractions of the prefilled length (tritonkv.integrations.hf; compiled kernels on
+CUDA); accuracy = exact match of all answer tokens. "full" keeps the whole cache.
 """
 
 import argparse
@@ -24,6 +31,7 @@ from tritonkv import policies  # noqa: E402
 from tritonkv.budget import resolve_budget  # noqa: E402
 
 BUDGETS = (0.1, 0.25, 0.5, 1.0)
+SETTINGS = ("question-aware", "question-agnostic")
 
 
 def eval_policies():
@@ -50,60 +58,75 @@ def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int, out:
             for task in tasks.TASKS}
     variants = [("full", None, {})] + [(n, p, {}) for n, p in eval_policies().items()]
     variants.append(("keydiff (block-wise, 256)", policies.keydiff(), {"chunk_size": 256}))
-    for name, policy, extra in variants:
-        for budget in (BUDGETS if policy is not None else (1.0,)):
-            start = time.time()
-            for task in tasks.TASKS:
-                hits = total = 0
-                for prompts, answers in data[task]:
-                    prompts = prompts.to(device)
-                    b = budget if "chunk_size" not in extra else resolve_budget(budget, prompts.shape[1])
-                    state = hf.prefill(model, prompts, policy, b, seed=seed, **extra)
-                    out = hf.generate(model, state, answers.shape[1]).cpu()
-                    hits += int((out == answers).all(-1).sum())
-                    total += len(answers)
-                rows.append(dict(policy=name, budget=budget, task=task, accuracy=hits / total, samples=total))
-            print(f"{name:<28} budget {budget:<5} " + "  ".join(
-                f"{r['task']} {r['accuracy']:.2f}" for r in rows[-2:]) + f"  ({time.time() - start:.1f}s)", flush=True)
-            if out is not None:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(meta | dict(rows=rows), indent=1))
+
+    def accuracy(setting, task, name, policy, budget, extra):
+        hits = total = 0
+        split = tasks.QUESTION_LEN[task] if setting == "question-agnostic" else 1
+        for prompts, answers in data[task]:
+            prompts = prompts.to(device)
+            head, tail = prompts[:, :-split], prompts[:, -split:]
+            b = budget if "chunk_size" not in extra else resolve_budget(budget, head.shape[1])
+            state = hf.extend(model, hf.prefill(model, head, policy, b, seed=seed, **extra), tail)
+            decoded = hf.generate(model, state, answers.shape[1]).cpu()
+            hits += int((decoded == answers).all(-1).sum())
+            total += len(answers)
+        return dict(setting=setting, policy=name, budget=budget, task=task,
+                    accuracy=hits / total, samples=total)
+
+    for setting in SETTINGS:
+        for name, policy, extra in variants:
+            for budget in (BUDGETS if policy is not None else (1.0,)):
+                start = time.time()
+                rows += [accuracy(setting, task, name, policy, budget, extra) for task in tasks.TASKS]
+                print(f"{setting:<18} {name:<26} budget {budget:<5} " + "  ".join(
+                    f"{r['task']} {r['accuracy']:.2f}" for r in rows[-2:]) + f"  ({time.time() - start:.1f}s)",
+                    flush=True)
+                if out is not None:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(meta | dict(rows=rows), indent=1))
     return meta | dict(rows=rows)
 
 
 def render(results_path: Path, docs: Path):
+    """docs/eval_retrieval.md (a table per setting) and docs/eval_retrieval.png (accuracy vs budget)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = json.loads(results_path.read_text())
     rows = results["rows"]
-    full = {r["task"]: r["accuracy"] for r in rows if r["policy"] == "full"}
+    acc = {(r["setting"], r["policy"], r["budget"], r["task"]): r["accuracy"] for r in rows}
     names = [n for n in dict.fromkeys(r["policy"] for r in rows) if n != "full"]
-    acc = {(r["policy"], r["budget"], r["task"]): r["accuracy"] for r in rows}
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
     lines = [f"# Retrieval accuracy vs KV budget (tiny Llama, {results['length']}-token prompts)", "",
-             f"{results['samples_per_task']} prompts per task; exact match of the answer decoded from the "
-             f"compressed cache. Full cache: niah {full.get('niah', 0):.2f}, mqar {full.get('mqar', 0):.2f}. "
-             f"Run on {results.get('gpu') or results['device']}; produced by `python evals/eval.py`.", "",
-             "| policy | " + " | ".join(f"{t} {int(b * 100)}%" for t in tasks.TASKS for b in BUDGETS) + " |",
-             "|---|" + "---|" * (len(tasks.TASKS) * len(BUDGETS))]
-    lines.append("| full | " + " | ".join(f"{full.get(t, 0):.2f}" for t in tasks.TASKS for _ in BUDGETS) + " |")
-    for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{acc.get((name, b, t), float('nan')):.2f}"
-                                                 for t in tasks.TASKS for b in BUDGETS) + " |")
+             f"{results['samples_per_task']} prompts per task, exact match of the answer decoded from the compressed "
+             f"cache; run on {results.get('gpu') or results['device']} by `python evals/eval.py` "
+             f"(checkpoint `{results['checkpoint']}`). Settings: see the docstring of evals/eval.py.", ""]
+    header = "| policy | " + " | ".join(f"{t} {int(b * 100)}%" for t in tasks.TASKS for b in BUDGETS) + " |"
+    for setting in settings:
+        full = {t: acc.get((setting, "full", 1.0, t), float("nan")) for t in tasks.TASKS}
+        lines += [f"## {setting}", "", header, "|---|" + "---|" * (len(tasks.TASKS) * len(BUDGETS)),
+                  "| full cache | " + " | ".join(f"{full[t]:.2f}" for t in tasks.TASKS for _ in BUDGETS) + " |"]
+        lines += [f"| {name} | " + " | ".join(f"{acc.get((setting, name, b, t), float('nan')):.2f}"
+                                              for t in tasks.TASKS for b in BUDGETS) + " |" for name in names]
+        lines.append("")
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "eval_retrieval.md").write_text("\n".join(lines) + "\n\n![accuracy vs budget](eval_retrieval.png)\n")
-    fig, axes = plt.subplots(1, len(tasks.TASKS), figsize=(12, 4.5), sharey=True)
-    for ax, task in zip(axes, tasks.TASKS):
-        for name in names:
-            ax.plot([b * 100 for b in BUDGETS], [acc.get((name, b, task)) for b in BUDGETS], marker="o", label=name)
-        ax.axhline(full.get(task, 0), color="black", linestyle="--", label="full cache")
-        ax.set_title(task)
-        ax.set_xlabel("budget (% of prompt)")
-        ax.set_xscale("log")
-        ax.set_xticks([10, 25, 50, 100], ["10", "25", "50", "100"])
-    axes[0].set_ylabel("exact-match accuracy")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    (docs / "eval_retrieval.md").write_text("\n".join(lines) + "\n![accuracy vs budget](eval_retrieval.png)\n")
+    fig, axes = plt.subplots(len(settings), len(tasks.TASKS), figsize=(12, 4.2 * len(settings)), sharey=True,
+                             squeeze=False)
+    colors = dict(zip(names, plt.cm.tab20.colors))
+    for row, setting in zip(axes, settings):
+        for ax, task in zip(row, tasks.TASKS):
+            for name in names:
+                ax.plot([b * 100 for b in BUDGETS], [acc.get((setting, name, b, task)) for b in BUDGETS],
+                        marker="o", label=name, color=colors[name])
+            ax.axhline(acc.get((setting, "full", 1.0, task), 0), color="black", linestyle="--", label="full cache")
+            ax.set_title(f"{task}, {setting}")
+            ax.set_xlabel("budget (% of prefilled tokens)")
+            ax.set_xscale("log")
+            ax.set_xticks([10, 25, 50, 100], ["10", "25", "50", "100"])
+        row[0].set_ylabel("exact-match accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(docs / "eval_retrieval.png", dpi=110)
     print(f"wrote {docs / 'eval_retrieval.md'} and {docs / 'eval_retrieval.png'}")

@@ -21,6 +21,7 @@ PAD, BOS, QUERY, KEY, VALUE = 0, 1, 3, 4, 5
 SYMBOLS = (16, 100)
 FILLER = (100, VOCAB)
 TASKS = ("niah", "mqar")
+QUESTION_LEN = {"niah": 4, "mqar": 3}   # [QUERY k1 k2 VALUE], [QUERY k VALUE]
 
 
 def _symbols(g, n):

@@ -31,6 +31,21 @@ def test_full_cache_decodes_like_transformers(model):
     assert torch.equal(hf.generate(model, state, 6), ref)
 
 
+def test_extend_continues_the_prompt(model):
+    """Prefill + extend with the full cache equals prefilling the whole prompt; after an
+    eviction, extend appends at the true positions and never evicts."""
+    ids = prompt(n=150)
+    whole = hf.prefill(model, ids)
+    state = hf.extend(model, hf.prefill(model, ids[:, :-3]), ids[:, -3:])
+    assert state.position == 150
+    torch.testing.assert_close(state.logits, whole.logits, rtol=1e-4, atol=1e-4)   # fp32, another op order
+    evicted = hf.prefill(model, ids[:, :-3], policies.streaming_llm(sinks=4), 40)
+    hf.extend(model, evicted, ids[:, -3:])
+    assert evicted.position == 150 and evicted.cache.get_seq_length() == 43
+    with pytest.raises(ValueError, match="input_ids"):
+        hf.extend(model, evicted, ids[:1, -3:])
+
+
 def test_eviction_equals_masking_at_true_positions(model):
     """StreamingLLM keeps the same tokens in every layer and head, so decoding on the evicted
     cache must equal the full model run with a mask that is causal over the prompt (prefill

@@ -263,22 +263,36 @@ def prefill(model, input_ids: torch.Tensor, policy=None, budget=None, *, window:
         _RECORDER.queries = {}
 
 
+def _step(model, state: Prefilled, token: torch.Tensor) -> None:
+    """Feed one token per row [B] through the compressed cache at its true position."""
+    b = token.shape[0]
+    position = torch.full((b, 1), state.position, device=token.device)
+    slot = torch.tensor([state.cache.get_seq_length()], device=token.device)
+    out = model(input_ids=token[:, None], past_key_values=state.cache, use_cache=True,
+                position_ids=position, cache_position=slot, tritonkv_cache=state.cache)
+    state.position += 1
+    state.logits = out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def extend(model, state: Prefilled, input_ids: torch.Tensor) -> Prefilled:
+    """Append tokens [B, T] after the compressed cache (e.g. a question asked once the context
+    is compressed); nothing is evicted. Returns ``state``, whose logits now follow the last token."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != state.logits.shape[0]:
+        raise ValueError(f"input_ids: expected [B={state.logits.shape[0]}, T], got {tuple(input_ids.shape)}")
+    for t in range(input_ids.shape[1]):
+        _step(model, state, input_ids[:, t])
+    return state
+
+
 @torch.no_grad()
 def generate(model, state: Prefilled, max_new_tokens: int, eos_token_id: Optional[int] = None) -> torch.Tensor:
     """Greedy decoding from a compressed cache, at the true positions. Returns [B, T] tokens."""
     tokens = []
-    logits = state.logits
     for _ in range(max_new_tokens):
-        next_token = logits.argmax(-1)
+        next_token = state.logits.argmax(-1)
         tokens.append(next_token)
         if eos_token_id is not None and bool((next_token == eos_token_id).all()):
             break
-        b = next_token.shape[0]
-        position = torch.full((b, 1), state.position, device=next_token.device)
-        slot = torch.tensor([state.cache.get_seq_length()], device=next_token.device)
-        out = model(input_ids=next_token[:, None], past_key_values=state.cache, use_cache=True,
-                    position_ids=position, cache_position=slot, tritonkv_cache=state.cache)
-        state.position += 1
-        logits = out.logits[:, -1].float()
-    state.logits = logits
+        _step(model, state, next_token)
     return torch.stack(tokens, dim=1)
