@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
@@ -42,8 +43,10 @@ def eval_policies():
     return named
 
 
-def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int, out: Path | None = None):
-    """Evaluate every variant; with `out`, the results so far are rewritten after each one."""
+def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int, out: Path | None = None,
+        only: Optional[Sequence[str]] = None):
+    """Evaluate every variant (or those named in `only`); with `out`, the results so far are
+    rewritten after each one."""
     from transformers import LlamaForCausalLM
 
     from tritonkv.integrations import hf
@@ -58,6 +61,11 @@ def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int, out:
             for task in tasks.TASKS}
     variants = [("full", None, {})] + [(n, p, {}) for n, p in eval_policies().items()]
     variants.append(("keydiff (block-wise, 256)", policies.keydiff(), {"chunk_size": 256}))
+    if only is not None:
+        unknown = set(only) - {name for name, _, _ in variants}
+        if unknown:
+            raise ValueError(f"--policies: unknown {sorted(unknown)}; choose from {[n for n, _, _ in variants]}")
+        variants = [v for v in variants if v[0] in only]
 
     def accuracy(setting, task, name, policy, budget, extra):
         hits = total = 0
@@ -101,7 +109,8 @@ def render(results_path: Path, docs: Path):
     lines = [f"# Retrieval accuracy vs KV budget (tiny Llama, {results['length']}-token prompts)", "",
              f"{results['samples_per_task']} prompts per task, exact match of the answer decoded from the compressed "
              f"cache; run on {results.get('gpu') or results['device']} by `python evals/eval.py` "
-             f"(checkpoint `{results['checkpoint']}`). Settings: see the docstring of evals/eval.py.", ""]
+             f"(checkpoint `{results['checkpoint']}`). The two settings and what the numbers show: "
+             "[evals/README.md](../evals/README.md).", ""]
     header = "| policy | " + " | ".join(f"{t} {int(b * 100)}%" for t in tasks.TASKS for b in BUDGETS) + " |"
     for setting in settings:
         full = {t: acc.get((setting, "full", 1.0, t), float("nan")) for t in tasks.TASKS}
@@ -139,6 +148,7 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--policies", help="comma list of variants to run (default: all, and the full cache)")
     parser.add_argument("--json", type=Path, default=Path("evals/results.json"))
     parser.add_argument("--render", type=Path, help="render a results JSON into --docs, nothing else")
     parser.add_argument("--docs", type=Path, default=Path("docs"))
@@ -146,7 +156,8 @@ def main(argv=None):
     if args.render:
         render(args.render, args.docs)
         return
-    run(args.checkpoint, args.samples, args.length, args.batch, args.seed, out=args.json)
+    run(args.checkpoint, args.samples, args.length, args.batch, args.seed, out=args.json,
+        only=args.policies.split(",") if args.policies else None)
     print(f"wrote {args.json}")
 
 

@@ -131,7 +131,7 @@ def main(argv=None):
         opt.step()
         sched.step()
         if step % 100 == 0 or step == args.steps - 1:
-            entry = dict(step=step, loss=float(loss), length=length, seconds=round(time.time() - start, 1))
+            entry = dict(step=step, loss=float(loss.detach()), length=length, seconds=round(time.time() - start, 1))
             if step % 1000 == 0 and step > first:
                 entry["accuracy_512"] = accuracy(model, device, 512, batches=1)
             log.append(entry)
@@ -149,8 +149,8 @@ def main(argv=None):
     torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                     step=step + 1, log=log), args.out / "trainer_state.pt")
     model.to(torch.bfloat16).save_pretrained(args.out)
-    (args.out / "training_log.json").write_text(json.dumps(dict(args=vars(args) | {"out": str(args.out)}, log=log,
-                                                                final_accuracy=acc, parameters=params), indent=1))
+    (args.out / "training_log.json").write_text(json.dumps(dict(args=vars(args), log=log, final_accuracy=acc, parameters=params),
+                                                     indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""The retrieval eval's pieces on CPU: task construction, reproducible (resumable) training
+of the --tiny model, and one eval pass over it."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evals import eval as evaluation  # noqa: E402
+from evals import tasks, train  # noqa: E402
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_questions_ask_about_a_stored_pair(task):
+    prompts, answers = tasks.eval_batch(task, seed=0, batch=4, length=300)
+    q = tasks.QUESTION_LEN[task]
+    assert prompts.shape[0] == 4 and answers.shape == (4, 2 if task == "niah" else 1)
+    for prompt, answer in zip(prompts, answers):
+        question, context = prompt[-q:], prompt[:-q]
+        assert question[0] == tasks.QUERY and question[-1] == tasks.VALUE
+        key = question[1:-1].tolist()
+        if task == "niah":   # [KEY k1 k2 VALUE v1 v2] somewhere in the context
+            record = torch.tensor([tasks.KEY, *key, tasks.VALUE, *answer.tolist()])
+        else:                # [k v] somewhere in the context
+            record = torch.tensor([*key, *answer.tolist()])
+        windows = context.unfold(0, len(record), 1)
+        assert bool((windows == record).all(-1).any())
+
+
+def test_training_resumes_exactly(tmp_path):
+    """3 + 3 steps with a resume in between give the same weights as 6 steps in one go."""
+    common = ["--tiny", "--steps", "6", "--max-len", "64", "--workers", "0", "--batch", "4"]
+    train.main(common + ["--out", str(tmp_path / "whole")])
+    train.main(common + ["--out", str(tmp_path / "split"), "--stop-step", "3"])
+    train.main(common + ["--out", str(tmp_path / "split"), "--resume", str(tmp_path / "split")])
+    whole = torch.load(tmp_path / "whole" / "trainer_state.pt", weights_only=False)
+    split = torch.load(tmp_path / "split" / "trainer_state.pt", weights_only=False)
+    assert whole["step"] == split["step"] == 6
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    evaluation.run(tmp_path / "whole", samples=2, length=96, batch=2, seed=0, out=tmp_path / "r.json",
+                   only=["full", "snapkv", "keydiff (block-wise, 256)"])
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    settings = {r["setting"] for r in rows}
+    assert settings == set(evaluation.SETTINGS)
+    # full once per setting and task, the others at every budget
+    assert len(rows) == len(settings) * len(tasks.TASKS) * (1 + 2 * len(evaluation.BUDGETS))
+    assert all(0 <= r["accuracy"] <= 1 and r["samples"] == 2 for r in rows)
+    evaluation.render(tmp_path / "r.json", tmp_path / "docs")
+    assert "| snapkv |" in (tmp_path / "docs" / "eval_retrieval.md").read_text()
+    with pytest.raises(ValueError, match="--policies"):
+        evaluation.run(tmp_path / "whole", 2, 96, 2, 0, only=["nope"])
