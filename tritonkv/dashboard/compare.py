@@ -3,7 +3,9 @@
 Rule (noise-aware): a case regressed when BOTH its median time and its minimum time grew
 by more than the threshold (default 10%) against the baseline run on the same GPU. A noisy
 run inflates the median but rarely the minimum; a real slowdown moves both. Improvements
-are reported the same way, with the ratios below 1 / (1 + threshold).
+are reported the same way, with the ratios below 1 / (1 + threshold). Each line also shows
+the ratio of the CUDA-graph replay times (gpu_ms) where both runs have them: a wall-time
+change with an unchanged GPU ratio is on the host (Python, launches), not in the kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ class Change:
     @property
     def regressed(self) -> bool:
         return self.median_ratio > 1 + self.threshold and self.min_ratio > 1 + self.threshold
+
+    @property
+    def gpu_ratio(self) -> Optional[float]:
+        new, base = self.case.get("gpu_ms"), self.baseline.get("gpu_ms")
+        return new / base if new and base else None
 
     @property
     def improved(self) -> bool:
@@ -66,6 +73,7 @@ def main(new_path: str, baseline_path: Optional[str], threshold: float) -> int:
     for c in sorted(changes, key=lambda c: -c.median_ratio):
         if c.regressed or c.improved:
             tag = "REGRESSION" if c.regressed else "improved"
-            print(f"  {tag:<10} {c.case.label:<48} median {c.median_ratio:5.2f}x  min {c.min_ratio:5.2f}x")
+            gpu = "" if c.gpu_ratio is None else f"  (GPU replay {c.gpu_ratio:5.2f}x)"
+            print(f"  {tag:<10} {c.case.label:<48} median {c.median_ratio:5.2f}x  min {c.min_ratio:5.2f}x{gpu}")
     print(f"{len(regressions)} regression(s)")
     return 1 if regressions else 0
