@@ -161,8 +161,10 @@ def test_seeds(backend):
         b = run(backend, keys, values, policy, 0.2, seed=11).indices
         c = run(backend, keys, values, policy, 0.2, seed=12).indices
         assert torch.equal(a, b) and not torch.equal(a, c)
-        ref = run("reference", keys, values, policy, 0.2, seed=11).indices
-        assert torch.equal(a.cpu(), ref.cpu())   # Philox is bit-exact; the scores here are tie-free
+        # the reference on CPU tensors: same seed, same kept set on the GPU, in the interpreter
+        # and on the CPU (Philox is bit-exact; the scores here are tie-free)
+        ref = run("reference", keys.cpu(), values.cpu(), policy, 0.2, seed=11).indices
+        assert torch.equal(a.cpu(), ref)
 
 
 def test_cpu_triton_without_interpreter_is_a_clear_error(monkeypatch):
