@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tritonkv.dashboard.compare import compare, previous_run
-from tritonkv.dashboard.results import load_run, load_runs
+from tritonkv.dashboard.build import build
+from tritonkv.dashboard.results import by_commit, load_run, load_runs
 
 
 def write_run(directory: Path, stamp: str, commit: str, gpu: str, cases):
@@ -123,3 +124,18 @@ def test_page_renders_in_headless_chromium(results, tmp_path_factory):
     subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,1800",
                     f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 50_000
+
+
+def test_runs_of_one_commit_merge(tmp_path):
+    """A suite split over two calls at one commit is one run on the dashboard; later cases win."""
+    first = {k: v for k, v in BASE.items() if k[0] == "knorm"}
+    second = {k: v for k, v in BASE.items() if k[0] == "snapkv"}
+    second[REGRESSED] = (1.0, 1.0)
+    write_run(tmp_path, "2026-11-20T10:00:00", "aaaa111", "NVIDIA H100", BASE)
+    write_run(tmp_path, "2026-11-22T10:00:00", "cccc333", "NVIDIA H100", first)
+    write_run(tmp_path, "2026-11-22T11:00:00", "cccc333", "NVIDIA H100", second)
+    merged = by_commit(load_runs(tmp_path))
+    assert [r.commit for r in merged] == ["aaaa111", "cccc333"]
+    assert set(merged[-1].cases) == set(BASE) and merged[-1].cases[REGRESSED].median_s == 1.0
+    page = build(tmp_path, tmp_path / "site").read_text()
+    assert "snapkv: time per evict()" in page and "2 commits on this GPU" in page

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from .compare import DEFAULT_THRESHOLD, compare
-from .results import Run, load_runs
+from .results import Run, by_commit, load_runs
 
 PROVIDERS = (("tritonkv", "time_ms", "#1f77b4"), ("eager", "eager_ms", "#d62728"),
              ("torch.compile", "compile_ms", "#2ca02c"))
@@ -112,8 +112,9 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
         raise SystemExit(f"no result files in {results_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plotly.min.js").write_text(get_plotlyjs())
-    latest = runs[-1]
-    same_gpu = [r for r in runs if r.gpu == latest.gpu]
+    # one entry per commit: a suite measured over several calls shows as one run
+    same_gpu = by_commit([r for r in runs if r.gpu == runs[-1].gpu])
+    latest = same_gpu[-1]
     changes = compare(latest, same_gpu[-2], threshold) if len(same_gpu) > 1 else []
     flagged = {c.case.key for c in changes if c.regressed}
     parts, fig_id = [], 0
@@ -131,7 +132,7 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
         add(history_figure(policy, same_gpu, flagged))
     baseline = f" vs previous run {same_gpu[-2].label}" if len(same_gpu) > 1 else " (no previous run on this GPU)"
     meta = (f"latest run {html.escape(latest.label)} on {html.escape(latest.gpu)}: {len(latest.cases)} cases; "
-            f"{len(runs)} runs in {html.escape(str(results_dir))}; "
+            f"{len(runs)} result files ({len(same_gpu)} commits on this GPU) in {html.escape(str(results_dir))}; "
             f'<span class="flag">{len(flagged)} regression(s)</span>{html.escape(baseline)} '
             f"(median and min both above {1 + threshold:.2f}x)")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tritonkv perf</title>"

@@ -90,3 +90,16 @@ def load_runs(directory: Path) -> List[Run]:
             runs.append(load_run(p))
     runs = [r for r in runs if r.cases]
     return sorted(runs, key=lambda r: (r.datetime, r.path.name))
+
+
+def by_commit(runs: List[Run]) -> List[Run]:
+    """Consecutive runs of one commit on one GPU merged into one (a suite split over several
+    calls, or re-run in part): later runs' cases replace earlier ones. Oldest first."""
+    merged: List[Run] = []
+    for run in runs:
+        last = merged[-1] if merged else None
+        if last is not None and (last.commit, last.gpu) == (run.commit, run.gpu) and run.commit != "unknown":
+            merged[-1] = Run(run.path, run.datetime, run.commit, run.gpu, {**last.cases, **run.cases})
+        else:
+            merged.append(Run(run.path, run.datetime, run.commit, run.gpu, dict(run.cases)))
+    return merged
