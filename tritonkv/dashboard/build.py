@@ -91,8 +91,9 @@ def history_figure(policy: str, runs: List[Run], flagged: Set[Tuple]) -> go.Figu
 def table(run: Run, changes) -> str:
     status = {c.case.key: ("regressed" if c.regressed else "improved" if c.improved else "") for c in changes}
     ratio = {c.case.key: c.median_ratio for c in changes}
+    gpu_ratio = {c.case.key: c.gpu_ratio for c in changes}
     head = ("policy", "N", "B", "budget", "ms", "GPU ms", "floor ms", "x floor", "x floor (GPU)", "vs eager",
-            "vs compile", "extra B/token/head", "vs previous")
+            "vs compile", "extra B/token/head", "vs previous", "GPU replay vs previous")
     rows = []
     for case in sorted(run.cases.values(), key=lambda c: c.key):
         cls = status.get(case.key, "")
@@ -100,7 +101,8 @@ def table(run: Run, changes) -> str:
                  _fmt(case.get("gpu_ms")), _fmt(case.get("floor_ms")), _fmt(case.get("x_floor"), 2),
                  _fmt(case.get("x_floor_gpu"), 2), _fmt(case.get("speedup_vs_eager"), 1),
                  _fmt(case.get("speedup_vs_compile"), 1), _fmt(case.get("extra_bytes_per_token_head"), 1),
-                 _fmt(ratio.get(case.key), 2) + ("  REGRESSED" if cls == "regressed" else "")]
+                 _fmt(ratio.get(case.key), 2) + ("  REGRESSED" if cls == "regressed" else ""),
+                 _fmt(gpu_ratio.get(case.key), 2)]
         rows.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return ("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
