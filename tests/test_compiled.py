@@ -15,7 +15,7 @@ from tritonkv.compiler import evict_compiled
 from .checks import assert_unchanged, check_evicted, snapshot
 from .strategies import caches, examples, scores
 from .strategies import policies as policy_strategy
-from .tolerances import tolerance
+from .tolerances import normalize_allowance, tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -73,11 +73,12 @@ def compare(keys, values, queries, policy, budget, seed=0):
     got = [prios[s].cpu().view(b, h, n) for s in clause_slots]
     errors = []
     for j, (g, r) in enumerate(zip(got, ref_prios)):
+        allowance = normalize_allowance(policy.selective[j], inputs)
         finite = torch.isfinite(r)
         assert torch.equal(torch.isinf(g) & ~torch.isnan(r), torch.isinf(r)), f"clause {j}: infinities differ"
         diff = (g - r).abs().masked_fill(~finite, 0.0)
         errors.append(float(diff.max()) if diff.numel() else 0.0)
-        bad = finite & ~(diff <= tolerance(r))
+        bad = finite & ~(diff <= tolerance(r, allowance))
         assert not bool(bad.any()), (
             f"clause {j}: {int(bad.sum())} priorities off, first at {bad.nonzero()[0].tolist()}: "
             f"got {g[bad][0].item()}, reference {r[bad][0].item()}")

@@ -18,8 +18,39 @@ the tolerance of the next candidate.
 
 RTOL = 1e-4
 ATOL = 1e-5
+# normalize() divides rounding noise by the row's spread: an operand computed to a relative
+# error d (both paths, different summation orders) comes out with an absolute error near
+# d * max|x| / std. The condition number kappa = max|x| / std of each normalize operand is
+# measured per row on the reference values; d = 1e-6 is ~16 float32 ulps, over 10x the
+# error seen (KNorm of two fp16 keys with std / mean = 4e-4: kappa 2400, error 1.3e-4).
+# Near normalize's degenerate threshold (std <= 1e-6 |mean|) kappa ~ 1e6 and the allowance
+# reaches O(1): the two paths may fall on either side of the threshold.
+NORMALIZE_REL_ERROR = 1e-6
 
 
-def tolerance(reference_values):
-    """Absolute tolerance per element for a reference priority tensor."""
-    return ATOL + RTOL * reference_values.abs().nan_to_num(0.0, 0.0, 0.0)
+def tolerance(reference_values, conditioning=0.0):
+    """Absolute tolerance per element for a reference priority tensor; ``conditioning`` is
+    the absolute error that normalize nodes can add (see normalize_allowance)."""
+    return ATOL + RTOL * reference_values.abs().nan_to_num(0.0, 0.0, 0.0) + conditioning
+
+
+def normalize_allowance(clause, inputs):
+    """Per-row [B, H, 1] absolute error allowance for the clause's priority from the
+    normalize nodes in its score (summed; scaled by 1 / temperature for a sample clause).
+    Operands that enter only through further nonlinear nodes get no special treatment."""
+    import torch
+
+    from tritonkv import dsl, reference
+
+    total = 0.0
+    memo = {}
+    for node in dsl.walk(clause.score):
+        if isinstance(node, dsl.Normalize):
+            x = reference.score(node.operand, inputs, memo).double()
+            x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+            std = (x - x.mean(-1, keepdim=True)).square().mean(-1, keepdim=True).sqrt()
+            kappa = x.abs().amax(-1, keepdim=True) / std.clamp_min(1e-300)
+            total = total + NORMALIZE_REL_ERROR * kappa.clamp_max(1e6).float()
+    if isinstance(clause, dsl.Sample):
+        total = total / clause.temperature
+    return total
