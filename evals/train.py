@@ -114,13 +114,14 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         first, log = state["step"], state["log"]
+    last = args.steps if args.stop_step is None else min(args.steps, args.stop_step)
     data = torch.utils.data.DataLoader(
         Batches(args.seed, args.steps, args.batch, args.max_len, args.questions), batch_size=None,
-        sampler=range(first, args.steps), num_workers=args.workers, prefetch_factor=8 if args.workers else None,
+        sampler=range(first, last), num_workers=args.workers, prefetch_factor=8 if args.workers else None,
         worker_init_fn=_one_thread)
     start = time.time()
     step = first - 1
-    for step, (length, x, y) in zip(range(first, args.steps), data):
+    for step, (length, x, y) in zip(range(first, last), data):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
             logits = model(x).logits
@@ -136,9 +137,6 @@ def main(argv=None):
                 entry["accuracy_512"] = accuracy(model, device, 512, batches=1)
             log.append(entry)
             print(json.dumps(entry), flush=True)
-        if args.stop_step is not None and step + 1 >= args.stop_step:
-            print(f"stopping at step {step}: --stop-step {args.stop_step}", flush=True)
-            break
         if args.minutes is not None and time.time() - start > 60 * args.minutes:
             print(f"stopping at step {step}: {args.minutes} minutes", flush=True)
             break

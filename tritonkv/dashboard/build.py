@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import html
-from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
+from typing import List, Set, Tuple
 
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from .compare import DEFAULT_THRESHOLD, compare
-from .results import Run, by_commit, load_runs
+from .results import Run, by_commit, fmt, load_runs
 
 PROVIDERS = (("tritonkv", "time_ms", "#1f77b4"), ("eager", "eager_ms", "#d62728"),
              ("torch.compile", "compile_ms", "#2ca02c"))
@@ -27,17 +26,6 @@ th { background: #f3f3f3; position: sticky; top: 0; } td:first-child, th:first-c
 tr.regressed td { background: #fdd; } tr.improved td { background: #dfd; }
 .flag { font-weight: bold; color: #b00; }
 """
-
-
-def _fmt(x, digits=3):
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _by_policy(run: Run) -> Dict[str, list]:
-    out = defaultdict(list)
-    for case in run.cases.values():
-        out[case.policy].append(case)
-    return out
 
 
 def scaling_figures(policy: str, cases) -> Tuple[go.Figure, go.Figure]:
@@ -97,12 +85,12 @@ def table(run: Run, changes) -> str:
     rows = []
     for case in sorted(run.cases.values(), key=lambda c: c.key):
         cls = status.get(case.key, "")
-        cells = [case.policy, case.n, case.batch, f"{case.budget:g}", _fmt(case.get("time_ms")),
-                 _fmt(case.get("gpu_ms")), _fmt(case.get("floor_ms")), _fmt(case.get("x_floor"), 2),
-                 _fmt(case.get("x_floor_gpu"), 2), _fmt(case.get("speedup_vs_eager"), 1),
-                 _fmt(case.get("speedup_vs_compile"), 1), _fmt(case.get("extra_bytes_per_token_head"), 1),
-                 _fmt(ratio.get(case.key), 2) + ("  REGRESSED" if cls == "regressed" else ""),
-                 _fmt(gpu_ratio.get(case.key), 2)]
+        cells = [case.policy, case.n, case.batch, f"{case.budget:g}", fmt(case.get("time_ms")),
+                 fmt(case.get("gpu_ms")), fmt(case.get("floor_ms")), fmt(case.get("x_floor"), 2),
+                 fmt(case.get("x_floor_gpu"), 2), fmt(case.get("speedup_vs_eager"), 1),
+                 fmt(case.get("speedup_vs_compile"), 1), fmt(case.get("extra_bytes_per_token_head"), 1),
+                 fmt(ratio.get(case.key), 2) + ("  REGRESSED" if cls == "regressed" else ""),
+                 fmt(gpu_ratio.get(case.key), 2)]
         rows.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return ("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
@@ -126,7 +114,7 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
         fig_id += 1
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{fig_id}"))
 
-    for policy, cases in sorted(_by_policy(latest).items()):
+    for policy, cases in sorted(latest.by_policy().items()):
         parts.append(f'<h2 id="{html.escape(policy)}">{html.escape(policy)}</h2><div class="grid">')
         for fig in scaling_figures(policy, cases):
             add(fig)

@@ -49,6 +49,18 @@ class Run:
     def label(self) -> str:
         return f"{self.datetime[:16]} {self.commit[:8]}"
 
+    def by_policy(self) -> Dict[str, List[Case]]:
+        """The run's cases grouped by policy, in the order first measured."""
+        out: Dict[str, List[Case]] = {}
+        for case in self.cases.values():
+            out.setdefault(case.policy, []).append(case)
+        return out
+
+
+def fmt(x: Optional[float], digits: int = 3) -> str:
+    """A number for tables, '-' where it was not measured."""
+    return "-" if x is None else f"{x:.{digits}f}"
+
 
 def _case(info: Dict, median_s: float, min_s: float) -> Case:
     return Case(info["policy"], int(info["N"]), int(info["B"]), float(info["budget"]), median_s, min_s, info)
@@ -84,7 +96,7 @@ def load_runs(directory: Path) -> List[Run]:
     """Every run under a directory, oldest first. A JSONL whose run also has a JSON is skipped."""
     directory = Path(directory)
     runs = [load_run(p) for p in sorted(directory.glob("*.json"))]
-    seen = {p.stem for p in directory.glob("*.json")}
+    seen = {r.path.stem for r in runs}
     for p in sorted(directory.glob("*.cases.jsonl")):
         if p.name[: -len(".cases.jsonl")] not in seen:
             runs.append(load_run(p))

@@ -39,6 +39,7 @@ except ImportError as e:  # pragma: no cover
 
 from .. import api, dsl
 from ..budget import pyramid_budgets, resolve_budget
+from ..reference import proxy_window
 
 ATTENTION = "tritonkv_sdpa"
 
@@ -163,10 +164,9 @@ class Prefilled:
         """Tokens held over all layers and heads (a packed layer counts what it holds)."""
         total = 0
         for layer in self.cache.layers:
+            total += math.prod(layer.keys.shape[:3])   # dense tokens (all of a plain layer)
             if isinstance(layer, VarlenLayer):
-                total += int(layer.lengths.sum()) + layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[2]
-            else:
-                total += layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[2]
+                total += int(layer.lengths.sum())
         return total
 
 
@@ -189,12 +189,7 @@ def _window_of(policy: dsl.Policy, n: int, default: int) -> int:
     for score in policy.scores:
         for node in dsl.walk(score):
             if isinstance(node, dsl.ProxyAttention):
-                if node.window is None:
-                    need = max(need, default)
-                elif isinstance(node.window, float):
-                    need = max(need, max(1, math.floor(node.window * n + 0.5)))
-                else:
-                    need = max(need, node.window)
+                need = max(need, default if node.window is None else proxy_window(node, n, math.inf))
     return need
 
 
