@@ -7,6 +7,7 @@
 
 from . import policies
 from .api import Evicted, EvictedVarlen, evict
+from .runtime import Evictor
 from .budget import pyramid_budgets
 from .dsl import (Policy, anchor_similarity, key_norm, position, proxy_attention, random, recent,
                   sample, sink, top, value_norm)
@@ -14,7 +15,7 @@ from .dsl import (Policy, anchor_similarity, key_norm, position, proxy_attention
 __version__ = "0.1.0"
 
 __all__ = [
-    "evict", "Evicted", "EvictedVarlen", "Policy", "pyramid_budgets", "policies",
+    "evict", "Evictor", "Evicted", "EvictedVarlen", "Policy", "pyramid_budgets", "policies",
     "anchor_similarity", "proxy_attention", "key_norm", "value_norm", "random", "position",
     "sink", "recent", "top", "sample",
 ]

@@ -2,57 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from . import reference
-from .validate import check_evict_args
+from .results import Evicted, EvictedVarlen, pack_varlen
+from .runtime import evictor_for
 
-
-@dataclass(frozen=True)
-class Evicted:
-    """What a uniform-budget policy kept: the same count ``n_kept`` in every head.
-
-    keys [B, H_kv, n_kept, D], values [B, H_kv, n_kept, D_v] (the input dtypes),
-    indices int64 [B, H_kv, n_kept]: the kept token positions, ascending.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    indices: torch.Tensor
-
-    @property
-    def n_kept(self) -> int:
-        return self.indices.shape[-1]
-
-
-@dataclass(frozen=True)
-class EvictedVarlen:
-    """What an adaptive (AdaKV) policy kept: a different count per head, packed.
-
-    Head (b, h) owns rows ``offsets[b * H + h] : offsets[b * H + h + 1]`` of
-    keys [total, D], values [total, D_v] and indices int64 [total] (ascending within a
-    head); lengths int64 [B, H_kv] counts them. No padding: memory is the kept tokens only.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    indices: torch.Tensor
-    lengths: torch.Tensor
-
-    @property
-    def offsets(self) -> torch.Tensor:
-        """int64 [B * H_kv + 1], the start of each head's rows (cu_seqlens style)."""
-        flat = self.lengths.reshape(-1)
-        return torch.cat([flat.new_zeros(1), torch.cumsum(flat, 0)])
-
-    def head(self, b: int, h: int):
-        """(keys, values, indices) of one head."""
-        heads = self.lengths.shape[1]
-        start, end = self.offsets[b * heads + h: b * heads + h + 2].tolist()
-        return self.keys[start:end], self.values[start:end], self.indices[start:end]
+__all__ = ["evict", "evict_reference", "Evicted", "EvictedVarlen", "pack_varlen"]
 
 
 def evict(keys: torch.Tensor, values: torch.Tensor, policy, budget, *,
@@ -76,14 +34,11 @@ def evict(keys: torch.Tensor, values: torch.Tensor, policy, budget, *,
     Returns:
         :class:`Evicted` (kept rows in ascending token order), or :class:`EvictedVarlen` for
         a policy with ``heads="adaptive"``.
+
+    The first call with a new signature (shapes, strides, dtypes, devices, budget) validates,
+    plans and compiles; repeat calls reuse that plan (see :class:`tritonkv.Evictor`).
     """
-    policy, k, seed = check_evict_args(keys, values, policy, budget, queries, seed, backend)
-    if backend == "auto":
-        backend = "triton" if keys.is_cuda else "reference"
-    if backend == "triton":
-        from .compiler import evict_compiled  # imports triton only when asked for
-        return evict_compiled(keys, values, queries, policy, k, seed)
-    return evict_reference(keys, values, queries, policy, k, seed)
+    return evictor_for(policy, budget, backend)(keys, values, queries=queries, seed=seed)
 
 
 def evict_reference(keys, values, queries, policy, k: int, seed: int):
@@ -96,13 +51,3 @@ def evict_reference(keys, values, queries, policy, k: int, seed: int):
     kept = reference.select(policy, inputs, k)
     index = reference.kept_indices(kept)
     return Evicted(reference.gather_rows(keys, index), reference.gather_rows(values, index), index)
-
-
-def pack_varlen(keys, values, kept: torch.Tensor) -> EvictedVarlen:
-    """Pack the kept rows of every head one after another (head-major, ascending tokens)."""
-    b, h, n = kept.shape
-    lengths = kept.sum(-1).to(torch.int64)
-    flat_kept = kept.reshape(-1)
-    positions = torch.arange(n, device=kept.device).repeat(b * h)
-    return EvictedVarlen(keys.reshape(b * h * n, -1)[flat_kept], values.reshape(b * h * n, -1)[flat_kept],
-                         positions[flat_kept], lengths)

@@ -22,7 +22,7 @@ from . import dsl
 from .kernels.proxy import REDUCE_CODES
 
 GLOBAL_NODES = (dsl.AnchorSimilarity, dsl.ProxyAttention, dsl.Normalize, dsl.Softmax)
-RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog")
+RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_numel")
 CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE")
 
 
@@ -214,6 +214,7 @@ import triton.language as tl
 from tritonkv.kernels.primitives import (cosine_to, gumbel, pool, position, row_norm, softmax_apply,
                                          standardize, uniform)
 from tritonkv.kernels.proxy import proxy_attention_tile, proxy_chunk, proxy_stats_merge, proxy_stats_tile
+from tritonkv.kernels.select import zero_fill
 from tritonkv.kernels.stats import (anchor_merge, anchor_store, anchor_tile, moments_merge, moments_store, moments_tile,
                                     softmax_merge, softmax_store, softmax_tile)
 '''
@@ -232,7 +233,7 @@ TILE_START = '''{ind}o_n = {base} + o_t
 
 
 def _signature(program_globals) -> Tuple[str, List[str]]:
-    params = ["k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr",
+    params = ["k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr",
               "s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd",
               "s_qb", "s_qh", "s_qw", "s_qd", *RUNTIME_ARGS]
     no_spec = list(RUNTIME_ARGS)
@@ -318,7 +319,10 @@ def _merge_kernel(level: int, members: Sequence[int], program_globals) -> List[s
 
 
 def _score_kernel(slots: Sequence[Slot], program_globals) -> List[str]:
-    prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE]
+    # the score kernel also zeroes the select kernel's histograms and barrier counters
+    # (z_numel int32 at z_ptr), which saves a memset launch per evict call
+    prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE,
+                "    zero_fill(z_ptr, z_numel, i_row * S + i_s, S * rows)"]
     body: List[str] = ["    for it in range(0, tiles_per_prog):"]
     emitter = TileEmitter(program_globals, prologue, body, " " * 8)
     body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))

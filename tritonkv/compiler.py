@@ -3,8 +3,11 @@
 A compiled policy runs, in order:
   1. for each statistics level: ``stats_L`` (partials per program) and ``merge_L`` (per row);
   2. ``score``: one fused kernel writing each clause's float32 priority per token;
-  3. ``select_indices`` (kernels/select.py): threshold select per clause and compaction of
-     the kept indices; 4. ``gather_rows`` (kernels/gather.py): the kept K / V rows.
+  3. ``select`` (kernels/select.py): threshold select per clause and compaction of the kept
+     indices; 4. ``gather`` (kernels/gather.py): the kept K / V rows.
+``prepare`` lists a call's launches and buffers; ``run`` launches them through Triton.
+tritonkv.runtime plans a call once per signature and afterwards launches the compiled
+kernels directly.
 No per-primitive score tensor and no [W, N] attention matrix reaches global memory: the
 only intermediates are the priorities (one float32 per token per slot) and row statistics.
 
@@ -27,13 +30,14 @@ import torch
 import triton
 
 from . import dsl
-from .api import Evicted, pack_varlen
+from .results import Evicted, pack_varlen
 from .budget import allocate
 from .codegen import Program, generate, qk_scale
-from .kernels.common import cdiv, interpreting, next_power_of_2, multiprocessor_count
+from .kernels.common import cdiv, interpreting, multiprocessor_count, next_power_of_2, record_occupancy
+from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.launch import launch
-from .kernels.gather import gather_rows
-from .kernels.select import select_indices
+from .kernels.select import (SELECT_WARPS, _select_kernel, select_launch, select_programs, workspace_sizes,
+                             zeroed_numel)
 from .reference import proxy_window, select_adaptive_by_priority
 
 QUERY_CHUNK = 256  # most proxy query rows per tl.dot
@@ -225,17 +229,56 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
                     max(offset, 1), warps, int(stages) if stages else None)
 
 
-def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out: torch.Tensor, workspace=None):
-    """(geometry, args) of the generated kernels for these inputs."""
+def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out: torch.Tensor, workspace=None,
+                zeroed=None):
+    """(geometry, args) of the generated kernels for these inputs. ``zeroed``: an int32 tensor
+    the score kernel sets to zero (select's histograms and barriers), or None."""
     geo = geometry(compiled.program, tuple(keys.shape), tuple(values.shape),
                    None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device)
     workspace = out.new_empty(geo.workspace) if workspace is None else workspace
     q = keys if queries is None else queries
     q_strides = (0, 0, 0, 0) if queries is None else queries.stride()
-    args = [keys, values, q, workspace, out, *keys.stride(), *values.stride(), *q_strides,
+    z = workspace if zeroed is None else zeroed
+    args = [keys, values, q, workspace, out, z, *keys.stride(), *values.stride(), *q_strides,
             keys.shape[2], keys.shape[1], 0 if queries is None else queries.shape[2], seed, geo.rows,
-            geo.splits, geo.tiles_per_prog, *geo.per_global]
+            geo.splits, geo.tiles_per_prog, 0 if zeroed is None else zeroed.numel(), *geo.per_global]
     return geo, args
+
+
+SEED_ARG = 5 + 12 + 3   # position of ``seed`` in the generated kernels' arguments (codegen._signature)
+
+
+@dataclass
+class Launch:
+    """One kernel launch of an evict call (what kernels.launch.launch takes); ``seed_arg`` is
+    the position of the call's seed among ``args``, if it has one."""
+
+    fn: object
+    grid: Tuple[int, ...]
+    args: List
+    constexprs: Dict
+    num_warps: int = 4
+    num_stages: Optional[int] = None
+    seed_arg: Optional[int] = None
+
+    def __call__(self):
+        return launch(self.fn, self.grid, self.args, self.constexprs, self.num_warps, self.num_stages)
+
+
+def _score_launches(compiled: CompiledPolicy, geo: Geometry, args) -> List[Launch]:
+    out = []
+    for level, nch in enumerate(geo.chunks_per_level):
+        out.append(Launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, geo.constexprs,
+                          geo.num_warps, geo.num_stages, SEED_ARG))
+        out.append(Launch(compiled.kernel(f"merge_{level}"), (geo.rows, nch), args, geo.constexprs, 4, None, SEED_ARG))
+    out.append(Launch(compiled.kernel("score"), (geo.splits, geo.rows), args, geo.constexprs, geo.num_warps,
+                      geo.num_stages, SEED_ARG))
+    return out
+
+
+def _geometry_of(compiled: CompiledPolicy, keys, values, queries) -> Geometry:
+    return geometry(compiled.program, tuple(keys.shape), tuple(values.shape),
+                    None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device)
 
 
 def score(compiled: CompiledPolicy, keys, values, queries, seed: int) -> torch.Tensor:
@@ -244,39 +287,104 @@ def score(compiled: CompiledPolicy, keys, values, queries, seed: int) -> torch.T
     slots = len(compiled.program.slots)
     if not slots:
         return torch.empty(0, b * h, n, dtype=torch.float32, device=keys.device)
-    geo = geometry(compiled.program, tuple(keys.shape), tuple(values.shape),
-                   None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device)
+    geo = _geometry_of(compiled, keys, values, queries)
     buffer = torch.empty(slots * b * h * n + geo.workspace, dtype=torch.float32, device=keys.device)
     out, workspace = buffer[: slots * b * h * n].view(slots, b * h, n), buffer[slots * b * h * n:]
     geo, args = launch_args(compiled, keys, values, queries, seed, out, workspace)
-    for level, nch in enumerate(geo.chunks_per_level):
-        launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, geo.constexprs,
-               geo.num_warps, geo.num_stages)
-        launch(compiled.kernel(f"merge_{level}"), (geo.rows, nch), args, geo.constexprs, 4)
-    launch(compiled.kernel("score"), (geo.splits, geo.rows), args, geo.constexprs, geo.num_warps, geo.num_stages)
+    for step in _score_launches(compiled, geo, args):
+        step()
     return out
 
 
-def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int, return_priorities: bool = False):
-    """tritonkv.evict's compiled path (arguments already validated)."""
+def _align(n: int) -> int:
+    return -(-n // 4) * 4   # 4-byte elements: every region starts 16-byte aligned
+
+
+@dataclass
+class Call:
+    """The launches of one evict call and the tensors they write: ``scratch`` holds the
+    priorities, the statistics and select's workspace (None when there is nothing to rank)."""
+
+    launches: List[Launch]
+    scratch: Optional[torch.Tensor]
+    priorities: Optional[torch.Tensor]
+    indices: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int) -> Call:
+    """Allocate an evict call's buffers and list its launches: statistics, score (which also
+    zeroes select's counters), select, gather; for a policy with nothing to rank (only
+    windows, or a budget that keeps everything) one gather that writes the indices too."""
+    b, h, n, d = keys.shape
+    rows, total, device = b * h, alloc.total, keys.device
+    program = compiled.program
+    out_i = torch.empty(b, h, total, dtype=torch.int64, device=device)
+    out_k = torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
+    out_v = torch.empty(b, h, total, values.shape[-1], dtype=values.dtype, device=device)
+    clauses = len(program.clause_slots)
+    if clauses == 0 or total == n:
+        grid, args, constexprs, _ = gather_launch(out_i, keys, values, out_k, out_v,
+                                                  n_sink=n if total == n else alloc.n_sink)
+        return Call([Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS)], None, None, out_i, out_k, out_v)
+    geo = _geometry_of(compiled, keys, values, queries)
+    programs = select_programs(rows, n, clauses, device)
+    sizes = [_align(len(program.slots) * rows * n), _align(geo.workspace),
+             _align(sum(workspace_sizes(rows, programs, clauses)))]
+    scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+    prio_flat, workspace, select_ws = scratch.split(sizes)
+    priorities = prio_flat[: len(program.slots) * rows * n].view(-1, rows, n)
+    select_ws = select_ws.view(torch.int32)
+    geo, args = launch_args(compiled, keys, values, queries, seed, priorities, workspace,
+                            zeroed=select_ws[: zeroed_numel(rows, clauses)])
+    launches = _score_launches(compiled, geo, args)
+    grid, sargs, sconst, _ = select_launch(priorities, program.clause_slots, alloc.clause_counts, alloc.n_sink,
+                                           alloc.n_recent, rows, n, total, device, programs, select_ws,
+                                           out_i.view(rows, total))
+    launches.append(Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS))
+    grid, gargs, gconst, _ = gather_launch(out_i, keys, values, out_k, out_v)
+    launches.append(Launch(_gather_kernel, grid, gargs, gconst, GATHER_WARPS))
+    return Call(launches, scratch, priorities, out_i, out_k, out_v)
+
+
+def run(call: Call) -> None:
+    """Launch a call's kernels through Triton (compiling what is new), recording the select
+    kernel's occupancy for later calls."""
+    for step in call.launches:
+        compiled = step()
+        if step.fn is _select_kernel and step.args[0].is_cuda:
+            record_occupancy(_select_kernel, compiled, SELECT_WARPS, step.constexprs)
+
+
+def check_backend(keys) -> None:
     if not keys.is_cuda and not interpreting():
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                            "imported; use backend='reference' (or 'auto') on CPU")
+
+
+def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int, return_priorities: bool = False):
+    """tritonkv.evict's compiled path (arguments already validated), unplanned: every call
+    computes its launches anew (tritonkv.runtime.Evictor plans them once)."""
+    check_backend(keys)
     b, h, n, _ = keys.shape
     alloc = allocate(policy, n, k)
     compiled = compile_policy(policy)
     if policy.heads == "adaptive":
-        # AdaKV: scores from the generated kernel; the cross-head selection (a floor per head,
-        # then the row's best over all heads) is a stable sort in PyTorch, not the radix select
-        priorities = score(compiled, keys, values, queries, seed)
-        kept = select_adaptive_by_priority(policy, alloc, priorities[0].view(b, h, n))
-        return pack_varlen(keys, values, kept)
-    if alloc.total == n and not return_priorities:   # everything is kept: nothing to rank
-        index = torch.arange(n, device=keys.device).expand(b, h, n).contiguous()
-        return Evicted(keys.contiguous().clone(), values.contiguous().clone(), index)
+        return evict_adaptive(compiled, policy, alloc, keys, values, queries, seed)
+    if return_priorities and alloc.total == n:
+        return Evicted(keys.clone(), values.clone(), torch.arange(n, device=keys.device).expand(b, h, n).clone()), \
+            score(compiled, keys, values, queries, seed)
+    call = prepare(compiled, alloc, keys, values, queries, seed)
+    run(call)
+    result = Evicted(call.keys, call.values, call.indices)
+    return (result, call.priorities) if return_priorities else result
+
+
+def evict_adaptive(compiled: CompiledPolicy, policy: dsl.Policy, alloc, keys, values, queries, seed: int):
+    """AdaKV: scores from the generated kernel; the cross-head selection (a floor per head,
+    then the row's best over all heads) is a stable sort in PyTorch, not the radix select."""
+    b, h, n, _ = keys.shape
     priorities = score(compiled, keys, values, queries, seed)
-    indices = select_indices(priorities, compiled.program.clause_slots, alloc.clause_counts, alloc.n_sink,
-                             alloc.n_recent, b * h, n, alloc.total, keys.device).view(b, h, alloc.total)
-    out_k, out_v = gather_rows(indices, keys, values)
-    result = Evicted(out_k, out_v, indices)
-    return (result, priorities) if return_priorities else result
+    kept = select_adaptive_by_priority(policy, alloc, priorities[0].view(b, h, n))
+    return pack_varlen(keys, values, kept)

@@ -66,10 +66,13 @@ class Launcher:
                 tuple([v & 15 == 0 for v in spec]),
                 tuple([constexprs[name] for name in self.constexpr_names]))
 
+    def fast_path_ok(self, args: Sequence) -> bool:
+        return not _hooks_installed() and self.trailing_constexprs and len(args) == self.n_runtime
+
     def __call__(self, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
         options = (num_warps, num_stages)
         kw = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-        if _hooks_installed() or not self.trailing_constexprs or len(args) != self.n_runtime:
+        if not self.fast_path_ok(args):
             return self.fn[grid](*args, **constexprs, **kw)
         if self.tensors is None:
             self._learn(args)
@@ -90,15 +93,48 @@ class Launcher:
                    None, None, *args, *constexpr_values)
         return kernel
 
+    def entry(self, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
+        """(compiled kernel, constexpr values) that a launch with these arguments used, or None
+        where launches take Triton's own path."""
+        if self.tensors is None or not self.fast_path_ok(args):
+            return None
+        try:
+            key = self._key(args, constexprs, (num_warps, num_stages))
+        except (AttributeError, TypeError):
+            return None
+        return self.compiled.get((torch.cuda.current_device(), key))
+
 
 _LAUNCHERS: Dict[int, Launcher] = {}
+
+
+def _launcher(fn) -> Launcher:
+    launcher = _LAUNCHERS.get(id(fn))
+    if launcher is None:
+        launcher = _LAUNCHERS[id(fn)] = Launcher(fn)
+    return launcher
 
 
 def launch(fn, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
     """Launch ``fn`` (a @triton.jit kernel) on ``grid``; returns the compiled kernel."""
     if interpreting():
         return fn[grid](*args, **constexprs, num_warps=num_warps)
-    launcher = _LAUNCHERS.get(id(fn))
-    if launcher is None:
-        launcher = _LAUNCHERS[id(fn)] = Launcher(fn)
-    return launcher(grid, args, constexprs, num_warps, num_stages)
+    return _launcher(fn)(grid, args, constexprs, num_warps, num_stages)
+
+
+def compiled_entry(fn, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
+    """(compiled kernel, constexpr values) of an earlier launch of ``fn`` with arguments like
+    these (same specialization), for callers that launch it directly; None if unknown."""
+    if interpreting():
+        return None
+    return _launcher(fn).entry(args, constexprs, num_warps, num_stages)
+
+
+def hooks_installed() -> bool:
+    """Launches must go through Triton (a profiler's launch hook is set)."""
+    return _hooks_installed()
+
+
+def raw_stream(device: int) -> int:
+    """The current CUDA stream of ``device``, as the handle kernel launchers take."""
+    return _raw_stream(device)

@@ -39,6 +39,8 @@ N_BINS = 1 << RADIX_BITS
 MAX_CLAUSES = 4
 SCAN_BLOCK = 1024   # tokens per step of the passes over priorities
 BARRIERS_PER_CLAUSE = N_DIGITS + 1
+MAX_PROGRAMS_PER_ROW = 256   # P_PAD of the kernel
+SELECT_WARPS = 4
 
 
 @triton.jit
@@ -48,6 +50,15 @@ def orderable_key(x):
     x = tl.where(x != x, float("-inf"), x)
     bits = x.to(tl.uint32, bitcast=True)
     return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+@triton.jit
+def zero_fill(ptr, numel, pid, n_programs):
+    """Program ``pid`` of ``n_programs`` zeroes its share of ``numel`` int32 at ``ptr``: how the
+    score kernel clears select's histograms and barriers before select runs (no memset launch)."""
+    o = tl.arange(0, 1024)
+    for start in range(pid * 1024, numel, n_programs * 1024):
+        tl.store(ptr + start + o, 0, mask=start + o < numel)
 
 
 @triton.jit
@@ -211,45 +222,70 @@ def programs_per_row(rows: int, n: int, device: torch.device, resident: int) -> 
     return max(1, min(resident // rows, cdiv(n, SCAN_BLOCK), MAX_PROGRAMS_PER_ROW))
 
 
-MAX_PROGRAMS_PER_ROW = 256   # P_PAD below
-SELECT_WARPS = 4
+def workspace_sizes(rows: int, programs: int, clauses: int):
+    """int32 elements of select's workspace: histograms, barrier counters (these two first:
+    they must start at zero), per-program tie counts, per-program clause states."""
+    c = max(clauses, 1)
+    return [rows * c * N_DIGITS * N_BINS, rows, rows * c * 2 * MAX_PROGRAMS_PER_ROW, rows * programs * 3 * c]
+
+
+def zeroed_numel(rows: int, clauses: int) -> int:
+    """How many int32 at the start of the workspace must be zero when select starts."""
+    return sum(workspace_sizes(rows, 1, clauses)[:2])
+
+
+def chunking(n: int, programs: int):
+    """(tokens per program, programs) for ``programs`` requested per row."""
+    chunk = cdiv(cdiv(n, programs), SCAN_BLOCK) * SCAN_BLOCK
+    return chunk, cdiv(n, chunk)
+
+
+def select_programs(rows: int, n: int, clauses: int, device: torch.device) -> int:
+    """Programs per row that select_launch will use on ``device`` (occupancy learnt so far)."""
+    resident = resident_programs(_select_kernel, device, SELECT_WARPS, _constexprs(clauses))
+    return chunking(n, programs_per_row(rows, n, device, resident))[1]
+
+
+def _constexprs(clauses: int):
+    return dict(C=clauses, P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK)
 
 
 def select_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int, rows: int, n: int,
-                  n_kept: int, device: torch.device, programs: int = 1):
-    """(grid, args, constexprs, indices) of one select call; see select_indices."""
+                  n_kept: int, device: torch.device, programs: int = 1, workspace=None, out_i=None):
+    """(grid, args, constexprs, indices) of one select call; see select_indices. ``workspace``
+    (int32, ``sum(workspace_sizes(...))`` elements, the first ``zeroed_numel`` of them zero) and
+    ``out_i`` (int64 [rows, n_kept]) are allocated here when not given."""
     clauses = len(slots)
     if clauses > MAX_CLAUSES:
         raise ValueError(f"policy: at most {MAX_CLAUSES} selective clauses are supported, got {clauses}")
-    out_i = torch.empty(rows, n_kept, dtype=torch.int64, device=device)
-    p = programs
-    chunk = cdiv(cdiv(n, p), SCAN_BLOCK) * SCAN_BLOCK
-    p = cdiv(n, chunk)
-    c = max(clauses, 1)
-    # one zeroed int32 allocation: histograms and barrier counters must start at 0; the
-    # per-program counts and states are written before they are read
-    sizes = [rows * c * N_DIGITS * N_BINS, rows, rows * c * 2 * MAX_PROGRAMS_PER_ROW, rows * p * 3 * c]
-    hist, bar, cnt, state = torch.zeros(sum(sizes), dtype=torch.int32, device=device).split(sizes)
+    if out_i is None:
+        out_i = torch.empty(rows, n_kept, dtype=torch.int64, device=device)
+    chunk, p = chunking(n, programs)
+    sizes = workspace_sizes(rows, p, clauses)
+    if workspace is None:
+        workspace = torch.zeros(sum(sizes), dtype=torch.int32, device=device)
+    hist, bar, cnt, state = workspace[:sum(sizes)].split(sizes)
     slot_args = list(slots) + [0] * (MAX_CLAUSES - clauses)
     count_args = list(counts) + [0] * (MAX_CLAUSES - clauses)
     prio = priorities if priorities.numel() else torch.empty(1, dtype=torch.float32, device=device)
     args = [prio, out_i, hist, bar, cnt, state, n, rows, n_kept, n_sink, n_recent, chunk, p,
             *slot_args, *count_args]
-    constexprs = dict(C=clauses, P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK)
-    return (p, rows), args, constexprs, out_i
+    return (p, rows), args, _constexprs(clauses), out_i
 
 
 def select_indices(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int, rows: int, n: int,
                    n_kept: int, device: torch.device) -> torch.Tensor:
     """Per row, the ascending indices [rows, n_kept] of the tokens kept by the forced windows
     and by each clause's top ``counts[j]`` of ``priorities[slots[j]]`` (float32 [n_slots, rows, N])."""
-    resident = resident_programs(_select_kernel, device, SELECT_WARPS,
-                                 dict(C=len(slots), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK))
-    p = programs_per_row(rows, n, device, resident)
+    p = select_programs(rows, n, len(slots), device)
     grid, args, constexprs, out_i = select_launch(priorities, slots, counts, n_sink, n_recent, rows, n,
                                                   n_kept, device, p)
     if n_kept > 0:
-        compiled = launch(_select_kernel, grid, args, constexprs, SELECT_WARPS)
-        if device.type == "cuda":
-            record_occupancy(_select_kernel, compiled, SELECT_WARPS, constexprs)
+        launch_select(grid, args, constexprs, device)
     return out_i
+
+
+def launch_select(grid, args, constexprs, device: torch.device):
+    compiled = launch(_select_kernel, grid, args, constexprs, SELECT_WARPS)
+    if device.type == "cuda":
+        record_occupancy(_select_kernel, compiled, SELECT_WARPS, constexprs)

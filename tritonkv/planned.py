@@ -1,0 +1,144 @@
+"""The compiled path, planned: a call recorded once, replayed by calling kernel launchers.
+
+``plan_compiled`` runs a first call through compiler.prepare / compiler.run (Triton
+dispatch, compilation) and turns its launches into ``Step``s: the compiled kernel, its
+grid, and its full argument list with the per-call entries — data pointers of the inputs,
+outputs and scratch buffer, and the seed — replaced on each later call. A tensor argument
+is recognised as an input by identity, or as a view into one of the call's own buffers by
+its address (the buffers are allocated afresh with the same sizes, so views keep their
+offsets). Anything it cannot recognise leaves the signature unplanned (correct, slower).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import dsl
+from .budget import allocate
+from .compiler import Call, check_backend, compile_policy, evict_compiled, prepare, run
+from .kernels.common import interpreting
+from .kernels.launch import compiled_entry, hooks_installed, raw_stream
+from .kernels.select import select_programs
+from .results import Evicted
+
+# roles of per-call values, in the order Plan.__call__ lists them
+KEYS, VALUES, QUERIES, SCRATCH, INDICES, OUT_KEYS, OUT_VALUES, SEED = range(8)
+
+
+class Step:
+    """One recorded launch: ``launcher(*grid, stream, function, metadata, None, None, None, *args)``."""
+
+    __slots__ = ("launcher", "grid", "head", "template", "patches")
+
+    def __init__(self, kernel, grid, template: list, patches: Sequence[Tuple[int, int, int]]):
+        self.launcher = kernel.run
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.head = (kernel.function, kernel.packed_metadata, None, None, None)
+        self.template = template
+        self.patches = tuple(patches)   # (argument position, role, byte offset)
+
+
+class Plan:
+    """Replays a recorded compiled call on new tensors of the same signature."""
+
+    def __init__(self, steps: List[Step], device: torch.device, shapes, scratch_numel: int):
+        self.steps = steps
+        self.device = device
+        self.device_index = device.index
+        self.indices_shape, self.keys_shape, self.values_shape = shapes
+        self.scratch_numel = scratch_numel
+        self.fallback = None   # set by plan_compiled: the unplanned call, for launch hooks
+
+    def __call__(self, keys, values, queries, seed):
+        if hooks_installed():   # a profiler wants to see Triton's launches
+            return self.fallback(keys, values, queries, seed)
+        device = self.device
+        indices = torch.empty(self.indices_shape, dtype=torch.int64, device=device)
+        out_k = torch.empty(self.keys_shape, dtype=keys.dtype, device=device)
+        out_v = torch.empty(self.values_shape, dtype=values.dtype, device=device)
+        scratch = torch.empty(self.scratch_numel, dtype=torch.float32, device=device) if self.scratch_numel else None
+        values_of = (keys.data_ptr(), values.data_ptr(), 0 if queries is None else queries.data_ptr(),
+                     0 if scratch is None else scratch.data_ptr(), indices.data_ptr(), out_k.data_ptr(),
+                     out_v.data_ptr(), seed)
+        stream = raw_stream(self.device_index)
+        for step in self.steps:
+            args = step.template.copy()
+            for position, role, offset in step.patches:
+                args[position] = values_of[role] + offset
+            step.launcher(*step.grid, stream, *step.head, *args)
+        return Evicted(out_k, out_v, indices)
+
+
+def _role(arg: torch.Tensor, inputs, buffers) -> Optional[Tuple[int, int]]:
+    for role, tensor in enumerate(inputs):
+        if arg is tensor:
+            return role, 0
+    ptr = arg.data_ptr()
+    for role, tensor in buffers:
+        base = tensor.data_ptr()
+        if base <= ptr < base + max(1, tensor.numel() * tensor.element_size()):
+            return role, ptr - base
+    return None
+
+
+def record(call: Call, keys, values, queries) -> Optional[Plan]:
+    """A Plan replaying ``call`` (already run), or None if some launch cannot be replayed."""
+    inputs = (keys, values, queries)
+    buffers = [(role, t) for role, t in ((SCRATCH, call.scratch), (INDICES, call.indices),
+                                         (OUT_KEYS, call.keys), (OUT_VALUES, call.values)) if t is not None]
+    steps = []
+    for launch in call.launches:
+        entry = compiled_entry(launch.fn, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)
+        if entry is None:
+            return None
+        kernel, constexpr_values = entry
+        template = list(launch.args) + list(constexpr_values)
+        patches = []
+        for position, arg in enumerate(launch.args):
+            if isinstance(arg, torch.Tensor):
+                found = _role(arg, inputs, buffers)
+                if found is None:
+                    return None
+                patches.append((position, *found))
+                template[position] = None
+        if launch.seed_arg is not None:
+            patches.append((launch.seed_arg, SEED, 0))
+        steps.append(Step(kernel, launch.grid, template, patches))
+    scratch_numel = 0 if call.scratch is None else call.scratch.numel()
+    return Plan(steps, keys.device, (tuple(call.indices.shape), tuple(call.keys.shape), tuple(call.values.shape)),
+                scratch_numel)
+
+
+class _Compiled:
+    """An unplanned compiled call (interpreter, AdaKV, launch hooks)."""
+
+    def __init__(self, policy: dsl.Policy, k: int):
+        self.policy, self.k = policy, k
+
+    def __call__(self, keys, values, queries, seed):
+        return evict_compiled(keys, values, queries, self.policy, self.k, seed)
+
+
+def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int):
+    """(plan or None, result) of a first compiled call with this signature. None means: plan
+    on the next call (the select kernel's occupancy, which sets its grid, was learnt just now)."""
+    check_backend(keys)
+    unplanned = _Compiled(policy, k)
+    if interpreting() or not keys.is_cuda or policy.heads == "adaptive" or hooks_installed():
+        return unplanned, unplanned(keys, values, queries, seed)
+    n = keys.shape[2]
+    alloc = allocate(policy, n, k)
+    rows, clauses = keys.shape[0] * keys.shape[1], len(policy.selective)
+    programs = select_programs(rows, n, clauses, keys.device)
+    call = prepare(compile_policy(policy), alloc, keys, values, queries, seed)
+    run(call)
+    out = Evicted(call.keys, call.values, call.indices)
+    if select_programs(rows, n, clauses, keys.device) != programs:
+        return None, out
+    plan = record(call, keys, values, queries)
+    if plan is None:
+        return unplanned, out
+    plan.fallback = unplanned
+    return plan, out

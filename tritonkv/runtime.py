@@ -1,0 +1,138 @@
+"""Plan once, run cheaply: repeat evict calls only allocate outputs and launch kernels.
+
+    ev = tkv.Evictor(tkv.policies.keydiff(), budget=0.25)
+    out = ev(keys, values)            # first call with this signature: validates, plans, compiles
+    out = ev(other_keys, other_values)  # same shapes/strides/dtypes: allocations + launches only
+
+A call's *signature* is what its launches depend on: shapes, strides, dtypes and devices of
+keys, values and queries, whether their addresses are 16-byte aligned (Triton specializes
+on it), whether they alias, the width of the seed and the current CUDA device. The first
+call of a signature does all host work (validation, budget counts, launch geometry, Triton's
+dispatch and compilation) and records, for each launch, the compiled kernel and its argument
+list; later calls allocate the outputs and one scratch buffer, patch the data pointers and
+the seed into the recorded arguments and call the compiled kernels' launchers directly.
+
+Stream- and graph-safe: every call allocates its own buffers from PyTorch's caching
+allocator (stream-ordered; private pools under CUDA-graph capture) and launches on the
+current stream. ``tkv.evict`` keeps one Evictor per (policy, budget, backend), so plain
+``evict`` calls get the same planned path.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import dsl
+from .budget import resolve_budget
+from .results import Evicted
+from .validate import BACKENDS, check_evict_args, check_seed
+
+_I32_MAX, _I64_MAX = 2 ** 31 - 1, 2 ** 63 - 1
+_MAX_PLANS = 64   # signatures kept per Evictor (a cache that grows with N is cleared, not leaked)
+
+
+def _signature(keys, values, queries, seed) -> Tuple:
+    """What a compiled call's launches depend on (raises AttributeError / TypeError for
+    arguments that are not tensors: those take the validating path)."""
+    q = None if queries is None else (queries.shape, queries.stride(), queries.dtype, queries.device,
+                                      queries.data_ptr() & 15, queries is keys, queries is values)
+    return (keys.shape, keys.stride(), keys.dtype, keys.device, keys.data_ptr() & 15,
+            values.shape, values.stride(), values.dtype, values.device, values.data_ptr() & 15,
+            keys is values, q, seed > _I32_MAX, seed > _I64_MAX,
+            torch.cuda.current_device() if keys.is_cuda else -1)
+
+
+class Evictor:
+    """``evict`` for one policy and budget, planned once per signature.
+
+    Args:
+        policy: clauses joined with ``|``, or a preset from ``tritonkv.policies``.
+        budget: tokens kept per head (int) or a fraction of N in (0, 1].
+        backend: "auto", "triton" or "reference", as for :func:`tritonkv.evict`.
+
+    Calling it, ``ev(keys, values, queries=None, seed=0)``, is ``tkv.evict(keys, values,
+    policy, budget, queries=queries, seed=seed, backend=backend)``: the same checks on the
+    first call of each signature, the same result, bit for bit.
+    """
+
+    def __init__(self, policy, budget, *, backend: str = "auto"):
+        self.policy = dsl.as_policy(policy)
+        resolve_budget(budget, 1 << 62)   # type and range, with evict's messages
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.budget, self.backend = budget, backend
+        self._plans: Dict[Tuple, object] = {}
+
+    def __repr__(self):
+        return f"Evictor({self.policy!r}, budget={self.budget!r}, backend={self.backend!r})"
+
+    def __call__(self, keys, values, *, queries=None, seed: int = 0):
+        if type(seed) is not int or not 0 <= seed <= 0xFFFFFFFFFFFFFFFF:
+            seed = check_seed(seed)
+        try:
+            signature = _signature(keys, values, queries, seed)
+        except (AttributeError, TypeError):   # not tensors: the validating path says what is wrong
+            signature = None
+        plan = self._plans.get(signature)
+        if plan is None:
+            return self._plan_and_run(signature, keys, values, queries, seed)
+        return plan(keys, values, queries, seed)
+
+    def _plan_and_run(self, signature, keys, values, queries, seed):
+        policy, k, seed = check_evict_args(keys, values, self.policy, self.budget, queries, seed, self.backend)
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if keys.is_cuda else "reference"
+        if backend == "reference":
+            from .api import evict_reference
+            plan = _Unplanned(evict_reference, policy, k)
+            out = plan(keys, values, queries, seed)
+        else:
+            from .planned import plan_compiled   # imports triton only when asked for
+            plan, out = plan_compiled(policy, k, keys, values, queries, seed)
+        if signature is not None and plan is not None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[signature] = plan
+        return out
+
+
+class _Unplanned:
+    """A validated signature whose calls run the given path as they are (the reference, the
+    interpreter, AdaKV's PyTorch selection)."""
+
+    def __init__(self, fn, policy: dsl.Policy, k: int):
+        self.fn, self.policy, self.k = fn, policy, k
+
+    def __call__(self, keys, values, queries, seed):
+        return self.fn(keys, values, queries, self.policy, self.k, seed)
+
+
+_EVICTORS: Dict[Tuple, Tuple[dsl.Policy, Evictor]] = {}
+_MAX_EVICTORS = 256
+
+
+def evictor_for(policy, budget, backend: str) -> Evictor:
+    """The Evictor that ``tkv.evict`` uses for this policy object, budget and backend."""
+    key = (id(policy), budget, type(budget), backend)
+    try:
+        hit = _EVICTORS.get(key)
+    except TypeError:   # an unhashable budget: let Evictor say what is wrong with it
+        return Evictor(policy, budget, backend=backend)
+    if hit is not None and hit[0] is policy:
+        return hit[1]
+    ev = Evictor(policy, budget, backend=backend)
+    if len(_EVICTORS) >= _MAX_EVICTORS:
+        _EVICTORS.clear()
+    _EVICTORS[key] = (policy, ev)   # holding the policy keeps its id from being reused
+    return ev
+
+
+def clear_plans() -> None:
+    """Forget every cached Evictor (and so every plan) that ``tkv.evict`` made."""
+    _EVICTORS.clear()
+
+
+__all__ = ["Evictor", "evictor_for", "clear_plans"]
