@@ -1,8 +1,26 @@
-"""Host (CPU) time of evict() on the GPU machine: wall time of back-to-back calls, the cost
-of each step alone, and a cProfile of where the Python time goes."""
+"""Host (CPU) cost of evict() on the GPU machine, per preset, before and after planning.
 
+    python perf/host_overhead.py [--json OUT.json] [--n 512,8192,32768,131072]
+
+For each policy (every preset and composite; B=1, H_kv=8, D=128, bf16) and N, three times:
+  host_us   back-to-back calls without synchronizing: CPU time per call (what bounds a loop
+            of per-layer or per-step evictions once the GPU keeps up);
+  wall_us   one call from an idle GPU until its work is done (CUDA events around the call,
+            host launch included): what a caller waits;
+  graph_us  the same kernels replayed from a CUDA graph: GPU time alone.
+for three ways to call: ``unplanned`` (validation + compiler.evict_compiled: the path every
+call took before plans), ``evict`` (tkv.evict, planned by signature) and ``evictor``
+(a tkv.Evictor held by the caller). Also: the per-layer host cost of evicting 32 layers'
+caches back to back, and a cProfile of the planned call.
+"""
+
+from __future__ import annotations
+
+import argparse
 import cProfile
+import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -12,34 +30,170 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tritonkv as tkv  # noqa: E402
-from perf.test_evict import POLICIES, make_cache  # noqa: E402
-from tritonkv.kernels.gather import gather_rows  # noqa: E402
+from perf.test_evict import POLICIES as BENCHMARKED, make_cache  # noqa: E402
+from perf.timing import flush_l2, graph_seconds  # noqa: E402
+from tritonkv.compiler import evict_compiled  # noqa: E402
+from tritonkv.validate import check_evict_args  # noqa: E402
+
+# every preset and composite: the benchmarked ones, plus the budget-spreading presets
+POLICIES = dict(BENCHMARKED, adakv=tkv.policies.adakv(), pyramidkv=tkv.policies.pyramidkv())
 
 
-def per_call(f, n=200):
+def host_us(fn, calls=200) -> float:
+    """CPU time per call of back-to-back calls (the GPU queue absorbs the work)."""
     for _ in range(5):
-        f()
+        fn()
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        f()
-    host = (time.perf_counter() - t) / n
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
-    return host * 1e6, (time.perf_counter() - t) / n * 1e6
+    return elapsed / calls * 1e6
 
 
-keys, values, queries = make_cache(1, 8192)
-idx = torch.arange(0, 8192, 2, device="cuda").expand(1, 8, -1).contiguous()
-print("torch.empty 1MB     %.1f / %.1f us" % per_call(lambda: torch.empty(1 << 18, device="cuda")))
-print("torch.zeros 64KB    %.1f / %.1f us" % per_call(lambda: torch.zeros(1 << 14, device="cuda", dtype=torch.int32)))
-print("gather_rows         %.1f / %.1f us" % per_call(lambda: gather_rows(idx, keys, values)))
-for name in ("knorm", "streaming_llm", "keydiff"):
-    policy = POLICIES[name]
+def wall_us(fn, rounds=20) -> float:
+    """Median time of one call from an idle GPU to the end of its work (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        flush_l2()
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def callers(policy, keys, values, queries, budget):
     q = queries if policy.needs_queries else None
-    f = lambda: tkv.evict(keys, values, policy, 0.5, queries=q)  # noqa: E731
-    print(f"evict {name:<14} %.1f / %.1f us" % per_call(f))
-policy = POLICIES["knorm"]
-f = lambda: tkv.evict(keys, values, policy, 0.5)  # noqa: E731
-cProfile.run("for _ in range(200): f()", "/tmp/prof")
-torch.cuda.synchronize()
-pstats.Stats("/tmp/prof").sort_stats("tottime").print_stats(25)
+
+    def unplanned():
+        p, k, seed = check_evict_args(keys, values, policy, budget, q, 0, "auto")
+        return evict_compiled(keys, values, q, p, k, seed)
+
+    evictor = tkv.Evictor(policy, budget)
+    return {"unplanned": unplanned,
+            "evict": lambda: tkv.evict(keys, values, policy, budget, queries=q),
+            "evictor": lambda: evictor(keys, values, queries=q)}
+
+
+def measure(names, ns, budgets):
+    rows = []
+    for n in ns:
+        keys, values, queries = make_cache(1, n)
+        for name in names:
+            for budget in budgets:
+                row = dict(policy=name, N=n, B=1, budget=budget)
+                for how, fn in callers(POLICIES[name], keys, values, queries, budget).items():
+                    fn()   # compile, plan
+                    fn()   # a plan made after the select kernel's occupancy is known
+                    row[f"{how}_host_us"] = host_us(fn)
+                    row[f"{how}_wall_us"] = wall_us(fn)
+                    if how == "evict":   # AdaKV's PyTorch selection synchronizes: not capturable
+                        row["graph_us"] = None if POLICIES[name].heads == "adaptive" else graph_seconds(fn) * 1e6
+                rows.append(row)
+                print(f"{name:<14} N={n:<7} b={budget:<4} host us: unplanned {row['unplanned_host_us']:7.1f} "
+                      f"evict {row['evict_host_us']:6.1f} evictor {row['evictor_host_us']:6.1f} | wall us: "
+                      f"unplanned {row['unplanned_wall_us']:7.1f} evict {row['evict_wall_us']:7.1f} | graph "
+                      f"{row['graph_us'] or float('nan'):7.1f} | wall/graph "
+                      f"{row['evict_wall_us'] / (row['graph_us'] or float('nan')):.2f}",
+                      flush=True)
+    return rows
+
+
+def layers(names, n=8192, n_layers=32, budget=0.25):
+    """Per-layer host cost of evicting a 32-layer model's caches (distinct tensors) in a loop."""
+    caches = [make_cache(1, n, seed=i) for i in range(n_layers)]
+    out = []
+    for name in names:
+        policy = POLICIES[name]
+
+        def all_layers():
+            for keys, values, queries in caches:
+                tkv.evict(keys, values, policy, budget, queries=queries if policy.needs_queries else None)
+        all_layers()
+        all_layers()
+        per_layer = host_us(all_layers, calls=20) / n_layers
+        gpu = None if policy.heads == "adaptive" else graph_seconds(all_layers) * 1e6 / n_layers
+        out.append(dict(policy=name, N=n, layers=n_layers, budget=budget, host_us_per_layer=per_layer,
+                        graph_us_per_layer=gpu))
+        print(f"{name:<14} {n_layers} layers of N={n}: host {per_layer:.1f} us/layer, GPU "
+              f"{gpu or float('nan'):.1f} us/layer", flush=True)
+    return out
+
+
+def primitives():
+    """Host cost of the pieces a planned call is made of (us per call)."""
+    from tritonkv.kernels.launch import raw_stream
+    from tritonkv.results import Evicted
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    keys, values, _ = make_cache(1, 8192)
+    ev = tkv.Evictor(tkv.sink(4) | tkv.recent(), 0.25)
+    ev(keys, values)
+    ev(keys, values)
+    plan = next(iter(ev._plans.values()))
+    step = plan.steps[0]
+    args = [0 if a is None else a for a in step.template]
+    for position, role, offset in step.patches:
+        args[position] = (keys, values, keys, keys, keys, keys, keys, 0)[role].data_ptr() + offset
+    stream = raw_stream(0)
+    pieces = {
+        "torch.empty": lambda: torch.empty(1 << 16, device=dev),
+        "torch.empty, 4 shaped (outputs + scratch)": lambda: (
+            torch.empty((1, 8, 2048), dtype=torch.int64, device=dev),
+            torch.empty((1, 8, 2048, 128), dtype=bf16, device=dev),
+            torch.empty((1, 8, 2048, 128), dtype=bf16, device=dev), torch.empty(90000, device=dev)),
+        "caching_allocator_alloc + delete": lambda: torch.cuda.caching_allocator_delete(
+            torch.cuda.caching_allocator_alloc(1 << 20, 0, stream)),
+        "3 x data_ptr()": lambda: (keys.data_ptr(), values.data_ptr(), keys.data_ptr()),
+        "raw_stream": lambda: raw_stream(0),
+        "current_device": torch.cuda.current_device,
+        "Evicted(...)": lambda: Evicted(keys, values, keys),
+        "signature tuple": lambda: (keys.shape, keys.stride(), keys.dtype, keys.device, keys.data_ptr() & 15,
+                                    values.shape, values.stride(), values.dtype, values.device),
+        "one launch (C launcher, args ready)": lambda: step.launcher(*step.grid, stream, *step.head, *args),
+        "planned streaming_llm call (1 launch)": lambda: ev(keys, values),
+    }
+    out = {}
+    for name, fn in pieces.items():
+        out[name] = host_us(fn, calls=2000)
+        print(f"{name:<45} {out[name]:7.2f} us", flush=True)
+    return out
+
+
+def profile(name="knorm", n=8192):
+    keys, values, _ = make_cache(1, n)
+    policy = POLICIES[name]
+    tkv.evict(keys, values, policy, 0.5)
+    tkv.evict(keys, values, policy, 0.5)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(500):
+        tkv.evict(keys, values, policy, 0.5)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    parser.add_argument("--n", default="512,8192,32768,131072")
+    parser.add_argument("--budgets", default="0.1,0.5")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    args = parser.parse_args()
+    names = args.policies.split(",")
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, primitives=primitives(),
+                  cases=measure(names, [int(x) for x in args.n.split(",")],
+                                [float(x) for x in args.budgets.split(",")]),
+                  layers=layers(names))
+    profile()
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,9 @@ from .kernels.proxy import REDUCE_CODES
 
 GLOBAL_NODES = (dsl.AnchorSimilarity, dsl.ProxyAttention, dsl.Normalize, dsl.Softmax)
 RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_numel")
+POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr")
+STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
+SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
 CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE")
 
 
@@ -233,9 +236,7 @@ TILE_START = '''{ind}o_n = {base} + o_t
 
 
 def _signature(program_globals) -> Tuple[str, List[str]]:
-    params = ["k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr",
-              "s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd",
-              "s_qb", "s_qh", "s_qw", "s_qd", *RUNTIME_ARGS]
+    params = [*POINTER_ARGS, *STRIDE_ARGS, *RUNTIME_ARGS]
     no_spec = list(RUNTIME_ARGS)
     for i, g in enumerate(program_globals):
         params += [f"po_{i}", f"fo_{i}"]

@@ -32,7 +32,7 @@ import triton
 from . import dsl
 from .results import Evicted, pack_varlen
 from .budget import allocate
-from .codegen import Program, generate, qk_scale
+from .codegen import SEED_ARG, Program, generate, qk_scale
 from .kernels.common import cdiv, interpreting, multiprocessor_count, next_power_of_2, record_occupancy
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.launch import launch
@@ -243,9 +243,6 @@ def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out:
             keys.shape[2], keys.shape[1], 0 if queries is None else queries.shape[2], seed, geo.rows,
             geo.splits, geo.tiles_per_prog, 0 if zeroed is None else zeroed.numel(), *geo.per_global]
     return geo, args
-
-
-SEED_ARG = 5 + 12 + 3   # position of ``seed`` in the generated kernels' arguments (codegen._signature)
 
 
 @dataclass

@@ -33,11 +33,23 @@ class Step:
     __slots__ = ("launcher", "grid", "head", "template", "patches")
 
     def __init__(self, kernel, grid, template: list, patches: Sequence[Tuple[int, int, int]]):
-        self.launcher = kernel.run
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
-        self.head = (kernel.function, kernel.packed_metadata, None, None, None)
+        self.launcher, self.head = _launcher_of(kernel)
         self.template = template
         self.patches = tuple(patches)   # (argument position, role, byte offset)
+
+
+def _launcher_of(kernel):
+    """(callable, leading arguments after the stream) that launch a compiled kernel. Triton's
+    Python launcher only allocates the kernel's global / profile scratch memory before it
+    calls the C launcher; kernels that need none are launched by the C launcher directly."""
+    run = kernel.run
+    c_launch = getattr(run, "launch", None)
+    if c_launch is not None and getattr(run, "global_scratch_size", 1) == 0 \
+            and getattr(run, "profile_scratch_size", 1) == 0:
+        return c_launch, (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                          kernel.packed_metadata, None, None, None)
+    return run, (kernel.function, kernel.packed_metadata, None, None, None)
 
 
 class Plan:
