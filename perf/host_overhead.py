@@ -137,8 +137,9 @@ def primitives():
     plan = next(iter(ev._plans.values()))
     step = plan.steps[0]
     args = [0 if a is None else a for a in step.template]
+    out = ev(keys, values)   # buffers for the launch to write into
     for position, role, offset in step.patches:
-        args[position] = (keys, values, keys, keys, keys, keys, keys, 0)[role].data_ptr() + offset
+        args[position] = (keys, values, None, None, out.indices, out.keys, out.values)[role].data_ptr() + offset
     stream = raw_stream(0)
     pieces = {
         "torch.empty": lambda: torch.empty(1 << 16, device=dev),
