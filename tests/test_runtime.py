@@ -66,7 +66,7 @@ def test_evictor_checks_each_new_signature():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_evictor_equals_evict_and_keeps_inputs(backend):
-    keys, values, queries = make(n=300, dtype=torch.float32)
+    keys, values, queries = make(n=150, dtype=torch.float32)
     for name, policy in every_policy().items():
         q = queries if policy.needs_queries else None
         ev = tkv.Evictor(policy, 0.3, backend=backend)
