@@ -145,7 +145,7 @@ def primitives():
     ev(keys, values)
     ev(keys, values)
     plan = next(iter(ev._plans.values()))
-    step = plan.steps[0]
+    step = plan.late[0]
     args = [0 if a is None else a for a in step.template]
     out = ev(keys, values)   # buffers for the launch to write into
     for position, role, offset in step.patches:
