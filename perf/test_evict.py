@@ -71,6 +71,7 @@ COMPILE_B = [int(x) for x in _env("TKV_COMPILE_B", "1").split(",")]
 # wall seconds a torch.compile baseline may take on its first call of a case (compilation
 # included); one that runs past it is abandoned, and the policy's later cases skip it
 COMPILE_BUDGET_S = float(_env("TKV_COMPILE_BUDGET_S", "150"))
+COMPILED = _env("TKV_BENCH_COMPILE", "compile,peer_compile").split(",")   # which torch.compile baselines run
 _compile_skipped = {}    # (baseline, policy) -> why
 
 
@@ -136,7 +137,7 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
         compile_s = peer_compile_s = None
         # compilation costs minutes: a subset of cases
         compile_case = n in COMPILE_N and batch in COMPILE_B
-        if compile_case:
+        if compile_case and "compile" in COMPILED:
             compiled = compiled_evict(policy)
             compile_s = _compiled_baseline("compile", name, lambda: compiled(keys, values, queries, k=k, seed=0),
                                            2, info)
@@ -153,7 +154,7 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
                 # recorded, not asserted: the peer's semantics differ for some presets
                 info["kept_mismatch_vs_peer"] = kept_mismatch(out.indices, peer_out[2])
             del peer_out
-            if compile_case:
+            if compile_case and "peer_compile" in COMPILED:
                 compiled_peer = peer_evict(name, compiled=True)
                 peer_compile_s = _compiled_baseline("peer_compile", name,
                                                     lambda: compiled_peer(keys, values, queries, k), 5, info)
