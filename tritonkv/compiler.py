@@ -312,7 +312,7 @@ class Call:
 
 def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int) -> Call:
     """Allocate an evict call's buffers and list its launches: statistics, score (which also
-    zeroes select's counters), select, gather; for a policy with nothing to rank (only
+    zeroes select's counters), select (which also gathers the kept rows); for a policy with nothing to rank (only
     windows, or a budget that keeps everything) one gather that writes the indices too."""
     b, h, n, d = keys.shape
     rows, total, device = b * h, alloc.total, keys.device
@@ -326,7 +326,7 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int) -
                                                   n_sink=n if total == n else alloc.n_sink)
         return Call([Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS)], None, None, out_i, out_k, out_v)
     geo = _geometry_of(compiled, keys, values, queries)
-    programs = select_programs(rows, n, clauses, device)
+    programs = select_programs(rows, n, clauses, device, d, values.shape[-1])
     sizes = [_align(len(program.slots) * rows * n), _align(geo.workspace),
              _align(sum(workspace_sizes(rows, programs, clauses)))]
     scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
@@ -338,10 +338,8 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int) -
     launches = _score_launches(compiled, geo, args)
     grid, sargs, sconst, _ = select_launch(priorities, program.clause_slots, alloc.clause_counts, alloc.n_sink,
                                            alloc.n_recent, rows, n, total, device, programs, select_ws,
-                                           out_i.view(rows, total))
+                                           out_i.view(rows, total), gather=(keys, values, out_k, out_v))
     launches.append(Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS))
-    grid, gargs, gconst, _ = gather_launch(out_i, keys, values, out_k, out_v)
-    launches.append(Launch(_gather_kernel, grid, gargs, gconst, GATHER_WARPS))
     return Call(launches, scratch, priorities, out_i, out_k, out_v)
 
 

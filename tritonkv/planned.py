@@ -53,10 +53,14 @@ def _launcher_of(kernel):
 
 
 class Plan:
-    """Replays a recorded compiled call on new tensors of the same signature."""
+    """Replays a recorded compiled call on new tensors of the same signature. The outputs are
+    allocated after the launches that do not write them (statistics, score) are queued, so
+    the GPU starts while the host still allocates."""
 
     def __init__(self, steps: List[Step], device: torch.device, shapes, scratch_numel: int):
-        self.steps = steps
+        late = next((i for i, step in enumerate(steps)
+                     if any(role in (INDICES, OUT_KEYS, OUT_VALUES) for _, role, _ in step.patches)), len(steps))
+        self.early, self.late = steps[:late], steps[late:]
         self.device = device
         self.device_index = device.index
         self.indices_shape, self.keys_shape, self.values_shape = shapes
@@ -67,20 +71,25 @@ class Plan:
         if hooks_installed():   # a profiler wants to see Triton's launches
             return self.fallback(keys, values, queries, seed)
         device = self.device
+        stream = raw_stream(self.device_index)
+        scratch = torch.empty(self.scratch_numel, dtype=torch.float32, device=device) if self.scratch_numel else None
+        values_of = [keys.data_ptr(), values.data_ptr(), 0 if queries is None else queries.data_ptr(),
+                     0 if scratch is None else scratch.data_ptr(), 0, 0, 0, seed]
+        _launch(self.early, values_of, stream)
         indices = torch.empty(self.indices_shape, dtype=torch.int64, device=device)
         out_k = torch.empty(self.keys_shape, dtype=keys.dtype, device=device)
         out_v = torch.empty(self.values_shape, dtype=values.dtype, device=device)
-        scratch = torch.empty(self.scratch_numel, dtype=torch.float32, device=device) if self.scratch_numel else None
-        values_of = (keys.data_ptr(), values.data_ptr(), 0 if queries is None else queries.data_ptr(),
-                     0 if scratch is None else scratch.data_ptr(), indices.data_ptr(), out_k.data_ptr(),
-                     out_v.data_ptr(), seed)
-        stream = raw_stream(self.device_index)
-        for step in self.steps:
-            args = step.template.copy()
-            for position, role, offset in step.patches:
-                args[position] = values_of[role] + offset
-            step.launcher(*step.grid, stream, *step.head, *args)
+        values_of[INDICES:OUT_VALUES + 1] = indices.data_ptr(), out_k.data_ptr(), out_v.data_ptr()
+        _launch(self.late, values_of, stream)
         return Evicted(out_k, out_v, indices)
+
+
+def _launch(steps: List[Step], values_of, stream: int) -> None:
+    for step in steps:
+        args = step.template.copy()
+        for position, role, offset in step.patches:
+            args[position] = values_of[role] + offset
+        step.launcher(*step.grid, stream, *step.head, *args)
 
 
 def _role(arg: torch.Tensor, inputs, buffers) -> Optional[Tuple[int, int]]:
@@ -143,11 +152,12 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int):
     n = keys.shape[2]
     alloc = allocate(policy, n, k)
     rows, clauses = keys.shape[0] * keys.shape[1], len(policy.selective)
-    programs = select_programs(rows, n, clauses, keys.device)
+    dims = (keys.shape[-1], values.shape[-1])
+    programs = select_programs(rows, n, clauses, keys.device, *dims)
     call = prepare(compile_policy(policy), alloc, keys, values, queries, seed)
     run(call)
     out = Evicted(call.keys, call.values, call.indices)
-    if select_programs(rows, n, clauses, keys.device) != programs:
+    if select_programs(rows, n, clauses, keys.device, *dims) != programs:
         return None, out
     plan = record(call, keys, values, queries)
     if plan is None:

@@ -113,14 +113,30 @@ def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, slot, i_row, rows
     return cand, _clause_key(prio_ptr, slot, i_row, rows, N, o_n, m_n)
 
 
+@triton.jit
+def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
+               D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dst_ptr[dst] = src[i_b, i_h, o_n] for the kept lanes (rows of D contiguous outputs)."""
+    o_d = tl.arange(0, BLOCK_D)
+    m = kept[:, None] & (o_d[None, :] < D)
+    p_src = src_ptr + i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h + o_n.to(tl.int64)[:, None] * s_n \
+        + o_d[None, :] * s_d
+    tl.store(dst_ptr + dst[:, None] * D + o_d[None, :], tl.load(p_src, mask=m), mask=m)
+
+
 @triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P",
                                "count0", "count1", "count2", "count3"])
 def _select_kernel(
     prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr,
+    k_ptr, v_ptr, out_k_ptr, out_v_ptr, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, H,
     N, rows, n_kept, n_sink, n_recent, chunk, P,
     slot0, slot1, slot2, slot3, count0, count1, count2, count3,
     C: tl.constexpr, P_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    GATHER: tl.constexpr, GATHER_T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
+    program also copies the K / V rows of the tokens it keeps (no separate gather launch)."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)
     lo = i_p * chunk
@@ -201,15 +217,23 @@ def _select_kernel(
         kept_per_chunk += gt_all + tl.minimum(tl.maximum(r_j - ties_before, 0), eq_all)
     offset = tl.sum(tl.where(m_p & (o_p < i_p), kept_per_chunk, 0), 0)
 
-    # ---- write the kept indices, in token order
+    # ---- write the kept indices (and rows), in token order
     out_row = out_i_ptr + i_row.to(tl.int64) * n_kept
-    for start in range(0, chunk, BLOCK):
-        o_n = lo + start + o_blk
+    STEP: tl.constexpr = GATHER_T if GATHER else BLOCK
+    o_step = tl.arange(0, STEP)
+    for start in range(0, chunk, STEP):
+        o_n = lo + start + o_step
         m_n = o_n < hi
         kept = _kept_before(C, prio_ptr, my_state, i_row, rows, N, o_n, m_n, n_sink, n_recent,
                             slot0, slot1, slot2, slot3)
         dst = offset + tl.cumsum(kept.to(tl.int32), 0) - 1
         tl.store(out_row + dst, o_n.to(tl.int64), mask=kept)
+        if GATHER:
+            out_dst = i_row.to(tl.int64) * n_kept + dst
+            _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, i_row // H, i_row % H, o_n, out_dst, kept,
+                       D, BLOCK_D)
+            _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, i_row // H, i_row % H, o_n, out_dst, kept,
+                       DV, BLOCK_DV)
         offset += tl.sum(kept.to(tl.int32), 0)
 
 
@@ -240,21 +264,30 @@ def chunking(n: int, programs: int):
     return chunk, cdiv(n, chunk)
 
 
-def select_programs(rows: int, n: int, clauses: int, device: torch.device) -> int:
-    """Programs per row that select_launch will use on ``device`` (occupancy learnt so far)."""
-    resident = resident_programs(_select_kernel, device, SELECT_WARPS, _constexprs(clauses))
+def select_programs(rows: int, n: int, clauses: int, device: torch.device, d: int = 0, dv: int = 0) -> int:
+    """Programs per row that select_launch will use on ``device`` (occupancy learnt so far);
+    d, dv: head dims of a fused gather, 0 for none."""
+    resident = resident_programs(_select_kernel, device, SELECT_WARPS, _constexprs(clauses, d, dv))
     return chunking(n, programs_per_row(rows, n, device, resident))[1]
 
 
-def _constexprs(clauses: int):
-    return dict(C=clauses, P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK)
+def _constexprs(clauses: int, d: int = 0, dv: int = 0):
+    """The kernel's constexprs; d > 0 fuses the gather of K / V rows (head dims d, dv)."""
+    # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements on the GPU; the
+    # interpreter has no registers to spare and pays per step, so it takes the scan's block
+    gather_t = SCAN_BLOCK if interpreting() else max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
+    return dict(C=clauses, P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK, GATHER=d > 0, GATHER_T=gather_t,
+                D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)))
 
 
 def select_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int, rows: int, n: int,
-                  n_kept: int, device: torch.device, programs: int = 1, workspace=None, out_i=None):
+                  n_kept: int, device: torch.device, programs: int = 1, workspace=None, out_i=None,
+                  gather=None):
     """(grid, args, constexprs, indices) of one select call; see select_indices. ``workspace``
     (int32, ``sum(workspace_sizes(...))`` elements, the first ``zeroed_numel`` of them zero) and
-    ``out_i`` (int64 [rows, n_kept]) are allocated here when not given."""
+    ``out_i`` (int64 [rows, n_kept]) are allocated here when not given. ``gather = (keys,
+    values, out_keys, out_values)`` also copies the kept rows ([B, H, N, D] in, contiguous
+    [B, H, n_kept, D] out)."""
     clauses = len(slots)
     if clauses > MAX_CLAUSES:
         raise ValueError(f"policy: at most {MAX_CLAUSES} selective clauses are supported, got {clauses}")
@@ -268,9 +301,15 @@ def select_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent
     slot_args = list(slots) + [0] * (MAX_CLAUSES - clauses)
     count_args = list(counts) + [0] * (MAX_CLAUSES - clauses)
     prio = priorities if priorities.numel() else torch.empty(1, dtype=torch.float32, device=device)
-    args = [prio, out_i, hist, bar, cnt, state, n, rows, n_kept, n_sink, n_recent, chunk, p,
+    if gather is None:
+        copy_args, d, dv = [prio] * 4 + [0] * 8 + [1], 0, 0
+    else:
+        keys, values, out_k, out_v = gather
+        copy_args = [keys, values, out_k, out_v, *keys.stride(), *values.stride(), keys.shape[1]]
+        d, dv = keys.shape[-1], values.shape[-1]
+    args = [prio, out_i, hist, bar, cnt, state, *copy_args, n, rows, n_kept, n_sink, n_recent, chunk, p,
             *slot_args, *count_args]
-    return (p, rows), args, _constexprs(clauses), out_i
+    return (p, rows), args, _constexprs(clauses, d, dv), out_i
 
 
 def select_indices(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int, rows: int, n: int,
