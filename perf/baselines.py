@@ -1,17 +1,38 @@
-"""The baselines tritonkv is measured against, doing the same policy:
+"""The baselines tritonkv is measured against.
 
-- eager: what popular eviction libraries run today — each score computed with PyTorch
-  operations in float32 (reference.py's formulas), forced windows masked out, ``torch.topk``
-  per clause, then a sort of the kept positions and a gather of K and V;
-- compiled: ``torch.compile`` of that same function (one compilation per policy, dynamic
-  shapes, so a new N does not recompile).
+- eager ("same policy"): each score computed with PyTorch operations in float32
+  (reference.py's formulas), forced windows masked out, ``torch.topk`` per clause, then a
+  sort of the kept positions and a gather of K and V. Keeps the same tokens as tritonkv.
+- peer: the formulation of the most used eviction library (NVIDIA kvpress, whose
+  ``ScorerPress`` scores every token, takes ``torch.topk`` of the scores and gathers K and V
+  at the returned indices): scores by PyTorch operations in the cache's own dtype (no float32
+  copy of K; attention probabilities from a float32 softmax cast back, as kvpress does),
+  forced tokens given a score above every other, one ``topk`` and a ``gather``. Its indices
+  come out in topk's order, not sorted: we time what its users run. It exists for the presets
+  kvpress has a press for (PEER_SCORES); where its semantics differ from the preset (SnapKV
+  pools only the keys before the observation window, TOVA averages over all query heads so
+  every head keeps the same tokens, random draws other numbers), the kept sets differ and
+  the suite records by how much instead of asserting.
+- compiled: ``torch.compile`` of the eager function, and of the peer (one compilation per
+  policy, dynamic shapes, so a new N does not recompile), each within a time budget
+  (``compile_within``): a compilation that runs past it is abandoned and recorded as skipped.
+
+Two choices make the peer faster than kvpress itself, so that speedups over it are not
+inflated: GQA attention multiplies each KV head by its group of queries in one batched
+matmul (kvpress's ``repeat_kv`` copies K once per query head), and forced tokens get +inf
+(kvpress computes ``scores.max().item() + 1``: a host sync per call).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import signal
+import time
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from tritonkv import dsl, reference
 from tritonkv.budget import allocate
@@ -46,3 +67,141 @@ def compiled_evict(policy: dsl.Policy):
     and N below 32767)."""
     core = torch.compile(_evict_core, dynamic=True)
     return functools.partial(eager_evict, policy=policy, core=core)
+
+
+# --------------------------------------------------------------------------- the peer
+# Each score function maps (keys [B, H, N, D], queries [B, H_q, W, D] or None, k) to scores
+# [B, H, N] in the cache's dtype, higher = keep; forced tokens score +inf.
+
+SNAPKV_WINDOW, SNAPKV_KERNEL = 64, 5     # the snapkv preset's (and kvpress's) defaults
+STREAMING_SINKS = 4
+
+
+def _attention(keys, queries, window: int, causal: bool):
+    """Softmax attention of the last ``window`` queries to every key, [B, H, G, window, N],
+    in the cache's dtype: a bf16 matmul, softmax in float32 cast back (as kvpress)."""
+    b, h, n, d = keys.shape
+    q = queries[:, :, -window:]
+    group = q.shape[1] // h
+    logits = (q.reshape(b, h, group * window, d) @ keys.transpose(2, 3)) / math.sqrt(d)
+    logits = logits.view(b, h, group, window, n)
+    if causal:   # query r sits at position n - window + r
+        future = torch.arange(n, device=keys.device) > torch.arange(n - window, n, device=keys.device)[:, None]
+        logits = logits.masked_fill(future, float("-inf"))
+    return torch.softmax(logits, dim=-1, dtype=torch.float32).to(keys.dtype)
+
+
+def _force_last(scores, count: int):
+    """Scores with ``count`` more tokens at the end that always win (kvpress pads with
+    max + 1)."""
+    return F.pad(scores, (0, count), value=float("inf"))
+
+
+def knorm_scores(keys, queries, k):
+    return -keys.norm(dim=-1)
+
+
+def keydiff_scores(keys, queries, k):
+    anchor = F.normalize(keys, dim=-1).mean(dim=2, keepdim=True)
+    return -F.cosine_similarity(keys, anchor, dim=-1)
+
+
+def random_scores(keys, queries, k):
+    return torch.rand(keys.shape[:-1], device=keys.device, dtype=keys.dtype)
+
+
+def streaming_llm_scores(keys, queries, k):
+    n = keys.shape[2]
+    scores = torch.ones_like(keys[..., 0])
+    scores[:, :, STREAMING_SINKS:STREAMING_SINKS + n - k] = 0
+    return scores
+
+
+def snapkv_scores(keys, queries, k):
+    """Attention of the window's queries to the keys before the window, averaged over the
+    window, average-pooled (kernel 5, zero padding at both ends of the pre-window keys),
+    averaged over the GQA group; the window itself is forced."""
+    b, h, n, _ = keys.shape
+    w = SNAPKV_WINDOW
+    probs = _attention(keys, queries, w, causal=True)[..., : n - w].mean(dim=-2)    # [B, H, G, N - w]
+    pooled = F.avg_pool1d(probs.reshape(b * h, -1, n - w), SNAPKV_KERNEL, stride=1, padding=SNAPKV_KERNEL // 2)
+    return _force_last(pooled.view(b, h, -1, n - w).mean(dim=2), w)
+
+
+def tova_scores(keys, queries, k):
+    """The last query's attention to the keys before it, averaged over ALL query heads (so
+    every KV head keeps the same tokens); the last token is forced."""
+    b, h, n, _ = keys.shape
+    probs = _attention(keys, queries, 1, causal=False)[..., 0, : n - 1]     # [B, H, G, N - 1]
+    scores = probs.mean(dim=(1, 2)).unsqueeze(1).expand(b, h, n - 1)
+    return _force_last(scores, 1)
+
+
+def h2o_scores(keys, queries, k):
+    """Causal attention summed over the proxy queries (heavy hitters), averaged over the GQA
+    group; the most recent half of the budget forced, as the h2o preset splits it
+    (round half up: budget.allocate's share 0.5 of k)."""
+    n = keys.shape[2]
+    scores = _attention(keys, queries, queries.shape[2], causal=True).sum(dim=-2).mean(dim=2)
+    recent = torch.arange(n, device=keys.device) >= n - (k + 1) // 2
+    return scores.masked_fill(recent, float("inf"))
+
+
+PEER_SCORES = {
+    "knorm": knorm_scores,
+    "keydiff": keydiff_scores,
+    "random": random_scores,
+    "streaming_llm": streaming_llm_scores,
+    "snapkv": snapkv_scores,
+    "tova": tova_scores,
+    "h2o": h2o_scores,
+}
+
+
+def topk_gather(scores, keys, values, k: int):
+    """kvpress's selection: the k highest scores per head (unsorted), K and V gathered there."""
+    indices = scores.topk(k, dim=-1).indices
+    expand = lambda x: indices.unsqueeze(-1).expand(*indices.shape, x.shape[-1])  # noqa: E731
+    return keys.gather(2, expand(keys)), values.gather(2, expand(values)), indices
+
+
+def _peer(keys, values, queries, k, score):
+    return topk_gather(score(keys, queries, k), keys, values, k)
+
+
+def peer_evict(name: str, compiled: bool = False):
+    """The peer of preset ``name`` as ``f(keys, values, queries, k) -> (keys, values,
+    indices)``, or None where kvpress has no such press; ``compiled``: its torch.compile."""
+    if name not in PEER_SCORES:
+        return None
+    return _compiled_peer(name) if compiled else functools.partial(_peer, score=PEER_SCORES[name])
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_peer(name: str):
+    return torch.compile(functools.partial(_peer, score=PEER_SCORES[name]), dynamic=True)
+
+
+# --------------------------------------------------------------------------- compile budget
+
+
+class CompileBudgetExceeded(BaseException):
+    """Raised inside torch.compile when it runs past its budget. A BaseException, so that
+    no ``except Exception`` in the compiler stack swallows it into an eager fallback."""
+
+
+@contextmanager
+def compile_within(seconds: float):
+    """Abandon what the block does (a first call that compiles) after ``seconds`` of wall
+    time, raising CompileBudgetExceeded (SIGALRM: main thread only; pytest runs there)."""
+    def expire(signum, frame):
+        raise CompileBudgetExceeded(f"torch.compile ran past its budget of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.perf_counter()
+    try:
+        yield lambda: time.perf_counter() - start
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -1,12 +1,20 @@
-"""tritonkv.evict beside PyTorch eager and torch.compile of the same policy, on the GPU.
+"""tritonkv.evict beside two eager baselines and their torch.compile, on the GPU
+(perf/baselines.py): "eager", the same policy in float32 (keeps the same tokens), and "peer",
+the most used eviction library's formulation (cache dtype, topk, gather) where it exists.
 
 Run (README): ``perf/run`` — one JSON per run under perf/results/.
-Each case's extra_info holds: policy, N, B, budget, time_ms, floor_ms, x_floor,
-eager_ms, compile_ms, speedup_vs_eager, speedup_vs_compile, extra_memory_bytes, and more.
+Each case's extra_info holds: policy, N, B, budget; three times of tritonkv: time_ms (wall of
+one call, host launch included), gpu_ms / gpu_min_ms (CUDA-graph replay, median / min),
+host_us / host_min_us (host time per call of back-to-back calls without sync, mean / best
+block of 50); floor_ms, x_floor; eager_ms, compile_ms, peer_ms, peer_compile_ms and
+speedup_vs_{eager,compile,peer,peer_compile} (baseline wall / tritonkv wall);
+kept_mismatch_vs_{eager,peer}; {compile,peer_compile}_skipped (why, where it did not run) and
+{compile,peer_compile}_first_call_s (compilation included); extra_memory_bytes, and more.
 """
 
 import json
 import os
+import statistics
 import time
 
 import pytest
@@ -16,9 +24,9 @@ import tritonkv as tkv
 from tritonkv import policies
 from tritonkv.budget import resolve_budget
 
-from .baselines import compiled_evict, eager_evict
+from .baselines import CompileBudgetExceeded, compile_within, compiled_evict, eager_evict, peer_evict
 from .floor import floor_bytes
-from .timing import flush_l2, graph_seconds, median_seconds, peak_extra_bytes
+from .timing import flush_l2, graph_times, host_times, median_seconds, peak_extra_bytes
 
 HEADS, GROUP, WINDOW, DIM = 8, 4, 64, 128
 DTYPE = torch.bfloat16
@@ -60,6 +68,11 @@ def kept_mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
 
 COMPILE_N = [int(x) for x in _env("TKV_COMPILE_N", "32768,131072").split(",")]
 COMPILE_B = [int(x) for x in _env("TKV_COMPILE_B", "1").split(",")]
+# wall seconds a torch.compile baseline may take on its first call of a case (compilation
+# included); one that runs past it is abandoned, and the policy's later cases skip it
+COMPILE_BUDGET_S = float(_env("TKV_COMPILE_BUDGET_S", "150"))
+COMPILED = _env("TKV_BENCH_COMPILE", "compile,peer_compile").split(",")   # which torch.compile baselines run
+_compile_skipped = {}    # (baseline, policy) -> why
 
 
 def _baseline(fn, rounds):
@@ -72,6 +85,32 @@ def _baseline(fn, rounds):
         print(f"\nbaseline failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         torch.cuda.empty_cache()
         return None, None
+
+
+def _compiled_baseline(label, name, fn, rounds, info):
+    """Median seconds of a torch.compile baseline, its first call (compilation included)
+    bounded by COMPILE_BUDGET_S; None, with ``info[label + "_skipped"]`` saying why, where it
+    did not run."""
+    if (label, name) in _compile_skipped:
+        info[f"{label}_skipped"] = _compile_skipped[label, name]
+        return None
+    try:
+        with compile_within(COMPILE_BUDGET_S) as elapsed:
+            out = fn()
+            torch.cuda.synchronize()
+            info[f"{label}_first_call_s"] = elapsed()
+    except CompileBudgetExceeded as e:
+        _compile_skipped[label, name] = info[f"{label}_skipped"] = str(e)
+        print(f"\n{label} of {name} skipped: {e}", flush=True)
+        torch._dynamo.reset()    # drop the half-built compilation
+        return None
+    except Exception as e:  # noqa: BLE001
+        info[f"{label}_skipped"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+        print(f"\n{label} of {name} failed: {info[f'{label}_skipped']}", flush=True)
+        torch.cuda.empty_cache()
+        return None
+    del out
+    return median_seconds(fn, rounds)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -95,23 +134,43 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
 
     if BASELINES:
         eager_out, eager_s = _baseline(lambda: eager_evict(keys, values, queries, policy, k), 2)
-        compile_s = None
-        if n in COMPILE_N and batch in COMPILE_B:   # compilation costs minutes: a subset of cases
+        compile_s = peer_compile_s = None
+        # compilation costs minutes: a subset of cases
+        compile_case = n in COMPILE_N and batch in COMPILE_B
+        if compile_case and "compile" in COMPILED:
             compiled = compiled_evict(policy)
-            _, compile_s = _baseline(lambda: compiled(keys, values, queries, k=k, seed=0), 2)
+            compile_s = _compiled_baseline("compile", name, lambda: compiled(keys, values, queries, k=k, seed=0),
+                                           2, info)
         if eager_out is not None:
             mismatch = kept_mismatch(out.indices, eager_out[2])
             info["kept_mismatch_vs_eager"] = mismatch
             assert mismatch <= 1e-3, f"tritonkv and eager keep different tokens ({mismatch:.2%})"
         del eager_out
-        info.update(eager_ms=eager_s and eager_s * 1e3, compile_ms=compile_s and compile_s * 1e3)
+        peer = peer_evict(name)
+        peer_s = None
+        if peer is not None:
+            peer_out, peer_s = _baseline(lambda: peer(keys, values, queries, k), 5)
+            if peer_out is not None:
+                # recorded, not asserted: the peer's semantics differ for some presets
+                info["kept_mismatch_vs_peer"] = kept_mismatch(out.indices, peer_out[2])
+            del peer_out
+            if compile_case and "peer_compile" in COMPILED:
+                compiled_peer = peer_evict(name, compiled=True)
+                peer_compile_s = _compiled_baseline("peer_compile", name,
+                                                    lambda: compiled_peer(keys, values, queries, k), 5, info)
+        ms = lambda s: s and s * 1e3  # noqa: E731
+        info.update(eager_ms=ms(eager_s), compile_ms=ms(compile_s), peer_ms=ms(peer_s),
+                    peer_compile_ms=ms(peer_compile_s))
 
     output_bytes = sum(t.numel() * t.element_size() for t in (out.keys, out.values, out.indices))
     del out
     info["extra_memory_bytes"] = peak_extra_bytes(run, output_bytes)
     info["extra_bytes_per_token_head"] = info["extra_memory_bytes"] / (batch * HEADS * n)
 
-    gpu_seconds = graph_seconds(run)
+    replays = graph_times(run)
+    gpu_seconds = statistics.median(replays)
+    hosts = host_times(run)
+    info.update(host_us=statistics.mean(hosts) * 1e6, host_min_us=min(hosts) * 1e6, gpu_min_ms=min(replays) * 1e3)
     benchmark.pedantic(run, setup=flush_l2, rounds=rounds, warmup_rounds=2)
     seconds = benchmark.stats.stats.median
     floor = floor_bytes(policy, keys, values, queries, n_kept)
@@ -122,8 +181,9 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
                 bandwidth_GBps=bandwidth / 1e9, floor_ms=floor_s * 1e3, x_floor=seconds / floor_s,
                 x_floor_gpu=gpu_seconds / floor_s)
     if BASELINES:
-        info["speedup_vs_eager"] = info["eager_ms"] / info["time_ms"] if info["eager_ms"] else None
-        info["speedup_vs_compile"] = info["compile_ms"] / info["time_ms"] if info["compile_ms"] else None
+        for baseline in ("eager", "compile", "peer", "peer_compile"):
+            base_ms = info[f"{baseline}_ms"]
+            info[f"speedup_vs_{baseline}"] = base_ms / info["time_ms"] if base_ms else None
     benchmark.extra_info.update(info)
     record_case(info, benchmark)
 
@@ -138,8 +198,10 @@ def record_case(info, benchmark):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, os.environ.get("TKV_CASES_FILE", "cases.jsonl")), "a") as f:
         f.write(json.dumps(row) + "\n")
-    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    fmt = lambda x, digits=2: "-" if x is None else f"{x:.{digits}f}"  # noqa: E731
     print(f"\n{info['policy']:<14} N={info['N']:<7} B={info['B']} budget={info['budget']:<4} "
           f"{info['time_ms']:.3f} ms (gpu {info['gpu_ms']:.3f}) = {info['x_floor']:.2f}x floor "
-          f"(gpu {info['x_floor_gpu']:.2f}x), vs eager {fmt(info.get('speedup_vs_eager'))}x, "
-          f"vs compile {fmt(info.get('speedup_vs_compile'))}x", flush=True)
+          f"(gpu {info['x_floor_gpu']:.2f}x), host {info['host_us']:.1f} us; "
+          f"vs eager {fmt(info.get('speedup_vs_eager'))}x, compile {fmt(info.get('speedup_vs_compile'))}x, "
+          f"peer {fmt(info.get('speedup_vs_peer'))}x, peer compile {fmt(info.get('speedup_vs_peer_compile'))}x, "
+          f"peer mismatch {fmt(info.get('kept_mismatch_vs_peer'), 4)}", flush=True)

@@ -1,5 +1,9 @@
-"""Timing helpers: every measurement is the wall time of one call until its GPU work is
-done, with the L2 cache flushed before it (so a 16 MB cache does not sit in the 50 MB L2)."""
+"""Timing helpers, three views of one call:
+- wall: one call until its GPU work is done, host launch included, with the L2 cache flushed
+  before it (so a 16 MB cache does not sit in the 50 MB L2): what a caller waits;
+- graph replay: the same GPU work replayed from a CUDA graph, without launch gaps: the kernels;
+- host: CPU time per call of back-to-back calls that do not synchronize: the Python and
+  launch cost, what bounds a loop of per-layer evictions once the GPU keeps up."""
 
 from __future__ import annotations
 
@@ -50,6 +54,11 @@ def peak_extra_bytes(fn, output_bytes) -> int:
 def graph_seconds(fn, replays: int = 10) -> float:
     """Device time of fn without launch gaps: fn captured once in a CUDA graph, the median
     replay timed with events (L2 flushed before each replay)."""
+    return statistics.median(graph_times(fn, replays))
+
+
+def graph_times(fn, replays: int = 10) -> list:
+    """Seconds of each of ``replays`` replays of fn captured in a CUDA graph (see graph_seconds)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -71,4 +80,23 @@ def graph_seconds(fn, replays: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     del graph
-    return statistics.median(times)
+    return times
+
+
+def host_times(fn, calls: int = 200, block: int = 50) -> list:
+    """Host (CPU) seconds per call of back-to-back calls without synchronizing: the mean of
+    each block of ``block`` calls, ``calls`` in all. Between blocks the GPU catches up, so the
+    launch queue never fills (a full queue would make the host wait for the GPU and time the
+    kernels instead); within a block nothing waits for the GPU unless fn itself syncs."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    means = []
+    for done in range(0, calls, block):
+        m = min(block, calls - done)
+        start = time.perf_counter()
+        for _ in range(m):
+            fn()
+        means.append((time.perf_counter() - start) / m)
+        torch.cuda.synchronize()
+    return means

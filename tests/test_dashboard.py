@@ -1,4 +1,5 @@
-"""The perf dashboard: result loading, the regression rule, the CLI, and the page rendering
+"""The perf dashboard: result loading, the regression rule (kernel side by CUDA-graph replay
+time, host side by host time per call, judged separately), the CLI, and the page rendering
 in headless Chromium without console errors."""
 
 import json
@@ -16,13 +17,19 @@ from tritonkv.dashboard.results import by_commit, load_run, load_runs
 
 
 def write_run(directory: Path, stamp: str, commit: str, gpu: str, cases):
-    """A minimal pytest-benchmark JSON; cases: {(policy, N, B, budget): (median_s, min_s)}."""
+    """A minimal pytest-benchmark JSON; cases: {(policy, N, B, budget): (median_s, min_s)} or
+    (median_s, min_s, {field: value}). Unless overridden, the replay and host times scale
+    with the wall times (a field set to None is left out, as in older runs)."""
     benchmarks = []
-    for (policy, n, b, budget), (median, minimum) in cases.items():
+    for (policy, n, b, budget), (median, minimum, *fields) in cases.items():
         info = dict(policy=policy, N=n, B=b, budget=budget, time_ms=median * 1e3, gpu_ms=median * 900,
+                    gpu_min_ms=minimum * 900, host_us=median * 3e4, host_min_us=minimum * 3e4,
                     floor_ms=median * 500, x_floor=2.0, x_floor_gpu=1.8, eager_ms=median * 6e3,
                     compile_ms=median * 3e3 if n <= 131072 else None, speedup_vs_eager=6.0,
-                    speedup_vs_compile=3.0 if n <= 131072 else None, extra_bytes_per_token_head=4.0)
+                    speedup_vs_compile=3.0 if n <= 131072 else None, peer_ms=median * 4e3, speedup_vs_peer=4.0,
+                    peer_compile_ms=median * 2.5e3, speedup_vs_peer_compile=2.5, extra_bytes_per_token_head=4.0)
+        info.update(fields[0] if fields else {})
+        info = {k: v for k, v in info.items() if v is not None}
         benchmarks.append(dict(name=f"test_evict[{policy}-{n}-{b}-{budget}]",
                                stats=dict(median=median, min=minimum), extra_info=info))
     path = directory / f"{stamp}-{gpu.replace(' ', '_')}-{commit}.json"
@@ -104,7 +111,10 @@ def test_page_renders_in_headless_chromium(results, tmp_path_factory):
     assert out.returncode == 0, out.stderr
     page = (site / "index.html").read_text()
     assert "cdn" not in page.lower() and (site / "plotly.min.js").stat().st_size > 1_000_000   # offline
-    assert page.count('class="regressed"') == 1
+    assert page.count('class="regressed"') == 1 and "kernel + host REGRESSED" in page
+    for column in ("<th>host µs</th>", "<th>vs peer</th>", "<th>vs peer compiled</th>", "<th>GPU replay vs previous</th>"):
+        assert column in page
+    assert "1 on the kernel side (CUDA-graph replay), 1 on the host side" in page
     figures = page.count('class="plotly-graph-div"')
     assert figures == 2 * 3   # two policies: time vs N, x floor vs N, history
 
@@ -139,3 +149,109 @@ def test_runs_of_one_commit_merge(tmp_path):
     assert set(merged[-1].cases) == set(BASE) and merged[-1].cases[REGRESSED].median_s == 1.0
     page = build(tmp_path, tmp_path / "site").read_text()
     assert "snapkv: time per evict()" in page and "2 commits on this GPU" in page
+
+
+def scaled(cases, wall=1.0, gpu=1.0, host=1.0, keep=("gpu", "host")):
+    """The cases with wall, replay and host times scaled separately (median and min alike);
+    ``keep`` drops the replay / host fields of the sides not named, as older runs lack them."""
+    out = {}
+    for key, (median, minimum) in cases.items():
+        fields = dict(gpu_ms=median * 900 * gpu, gpu_min_ms=minimum * 900 * gpu,
+                      host_us=median * 3e4 * host, host_min_us=minimum * 3e4 * host)
+        for side in ("gpu", "host"):
+            if side not in keep:
+                fields.update({f"{side}_{suffix}": None for suffix in (("ms", "min_ms") if side == "gpu"
+                                                                       else ("us", "min_us"))})
+        out[key] = (median * wall, minimum * wall, fields)
+    return out
+
+
+def compare_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tritonkv.dashboard", "compare", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_slower_host_machine_flags_no_kernel_regression(tmp_path):
+    """Every wall time 1.5x (a slower host machine), replay unchanged: only host regressions."""
+    base = write_run(tmp_path, "2026-11-20T10:00:00", "aaaa111", "NVIDIA H100", scaled(BASE))
+    new = write_run(tmp_path, "2026-11-21T10:00:00", "bbbb222", "NVIDIA H100", scaled(BASE, wall=1.5, host=1.5))
+    changes = compare(load_run(new), load_run(base))
+    assert len(changes) == len(BASE) and all(c.median_ratio > 1.4 for c in changes)
+    assert not any(c.kernel_regressed for c in changes)
+    assert all(c.regressed_sides() == ["host"] for c in changes)
+    flagged = compare_cli(new, base)
+    assert flagged.returncode == 1 and f"{len(BASE)} regression(s): kernel 0, host {len(BASE)}" in flagged.stdout
+    kernels_only = compare_cli(new, base, "--judge", "kernel")
+    assert kernels_only.returncode == 0 and "0 regression(s)" in kernels_only.stdout, kernels_only.stdout
+
+
+def test_kernel_regression_is_judged_by_replay_time(tmp_path):
+    base = write_run(tmp_path, "2026-11-20T10:00:00", "aaaa111", "NVIDIA H100", scaled(BASE))
+    new_cases = scaled(BASE)
+    new_cases.update(scaled({REGRESSED: BASE[REGRESSED]}, wall=1.05, gpu=1.3))   # hidden in wall by host time
+    new_cases.update(scaled({NOISY: BASE[NOISY]}, gpu=1.0))
+    new_cases[NOISY][2].update(gpu_ms=new_cases[NOISY][2]["gpu_ms"] * 1.4)        # replay median only: noise
+    new_cases.update(scaled({IMPROVED: BASE[IMPROVED]}, wall=0.95, gpu=0.7))
+    new = write_run(tmp_path, "2026-11-21T10:00:00", "bbbb222", "NVIDIA H100", new_cases)
+    changes = {c.case.key: c for c in compare(load_run(new), load_run(base))}
+    assert [k for k, c in changes.items() if c.regressed] == [REGRESSED]
+    assert changes[REGRESSED].regressed_sides() == ["kernel"] and changes[REGRESSED].median_ratio < 1.1
+    assert changes[NOISY].gpu_ratio > 1.3 and not changes[NOISY].regressed
+    assert [k for k, c in changes.items() if c.improved] == [IMPROVED]
+    assert changes[IMPROVED].improved_sides() == ["kernel"]
+    out = compare_cli(new, base)
+    assert out.returncode == 1 and "1 regression(s): kernel 1, host 0" in out.stdout
+    assert "REGRESSION kernel" in out.stdout and "knorm N=32768 B=1 budget=0.5" in out.stdout
+
+
+def test_missing_fields(tmp_path):
+    """An older baseline without host times (and without replay minima): the host side is not
+    judged, the kernel side by the replay median alone; runs without replay times at all fall
+    back to wall time, reported as such."""
+    old = scaled(BASE, keep=("gpu",))
+    for _, _, fields in old.values():
+        fields["gpu_min_ms"] = None
+    base = write_run(tmp_path, "2026-11-20T10:00:00", "aaaa111", "NVIDIA H100", old)
+    new_cases = scaled(BASE, wall=2.0, host=2.0)
+    new_cases.update(scaled({REGRESSED: BASE[REGRESSED]}, gpu=1.3))
+    new = write_run(tmp_path, "2026-11-21T10:00:00", "bbbb222", "NVIDIA H100", new_cases)
+    changes = {c.case.key: c for c in compare(load_run(new), load_run(base))}
+    assert all(c.ratios("host") is None and c.host_ratio is None for c in changes.values())
+    assert changes[REGRESSED].ratios("kernel") == (pytest.approx(1.3), None)
+    assert [k for k, c in changes.items() if c.regressed] == [REGRESSED]
+
+    walls = tmp_path / "walls"
+    walls.mkdir()
+    base = write_run(walls, "2026-11-20T10:00:00", "aaaa111", "NVIDIA H100", scaled(BASE, keep=()))
+    new_cases = scaled(BASE, keep=())
+    new_cases[REGRESSED] = (BASE[REGRESSED][0] * 1.3, BASE[REGRESSED][1] * 1.3, new_cases[REGRESSED][2])
+    new = write_run(walls, "2026-11-21T10:00:00", "bbbb222", "NVIDIA H100", new_cases)
+    changes = {c.case.key: c for c in compare(load_run(new), load_run(base))}
+    assert [k for k, c in changes.items() if c.regressed] == [REGRESSED]
+    assert changes[REGRESSED].regressed_sides() == ["wall"] and not changes[REGRESSED].kernel_regressed
+    out = compare_cli(new, base)
+    assert out.returncode == 1 and "1 regression(s): kernel 0, wall 1, host 0" in out.stdout
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "perf" / "results"
+A568D6B = RESULTS / "20261124T105039-NVIDIA_H100_80GB_HBM3-a568d6b.json"
+A2A1879 = RESULTS / "20261124T082737-NVIDIA_H100_80GB_HBM3-a2a1879.json"
+
+
+@pytest.mark.skipif(not (A568D6B.exists() and A2A1879.exists()), reason="the committed H100 runs are not here")
+def test_real_runs_a568d6b_vs_a2a1879():
+    """The two committed H100 runs: 23 cases at N <= 32k were slower in wall time (median and
+    min > 1.10x) with replay ratios of 0.94-1.03x: host time, not kernels. None is a kernel
+    regression; the old runs have no host times, so the host side is not judged."""
+    changes = compare(load_run(A568D6B), load_run(A2A1879))
+    wall_slower = [c for c in changes if c.median_ratio > 1.1 and c.min_ratio > 1.1]
+    assert len(wall_slower) == 23 and all(c.case.n <= 32768 for c in wall_slower)
+    assert all(0.9 < c.gpu_ratio < 1.1 for c in wall_slower)
+    assert not any(c.regressed for c in changes)
+    assert all(c.ratios("host") is None for c in changes)
+    out = compare_cli(A568D6B, A2A1879)
+    assert out.returncode == 0 and "0 regression(s)" in out.stdout, out.stdout
+    # the dashboard's view of these commits: a568d6b's two runs merged, against a2a1879
+    merged = by_commit([r for r in load_runs(RESULTS) if r.commit[:7] in ("a568d6b", "a2a1879")])
+    assert [r.commit[:7] for r in merged] == ["a2a1879", "a568d6b"]
+    assert not any(c.regressed for c in compare(merged[-1], merged[-2]))

@@ -18,7 +18,10 @@ def main(argv=None) -> int:
     c.add_argument("new", help="result file of the new run")
     c.add_argument("baseline", nargs="?", help="result file of the baseline (default: previous run, same GPU)")
     c.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help="relative slowdown of median AND min that counts as a regression (0.10 = 10%%)")
+                   help="relative slowdown of typical AND best time that counts as a regression (0.10 = 10%%)")
+    c.add_argument("--judge", choices=("both", "kernel", "host"), default="both",
+                   help="which side to judge: kernels (CUDA-graph replay time), host (host time per "
+                        "call), or both (default); e.g. 'kernel' on a host machine other than the baseline's")
     args = parser.parse_args(argv)
     if args.command == "build":
         from .build import build
@@ -26,7 +29,8 @@ def main(argv=None) -> int:
         print(f"dashboard: {index}")
         return 0
     from .compare import main as compare_main
-    return compare_main(args.new, args.baseline, args.threshold)
+    judge = ("kernel", "host") if args.judge == "both" else (args.judge,)
+    return compare_main(args.new, args.baseline, args.threshold, judge)
 
 
 if __name__ == "__main__":

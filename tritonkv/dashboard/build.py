@@ -12,8 +12,10 @@ from plotly.offline import get_plotlyjs
 from .compare import DEFAULT_THRESHOLD, compare
 from .results import Run, by_commit, fmt, load_runs
 
+# (name, extra_info field, colour): tritonkv's wall time beside each baseline's
 PROVIDERS = (("tritonkv", "time_ms", "#1f77b4"), ("eager", "eager_ms", "#d62728"),
-             ("torch.compile", "compile_ms", "#2ca02c"))
+             ("torch.compile", "compile_ms", "#2ca02c"), ("peer", "peer_ms", "#9467bd"),
+             ("peer compiled", "peer_compile_ms", "#ff7f0e"))
 DASHES = {0.1: "dot", 0.5: "solid"}
 SYMBOLS = {1: "circle", 4: "square"}
 
@@ -56,7 +58,8 @@ def scaling_figures(policy: str, cases) -> Tuple[go.Figure, go.Figure]:
 
 
 def history_figure(policy: str, runs: List[Run], flagged: Set[Tuple]) -> go.Figure:
-    """Median time of every case of a policy across runs (same GPU), flagged cases marked."""
+    """Kernel time (CUDA-graph replay; the wall median for runs without it) of every case of
+    a policy across runs (same GPU), cases that regressed in the latest run marked."""
     fig = go.Figure()
     keys = sorted({k for r in runs for k in r.cases if k[0] == policy})
     for key in keys:
@@ -64,12 +67,12 @@ def history_figure(policy: str, runs: List[Run], flagged: Set[Tuple]) -> go.Figu
         for r in runs:
             if key in r.cases:
                 xs.append(r.label)
-                ys.append(r.cases[key].median_s * 1e3)
+                ys.append(r.cases[key].get("gpu_ms") or r.cases[key].median_s * 1e3)
         name = f"N={key[1]} B={key[2]} budget={key[3]:g}"
         width = 4 if key in flagged else 1.5
         fig.add_trace(go.Scatter(x=xs, y=ys, name=name + (" (regressed)" if key in flagged else ""),
                                  mode="lines+markers", line=dict(width=width)))
-    fig.update_layout(title=f"{policy}: history (median ms per run)", height=360,
+    fig.update_layout(title=f"{policy}: history (GPU replay ms per run)", height=360,
                       margin=dict(l=50, r=10, t=40, b=60), legend=dict(font=dict(size=9)))
     fig.update_yaxes(type="log", title="ms (log)")
     fig.update_xaxes(type="category", title="run (date, commit)")
@@ -77,20 +80,26 @@ def history_figure(policy: str, runs: List[Run], flagged: Set[Tuple]) -> go.Figu
 
 
 def table(run: Run, changes) -> str:
-    status = {c.case.key: ("regressed" if c.regressed else "improved" if c.improved else "") for c in changes}
-    ratio = {c.case.key: c.median_ratio for c in changes}
-    gpu_ratio = {c.case.key: c.gpu_ratio for c in changes}
-    head = ("policy", "N", "B", "budget", "ms", "GPU ms", "floor ms", "x floor", "x floor (GPU)", "vs eager",
-            "vs compile", "extra B/token/head", "vs previous", "GPU replay vs previous")
+    by_key = {c.case.key: c for c in changes}
+    head = ("policy", "N", "B", "budget", "ms", "GPU ms", "host µs", "floor ms", "x floor", "x floor (GPU)",
+            "vs eager", "vs compile", "vs peer", "vs peer compiled", "extra B/token/head",
+            "GPU replay vs previous", "host vs previous", "wall vs previous", "verdict")
     rows = []
     for case in sorted(run.cases.values(), key=lambda c: c.key):
-        cls = status.get(case.key, "")
+        change = by_key.get(case.key)
+        cls, verdict = "", ""
+        if change is not None and change.regressed:
+            cls, verdict = "regressed", " + ".join(change.regressed_sides()) + " REGRESSED"
+        elif change is not None and change.improved:
+            cls, verdict = "improved", " + ".join(change.improved_sides()) + " improved"
+        ratio = lambda get: fmt(get(change), 2) if change is not None else "-"  # noqa: E731
         cells = [case.policy, case.n, case.batch, f"{case.budget:g}", fmt(case.get("time_ms")),
-                 fmt(case.get("gpu_ms")), fmt(case.get("floor_ms")), fmt(case.get("x_floor"), 2),
-                 fmt(case.get("x_floor_gpu"), 2), fmt(case.get("speedup_vs_eager"), 1),
-                 fmt(case.get("speedup_vs_compile"), 1), fmt(case.get("extra_bytes_per_token_head"), 1),
-                 fmt(ratio.get(case.key), 2) + ("  REGRESSED" if cls == "regressed" else ""),
-                 fmt(gpu_ratio.get(case.key), 2)]
+                 fmt(case.get("gpu_ms")), fmt(case.get("host_us"), 1), fmt(case.get("floor_ms")),
+                 fmt(case.get("x_floor"), 2), fmt(case.get("x_floor_gpu"), 2),
+                 fmt(case.get("speedup_vs_eager"), 1), fmt(case.get("speedup_vs_compile"), 1),
+                 fmt(case.get("speedup_vs_peer"), 1), fmt(case.get("speedup_vs_peer_compile"), 1),
+                 fmt(case.get("extra_bytes_per_token_head"), 1), ratio(lambda c: c.gpu_ratio),
+                 ratio(lambda c: c.host_ratio), ratio(lambda c: c.median_ratio), verdict]
         rows.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return ("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
@@ -107,6 +116,7 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
     latest = same_gpu[-1]
     changes = compare(latest, same_gpu[-2], threshold) if len(same_gpu) > 1 else []
     flagged = {c.case.key for c in changes if c.regressed}
+    per_side = {side: sum(side in c.regressed_sides() for c in changes) for side in ("kernel", "host", "wall")}
     parts, fig_id = [], 0
 
     def add(fig):
@@ -123,8 +133,10 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
     baseline = f" vs previous run {same_gpu[-2].label}" if len(same_gpu) > 1 else " (no previous run on this GPU)"
     meta = (f"latest run {html.escape(latest.label)} on {html.escape(latest.gpu)}: {len(latest.cases)} cases; "
             f"{len(runs)} result files ({len(same_gpu)} commits on this GPU) in {html.escape(str(results_dir))}; "
-            f'<span class="flag">{len(flagged)} regression(s)</span>{html.escape(baseline)} '
-            f"(median and min both above {1 + threshold:.2f}x)")
+            f'<span class="flag">{len(flagged)} regression(s)</span>{html.escape(baseline)}: '
+            f"{per_side['kernel']} on the kernel side (CUDA-graph replay), {per_side['host']} on the host side "
+            f"(host time per call)" + (f", {per_side['wall']} by wall time (no replay times)" if per_side["wall"] else "")
+            + f"; each side's typical and best time both above {1 + threshold:.2f}x")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tritonkv perf</title>"
             f"<script src='plotly.min.js'></script><style>{STYLE}</style></head><body>"
             f"<h1>tritonkv performance</h1><div class='meta'>{meta}</div>"
