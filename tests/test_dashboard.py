@@ -185,6 +185,17 @@ def test_slower_host_machine_flags_no_kernel_regression(tmp_path):
     assert kernels_only.returncode == 0 and "0 regression(s)" in kernels_only.stdout, kernels_only.stdout
 
 
+def test_host_noise_within_its_threshold(tmp_path):
+    """Host time 1.2x everywhere: within the host threshold (25%, host time is noisier than
+    replay time), flagged with --host-threshold 0.1."""
+    base = write_run(tmp_path, "2026-11-20T10:00:00", "aaaa111", "NVIDIA H100", scaled(BASE))
+    new = write_run(tmp_path, "2026-11-21T10:00:00", "bbbb222", "NVIDIA H100", scaled(BASE, wall=1.2, host=1.2))
+    assert not any(c.regressed for c in compare(load_run(new), load_run(base)))
+    assert compare_cli(new, base).returncode == 0
+    strict = compare_cli(new, base, "--host-threshold", "0.1")
+    assert strict.returncode == 1 and f"kernel 0, host {len(BASE)}" in strict.stdout
+
+
 def test_kernel_regression_is_judged_by_replay_time(tmp_path):
     base = write_run(tmp_path, "2026-11-20T10:00:00", "aaaa111", "NVIDIA H100", scaled(BASE))
     new_cases = scaled(BASE)
