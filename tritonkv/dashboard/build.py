@@ -136,7 +136,8 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
             f"{len(runs)} result files ({len(same_gpu)} commits on this GPU) in {html.escape(str(results_dir))}; "
             f'<span class="flag">{len(flagged)} regression(s)</span>{html.escape(baseline)}: '
             f"{per_side['kernel']} on the kernel side (CUDA-graph replay), {per_side['host']} on the host side "
-            f"(host time per call)" + (f", {per_side['wall']} by wall time (no replay times)" if per_side["wall"] else "")
+            f"(host time per call)"
+            + (f", {per_side['wall']} by wall time (no replay times)" if per_side["wall"] else "")
             + f"; typical and best time both above {1 + threshold:.2f}x (kernel), {1 + host_threshold:.2f}x (host)")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tritonkv perf</title>"
             f"<script src='plotly.min.js'></script><style>{STYLE}</style></head><body>"
