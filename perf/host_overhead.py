@@ -1,6 +1,7 @@
 """Host (CPU) cost of evict() on the GPU machine, per preset, before and after planning.
 
     python perf/host_overhead.py [--json OUT.json] [--n 512,8192,32768,131072]
+    python perf/host_overhead.py --markdown OUT.json      # its tables, as in docs/performance.md
 
 For each policy (every preset and composite; B=1, H_kv=8, D=128, bf16) and N, three times:
   host_us   back-to-back calls without synchronizing: CPU time per call (what bounds a loop
@@ -189,13 +190,41 @@ def profile(name="knorm", n=8192):
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
+def markdown(result) -> str:
+    """The host-cost tables of docs/performance.md from one run's JSON."""
+    f = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
+    lines = [f"{result['gpu']}, torch {result['torch']}. Times in us; host = back-to-back calls, no sync; "
+             "wall = one call from an idle GPU to its end; graph = CUDA-graph replay (kernels alone).", "",
+             "| policy | N | budget | host unplanned | host evict | host Evictor | wall unplanned | wall evict "
+             "| graph | wall / graph |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["cases"]:
+        ratio = r["evict_wall_us"] / r["graph_us"] if r["graph_us"] else None
+        lines.append(f"| {r['policy']} | {r['N']} | {r['budget']} | {f(r['unplanned_host_us'])} | "
+                     f"{f(r['evict_host_us'])} | {f(r['evictor_host_us'])} | {f(r['unplanned_wall_us'])} | "
+                     f"{f(r['evict_wall_us'])} | {f(r['graph_us'])} | "
+                     f"{'-' if ratio is None else f'{ratio:.2f}'} |")
+    lines += ["", f"{result['layers'][0]['layers']} layers of N = {result['layers'][0]['N']}, budget "
+              f"{result['layers'][0]['budget']}: a call per layer vs one call on the layers stacked as batch rows",
+              "", "| policy | host us/layer, a call each | GPU us/layer | host us/layer, one call | GPU us/layer |",
+              "|---|---|---|---|---|"]
+    for r in result["layers"]:
+        lines.append(f"| {r['policy']} | {f(r['host_us_per_layer'])} | {f(r['graph_us_per_layer'])} | "
+                     f"{r['stacked_host_us_per_layer']:.1f} | {f(r['stacked_graph_us_per_layer'])} |")
+    lines += ["", "Pieces of a planned call (us): " + ", ".join(f"{k} {v:.1f}" for k, v in result["primitives"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--n", default="512,8192,32768,131072")
     parser.add_argument("--budgets", default="0.1,0.5")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--markdown", help="render a run's JSON as the tables of docs/performance.md")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
     names = args.policies.split(",")
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, primitives=primitives(),
                   cases=measure(names, [int(x) for x in args.n.split(",")],

@@ -195,3 +195,16 @@ def test_seed_argument_position():
                           torch.empty(1, 4, 4, 32, device="meta"), 123457, priorities)
     ints = [a for i, a in enumerate(args) if i != SEED_ARG and type(a) is int]
     assert args[SEED_ARG] == 123457 and 123457 not in ints
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_stacked_layers_keep_what_separate_calls_keep(backend):
+    """README: layers stacked as batch rows = one call per layer, for policies without draws."""
+    layers = [make(n=90, h=2, seed=s, dtype=torch.float32) for s in range(3)]
+    stacked = [torch.cat(parts) for parts in zip(*layers)]
+    for policy in (policies.keydiff(), policies.snapkv(window=16)):
+        q = stacked[2] if policy.needs_queries else None
+        together = tkv.evict(stacked[0], stacked[1], policy, 30, queries=q, backend=backend)
+        for i, (k, v, q1) in enumerate(layers):
+            alone = tkv.evict(k, v, policy, 30, queries=q1 if policy.needs_queries else None, backend=backend)
+            assert torch.equal(together.indices[i:i + 1], alone.indices)

@@ -116,7 +116,7 @@ def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, slot, i_row, rows
 @triton.jit
 def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
                D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dst_ptr[dst] = src[i_b, i_h, o_n] for the kept lanes (rows of D contiguous outputs)."""
+    """dst_ptr[dst] = src[i_b, i_h, o_n] for the lanes in ``kept`` (rows of D contiguous outputs)."""
     o_d = tl.arange(0, BLOCK_D)
     m = kept[:, None] & (o_d[None, :] < D)
     p_src = src_ptr + i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h + o_n.to(tl.int64)[:, None] * s_n \
@@ -217,24 +217,31 @@ def _select_kernel(
         kept_per_chunk += gt_all + tl.minimum(tl.maximum(r_j - ties_before, 0), eq_all)
     offset = tl.sum(tl.where(m_p & (o_p < i_p), kept_per_chunk, 0), 0)
 
-    # ---- write the kept indices (and rows), in token order
+    # ---- write the kept indices, in token order; with GATHER, then the rows they name
     out_row = out_i_ptr + i_row.to(tl.int64) * n_kept
-    STEP: tl.constexpr = GATHER_T if GATHER else BLOCK
-    o_step = tl.arange(0, STEP)
-    for start in range(0, chunk, STEP):
-        o_n = lo + start + o_step
+    o_g = tl.arange(0, GATHER_T)
+    for start in range(0, chunk, BLOCK):
+        o_n = lo + start + o_blk
         m_n = o_n < hi
         kept = _kept_before(C, prio_ptr, my_state, i_row, rows, N, o_n, m_n, n_sink, n_recent,
                             slot0, slot1, slot2, slot3)
         dst = offset + tl.cumsum(kept.to(tl.int32), 0) - 1
         tl.store(out_row + dst, o_n.to(tl.int64), mask=kept)
+        n_here = tl.sum(kept.to(tl.int32), 0)
         if GATHER:
-            out_dst = i_row.to(tl.int64) * n_kept + dst
-            _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, i_row // H, i_row % H, o_n, out_dst, kept,
-                       D, BLOCK_D)
-            _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, i_row // H, i_row % H, o_n, out_dst, kept,
-                       DV, BLOCK_DV)
-        offset += tl.sum(kept.to(tl.int32), 0)
+            # the block's kept rows, densely: read back the indices just written (a barrier
+            # makes every thread's stores visible to the whole program)
+            tl.debug_barrier()
+            for r in range(0, n_here, GATHER_T):
+                o_j = offset + r + o_g
+                m_j = o_j < offset + n_here
+                idx = tl.load(out_row + o_j, mask=m_j, other=0)
+                out_dst = i_row.to(tl.int64) * n_kept + o_j
+                _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, i_row // H, i_row % H, idx, out_dst, m_j,
+                           D, BLOCK_D)
+                _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, i_row // H, i_row % H, idx, out_dst, m_j,
+                           DV, BLOCK_DV)
+        offset += n_here
 
 
 def programs_per_row(rows: int, n: int, device: torch.device, resident: int) -> int:
@@ -273,9 +280,8 @@ def select_programs(rows: int, n: int, clauses: int, device: torch.device, d: in
 
 def _constexprs(clauses: int, d: int = 0, dv: int = 0):
     """The kernel's constexprs; d > 0 fuses the gather of K / V rows (head dims d, dv)."""
-    # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements on the GPU; the
-    # interpreter has no registers to spare and pays per step, so it takes the scan's block
-    gather_t = SCAN_BLOCK if interpreting() else max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
+    # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
+    gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
     return dict(C=clauses, P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK, GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)))
 
