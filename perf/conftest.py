@@ -11,6 +11,16 @@ import tritonkv
 from .floor import copy_bandwidth
 
 
+def pytest_configure(config):
+    # every policy's torch.compile baseline compiles the same Python function (one per
+    # baseline, guarded on the policy; the peer once per shape and budget too): past dynamo's
+    # recompile limit (8) a function silently runs eager, so allow every case its own entry
+    import torch._dynamo.config as dynamo_config
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, limit):
+            setattr(dynamo_config, limit, 256)
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU")

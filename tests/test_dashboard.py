@@ -112,8 +112,8 @@ def test_page_renders_in_headless_chromium(results, tmp_path_factory):
     page = (site / "index.html").read_text()
     assert "cdn" not in page.lower() and (site / "plotly.min.js").stat().st_size > 1_000_000   # offline
     assert page.count('class="regressed"') == 1 and "kernel + host REGRESSED" in page
-    for column in ("<th>host µs</th>", "<th>vs peer</th>", "<th>vs peer compiled</th>", "<th>GPU replay vs previous</th>"):
-        assert column in page
+    for column in ("host µs", "vs peer", "vs peer compiled", "GPU replay vs previous", "host vs previous"):
+        assert f"<th>{column}</th>" in page
     assert "1 on the kernel side (CUDA-graph replay), 1 on the host side" in page
     figures = page.count('class="plotly-graph-div"')
     assert figures == 2 * 3   # two policies: time vs N, x floor vs N, history
@@ -183,6 +183,17 @@ def test_slower_host_machine_flags_no_kernel_regression(tmp_path):
     assert flagged.returncode == 1 and f"{len(BASE)} regression(s): kernel 0, host {len(BASE)}" in flagged.stdout
     kernels_only = compare_cli(new, base, "--judge", "kernel")
     assert kernels_only.returncode == 0 and "0 regression(s)" in kernels_only.stdout, kernels_only.stdout
+
+
+def test_host_noise_within_its_threshold(tmp_path):
+    """Host time 1.2x everywhere: within the host threshold (25%, host time is noisier than
+    replay time), flagged with --host-threshold 0.1."""
+    base = write_run(tmp_path, "2026-11-20T10:00:00", "aaaa111", "NVIDIA H100", scaled(BASE))
+    new = write_run(tmp_path, "2026-11-21T10:00:00", "bbbb222", "NVIDIA H100", scaled(BASE, wall=1.2, host=1.2))
+    assert not any(c.regressed for c in compare(load_run(new), load_run(base)))
+    assert compare_cli(new, base).returncode == 0
+    strict = compare_cli(new, base, "--host-threshold", "0.1")
+    assert strict.returncode == 1 and f"kernel 0, host {len(BASE)}" in strict.stdout
 
 
 def test_kernel_regression_is_judged_by_replay_time(tmp_path):

@@ -9,7 +9,7 @@ from typing import List, Set, Tuple
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from .compare import DEFAULT_THRESHOLD, compare
+from .compare import DEFAULT_HOST_THRESHOLD, DEFAULT_THRESHOLD, compare
 from .results import Run, by_commit, fmt, load_runs
 
 # (name, extra_info field, colour): tritonkv's wall time beside each baseline's
@@ -105,7 +105,8 @@ def table(run: Run, changes) -> str:
             + "".join(rows) + "</tbody></table>")
 
 
-def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD) -> Path:
+def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD,
+          host_threshold: float = DEFAULT_HOST_THRESHOLD) -> Path:
     runs = load_runs(results_dir)
     if not runs:
         raise SystemExit(f"no result files in {results_dir}")
@@ -114,7 +115,7 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
     # one entry per commit: a suite measured over several calls shows as one run
     same_gpu = by_commit([r for r in runs if r.gpu == runs[-1].gpu])
     latest = same_gpu[-1]
-    changes = compare(latest, same_gpu[-2], threshold) if len(same_gpu) > 1 else []
+    changes = compare(latest, same_gpu[-2], threshold, host_threshold) if len(same_gpu) > 1 else []
     flagged = {c.case.key for c in changes if c.regressed}
     per_side = {side: sum(side in c.regressed_sides() for c in changes) for side in ("kernel", "host", "wall")}
     parts, fig_id = [], 0
@@ -135,8 +136,9 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
             f"{len(runs)} result files ({len(same_gpu)} commits on this GPU) in {html.escape(str(results_dir))}; "
             f'<span class="flag">{len(flagged)} regression(s)</span>{html.escape(baseline)}: '
             f"{per_side['kernel']} on the kernel side (CUDA-graph replay), {per_side['host']} on the host side "
-            f"(host time per call)" + (f", {per_side['wall']} by wall time (no replay times)" if per_side["wall"] else "")
-            + f"; each side's typical and best time both above {1 + threshold:.2f}x")
+            f"(host time per call)"
+            + (f", {per_side['wall']} by wall time (no replay times)" if per_side["wall"] else "")
+            + f"; typical and best time both above {1 + threshold:.2f}x (kernel), {1 + host_threshold:.2f}x (host)")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tritonkv perf</title>"
             f"<script src='plotly.min.js'></script><style>{STYLE}</style></head><body>"
             f"<h1>tritonkv performance</h1><div class='meta'>{meta}</div>"
