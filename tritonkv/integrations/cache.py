@@ -86,6 +86,12 @@ def _window_of(policy: dsl.Policy, n: int, default: int) -> int:
     return need
 
 
+def _causal_window(policy: dsl.Policy, n: int) -> int:
+    """The longest proxy window of the policy's causal attention scores on n keys."""
+    return max((proxy_window(node, n, math.inf) for score in policy.scores for node in dsl.walk(score)
+                if isinstance(node, dsl.ProxyAttention) and node.causal and node.window is not None), default=0)
+
+
 def _rows_policy(policy: dsl.Policy, seen: int, prefix: int, suffix: int) -> dsl.Policy:
     """The policy with its sink / recent windows as row counts of the held cache: positions
     ``< n`` are its first rows (at most the ``prefix`` rows known to be positions 0, 1, ...),
@@ -238,6 +244,11 @@ class EvictingLayer(DynamicLayer):
         suffix = held if self.whole else min(self.suffix, held)
         policy = _rows_policy(settings.policy, self.seen, prefix, suffix)
         queries = self.queries if settings.query_window else None
+        if queries is not None and _causal_window(policy, held) > held:
+            # a causal proxy window longer than the rows held cannot be placed on them (a small
+            # per-layer budget): keep the sinks and the most recent rows
+            policy = dsl.Policy(tuple(c for c in policy.clauses if isinstance(c, dsl.Sink)) + (dsl.recent(),))
+            queries = None
         seed = settings.seed + self.index + settings.n_layers * self.evictions
         evictor = settings.evictor(policy, k)
         timer = settings.timer
