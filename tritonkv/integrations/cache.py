@@ -92,17 +92,29 @@ def _causal_window(policy: dsl.Policy, n: int) -> int:
                 if isinstance(node, dsl.ProxyAttention) and node.causal and node.window is not None), default=0)
 
 
-def _rows_policy(policy: dsl.Policy, seen: int, prefix: int, suffix: int) -> dsl.Policy:
-    """The policy with its sink / recent windows as row counts of the held cache: positions
-    ``< n`` are its first rows (at most the ``prefix`` rows known to be positions 0, 1, ...),
-    positions ``>= seen - n`` its last rows (at most the ``suffix`` rows known to be the last
-    tokens). Integer counts keep the compiled kernels: their code depends only on the scores."""
+def _row_windows(policy: dsl.Policy, seen: int, prefix: int, suffix: int) -> Tuple[int, ...]:
+    """Row counts of the policy's sink / recent(n) clauses in the held cache: positions ``< n``
+    are its first rows (at most the ``prefix`` rows known to be positions 0, 1, ...), positions
+    ``>= seen - n`` its last rows (at most the ``suffix`` rows known to be the last tokens)."""
+    counts = []
+    for c in policy.forced:
+        if isinstance(c, dsl.Sink):
+            counts.append(min(resolve_count(c.n, seen), prefix))
+        elif c.n is not None:
+            counts.append(min(resolve_count(c.n, seen), suffix))
+    return tuple(counts)
+
+
+def _rows_policy(policy: dsl.Policy, counts: Tuple[int, ...]) -> dsl.Policy:
+    """The policy with its sink / recent(n) windows as these row counts. Integer counts keep
+    the compiled kernels: their code depends only on the scores."""
+    counts = iter(counts)
     clauses = []
     for c in policy.clauses:
         if isinstance(c, dsl.Sink):
-            c = dsl.Sink(min(resolve_count(c.n, seen), prefix))
+            c = dsl.Sink(next(counts))
         elif isinstance(c, dsl.Recent) and c.n is not None:
-            c = dsl.Recent(min(resolve_count(c.n, seen), suffix))
+            c = dsl.Recent(next(counts))
         clauses.append(c)
     return replace(policy, clauses=tuple(clauses))
 
@@ -200,7 +212,7 @@ class EvictingLayer(DynamicLayer):
         settings = self.cache
         q_len = query.shape[2]
         if settings.query_window:
-            size = max(settings.window, _window_of(settings.policy, self.held, settings.window))
+            size = settings.query_size(self.held)
             recent = query[:, :, -size:].detach()
             if self.queries is not None and recent.shape[2] < size:   # decoding: a rolling buffer
                 recent = torch.cat([self.queries, recent], dim=2)[:, :, -size:]
@@ -242,19 +254,13 @@ class EvictingLayer(DynamicLayer):
         held = self.held
         prefix = held if self.whole else self.prefix
         suffix = held if self.whole else min(self.suffix, held)
-        policy = _rows_policy(settings.policy, self.seen, prefix, suffix)
-        queries = self.queries if settings.query_window else None
-        if queries is not None and _causal_window(policy, held) > held:
-            # a causal proxy window longer than the rows held cannot be placed on them (a small
-            # per-layer budget): keep the sinks and the most recent rows
-            policy = dsl.Policy(tuple(c for c in policy.clauses if isinstance(c, dsl.Sink)) + (dsl.recent(),))
-            queries = None
+        plan = settings.plan(_row_windows(settings.policy, self.seen, prefix, suffix), held, k)
+        queries = self.queries if plan.queries else None
         seed = settings.seed + self.index + settings.n_layers * self.evictions
-        evictor = settings.evictor(policy, k)
         timer = settings.timer
         if timer is not None:
             timer.start()
-        out = evictor(self.keys, self.values, queries=queries, seed=seed)
+        out = plan.evictor(self.keys, self.values, queries=queries, seed=seed)
         if timer is not None:
             timer.stop()
         positions = self.positions()
@@ -270,8 +276,7 @@ class EvictingLayer(DynamicLayer):
             self.kept_positions = positions.gather(-1, out.indices)
             self.keys, self.values = out.keys, out.values
             self.last = Evicted(out.keys, out.values, self.kept_positions)
-        windows = allocate(policy, held, k)
-        self.prefix, self.suffix = windows.n_sink, windows.n_recent
+        self.prefix, self.suffix = plan.n_sink, plan.n_recent
         self.whole, self.tail, self.decoded = False, 0, 0
         self.evictions += 1
 
@@ -305,6 +310,13 @@ def _attend_packed(packed: EvictedVarlen, segment, query, key, value, scaling: f
     a_p, a_s = torch.exp(m_p - m), torch.exp(m_s - m)
     out = (o_p * a_p[..., None] + o_s * a_s[..., None]) / (l_p * a_p + l_s * a_s)[..., None]
     return out.reshape(b, hq, t, -1).transpose(1, 2).to(query.dtype)
+
+
+class _EvictionPlan:
+    __slots__ = ("evictor", "queries", "n_sink", "n_recent")
+
+    def __init__(self, evictor: Evictor, queries: bool, n_sink: int, n_recent: int):
+        self.evictor, self.queries, self.n_sink, self.n_recent = evictor, queries, n_sink, n_recent
 
 
 class EvictionTimer:
@@ -401,6 +413,11 @@ class EvictingCache(DynamicCache):
         self.paused = False
         self.timer = EvictionTimer() if timing else None
         self._evictors: Dict[Tuple, Evictor] = {}
+        self._plans: Dict[Tuple, _EvictionPlan] = {}
+        if self.query_window:   # fractional proxy windows need more queries on longer caches
+            self._window_grows = any(isinstance(node, dsl.ProxyAttention) and isinstance(node.window, float)
+                                     for score in self.policy.scores for node in dsl.walk(score))
+            self._query_size = max(window, _window_of(self.policy, 1, window))
         self._budgets: Dict[Tuple, List[int]] = {}
         self._checked_mask = None
         enable(model)
@@ -423,12 +440,33 @@ class EvictingCache(DynamicCache):
             self._budgets[key] = budgets
         return budgets[layer]
 
-    def evictor(self, policy: dsl.Policy, k: int) -> Evictor:
-        """One planned Evictor per (row windows, budget): decoding at a fixed target replays one plan."""
-        ev = self._evictors.get((policy, k))
-        if ev is None:
-            ev = self._evictors[(policy, k)] = Evictor(policy, k, backend=self.backend)
-        return ev
+    def plan(self, windows: Tuple[int, ...], held: int, k: int) -> "_EvictionPlan":
+        """How a layer holding ``held`` rows evicts to ``k`` with these row windows; one planned
+        Evictor each, so decoding at a fixed target replays one plan."""
+        key = (windows, held, k)
+        plan = self._plans.get(key)
+        if plan is None:
+            policy = _rows_policy(self.policy, windows)
+            queries = self.query_window
+            if queries and _causal_window(policy, held) > held:
+                # a causal proxy window longer than the rows held cannot be placed on them (a
+                # small per-layer budget): keep the sinks and the most recent rows
+                policy = dsl.Policy(tuple(c for c in policy.clauses if isinstance(c, dsl.Sink)) + (dsl.recent(),))
+                queries = False
+            ev = self._evictors.get((policy, k))
+            if ev is None:
+                ev = self._evictors[(policy, k)] = Evictor(policy, k, backend=self.backend)
+            alloc = allocate(policy, held, k)
+            if len(self._plans) > 256:
+                self._plans.clear()
+            plan = self._plans[key] = _EvictionPlan(ev, queries, alloc.n_sink, alloc.n_recent)
+        return plan
+
+    def query_size(self, held: int) -> int:
+        """Proxy queries a layer keeps while it holds ``held`` rows."""
+        if not self._window_grows:
+            return self._query_size
+        return max(self.window, _window_of(self.policy, held, self.window))
 
     def check_mask(self, mask) -> None:
         """Refuse a mask that hides more than causality does (padding, or a custom mask): the
