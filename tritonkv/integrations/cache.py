@@ -86,10 +86,11 @@ def _window_of(policy: dsl.Policy, n: int, default: int) -> int:
     return need
 
 
-def _causal_window(policy: dsl.Policy, n: int) -> int:
-    """The longest proxy window of the policy's causal attention scores on n keys."""
-    return max((proxy_window(node, n, math.inf) for score in policy.scores for node in dsl.walk(score)
-                if isinstance(node, dsl.ProxyAttention) and node.causal and node.window is not None), default=0)
+def _causal_window(policy: dsl.Policy, n: int, available: int) -> int:
+    """The longest proxy window of the policy's causal attention scores on n keys, with
+    ``available`` proxy queries."""
+    return max((proxy_window(node, n, available) for score in policy.scores for node in dsl.walk(score)
+                if isinstance(node, dsl.ProxyAttention) and node.causal), default=0)
 
 
 def _row_windows(policy: dsl.Policy, seen: int, prefix: int, suffix: int) -> Tuple[int, ...]:
@@ -254,15 +255,14 @@ class EvictingLayer(DynamicLayer):
         held = self.held
         prefix = held if self.whole else self.prefix
         suffix = held if self.whole else min(self.suffix, held)
-        plan = settings.plan(_row_windows(settings.policy, self.seen, prefix, suffix), held, k)
+        available = 0 if self.queries is None else self.queries.shape[2]
+        plan = settings.plan(_row_windows(settings.policy, self.seen, prefix, suffix), held, k, available)
         queries = self.queries if plan.queries else None
         seed = settings.seed + self.index + settings.n_layers * self.evictions
         timer = settings.timer
         if timer is not None:
             timer.start()
         out = plan.evictor(self.keys, self.values, queries=queries, seed=seed)
-        if timer is not None:
-            timer.stop()
         positions = self.positions()
         if isinstance(out, EvictedVarlen):
             # first eviction only (adaptive layers are not evicted again): row index == position
@@ -279,6 +279,8 @@ class EvictingLayer(DynamicLayer):
         self.prefix, self.suffix = plan.n_sink, plan.n_recent
         self.whole, self.tail, self.decoded = False, 0, 0
         self.evictions += 1
+        if timer is not None:   # the whole eviction: kernels and the cache's own bookkeeping
+            timer.stop()
 
 
 def _attend_packed(packed: EvictedVarlen, segment, query, key, value, scaling: float):
@@ -440,15 +442,15 @@ class EvictingCache(DynamicCache):
             self._budgets[key] = budgets
         return budgets[layer]
 
-    def plan(self, windows: Tuple[int, ...], held: int, k: int) -> "_EvictionPlan":
+    def plan(self, windows: Tuple[int, ...], held: int, k: int, available: int) -> "_EvictionPlan":
         """How a layer holding ``held`` rows evicts to ``k`` with these row windows; one planned
         Evictor each, so decoding at a fixed target replays one plan."""
-        key = (windows, held, k)
+        key = (windows, held, k, available)
         plan = self._plans.get(key)
         if plan is None:
             policy = _rows_policy(self.policy, windows)
             queries = self.query_window
-            if queries and _causal_window(policy, held) > held:
+            if queries and _causal_window(policy, held, available) > held:
                 # a causal proxy window longer than the rows held cannot be placed on them (a
                 # small per-layer budget): keep the sinks and the most recent rows
                 policy = dsl.Policy(tuple(c for c in policy.clauses if isinstance(c, dsl.Sink)) + (dsl.recent(),))
