@@ -9,6 +9,7 @@ import tritonkv as tkv  # noqa: E402
 from tritonkv import policies  # noqa: E402
 from tritonkv.budget import pyramid_budgets  # noqa: E402
 from tritonkv.integrations import hf  # noqa: E402
+from tritonkv.integrations.cache import _attend_packed  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,15 @@ def test_extend_continues_the_prompt(model):
     assert state.position == 150
     torch.testing.assert_close(state.logits, whole.logits, rtol=1e-4, atol=1e-4)   # fp32, another op order
     evicted = hf.prefill(model, ids[:, :-3], policies.streaming_llm(sinks=4), 40)
-    hf.extend(model, evicted, ids[:, -3:])
-    assert evicted.position == 150 and evicted.cache.get_seq_length() == 43
+    calls = []
+    hook = model.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        hf.extend(model, evicted, ids[:, -3:])
+    finally:
+        hook.remove()
+    assert len(calls) == 1                    # all the tokens in one forward
+    assert evicted.position == evicted.cache.get_seq_length() == 150   # tokens seen
+    assert [layer.held for layer in evicted.cache.layers] == [43] * 3     # tokens held
     with pytest.raises(ValueError, match="input_ids"):
         hf.extend(model, evicted, ids[:1, -3:])
 
@@ -95,23 +103,21 @@ def test_pyramid_budgets_per_layer(model):
     assert hf.generate(model, explicit, 3).shape == (2, 3)
 
 
-def test_chunked_prefill_bounds_the_cache(model):
+def test_chunked_prefill_bounds_the_cache(model, monkeypatch):
     ids = prompt(n=330)
     seen = []
-    original = hf._evict_layers
+    original = hf.EvictingLayer.evict
 
-    def spy(cache, *args):
-        seen.append(cache.get_seq_length())
-        return original(cache, *args)
+    def spy(layer, k):
+        seen.append(layer.held)
+        return original(layer, k)
 
-    hf._evict_layers = spy
-    try:
-        state = hf.prefill(model, ids, policies.keydiff(sinks=4), 64, chunk_size=50)
-    finally:
-        hf._evict_layers = original
+    monkeypatch.setattr(hf.EvictingLayer, "evict", spy)
+    state = hf.prefill(model, ids, policies.keydiff(sinks=4), 64, chunk_size=50)
     assert max(seen) <= 64 + 50                  # never more than budget + one chunk
     assert all(layer.keys.shape[2] == 64 for layer in state.cache.layers)
-    assert state.position == 330
+    assert state.position == 330 and state.cache.get_seq_length() == 330
+    assert state.kept[0].indices[0, 0, :4].tolist() == [0, 1, 2, 3]   # sinks are the sequence's first tokens
     # with a budget covering the prompt, chunked prefill equals one forward pass
     full = hf.prefill(model, ids)
     chunked = hf.prefill(model, ids, policies.keydiff(), 330, chunk_size=64)
@@ -122,14 +128,16 @@ def test_chunked_prefill_bounds_the_cache(model):
 def test_adaptive_heads_use_a_packed_layout(model):
     ids = prompt(n=256)
     state = hf.prefill(model, ids, policies.adakv(policies.snapkv(window=16)), 0.25)
-    layer = state.cache.layers[0]
-    assert isinstance(layer, hf.VarlenLayer)
-    assert layer.packed_keys.shape[0] == int(layer.lengths.sum()) == 2 * 2 * 64   # no padding
-    assert len(set(layer.lengths.flatten().tolist())) > 1                          # budgets differ by head
+    packed = state.cache.layers[0].packed
+    assert packed.keys.shape[0] == int(packed.lengths.sum()) == 2 * 2 * 64   # no padding
+    assert len(set(packed.lengths.flatten().tolist())) > 1                    # budgets differ by head
+    hf.extend(model, state, prompt(n=3, seed=5))                              # several tokens in one forward
     assert hf.generate(model, state, 4).shape == (2, 4)
 
 
-def test_varlen_attention_matches_dense_per_head():
+@pytest.mark.parametrize("t", [1, 3])
+def test_packed_attention_matches_dense_per_head(t):
+    """T new queries see every packed row of their head and the dense rows causally."""
     torch.manual_seed(0)
     b, h, g, d = 2, 3, 2, 16
     lengths = torch.tensor([[5, 9, 2], [7, 1, 4]])
@@ -137,18 +145,20 @@ def test_varlen_attention_matches_dense_per_head():
     values = [[torch.randn(int(n), d) for n in row] for row in lengths]
     packed = tkv.EvictedVarlen(torch.cat([k for row in keys for k in row]), torch.cat([v for row in values for v in row]),
                                torch.zeros(int(lengths.sum()), dtype=torch.long), lengths)
-    layer = hf.VarlenLayer(packed, h)
-    new_k, new_v = torch.randn(b, h, 3, d), torch.randn(b, h, 3, d)
-    layer.update(new_k, new_v)
-    q = torch.randn(b, h * g, 1, d)
-    out = layer.attend(q, layer.keys, layer.values, 0.25)
+    segment = torch.repeat_interleave(torch.arange(b * h), lengths.reshape(-1))
+    new_k, new_v = torch.randn(b, h, 4, d), torch.randn(b, h, 4, d)
+    q = torch.randn(b, h * g, t, d)
+    out = _attend_packed(packed, segment, q, new_k, new_v, 0.25)
+    assert out.shape == (b, t, h * g, d)
     for bi in range(b):
         for hi in range(h):
-            k_all = torch.cat([keys[bi][hi], new_k[bi, hi]])
-            v_all = torch.cat([values[bi][hi], new_v[bi, hi]])
-            for gi in range(g):
-                p = torch.softmax(q[bi, hi * g + gi, 0] @ k_all.T * 0.25, -1)
-                torch.testing.assert_close(out[bi, 0, hi * g + gi], p @ v_all, rtol=1e-5, atol=1e-5)
+            for ti in range(t):
+                seen = 4 - t + ti + 1      # dense rows visible to query ti
+                k_all = torch.cat([keys[bi][hi], new_k[bi, hi, :seen]])
+                v_all = torch.cat([values[bi][hi], new_v[bi, hi, :seen]])
+                for gi in range(g):
+                    p = torch.softmax(q[bi, hi * g + gi, ti] @ k_all.T * 0.25, -1)
+                    torch.testing.assert_close(out[bi, ti, hi * g + gi], p @ v_all, rtol=1e-5, atol=1e-5)
 
 
 def test_errors(model):
