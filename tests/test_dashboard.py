@@ -2,6 +2,8 @@
 time, host side by host time per call, judged separately), the CLI, and the page rendering
 in headless Chromium without console errors."""
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tritonkv.dashboard.compare import compare, previous_run
+from tritonkv.dashboard.__main__ import main as dashboard_main
 from tritonkv.dashboard.build import build
 from tritonkv.dashboard.results import by_commit, load_run, load_runs
 
@@ -167,8 +170,12 @@ def scaled(cases, wall=1.0, gpu=1.0, host=1.0, keep=("gpu", "host")):
 
 
 def compare_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tritonkv.dashboard", "compare", *map(str, args)],
-                          capture_output=True, text=True)
+    """`python -m tritonkv.dashboard compare ARGS` in this process (test_compare_command_exit_codes
+    runs the real command): its exit code and stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = dashboard_main(["compare", *map(str, args)])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), "")
 
 
 def test_slower_host_machine_flags_no_kernel_regression(tmp_path):
