@@ -166,10 +166,11 @@ def run(args) -> dict:
 
 
 def write(out: Path, rows, device):
+    import os
     import subprocess
     out.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or None
+    commit = os.environ.get("TKV_COMMIT") or subprocess.run(  # TKV_COMMIT: a copy outside its git checkout
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                 commit=commit, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (out / "generation.json").write_text(json.dumps(meta | dict(rows=rows), indent=1))

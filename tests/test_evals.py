@@ -44,13 +44,14 @@ def test_training_resumes_exactly(tmp_path):
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
     evaluation.run(tmp_path / "whole", samples=2, length=96, batch=2, seed=0, out=tmp_path / "r.json",
-                   only=["full", "snapkv", "keydiff (block-wise, 256)"])
+                   only=["full", "snapkv", "keydiff (block-wise, 256)"], seeds=2)
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     settings = {r["setting"] for r in rows}
     assert settings == set(evaluation.SETTINGS)
     # full once per setting and task, the others at every budget
     assert len(rows) == len(settings) * len(tasks.TASKS) * (1 + 2 * len(evaluation.BUDGETS))
-    assert all(0 <= r["accuracy"] <= 1 and r["samples"] == 2 for r in rows)
+    assert all(0 <= r["accuracy"] <= 1 and r["samples"] == 2 and len(r["per_seed"]) == 2 for r in rows)
+    assert all(r["ci95"] == pytest.approx(12.706 * abs(r["per_seed"][0] - r["per_seed"][1]) / 2) for r in rows)
     evaluation.render(tmp_path / "r.json", tmp_path / "docs")
     assert "| snapkv |" in (tmp_path / "docs" / "eval_retrieval.md").read_text()
     with pytest.raises(ValueError, match="--policies"):

@@ -200,3 +200,20 @@ def test_compiled_kernels_match_the_reference_while_decoding(model):
     assert torch.equal(kept["triton"][0], kept["reference"][0])
     for a, b in zip(kept["triton"][1], kept["reference"][1]):
         assert torch.equal(a, b)
+
+
+def test_generation_benchmark_runs_at_toy_sizes(tmp_path):
+    """perf/generation.py end to end on the CPU (the GPU run is the same code at real sizes)."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from perf import generation
+    generation.main(["--out", str(tmp_path), "--toy", "--prompts", "64", "--steps", "3", "--warmup", "1"])
+    rows = json.loads((tmp_path / "generation.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == [m for m, _ in generation.modes(64)]
+    for r in rows:
+        warmup = 1 if r["interval"] is None else r["interval"] + 1   # toy: intervals capped at 8
+        assert r["tokens_per_s"] > 0 and r["seen"] == 64 + warmup + 3
+        assert max(r["held_per_layer"]) == r["seen"] if r["mode"] == "full" else max(r["held_per_layer"]) < 64
+    assert (tmp_path / "generation.png").stat().st_size > 0

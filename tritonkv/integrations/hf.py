@@ -26,7 +26,7 @@ from ..budget import pyramid_budgets, resolve_budget
 from .cache import ATTENTION, EvictingCache, EvictingLayer, EvictionTimer, enable
 
 __all__ = ["EvictingCache", "EvictingLayer", "EvictionTimer", "Prefilled", "enable", "prefill", "extend",
-           "generate", "layer_budgets", "ATTENTION"]
+           "decode", "generate", "layer_budgets", "ATTENTION"]
 
 
 @dataclass
@@ -109,6 +109,17 @@ def extend(model, state: Prefilled, input_ids: torch.Tensor) -> Prefilled:
         raise ValueError(f"input_ids: expected [B={state.logits.shape[0]}, T], got {tuple(input_ids.shape)}")
     with state.cache.pause():
         _forward(model, state, input_ids)
+    return state
+
+
+@torch.no_grad()
+def decode(model, state: Prefilled, input_ids: torch.Tensor) -> Prefilled:
+    """Feed known tokens [B, T] one forward each, as decoding does, so a cache built with an
+    ``interval`` evicts while they go in (a continuation teacher-forced into the cache)."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != state.logits.shape[0]:
+        raise ValueError(f"input_ids: expected [B={state.logits.shape[0]}, T], got {tuple(input_ids.shape)}")
+    for t in range(input_ids.shape[1]):
+        _forward(model, state, input_ids[:, t:t + 1])
     return state
 
 
