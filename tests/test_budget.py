@@ -1,11 +1,12 @@
 """Budget arithmetic: counts per head, per clause, per layer."""
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import tritonkv as tkv
-from tritonkv.budget import allocate, fraction_to_count, pyramid_budgets, resolve_budget
+from tritonkv.budget import Allocation, allocate, fraction_to_count, pyramid_budgets, resolve_budget
 
 forced_counts = st.one_of(st.integers(0, 300), st.floats(0.001, 1.0))
 
@@ -30,9 +31,7 @@ def test_allocation_fills_the_budget_in_order(policy, n, data):
     a = allocate(policy, n, k)
     assert a.n_sink >= 0 and a.n_recent >= 0 and all(c >= 0 for c in a.clause_counts)
     assert a.n_sink + a.n_recent <= n               # the two windows never overlap
-    assert a.total <= k
-    if policy.selective or any(isinstance(c, tkv.dsl.Recent) and c.n is None for c in policy.forced):
-        assert a.total == k                         # a clause that takes the remainder fills it
+    assert a.total == k                             # the fill rule: every head keeps exactly k
 
 
 def test_allocation_examples():
@@ -44,6 +43,8 @@ def test_allocation_examples():
     assert allocate(tkv.sink(4) | tkv.recent(64) | tkv.top(tkv.key_norm()), 100, 10).clause_counts == (0,)
     assert allocate(tkv.sink(4) | tkv.recent(64), 100, 10).n_recent == 6
     assert allocate(tkv.recent(64) | tkv.sink(4), 100, 10).n_sink == 0
+    # the fill rule: windows that leave budget over hand it to the latest tokens
+    assert allocate(tkv.sink(4) | tkv.recent(8), 100, 30) == Allocation(4, 26, ())
     # windows larger than the cache: sinks first, recent gets the rest, no overlap
     a = allocate(tkv.sink(8) | tkv.recent(8), 10, 10)
     assert (a.n_sink, a.n_recent) == (8, 2)
@@ -80,3 +81,14 @@ def test_pyramid_budgets_keep_the_total_and_fall(budget, layers, beta):
     assert len(out) == layers
     assert sum(out) == budget * layers or min(out) == 1  # exact unless the floor of 1 token binds
     assert all(a >= b - 1 for a, b in zip(out, out[1:]))  # non-increasing up to rounding
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_windows_that_cannot_fill_the_budget_are_filled_with_the_latest_tokens(backend):
+    """Issue 14 item 8: sink(4) at budget 10 keeps 10 tokens (4 sinks + the last 6), not 4."""
+    keys = torch.randn(1, 2, 40, 16)
+    out = tkv.evict(keys, keys, tkv.sink(4), 10, backend=backend)
+    expected = list(range(4)) + list(range(34, 40))
+    assert out.indices.tolist() == [[expected, expected]]
+    out = tkv.evict(keys, keys, tkv.recent(3) | tkv.sink(2), 0.25, backend=backend)   # 10 of 40
+    assert out.indices[0, 0].tolist() == [0, 1] + list(range(32, 40))

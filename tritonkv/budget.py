@@ -5,6 +5,10 @@ number of tokens by construction.
 
 Rounding rule, used everywhere a fraction becomes a count: round half up,
 ``floor(f * N + 0.5)``. A budget fraction keeps at least one token.
+
+Fill rule: every head keeps exactly ``min(budget, N)`` tokens. A policy whose clauses
+cannot use the whole budget (only forced windows, e.g. ``sink(4)`` at budget 10) gives
+what they leave to the most recent tokens not kept yet, as if it ended with ``recent()``.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ def allocate(policy: Policy, n: int, k: int) -> Allocation:
     The remainder R is split among the selective clauses: an explicit share s takes
     round(s * R), clauses without a share split the unassigned share equally, and the
     last clause takes whatever is left, so counts always add up to R.
+
+    A policy without selective clauses fills R with the most recent tokens (the module's
+    fill rule): the recent window grows by R, so ``sink(4)`` at k = 10 keeps tokens 0-3
+    and the last 6. Either way the counts add up to ``k``.
     """
     n_sink = n_recent = 0
     cap = k
@@ -85,8 +93,8 @@ def allocate(policy: Policy, n: int, k: int) -> Allocation:
             raise TypeError(clause)
         cap -= add
     selective = policy.selective
-    if not selective:
-        return Allocation(n_sink, n_recent, ())
+    if not selective:   # the fill rule: what the windows leave goes to the latest tokens
+        return Allocation(n_sink, n_recent + min(cap, n - n_sink - n_recent), ())
     remainder = cap
     explicit = sum(c.share for c in selective if c.share is not None)
     open_clauses = sum(1 for c in selective if c.share is None)

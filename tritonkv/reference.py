@@ -8,7 +8,10 @@ wherever the scores are not tied to within those tolerances.
 Selection rules (shared with the kernels):
 - a priority is the clause's score (``top``) or ``score / temperature + Gumbel`` noise
   (``sample``: the Gumbel-top-k trick draws without replacement with P ∝ softmax);
-- NaN priorities count as -inf; -0.0 equals +0.0; ties go to the lower token index.
+- NaN priorities count as -inf; -0.0 equals +0.0; ties go to the lower token index;
+- every head keeps exactly min(budget, N) tokens: a policy of forced windows only that
+  leaves part of the budget unused (``sink(4)`` at budget 10) fills it with the most
+  recent tokens not kept yet, as if it ended with ``recent()`` (budget.allocate).
 """
 
 from __future__ import annotations
