@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 from . import reference
 from .results import Evicted, EvictedVarlen, pack_varlen
 from .runtime import evictor_for
+from .validate import split_named
 
 __all__ = ["evict", "evict_reference", "Evicted", "EvictedVarlen", "pack_varlen"]
 
 
 def evict(keys: torch.Tensor, values: torch.Tensor, policy, budget, *,
-          queries: Optional[torch.Tensor] = None, seed: int = 0, backend: str = "auto"):
+          queries: Optional[torch.Tensor] = None, seed: int = 0,
+          signals: Optional[Mapping[str, torch.Tensor]] = None,
+          directions: Optional[Mapping[str, torch.Tensor]] = None, backend: str = "auto"):
     """Keep ``budget`` tokens per KV head of a cache, chosen by ``policy``.
 
     Args:
@@ -27,6 +30,10 @@ def evict(keys: torch.Tensor, values: torch.Tensor, policy, budget, *,
         queries: [B, H_q, W, D] proxy queries (the last W positions of the prompt, RoPE
             applied), needed only by ``proxy_attention``; H_q a multiple of H_kv.
         seed: seeds every random draw; same inputs and seed give the same result.
+        signals: the outside scores that ``tkv.signal(name)`` reads, by name: [B, H_kv, N]
+            (a dim of 1 broadcasts), any float dtype; exactly the names the policy uses.
+        directions: the per-head directions that ``tkv.key_dot(name)`` reads, by name:
+            [H_kv, D] or [B, H_kv, D], any float dtype.
         backend: "auto" (compiled Triton kernels on CUDA, the reference elsewhere),
             "triton" (compiled kernels; CPU tensors need TRITON_INTERPRET=1), or
             "reference" (plain PyTorch, tritonkv.reference).
@@ -38,13 +45,16 @@ def evict(keys: torch.Tensor, values: torch.Tensor, policy, budget, *,
     The first call with a new signature (shapes, strides, dtypes, devices, budget) validates,
     plans and compiles; repeat calls reuse that plan (see :class:`tritonkv.Evictor`).
     """
-    return evictor_for(policy, budget, backend)(keys, values, queries=queries, seed=seed)
+    return evictor_for(policy, budget, backend)(keys, values, queries=queries, seed=seed, signals=signals,
+                                                directions=directions)
 
 
-def evict_reference(keys, values, queries, policy, k: int, seed: int):
-    """The reference path: scores in float32 PyTorch, selection by stable sort."""
+def evict_reference(keys, values, queries, policy, k: int, seed: int, named=()):
+    """The reference path: scores in float32 PyTorch, selection by stable sort. ``named``:
+    the signals' and directions' tensors in the policy's order (validate.named_inputs)."""
+    signals, directions = split_named(policy, named)
     inputs = reference.Inputs(keys.float(), values.float(),
-                              None if queries is None else queries.float(), seed)
+                              None if queries is None else queries.float(), seed, signals, directions)
     if policy.heads == "adaptive":
         kept = reference.select_adaptive(policy, inputs, k)
         return pack_varlen(keys, values, kept)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import dsl
 from .kernels.proxy import REDUCE_CODES
@@ -60,6 +60,13 @@ class Slot:
     score: dsl.Score
     gumbel_stream: int = -1        # >= 0 for a sample clause: score / t + Gumbel(stream)
     temperature: float = 1.0
+    chunk: int = 1                 # a top clause's reference.clause_transform, applied by
+    chunk_reduce: str = "sum"      # kernels/transform.py after the score kernel
+    head_reduce: Optional[str] = None
+
+    @property
+    def transformed(self) -> bool:
+        return self.chunk > 1 or self.head_reduce is not None
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ class Program:
     levels: Tuple[Tuple[int, ...], ...]       # global indices per statistics level
     halo: int
     source: str
+    signals: Tuple[str, ...] = ()              # sg_i: the policy's signal tensors, in order
+    directions: Tuple[str, ...] = ()           # dr_i: its key_dot directions, in order
 
     @property
     def proxies(self) -> Tuple[int, ...]:
@@ -87,7 +96,9 @@ def plan_slots(policy: dsl.Policy) -> Tuple[Tuple[Slot, ...], Tuple[int, ...]]:
         if isinstance(clause, dsl.Sample):
             slot = Slot(clause.score, gumbel_stream(index), clause.temperature)
         else:
-            slot = Slot(clause.score)
+            slot = Slot(clause.score, chunk=clause.chunk,
+                        chunk_reduce=clause.chunk_reduce if clause.chunk > 1 else "sum",
+                        head_reduce=clause.head_reduce)
         if slot not in slots:
             slots.append(slot)
         clause_slots.append(slots.index(slot))
@@ -106,8 +117,10 @@ def collect_globals(scores: Sequence[dsl.Score]) -> Tuple[dsl.Score, ...]:
 class TileEmitter:
     """Emits the lines that evaluate score nodes on the current tile."""
 
-    def __init__(self, program_globals: Tuple[dsl.Score, ...], prologue: List[str], body: List[str], indent: str):
+    def __init__(self, program_globals: Tuple[dsl.Score, ...], prologue: List[str], body: List[str], indent: str,
+                 names: "Names"):
         self.globals = program_globals
+        self.names = names
         self.prologue = prologue
         self.body = body
         self.indent = indent
@@ -172,6 +185,18 @@ class TileEmitter:
             return self._assign("position(o_n, N)")
         if isinstance(node, dsl.Random):
             return self._assign(f"uniform(seed, o_n, i_b, i_h, {node.stream})")
+        if isinstance(node, dsl.Signal):
+            i = self.names.signals.index(node.name)
+            return self._assign(f"tl.load(sg_{i} + i_b.to(tl.int64) * s_sgb_{i} + i_h.to(tl.int64) * s_sgh_{i} "
+                                f"+ o_n.to(tl.int64) * s_sgn_{i}, mask=m_n, other=0.0).to(tl.float32)", "sig")
+        if isinstance(node, dsl.KeyDot):
+            i = self.names.directions.index(node.name)
+            line = (f"    b_dir_{i} = tl.load(dr_{i} + i_b.to(tl.int64) * s_drb_{i} + i_h.to(tl.int64) * s_drh_{i} "
+                    f"+ o_d * s_drd_{i}, mask=m_d, other=0.0).to(tl.float32)")
+            if line not in self.prologue:
+                self.prologue.append(line)
+            self.keys()
+            return self._assign(f"tl.sum(b_kf * b_dir_{i}[None, :], 1)", "kdot")
         if isinstance(node, dsl.Const):
             return self._assign(f"tl.full([BLOCK_N], {node.value!r}, tl.float32)")
         if isinstance(node, dsl.Neg):
@@ -196,7 +221,7 @@ class TileEmitter:
                 f"proxy_attention_tile(b_k, {chunk}, q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, "
                 f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, "
                 f"{node.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, {node.pool_mode == 'max'}, "
-                f"{REDUCE_CODES[node.group_reduce]}, QK_SCALE, IEEE)")
+                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE)")
         if isinstance(node, dsl.Normalize):
             self.prologue.append(f"    mean_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
             self.prologue.append(f"    std_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2 + 1)")
@@ -235,7 +260,15 @@ TILE_START = '''{ind}o_n = {base} + o_t
 {ind}m_val = (o_t >= HALO) & (o_t < BLOCK_N - HALO) & m_n'''
 
 
-def _signature(program_globals) -> Tuple[str, List[str]]:
+@dataclass(frozen=True)
+class Names:
+    """The named inputs of a policy, in the order its kernels take them."""
+
+    signals: Tuple[str, ...] = ()
+    directions: Tuple[str, ...] = ()
+
+
+def _signature(program_globals, names: Names) -> Tuple[str, List[str]]:
     params = [*POINTER_ARGS, *STRIDE_ARGS, *RUNTIME_ARGS]
     no_spec = list(RUNTIME_ARGS)
     for i, g in enumerate(program_globals):
@@ -244,6 +277,10 @@ def _signature(program_globals) -> Tuple[str, List[str]]:
         if isinstance(g, dsl.ProxyAttention):
             params.append(f"w_{i}")
             no_spec.append(f"w_{i}")
+    for i in range(len(names.signals)):      # a pointer and its [B, H, N] strides (0: broadcast)
+        params += [f"sg_{i}", f"s_sgb_{i}", f"s_sgh_{i}", f"s_sgn_{i}"]
+    for i in range(len(names.directions)):   # a pointer and its [B, H, D] strides
+        params += [f"dr_{i}", f"s_drb_{i}", f"s_drh_{i}", f"s_drd_{i}"]
     params += [f"{c}: tl.constexpr" for c in CONSTEXPR_ARGS]
     for i, g in enumerate(program_globals):
         if isinstance(g, dsl.ProxyAttention):
@@ -251,16 +288,16 @@ def _signature(program_globals) -> Tuple[str, List[str]]:
     return ", ".join(params), no_spec
 
 
-def _kernel(name: str, program_globals, lines: List[str]) -> List[str]:
-    params, no_spec = _signature(program_globals)
+def _kernel(name: str, program_globals, names: Names, lines: List[str]) -> List[str]:
+    params, no_spec = _signature(program_globals, names)
     return [f"@triton.jit(do_not_specialize={no_spec!r})", f"def {name}({params}):", *lines, ""]
 
 
-def _stats_kernel(level: int, members: Sequence[int], program_globals) -> List[str]:
+def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Names) -> List[str]:
     prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", "    i_c = tl.program_id(2)",
                 PROLOGUE]
     body: List[str] = []
-    emitter = TileEmitter(program_globals, prologue, body, " " * 8)
+    emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
     init, update, store = [], [], []
     for gi in members:
         node = program_globals[gi]
@@ -299,10 +336,10 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals) -> List[s
     tile = [TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO")]
     lines = prologue + init + ["    for it in range(0, tiles_per_prog):"] + tile + body \
         + [" " * 8 + u for u in update] + store
-    return _kernel(f"stats_{level}", program_globals, lines)
+    return _kernel(f"stats_{level}", program_globals, names, lines)
 
 
-def _merge_kernel(level: int, members: Sequence[int], program_globals) -> List[str]:
+def _merge_kernel(level: int, members: Sequence[int], program_globals, names: Names) -> List[str]:
     lines = ["    i_row = tl.program_id(0)", "    i_c = tl.program_id(1)"]
     for gi in members:
         node = program_globals[gi]
@@ -316,16 +353,16 @@ def _merge_kernel(level: int, members: Sequence[int], program_globals) -> List[s
             lines.append(f"    moments_merge(ws_ptr, po_{gi}, fo_{gi}, i_row, S, i_c == 0)")
         elif isinstance(node, dsl.Softmax):
             lines.append(f"    softmax_merge(ws_ptr, po_{gi}, fo_{gi}, i_row, S, i_c == 0)")
-    return _kernel(f"merge_{level}", program_globals, lines)
+    return _kernel(f"merge_{level}", program_globals, names, lines)
 
 
-def _score_kernel(slots: Sequence[Slot], program_globals) -> List[str]:
+def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[str]:
     # the score kernel also zeroes the select kernel's histograms and barrier counters
     # (z_numel int32 at z_ptr), which saves a memset launch per evict call
     prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE,
                 "    zero_fill(z_ptr, z_numel, i_row * S + i_s, S * rows)"]
     body: List[str] = ["    for it in range(0, tiles_per_prog):"]
-    emitter = TileEmitter(program_globals, prologue, body, " " * 8)
+    emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
     body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
     for index, slot in enumerate(slots):
         x = emitter.value(slot.score)
@@ -334,7 +371,7 @@ def _score_kernel(slots: Sequence[Slot], program_globals) -> List[str]:
             x = emitter._assign(f"{x} * {1.0 / slot.temperature!r} + gumbel(seed, o_n, i_b, i_h, "
                                 f"{slot.gumbel_stream})", "prio")
         emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * N + o_n, {x}, mask=m_val)")
-    return _kernel("score", program_globals, prologue + body)
+    return _kernel("score", program_globals, names, prologue + body)
 
 
 def generate(policy: dsl.Policy) -> Program:
@@ -345,14 +382,16 @@ def generate(policy: dsl.Policy) -> Program:
     levels = tuple(tuple(i for i, g in enumerate(program_globals) if stats_level(g) == level)
                    for level in range(n_levels))
     max_halo = max((halo(s.score) for s in slots), default=0)
+    names = Names(policy.signals, policy.directions)
     lines = [HEADER.format(policy=repr(policy).replace("\n", " "))]
     for level, members in enumerate(levels):
-        lines += _stats_kernel(level, members, program_globals)
-        lines += _merge_kernel(level, members, program_globals)
+        lines += _stats_kernel(level, members, program_globals, names)
+        lines += _merge_kernel(level, members, program_globals, names)
     if slots:
-        lines += _score_kernel(slots, program_globals)
+        lines += _score_kernel(slots, program_globals, names)
     reads_cache = any(s.score.needs_keys or s.score.needs_values for s in slots)
-    return Program(slots, clause_slots, reads_cache, program_globals, levels, max_halo, "\n".join(lines) + "\n")
+    return Program(slots, clause_slots, reads_cache, program_globals, levels, max_halo, "\n".join(lines) + "\n",
+                   names.signals, names.directions)
 
 
 def qk_scale(d: int) -> float:

@@ -36,6 +36,7 @@ from .codegen import SEED_ARG, Program, generate, qk_scale
 from .kernels.common import cdiv, interpreting, multiprocessor_count, next_power_of_2, record_occupancy
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.launch import launch
+from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
 from .kernels.select import (SELECT_WARPS, _select_kernel, select_launch, select_programs, workspace_sizes,
                              zeroed_numel)
 from .reference import proxy_window, select_adaptive_by_priority
@@ -61,8 +62,10 @@ _CACHE: Dict[Tuple, CompiledPolicy] = {}
 
 
 def structure_key(policy: dsl.Policy) -> Tuple:
-    """What the generated code depends on: the selective clauses' kinds, scores and temperatures."""
-    return tuple((type(c).__name__, c.score, getattr(c, "temperature", None)) for c in policy.selective)
+    """What the generated code and its Program depend on: the selective clauses' kinds,
+    scores, temperatures and priority transforms (chunks, head reduce)."""
+    return tuple((type(c).__name__, c.score, getattr(c, "temperature", None), getattr(c, "chunk", 1),
+                  getattr(c, "chunk_reduce", None), getattr(c, "head_reduce", None)) for c in policy.selective)
 
 
 def _load_module(source: str) -> Tuple[object, Path]:
@@ -229,10 +232,26 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
                     max(offset, 1), warps, int(stages) if stages else None)
 
 
+def _broadcast_strides(x: torch.Tensor, dims: int):
+    """``dims`` strides of x read as [B, H, n] (signals) or [B, H, D] (directions): a dim of
+    size 1 or missing (a direction [H, D]) gets stride 0, so it broadcasts."""
+    strides = [0 if size == 1 else stride for size, stride in zip(x.shape, x.stride())]
+    return [0] * (dims - len(strides)) + strides
+
+
+def named_args(named) -> List:
+    """Kernel arguments of the named inputs (validate.named_inputs): each tensor and its strides."""
+    out: List = []
+    for x in named:
+        out += [x, *_broadcast_strides(x, 3)]
+    return out
+
+
 def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out: torch.Tensor, workspace=None,
-                zeroed=None):
+                zeroed=None, named=()):
     """(geometry, args) of the generated kernels for these inputs. ``zeroed``: an int32 tensor
-    the score kernel sets to zero (select's histograms and barriers), or None."""
+    the score kernel sets to zero (select's histograms and barriers), or None; ``named``: the
+    policy's signal and direction tensors, in its order."""
     geo = geometry(compiled.program, tuple(keys.shape), tuple(values.shape),
                    None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device)
     workspace = out.new_empty(geo.workspace) if workspace is None else workspace
@@ -241,7 +260,8 @@ def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out:
     z = workspace if zeroed is None else zeroed
     args = [keys, values, q, workspace, out, z, *keys.stride(), *values.stride(), *q_strides,
             keys.shape[2], keys.shape[1], 0 if queries is None else queries.shape[2], seed, geo.rows,
-            geo.splits, geo.tiles_per_prog, 0 if zeroed is None else zeroed.numel(), *geo.per_global]
+            geo.splits, geo.tiles_per_prog, 0 if zeroed is None else zeroed.numel(), *geo.per_global,
+            *named_args(named)]
     return geo, args
 
 
@@ -262,7 +282,8 @@ class Launch:
         return launch(self.fn, self.grid, self.args, self.constexprs, self.num_warps, self.num_stages)
 
 
-def _score_launches(compiled: CompiledPolicy, geo: Geometry, args) -> List[Launch]:
+def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, shape) -> List[Launch]:
+    """Statistics and merge per level, the score kernel, then each transformed slot's transform."""
     out = []
     for level, nch in enumerate(geo.chunks_per_level):
         out.append(Launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, geo.constexprs,
@@ -270,6 +291,12 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args) -> List[Launc
         out.append(Launch(compiled.kernel(f"merge_{level}"), (geo.rows, nch), args, geo.constexprs, 4, None, SEED_ARG))
     out.append(Launch(compiled.kernel("score"), (geo.splits, geo.rows), args, geo.constexprs, geo.num_warps,
                       geo.num_stages, SEED_ARG))
+    b, h, n = shape
+    for index, slot in enumerate(compiled.program.slots):
+        if slot.transformed:
+            grid, targs, tconst = transform_launch(priorities, index, b, h, n, slot.chunk, slot.chunk_reduce,
+                                                   slot.head_reduce)
+            out.append(Launch(_transform_kernel, grid, targs, tconst, TRANSFORM_WARPS))
     return out
 
 
@@ -278,8 +305,9 @@ def _geometry_of(compiled: CompiledPolicy, keys, values, queries) -> Geometry:
                     None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device)
 
 
-def score(compiled: CompiledPolicy, keys, values, queries, seed: int) -> torch.Tensor:
-    """Run the statistics passes and the score kernel: float32 priorities [n_slots, B*H, N]."""
+def score(compiled: CompiledPolicy, keys, values, queries, seed: int, named=()) -> torch.Tensor:
+    """Run the statistics passes, the score kernel and the transforms: float32 priorities
+    [n_slots, B*H, N]."""
     b, h, n, _ = keys.shape
     slots = len(compiled.program.slots)
     if not slots:
@@ -287,8 +315,8 @@ def score(compiled: CompiledPolicy, keys, values, queries, seed: int) -> torch.T
     geo = _geometry_of(compiled, keys, values, queries)
     buffer = torch.empty(slots * b * h * n + geo.workspace, dtype=torch.float32, device=keys.device)
     out, workspace = buffer[: slots * b * h * n].view(slots, b * h, n), buffer[slots * b * h * n:]
-    geo, args = launch_args(compiled, keys, values, queries, seed, out, workspace)
-    for step in _score_launches(compiled, geo, args):
+    geo, args = launch_args(compiled, keys, values, queries, seed, out, workspace, named=named)
+    for step in _score_launches(compiled, geo, args, out, (b, h, n)):
         step()
     return out
 
@@ -310,7 +338,7 @@ class Call:
     values: torch.Tensor
 
 
-def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int) -> Call:
+def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=()) -> Call:
     """Allocate an evict call's buffers and list its launches: statistics, score (which also
     zeroes select's counters), select (which also gathers the kept rows); for a policy with nothing to rank (only
     windows, or a budget that keeps everything) one gather that writes the indices too."""
@@ -334,8 +362,8 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int) -
     priorities = prio_flat[: len(program.slots) * rows * n].view(-1, rows, n)
     select_ws = select_ws.view(torch.int32)
     geo, args = launch_args(compiled, keys, values, queries, seed, priorities, workspace,
-                            zeroed=select_ws[: zeroed_numel(rows, clauses)])
-    launches = _score_launches(compiled, geo, args)
+                            zeroed=select_ws[: zeroed_numel(rows, clauses)], named=named)
+    launches = _score_launches(compiled, geo, args, priorities, (b, h, n))
     grid, sargs, sconst, _ = select_launch(priorities, program.clause_slots, alloc.clause_counts, alloc.n_sink,
                                            alloc.n_recent, rows, n, total, device, programs, select_ws,
                                            out_i.view(rows, total), gather=(keys, values, out_k, out_v))
@@ -358,28 +386,31 @@ def check_backend(keys) -> None:
                            "imported; use backend='reference' (or 'auto') on CPU")
 
 
-def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int, return_priorities: bool = False):
+def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int, named=(),
+                   return_priorities: bool = False):
     """tritonkv.evict's compiled path (arguments already validated), unplanned: every call
-    computes its launches anew (tritonkv.runtime.Evictor plans them once)."""
+    computes its launches anew (tritonkv.runtime.Evictor plans them once). ``named``: the
+    policy's signal and direction tensors in its order (validate.named_inputs)."""
     check_backend(keys)
     b, h, n, _ = keys.shape
     alloc = allocate(policy, n, k)
     compiled = compile_policy(policy)
     if policy.heads == "adaptive":
-        return evict_adaptive(compiled, policy, alloc, keys, values, queries, seed)
+        return evict_adaptive(compiled, policy, alloc, keys, values, queries, seed, named)
     if return_priorities and alloc.total == n:
         return Evicted(keys.clone(), values.clone(), torch.arange(n, device=keys.device).expand(b, h, n).clone()), \
-            score(compiled, keys, values, queries, seed)
-    call = prepare(compiled, alloc, keys, values, queries, seed)
+            score(compiled, keys, values, queries, seed, named)
+    call = prepare(compiled, alloc, keys, values, queries, seed, named)
     run(call)
     result = Evicted(call.keys, call.values, call.indices)
     return (result, call.priorities) if return_priorities else result
 
 
-def evict_adaptive(compiled: CompiledPolicy, policy: dsl.Policy, alloc, keys, values, queries, seed: int):
+def evict_adaptive(compiled: CompiledPolicy, policy: dsl.Policy, alloc, keys, values, queries, seed: int,
+                   named=()):
     """AdaKV: scores from the generated kernel; the cross-head selection (a floor per head,
     then the row's best over all heads) is a stable sort in PyTorch, not the radix select."""
     b, h, n, _ = keys.shape
-    priorities = score(compiled, keys, values, queries, seed)
+    priorities = score(compiled, keys, values, queries, seed, named)
     kept = select_adaptive_by_priority(policy, alloc, priorities[0].view(b, h, n))
     return pack_varlen(keys, values, kept)

@@ -20,14 +20,16 @@ from typing import Iterator, Optional, Tuple, Union
 
 __all__ = [
     "Score", "AnchorSimilarity", "ProxyAttention", "KeyNorm", "ValueNorm", "Random",
-    "Position", "Const", "Neg", "BinaryOp", "Pool", "Normalize", "Softmax",
+    "Position", "Signal", "KeyDot", "Const", "Neg", "BinaryOp", "Pool", "Normalize", "Softmax",
     "Clause", "Sink", "Recent", "Top", "Sample", "Policy",
     "anchor_similarity", "proxy_attention", "key_norm", "value_norm", "random",
-    "position", "sink", "recent", "top", "sample", "as_policy", "walk",
+    "position", "signal", "key_dot", "sink", "recent", "top", "sample", "as_policy", "walk",
 ]
 
 REDUCTIONS = ("mean", "sum", "max")
 POOL_MODES = ("avg", "max")
+CHUNK_REDUCTIONS = ("sum", "mean", "max")
+MAX_CHUNK = 4096   # a chunk is reduced inside one program (kernels/transform.py)
 BINARY_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 # Random streams 0 .. MAX_RANDOM_STREAM-1 belong to random(); sample clauses draw their
 # Gumbel noise from the streams above (see reference.gumbel_stream).
@@ -138,11 +140,36 @@ class Score:
 
     @property
     def needs_keys(self) -> bool:
-        return any(isinstance(n, (AnchorSimilarity, ProxyAttention, KeyNorm)) for n in walk(self))
+        return any(isinstance(n, (AnchorSimilarity, ProxyAttention, KeyNorm, KeyDot)) for n in walk(self))
 
     @property
     def needs_values(self) -> bool:
         return any(isinstance(n, ValueNorm) for n in walk(self))
+
+    @property
+    def signals(self) -> Tuple[str, ...]:
+        """Names of the outside scores (``signal(name)``) in the tree, in first-use order."""
+        return _names(self, Signal)
+
+    @property
+    def directions(self) -> Tuple[str, ...]:
+        """Names of the per-head directions (``key_dot(name)``) in the tree, in first-use order."""
+        return _names(self, KeyDot)
+
+
+def _names(root: "Score", kind) -> Tuple[str, ...]:
+    out: list = []
+    for node in walk(root):
+        if isinstance(node, kind) and node.name not in out:
+            out.append(node.name)
+    return tuple(out)
+
+
+def _check_name(kind: str, name) -> str:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{kind} name: expected a non-empty str (the key of the tensor passed at call time), "
+                        f"got {name!r}")
+    return name
 
 
 def walk(node: Score) -> Iterator[Score]:
@@ -170,6 +197,7 @@ class ProxyAttention(Score):
     pool_kernel: int = 1  # named so that the .pool() method of every score stays reachable
     pool_mode: str = "avg"
     group_reduce: str = "mean"
+    exclude_window: bool = False
 
     def __post_init__(self):
         if self.window is not None:
@@ -177,8 +205,9 @@ class ProxyAttention(Score):
             if w == 0:
                 raise ValueError("window: expected at least one proxy query, got 0")
             object.__setattr__(self, "window", w)
-        if not isinstance(self.causal, bool):
-            raise TypeError(f"causal: expected a bool, got {self.causal!r}")
+        for name in ("causal", "exclude_window"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         for name in ("reduce", "group_reduce"):
             if getattr(self, name) not in REDUCTIONS:
                 raise ValueError(f"{name}: expected one of {REDUCTIONS}, got {getattr(self, name)!r}")
@@ -187,7 +216,8 @@ class ProxyAttention(Score):
     def __repr__(self):
         defaults = ProxyAttention()
         fields = {"window": "window", "causal": "causal", "reduce": "reduce", "pool": "pool_kernel",
-                  "pool_mode": "pool_mode", "group_reduce": "group_reduce"}
+                  "pool_mode": "pool_mode", "group_reduce": "group_reduce",
+                  "exclude_window": "exclude_window"}
         args = [f"{arg}={getattr(self, name)!r}" for arg, name in fields.items()
                 if getattr(self, name) != getattr(defaults, name)]
         return f"proxy_attention({', '.join(args)})"
@@ -230,6 +260,34 @@ class Position(Score):
 
     def __repr__(self):
         return "position()"
+
+
+@dataclass(frozen=True, repr=False)
+class Signal(Score):
+    """A per-token score computed outside tritonkv, passed at call time by name:
+    ``evict(..., signals={name: tensor [B, H_kv, N]})``."""
+
+    name: str
+
+    def __post_init__(self):
+        _check_name("signal", self.name)
+
+    def __repr__(self):
+        return f"signal({self.name!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class KeyDot(Score):
+    """k . u for a per-head direction u passed at call time by name:
+    ``evict(..., directions={name: tensor [H_kv, D] or [B, H_kv, D]})`` (Q-Filters)."""
+
+    name: str
+
+    def __post_init__(self):
+        _check_name("key_dot", self.name)
+
+    def __repr__(self):
+        return f"key_dot({self.name!r})"
 
 
 @dataclass(frozen=True, repr=False)
@@ -389,18 +447,45 @@ def _check_clause_score(score):
 
 @dataclass(frozen=True, repr=False)
 class Top(Clause):
-    """Keep the highest scores among tokens not yet kept (ties to the lower index)."""
+    """Keep the highest scores among tokens not yet kept (ties to the lower index).
+
+    ``head_reduce`` ("mean", "sum", "max"): every KV head of a batch row ranks by the score
+    combined over the row's KV heads, so all heads keep the same tokens (TOVA as published).
+    ``chunk`` C > 1: tokens rank by the ``chunk_reduce`` of their chunk's scores (chunks of C
+    consecutive positions from 0), so whole chunks are kept (ChunkKV). Both are defined in
+    reference.clause_transform."""
 
     score: Score
     share: Optional[float] = None
+    chunk: int = 1
+    chunk_reduce: str = "sum"
+    head_reduce: Optional[str] = None
 
     def __post_init__(self):
         _check_clause_score(self.score)
         object.__setattr__(self, "share", _check_share(self.share))
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, numbers.Integral) \
+                or not 1 <= self.chunk <= MAX_CHUNK:
+            raise ValueError(f"chunk: expected an int in [1, {MAX_CHUNK}] (tokens per chunk; 1 = no chunks), "
+                             f"got {self.chunk!r}")
+        object.__setattr__(self, "chunk", int(self.chunk))
+        if self.chunk_reduce not in CHUNK_REDUCTIONS:
+            raise ValueError(f"chunk_reduce: expected one of {CHUNK_REDUCTIONS}, got {self.chunk_reduce!r}")
+        if self.head_reduce is not None and self.head_reduce not in REDUCTIONS:
+            raise ValueError(f"head_reduce: expected None or one of {REDUCTIONS}, got {self.head_reduce!r}")
+
+    @property
+    def transformed(self) -> bool:
+        """Whether the clause ranks by something other than its score token by token."""
+        return self.chunk > 1 or self.head_reduce is not None
 
     def __repr__(self):
-        share = "" if self.share is None else f", share={self.share!r}"
-        return f"top({self.score!r}{share})"
+        extra = "" if self.share is None else f", share={self.share!r}"
+        if self.chunk > 1:
+            extra += f", chunk={self.chunk!r}" + ("" if self.chunk_reduce == "sum" else f", chunk_reduce={self.chunk_reduce!r}")
+        if self.head_reduce is not None:
+            extra += f", head_reduce={self.head_reduce!r}"
+        return f"top({self.score!r}{extra})"
 
 
 @dataclass(frozen=True, repr=False)
@@ -457,6 +542,9 @@ class Policy:
             if len(self.selective) != 1 or not isinstance(self.selective[0], Top):
                 raise ValueError("heads='adaptive' (AdaKV) needs exactly one top(...) clause "
                                  "to rank tokens across heads")
+            if self.selective[0].transformed:
+                raise ValueError("heads='adaptive' (AdaKV) ranks tokens across heads by their own scores; "
+                                 "it does not combine with top(..., chunk=...) or head_reduce")
             if not (0.0 <= self.head_floor <= 1.0):
                 raise ValueError(f"head_floor: expected a fraction in [0, 1], got {self.head_floor!r}")
         _check_positive("pyramid_beta", self.pyramid_beta)
@@ -496,6 +584,16 @@ class Policy:
     @property
     def needs_values(self) -> bool:
         return any(s.needs_values for s in self.scores)
+
+    @property
+    def signals(self) -> Tuple[str, ...]:
+        """Names of the outside scores the policy reads (``signals=`` of evict)."""
+        return tuple(dict.fromkeys(name for s in self.scores for name in s.signals))
+
+    @property
+    def directions(self) -> Tuple[str, ...]:
+        """Names of the per-head directions the policy reads (``directions=`` of evict)."""
+        return tuple(dict.fromkeys(name for s in self.scores for name in s.directions))
 
     def adaptive(self, floor: float = 0.2) -> "Policy":
         """AdaKV: spread the layer's budget across KV heads by score; each head keeps at
@@ -538,7 +636,8 @@ def anchor_similarity() -> AnchorSimilarity:
 
 
 def proxy_attention(window: Optional[Count] = None, causal: bool = False, reduce: str = "mean",
-                    pool: int = 1, pool_mode: str = "avg", group_reduce: str = "mean") -> ProxyAttention:
+                    pool: int = 1, pool_mode: str = "avg", group_reduce: str = "mean",
+                    exclude_window: bool = False) -> ProxyAttention:
     """Softmax attention of the proxy queries over all keys, reduced to one number per key.
 
     window: how many of the given proxy queries to use (the last ones); an int count, a float
@@ -548,8 +647,11 @@ def proxy_attention(window: Optional[Count] = None, causal: bool = False, reduce
     reduce: how the window's rows combine: "mean", "sum" or "max".
     pool, pool_mode: 1-D pooling over neighbouring keys per query head (odd kernel; 1 = none).
     group_reduce: how a GQA group's query heads combine into their KV head.
+    exclude_window: SnapKV's boundary rule: the keys at the window's own positions (the last
+        w) are cut off before pooling (pooling sees a sequence of N - w keys) and score 0;
+        a policy keeps them with ``recent(w)``.
     """
-    return ProxyAttention(window, causal, reduce, pool, pool_mode, group_reduce)
+    return ProxyAttention(window, causal, reduce, pool, pool_mode, group_reduce, exclude_window)
 
 
 def key_norm() -> KeyNorm:
@@ -572,6 +674,19 @@ def position() -> Position:
     return Position()
 
 
+def signal(name: str) -> Signal:
+    """A per-token score from outside (a learned scorer's output, attention accumulated by an
+    attention kernel, token-type priors), passed as ``evict(..., signals={name: tensor})``:
+    [B, H_kv, N] (a dim of 1 broadcasts), any float dtype, on the cache's device."""
+    return Signal(name)
+
+
+def key_dot(name: str) -> KeyDot:
+    """k . u per key, for a per-head direction u passed as ``evict(..., directions={name: u})``:
+    [H_kv, D] or [B, H_kv, D], any float dtype (Q-Filters: ``top(-key_dot("qfilter"))``)."""
+    return KeyDot(name)
+
+
 def sink(n: Count) -> Sink:
     """Always keep the first ``n`` tokens (an int count, or a float fraction of N)."""
     return Sink(n)
@@ -582,9 +697,18 @@ def recent(n: Optional[Count] = None) -> Recent:
     return Recent(n)
 
 
-def top(score: Score, share: Optional[float] = None) -> Top:
-    """Keep the highest-scoring tokens not yet kept; ``share`` of what forced clauses leave."""
-    return Top(score, share)
+def top(score: Score, share: Optional[float] = None, *, chunk: int = 1, chunk_reduce: str = "sum",
+        head_reduce: Optional[str] = None) -> Top:
+    """Keep the highest-scoring tokens not yet kept; ``share`` of what forced clauses leave.
+
+    chunk: rank chunks of ``chunk`` consecutive tokens (aligned at position 0) by the
+        ``chunk_reduce`` ("sum", "mean" or "max") of their scores and keep whole chunks, best
+        first (ChunkKV); the last chunk taken is cut to the clause's count, earliest tokens first.
+    head_reduce: None (each KV head ranks by its own score), or "mean" / "sum" / "max": every
+        head of a batch row ranks by the score combined over the row's KV heads, so all heads
+        keep the same tokens.
+    """
+    return Top(score, share, chunk, chunk_reduce, head_reduce)
 
 
 def sample(score: Score, share: Optional[float] = None, temperature: float = 1.0) -> Sample:

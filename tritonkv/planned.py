@@ -23,8 +23,9 @@ from .kernels.launch import compiled_entry, hooks_installed, raw_stream
 from .kernels.select import select_programs
 from .results import Evicted
 
-# roles of per-call values, in the order Plan.__call__ lists them
-KEYS, VALUES, QUERIES, SCRATCH, INDICES, OUT_KEYS, OUT_VALUES, SEED = range(8)
+# roles of per-call values, in the order Plan.__call__ lists them; the named inputs (signals,
+# directions) follow as NAMED, NAMED + 1, ...
+KEYS, VALUES, QUERIES, SCRATCH, INDICES, OUT_KEYS, OUT_VALUES, SEED, NAMED = range(9)
 
 
 class Step:
@@ -67,14 +68,16 @@ class Plan:
         self.scratch_numel = scratch_numel
         self.fallback = None   # set by plan_compiled: the unplanned call, for launch hooks
 
-    def __call__(self, keys, values, queries, seed):
+    def __call__(self, keys, values, queries, seed, named=()):
         if hooks_installed():   # a profiler wants to see Triton's launches
-            return self.fallback(keys, values, queries, seed)
+            return self.fallback(keys, values, queries, seed, named)
         device = self.device
         stream = raw_stream(self.device_index)
         scratch = torch.empty(self.scratch_numel, dtype=torch.float32, device=device) if self.scratch_numel else None
         values_of = [keys.data_ptr(), values.data_ptr(), 0 if queries is None else queries.data_ptr(),
                      0 if scratch is None else scratch.data_ptr(), 0, 0, 0, seed]
+        if named:
+            values_of += [t.data_ptr() for t in named]
         _launch(self.early, values_of, stream)
         indices = torch.empty(self.indices_shape, dtype=torch.int64, device=device)
         out_k = torch.empty(self.keys_shape, dtype=keys.dtype, device=device)
@@ -93,7 +96,7 @@ def _launch(steps: List[Step], values_of, stream: int) -> None:
 
 
 def _role(arg: torch.Tensor, inputs, buffers) -> Optional[Tuple[int, int]]:
-    for role, tensor in enumerate(inputs):
+    for role, tensor in inputs:
         if arg is tensor:
             return role, 0
     ptr = arg.data_ptr()
@@ -104,9 +107,9 @@ def _role(arg: torch.Tensor, inputs, buffers) -> Optional[Tuple[int, int]]:
     return None
 
 
-def record(call: Call, keys, values, queries) -> Optional[Plan]:
+def record(call: Call, keys, values, queries, named=()) -> Optional[Plan]:
     """A Plan replaying ``call`` (already run), or None if some launch cannot be replayed."""
-    inputs = (keys, values, queries)
+    inputs = [(KEYS, keys), (VALUES, values), (QUERIES, queries)] + [(NAMED + i, t) for i, t in enumerate(named)]
     buffers = [(role, t) for role, t in ((SCRATCH, call.scratch), (INDICES, call.indices),
                                          (OUT_KEYS, call.keys), (OUT_VALUES, call.values)) if t is not None]
     steps = []
@@ -138,28 +141,28 @@ class _Compiled:
     def __init__(self, policy: dsl.Policy, k: int):
         self.policy, self.k = policy, k
 
-    def __call__(self, keys, values, queries, seed):
-        return evict_compiled(keys, values, queries, self.policy, self.k, seed)
+    def __call__(self, keys, values, queries, seed, named=()):
+        return evict_compiled(keys, values, queries, self.policy, self.k, seed, named)
 
 
-def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int):
+def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, named=()):
     """(plan or None, result) of a first compiled call with this signature. None means: plan
     on the next call (the select kernel's occupancy, which sets its grid, was learnt just now)."""
     check_backend(keys)
     unplanned = _Compiled(policy, k)
     if interpreting() or not keys.is_cuda or policy.heads == "adaptive" or hooks_installed():
-        return unplanned, unplanned(keys, values, queries, seed)
+        return unplanned, unplanned(keys, values, queries, seed, named)
     n = keys.shape[2]
     alloc = allocate(policy, n, k)
     rows, clauses = keys.shape[0] * keys.shape[1], len(policy.selective)
     dims = (keys.shape[-1], values.shape[-1])
     programs = select_programs(rows, n, clauses, keys.device, *dims)
-    call = prepare(compile_policy(policy), alloc, keys, values, queries, seed)
+    call = prepare(compile_policy(policy), alloc, keys, values, queries, seed, named)
     run(call)
     out = Evicted(call.keys, call.values, call.indices)
     if select_programs(rows, n, clauses, keys.device, *dims) != programs:
         return None, out
-    plan = record(call, keys, values, queries)
+    plan = record(call, keys, values, queries, named)
     if plan is None:
         return unplanned, out
     plan.fallback = unplanned

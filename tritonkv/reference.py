@@ -44,6 +44,8 @@ class Inputs:
     values: torch.Tensor                 # [B, H, N, Dv]
     queries: Optional[torch.Tensor]      # [B, Hq, W, D] or None
     seed: int = 0
+    signals: Optional[Dict[str, torch.Tensor]] = None      # name -> [B, H, N] (or broadcastable)
+    directions: Optional[Dict[str, torch.Tensor]] = None   # name -> [H, D] or [B, H, D]
 
     @property
     def device(self):
@@ -77,6 +79,12 @@ def key_norm(keys: torch.Tensor) -> torch.Tensor:
 def value_norm(values: torch.Tensor) -> torch.Tensor:
     """||v_i||_2."""
     return torch.linalg.vector_norm(values, dim=-1)
+
+
+def key_dot(keys: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """k_i . u for the head's direction u ([H, D] shared by the batch, or [B, H, D])."""
+    u = direction if direction.ndim == 3 else direction.unsqueeze(0)
+    return (keys * u.unsqueeze(-2)).sum(-1)
 
 
 def position(shape, device=None) -> torch.Tensor:
@@ -135,6 +143,9 @@ def proxy_attention(node: dsl.ProxyAttention, keys: torch.Tensor, queries: torch
       s[g, i]    = pool(s[g, :])[i]                        (per query head, see pool1d);
       score[i]   = group_reduce_g s[g, i]                  over the H_q / H_kv query heads
                                                            of the KV head (GQA).
+    With ``exclude_window`` (SnapKV's boundary rule) the pooling sees only the keys before
+    the window, s[g, :N - w] (so avg pooling pads with 0 and max pooling with -inf where the
+    window starts), and the window's own keys i >= N - w score 0.
     Computed in float32.
     """
     b, h_kv, n, d = keys.shape
@@ -147,7 +158,12 @@ def proxy_attention(node: dsl.ProxyAttention, keys: torch.Tensor, queries: torch
         query_pos = torch.arange(n - w, n, device=keys.device).view(w, 1)
         logits = logits.masked_fill(torch.arange(n, device=keys.device).view(1, n) > query_pos, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    per_query_head = pool1d(_reduce(probs, node.reduce, dim=3), node.pool_kernel, node.pool_mode)
+    per_query_head = _reduce(probs, node.reduce, dim=3)
+    if node.exclude_window:   # SnapKV: the window's keys are cut off, the prefix pooled alone
+        prefix = pool1d(per_query_head[..., : n - w], node.pool_kernel, node.pool_mode)
+        per_query_head = F.pad(prefix, (0, w), value=0.0)
+    else:
+        per_query_head = pool1d(per_query_head, node.pool_kernel, node.pool_mode)
     return _reduce(per_query_head, node.group_reduce, dim=2)
 
 
@@ -194,6 +210,10 @@ def score(node: dsl.Score, inputs: Inputs, memo: Optional[Dict] = None) -> torch
         out = position(inputs.shape, inputs.device)
     elif isinstance(node, dsl.Random):
         out = random(node, inputs.shape, inputs.seed, inputs.device)
+    elif isinstance(node, dsl.Signal):
+        out = _named(inputs.signals, "signals", node)
+    elif isinstance(node, dsl.KeyDot):
+        out = key_dot(inputs.keys, _named(inputs.directions, "directions", node))
     elif isinstance(node, dsl.ProxyAttention):
         if inputs.queries is None:
             raise ValueError(f"queries: the policy uses {node!r}, which needs proxy queries; "
@@ -219,6 +239,12 @@ def score(node: dsl.Score, inputs: Inputs, memo: Optional[Dict] = None) -> torch
     return out
 
 
+def _named(tensors: Optional[Dict[str, torch.Tensor]], argument: str, node) -> torch.Tensor:
+    if not tensors or node.name not in tensors:
+        raise ValueError(f"{argument}: the policy uses {node!r}; pass {argument}={{{node.name!r}: tensor}}")
+    return tensors[node.name].float()
+
+
 # --------------------------------------------------------------------------- selection
 
 
@@ -229,12 +255,55 @@ def gumbel(shape, seed: int, stream: int, device=None) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def head_reduce(x: torch.Tensor, how: str) -> torch.Tensor:
+    """Every KV head of a batch row gets the reduce ("mean", "sum", "max") of x over the
+    row's heads; NaN counts as -inf."""
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    return _reduce(x, how, dim=1).unsqueeze(1).expand_as(x)
+
+
+def chunk_reduce(x: torch.Tensor, chunk: int, how: str) -> torch.Tensor:
+    """Every token gets the reduce of x over its chunk: chunk j holds positions
+    [j * chunk, (j + 1) * chunk), the last one what is left of N. "sum" and "max" run over the
+    chunk's tokens, "mean" is their sum / their count; NaN counts as -inf."""
+    n = x.shape[-1]
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    pad = -n % chunk
+    padded = F.pad(x, (0, pad), value=float("-inf") if how == "max" else 0.0)
+    grouped = padded.reshape(*x.shape[:-1], -1, chunk)
+    if how == "max":
+        per_chunk = grouped.amax(-1)
+    else:
+        per_chunk = grouped.sum(-1)
+        if how == "mean":
+            counts = torch.full((per_chunk.shape[-1],), float(chunk), device=x.device)
+            counts[-1] = n - (per_chunk.shape[-1] - 1) * chunk
+            per_chunk = per_chunk / counts
+    return per_chunk.repeat_interleave(chunk, dim=-1)[..., :n]
+
+
+def clause_transform(clause: dsl.Clause, x: torch.Tensor) -> torch.Tensor:
+    """What a top clause with ``head_reduce`` / ``chunk`` ranks by: first the reduce over the
+    row's KV heads, then the reduce over each chunk. Ranking stays token by token, ties to
+    the lower index: a chunk's tokens tie, so chunks are taken whole, best first, the lower
+    chunk first among equal ones, and the last chunk taken is cut to the clause's count
+    (earliest tokens first). Tokens already kept (the forced windows, earlier clauses) still
+    count in their chunk's score but are not taken again: a chunk that overlaps a window
+    contributes its other tokens."""
+    if isinstance(clause, dsl.Top) and clause.head_reduce is not None:
+        x = head_reduce(x, clause.head_reduce)
+    if isinstance(clause, dsl.Top) and clause.chunk > 1:
+        x = chunk_reduce(x, clause.chunk, clause.chunk_reduce)
+    return x
+
+
 def priority(clause: dsl.Clause, clause_score: torch.Tensor, clause_index: int, seed: int) -> torch.Tensor:
-    """What a selective clause ranks by: its score, or score / temperature + Gumbel."""
+    """What a selective clause ranks by: its score (through clause_transform), or
+    score / temperature + Gumbel."""
     if isinstance(clause, dsl.Sample):
         inverse_t = torch.tensor(1.0 / clause.temperature, dtype=torch.float32, device=clause_score.device)
         return clause_score * inverse_t + gumbel(clause_score.shape, seed, gumbel_stream(clause_index), clause_score.device)
-    return clause_score
+    return clause_transform(clause, clause_score)
 
 
 def rank_key(p: torch.Tensor) -> torch.Tensor:

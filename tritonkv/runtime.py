@@ -27,21 +27,33 @@ import torch
 from . import dsl
 from .budget import resolve_budget
 from .results import Evicted
-from .validate import BACKENDS, check_evict_args, check_seed
+from .validate import BACKENDS, check_evict_args, check_seed, named_inputs
 
 _I32_MAX, _I64_MAX = 2 ** 31 - 1, 2 ** 63 - 1
 _MAX_PLANS = 64   # signatures kept per Evictor (a cache that grows with N is cleared, not leaked)
 
 
-def _signature(keys, values, queries, seed) -> Tuple:
+def _signature(keys, values, queries, seed, named) -> Tuple:
     """What a compiled call's launches depend on (raises AttributeError / TypeError for
     arguments that are not tensors: those take the validating path)."""
     q = None if queries is None else (queries.shape, queries.stride(), queries.dtype, queries.device,
                                       queries.data_ptr() & 15, queries is keys, queries is values)
+    extra = tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in named) if named else ()
     return (keys.shape, keys.stride(), keys.dtype, keys.device, keys.data_ptr() & 15,
             values.shape, values.stride(), values.dtype, values.device, values.data_ptr() & 15,
             keys is values, q, seed > _I32_MAX, seed > _I64_MAX,
-            torch.cuda.current_device() if keys.is_cuda else -1)
+            torch.cuda.current_device() if keys.is_cuda else -1, extra)
+
+
+def _ordered(policy: dsl.Policy, signals, directions):
+    """The named tensors in the policy's order, or None when the dicts do not hold exactly
+    the names the policy reads (the validating path then says what is wrong)."""
+    try:
+        if len(signals or ()) != len(policy.signals) or len(directions or ()) != len(policy.directions):
+            return None
+        return named_inputs(policy, signals, directions)
+    except (KeyError, TypeError):
+        return None
 
 
 class Evictor:
@@ -52,9 +64,10 @@ class Evictor:
         budget: tokens kept per head (int) or a fraction of N in (0, 1].
         backend: "auto", "triton" or "reference", as for :func:`tritonkv.evict`.
 
-    Calling it, ``ev(keys, values, queries=None, seed=0)``, is ``tkv.evict(keys, values,
-    policy, budget, queries=queries, seed=seed, backend=backend)``: the same checks on the
-    first call of each signature, the same result, bit for bit.
+    Calling it, ``ev(keys, values, queries=None, seed=0, signals=None, directions=None)``, is
+    ``tkv.evict(keys, values, policy, budget, queries=queries, seed=seed, signals=signals,
+    directions=directions, backend=backend)``: the same checks on the first call of each
+    signature, the same result, bit for bit.
     """
 
     def __init__(self, policy, budget, *, backend: str = "auto"):
@@ -63,35 +76,40 @@ class Evictor:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.budget, self.backend = budget, backend
+        self._reads_named = bool(self.policy.signals or self.policy.directions)
         self._plans: Dict[Tuple, object] = {}
 
     def __repr__(self):
         return f"Evictor({self.policy!r}, budget={self.budget!r}, backend={self.backend!r})"
 
-    def __call__(self, keys, values, *, queries=None, seed: int = 0):
+    def __call__(self, keys, values, *, queries=None, seed: int = 0, signals=None, directions=None):
         if type(seed) is not int or not 0 <= seed <= 0xFFFFFFFFFFFFFFFF:
             seed = check_seed(seed)
+        named = () if signals is None and directions is None and not self._reads_named \
+            else _ordered(self.policy, signals, directions)
         try:
-            signature = _signature(keys, values, queries, seed)
+            signature = None if named is None else _signature(keys, values, queries, seed, named)
         except (AttributeError, TypeError):   # not tensors: the validating path says what is wrong
             signature = None
         plan = self._plans.get(signature)
         if plan is None:
-            return self._plan_and_run(signature, keys, values, queries, seed)
-        return plan(keys, values, queries, seed)
+            return self._plan_and_run(signature, keys, values, queries, seed, signals, directions)
+        return plan(keys, values, queries, seed, named)
 
-    def _plan_and_run(self, signature, keys, values, queries, seed):
-        policy, k, seed = check_evict_args(keys, values, self.policy, self.budget, queries, seed, self.backend)
+    def _plan_and_run(self, signature, keys, values, queries, seed, signals, directions):
+        policy, k, seed = check_evict_args(keys, values, self.policy, self.budget, queries, seed, self.backend,
+                                           signals, directions)
+        named = named_inputs(policy, signals, directions)
         backend = self.backend
         if backend == "auto":
             backend = "triton" if keys.is_cuda else "reference"
         if backend == "reference":
             from .api import evict_reference
             plan = _Unplanned(evict_reference, policy, k)
-            out = plan(keys, values, queries, seed)
+            out = plan(keys, values, queries, seed, named)
         else:
             from .planned import plan_compiled   # imports triton only when asked for
-            plan, out = plan_compiled(policy, k, keys, values, queries, seed)
+            plan, out = plan_compiled(policy, k, keys, values, queries, seed, named)
         if signature is not None and plan is not None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
@@ -106,8 +124,8 @@ class _Unplanned:
     def __init__(self, fn, policy: dsl.Policy, k: int):
         self.fn, self.policy, self.k = fn, policy, k
 
-    def __call__(self, keys, values, queries, seed):
-        return self.fn(keys, values, queries, self.policy, self.k, seed)
+    def __call__(self, keys, values, queries, seed, named=()):
+        return self.fn(keys, values, queries, self.policy, self.k, seed, named)
 
 
 _EVICTORS: Dict[Tuple, Tuple[dsl.Policy, Evictor]] = {}

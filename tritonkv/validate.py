@@ -4,6 +4,7 @@ and says what was expected."""
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 
 import torch
 
@@ -33,7 +34,71 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
-def check_evict_args(keys, values, policy, budget, queries, seed, backend):
+NAMED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_named(argument: str, tensors, used, check_one) -> None:
+    """``tensors``: None or a dict name -> tensor holding exactly the names in ``used``."""
+    if tensors is None:
+        tensors = {}
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{argument}: expected a dict of name -> torch.Tensor, got {type(tensors).__name__}")
+    for name in used:
+        if name not in tensors:
+            kind = "signal" if argument == "signals" else "key_dot"
+            raise ValueError(f"{argument}: the policy uses {kind}({name!r}); pass {argument}={{{name!r}: tensor}} "
+                             f"(given: {sorted(tensors)})")
+    for name, x in tensors.items():
+        if name not in used:
+            raise ValueError(f"{argument}: {name!r} is not used by the policy (it reads {list(used)})")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{argument}[{name!r}]: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in NAMED_DTYPES:
+            raise TypeError(f"{argument}[{name!r}]: dtype {x.dtype} is not supported; expected a float dtype "
+                            f"(float16, bfloat16, float32, float64)")
+        check_one(f"{argument}[{name!r}]", x)
+
+
+def check_signals(signals, policy: dsl.Policy, keys) -> None:
+    """Each signal [B, H_kv, N] (a dim of 1 broadcasts), float, on the keys' device."""
+    b, h, n, _ = keys.shape
+
+    def one(label, x):
+        if x.ndim != 3 or any(s not in (1, want) for s, want in zip(x.shape, (b, h, n))):
+            raise ValueError(f"{label}: expected shape [B, H_kv, N] = {[b, h, n]} (a dim may be 1 to broadcast), "
+                             f"got {list(x.shape)}")
+        if x.device != keys.device:
+            raise ValueError(f"{label}: on {x.device}, keys on {keys.device}; expected one device")
+    _check_named("signals", signals, policy.signals, one)
+
+
+def check_directions(directions, policy: dsl.Policy, keys) -> None:
+    """Each direction [H_kv, D] or [B, H_kv, D] (B may be 1), float, on the keys' device."""
+    b, h, _, d = keys.shape
+
+    def one(label, x):
+        lead_ok = x.ndim == 2 or (x.ndim == 3 and x.shape[0] in (1, b))
+        if not lead_ok or x.shape[-2:] != (h, d):
+            raise ValueError(f"{label}: expected shape [H_kv, D] = {[h, d]} or [B, H_kv, D] = {[b, h, d]}, "
+                             f"got {list(x.shape)}")
+        if x.device != keys.device:
+            raise ValueError(f"{label}: on {x.device}, keys on {keys.device}; expected one device")
+    _check_named("directions", directions, policy.directions, one)
+
+
+def named_inputs(policy: dsl.Policy, signals, directions) -> tuple:
+    """The tensors of the policy's signals, then of its directions, in the policy's order
+    (the order in which the generated kernels take them)."""
+    return tuple(signals[n] for n in policy.signals) + tuple(directions[n] for n in policy.directions)
+
+
+def split_named(policy: dsl.Policy, named: tuple):
+    """(signals, directions) dicts back from ``named_inputs``' tuple."""
+    cut = len(policy.signals)
+    return dict(zip(policy.signals, named[:cut])), dict(zip(policy.directions, named[cut:]))
+
+
+def check_evict_args(keys, values, policy, budget, queries, seed, backend, signals=None, directions=None):
     """Validate everything; return (policy, kept tokens per head, seed)."""
     policy = dsl.as_policy(policy)
     _check_tensor("keys", keys, "[B, H_kv, N, D]")
@@ -78,5 +143,7 @@ def check_evict_args(keys, values, policy, budget, queries, seed, backend):
             if node.causal and w > n:
                 raise ValueError(f"queries: a causal {node!r} places its {w} proxy queries at the "
                                  f"last positions of the sequence, but N = {n} < {w}")
+    check_signals(signals, policy, keys)
+    check_directions(directions, policy, keys)
     k = resolve_budget(budget, n)
     return policy, k, seed

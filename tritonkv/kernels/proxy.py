@@ -132,8 +132,13 @@ def _logits_t(b_k, b_q, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
 def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m_n, N, w,
                   BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                   CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
-                  GROUP_REDUCE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
-    """Add chunk c's probabilities for this tile of keys to the window / group accumulators."""
+                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    """Add chunk c's probabilities for this tile of keys to the window / group accumulators.
+    With EXCLUDE the pooling sees the sequence as ending where the window starts (N - w)."""
+    if EXCLUDE:
+        n_pool = N - w
+    else:
+        n_pool = N
     vis = m_n[:, None] & m_r[None, :]
     if CAUSAL:  # window row w_r sits at position N - w + w_r
         vis = vis & (o_n[:, None] <= (N - w + w_r)[None, :])
@@ -144,7 +149,7 @@ def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m
         if REDUCE == 0:
             win = win / w
         if POOL > 1:
-            win = pool_cols(win, o_t, o_n, N, POOL, POOL_MAX, HPC, BLOCK_N)
+            win = pool_cols(win, o_t, o_n, n_pool, POOL, POOL_MAX, HPC, BLOCK_N)
         acc_grp = _combine(acc_grp, _reduce(win, 1, GROUP_REDUCE), GROUP_REDUCE)
     else:             # a part of one query head's window
         CPH: tl.constexpr = W_PAD // QB
@@ -154,7 +159,7 @@ def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m
             if REDUCE == 0:
                 head = head / w
             if POOL > 1:
-                head = pool(head, o_t, o_n, N, POOL, POOL_MAX, BLOCK_N)
+                head = pool(head, o_t, o_n, n_pool, POOL, POOL_MAX, BLOCK_N)
             acc_grp = _combine(acc_grp, head, GROUP_REDUCE)
             acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
     return acc_grp, acc_win
@@ -165,7 +170,8 @@ def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s
                          i_b, i_h, N, W_total, w, o_t, o_n, m_n, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                          CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
-                         GROUP_REDUCE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                         GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr,
+                         IEEE: tl.constexpr):
     """reference.proxy_attention for one tile of keys.
 
     b_q0 .. b_l0 are chunk 0 (proxy_chunk), loaded once per program: when all query rows fit
@@ -175,13 +181,15 @@ def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s
     acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, b_q0, w_r0, m_r0, b_m0, b_l0, b_k, o_t, o_n, m_n, N, w,
                                      BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE,
-                                     QK_SCALE, IEEE)
+                                     EXCLUDE, QK_SCALE, IEEE)
     for c in range(1, NCH):
         b_q, w_r, m_r, b_m, b_l = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
                                               D, BLOCK_D, G, W_PAD, QB, True)
         acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m_n, N, w,
                                          BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE,
-                                         QK_SCALE, IEEE)
+                                         EXCLUDE, QK_SCALE, IEEE)
     if GROUP_REDUCE == 0:
         acc_grp = acc_grp / G
+    if EXCLUDE:   # the window's own keys score 0
+        acc_grp = tl.where(o_n < N - w, acc_grp, 0.0)
     return acc_grp
