@@ -42,3 +42,13 @@ def assert_unchanged(before, *tensors):
         copy, stride = saved
         bits = lambda x: x.contiguous().view(torch.uint8)  # noqa: E731  (bitwise: NaN == NaN)
         assert t.stride() == stride and torch.equal(bits(t), bits(copy)), "an input was modified"
+
+
+def named_kwargs(policy, keys, seed: int = 0) -> dict:
+    """``signals=`` / ``directions=`` of evict for the names a policy reads (random tensors
+    from tests/strategies.named_inputs; None where it reads none)."""
+    from tritonkv.dsl import as_policy
+
+    from .strategies import named_inputs
+    signals, directions = named_inputs(as_policy(policy), keys, seed)
+    return dict(signals=signals or None, directions=directions or None)

@@ -31,7 +31,11 @@ primitives = st.one_of(
               reduce=st.sampled_from(["mean", "sum", "max"]),
               pool=st.sampled_from([1, 1, 3, 5]),
               pool_mode=st.sampled_from(["avg", "max"]),
-              group_reduce=st.sampled_from(["mean", "sum", "max"])),
+              group_reduce=st.sampled_from(["mean", "sum", "max"]),
+              exclude_window=st.booleans()),
+    st.just(tkv.signal("s0")),
+    st.just(tkv.signal("s1")),
+    st.just(tkv.key_dot("u0")),
 )
 constants = st.floats(-3, 3, allow_nan=False).filter(lambda x: abs(x) > 0.05).map(lambda x: round(x, 2))
 
@@ -64,7 +68,9 @@ def policies(draw, score_strategy=scores):
         score = draw(score_strategy)
         share = draw(st.one_of(st.none(), st.floats(0.2, 0.8).map(lambda x: round(x, 2))))
         if draw(st.booleans()):
-            clauses.append(tkv.top(score, share=share))
+            clauses.append(tkv.top(score, share=share, chunk=draw(st.sampled_from([1, 1, 2, 3, 8])),
+                                   chunk_reduce=draw(st.sampled_from(["sum", "mean", "max"])),
+                                   head_reduce=draw(st.sampled_from([None, None, "mean", "sum", "max"]))))
         else:
             clauses.append(tkv.sample(score, share=share, temperature=draw(st.sampled_from([0.5, 1.0, 3.0]))))
     return tkv.Policy(tuple(clauses))
@@ -90,3 +96,26 @@ def caches(draw, max_n=300, head_dims=HEAD_DIMS, dtypes=DTYPES, max_batch=3, max
         keys = keys.transpose(1, 2).contiguous().transpose(1, 2)
         values = values.transpose(1, 2).contiguous().transpose(1, 2)
     return keys, values, queries
+
+
+NAMED_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def named_inputs(policy, keys, seed: int):
+    """(signals, directions) for the names a policy reads, made from ``seed``: every float
+    dtype, broadcast shapes ([B, 1, N], [1, H, N]), strided views, directions [H, D] and
+    [B, H, D]."""
+    b, h, n, d = keys.shape
+    gen = torch.Generator().manual_seed(seed % (2 ** 63))
+    signals, directions = {}, {}
+    for i, name in enumerate(policy.signals):
+        pick = (seed + i) % 4
+        shape = [(b, h, n), (b, 1, n), (1, h, n), (b, h, n)][pick]
+        x = torch.randn(*shape, generator=gen)
+        if pick == 3:   # a strided view: tokens outermost in memory
+            x = x.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        signals[name] = x.to(NAMED_DTYPES[(seed + 2 * i) % 4]).to(keys.device)
+    for i, name in enumerate(policy.directions):
+        shape = (h, d) if (seed + i) % 2 else (b, h, d)
+        directions[name] = (torch.randn(*shape, generator=gen) / d ** 0.5).to(NAMED_DTYPES[(seed + i) % 4]).to(keys.device)
+    return signals, directions

@@ -11,11 +11,12 @@ import tritonkv as tkv
 from tritonkv import policies, reference
 from tritonkv.budget import allocate, resolve_budget
 from tritonkv.compiler import evict_compiled
+from tritonkv.validate import named_inputs as named_inputs_of
 
 from .checks import assert_unchanged, check_evicted, snapshot
-from .strategies import caches, examples, scores
+from .strategies import caches, examples, named_inputs, scores
 from .strategies import policies as policy_strategy
-from .tolerances import normalize_allowance, tolerance
+from .tolerances import normalize_allowance, tolerance, transform_allowance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,16 +25,36 @@ def to_device(*tensors):
     return [None if t is None else t.to(DEVICE) for t in tensors]
 
 
-def boundaries_are_clear(alloc, priorities, errors, shape) -> bool:
+def _chunk_boundary_is_clear(key, kept, count, chunk, err) -> bool:
+    """A chunked clause: its tokens tie within a chunk (exactly, on both paths), so the cut
+    may fall inside a chunk; what must be clear is the gap between that chunk and the
+    candidates ranked just before and after it."""
+    for row, taken in zip(key.reshape(-1, key.shape[-1]), kept.reshape(-1, kept.shape[-1])):
+        tokens = (~taken).nonzero().flatten()
+        order = torch.sort(row[tokens], descending=True, stable=True)
+        vals, chunks = order.values, tokens[order.indices] // chunk
+        block = (chunks == chunks[count]).nonzero().flatten()
+        first, last = int(block.min()), int(block.max())
+        if first > 0 and not vals[first - 1] - vals[first] > 2 * err:
+            return False
+        if last + 1 < len(vals) and not vals[last] - vals[last + 1] > 2 * err:
+            return False
+    return True
+
+
+def boundaries_are_clear(policy, alloc, priorities, errors, shape) -> bool:
     """True when every clause's last kept reference priority beats the next candidate by
     more than twice the largest difference between compiled and reference priorities:
     then rounding cannot have changed the selection, and it must match exactly."""
     kept = reference.forced_mask(alloc, shape)
-    for p, count, err in zip(priorities, alloc.clause_counts, errors):
+    for clause, p, count, err in zip(policy.selective, priorities, alloc.clause_counts, errors):
         key = reference.rank_key(p).masked_fill(kept, float("-inf"))
-        ordered = torch.sort(key, dim=-1, descending=True).values
         candidates = int((~kept[0, 0]).sum())
-        if 0 < count < candidates:
+        if 0 < count < candidates and getattr(clause, "chunk", 1) > 1:
+            if not _chunk_boundary_is_clear(key, kept, count, clause.chunk, err):
+                return False
+        elif 0 < count < candidates:
+            ordered = torch.sort(key, dim=-1, descending=True).values
             last, following = ordered[..., count - 1], ordered[..., count]
             gap = last - following
             gap = torch.where(torch.isinf(last) & torch.isinf(following), torch.zeros_like(gap), gap)
@@ -47,7 +68,7 @@ def valid_or_skip(keys, values, queries, policy, budget, seed):
     """Draws whose proxy window exceeds the cache are a documented error, not a test case."""
     from tritonkv.validate import check_evict_args
     try:
-        check_evict_args(keys, values, policy, budget, queries, seed, "triton")
+        check_evict_args(keys, values, policy, budget, queries, seed, "triton", *named_inputs(policy, keys, seed))
     except ValueError as e:
         assume("queries" not in str(e))
         raise
@@ -59,21 +80,28 @@ def compare(keys, values, queries, policy, budget, seed=0):
     b, h, n, _ = keys.shape
     k = resolve_budget(budget, n)
     keys, values, queries = to_device(keys, values, queries)
-    before = snapshot(keys, values, queries)
-    out, prios = evict_compiled(keys, values, queries, policy, k, seed, return_priorities=True)
-    assert_unchanged(before, keys, values, queries)
+    signals, directions = named_inputs(policy, keys, seed)
+    named = named_inputs_of(policy, signals, directions)
+    before = snapshot(keys, values, queries, *named)
+    out, prios = evict_compiled(keys, values, queries, policy, k, seed, named, return_priorities=True)
+    assert_unchanged(before, keys, values, queries, *named)
     out_cpu = type(out)(out.keys.cpu(), out.values.cpu(), out.indices.cpu())
     check_evicted(out_cpu, keys.cpu(), values.cpu(), policy, k)
 
+    cpu = lambda named: {name: t.cpu() for name, t in named.items()}  # noqa: E731
     inputs = reference.Inputs(keys.float().cpu(), values.float().cpu(),
-                              None if queries is None else queries.float().cpu(), seed)
+                              None if queries is None else queries.float().cpu(), seed, cpu(signals), cpu(directions))
     ref_prios = reference.clause_priorities(policy, inputs)
     from tritonkv.codegen import plan_slots
     _, clause_slots = plan_slots(policy)
     got = [prios[s].cpu().view(b, h, n) for s in clause_slots]
     errors = []
     for j, (g, r) in enumerate(zip(got, ref_prios)):
-        allowance = normalize_allowance(policy.selective[j], inputs)
+        clause = policy.selective[j]
+        allowance = normalize_allowance(clause, inputs)
+        if getattr(clause, "transformed", False):   # summed over a chunk / the heads
+            terms = clause.chunk * (h if clause.head_reduce else 1)
+            allowance = allowance * terms + transform_allowance(clause, reference.score(clause.score, inputs))
         finite = torch.isfinite(r)
         assert torch.equal(torch.isinf(g) & ~torch.isnan(r), torch.isinf(r)), f"clause {j}: infinities differ"
         diff = (g - r).abs().masked_fill(~finite, 0.0)
@@ -86,9 +114,10 @@ def compare(keys, values, queries, policy, budget, seed=0):
     own = reference.kept_indices(reference.select_by_priority(alloc, got, (b, h, n)))
     if alloc.total < n:
         assert torch.equal(out_cpu.indices, own), "select kernel differs from the reference selection"
-    if boundaries_are_clear(alloc, ref_prios, errors, (b, h, n)):
+    if boundaries_are_clear(policy, alloc, ref_prios, errors, (b, h, n)):
         ref = tkv.evict(keys.cpu(), values.cpu(), policy, budget, queries=None if queries is None else queries.cpu(),
-                        seed=seed, backend="reference")
+                        seed=seed, signals=cpu(signals) or None, directions=cpu(directions) or None,
+                        backend="reference")
         assert torch.equal(out_cpu.indices, ref.indices)
         return True
     return False

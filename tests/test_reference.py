@@ -11,14 +11,15 @@ import tritonkv as tkv
 from tritonkv import policies, reference
 from tritonkv.budget import resolve_budget
 
-from .checks import assert_unchanged, check_evicted, snapshot
+from .checks import assert_unchanged, check_evicted, named_kwargs, snapshot
 from .strategies import caches
 from .strategies import policies as policy_strategy
 
 
 def evict_or_skip(keys, values, policy, budget, queries, seed=0):
     try:
-        return tkv.evict(keys, values, policy, budget, queries=queries, seed=seed, backend="reference")
+        return tkv.evict(keys, values, policy, budget, queries=queries, seed=seed, backend="reference",
+                         **named_kwargs(policy, keys, seed))
     except ValueError as e:  # a proxy window longer than the cache: a documented error
         assume("queries" not in str(e))
         raise
@@ -31,7 +32,8 @@ def test_reference_properties(cache, policy, budget, seed):
     out = evict_or_skip(keys, values, policy, budget, queries, seed)
     assert_unchanged(before, keys, values, queries)
     check_evicted(out, keys, values, policy, resolve_budget(budget, keys.shape[2]))
-    again = tkv.evict(keys, values, policy, budget, queries=queries, seed=seed, backend="reference")
+    again = tkv.evict(keys, values, policy, budget, queries=queries, seed=seed, backend="reference",
+                      **named_kwargs(policy, keys, seed))
     assert torch.equal(out.indices, again.indices), "same inputs and seed must give the same result"
 
 
@@ -41,7 +43,7 @@ def test_every_preset_keeps_the_budget(name):
     queries = torch.randn(2, 4, 64, 64)
     policy = policies.PRESETS[name]()
     for budget in (1, 17, 0.25, 0.5, 700, 1000):
-        out = tkv.evict(keys, values, policy, budget, queries=queries)
+        out = tkv.evict(keys, values, policy, budget, queries=queries, **named_kwargs(policy, keys))
         check_evicted(out, keys, values, policy, resolve_budget(budget, 700))
 
 
@@ -131,8 +133,10 @@ def test_random_preset_is_uniform():
 
 def test_h2o_and_tova_keep_attended_keys():
     keys, queries = _needle_cache(w=16)
-    tova = tkv.evict(keys, keys, policies.tova(), 3, queries=queries).indices[0, 0].tolist()
-    assert tova == [10, 77, 150]
+    tova = tkv.evict(keys, keys, policies.tova(), 4, queries=queries).indices   # the last token, then 3
+    assert tova[0, 0].tolist() == [10, 77, 150, 255]
+    assert (tova == tova[:, :1]).all(), "TOVA: every KV head keeps the same tokens"
+    assert tkv.evict(keys, keys, policies.tova_per_group(), 3, queries=queries).indices[0, 0].tolist() == [10, 77, 150]
     h2o = tkv.evict(keys, keys, policies.h2o(), 6, queries=queries).indices[0, 0].tolist()
     assert h2o == [10, 77, 150, 253, 254, 255]
 

@@ -8,7 +8,9 @@ import tritonkv as tkv
 from tritonkv import planned, policies, runtime
 from tritonkv.compiler import evict_compiled
 
-from .checks import assert_unchanged, snapshot
+from tritonkv.validate import named_inputs
+
+from .checks import assert_unchanged, named_kwargs, snapshot
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -70,10 +72,11 @@ def test_evictor_equals_evict_and_keeps_inputs(backend):
     for name, policy in every_policy().items():
         q = queries if policy.needs_queries else None
         ev = tkv.Evictor(policy, 0.3, backend=backend)
+        named = named_kwargs(policy, keys, 5)
         before = snapshot(keys, values, q)
-        first, second = ev(keys, values, queries=q, seed=5), ev(keys, values, queries=q, seed=5)
+        first, second = ev(keys, values, queries=q, seed=5, **named), ev(keys, values, queries=q, seed=5, **named)
         assert_unchanged(before, keys, values, q)
-        want = tkv.evict(keys, values, policy, 0.3, queries=q, seed=5, backend=backend)
+        want = tkv.evict(keys, values, policy, 0.3, queries=q, seed=5, backend=backend, **named)
         assert same(first, want) and same(second, want), name
 
 
@@ -105,8 +108,10 @@ def test_planned_calls_equal_unplanned_ones(name):
     for i, seed in enumerate((0, 7, 2 ** 40 + 3, 7)):
         keys, values, queries = make(seed=i)
         q = queries if policy.needs_queries else None
-        got = ev(keys, values, queries=q, seed=seed)
-        want = evict_compiled(keys, values, q, tkv.dsl.as_policy(policy), ev_budget(policy, keys), seed)
+        named = named_kwargs(policy, keys, i)
+        got = ev(keys, values, queries=q, seed=seed, **named)
+        ordered = named_inputs(tkv.dsl.as_policy(policy), named["signals"] or {}, named["directions"] or {})
+        want = evict_compiled(keys, values, q, tkv.dsl.as_policy(policy), ev_budget(policy, keys), seed, ordered)
         assert same(got, want), (name, seed)
     plans = list(ev._plans.values())
     if policy.heads != "adaptive":

@@ -54,3 +54,23 @@ def normalize_allowance(clause, inputs):
     if isinstance(clause, dsl.Sample):
         total = total / clause.temperature
     return total
+
+
+# A top clause's chunk / head reduce (reference.clause_transform) sums up to C (or H) float32
+# terms in another order than torch does: an absolute error up to ~C ulps of the largest term.
+TRANSFORM_REL_ERROR = 1e-6
+
+
+def transform_allowance(clause, clause_score):
+    """Per-row [B, H, 1] absolute error allowance of a transformed clause's priority, from its
+    float32 pre-transform reference score."""
+    import torch
+
+    from tritonkv import dsl
+
+    if not isinstance(clause, dsl.Top) or not clause.transformed:
+        return 0.0
+    terms = clause.chunk * (clause_score.shape[1] if clause.head_reduce else 1)
+    x = torch.where(torch.isfinite(clause_score), clause_score, torch.zeros_like(clause_score)).abs()
+    largest = x.amax(dim=(1, 2), keepdim=True) if clause.head_reduce else x.amax(-1, keepdim=True)
+    return TRANSFORM_REL_ERROR * terms * largest

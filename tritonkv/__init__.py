@@ -9,13 +9,14 @@ from . import policies
 from .api import Evicted, EvictedVarlen, evict
 from .runtime import Evictor
 from .budget import pyramid_budgets
-from .dsl import (Policy, anchor_similarity, key_norm, position, proxy_attention, random, recent,
-                  sample, sink, top, value_norm)
+from .dsl import (Policy, anchor_similarity, key_dot, key_norm, position, proxy_attention, random, recent,
+                  sample, signal, sink, top, value_norm)
+from .reuse import gather
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "evict", "Evictor", "Evicted", "EvictedVarlen", "Policy", "pyramid_budgets", "policies",
+    "evict", "gather", "Evictor", "Evicted", "EvictedVarlen", "Policy", "pyramid_budgets", "policies",
     "anchor_similarity", "proxy_attention", "key_norm", "value_norm", "random", "position",
-    "sink", "recent", "top", "sample",
+    "signal", "key_dot", "sink", "recent", "top", "sample",
 ]

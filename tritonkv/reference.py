@@ -6,8 +6,9 @@ module: scores within the tolerances stated in tests/tolerances.py, kept tokens 
 wherever the scores are not tied to within those tolerances.
 
 Selection rules (shared with the kernels):
-- a priority is the clause's score (``top``) or ``score / temperature + Gumbel`` noise
-  (``sample``: the Gumbel-top-k trick draws without replacement with P ∝ softmax);
+- a priority is the clause's score (``top``; with ``chunk`` / ``head_reduce`` reduced over
+  chunks / heads by clause_transform) or ``score / temperature + Gumbel`` noise (``sample``:
+  the Gumbel-top-k trick draws without replacement with P ∝ softmax);
 - NaN priorities count as -inf; -0.0 equals +0.0; ties go to the lower token index;
 - every head keeps exactly min(budget, N) tokens: a policy of forced windows only that
   leaves part of the budget unused (``sink(4)`` at budget 10) fills it with the most
@@ -160,7 +161,9 @@ def proxy_attention(node: dsl.ProxyAttention, keys: torch.Tensor, queries: torch
     probs = torch.softmax(logits, dim=-1)
     per_query_head = _reduce(probs, node.reduce, dim=3)
     if node.exclude_window:   # SnapKV: the window's keys are cut off, the prefix pooled alone
-        prefix = pool1d(per_query_head[..., : n - w], node.pool_kernel, node.pool_mode)
+        prefix = per_query_head[..., : n - w]
+        if n > w:
+            prefix = pool1d(prefix, node.pool_kernel, node.pool_mode)
         per_query_head = F.pad(prefix, (0, w), value=0.0)
     else:
         per_query_head = pool1d(per_query_head, node.pool_kernel, node.pool_mode)
