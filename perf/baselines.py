@@ -43,16 +43,20 @@ from tritonkv import dsl, reference
 from tritonkv.budget import allocate
 
 
-def eager_evict(keys, values, queries, policy: dsl.Policy, k: int, seed: int = 0, core=None):
+def eager_evict(keys, values, queries, policy: dsl.Policy, k: int, seed: int = 0, core=None, signals=None,
+                directions=None):
     """Evict with the eager formulas; ``core`` swaps in a compiled _evict_core."""
     alloc = allocate(policy, keys.shape[2], k)
     return (core or _evict_core)(keys, values, queries, alloc.n_sink, alloc.n_recent, alloc.total,
-                                 list(alloc.clause_counts), seed, policy=policy)
+                                 list(alloc.clause_counts), seed, policy=policy, signals=signals,
+                                 directions=directions)
 
 
-def _evict_core(keys, values, queries, n_sink, n_recent, total, counts, seed, policy):
+def _evict_core(keys, values, queries, n_sink, n_recent, total, counts, seed, policy, signals=None,
+                directions=None):
     b, h, n, _ = keys.shape
-    inputs = reference.Inputs(keys.float(), values.float(), None if queries is None else queries.float(), seed)
+    inputs = reference.Inputs(keys.float(), values.float(), None if queries is None else queries.float(), seed,
+                              signals, directions)
     positions = torch.arange(n, device=keys.device)
     kept = ((positions < n_sink) | (positions >= n - n_recent)).expand(b, h, n)
     memo = {}
@@ -152,7 +156,23 @@ def h2o_scores(keys, queries, k):
     return scores.masked_fill(recent, float("inf"))
 
 
+def qfilters_scores(keys, queries, k, named):
+    """kvpress' QFilterPress: -(f . k) per key in the cache's dtype, f the head's filter."""
+    f = named["qfilter"].to(keys.dtype)
+    return -(keys * f[None, :, None, :]).sum(dim=-1)
+
+
+def h2o_signal_scores(keys, queries, k, named):
+    """H2O with its attention sum kept by the attention kernel (a signal): the signal, the
+    most recent half of the budget forced."""
+    n = keys.shape[2]
+    recent = torch.arange(n, device=keys.device) >= n - (k + 1) // 2
+    return named["acc"].masked_fill(recent, float("inf"))
+
+
 PEER_SCORES = {
+    "qfilters": qfilters_scores,
+    "h2o_signal": h2o_signal_scores,
     "knorm": knorm_scores,
     "keydiff": keydiff_scores,
     "random": random_scores,
@@ -170,13 +190,15 @@ def topk_gather(scores, keys, values, k: int):
     return keys.gather(2, expand(keys)), values.gather(2, expand(values)), indices
 
 
-def _peer(keys, values, queries, k, score):
-    return topk_gather(score(keys, queries, k), keys, values, k)
+def _peer(keys, values, queries, k, named=None, *, score):
+    scores = score(keys, queries, k) if named is None else score(keys, queries, k, named)
+    return topk_gather(scores, keys, values, k)
 
 
 def peer_evict(name: str, compiled: bool = False):
-    """The peer of preset ``name`` as ``f(keys, values, queries, k) -> (keys, values,
-    indices)``, or None where kvpress has no such press; ``compiled``: its torch.compile."""
+    """The peer of preset ``name`` as ``f(keys, values, queries, k, named=None) -> (keys,
+    values, indices)`` (``named``: the signals and directions, for the policies that read
+    them), or None where kvpress has no such press; ``compiled``: its torch.compile."""
     if name not in PEER_SCORES:
         return None
     return _compiled_peer(name) if compiled else functools.partial(_peer, score=PEER_SCORES[name])

@@ -2,7 +2,8 @@
 
   - the keys, read once, if any score reads them (anchor, proxy attention, key norm);
   - the values, read once, if any score reads them (value norm);
-  - the proxy queries, if any score uses them;
+  - the proxy queries, if any score uses them; the signals and directions it reads (a float32
+    signal adds 4 bytes per token per head);
   - the kept K and V rows, read and written, and the kept indices (int64), written.
 Floor time = those bytes / the device-to-device copy bandwidth measured in the same run
 (bytes read + bytes written per second).
@@ -15,7 +16,9 @@ import torch
 from tritonkv import dsl
 
 
-def floor_bytes(policy: dsl.Policy, keys: torch.Tensor, values: torch.Tensor, queries, n_kept: int) -> int:
+def floor_bytes(policy: dsl.Policy, keys: torch.Tensor, values: torch.Tensor, queries, n_kept: int,
+                named=()) -> int:
+    """``named``: the signal and direction tensors the policy reads, read once each."""
     b, h, n, d = keys.shape
     dv = values.shape[-1]
     item = keys.element_size()
@@ -26,6 +29,7 @@ def floor_bytes(policy: dsl.Policy, keys: torch.Tensor, values: torch.Tensor, qu
         total += values.numel() * item
     if policy.needs_queries and queries is not None:
         total += queries.numel() * item
+    total += sum(t.numel() * t.element_size() for t in named)
     total += 2 * b * h * n_kept * (d + dv) * item
     total += b * h * n_kept * 8
     return total

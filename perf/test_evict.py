@@ -36,13 +36,15 @@ def _policies():
     named = {name: make() for name, make in policies.PRESETS.items() if name not in ("adakv", "pyramidkv", "nacl")}
     named["nacl"] = policies.nacl(proxy_window=WINDOW)   # the benchmark's proxy window is 64 for every policy
     named.update(policies.COMPOSITES)
+    # H2O with its attention sum supplied by the attention kernel: a signal, no K read
+    named["h2o_signal"] = tkv.top(tkv.position(), share=0.5) | tkv.top(tkv.signal("acc"))
     return named
 
 
 POLICIES = _policies()
 # cheap policies first, those whose baselines draw random numbers or attend last
-ORDER = ["knorm", "streaming_llm", "keydiff", "tova", "keydiff+knorm", "snapkv", "h2o", "random", "nacl",
-         "snapkv+sample"]
+ORDER = ["knorm", "streaming_llm", "qfilters", "h2o_signal", "keydiff", "tova", "keydiff+knorm", "snapkv",
+         "chunkkv", "h2o", "random", "nacl", "snapkv+sample"]
 _env = os.environ.get
 N_VALUES = [int(x) for x in _env("TKV_BENCH_N", "8192,32768,131072,524288").split(",")]
 BATCHES = [int(x) for x in _env("TKV_BENCH_B", "1,4").split(",")]
@@ -57,6 +59,15 @@ def make_cache(batch, n, seed=0):
     values = torch.randn(batch, HEADS, n, DIM, device="cuda", dtype=DTYPE, generator=g)
     queries = torch.randn(batch, HEADS * GROUP, WINDOW, DIM, device="cuda", dtype=DTYPE, generator=g)
     return keys, values, queries
+
+
+def make_named(policy, batch, n, seed=0):
+    """(signals, directions) a policy reads: float32 signals [B, H_kv, N], directions [H_kv, D]."""
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    signals = {name: torch.rand(batch, HEADS, n, device="cuda", generator=g) for name in policy.signals}
+    directions = {name: torch.randn(HEADS, DIM, device="cuda", generator=g) / DIM ** 0.5
+                  for name in policy.directions}
+    return signals, directions
 
 
 def kept_mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,9 +136,12 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
     keys, values, queries = make_cache(batch, n)
     queries = queries if policy.needs_queries else None
     k = resolve_budget(budget, n)
+    signals, directions = make_named(policy, batch, n)
+    named = {**signals, **directions}
 
     def run():
-        return tkv.evict(keys, values, policy, budget, queries=queries, seed=0)
+        return tkv.evict(keys, values, policy, budget, queries=queries, seed=0, signals=signals or None,
+                         directions=directions or None)
 
     out = run()   # compiles on first use
     n_kept = out.indices.shape[-1]
@@ -136,13 +150,15 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
                 dtype="bfloat16", n_kept=n_kept)
 
     if BASELINES:
-        eager_out, eager_s = _baseline(lambda: eager_evict(keys, values, queries, policy, k), 2)
+        eager_out, eager_s = _baseline(lambda: eager_evict(keys, values, queries, policy, k, signals=signals,
+                                                           directions=directions), 2)
         compile_s = peer_compile_s = None
         # compilation costs minutes: a subset of cases
         compile_case = n in COMPILE_N and batch in COMPILE_B
         if compile_case and "compile" in COMPILED:
             compiled = compiled_evict(policy)
-            compile_s = _compiled_baseline("compile", name, lambda: compiled(keys, values, queries, k=k, seed=0),
+            compile_s = _compiled_baseline("compile", name, lambda: compiled(keys, values, queries, k=k, seed=0,
+                                                                             signals=signals, directions=directions),
                                            2, info)
         if eager_out is not None:
             mismatch = kept_mismatch(out.indices, eager_out[2])
@@ -152,7 +168,7 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
         peer = peer_evict(name)
         peer_s = None
         if peer is not None:
-            peer_out, peer_s = _baseline(lambda: peer(keys, values, queries, k), 5)
+            peer_out, peer_s = _baseline(lambda: peer(keys, values, queries, k, named or None), 5)
             if peer_out is not None:
                 # recorded, not asserted: the peer's semantics differ for some presets
                 info["kept_mismatch_vs_peer"] = kept_mismatch(out.indices, peer_out[2])
@@ -160,7 +176,8 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
             if compile_case and "peer_compile" in COMPILED:
                 compiled_peer = peer_evict(name, compiled=True)
                 peer_compile_s = _compiled_baseline("peer_compile", name,
-                                                    lambda: compiled_peer(keys, values, queries, k), 5, info)
+                                                    lambda: compiled_peer(keys, values, queries, k, named or None),
+                                                    5, info)
         ms = lambda s: s and s * 1e3  # noqa: E731
         info.update(eager_ms=ms(eager_s), compile_ms=ms(compile_s), peer_ms=ms(peer_s),
                     peer_compile_ms=ms(peer_compile_s))
@@ -179,7 +196,7 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
     hosts = host_times(run)
     benchmark.pedantic(run, setup=flush_l2, rounds=rounds, warmup_rounds=2)
     seconds = benchmark.stats.stats.median
-    floor = floor_bytes(policy, keys, values, queries, n_kept)
+    floor = floor_bytes(policy, keys, values, queries, n_kept, tuple(named.values()))
     floor_s = floor / bandwidth
     info.update(time_ms=seconds * 1e3, gpu_ms=gpu_seconds * 1e3, gpu_min_ms=min(replays) * 1e3,
                 host_us=statistics.mean(hosts) * 1e6, host_min_us=min(hosts) * 1e6, floor_bytes=floor,

@@ -13,7 +13,13 @@ from perf.baselines import PEER_SCORES, CompileBudgetExceeded, compile_within, p
 from tritonkv import policies, reference
 from tritonkv.budget import resolve_budget
 
-SAME_SEMANTICS = ("knorm", "keydiff", "streaming_llm", "h2o", "snapkv", "tova")
+SAME_SEMANTICS = ("knorm", "keydiff", "streaming_llm", "h2o", "snapkv", "tova", "qfilters")
+NAMED = {"qfilters": lambda keys: {"qfilter": torch.randn(keys.shape[1], keys.shape[-1]).to(keys.dtype)},
+         "h2o_signal": lambda keys: {"acc": torch.rand(keys.shape[:3]).to(keys.dtype)}}
+
+
+def named_for(name, keys):
+    return NAMED[name](keys) if name in NAMED else None
 
 
 def cache(dtype, b=2, h=2, group=4, n=301, d=64, window=64, seed=0):
@@ -34,8 +40,9 @@ def test_peer_keeps_the_reference_tokens_in_float32(name, budget):
     if name == "snapkv" and k < 64:
         pytest.skip("a budget below SnapKV's 64-token window: the peer's topk picks among tied forced scores")
     policy = policies.PRESETS[name]()
-    kept = reference.select(policy, reference.Inputs(keys, values, queries), k)
-    out_keys, out_values, indices = peer_evict(name)(keys, values, queries, k)
+    named = named_for(name, keys)
+    kept = reference.select(policy, reference.Inputs(keys, values, queries, directions=named), k)
+    out_keys, out_values, indices = peer_evict(name)(keys, values, queries, k, named)
     assert indices.shape == (2, 2, k)
     assert torch.equal(mask(indices, keys.shape[2]), kept)
     assert torch.equal(out_keys, reference.gather_rows(keys, indices))
@@ -45,9 +52,10 @@ def test_peer_keeps_the_reference_tokens_in_float32(name, budget):
 @pytest.mark.parametrize("name", sorted(PEER_SCORES))
 def test_peer_runs_in_the_cache_dtype(name):
     keys, values, queries = cache(torch.bfloat16)
-    scores = PEER_SCORES[name](keys, queries, 30)
+    named = named_for(name, keys)
+    scores = PEER_SCORES[name](keys, queries, 30) if named is None else PEER_SCORES[name](keys, queries, 30, named)
     assert scores.dtype == torch.bfloat16 and scores.shape == keys.shape[:3]
-    out_keys, _, indices = peer_evict(name)(keys, values, queries, 30)
+    out_keys, _, indices = peer_evict(name)(keys, values, queries, 30, named)
     assert out_keys.dtype == torch.bfloat16 and indices.unique(dim=-1).shape[-1] == 30
 
 

@@ -26,6 +26,7 @@ from .compiler import compile_policy, launch_args
 from .reference import proxy_window
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
+from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_LIMIT = 232448   # bytes of shared memory one block may use on sm_90
@@ -91,12 +92,19 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                          c.asm["ptx"].count("\n")))
 
     priorities = torch.empty(max(1, len(program.slots)), batch * heads, n, device="meta", dtype=torch.float32)
+    named = tuple(torch.empty(batch, heads, n, **meta) for _ in policy.signals) \
+        + tuple(torch.empty(heads, d, device="meta", dtype=torch.float32) for _ in policy.directions)
     if program.slots:
-        geo, largs = launch_args(compiled, keys, values, queries, 0, priorities)
+        geo, largs = launch_args(compiled, keys, values, queries, 0, priorities, named=named)
         for level in range(len(program.levels)):
             record(f"stats_{level}", compiled.kernel(f"stats_{level}"), largs, geo.constexprs, geo.num_warps)
             record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
         record("score", compiled.kernel("score"), largs, geo.constexprs, geo.num_warps)
+    for index, slot in enumerate(program.slots):
+        if slot.transformed:
+            _, targs, tconst = transform_launch(priorities, index, batch, heads, n, slot.chunk, slot.chunk_reduce,
+                                                slot.head_reduce)
+            record("transform", _transform_kernel, targs, tconst, TRANSFORM_WARPS)
     alloc = allocate(policy, n, n // 4)
     _, args, constexprs, indices = select_launch(priorities, program.clause_slots, alloc.clause_counts,
                                                  alloc.n_sink, alloc.n_recent, batch * heads, n, alloc.total,
@@ -114,8 +122,11 @@ def required_window(node: dsl.ProxyAttention, n: int) -> int:
 
 
 def all_policies() -> Dict[str, dsl.Policy]:
+    """Every preset and composite, and one policy per primitive the presets do not use."""
     named = {name: make() for name, make in policies.PRESETS.items()}
     named.update(policies.COMPOSITES)
+    named["signal"] = dsl.sink(4) | dsl.top(dsl.signal("prior").normalize() - dsl.key_norm().normalize())
+    named["chunk-max"] = dsl.as_policy(dsl.top(dsl.value_norm(), chunk=16, chunk_reduce="max", head_reduce="max"))
     return named
 
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 from . import api, policies
+from .policies.qfilters import DIRECTION as QFILTER
 
 
 def synthetic_cache(batch=1, heads=8, n=4096, dim=128, group=4, window=64, needle_share=0.02,
@@ -80,11 +81,14 @@ def main(argv=None):
     print(f"tritonkv demo: cache B=1 H_kv={args.heads} N={n} D={args.dim} bf16 on {device}, "
           f"{int(needles.sum())} needles, budget {args.budget:g}, backend {args.backend}")
 
+    # Q-Filters' directions, estimated from the proxy queries (a model would use calibration data)
+    directions = {QFILTER: policies.estimate_filters(queries, args.heads).to(device)}
     results = {}
     for name, make in policies.PRESETS.items():
         policy = make()
+        named = {n: directions[n] for n in policy.directions} or None
         out, seconds = timed(lambda: api.evict(keys, values, policy, args.budget, queries=queries,
-                                               backend=args.backend), args.repeats, cuda)
+                                               directions=named, backend=args.backend), args.repeats, cuda)
         mask = kept_mask(out, shape)
         results[name] = (mask, seconds)
 
