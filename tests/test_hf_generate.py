@@ -110,7 +110,10 @@ def masked_reference(model, sequence, visible: Visible):
     (policies.tova(), 30, dict(interval=1)),                                # every step (TOVA style)
     (policies.pyramidkv(policies.snapkv(window=8)), 0.4, dict(interval=3)),  # per-layer budgets
     (policies.keydiff(sinks=2), 24, dict(interval=4, prefill_chunk_size=32)),  # chunked prefill + decoding
-], ids=["keydiff", "snapkv", "tova-every-step", "pyramid", "chunked"])
+    (policies.qfilters(recent=4), 30, dict(interval=4, directions={             # per-layer key_dot directions
+        "qfilter": torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(3))})),
+    (policies.chunkkv(window=8, chunk=5), 40, dict(interval=6, reuse_layers=2)),  # chunks, shared selections
+], ids=["keydiff", "snapkv", "tova-every-step", "pyramid", "chunked", "qfilters", "chunkkv-reuse"])
 def test_eviction_equals_masking(model, policy, budget, kwargs):
     ids = prompt(n=100)
     chunk = kwargs.pop("prefill_chunk_size", None)
@@ -125,6 +128,16 @@ def test_eviction_equals_masking(model, policy, budget, kwargs):
     want = masked_reference(model, out.sequences, visible)[:, -scores.shape[1]:]   # prompt chunks: the last one
     torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-4)   # fp32, another op order and mask layout
     assert torch.equal(scores.argmax(-1), want.argmax(-1))
+
+
+def test_reused_layers_keep_the_rows_of_their_group_leader(model):
+    """reuse_layers=2 on 3 layers: layer 1 keeps exactly layer 0's positions, layer 2 chooses."""
+    ids = prompt(n=90)
+    cache = hf.EvictingCache(model, policies.chunkkv(window=8, chunk=4), 30, interval=5, reuse_layers=2)
+    generate(model, ids, cache, max_new_tokens=12)
+    first, second, third = (layer.positions() for layer in cache.layers)
+    assert torch.equal(first, second) and not torch.equal(first, third)
+    assert cache.layers[1].evictions == cache.layers[0].evictions >= 3
 
 
 def test_windows_are_sequence_positions(model):
@@ -176,6 +189,16 @@ def test_refusals(model):
         hf.EvictingCache(model, policies.keydiff(), [10, 10])
     with pytest.raises(ValueError, match="budget: a fraction"):
         hf.EvictingCache(model, policies.keydiff(), 1.5)
+    with pytest.raises(ValueError, match=r"directions: the policy reads key_dot \['qfilter'\]; got \[\]"):
+        hf.EvictingCache(model, policies.qfilters(), 0.5)
+    with pytest.raises(ValueError, match=r"directions\['qfilter'\]: expected a tensor \[n_layers=3"):
+        hf.EvictingCache(model, policies.qfilters(), 0.5, directions={"qfilter": torch.randn(2, 16)})
+    with pytest.raises(ValueError, match="no source for"):
+        hf.EvictingCache(model, tkv.top(tkv.signal("prior")), 0.5)
+    with pytest.raises(ValueError, match="reuse_layers: layers that share a selection"):
+        hf.EvictingCache(model, policies.pyramidkv(), 0.5, reuse_layers=2)
+    with pytest.raises(ValueError, match="reuse_layers: expected an int"):
+        hf.EvictingCache(model, policies.keydiff(), 0.5, reuse_layers=0)
     config = transformers.MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=32)
     with pytest.raises(ValueError, match="sliding-window"):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,6 +49,7 @@ from .. import dsl
 from ..budget import allocate, pyramid_budgets, resolve_budget, resolve_count
 from ..reference import proxy_window
 from ..results import Evicted, EvictedVarlen
+from ..reuse import gather
 from ..runtime import Evictor
 
 ATTENTION = "tritonkv_sdpa"
@@ -145,6 +146,8 @@ class EvictingLayer(DynamicLayer):
         self.queries: Optional[torch.Tensor] = None          # [B, H_q, W, D] last queries, after RoPE
         self.packed: Optional[EvictedVarlen] = None
         self.last: Optional[Evicted] = None                  # the last eviction, indices = positions
+        self.last_rows: Optional[torch.Tensor] = None        # ... its kept rows of the cache held before it
+        self.held_before = 0                                 # ... and how many rows that cache held
 
     # ------------------------------------------------------------------ transformers' layer API
 
@@ -262,7 +265,18 @@ class EvictingLayer(DynamicLayer):
         timer = settings.timer
         if timer is not None:
             timer.start()
-        out = plan.evictor(self.keys, self.values, queries=queries, seed=seed)
+        source = settings.reuse_source(self.index)
+        if source is not None:   # ChunkKV's layer-wise reuse: the kept rows of the group's first layer
+            if source.evictions != self.evictions + 1 or source.held_before != held:
+                raise RuntimeError(f"reuse_layers: layer {self.index} holds {held} rows but layer {source.index} "
+                                   f"chose from {source.held_before}; layers that share a selection must evict "
+                                   f"in step (one uniform budget for all layers)")
+            out = gather(self.keys, self.values, source.last_rows, check=False)
+        else:
+            out = plan.evictor(self.keys, self.values, queries=queries, seed=seed,
+                               directions=settings.layer_directions(self.index))
+        if not isinstance(out, EvictedVarlen):
+            self.last_rows, self.held_before = out.indices, held
         positions = self.positions()
         if isinstance(out, EvictedVarlen):
             # first eviction only (adaptive layers are not evicted again): row index == position
@@ -369,6 +383,11 @@ class EvictingCache(DynamicCache):
         seed: seeds every random draw (each layer and eviction gets its own stream).
         backend: ``tkv.evict``'s ("auto": compiled kernels on CUDA, the reference elsewhere).
         timing: record CUDA events around each eviction call (see :class:`EvictionTimer`).
+        directions: what the policy's ``key_dot(name)`` reads, per layer: name -> [n_layers,
+            H_kv, D] (e.g. Q-Filters' filters from ``policies.estimate_filters``).
+        reuse_layers: R > 1 lets the first layer of every group of R consecutive layers choose
+            and the others keep the same rows (ChunkKV's layer-wise index reuse, applied with
+            ``tkv.gather``); needs one uniform budget for all layers.
 
     Padded batches are refused (a token kept by eviction cannot be told from padding): batch
     prompts of equal length, or generate them one at a time. Beam search works for uniform
@@ -377,7 +396,8 @@ class EvictingCache(DynamicCache):
 
     def __init__(self, model, policy=None, budget: Amount = None, *, interval: Optional[int] = None,
                  target: Amount = None, window: int = 64, seed: int = 0, backend: str = "auto",
-                 timing: bool = False):
+                 timing: bool = False, directions: Optional[Mapping[str, torch.Tensor]] = None,
+                 reuse_layers: int = 1):
         config = model.config.get_text_config(decoder=True)
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True) \
@@ -409,6 +429,15 @@ class EvictingCache(DynamicCache):
                 resolve_budget(amount, 1 << 62)   # type and range, with evict's messages
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window: expected an int >= 1 (proxy queries kept per layer), got {window!r}")
+        self._directions = self._check_directions(directions, model)
+        if isinstance(reuse_layers, bool) or not isinstance(reuse_layers, int) or reuse_layers < 1:
+            raise ValueError(f"reuse_layers: expected an int >= 1 (layers per shared selection), got {reuse_layers!r}")
+        if reuse_layers > 1 and self.policy is not None and (
+                self.policy.heads == "adaptive" or self.policy.layers == "pyramid"
+                or any(isinstance(a, (list, tuple)) for a in (budget, target))):
+            raise ValueError("reuse_layers: layers that share a selection need one uniform budget per head "
+                             "(no per-layer budgets, PyramidKV or AdaKV)")
+        self.reuse_layers = reuse_layers
         self.budget, self.interval, self.target, self.window = budget, interval, target, window
         self.seed, self.backend = seed, backend
         self.query_window = self.policy is not None and self.policy.needs_queries
@@ -424,6 +453,30 @@ class EvictingCache(DynamicCache):
         self._checked_mask = None
         enable(model)
         Cache.__init__(self, layers=[EvictingLayer(self, i) for i in range(self.n_layers)])
+
+    def _check_directions(self, directions, model) -> List[Dict[str, torch.Tensor]]:
+        """Per-layer ``directions=`` dicts for evict, from name -> [n_layers, H_kv, D]."""
+        used = () if self.policy is None else self.policy.directions
+        if self.policy is not None and self.policy.signals:
+            raise ValueError(f"policy: it reads signal(...) {list(self.policy.signals)}, which an EvictingCache has "
+                             "no source for; evict the cache's layers with tkv.evict(..., signals=...) instead")
+        directions = dict(directions or {})
+        if set(directions) != set(used):
+            raise ValueError(f"directions: the policy reads key_dot {list(used)}; got {sorted(directions)}")
+        device = next(model.parameters()).device
+        for name, t in directions.items():
+            if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != self.n_layers:
+                raise ValueError(f"directions[{name!r}]: expected a tensor [n_layers={self.n_layers}, H_kv, D], "
+                                 f"got {getattr(t, 'shape', type(t).__name__)}")
+        return [{name: t[i].to(device) for name, t in directions.items()} or None for i in range(self.n_layers)]
+
+    def layer_directions(self, layer: int) -> Optional[Dict[str, torch.Tensor]]:
+        return self._directions[layer]
+
+    def reuse_source(self, layer: int) -> Optional[EvictingLayer]:
+        """The layer whose selection ``layer`` reuses (reuse_layers), or None."""
+        first = layer - layer % self.reuse_layers
+        return None if first == layer else self.layers[first]
 
     def layer_budget(self, amount: Amount, layer: int, seen: int) -> int:
         """Tokens per head that ``layer`` keeps when evicting to ``amount`` after ``seen`` tokens."""

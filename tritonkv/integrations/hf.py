@@ -67,7 +67,8 @@ def _forward(model, state: Prefilled, input_ids: torch.Tensor) -> None:
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, policy=None, budget=None, *, window: int = 64,
             chunk_size: Optional[int] = None, layer_budgets_: Optional[Sequence] = None, seed: int = 0,
-            backend: str = "auto", interval: Optional[int] = None, target=None) -> Prefilled:
+            backend: str = "auto", interval: Optional[int] = None, target=None, directions=None,
+            reuse_layers: int = 1) -> Prefilled:
     """Run the prompt through the model and compress its KV cache with ``policy``.
 
     Args:
@@ -80,6 +81,8 @@ def prefill(model, input_ids: torch.Tensor, policy=None, budget=None, *, window:
             more than budget + C tokens.
         layer_budgets_: explicit per-layer budgets (overrides ``budget`` and PyramidKV).
         interval, target: decoding-time eviction in ``generate`` (see EvictingCache).
+        directions, reuse_layers: per-layer key_dot directions and ChunkKV's layer-wise
+            index reuse (see EvictingCache).
     """
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     if layer_budgets_ is not None:
@@ -91,7 +94,8 @@ def prefill(model, input_ids: torch.Tensor, policy=None, budget=None, *, window:
         raise ValueError("chunk_size: chunked prefill keeps a uniform budget per head; adaptive (AdaKV) "
                          "policies evict once, after the whole prompt")
     cache = EvictingCache(model, policy, budget if policy is not None else None, window=window, seed=seed,
-                          backend=backend, interval=interval, target=target)
+                          backend=backend, interval=interval, target=target, directions=directions,
+                          reuse_layers=reuse_layers)
     state = Prefilled(cache, 0, None)
     n = input_ids.shape[1]
     step = n if chunk_size is None or policy is None else chunk_size
