@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evals import tasks  # noqa: E402
+from evals import qfilters, tasks  # noqa: E402
 from tritonkv import policies  # noqa: E402
 from tritonkv.budget import resolve_budget  # noqa: E402
 
@@ -87,8 +87,15 @@ def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int, out:
 
     data = {(task, d): batches(task, d, length) for task in tasks.TASKS for d in data_seeds}
     shorter = {(task, d): batches(task, d, length - generated) for task in tasks.TASKS for d in data_seeds}
-    variants = [("full", None, {})] + [(n, p, {}) for n, p in eval_policies().items()]
+    filters = qfilters.load(checkpoint)   # Q-Filters' directions, from evals/qfilters.py
+    variants = [("full", None, {})]
+    for n, p in eval_policies().items():
+        if p.directions and filters is None:
+            print(f"{n}: skipped, no {qfilters.FILE} beside the checkpoint (python evals/qfilters.py)")
+            continue
+        variants.append((n, p, {"directions": {"qfilter": filters}} if p.directions else {}))
     variants.append(("keydiff (block-wise, 256)", policies.keydiff(), {"chunk_size": 256}))
+    variants.append(("chunkkv (layer reuse 2)", policies.chunkkv(), {"reuse_layers": 2}))
     if only is not None:
         unknown = set(only) - {name for name, _, _ in variants}
         if unknown:

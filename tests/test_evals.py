@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals import eval as evaluation  # noqa: E402
-from evals import tasks, train  # noqa: E402
+from evals import qfilters, tasks, train  # noqa: E402
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
@@ -43,13 +43,21 @@ def test_training_resumes_exactly(tmp_path):
     assert whole["step"] == split["step"] == 6
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
+    # Q-Filters' directions of the tiny model (evals/qfilters.py), saved beside its checkpoint
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+    tiny = LlamaForCausalLM.from_pretrained(tmp_path / "whole").eval()
+    filters = qfilters.estimate(tiny, sequences=2, length=64, batch=2, samples=50)
+    assert filters.shape == (tiny.config.num_hidden_layers, tiny.config.num_key_value_heads, tiny.config.head_dim)
+    save_file({"qfilter": filters}, str(tmp_path / "whole" / qfilters.FILE))
+    variants = ["full", "snapkv", "keydiff (block-wise, 256)", "qfilters", "chunkkv (layer reuse 2)"]
     evaluation.run(tmp_path / "whole", samples=2, length=96, batch=2, seed=0, out=tmp_path / "r.json",
-                   only=["full", "snapkv", "keydiff (block-wise, 256)"], seeds=2)
+                   only=variants, seeds=2)
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     settings = {r["setting"] for r in rows}
     assert settings == set(evaluation.SETTINGS)
     # full once per setting and task, the others at every budget
-    assert len(rows) == len(settings) * len(tasks.TASKS) * (1 + 2 * len(evaluation.BUDGETS))
+    assert len(rows) == len(settings) * len(tasks.TASKS) * (1 + (len(variants) - 1) * len(evaluation.BUDGETS))
     assert all(0 <= r["accuracy"] <= 1 and r["samples"] == 2 and len(r["per_seed"]) == 2 for r in rows)
     assert all(r["ci95"] == pytest.approx(12.706 * abs(r["per_seed"][0] - r["per_seed"][1]) / 2) for r in rows)
     evaluation.render(tmp_path / "r.json", tmp_path / "docs")
