@@ -14,14 +14,19 @@ only intermediates are the priorities (one float32 per token per slot) and row s
 Generated modules are cached by policy structure, in memory and on disk (content-hashed
 files under ``$TRITONKV_CACHE_DIR``, default ``~/.cache/tritonkv``), so a second call with
 the same policy compiles nothing. ``TRITONKV_DEBUG=1`` prints where each source is written.
+Threads and processes may compile the same policy at once: files are written through
+temporaries unique per process and thread and renamed into place; a process generates and
+executes each module once (under _LOCK); cache hits take no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -59,6 +64,7 @@ class CompiledPolicy:
 
 
 _CACHE: Dict[Tuple, CompiledPolicy] = {}
+GENERATED_PREFIX = "tritonkv_generated_"   # sys.modules names of generated modules
 
 
 def structure_key(policy: dsl.Policy) -> Tuple:
@@ -68,24 +74,49 @@ def structure_key(policy: dsl.Policy) -> Tuple:
                   getattr(c, "chunk_reduce", None), getattr(c, "head_reduce", None)) for c in policy.selective)
 
 
+# Guards the miss path of the compiled-policy cache and module loading (generation, the file
+# write, exec into sys.modules), so threads never load one module twice or use a half-executed
+# one. Hits never take it. Re-entrant: _compile holds it around _load_module.
+_LOCK = threading.RLock()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file named for this process and thread
+    (threads write too, and a per-process name let one thread rename another's file away),
+    renamed over it: readers in any process or thread see the old file or the whole new one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def _load_module(source: str) -> Tuple[object, Path]:
+    """The module of generated ``source``: written to the disk cache (content-hashed name) if
+    missing, executed once per process."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     directory = cache_dir() / "kernels"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"tkv_{digest}.py"
     if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(source)
-        tmp.replace(path)  # atomic: concurrent processes never see half a file
+        _write_atomically(path, source)
     if os.environ.get("TRITONKV_DEBUG"):
         print(f"[tritonkv] generated kernels: {path}", file=sys.stderr)
-    name = f"tritonkv_generated_{digest}"
-    if name in sys.modules:
-        return sys.modules[name], path
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    name = f"{GENERATED_PREFIX}{digest}"
+    with _LOCK:
+        if name in sys.modules:
+            return sys.modules[name], path
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]   # a later call retries rather than getting half a module
+            raise
     return module, path
 
 
@@ -94,19 +125,43 @@ _BY_IDENTITY: Dict[int, Tuple[dsl.Policy, CompiledPolicy]] = {}
 
 def compile_policy(policy: dsl.Policy) -> CompiledPolicy:
     """The generated module of a policy (cached by structure; by identity first, which skips
-    hashing the expression tree when the same policy object comes back)."""
+    hashing the expression tree when the same policy object comes back). Hits are lock-free
+    dict lookups; only a new structure takes the lock (_compile)."""
     hit = _BY_IDENTITY.get(id(policy))
     if hit is not None and hit[0] is policy:
         return hit[1]
     key = structure_key(policy)
-    if key not in _CACHE:
-        program = generate(policy)
-        module, path = _load_module(program.source)
-        _CACHE[key] = CompiledPolicy(program, module, path)
+    compiled = _CACHE.get(key)
+    if compiled is None:
+        compiled = _compile(key, policy)
     if len(_BY_IDENTITY) > 1024:
         _BY_IDENTITY.clear()
-    _BY_IDENTITY[id(policy)] = (policy, _CACHE[key])
-    return _CACHE[key]
+    _BY_IDENTITY[id(policy)] = (policy, compiled)   # holding the policy keeps its id from being reused
+    return compiled
+
+
+def _compile(key: Tuple, policy: dsl.Policy) -> CompiledPolicy:
+    """Generate and load a policy's module once, however many threads ask at the same time
+    (checked again under the lock: another thread may have finished it meanwhile)."""
+    with _LOCK:
+        compiled = _CACHE.get(key)
+        if compiled is None:
+            program = generate(policy)
+            module, path = _load_module(program.source)
+            compiled = _CACHE[key] = CompiledPolicy(program, module, path)
+        return compiled
+
+
+def clear_memory_caches() -> None:
+    """Forget, in this process, every compiled policy, its launch geometry and its generated
+    module, so that the next call generates and loads again (from the disk cache, which is
+    kept): for tests of cold starts. Not for use while other threads evict."""
+    with _LOCK:
+        _CACHE.clear()
+        _BY_IDENTITY.clear()
+        _GEOMETRY.clear()   # keyed by id(program): must not outlive the programs
+        for name in [m for m in sys.modules if m.startswith(GENERATED_PREFIX)]:
+            del sys.modules[name]
 
 
 # --------------------------------------------------------------------------- launch geometry
@@ -177,8 +232,8 @@ def geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, it
     """Launch geometry for these shapes, cached (programs live as long as the process)."""
     key = (id(program), k_shape, v_shape, q_shape, dtype, device)
     geo = _GEOMETRY.get(key)
-    if geo is None:
-        geo = _GEOMETRY[key] = _geometry(program, k_shape, v_shape, q_shape, dtype, itemsize, device)
+    if geo is None:   # a pure function of the key: threads that race compute equal values, one is kept
+        geo = _GEOMETRY.setdefault(key, _geometry(program, k_shape, v_shape, q_shape, dtype, itemsize, device))
     return geo
 
 

@@ -16,10 +16,15 @@ Stream- and graph-safe: every call allocates its own buffers from PyTorch's cach
 allocator (stream-ordered; private pools under CUDA-graph capture) and launches on the
 current stream. ``tkv.evict`` keeps one Evictor per (policy, budget, backend), so plain
 ``evict`` calls get the same planned path.
+
+Thread-safe: looking up an Evictor or a plan is a lock-free dict lookup; making an Evictor,
+and planning a new signature (the first call, which runs under the Evictor's lock), happen
+once however many threads make the same first call at the same time.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -78,6 +83,7 @@ class Evictor:
         self.budget, self.backend = budget, backend
         self._reads_named = bool(self.policy.signals or self.policy.directions)
         self._plans: Dict[Tuple, object] = {}
+        self._planning = threading.Lock()   # held by a first call of a signature (_plan_and_run)
 
     def __repr__(self):
         return f"Evictor({self.policy!r}, budget={self.budget!r}, backend={self.backend!r})"
@@ -97,6 +103,15 @@ class Evictor:
         return plan(keys, values, queries, seed, named)
 
     def _plan_and_run(self, signature, keys, values, queries, seed, signals, directions):
+        """A call with no plan yet. Under the lock, so that threads making the same first call
+        plan it once: those that waited find the plan made and run it."""
+        with self._planning:
+            plan = self._plans.get(signature)
+            if plan is not None:
+                return plan(keys, values, queries, seed, _ordered(self.policy, signals, directions))
+            return self._plan(signature, keys, values, queries, seed, signals, directions)
+
+    def _plan(self, signature, keys, values, queries, seed, signals, directions):
         policy, k, seed = check_evict_args(keys, values, self.policy, self.budget, queries, seed, self.backend,
                                            signals, directions)
         named = named_inputs(policy, signals, directions)
@@ -130,6 +145,7 @@ class _Unplanned:
 
 _EVICTORS: Dict[Tuple, Tuple[dsl.Policy, Evictor]] = {}
 _MAX_EVICTORS = 256
+_EVICTORS_LOCK = threading.Lock()   # making a new Evictor: threads that race share one
 
 
 def evictor_for(policy, budget, backend: str) -> Evictor:
@@ -141,16 +157,26 @@ def evictor_for(policy, budget, backend: str) -> Evictor:
         return Evictor(policy, budget, backend=backend)
     if hit is not None and hit[0] is policy:
         return hit[1]
-    ev = Evictor(policy, budget, backend=backend)
-    if len(_EVICTORS) >= _MAX_EVICTORS:
-        _EVICTORS.clear()
-    _EVICTORS[key] = (policy, ev)   # holding the policy keeps its id from being reused
-    return ev
+    return _new_evictor(key, policy, budget, backend)
+
+
+def _new_evictor(key: Tuple, policy, budget, backend: str) -> Evictor:
+    """Make and keep the Evictor of ``key``, or return the one another thread just made."""
+    with _EVICTORS_LOCK:
+        hit = _EVICTORS.get(key)
+        if hit is not None and hit[0] is policy:
+            return hit[1]
+        ev = Evictor(policy, budget, backend=backend)
+        if len(_EVICTORS) >= _MAX_EVICTORS:
+            _EVICTORS.clear()
+        _EVICTORS[key] = (policy, ev)   # holding the policy keeps its id from being reused
+        return ev
 
 
 def clear_plans() -> None:
     """Forget every cached Evictor (and so every plan) that ``tkv.evict`` made."""
-    _EVICTORS.clear()
+    with _EVICTORS_LOCK:
+        _EVICTORS.clear()
 
 
 __all__ = ["Evictor", "evictor_for", "clear_plans"]

@@ -12,10 +12,18 @@ Which arguments are tensors and which are ints is learnt from the first call (th
 launchers in tritonkv always pass the same kinds in the same places); a call that breaks
 that pattern takes Triton's path. When a launch hook is installed (profilers), every launch
 takes Triton's own path; otherwise the hooks are passed as None so the C launcher skips them.
+
+Threads: on the GPU, launches from several threads need no lock (Triton's JIT cache and
+its on-disk cache tolerate concurrent compiles of one kernel; the caches here are filled
+with single dict operations, so a race costs one extra dispatch through Triton, never a
+wrong kernel). Triton's interpreter is not thread-safe (a launch patches triton.language
+and sets the program id in one global builder), so interpreted launches are serialized by
+one process-wide lock.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Dict, Sequence
 
 import torch
@@ -50,9 +58,10 @@ class Launcher:
         self.compiled: Dict[tuple, object] = {}
 
     def _learn(self, args: Sequence) -> None:
+        ints = tuple(i for i, a in enumerate(args) if type(a) is int)
+        self.ints, self.spec_ints = ints, tuple(i for i in ints if i in self.specialized)
+        # last: another thread takes ``tensors is not None`` to mean that all three are set
         self.tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-        self.ints = tuple(i for i, a in enumerate(args) if type(a) is int)
-        self.spec_ints = tuple(i for i in self.ints if i in self.specialized)
 
     def _key(self, args: Sequence, constexprs: dict, options: tuple) -> tuple:
         tensors = [args[i] for i in self.tensors]
@@ -110,15 +119,25 @@ _LAUNCHERS: Dict[int, Launcher] = {}
 
 def _launcher(fn) -> Launcher:
     launcher = _LAUNCHERS.get(id(fn))
-    if launcher is None:
-        launcher = _LAUNCHERS[id(fn)] = Launcher(fn)
+    if launcher is None:   # setdefault: threads that race all get the one that was stored
+        launcher = _LAUNCHERS.setdefault(id(fn), Launcher(fn))
     return launcher
 
 
+# Held around every interpreted launch: Triton 3.6's interpreter patches triton.language
+# for the duration of a launch and keeps the grid and program id in one global builder, so
+# two concurrent launches break each other ("Did you forget to add @triton.jit ?",
+# "y >= grid_dim[1]").
+INTERPRETER_LOCK = threading.Lock()
+
+
 def launch(fn, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
-    """Launch ``fn`` (a @triton.jit kernel) on ``grid``; returns the compiled kernel."""
+    """Launch ``fn`` (a @triton.jit kernel) on ``grid``; returns the compiled kernel. Every
+    kernel launch of tritonkv goes through here (planned GPU calls replay kernels this
+    launched), so this is where interpreted launches are serialized."""
     if interpreting():
-        return fn[grid](*args, **constexprs, num_warps=num_warps)
+        with INTERPRETER_LOCK:
+            return fn[grid](*args, **constexprs, num_warps=num_warps)
     return _launcher(fn)(grid, args, constexprs, num_warps, num_stages)
 
 
