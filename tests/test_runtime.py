@@ -22,6 +22,7 @@ def every_policy():
     named["nacl"] = policies.nacl(sinks=4, proxy_window=16)
     named.update(policies.COMPOSITES)
     named["windows"] = tkv.sink(3) | tkv.recent(20)
+    named["signal"] = tkv.sink(2) | tkv.top(tkv.signal("s0") - tkv.key_norm().normalize())
     return named
 
 
@@ -108,7 +109,7 @@ def test_planned_calls_equal_unplanned_ones(name):
     for i, seed in enumerate((0, 7, 2 ** 40 + 3, 7)):
         keys, values, queries = make(seed=i)
         q = queries if policy.needs_queries else None
-        named = named_kwargs(policy, keys, i)
+        named = named_kwargs(policy, keys, 4 * i)   # new tensors, the same shapes and dtypes: replays
         got = ev(keys, values, queries=q, seed=seed, **named)
         ordered = named_inputs(tkv.dsl.as_policy(policy), named["signals"] or {}, named["directions"] or {})
         want = evict_compiled(keys, values, q, tkv.dsl.as_policy(policy), ev_budget(policy, keys), seed, ordered)
