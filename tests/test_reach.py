@@ -181,7 +181,8 @@ def test_gather_applies_a_kept_set_to_other_tensors(backend):
     strided = other_k.transpose(1, 2).contiguous().transpose(1, 2)
     again = tkv.gather(*to_device(strided, other_k), shuffled.to(DEVICE), backend=backend)
     assert torch.equal(again.keys.cpu(), reference.gather_rows(other_k, shuffled.long()))
-    assert torch.equal(tkv.gather(*to_device(keys, values), out, backend=backend).keys.cpu(), out.keys)
+    on_device = tkv.Evicted(*to_device(out.keys, out.values, out.indices))
+    assert torch.equal(tkv.gather(*to_device(keys, values), on_device, backend=backend).keys.cpu(), out.keys)
 
 
 def test_gather_errors():
