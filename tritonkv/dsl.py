@@ -263,31 +263,31 @@ class Position(Score):
 
 
 @dataclass(frozen=True, repr=False)
-class Signal(Score):
+class _Named(Score):
+    """A node that reads a tensor passed at call time under ``name``."""
+
+    name: str
+    constructor = ""   # the dsl function that builds the node (its repr and error messages)
+
+    def __post_init__(self):
+        _check_name(self.constructor, self.name)
+
+    def __repr__(self):
+        return f"{self.constructor}({self.name!r})"
+
+
+class Signal(_Named):
     """A per-token score computed outside tritonkv, passed at call time by name:
     ``evict(..., signals={name: tensor [B, H_kv, N]})``."""
 
-    name: str
-
-    def __post_init__(self):
-        _check_name("signal", self.name)
-
-    def __repr__(self):
-        return f"signal({self.name!r})"
+    constructor = "signal"
 
 
-@dataclass(frozen=True, repr=False)
-class KeyDot(Score):
+class KeyDot(_Named):
     """k . u for a per-head direction u passed at call time by name:
     ``evict(..., directions={name: tensor [H_kv, D] or [B, H_kv, D]})`` (Q-Filters)."""
 
-    name: str
-
-    def __post_init__(self):
-        _check_name("key_dot", self.name)
-
-    def __repr__(self):
-        return f"key_dot({self.name!r})"
+    constructor = "key_dot"
 
 
 @dataclass(frozen=True, repr=False)
