@@ -11,6 +11,7 @@ import tritonkv as tkv
 from tritonkv import policies, reference
 from tritonkv.budget import allocate, resolve_budget
 from tritonkv.compiler import evict_compiled
+from tritonkv.results import pack_varlen
 from tritonkv.validate import named_inputs as named_inputs_of
 
 from .checks import assert_unchanged, check_evicted, snapshot
@@ -238,3 +239,28 @@ def test_a_few_thousand_tokens(name):
     values = torch.randn(1, 2, 3001, 80, generator=g).bfloat16()
     queries = torch.randn(1, 8, 64, 64, generator=g).bfloat16()
     assert compare(keys, values, queries, preset(name), 0.1, seed=1)
+
+
+@given(cache=caches(max_n=200, head_dims=[64], max_batch=2, max_heads=3),
+       budget=st.one_of(st.integers(1, 250), st.floats(0.05, 1.0)), floor=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+       score=st.sampled_from([-tkv.key_norm(), tkv.random(), tkv.position() * 0.0, tkv.position().pool(5)]),
+       windows=st.booleans(), seed=st.integers(0, 2 ** 31))
+@settings(max_examples=examples(25))
+def test_adaptive_selection_is_the_reference_selection(cache, budget, floor, score, windows, seed):
+    """AdaKV's two radix selects (per head, then over each row's H * N priorities) keep exactly
+    what reference.select_adaptive_by_priority keeps on the same priorities: ties (an all-equal
+    score) to the lower head, then token."""
+    from tritonkv.compiler import compile_policy, score as compiled_score
+    keys, values, _ = cache
+    policy = ((tkv.sink(2) | tkv.recent(3) | tkv.top(score)) if windows else tkv.dsl.as_policy(tkv.top(score)))
+    policy = policy.adaptive(floor)
+    b, h, n, _ = keys.shape
+    k = resolve_budget(budget, n)
+    keys, values = to_device(keys, values)
+    got = evict_compiled(keys, values, None, policy, k, seed)
+    prios = compiled_score(compile_policy(policy), keys, values, None, seed)[0].view(b, h, n).cpu()
+    alloc = allocate(policy, n, k)
+    want = pack_varlen(keys.cpu(), values.cpu(), reference.select_adaptive_by_priority(policy, alloc, prios))
+    assert torch.equal(got.lengths.cpu(), want.lengths) and torch.equal(got.indices.cpu(), want.indices)
+    assert torch.equal(got.keys.cpu(), want.keys) and torch.equal(got.values.cpu(), want.values)
+    assert int(got.lengths.sum()) == b * h * alloc.total

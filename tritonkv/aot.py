@@ -31,7 +31,7 @@ from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_lau
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_LIMIT = 232448   # bytes of shared memory one block may use on sm_90
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-          torch.int32: "i32", torch.int64: "i64"}
+          torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
 
 
 def signature(fn, args, constexprs) -> Dict[str, str]:
@@ -110,6 +110,11 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                                                  alloc.n_sink, alloc.n_recent, batch * heads, n, alloc.total,
                                                  torch.device("meta"), programs=16)
     record("select", _select_kernel, args, constexprs, SELECT_WARPS)
+    if policy.heads == "adaptive":   # AdaKV's second select, over each row's H * N priorities
+        skip = torch.empty(batch, heads * n, device="meta", dtype=torch.uint8)
+        _, args, constexprs, _ = select_launch(priorities.view(1, batch, heads * n), (0,), (n // 8,), 0, 0, batch,
+                                               heads * n, n // 8, torch.device("meta"), programs=16, skip=skip)
+        record("select skip", _select_kernel, args, constexprs, SELECT_WARPS)
     _, args, constexprs, _ = gather_launch(indices.view(batch, heads, -1), keys, values)
     record("gather", _gather_kernel, args, constexprs, GATHER_WARPS)
     return out

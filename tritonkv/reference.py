@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dsl
-from .budget import Allocation, allocate
+from .budget import Allocation, allocate, fraction_to_count
 from .philox import uniform_grid
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize: x / max(||x||, eps)
@@ -370,7 +370,7 @@ def select_adaptive_by_priority(policy: dsl.Policy, alloc: Allocation, s: torch.
     b, h, n = s.shape
     remainder = alloc.clause_counts[0]
     kept = forced_mask(alloc, s.shape, s.device)
-    floor = min(remainder, math.floor(policy.head_floor * remainder + 0.5))
+    floor = min(remainder, fraction_to_count(policy.head_floor, remainder))
     kept |= take_top(s, kept, floor)
     pooled = take_top(s.reshape(b, 1, h * n), kept.reshape(b, 1, h * n), h * (remainder - floor))
     return kept | pooled.reshape(b, h, n)

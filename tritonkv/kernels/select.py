@@ -90,26 +90,42 @@ def _clause_key(prio_ptr, slot, i_row, rows, N, o_n, m_n):
 
 
 @triton.jit
+def _skipped(skip_ptr, i_row, N, o_n, m_n, HAS_SKIP: tl.constexpr):
+    """Tokens marked in the uint8 skip mask [rows, N] (AdaKV's second stage: the tokens its
+    first stage kept); none without one."""
+    if HAS_SKIP:
+        return tl.load(skip_ptr + i_row.to(tl.int64) * N + o_n, mask=m_n, other=0) != 0
+    else:
+        return o_n < 0
+
+
+@triton.jit
 def _kept_before(j: tl.constexpr, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                 slot0, slot1, slot2, slot3):
-    """Tokens kept by the forced windows and by clauses 0 .. j-1 (only valid lanes)."""
-    kept = (o_n < n_sink) | (o_n >= N - n_recent)
+                 slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP: tl.constexpr):
+    """Tokens kept by the forced windows and by clauses 0 .. j-1 (only valid lanes); a
+    skipped token is never kept by a clause."""
+    picked = o_n < 0
     for i in tl.static_range(j):
         key = _clause_key(prio_ptr, _pick(i, slot0, slot1, slot2, slot3), i_row, rows, N, o_n, m_n)
         t = tl.load(state_ptr + 3 * i).to(tl.uint32, bitcast=True)
         cut = tl.load(state_ptr + 3 * i + 1)
-        kept = kept | (key > t) | ((key == t) & (o_n <= cut))
+        picked = picked | (key > t) | ((key == t) & (o_n <= cut))
+    if HAS_SKIP:
+        picked = picked & ~_skipped(skip_ptr, i_row, N, o_n, m_n, HAS_SKIP)
+    kept = (o_n < n_sink) | (o_n >= N - n_recent) | picked
     return kept & m_n
 
 
 @triton.jit
 def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, slot, i_row, rows, N, n_sink, n_recent,
-                slot0, slot1, slot2, slot3):
+                slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP: tl.constexpr):
     """(candidate mask, key) of clause j for the tokens o_n: in range, not kept by the forced
-    windows or an earlier clause."""
+    windows or an earlier clause, not skipped."""
     m_n = o_n < hi
     cand = m_n & ~_kept_before(j, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                               slot0, slot1, slot2, slot3)
+                               slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP)
+    if HAS_SKIP:
+        cand = cand & ~_skipped(skip_ptr, i_row, N, o_n, m_n, HAS_SKIP)
     return cand, _clause_key(prio_ptr, slot, i_row, rows, N, o_n, m_n)
 
 
@@ -127,13 +143,13 @@ def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
 @triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P",
                                "count0", "count1", "count2", "count3"])
 def _select_kernel(
-    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr,
+    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, skip_ptr,
     k_ptr, v_ptr, out_k_ptr, out_v_ptr, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, H,
     N, rows, n_kept, n_sink, n_recent, chunk, P,
     slot0, slot1, slot2, slot3, count0, count1, count2, count3,
     C: tl.constexpr, P_PAD: tl.constexpr, BLOCK: tl.constexpr,
     GATHER: tl.constexpr, GATHER_T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch)."""
@@ -160,7 +176,7 @@ def _select_kernel(
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
                 cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, slot, i_row, rows, N, n_sink, n_recent,
-                                        slot0, slot1, slot2, slot3)
+                                        slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP)
                 if digit > 0:
                     cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
                 local += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=cand)
@@ -178,7 +194,7 @@ def _select_kernel(
         for start in range(0, chunk, BLOCK):
             o_n = lo + start + o_blk
             cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, slot, i_row, rows, N, n_sink, n_recent,
-                                    slot0, slot1, slot2, slot3)
+                                    slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP)
             n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
             n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P_PAD
@@ -193,7 +209,7 @@ def _select_kernel(
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
                 cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, slot, i_row, rows, N, n_sink, n_recent,
-                                        slot0, slot1, slot2, slot3)
+                                        slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP)
                 eq = (cand & (key == prefix)).to(tl.int32)
                 rank = seen + tl.cumsum(eq, 0)
                 cut = tl.maximum(cut, tl.max(tl.where((eq > 0) & (rank == need), o_n, -1), 0))
@@ -224,7 +240,7 @@ def _select_kernel(
         o_n = lo + start + o_blk
         m_n = o_n < hi
         kept = _kept_before(C, prio_ptr, my_state, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                            slot0, slot1, slot2, slot3)
+                            slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP)
         dst = offset + tl.cumsum(kept.to(tl.int32), 0) - 1
         tl.store(out_row + dst, o_n.to(tl.int64), mask=kept)
         n_here = tl.sum(kept.to(tl.int32), 0)
@@ -271,29 +287,32 @@ def chunking(n: int, programs: int):
     return chunk, cdiv(n, chunk)
 
 
-def select_programs(rows: int, n: int, clauses: int, device: torch.device, d: int = 0, dv: int = 0) -> int:
+def select_programs(rows: int, n: int, clauses: int, device: torch.device, d: int = 0, dv: int = 0,
+                    skip: bool = False) -> int:
     """Programs per row that select_launch will use on ``device`` (occupancy learnt so far);
     d, dv: head dims of a fused gather, 0 for none."""
-    resident = resident_programs(_select_kernel, device, SELECT_WARPS, _constexprs(clauses, d, dv))
+    resident = resident_programs(_select_kernel, device, SELECT_WARPS, _constexprs(clauses, d, dv, skip))
     return chunking(n, programs_per_row(rows, n, device, resident))[1]
 
 
-def _constexprs(clauses: int, d: int = 0, dv: int = 0):
-    """The kernel's constexprs; d > 0 fuses the gather of K / V rows (head dims d, dv)."""
+def _constexprs(clauses: int, d: int = 0, dv: int = 0, skip: bool = False):
+    """The kernel's constexprs; d > 0 fuses the gather of K / V rows (head dims d, dv); skip:
+    a uint8 mask of tokens that are not candidates."""
     # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
     gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
     return dict(C=clauses, P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK, GATHER=d > 0, GATHER_T=gather_t,
-                D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)))
+                D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
+                HAS_SKIP=skip)
 
 
 def select_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int, rows: int, n: int,
                   n_kept: int, device: torch.device, programs: int = 1, workspace=None, out_i=None,
-                  gather=None):
+                  gather=None, skip=None):
     """(grid, args, constexprs, indices) of one select call; see select_indices. ``workspace``
     (int32, ``sum(workspace_sizes(...))`` elements, the first ``zeroed_numel`` of them zero) and
     ``out_i`` (int64 [rows, n_kept]) are allocated here when not given. ``gather = (keys,
     values, out_keys, out_values)`` also copies the kept rows ([B, H, N, D] in, contiguous
-    [B, H, n_kept, D] out)."""
+    [B, H, n_kept, D] out). ``skip``: uint8 [rows, N], nonzero where a token is no candidate."""
     clauses = len(slots)
     if clauses > MAX_CLAUSES:
         raise ValueError(f"policy: at most {MAX_CLAUSES} selective clauses are supported, got {clauses}")
@@ -313,18 +332,19 @@ def select_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent
         keys, values, out_k, out_v = gather
         copy_args = [keys, values, out_k, out_v, *keys.stride(), *values.stride(), keys.shape[1]]
         d, dv = keys.shape[-1], values.shape[-1]
-    args = [prio, out_i, hist, bar, cnt, state, *copy_args, n, rows, n_kept, n_sink, n_recent, chunk, p,
-            *slot_args, *count_args]
-    return (p, rows), args, _constexprs(clauses, d, dv), out_i
+    args = [prio, out_i, hist, bar, cnt, state, prio if skip is None else skip, *copy_args, n, rows, n_kept,
+            n_sink, n_recent, chunk, p, *slot_args, *count_args]
+    return (p, rows), args, _constexprs(clauses, d, dv, skip is not None), out_i
 
 
 def select_indices(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int, rows: int, n: int,
-                   n_kept: int, device: torch.device) -> torch.Tensor:
+                   n_kept: int, device: torch.device, skip=None) -> torch.Tensor:
     """Per row, the ascending indices [rows, n_kept] of the tokens kept by the forced windows
-    and by each clause's top ``counts[j]`` of ``priorities[slots[j]]`` (float32 [n_slots, rows, N])."""
-    p = select_programs(rows, n, len(slots), device)
+    and by each clause's top ``counts[j]`` of ``priorities[slots[j]]`` (float32 [n_slots, rows, N]),
+    never a token marked in ``skip`` (uint8 [rows, N]) by a clause."""
+    p = select_programs(rows, n, len(slots), device, skip=skip is not None)
     grid, args, constexprs, out_i = select_launch(priorities, slots, counts, n_sink, n_recent, rows, n,
-                                                  n_kept, device, p)
+                                                  n_kept, device, p, skip=skip)
     if n_kept > 0:
         launch_select(grid, args, constexprs, device)
     return out_i
