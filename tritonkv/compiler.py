@@ -37,6 +37,7 @@ import triton
 from . import dsl
 from .results import Evicted, EvictedVarlen
 from .budget import allocate, fraction_to_count
+from .lowering import lower
 from .codegen import SEED_ARG, Program, generate, qk_scale
 from .kernels.common import cdiv, interpreting, multiprocessor_count, next_power_of_2, record_occupancy
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
@@ -448,7 +449,7 @@ def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int,
     policy's signal and direction tensors in its order (validate.named_inputs)."""
     check_backend(keys)
     b, h, n, _ = keys.shape
-    alloc = allocate(policy, n, k)
+    policy, alloc = lower(policy, allocate(policy, n, k))
     compiled = compile_policy(policy)
     if policy.heads == "adaptive":
         return evict_adaptive(compiled, policy, alloc, keys, values, queries, seed, named)

@@ -17,6 +17,7 @@ import torch
 
 from . import dsl
 from .budget import allocate
+from .lowering import lower
 from .compiler import Call, check_backend, compile_policy, evict_compiled, prepare, run
 from .kernels.common import interpreting
 from .kernels.launch import compiled_entry, hooks_installed, raw_stream
@@ -153,7 +154,7 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
     if interpreting() or not keys.is_cuda or policy.heads == "adaptive" or hooks_installed():
         return unplanned, unplanned(keys, values, queries, seed, named)
     n = keys.shape[2]
-    alloc = allocate(policy, n, k)
+    policy, alloc = lower(policy, allocate(policy, n, k))
     rows, clauses = keys.shape[0] * keys.shape[1], len(policy.selective)
     dims = (keys.shape[-1], values.shape[-1])
     programs = select_programs(rows, n, clauses, keys.device, *dims)
