@@ -26,6 +26,7 @@ from .compiler import compile_policy, launch_args
 from .reference import proxy_window
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
+from .kernels.deferred import DEFERRED_WARPS, deferred_launches
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -101,6 +102,11 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
             record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
         record("score", compiled.kernel("score"), largs, geo.constexprs, geo.num_warps)
     for index, slot in enumerate(program.slots):
+        if slot.deferred:
+            workspace = torch.empty(1 << 20, device="meta", dtype=torch.float32)
+            for fn, _, dargs, dconst, _ in deferred_launches(priorities, workspace, 0, index, batch * heads, heads,
+                                                             n, 8, 4, 0, slot.gumbel_stream, slot.temperature):
+                record(fn.fn.__name__.strip("_").replace("_kernel", ""), fn, dargs, dconst, DEFERRED_WARPS)
         if slot.transformed:
             _, targs, tconst = transform_launch(priorities, index, batch, heads, n, slot.chunk, slot.chunk_reduce,
                                                 slot.head_reduce)

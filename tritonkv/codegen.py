@@ -68,6 +68,18 @@ class Slot:
     def transformed(self) -> bool:
         return self.chunk > 1 or self.head_reduce is not None
 
+    @property
+    def deferred(self) -> bool:
+        """A score ``x.normalize()``: the score kernel stores x, kernels/deferred.py normalizes
+        it (and adds a sample clause's noise) from the stored values, instead of a statistics
+        pass that recomputes x."""
+        return isinstance(self.score, dsl.Normalize)
+
+    @property
+    def stored(self) -> dsl.Score:
+        """What the score kernel writes to the slot."""
+        return self.score.operand if self.deferred else self.score
+
 
 @dataclass(frozen=True)
 class Program:
@@ -365,8 +377,8 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
     emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
     body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
     for index, slot in enumerate(slots):
-        x = emitter.value(slot.score)
-        if slot.gumbel_stream >= 0:
+        x = emitter.value(slot.stored)
+        if slot.gumbel_stream >= 0 and not slot.deferred:
             # as reference.priority: score * float32(1 / t) + Gumbel noise
             x = emitter._assign(f"{x} * {1.0 / slot.temperature!r} + gumbel(seed, o_n, i_b, i_h, "
                                 f"{slot.gumbel_stream})", "prio")
@@ -377,7 +389,7 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
 def generate(policy: dsl.Policy) -> Program:
     """The generated module's source and the facts needed to launch it."""
     slots, clause_slots = plan_slots(policy)
-    program_globals = collect_globals([s.score for s in slots])
+    program_globals = collect_globals([s.stored for s in slots])
     n_levels = 1 + max((stats_level(g) for g in program_globals), default=-1)
     levels = tuple(tuple(i for i, g in enumerate(program_globals) if stats_level(g) == level)
                    for level in range(n_levels))
@@ -389,7 +401,7 @@ def generate(policy: dsl.Policy) -> Program:
         lines += _merge_kernel(level, members, program_globals, names)
     if slots:
         lines += _score_kernel(slots, program_globals, names)
-    reads_cache = any(s.score.needs_keys or s.score.needs_values for s in slots)
+    reads_cache = any(s.stored.needs_keys or s.stored.needs_values for s in slots)
     return Program(slots, clause_slots, reads_cache, program_globals, levels, max_halo, "\n".join(lines) + "\n",
                    names.signals, names.directions)
 

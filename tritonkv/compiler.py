@@ -42,6 +42,7 @@ from .codegen import SEED_ARG, Program, generate, qk_scale
 from .kernels.common import cdiv, interpreting, multiprocessor_count, next_power_of_2, record_occupancy
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.launch import launch
+from .kernels.deferred import DEFERRED_WARPS, deferred_launches, deferred_tiling
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
 from .kernels.select import (SELECT_WARPS, _select_kernel, select_indices, select_launch, select_programs,
                              workspace_sizes, zeroed_numel)
@@ -218,6 +219,8 @@ class Geometry:
     workspace: int                  # float32 elements
     num_warps: int
     num_stages: Optional[int]
+    deferred: Tuple[int, ...] = ()  # workspace offset of each deferred slot's moment partials
+    deferred_tiling: Tuple[int, int] = (1, 1)   # (programs per row, tiles per program) of those passes
 
 
 def _override(name: str, default):
@@ -282,10 +285,16 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         final_offset, offset = offset, offset + rows * final
         per_global += [part_offset, final_offset] + ([w] if isinstance(node, dsl.ProxyAttention) else [])
     chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
+    tiling = deferred_tiling(n, lambda tiles: stats_splits(rows, tiles, device))
+    deferred = []
+    for slot in program.slots:
+        if slot.deferred:
+            deferred.append(offset)
+            offset += rows * tiling[0] * 3
     warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
     stages = os.environ.get("TRITONKV_STAGES")
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
-                    max(offset, 1), warps, int(stages) if stages else None)
+                    max(offset, 1), warps, int(stages) if stages else None, tuple(deferred), tiling)
 
 
 def _broadcast_strides(x: torch.Tensor, dims: int):
@@ -338,8 +347,10 @@ class Launch:
         return launch(self.fn, self.grid, self.args, self.constexprs, self.num_warps, self.num_stages)
 
 
-def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, shape) -> List[Launch]:
-    """Statistics and merge per level, the score kernel, then each transformed slot's transform."""
+def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, workspace, seed: int,
+                    shape) -> List[Launch]:
+    """Statistics and merge per level, the score kernel, then per slot its deferred normalize
+    and its transform."""
     out = []
     for level, nch in enumerate(geo.chunks_per_level):
         out.append(Launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, geo.constexprs,
@@ -348,7 +359,13 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, s
     out.append(Launch(compiled.kernel("score"), (geo.splits, geo.rows), args, geo.constexprs, geo.num_warps,
                       geo.num_stages, SEED_ARG))
     b, h, n = shape
+    deferred = iter(geo.deferred)
     for index, slot in enumerate(compiled.program.slots):
+        if slot.deferred:
+            for fn, grid, dargs, dconst, seed_at in deferred_launches(
+                    priorities, workspace, next(deferred), index, geo.rows, h, n, *geo.deferred_tiling, seed,
+                    slot.gumbel_stream, slot.temperature):
+                out.append(Launch(fn, grid, dargs, dconst, DEFERRED_WARPS, None, seed_at))
         if slot.transformed:
             grid, targs, tconst = transform_launch(priorities, index, b, h, n, slot.chunk, slot.chunk_reduce,
                                                    slot.head_reduce)
@@ -372,7 +389,7 @@ def score(compiled: CompiledPolicy, keys, values, queries, seed: int, named=()) 
     buffer = torch.empty(slots * b * h * n + geo.workspace, dtype=torch.float32, device=keys.device)
     out, workspace = buffer[: slots * b * h * n].view(slots, b * h, n), buffer[slots * b * h * n:]
     geo, args = launch_args(compiled, keys, values, queries, seed, out, workspace, named=named)
-    for step in _score_launches(compiled, geo, args, out, (b, h, n)):
+    for step in _score_launches(compiled, geo, args, out, workspace, seed, (b, h, n)):
         step()
     return out
 
@@ -419,7 +436,7 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, n
     select_ws = select_ws.view(torch.int32)
     geo, args = launch_args(compiled, keys, values, queries, seed, priorities, workspace,
                             zeroed=select_ws[: zeroed_numel(rows, clauses)], named=named)
-    launches = _score_launches(compiled, geo, args, priorities, (b, h, n))
+    launches = _score_launches(compiled, geo, args, priorities, workspace, seed, (b, h, n))
     grid, sargs, sconst, _ = select_launch(priorities, program.clause_slots, alloc.clause_counts, alloc.n_sink,
                                            alloc.n_recent, rows, n, total, device, programs, select_ws,
                                            out_i.view(rows, total), gather=(keys, values, out_k, out_v))

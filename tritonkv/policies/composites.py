@@ -14,6 +14,6 @@ def keydiff_knorm() -> dsl.Policy:
 def snapkv_sampled() -> dsl.Policy:
     """SnapKV's pooled window attention for 3/4 of the budget, the rest sampled from it
     (NACL-style robustness) at temperature 0.5 after standardization."""
-    attention = dsl.proxy_attention(window=64, causal=True, reduce="mean", pool=5)
+    attention = dsl.proxy_attention(window=64, causal=True, reduce="mean", pool=5, exclude_window=True)
     return (dsl.recent(64) | dsl.top(attention, share=0.75)
             | dsl.sample(attention.normalize(), temperature=0.5))

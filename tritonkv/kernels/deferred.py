@@ -1,0 +1,84 @@
+"""A clause ranked by ``score.normalize()``, normalized after the score kernel from the
+stored score (reference.normalize), instead of a statistics pass that recomputes the score.
+
+The score kernel stores the operand x (one float32 per token); ``_slot_moments_kernel``
+reduces it to per-program (count, mean, M2) partials; ``_slot_normalize_kernel`` merges a
+row's partials in a fixed order and rewrites the slot in place as (x - mean) / std (0 where
+std <= 1e-6 |mean|), with a sample clause's ``* (1 / t) + Gumbel`` noise. That reads 12 bytes
+per token instead of recomputing x: for an attention score, a whole proxy-attention pass.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import cdiv
+from .primitives import gumbel, standardize
+from .stats import moments_tile, welford_merge
+
+DEFERRED_BLOCK = 1024
+DEFERRED_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["part", "slot", "rows", "N", "S", "tiles_per_prog"])
+def _slot_moments_kernel(prio_ptr, ws_ptr, part, slot, rows, N, S, tiles_per_prog, BLOCK: tl.constexpr):
+    """Program (i_s, i_row): the moments of its tiles of the stored slot."""
+    i_s = tl.program_id(0)
+    i_row = tl.program_id(1)
+    row = prio_ptr + (slot * rows + i_row).to(tl.int64) * N
+    n = tl.full([], 0.0, tl.float32)
+    mean = tl.full([], 0.0, tl.float32)
+    m2 = tl.full([], 0.0, tl.float32)
+    for it in range(0, tiles_per_prog):
+        o_n = (i_s * tiles_per_prog + it) * BLOCK + tl.arange(0, BLOCK)
+        m = o_n < N
+        n, mean, m2 = moments_tile(n, mean, m2, tl.load(row + o_n, mask=m, other=0.0), m)
+    base = ws_ptr + part + (i_row * S + i_s) * 3
+    tl.store(base, n)
+    tl.store(base + 1, mean)
+    tl.store(base + 2, m2)
+
+
+@triton.jit(do_not_specialize=["part", "slot", "rows", "N", "H", "S", "tiles_per_prog", "seed"])
+def _slot_normalize_kernel(prio_ptr, ws_ptr, part, slot, rows, N, H, S, tiles_per_prog, seed,
+                           BLOCK: tl.constexpr, STREAM: tl.constexpr, INV_T: tl.constexpr):
+    """Program (i_s, i_row): merge the row's partials, standardize its tiles in place; with
+    STREAM >= 0 (a sample clause) add Gumbel noise: x * INV_T + Gumbel(seed, token, b, h, STREAM)."""
+    i_s = tl.program_id(0)
+    i_row = tl.program_id(1)
+    n = tl.full([], 0.0, tl.float32)
+    mean = tl.full([], 0.0, tl.float32)
+    m2 = tl.full([], 0.0, tl.float32)
+    for s in range(0, S):
+        base = ws_ptr + part + (i_row * S + s) * 3
+        n, mean, m2 = welford_merge(n, mean, m2, tl.load(base), tl.load(base + 1), tl.load(base + 2))
+    std = tl.sqrt(m2 / tl.maximum(n, 1.0))
+    row = prio_ptr + (slot * rows + i_row).to(tl.int64) * N
+    for it in range(0, tiles_per_prog):
+        o_n = (i_s * tiles_per_prog + it) * BLOCK + tl.arange(0, BLOCK)
+        m = o_n < N
+        y = standardize(tl.load(row + o_n, mask=m, other=0.0), mean, std)
+        if STREAM >= 0:
+            y = y * INV_T + gumbel(seed, o_n, i_row // H, i_row % H, STREAM)
+        tl.store(row + o_n, y, mask=m)
+
+
+def deferred_tiling(n: int, splits_for) -> tuple:
+    """(programs per row, tiles per program) over N tokens in DEFERRED_BLOCK tiles;
+    ``splits_for(n_tiles)`` is the programs-per-row rule of the statistics passes."""
+    n_tiles = cdiv(n, DEFERRED_BLOCK)
+    splits = splits_for(n_tiles)
+    tiles = cdiv(n_tiles, splits)
+    return cdiv(n_tiles, tiles), tiles
+
+
+def deferred_launches(priorities, workspace, part: int, slot: int, rows: int, heads: int, n: int, splits: int,
+                      tiles: int, seed: int, stream: int, temperature: float):
+    """[(kernel, grid, args, constexprs, seed position)] of the two passes for one slot."""
+    grid = (splits, rows)
+    moments = [priorities, workspace, part, slot, rows, n, splits, tiles]
+    apply = [priorities, workspace, part, slot, rows, n, heads, splits, tiles, seed]
+    return [(_slot_moments_kernel, grid, moments, dict(BLOCK=DEFERRED_BLOCK), None),
+            (_slot_normalize_kernel, grid, apply,
+             dict(BLOCK=DEFERRED_BLOCK, STREAM=stream, INV_T=1.0 / temperature), len(apply) - 1)]
