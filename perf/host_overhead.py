@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tritonkv as tkv  # noqa: E402
 from perf.test_evict import POLICIES as BENCHMARKED, make_cache  # noqa: E402
 from perf.timing import flush_l2, graph_seconds  # noqa: E402
-from tritonkv.compiler import evict_compiled  # noqa: E402
+from tritonkv.compiled import evict_compiled  # noqa: E402
 from tritonkv.validate import check_evict_args  # noqa: E402
 
 # every preset and composite: the benchmarked ones, plus the budget-spreading presets

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tritonkv as tkv  # noqa: E402
 from perf.test_evict import POLICIES, make_cache  # noqa: E402
 from tritonkv import compiler  # noqa: E402
+from tritonkv.geometry import clear_geometry  # noqa: E402
 
 
 def bench(fn):
@@ -32,14 +33,14 @@ def sweep(name, n, blocks, warps):
     row = []
     for block_n, nw in itertools.product(blocks, warps):
         os.environ["TRITONKV_BLOCK_N"], os.environ["TRITONKV_WARPS"] = str(block_n), str(nw)
-        compiler._GEOMETRY.clear()
+        clear_geometry()
         try:
             row.append((block_n, nw, bench(lambda: compiler.score(compiled, keys, values, q, 0))))
         except Exception as e:  # out of resources etc.
             row.append((block_n, nw, float("nan")))
             print(f"  {name} BLOCK_N={block_n} warps={nw}: {type(e).__name__}", file=sys.stderr)
     del os.environ["TRITONKV_BLOCK_N"], os.environ["TRITONKV_WARPS"]
-    compiler._GEOMETRY.clear()
+    clear_geometry()
     best = min(row, key=lambda r: r[2] if r[2] == r[2] else 1e9)
     print(f"{name:<14}{n:>8}  " + "  ".join(f"{b}/{w}:{t:.3f}" for b, w, t in row) + f"   best {best[0]}/{best[1]}")
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import tritonkv as tkv
 from tritonkv import policies, reference
 from tritonkv.budget import allocate, resolve_budget
-from tritonkv.compiler import evict_compiled
+from tritonkv.compiled import evict_compiled
 from tritonkv.lowering import lower
 from tritonkv.results import pack_varlen
 from tritonkv.validate import named_inputs as named_inputs_of

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import tritonkv as tkv
 from tritonkv import policies
 from tritonkv.budget import allocate, resolve_budget
-from tritonkv.compiler import evict_compiled
+from tritonkv.compiled import evict_compiled
 from tritonkv.lowering import lower
 
 from .strategies import examples

@@ -168,7 +168,7 @@ def test_seeds(backend):
 
 
 def test_cpu_triton_without_interpreter_is_a_clear_error(monkeypatch):
-    from tritonkv import compiler
+    from tritonkv import compiled, compiler
     monkeypatch.setattr(compiler, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        compiler.evict_compiled(K.cpu(), V.cpu(), None, policies.knorm(), 10, 0)
+        compiled.evict_compiled(K.cpu(), V.cpu(), None, policies.knorm(), 10, 0)

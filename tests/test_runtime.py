@@ -6,7 +6,7 @@ import torch
 
 import tritonkv as tkv
 from tritonkv import planned, policies, runtime
-from tritonkv.compiler import evict_compiled
+from tritonkv.compiled import evict_compiled
 
 from tritonkv.validate import named_inputs
 

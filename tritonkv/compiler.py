@@ -5,7 +5,10 @@ A compiled policy runs, in order:
   2. ``score``: one fused kernel writing each clause's float32 priority per token;
   3. ``select`` (kernels/select.py): threshold select per clause and compaction of the kept
      indices; 4. ``gather`` (kernels/gather.py): the kept K / V rows.
-``prepare`` lists a call's launches and buffers; ``run`` launches them through Triton.
+``prepare`` lists a call's launches and buffers (a clause ranked by ``x.normalize()`` adds
+two light passes, kernels/deferred.py; one ranked by chunks or across heads an in-place
+transform, kernels/transform.py); ``run`` launches them through Triton. Launch geometry
+comes from tritonkv.geometry; tritonkv.compiled is the unplanned evict on top of this module,
 tritonkv.runtime plans a call once per signature and afterwards launches the compiled
 kernels directly.
 No per-primitive score tensor and no [W, N] attention matrix reaches global memory: the
@@ -32,23 +35,18 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import triton
 
 from . import dsl
-from .results import Evicted, EvictedVarlen
-from .budget import allocate, fraction_to_count
-from .lowering import lower
-from .codegen import SEED_ARG, Program, generate, qk_scale
-from .kernels.common import cdiv, interpreting, multiprocessor_count, next_power_of_2, record_occupancy
+from .codegen import SEED_ARG, Program, generate
+from .geometry import Geometry, clear_geometry, geometry
+from .kernels.common import interpreting, record_occupancy
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.launch import launch
-from .kernels.deferred import DEFERRED_WARPS, deferred_launches, deferred_tiling
+from .kernels.deferred import DEFERRED_WARPS, deferred_launches
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
-from .kernels.select import (SELECT_WARPS, _select_kernel, select_indices, select_launch, select_programs,
+from .kernels.select import (SELECT_WARPS, _select_kernel, select_launch, select_programs,
                              workspace_sizes, zeroed_numel)
-from .reference import proxy_window
 
-QUERY_CHUNK = 256  # most proxy query rows per tl.dot
 
 
 def cache_dir() -> Path:
@@ -161,140 +159,9 @@ def clear_memory_caches() -> None:
     with _LOCK:
         _CACHE.clear()
         _BY_IDENTITY.clear()
-        _GEOMETRY.clear()   # keyed by id(program): must not outlive the programs
+        clear_geometry()   # keyed by id(program): must not outlive the programs
         for name in [m for m in sys.modules if m.startswith(GENERATED_PREFIX)]:
             del sys.modules[name]
-
-
-# --------------------------------------------------------------------------- launch geometry
-
-
-def proxy_tiling(window: int, group: int, d: int, itemsize: int) -> Tuple[int, int]:
-    """(W_PAD, QB): window rows padded to a power of two >= 16, and query rows per tl.dot —
-    whole query heads (a power-of-two divisor of the group) while the query block stays
-    within 64 KB (QUERY_CHUNK rows of bf16 at D = 128), so that typical windows (G * W <= 256)
-    are one chunk, loaded once per program."""
-    limit = max(16, min(QUERY_CHUNK, 65536 // (next_power_of_2(d) * itemsize)))
-    w_pad = max(16, next_power_of_2(window))
-    if w_pad >= limit:
-        return w_pad, limit
-    heads = 1
-    pow2_of_group = group & -group
-    while heads * 2 <= pow2_of_group and w_pad * heads * 2 <= limit:
-        heads *= 2
-    return w_pad, w_pad * heads
-
-
-def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2, reads_cache: bool = True) -> int:
-    """Tokens per tile: a [BLOCK_N, BLOCK_D] float32 block of 32K elements (8 warps; measured
-    best for K-reading kernels on an H100, perf/sweep.py), the key block fed to tl.dot within
-    16 KB; 1024 when no K / V tile is loaded."""
-    block_d = next_power_of_2(d)
-    n = max(16, min(256, 32768 // block_d)) if reads_cache else 1024
-    if has_proxy:
-        n = max(16, min(n, 64, 16384 // (block_d * itemsize)))
-    while n <= 4 * halo:
-        n *= 2
-    return n
-
-
-def stats_splits(rows: int, n_tiles: int, device: torch.device) -> int:
-    """Programs per row for a statistics pass: enough to fill the GPU a few times over."""
-    if interpreting() or device.type != "cuda":
-        return min(n_tiles, 3)  # more than one, so partial merging is always exercised
-    target = 4 * multiprocessor_count(device)
-    return max(1, min(n_tiles, cdiv(target, rows)))
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Everything about a launch that depends only on shapes, strides and dtypes (cached)."""
-
-    constexprs: Dict
-    per_global: Tuple[int, ...]     # po_i, fo_i (and w_i) for each global node
-    rows: int
-    splits: int
-    tiles_per_prog: int
-    chunks_per_level: Tuple[int, ...]
-    workspace: int                  # float32 elements
-    num_warps: int
-    num_stages: Optional[int]
-    deferred: Tuple[int, ...] = ()  # workspace offset of each deferred slot's moment partials
-    deferred_tiling: Tuple[int, int] = (1, 1)   # (programs per row, tiles per program) of those passes
-
-
-def _override(name: str, default):
-    value = os.environ.get(name)
-    return default if value is None else int(value)
-
-
-_GEOMETRY: Dict[Tuple, Geometry] = {}
-
-
-def geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, itemsize: int,
-             device: torch.device) -> Geometry:
-    """Launch geometry for these shapes, cached (programs live as long as the process)."""
-    key = (id(program), k_shape, v_shape, q_shape, dtype, device)
-    geo = _GEOMETRY.get(key)
-    if geo is None:   # a pure function of the key: threads that race compute equal values, one is kept
-        geo = _GEOMETRY.setdefault(key, _geometry(program, k_shape, v_shape, q_shape, dtype, itemsize, device))
-    return geo
-
-
-def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, itemsize: int,
-              device: torch.device) -> Geometry:
-    b, h, n, d = k_shape
-    dv = v_shape[-1]
-    rows = b * h
-    has_proxy = bool(program.proxies)
-    group = q_shape[1] // h if q_shape is not None else 1
-    w_total = q_shape[2] if q_shape is not None else 0
-    block_n = block_tokens(max(d, dv), program.halo, has_proxy, itemsize, program.reads_cache)
-    if any(isinstance(g, dsl.AnchorSimilarity) for g in program.globals):
-        # the anchor pass accumulates whole [BLOCK_N, BLOCK_D] tiles: keep them at 8K floats
-        block_n = max(16, min(block_n, 8192 // next_power_of_2(d)))
-        while block_n <= 4 * program.halo:
-            block_n *= 2
-    block_n = _override("TRITONKV_BLOCK_N", block_n)
-    n_tiles = cdiv(n, block_n - 2 * program.halo)
-    splits = stats_splits(rows, n_tiles, device)
-    tiles_per_prog = cdiv(n_tiles, splits)
-    splits = cdiv(n_tiles, tiles_per_prog)
-    block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
-    constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                      HALO=program.halo, QK_SCALE=qk_scale(d),
-                      IEEE=dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16))
-    per_global: List[int] = []
-    offset = 0
-    chunks = {}
-    for i, node in enumerate(program.globals):
-        if isinstance(node, dsl.AnchorSimilarity):
-            part, final, nch = splits * block_d, block_d, 1
-        elif isinstance(node, dsl.ProxyAttention):
-            w = proxy_window(node, n, w_total)
-            w_pad, qb = proxy_tiling(w, group, d, itemsize)
-            nch = group * w_pad // qb
-            part, final = nch * splits * 2 * qb, 2 * group * w_pad
-            constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"] = w_pad, qb
-        elif isinstance(node, dsl.Normalize):
-            part, final, nch = splits * 3, 2, 1
-        else:
-            part, final, nch = splits * 2, 2, 1
-        chunks[i] = nch
-        part_offset, offset = offset, offset + rows * part
-        final_offset, offset = offset, offset + rows * final
-        per_global += [part_offset, final_offset] + ([w] if isinstance(node, dsl.ProxyAttention) else [])
-    chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
-    tiling = deferred_tiling(n, lambda tiles: stats_splits(rows, tiles, device))
-    deferred = []
-    for slot in program.slots:
-        if slot.deferred:
-            deferred.append(offset)
-            offset += rows * tiling[0] * 3
-    warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
-    stages = os.environ.get("TRITONKV_STAGES")
-    return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
-                    max(offset, 1), warps, int(stages) if stages else None, tuple(deferred), tiling)
 
 
 def _broadcast_strides(x: torch.Tensor, dims: int):
@@ -457,63 +324,3 @@ def check_backend(keys) -> None:
     if not keys.is_cuda and not interpreting():
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                            "imported; use backend='reference' (or 'auto') on CPU")
-
-
-def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int, named=(),
-                   return_priorities: bool = False):
-    """tritonkv.evict's compiled path (arguments already validated), unplanned: every call
-    computes its launches anew (tritonkv.runtime.Evictor plans them once). ``named``: the
-    policy's signal and direction tensors in its order (validate.named_inputs)."""
-    check_backend(keys)
-    b, h, n, _ = keys.shape
-    policy, alloc = lower(policy, allocate(policy, n, k))
-    compiled = compile_policy(policy)
-    if policy.heads == "adaptive":
-        return evict_adaptive(compiled, policy, alloc, keys, values, queries, seed, named)
-    if return_priorities and alloc.total == n:
-        return Evicted(keys.clone(), values.clone(), torch.arange(n, device=keys.device).expand(b, h, n).clone()), \
-            score(compiled, keys, values, queries, seed, named)
-    call = prepare(compiled, alloc, keys, values, queries, seed, named)
-    run(call)
-    result = Evicted(call.keys, call.values, call.indices)
-    return (result, call.priorities) if return_priorities else result
-
-
-def evict_adaptive(compiled: CompiledPolicy, policy: dsl.Policy, alloc, keys, values, queries, seed: int,
-                   named=()):
-    """AdaKV (reference.select_adaptive_by_priority) on the kernel path, without a host sync:
-    scores from the generated kernel; the radix select per head keeps the forced windows and
-    each head's floor; a second radix select over each batch row's H * N priorities (the
-    first stage's tokens skipped) takes the rest of the row's budget, ties to the lower head,
-    then token; the kept set is packed head by head with nonzero_static (its size, B * H * k,
-    is known on the host)."""
-    b, h, n, _ = keys.shape
-    rows, device = b * h, keys.device
-    priorities = score(compiled, keys, values, queries, seed, named)
-    remainder = alloc.clause_counts[0]
-    floor = min(remainder, fraction_to_count(policy.head_floor, remainder))
-    own = alloc.n_sink + alloc.n_recent + floor
-    kept = torch.zeros(rows, n, dtype=torch.uint8, device=device)
-    if own:
-        first = select_indices(priorities, (0,), (floor,), alloc.n_sink, alloc.n_recent, rows, n, own, device)
-        kept.scatter_(1, first, 1)
-    pooled = h * (remainder - floor)
-    if pooled:
-        flat = kept.view(b, h * n)
-        second = select_indices(priorities.view(1, b, h * n), (0,), (pooled,), 0, 0, b, h * n, pooled, device,
-                                skip=flat)
-        flat.scatter_(1, second, 1)
-    where = _kept_positions(kept.view(-1), rows * alloc.total)
-    head, position = where // n, where % n
-    i_b, i_h = head // h, head % h
-    return EvictedVarlen(keys[i_b, i_h, position], values[i_b, i_h, position], position,
-                         kept.sum(-1, dtype=torch.int64).view(b, h))
-
-
-def _kept_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Ascending positions of the ``count`` nonzeros of a flat mask, without a host sync where
-    the device has nonzero_static (else nonzero, which synchronizes)."""
-    try:
-        return torch.nonzero_static(mask, size=count).squeeze(1)
-    except (NotImplementedError, RuntimeError):   # pragma: no cover - a device without nonzero_static
-        return mask.nonzero().squeeze(1)

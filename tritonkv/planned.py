@@ -18,7 +18,8 @@ import torch
 from . import dsl
 from .budget import allocate
 from .lowering import lower
-from .compiler import Call, check_backend, compile_policy, evict_compiled, prepare, run
+from .compiled import evict_compiled
+from .compiler import Call, check_backend, compile_policy, prepare, run
 from .kernels.common import interpreting
 from .kernels.launch import compiled_entry, hooks_installed, raw_stream
 from .kernels.select import select_programs

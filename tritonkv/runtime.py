@@ -25,13 +25,12 @@ once however many threads make the same first call at the same time.
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
 from . import dsl
 from .budget import resolve_budget
-from .results import Evicted
 from .validate import BACKENDS, check_evict_args, check_seed, named_inputs
 
 _I32_MAX, _I64_MAX = 2 ** 31 - 1, 2 ** 63 - 1

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import replace
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 

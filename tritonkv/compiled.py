@@ -1,0 +1,33 @@
+"""The compiled path of tkv.evict, unplanned: lower the policy, compile it, prepare and run
+one call's launches (tritonkv.runtime.Evictor plans repeat calls through tritonkv.planned)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import dsl
+from .adaptive import evict_adaptive
+from .budget import allocate
+from .compiler import check_backend, compile_policy, prepare, run, score
+from .lowering import lower
+from .results import Evicted
+
+
+def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int, named=(),
+                   return_priorities: bool = False):
+    """tritonkv.evict's compiled path (arguments already validated), unplanned: every call
+    computes its launches anew (tritonkv.runtime.Evictor plans them once). ``named``: the
+    policy's signal and direction tensors in its order (validate.named_inputs)."""
+    check_backend(keys)
+    b, h, n, _ = keys.shape
+    policy, alloc = lower(policy, allocate(policy, n, k))
+    compiled = compile_policy(policy)
+    if policy.heads == "adaptive":
+        return evict_adaptive(compiled, policy, alloc, keys, values, queries, seed, named)
+    if return_priorities and alloc.total == n:
+        return Evicted(keys.clone(), values.clone(), torch.arange(n, device=keys.device).expand(b, h, n).clone()), \
+            score(compiled, keys, values, queries, seed, named)
+    call = prepare(compiled, alloc, keys, values, queries, seed, named)
+    run(call)
+    result = Evicted(call.keys, call.values, call.indices)
+    return (result, call.priorities) if return_priorities else result

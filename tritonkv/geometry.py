@@ -1,0 +1,150 @@
+"""Launch geometry of a policy's generated kernels: tile sizes, programs per row, warps and
+the workspace layout, from shapes, strides and dtypes alone (cached per program and shape)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import dsl
+from .codegen import Program, qk_scale
+from .kernels.common import cdiv, interpreting, multiprocessor_count, next_power_of_2
+from .kernels.deferred import deferred_tiling
+from .reference import proxy_window
+
+QUERY_CHUNK = 256  # most proxy query rows per tl.dot
+
+def proxy_tiling(window: int, group: int, d: int, itemsize: int) -> Tuple[int, int]:
+    """(W_PAD, QB): window rows padded to a power of two >= 16, and query rows per tl.dot —
+    whole query heads (a power-of-two divisor of the group) while the query block stays
+    within 64 KB (QUERY_CHUNK rows of bf16 at D = 128), so that typical windows (G * W <= 256)
+    are one chunk, loaded once per program."""
+    limit = max(16, min(QUERY_CHUNK, 65536 // (next_power_of_2(d) * itemsize)))
+    w_pad = max(16, next_power_of_2(window))
+    if w_pad >= limit:
+        return w_pad, limit
+    heads = 1
+    pow2_of_group = group & -group
+    while heads * 2 <= pow2_of_group and w_pad * heads * 2 <= limit:
+        heads *= 2
+    return w_pad, w_pad * heads
+
+
+def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2, reads_cache: bool = True) -> int:
+    """Tokens per tile: a [BLOCK_N, BLOCK_D] float32 block of 32K elements (8 warps; measured
+    best for K-reading kernels on an H100, perf/sweep.py), the key block fed to tl.dot within
+    16 KB; 1024 when no K / V tile is loaded."""
+    block_d = next_power_of_2(d)
+    n = max(16, min(256, 32768 // block_d)) if reads_cache else 1024
+    if has_proxy:
+        n = max(16, min(n, 64, 16384 // (block_d * itemsize)))
+    while n <= 4 * halo:
+        n *= 2
+    return n
+
+
+def stats_splits(rows: int, n_tiles: int, device: torch.device) -> int:
+    """Programs per row for a statistics pass: enough to fill the GPU a few times over."""
+    if interpreting() or device.type != "cuda":
+        return min(n_tiles, 3)  # more than one, so partial merging is always exercised
+    target = 4 * multiprocessor_count(device)
+    return max(1, min(n_tiles, cdiv(target, rows)))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything about a launch that depends only on shapes, strides and dtypes (cached)."""
+
+    constexprs: Dict
+    per_global: Tuple[int, ...]     # po_i, fo_i (and w_i) for each global node
+    rows: int
+    splits: int
+    tiles_per_prog: int
+    chunks_per_level: Tuple[int, ...]
+    workspace: int                  # float32 elements
+    num_warps: int
+    num_stages: Optional[int]
+    deferred: Tuple[int, ...] = ()  # workspace offset of each deferred slot's moment partials
+    deferred_tiling: Tuple[int, int] = (1, 1)   # (programs per row, tiles per program) of those passes
+
+
+def _override(name: str, default):
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+_GEOMETRY: Dict[Tuple, Geometry] = {}
+
+
+def clear_geometry() -> None:
+    """Forget every cached geometry (tuning tools that change the overrides; cold-start tests)."""
+    _GEOMETRY.clear()
+
+
+def geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, itemsize: int,
+             device: torch.device) -> Geometry:
+    """Launch geometry for these shapes, cached (programs live as long as the process)."""
+    key = (id(program), k_shape, v_shape, q_shape, dtype, device)
+    geo = _GEOMETRY.get(key)
+    if geo is None:   # a pure function of the key: threads that race compute equal values, one is kept
+        geo = _GEOMETRY.setdefault(key, _geometry(program, k_shape, v_shape, q_shape, dtype, itemsize, device))
+    return geo
+
+
+def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, itemsize: int,
+              device: torch.device) -> Geometry:
+    b, h, n, d = k_shape
+    dv = v_shape[-1]
+    rows = b * h
+    has_proxy = bool(program.proxies)
+    group = q_shape[1] // h if q_shape is not None else 1
+    w_total = q_shape[2] if q_shape is not None else 0
+    block_n = block_tokens(max(d, dv), program.halo, has_proxy, itemsize, program.reads_cache)
+    if any(isinstance(g, dsl.AnchorSimilarity) for g in program.globals):
+        # the anchor pass accumulates whole [BLOCK_N, BLOCK_D] tiles: keep them at 8K floats
+        block_n = max(16, min(block_n, 8192 // next_power_of_2(d)))
+        while block_n <= 4 * program.halo:
+            block_n *= 2
+    block_n = _override("TRITONKV_BLOCK_N", block_n)
+    n_tiles = cdiv(n, block_n - 2 * program.halo)
+    splits = stats_splits(rows, n_tiles, device)
+    tiles_per_prog = cdiv(n_tiles, splits)
+    splits = cdiv(n_tiles, tiles_per_prog)
+    block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
+    constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                      HALO=program.halo, QK_SCALE=qk_scale(d),
+                      IEEE=dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16))
+    per_global: List[int] = []
+    offset = 0
+    chunks = {}
+    for i, node in enumerate(program.globals):
+        if isinstance(node, dsl.AnchorSimilarity):
+            part, final, nch = splits * block_d, block_d, 1
+        elif isinstance(node, dsl.ProxyAttention):
+            w = proxy_window(node, n, w_total)
+            w_pad, qb = proxy_tiling(w, group, d, itemsize)
+            nch = group * w_pad // qb
+            part, final = nch * splits * 2 * qb, 2 * group * w_pad
+            constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"] = w_pad, qb
+        elif isinstance(node, dsl.Normalize):
+            part, final, nch = splits * 3, 2, 1
+        else:
+            part, final, nch = splits * 2, 2, 1
+        chunks[i] = nch
+        part_offset, offset = offset, offset + rows * part
+        final_offset, offset = offset, offset + rows * final
+        per_global += [part_offset, final_offset] + ([w] if isinstance(node, dsl.ProxyAttention) else [])
+    chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
+    tiling = deferred_tiling(n, lambda tiles: stats_splits(rows, tiles, device))
+    deferred = []
+    for slot in program.slots:
+        if slot.deferred:
+            deferred.append(offset)
+            offset += rows * tiling[0] * 3
+    warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
+    stages = os.environ.get("TRITONKV_STAGES")
+    return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
+                    max(offset, 1), warps, int(stages) if stages else None, tuple(deferred), tiling)
