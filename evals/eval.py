@@ -149,9 +149,9 @@ def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int, out:
     return meta | dict(rows=rows)
 
 
-def render(results_path: Path, docs: Path):
-    """docs/eval_retrieval.md (a table per setting: mean ± 95% interval over data seeds) and
-    docs/eval_retrieval.png (accuracy vs budget, the intervals shaded)."""
+def render(results_path: Path, docs: Path, name: str = "eval_retrieval"):
+    """docs/<name>.md (a table per setting: mean ± 95% interval over data seeds) and
+    docs/<name>.png (accuracy vs budget, the intervals shaded)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -190,7 +190,7 @@ def render(results_path: Path, docs: Path):
                   for name in names]
         lines.append("")
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "eval_retrieval.md").write_text("\n".join(lines) + "\n![accuracy vs budget](eval_retrieval.png)\n")
+    (docs / f"{name}.md").write_text("\n".join(lines) + f"\n![accuracy vs budget]({name}.png)\n")
     fig, axes = plt.subplots(len(settings), len(tasks.TASKS), figsize=(12, 4.2 * len(settings)), sharey=True,
                              squeeze=False)
     colors = dict(zip(names, plt.cm.tab20.colors))
@@ -215,8 +215,8 @@ def render(results_path: Path, docs: Path):
         row[0].set_ylabel(f"exact match (mean, 95% interval, {seeds} seeds)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(docs / "eval_retrieval.png", dpi=110)
-    print(f"wrote {docs / 'eval_retrieval.md'} and {docs / 'eval_retrieval.png'}")
+    fig.savefig(docs / f"{name}.png", dpi=110)
+    print(f"wrote {docs / (name + '.md')} and {docs / (name + '.png')}")
 
 
 def main(argv=None):
@@ -233,9 +233,10 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, default=Path("evals/results.json"))
     parser.add_argument("--render", type=Path, help="render a results JSON into --docs, nothing else")
     parser.add_argument("--docs", type=Path, default=Path("docs"))
+    parser.add_argument("--name", default="eval_retrieval", help="file stem of the rendered table and plot")
     args = parser.parse_args(argv)
     if args.render:
-        render(args.render, args.docs)
+        render(args.render, args.docs, args.name)
         return
     run(args.checkpoint, args.samples, args.length, args.batch, args.seed, out=args.json,
         only=args.policies.split(",") if args.policies else None, seeds=args.seeds, generated=args.generated)
