@@ -82,8 +82,15 @@ def value_norm(values: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(values, dim=-1)
 
 
+def signal(values: torch.Tensor, shape) -> torch.Tensor:
+    """signal(name): the tensor passed as ``signals[name]``, upcast to float32 (an exact
+    conversion from fp16 / bf16, round to nearest from fp64), broadcast to [B, H, N]."""
+    return values.float().expand(shape)
+
+
 def key_dot(keys: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """k_i . u for the head's direction u ([H, D] shared by the batch, or [B, H, D])."""
+    """key_dot(name): k_i . u = sum_d k_i[d] u[d] in float32, u the head's direction
+    ``directions[name]`` ([H, D] shared by the batch, or [B, H, D])."""
     u = direction if direction.ndim == 3 else direction.unsqueeze(0)
     return (keys * u.unsqueeze(-2)).sum(-1)
 
@@ -214,7 +221,7 @@ def score(node: dsl.Score, inputs: Inputs, memo: Optional[Dict] = None) -> torch
     elif isinstance(node, dsl.Random):
         out = random(node, inputs.shape, inputs.seed, inputs.device)
     elif isinstance(node, dsl.Signal):
-        out = _named(inputs.signals, "signals", node)
+        out = signal(_named(inputs.signals, "signals", node), inputs.shape)
     elif isinstance(node, dsl.KeyDot):
         out = key_dot(inputs.keys, _named(inputs.directions, "directions", node))
     elif isinstance(node, dsl.ProxyAttention):
