@@ -45,6 +45,31 @@ def estimate(model, sequences: int = 20, length: int = 2048, batch: int = 4, sam
                         for i, q in enumerate(per_layer)])
 
 
+@torch.no_grad()
+def attention_correlation(model, filters: torch.Tensor, length: int = 512, seed: int = 5) -> torch.Tensor:
+    """[n_layers, H_kv]: Spearman correlation, on one mqar prompt, between what the qfilters
+    preset ranks by (-k . f) and the mean attention a key receives from the queries that see
+    it (causal, averaged over the GQA group): the premise of Q-Filters, checked on this model."""
+    from tritonkv.integrations import hf
+    prompts, _ = tasks.eval_batch("mqar", seed, 1, length)
+    cache = hf.EvictingCache(model, policies.snapkv(), None, window=prompts.shape[1])
+    model(input_ids=prompts.to(model.device), past_key_values=cache, use_cache=True)
+    rank = lambda x: x.argsort(-1).argsort(-1).float()  # noqa: E731
+    out = []
+    for i, layer in enumerate(cache.layers):
+        k, q = layer.keys[0].float().cpu(), layer.queries[0].float().cpu()     # [H_kv, N, D], [H_q, N, D]
+        h, n, d = k.shape
+        logits = torch.einsum("hgqd,hnd->hgqn", q.view(h, -1, n, d), k) / d ** 0.5
+        seen = torch.ones(n, n, dtype=torch.bool).tril()
+        probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1)
+        received = probs.mean(1).sum(1) / seen.sum(0)                           # [H_kv, N]
+        score = -(k * filters[i][:, None, :]).sum(-1)
+        a, b = rank(received[:, 1:]), rank(score[:, 1:])                        # token 0 (the sink) left out
+        a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+        out.append((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)))
+    return torch.stack(out)
+
+
 def load(checkpoint: Path):
     """The filters saved beside a checkpoint, or None."""
     from safetensors.torch import load_file
@@ -57,10 +82,18 @@ def main(argv=None):
     parser.add_argument("--checkpoint", type=Path, default=Path("evals/checkpoint"))
     parser.add_argument("--sequences", type=int, default=20)
     parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--check", action="store_true",
+                        help="print how the saved filters' ranking correlates with the attention keys receive")
     args = parser.parse_args(argv)
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    if args.check:
+        corr = attention_correlation(model, load(args.checkpoint))
+        for i, row in enumerate(corr):
+            print(f"layer {i}: Spearman(-k.f, mean attention received) per KV head: "
+                  + " ".join(f"{c:+.2f}" for c in row.tolist()))
+        return
     filters = estimate(model, args.sequences, args.length)
     save_file({"qfilter": filters.contiguous()}, str(args.checkpoint / FILE))
     print(f"{FILE}: filters {list(filters.shape)} (layers, KV heads, head dim) from {args.sequences} x "

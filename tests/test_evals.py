@@ -50,6 +50,8 @@ def test_training_resumes_exactly(tmp_path):
     filters = qfilters.estimate(tiny, sequences=2, length=64, batch=2, samples=50)
     assert filters.shape == (tiny.config.num_hidden_layers, tiny.config.num_key_value_heads, tiny.config.head_dim)
     save_file({"qfilter": filters}, str(tmp_path / "whole" / qfilters.FILE))
+    corr = qfilters.attention_correlation(tiny, filters, length=64)
+    assert corr.shape == filters.shape[:2] and bool((corr.abs() <= 1 + 1e-6).all())
     variants = ["full", "snapkv", "keydiff (block-wise, 256)", "qfilters", "chunkkv (layer reuse 2)"]
     evaluation.run(tmp_path / "whole", samples=2, length=96, batch=2, seed=0, out=tmp_path / "r.json",
                    only=variants, seeds=2)
