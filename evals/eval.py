@@ -149,9 +149,9 @@ def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int, out:
     return meta | dict(rows=rows)
 
 
-def render(results_path: Path, docs: Path, name: str = "eval_retrieval"):
-    """docs/<name>.md (a table per setting: mean ± 95% interval over data seeds) and
-    docs/<name>.png (accuracy vs budget, the intervals shaded)."""
+def render(results_path: Path, docs: Path, stem: str = "eval_retrieval"):
+    """docs/<stem>.md (a table per setting: mean ± 95% interval over data seeds) and
+    docs/<stem>.png (accuracy vs budget, the intervals shaded)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -190,7 +190,7 @@ def render(results_path: Path, docs: Path, name: str = "eval_retrieval"):
                   for name in names]
         lines.append("")
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / f"{name}.md").write_text("\n".join(lines) + f"\n![accuracy vs budget]({name}.png)\n")
+    (docs / f"{stem}.md").write_text("\n".join(lines) + f"\n![accuracy vs budget]({stem}.png)\n")
     fig, axes = plt.subplots(len(settings), len(tasks.TASKS), figsize=(12, 4.2 * len(settings)), sharey=True,
                              squeeze=False)
     colors = dict(zip(names, plt.cm.tab20.colors))
@@ -215,8 +215,8 @@ def render(results_path: Path, docs: Path, name: str = "eval_retrieval"):
         row[0].set_ylabel(f"exact match (mean, 95% interval, {seeds} seeds)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(docs / f"{name}.png", dpi=110)
-    print(f"wrote {docs / (name + '.md')} and {docs / (name + '.png')}")
+    fig.savefig(docs / f"{stem}.png", dpi=110)
+    print(f"wrote {docs / (stem + '.md')} and {docs / (stem + '.png')}")
 
 
 def main(argv=None):
