@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .common import cdiv
 from .primitives import gumbel, standardize
-from .stats import moments_tile, welford_merge
+from .stats import moments_of_partials, moments_tile
 
 DEFERRED_BLOCK = 1024
 DEFERRED_WARPS = 4
@@ -47,13 +47,7 @@ def _slot_normalize_kernel(prio_ptr, ws_ptr, part, slot, rows, N, H, S, tiles_pe
     STREAM >= 0 (a sample clause) add Gumbel noise: x * INV_T + Gumbel(seed, token, b, h, STREAM)."""
     i_s = tl.program_id(0)
     i_row = tl.program_id(1)
-    n = tl.full([], 0.0, tl.float32)
-    mean = tl.full([], 0.0, tl.float32)
-    m2 = tl.full([], 0.0, tl.float32)
-    for s in range(0, S):
-        base = ws_ptr + part + (i_row * S + s) * 3
-        n, mean, m2 = welford_merge(n, mean, m2, tl.load(base), tl.load(base + 1), tl.load(base + 2))
-    std = tl.sqrt(m2 / tl.maximum(n, 1.0))
+    mean, std = moments_of_partials(ws_ptr, part, i_row, S)
     row = prio_ptr + (slot * rows + i_row).to(tl.int64) * N
     for it in range(0, tiles_per_prog):
         o_n = (i_s * tiles_per_prog + it) * BLOCK + tl.arange(0, BLOCK)

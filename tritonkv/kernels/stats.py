@@ -69,16 +69,23 @@ def moments_store(ws_ptr, part, i_row, i_s, S, n, mean, m2, active):
 
 
 @triton.jit
-def moments_merge(ws_ptr, part, final, i_row, S, active):
-    """final[row] = (mean, population std)."""
+def moments_of_partials(ws_ptr, part, i_row, S):
+    """(mean, population std) of a row from its S (count, mean, M2) partials, merged in order."""
     n = tl.full([], 0.0, tl.float32)
     mean = tl.full([], 0.0, tl.float32)
     m2 = tl.full([], 0.0, tl.float32)
     for s in range(0, S):
         base = ws_ptr + part + (i_row * S + s) * 3
         n, mean, m2 = welford_merge(n, mean, m2, tl.load(base), tl.load(base + 1), tl.load(base + 2))
+    return mean, tl.sqrt(m2 / tl.maximum(n, 1.0))
+
+
+@triton.jit
+def moments_merge(ws_ptr, part, final, i_row, S, active):
+    """final[row] = (mean, population std)."""
+    mean, std = moments_of_partials(ws_ptr, part, i_row, S)
     tl.store(ws_ptr + final + i_row * 2, mean, mask=active)
-    tl.store(ws_ptr + final + i_row * 2 + 1, tl.sqrt(m2 / tl.maximum(n, 1.0)), mask=active)
+    tl.store(ws_ptr + final + i_row * 2 + 1, std, mask=active)
 
 
 # ---------------------------------------------------------------------------- softmax
