@@ -49,3 +49,14 @@ def test_lowered_kernels_keep_the_written_policys_tokens(n, budget, sinks, recen
     got = evict_compiled(keys, keys, None, policy, k, 0)
     want = tkv.evict(keys, keys, policy, budget, backend="reference")
     assert torch.equal(got.indices, want.indices) and torch.equal(got.keys, want.keys)
+
+
+def test_a_repeated_clause_object_is_folded_once():
+    recency = tkv.top(tkv.position(), share=0.5)
+    policy = recency | recency      # the same clause object twice: only the first is a suffix
+    alloc = allocate(policy, 100, 40)
+    low, low_alloc = lower(policy, alloc)
+    assert len(low.selective) == 1 and low_alloc.clause_counts == alloc.clause_counts[1:]
+    keys = torch.randn(1, 2, 100, 64)
+    got = evict_compiled(keys, keys, None, policy, 40, 0)
+    assert torch.equal(got.indices, tkv.evict(keys, keys, policy, 40, backend="reference").indices)

@@ -48,7 +48,6 @@ from .kernels.select import (SELECT_WARPS, _select_kernel, select_launch, select
                              workspace_sizes, zeroed_numel)
 
 
-
 def cache_dir() -> Path:
     return Path(os.environ.get("TRITONKV_CACHE_DIR", Path.home() / ".cache" / "tritonkv"))
 

@@ -47,7 +47,7 @@ def _lower(policy: dsl.Policy, alloc: Allocation) -> Tuple[dsl.Policy, Allocatio
     if len(selective) < 2 or policy.heads != "uniform" or not _is_recency(selective[0]) \
             or any(isinstance(c, dsl.Sample) for c in selective):
         return policy, alloc
-    folded = selective[0]
-    clauses = tuple(c for c in policy.clauses if c is not folded)
+    at = next(i for i, c in enumerate(policy.clauses) if not c.forced)   # the first selective clause
+    clauses = policy.clauses[:at] + policy.clauses[at + 1:]
     grown = Allocation(alloc.n_sink, alloc.n_recent + alloc.clause_counts[0], alloc.clause_counts[1:])
     return replace(policy, clauses=clauses), grown
