@@ -91,7 +91,8 @@ def signal(values: torch.Tensor, shape) -> torch.Tensor:
 def key_dot(keys: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """key_dot(name): k_i . u = sum_d k_i[d] u[d] in float32, u the head's direction
     ``directions[name]`` ([H, D] shared by the batch, or [B, H, D])."""
-    u = direction if direction.ndim == 3 else direction.unsqueeze(0)
+    u = direction.float()
+    u = u if u.ndim == 3 else u.unsqueeze(0)
     return (keys * u.unsqueeze(-2)).sum(-1)
 
 
@@ -252,7 +253,7 @@ def score(node: dsl.Score, inputs: Inputs, memo: Optional[Dict] = None) -> torch
 def _named(tensors: Optional[Dict[str, torch.Tensor]], argument: str, node) -> torch.Tensor:
     if not tensors or node.name not in tensors:
         raise ValueError(f"{argument}: the policy uses {node!r}; pass {argument}={{{node.name!r}: tensor}}")
-    return tensors[node.name].float()
+    return tensors[node.name]
 
 
 # --------------------------------------------------------------------------- selection
@@ -265,10 +266,14 @@ def gumbel(shape, seed: int, stream: int, device=None) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def _nan_as_lowest(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+
+
 def head_reduce(x: torch.Tensor, how: str) -> torch.Tensor:
     """Every KV head of a batch row gets the reduce ("mean", "sum", "max") of x over the
     row's heads; NaN counts as -inf."""
-    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    x = _nan_as_lowest(x)
     return _reduce(x, how, dim=1).unsqueeze(1).expand_as(x)
 
 
@@ -277,7 +282,7 @@ def chunk_reduce(x: torch.Tensor, chunk: int, how: str) -> torch.Tensor:
     [j * chunk, (j + 1) * chunk), the last one what is left of N. "sum" and "max" run over the
     chunk's tokens, "mean" is their sum / their count; NaN counts as -inf."""
     n = x.shape[-1]
-    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    x = _nan_as_lowest(x)
     pad = -n % chunk
     padded = F.pad(x, (0, pad), value=float("-inf") if how == "max" else 0.0)
     grouped = padded.reshape(*x.shape[:-1], -1, chunk)
@@ -318,7 +323,7 @@ def priority(clause: dsl.Clause, clause_score: torch.Tensor, clause_index: int, 
 
 def rank_key(p: torch.Tensor) -> torch.Tensor:
     """NaN -> -inf and -0.0 -> +0.0, so the ordering is the one the kernels use."""
-    p = torch.where(torch.isnan(p), torch.full_like(p, float("-inf")), p)
+    p = _nan_as_lowest(p)
     return torch.where(p == 0, torch.zeros_like(p), p)
 
 

@@ -37,15 +37,16 @@ def check_seed(seed) -> int:
 NAMED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_named(argument: str, tensors, used, check_one) -> None:
-    """``tensors``: None or a dict name -> tensor holding exactly the names in ``used``."""
+def _check_named(argument: str, kind: str, tensors, used, keys, check_shape) -> None:
+    """``tensors``: None or a dict name -> tensor holding exactly the names in ``used`` (read by
+    the policy's ``kind(name)`` nodes), each a float tensor on the keys' device whose shape
+    ``check_shape(label, x)`` accepts."""
     if tensors is None:
         tensors = {}
     if not isinstance(tensors, Mapping):
         raise TypeError(f"{argument}: expected a dict of name -> torch.Tensor, got {type(tensors).__name__}")
     for name in used:
         if name not in tensors:
-            kind = "signal" if argument == "signals" else "key_dot"
             raise ValueError(f"{argument}: the policy uses {kind}({name!r}); pass {argument}={{{name!r}: tensor}} "
                              f"(given: {sorted(tensors)})")
     for name, x in tensors.items():
@@ -56,34 +57,33 @@ def _check_named(argument: str, tensors, used, check_one) -> None:
         if x.dtype not in NAMED_DTYPES:
             raise TypeError(f"{argument}[{name!r}]: dtype {x.dtype} is not supported; expected a float dtype "
                             f"(float16, bfloat16, float32, float64)")
-        check_one(f"{argument}[{name!r}]", x)
+        label = f"{argument}[{name!r}]"
+        check_shape(label, x)
+        if x.device != keys.device:
+            raise ValueError(f"{label}: on {x.device}, keys on {keys.device}; expected one device")
 
 
 def check_signals(signals, policy: dsl.Policy, keys) -> None:
     """Each signal [B, H_kv, N] (a dim of 1 broadcasts), float, on the keys' device."""
     b, h, n, _ = keys.shape
 
-    def one(label, x):
+    def shape(label, x):
         if x.ndim != 3 or any(s not in (1, want) for s, want in zip(x.shape, (b, h, n))):
             raise ValueError(f"{label}: expected shape [B, H_kv, N] = {[b, h, n]} (a dim may be 1 to broadcast), "
                              f"got {list(x.shape)}")
-        if x.device != keys.device:
-            raise ValueError(f"{label}: on {x.device}, keys on {keys.device}; expected one device")
-    _check_named("signals", signals, policy.signals, one)
+    _check_named("signals", "signal", signals, policy.signals, keys, shape)
 
 
 def check_directions(directions, policy: dsl.Policy, keys) -> None:
     """Each direction [H_kv, D] or [B, H_kv, D] (B may be 1), float, on the keys' device."""
     b, h, _, d = keys.shape
 
-    def one(label, x):
+    def shape(label, x):
         lead_ok = x.ndim == 2 or (x.ndim == 3 and x.shape[0] in (1, b))
         if not lead_ok or x.shape[-2:] != (h, d):
             raise ValueError(f"{label}: expected shape [H_kv, D] = {[h, d]} or [B, H_kv, D] = {[b, h, d]}, "
                              f"got {list(x.shape)}")
-        if x.device != keys.device:
-            raise ValueError(f"{label}: on {x.device}, keys on {keys.device}; expected one device")
-    _check_named("directions", directions, policy.directions, one)
+    _check_named("directions", "key_dot", directions, policy.directions, keys, shape)
 
 
 def named_inputs(policy: dsl.Policy, signals, directions) -> tuple:

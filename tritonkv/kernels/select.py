@@ -111,7 +111,8 @@ def _kept_before(j: tl.constexpr, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n,
         cut = tl.load(state_ptr + 3 * i + 1)
         picked = picked | (key > t) | ((key == t) & (o_n <= cut))
     if HAS_SKIP:
-        picked = picked & ~_skipped(skip_ptr, i_row, N, o_n, m_n, HAS_SKIP)
+        if j > 0:   # with no clause before, nothing is picked: no mask to load
+            picked = picked & ~_skipped(skip_ptr, i_row, N, o_n, m_n, HAS_SKIP)
     kept = (o_n < n_sink) | (o_n >= N - n_recent) | picked
     return kept & m_n
 
