@@ -17,6 +17,7 @@ from .reference import proxy_window
 
 QUERY_CHUNK = 256  # most proxy query rows per tl.dot
 
+
 def proxy_tiling(window: int, group: int, d: int, itemsize: int) -> Tuple[int, int]:
     """(W_PAD, QB): window rows padded to a power of two >= 16, and query rows per tl.dot —
     whole query heads (a power-of-two divisor of the group) while the query block stays
