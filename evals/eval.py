@@ -1,7 +1,7 @@
 """Retrieval accuracy of the tiny trained Llama vs KV budget, for every preset.
 
     python evals/eval.py --checkpoint evals/checkpoint --json evals/results.json   # GPU or CPU
-    python evals/eval.py --render evals/results.json --docs docs                  # table + plot
+    python evals/eval.py --render evals/results.json [PART.json ...] --docs docs  # table + plot
 
 Three settings, so that every answer token is decoded from a compressed cache (a prompt
 prefilled whole would compute the first answer token before any eviction):
@@ -149,14 +149,25 @@ def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int, out:
     return meta | dict(rows=rows)
 
 
-def render(results_path: Path, docs: Path, stem: str = "eval_retrieval"):
+def merge_results(paths: Sequence[Path]) -> dict:
+    """One results dict from the parts of a run split over calls (``--policies`` a part each):
+    the first part's settings, every part's rows (a row measured again in a later part wins)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = {}
+    for part in parts:
+        rows.update({(r["setting"], r["policy"], r["budget"], r["task"]): r for r in part["rows"]})
+    return parts[0] | dict(rows=list(rows.values()))
+
+
+def render(results_paths: Sequence[Path], docs: Path, stem: str = "eval_retrieval"):
     """docs/<stem>.md (a table per setting: mean ± 95% interval over data seeds) and
-    docs/<stem>.png (accuracy vs budget, the intervals shaded)."""
+    docs/<stem>.png (accuracy vs budget, the intervals shaded), from one results JSON or the
+    parts of one run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = json.loads(results_path.read_text())
+    results = merge_results(results_paths)
     rows = results["rows"]
     acc = {(r["setting"], r["policy"], r["budget"], r["task"]): (r["accuracy"], r.get("ci95", 0.0)) for r in rows}
     names = [n for n in dict.fromkeys(r["policy"] for r in rows) if n != "full"]
@@ -231,7 +242,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--policies", help="comma list of variants to run (default: all, and the full cache)")
     parser.add_argument("--json", type=Path, default=Path("evals/results.json"))
-    parser.add_argument("--render", type=Path, help="render a results JSON into --docs, nothing else")
+    parser.add_argument("--render", type=Path, nargs="+",
+                        help="render a results JSON (or the parts of one run) into --docs, nothing else")
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     parser.add_argument("--name", default="eval_retrieval", help="file stem of the rendered table and plot")
     args = parser.parse_args(argv)

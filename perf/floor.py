@@ -15,6 +15,8 @@ import torch
 
 from tritonkv import dsl
 
+from .timing import DEVICE, event_seconds
+
 
 def floor_bytes(policy: dsl.Policy, keys: torch.Tensor, values: torch.Tensor, queries, n_kept: int,
                 named=()) -> int:
@@ -35,19 +37,14 @@ def floor_bytes(policy: dsl.Policy, keys: torch.Tensor, values: torch.Tensor, qu
     return total
 
 
-def copy_bandwidth(device="cuda", size_bytes: int = 2 << 30, repeats: int = 20) -> float:
-    """Bytes moved (read + write) per second by a device-to-device copy."""
-    src = torch.empty(size_bytes // 4, dtype=torch.float32, device=device).uniform_()
+def copy_bandwidth(size_bytes: int = 2 << 30, repeats: int = 20) -> float:
+    """Bytes moved (read + write) per second by a device-to-device copy (on the CPU, for toy
+    runs, a 16 MB memory copy)."""
+    if DEVICE == "cpu":
+        size_bytes = min(size_bytes, 16 << 20)
+    src = torch.empty(size_bytes // 4, dtype=torch.float32, device=DEVICE).uniform_()
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
+    times = sorted(event_seconds(lambda: dst.copy_(src)) for _ in range(repeats))
     return 2 * size_bytes / times[len(times) // 2]

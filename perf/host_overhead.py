@@ -2,6 +2,7 @@
 
     python perf/host_overhead.py [--json OUT.json] [--n 512,8192,32768,131072]
     python perf/host_overhead.py --markdown OUT.json      # its tables, as in docs/performance.md
+    python perf/host_overhead.py --toy --json /tmp/host.json   # CPU, tiny sizes: checks the script
 
 For each policy (every preset and composite; B=1, H_kv=8, D=128, bf16) and N, three times:
   host_us   back-to-back calls without synchronizing: CPU time per call (what bounds a loop
@@ -23,7 +24,6 @@ import json
 import pstats
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,54 +31,50 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tritonkv as tkv  # noqa: E402
-from perf.test_evict import POLICIES as BENCHMARKED, make_cache  # noqa: E402
-from perf.timing import flush_l2, graph_seconds  # noqa: E402
+from perf.test_evict import POLICIES as BENCHMARKED, make_cache, make_named  # noqa: E402
+from perf.timing import CUDA, event_seconds, graph_seconds, host_times, sync  # noqa: E402
 from tritonkv.compiled import evict_compiled  # noqa: E402
-from tritonkv.validate import check_evict_args  # noqa: E402
+from tritonkv.eager import evict_reference  # noqa: E402
+from tritonkv.validate import check_evict_args, named_inputs  # noqa: E402
 
 # every preset and composite: the benchmarked ones, plus the budget-spreading presets
 POLICIES = dict(BENCHMARKED, adakv=tkv.policies.adakv(), pyramidkv=tkv.policies.pyramidkv())
+# calls per host measurement, rounds per wall measurement, graph replays; --toy makes them small
+REPEATS = dict(host=200, wall=20, replays=10)
 
 
-def host_us(fn, calls=200) -> float:
+def host_us(fn, calls=None) -> float:
     """CPU time per call of back-to-back calls (the GPU queue absorbs the work)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    calls = calls or REPEATS["host"]
+    return statistics.mean(host_times(fn, calls=calls, block=min(50, calls))) * 1e6
 
 
-def wall_us(fn, rounds=20) -> float:
+def wall_us(fn) -> float:
     """Median time of one call from an idle GPU to the end of its work (CUDA events)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        flush_l2()
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return statistics.median(event_seconds(fn) for _ in range(REPEATS["wall"])) * 1e6
+
+
+def inputs(policy, keys, values, queries):
+    """evict's keyword arguments for the policy: its queries, signals and directions."""
+    signals, directions = make_named(policy, keys.shape[0], keys.shape[2])
+    return dict(queries=queries if policy.needs_queries else None, signals=signals or None,
+                directions=directions or None)
 
 
 def callers(policy, keys, values, queries, budget):
-    q = queries if policy.needs_queries else None
+    kw = inputs(policy, keys, values, queries)
+    path = evict_compiled if keys.is_cuda else evict_reference   # what backend="auto" runs there
 
     def unplanned():
-        p, k, seed = check_evict_args(keys, values, policy, budget, q, 0, "auto")
-        return evict_compiled(keys, values, q, p, k, seed)
+        p, k, seed = check_evict_args(keys, values, policy, budget, kw["queries"], 0, "auto", kw["signals"],
+                                      kw["directions"])
+        named = named_inputs(p, kw["signals"] or {}, kw["directions"] or {})
+        return path(keys, values, kw["queries"], p, k, seed, named)
 
     evictor = tkv.Evictor(policy, budget)
     return {"unplanned": unplanned,
-            "evict": lambda: tkv.evict(keys, values, policy, budget, queries=q),
-            "evictor": lambda: evictor(keys, values, queries=q)}
+            "evict": lambda: tkv.evict(keys, values, policy, budget, **kw),
+            "evictor": lambda: evictor(keys, values, **kw)}
 
 
 def measure(names, ns, budgets):
@@ -94,7 +90,7 @@ def measure(names, ns, budgets):
                     row[f"{how}_host_us"] = host_us(fn)
                     row[f"{how}_wall_us"] = wall_us(fn)
                     if how == "evict":   # AdaKV's PyTorch selection synchronizes: not capturable
-                        row["graph_us"] = None if POLICIES[name].heads == "adaptive" else graph_seconds(fn) * 1e6
+                        row["graph_us"] = None if POLICIES[name].heads == "adaptive" else graph_seconds(fn, REPEATS["replays"]) * 1e6
                 rows.append(row)
                 print(f"{name:<14} N={n:<7} b={budget:<4} host us: unplanned {row['unplanned_host_us']:7.1f} "
                       f"evict {row['evict_host_us']:6.1f} evictor {row['evictor_host_us']:6.1f} | wall us: "
@@ -108,25 +104,26 @@ def measure(names, ns, budgets):
 def layers(names, n=8192, n_layers=32, budget=0.25):
     """Per-layer host cost of evicting a 32-layer model's caches (distinct tensors) in a loop."""
     caches = [make_cache(1, n, seed=i) for i in range(n_layers)]
+    # the same layers stacked in one tensor [L * B, H, N, D]: one call evicts them all
+    stacked = [torch.cat(parts) for parts in zip(*caches)]
     out = []
     for name in names:
         policy = POLICIES[name]
+        layer_kw = [inputs(policy, *cache) for cache in caches]
 
         def all_layers():
-            for keys, values, queries in caches:
-                tkv.evict(keys, values, policy, budget, queries=queries if policy.needs_queries else None)
+            for (keys, values, _), kw in zip(caches, layer_kw):
+                tkv.evict(keys, values, policy, budget, **kw)
         all_layers()
         all_layers()
-        per_layer = host_us(all_layers, calls=20) / n_layers
-        gpu = None if policy.heads == "adaptive" else graph_seconds(all_layers) * 1e6 / n_layers
-        # the same layers stacked in one tensor [L * B, H, N, D]: one call evicts them all
-        stacked = [torch.cat(parts) for parts in zip(*caches)]
-        one_call = lambda: tkv.evict(stacked[0], stacked[1], policy, budget,  # noqa: E731
-                                     queries=stacked[2] if policy.needs_queries else None)
+        per_layer = host_us(all_layers, calls=max(1, REPEATS["host"] // 10)) / n_layers
+        gpu = None if policy.heads == "adaptive" else graph_seconds(all_layers, REPEATS["replays"]) * 1e6 / n_layers
+        stacked_kw = inputs(policy, *stacked)
+        one_call = lambda: tkv.evict(stacked[0], stacked[1], policy, budget, **stacked_kw)  # noqa: E731
         one_call()
         one_call()
-        stacked_host = host_us(one_call, calls=50) / n_layers
-        stacked_gpu = None if policy.heads == "adaptive" else graph_seconds(one_call) * 1e6 / n_layers
+        stacked_host = host_us(one_call, calls=max(1, REPEATS["host"] // 4)) / n_layers
+        stacked_gpu = None if policy.heads == "adaptive" else graph_seconds(one_call, REPEATS["replays"]) * 1e6 / n_layers
         out.append(dict(policy=name, N=n, layers=n_layers, budget=budget, host_us_per_layer=per_layer,
                         graph_us_per_layer=gpu, stacked_host_us_per_layer=stacked_host,
                         stacked_graph_us_per_layer=stacked_gpu))
@@ -176,17 +173,17 @@ def primitives():
     return out
 
 
-def profile(name="knorm", n=8192):
+def profile(name="knorm", n=8192, calls=500):
     keys, values, _ = make_cache(1, n)
     policy = POLICIES[name]
     tkv.evict(keys, values, policy, 0.5)
     tkv.evict(keys, values, policy, 0.5)
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(500):
+    for _ in range(calls):
         tkv.evict(keys, values, policy, 0.5)
     prof.disable()
-    torch.cuda.synchronize()
+    sync()
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
@@ -221,16 +218,22 @@ def main():
     parser.add_argument("--budgets", default="0.1,0.5")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--markdown", help="render a run's JSON as the tables of docs/performance.md")
+    parser.add_argument("--toy", action="store_true",
+                        help="tiny sizes, a few calls (on the CPU: the reference path): checks the script")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return
     names = args.policies.split(",")
-    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, primitives=primitives(),
-                  cases=measure(names, [int(x) for x in args.n.split(",")],
-                                [float(x) for x in args.budgets.split(",")]),
-                  layers=layers(names))
-    profile()
+    ns = [int(x) for x in args.n.split(",")]
+    if args.toy:
+        REPEATS.update(host=2, wall=1, replays=1)
+        ns = [min(n, 256) for n in ns[:1]]
+    result = dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__,
+                  primitives=primitives() if CUDA else {},   # the pieces are CUDA calls
+                  cases=measure(names, ns, [float(x) for x in args.budgets.split(",")]),
+                  layers=layers(names, n=256, n_layers=2) if args.toy else layers(names))
+    profile(calls=2 if args.toy else 500)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

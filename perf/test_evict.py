@@ -26,7 +26,7 @@ from tritonkv.budget import resolve_budget
 
 from .baselines import CompileBudgetExceeded, compile_within, compiled_evict, eager_evict, peer_evict
 from .floor import floor_bytes
-from .timing import flush_l2, graph_times, host_times, median_seconds, peak_extra_bytes
+from .timing import DEVICE, flush_l2, graph_times, host_times, median_seconds, peak_extra_bytes, sync
 
 HEADS, GROUP, WINDOW, DIM = 8, 4, 64, 128
 DTYPE = torch.bfloat16
@@ -51,21 +51,24 @@ BATCHES = [int(x) for x in _env("TKV_BENCH_B", "1,4").split(",")]
 BUDGETS = [float(x) for x in _env("TKV_BENCH_BUDGETS", "0.1,0.5").split(",")]
 NAMES = _env("TKV_BENCH_POLICIES", ",".join(ORDER)).split(",")
 BASELINES = _env("TKV_BENCH_BASELINES", "1") == "1"
+# TKV_BENCH_TOY=1 (CPU, tests/test_perf_scripts.py): every step of a case, each timed twice
+TOY = _env("TKV_BENCH_TOY") == "1"
+ROUNDS, HOST_CALLS, HOST_BLOCK = (2, 4, 2) if TOY else (10, 200, 50)
 
 
 def make_cache(batch, n, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    keys = torch.randn(batch, HEADS, n, DIM, device="cuda", dtype=DTYPE, generator=g)
-    values = torch.randn(batch, HEADS, n, DIM, device="cuda", dtype=DTYPE, generator=g)
-    queries = torch.randn(batch, HEADS * GROUP, WINDOW, DIM, device="cuda", dtype=DTYPE, generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    keys = torch.randn(batch, HEADS, n, DIM, device=DEVICE, dtype=DTYPE, generator=g)
+    values = torch.randn(batch, HEADS, n, DIM, device=DEVICE, dtype=DTYPE, generator=g)
+    queries = torch.randn(batch, HEADS * GROUP, WINDOW, DIM, device=DEVICE, dtype=DTYPE, generator=g)
     return keys, values, queries
 
 
 def make_named(policy, batch, n, seed=0):
     """(signals, directions) a policy reads: float32 signals [B, H_kv, N], directions [H_kv, D]."""
-    g = torch.Generator(device="cuda").manual_seed(seed + 1)
-    signals = {name: torch.rand(batch, HEADS, n, device="cuda", generator=g) for name in policy.signals}
-    directions = {name: torch.randn(HEADS, DIM, device="cuda", generator=g) / DIM ** 0.5
+    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    signals = {name: torch.rand(batch, HEADS, n, device=DEVICE, generator=g) for name in policy.signals}
+    directions = {name: torch.randn(HEADS, DIM, device=DEVICE, generator=g) / DIM ** 0.5
                   for name in policy.directions}
     return signals, directions
 
@@ -111,7 +114,7 @@ def _compiled_baseline(label, name, fn, rounds, info):
     try:
         with compile_within(COMPILE_BUDGET_S) as elapsed:
             out = fn()
-            torch.cuda.synchronize()
+            sync()
             info[f"{label}_first_call_s"] = elapsed()
     except CompileBudgetExceeded as e:
         _compile_skipped[label, name] = info[f"{label}_skipped"] = str(e)
@@ -145,7 +148,7 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
 
     out = run()   # compiles on first use
     n_kept = out.indices.shape[-1]
-    rounds = 10
+    rounds = ROUNDS
     info = dict(policy=name, N=n, B=batch, H_kv=HEADS, H_q=HEADS * GROUP, D=DIM, window=WINDOW, budget=budget,
                 dtype="bfloat16", n_kept=n_kept)
 
@@ -168,7 +171,7 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
         peer = peer_evict(name)
         peer_s = None
         if peer is not None:
-            peer_out, peer_s = _baseline(lambda: peer(keys, values, queries, k, named or None), 5)
+            peer_out, peer_s = _baseline(lambda: peer(keys, values, queries, k, named or None), ROUNDS // 2)
             if peer_out is not None:
                 # recorded, not asserted: the peer's semantics differ for some presets
                 info["kept_mismatch_vs_peer"] = kept_mismatch(out.indices, peer_out[2])
@@ -185,16 +188,17 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
     output_bytes = sum(t.numel() * t.element_size() for t in (out.keys, out.values, out.indices))
     del out
     info["extra_memory_bytes"] = peak_extra_bytes(run, output_bytes)
-    info["extra_bytes_per_token_head"] = info["extra_memory_bytes"] / (batch * HEADS * n)
+    extra = info["extra_memory_bytes"]
+    info["extra_bytes_per_token_head"] = None if extra is None else extra / (batch * HEADS * n)
 
     # three times: time_ms, one call until its GPU work is done, launch overhead included (what
     # a caller waits); gpu_ms, the same kernels replayed from a CUDA graph, without launch gaps
     # (what the kernels cost); host_us, CPU time per call of back-to-back calls (what the host
     # costs). Minima beside them let the dashboard tell noise from change.
-    replays = graph_times(run)
+    replays = graph_times(run, replays=ROUNDS)
     gpu_seconds = statistics.median(replays)
-    hosts = host_times(run)
-    benchmark.pedantic(run, setup=flush_l2, rounds=rounds, warmup_rounds=2)
+    hosts = host_times(run, calls=HOST_CALLS, block=HOST_BLOCK)
+    benchmark.pedantic(run, setup=flush_l2, rounds=rounds, warmup_rounds=min(2, rounds))
     seconds = benchmark.stats.stats.median
     floor = floor_bytes(policy, keys, values, queries, n_kept, tuple(named.values()))
     floor_s = floor / bandwidth

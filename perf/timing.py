@@ -3,7 +3,12 @@
   before it (so a 16 MB cache does not sit in the 50 MB L2): what a caller waits;
 - graph replay: the same GPU work replayed from a CUDA graph, without launch gaps: the kernels;
 - host: CPU time per call of back-to-back calls that do not synchronize: the Python and
-  launch cost, what bounds a loop of per-layer evictions once the GPU keeps up."""
+  launch cost, what bounds a loop of per-layer evictions once the GPU keeps up.
+
+On a machine without CUDA (CI runs every perf script at toy sizes there, to catch a script
+that would crash on the GPU) the same functions run on the CPU: synchronizing is a no-op,
+there is no L2 to flush, a "graph replay" times the calls themselves, and peak memory is
+unknown (None). Those numbers check the scripts; they measure nothing worth keeping."""
 
 from __future__ import annotations
 
@@ -12,10 +17,21 @@ import time
 
 import torch
 
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
 _FLUSH = {}
 
 
-def flush_l2(device="cuda") -> None:
+def flush_l2(device=DEVICE) -> None:
+    if device == "cpu":
+        return
     if device not in _FLUSH:
         _FLUSH[device] = torch.empty(256 << 20, dtype=torch.int8, device=device)
     _FLUSH[device].zero_()
@@ -23,7 +39,7 @@ def flush_l2(device="cuda") -> None:
 
 def cuda_clock() -> float:
     """A pytest-benchmark timer: perf_counter after the GPU has finished what was queued."""
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter()
 
 
@@ -39,8 +55,11 @@ def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def peak_extra_bytes(fn, output_bytes) -> int:
-    """Peak memory fn allocates beyond what exists before it and what it returns."""
+def peak_extra_bytes(fn, output_bytes):
+    """Peak memory fn allocates beyond what exists before it and what it returns (bytes;
+    None on the CPU, where PyTorch keeps no such statistics)."""
+    if not CUDA:
+        return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -59,6 +78,8 @@ def graph_seconds(fn, replays: int = 10) -> float:
 
 def graph_times(fn, replays: int = 10) -> list:
     """Seconds of each of ``replays`` replays of fn captured in a CUDA graph (see graph_seconds)."""
+    if not CUDA:
+        return [event_seconds(fn) for _ in range(replays)]
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -70,15 +91,7 @@ def graph_times(fn, replays: int = 10) -> list:
         with torch.cuda.graph(graph, stream=stream):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        flush_l2()
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    times = [event_seconds(graph.replay) for _ in range(replays)]
     del graph
     return times
 
@@ -90,7 +103,7 @@ def host_times(fn, calls: int = 200, block: int = 50) -> list:
     kernels instead); within a block nothing waits for the GPU unless fn itself syncs."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync()
     means = []
     for done in range(0, calls, block):
         m = min(block, calls - done)
@@ -98,5 +111,22 @@ def host_times(fn, calls: int = 200, block: int = 50) -> list:
         for _ in range(m):
             fn()
         means.append((time.perf_counter() - start) / m)
-        torch.cuda.synchronize()
+        sync()
     return means
+
+
+def event_seconds(fn) -> float:
+    """Seconds of one call from an idle device (L2 flushed) to the end of its work: CUDA events
+    around the call on a GPU, perf_counter on the CPU."""
+    flush_l2()
+    sync()
+    if not CUDA:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3

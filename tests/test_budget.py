@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 import tritonkv as tkv
 from tritonkv.budget import Allocation, allocate, fraction_to_count, pyramid_budgets, resolve_budget
 
+from .devices import DEVICE
+
 forced_counts = st.one_of(st.integers(0, 300), st.floats(0.001, 1.0))
 
 
@@ -86,7 +88,7 @@ def test_pyramid_budgets_keep_the_total_and_fall(budget, layers, beta):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_windows_that_cannot_fill_the_budget_are_filled_with_the_latest_tokens(backend):
     """Issue 14 item 8: sink(4) at budget 10 keeps 10 tokens (4 sinks + the last 6), not 4."""
-    keys = torch.randn(1, 2, 40, 16)
+    keys = torch.randn(1, 2, 40, 16, device=DEVICE if backend == "triton" else "cpu")
     out = tkv.evict(keys, keys, tkv.sink(4), 10, backend=backend)
     expected = list(range(4)) + list(range(34, 40))
     assert out.indices.tolist() == [[expected, expected]]

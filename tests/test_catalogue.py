@@ -1,11 +1,13 @@
 """docs/policies.md cannot rot: every ```python block runs, and every policy it defines
-evicts the same tokens on the reference and the Triton backends (the interpreter on CPU).
+evicts the same tokens on the reference and the Triton backends (the reference on the CPU; the
+kernels on CUDA where present, else in the interpreter).
 
 Each block runs with the prelude ``import tritonkv as tkv; from tritonkv import policies``;
 the variables it binds whose names start with ``policy`` and hold a Policy or a clause are
 the policies under test. ``text`` blocks (primitives tritonkv lacks) are not run.
 """
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import torch
 import tritonkv as tkv
 from tritonkv import dsl
 from tritonkv.budget import allocate, resolve_budget
+
+from .devices import DEVICE, to_device
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "policies.md"
 PRELUDE = "import tritonkv as tkv\nfrom tritonkv import policies\n"
@@ -116,6 +120,17 @@ def inputs_for(policy, n, seed):
     return keys, values, kwargs
 
 
+def kwargs_on_device(kwargs):
+    """evict's tensor arguments (queries; dicts of signals, directions) on the kernels' device."""
+    return {arg: {name: t.to(DEVICE) for name, t in value.items()} if isinstance(value, dict) else value.to(DEVICE)
+            for arg, value in kwargs.items()}
+
+
+def on_cpu(result):
+    """An Evicted / EvictedVarlen with every tensor on the CPU, beside the reference's."""
+    return dataclasses.replace(result, **{f.name: getattr(result, f.name).cpu() for f in dataclasses.fields(result)})
+
+
 def params():
     for case_id, policy in CASES:
         marks = [pytest.mark.xfail(reason=KNOWN_BUGS[case_id], strict=True)] if case_id in KNOWN_BUGS else []
@@ -131,7 +146,8 @@ def test_catalogue_policy_runs_alike_on_both_backends(policy):
     k = resolve_budget(BUDGET, n)
     expected = allocate(policy, n, k).total
     ref = tkv.evict(keys, values, policy, budget=BUDGET, backend="reference", **kwargs)
-    out = tkv.evict(keys, values, policy, budget=BUDGET, backend="triton", **kwargs)
+    out = on_cpu(tkv.evict(*to_device(keys, values), policy, budget=BUDGET, backend="triton",
+                           **kwargs_on_device(kwargs)))
     assert type(ref) is type(out)
     if isinstance(ref, tkv.EvictedVarlen):      # adaptive: ragged heads, one budget per row
         assert torch.equal(ref.lengths, out.lengths)

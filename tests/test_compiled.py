@@ -16,16 +16,10 @@ from tritonkv.results import pack_varlen
 from tritonkv.validate import named_inputs as named_inputs_of
 
 from .checks import assert_unchanged, check_evicted, snapshot
+from .devices import DEVICE, to_device
 from .strategies import caches, examples, named_inputs, scores
 from .strategies import policies as policy_strategy
 from .tolerances import normalize_allowance, tolerance, transform_allowance
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def to_device(*tensors):
-    return [None if t is None else t.to(DEVICE) for t in tensors]
-
 
 def _chunk_boundary_is_clear(key, kept, count, chunk, err) -> bool:
     """A chunked clause: its tokens tie within a chunk (exactly, on both paths), so the cut

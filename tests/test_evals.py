@@ -62,7 +62,16 @@ def test_training_resumes_exactly(tmp_path):
     assert len(rows) == len(settings) * len(tasks.TASKS) * (1 + (len(variants) - 1) * len(evaluation.BUDGETS))
     assert all(0 <= r["accuracy"] <= 1 and r["samples"] == 2 and len(r["per_seed"]) == 2 for r in rows)
     assert all(r["ci95"] == pytest.approx(12.706 * abs(r["per_seed"][0] - r["per_seed"][1]) / 2) for r in rows)
-    evaluation.render(tmp_path / "r.json", tmp_path / "docs")
-    assert "| snapkv |" in (tmp_path / "docs" / "eval_retrieval.md").read_text()
+    evaluation.render([tmp_path / "r.json"], tmp_path / "docs")
+    table = (tmp_path / "docs" / "eval_retrieval.md").read_text()
+    assert "| snapkv |" in table
+    # a run split by policy over calls (perf/gpu_session eval PART) renders as the whole run
+    whole = json.loads((tmp_path / "r.json").read_text())
+    parts = [tmp_path / "part0.json", tmp_path / "part1.json"]
+    for i, path in enumerate(parts):
+        path.write_text(json.dumps(whole | dict(rows=[r for r in whole["rows"] if (r["policy"] == "qfilters") == i])))
+    evaluation.render(parts, tmp_path / "split")
+    split = (tmp_path / "split" / "eval_retrieval.md").read_text()
+    assert sorted(split.splitlines()) == sorted(table.splitlines())   # the same rows (a part's come after)
     with pytest.raises(ValueError, match="--policies"):
         evaluation.run(tmp_path / "whole", 2, 96, 2, 0, only=["nope"])

@@ -18,9 +18,8 @@ from tritonkv.kernels.primitives import uniform
 from tritonkv.kernels.gather import gather_rows
 from tritonkv.kernels.select import select_indices
 
+from .devices import DEVICE
 from .strategies import examples
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @st.composite

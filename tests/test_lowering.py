@@ -11,6 +11,7 @@ from tritonkv.budget import allocate, resolve_budget
 from tritonkv.compiled import evict_compiled
 from tritonkv.lowering import lower
 
+from .devices import to_device
 from .strategies import examples
 
 
@@ -46,9 +47,9 @@ def test_lowered_kernels_keep_the_written_policys_tokens(n, budget, sinks, recen
     policy = tkv.sink(sinks) | tkv.recent(recent) | tkv.top(tkv.position(), share=round(share, 2)) \
         | tkv.top(-tkv.key_norm())
     k = resolve_budget(budget, n)
-    got = evict_compiled(keys, keys, None, policy, k, 0)
+    got = evict_compiled(*to_device(keys, keys), None, policy, k, 0)
     want = tkv.evict(keys, keys, policy, budget, backend="reference")
-    assert torch.equal(got.indices, want.indices) and torch.equal(got.keys, want.keys)
+    assert torch.equal(got.indices.cpu(), want.indices) and torch.equal(got.keys.cpu(), want.keys)
 
 
 def test_a_repeated_clause_object_is_folded_once():
@@ -58,5 +59,5 @@ def test_a_repeated_clause_object_is_folded_once():
     low, low_alloc = lower(policy, alloc)
     assert len(low.selective) == 1 and low_alloc.clause_counts == alloc.clause_counts[1:]
     keys = torch.randn(1, 2, 100, 64)
-    got = evict_compiled(keys, keys, None, policy, 40, 0)
-    assert torch.equal(got.indices, tkv.evict(keys, keys, policy, 40, backend="reference").indices)
+    got = evict_compiled(*to_device(keys, keys), None, policy, 40, 0)
+    assert torch.equal(got.indices.cpu(), tkv.evict(keys, keys, policy, 40, backend="reference").indices)

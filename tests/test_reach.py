@@ -9,7 +9,8 @@ import tritonkv as tkv
 from tritonkv import policies, reference
 
 from .checks import assert_unchanged, snapshot
-from .test_compiled import DEVICE, compare, to_device
+from .devices import DEVICE, to_device
+from .test_compiled import compare
 
 BACKENDS = ["reference", "triton"]
 

@@ -8,9 +8,9 @@ import tritonkv as tkv
 from tritonkv import policies
 
 from .checks import assert_unchanged, check_evicted, snapshot
+from .devices import DEVICE
 
 BACKENDS = ["reference", "triton"]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cache(b=1, h=2, n=50, d=64, dv=None, dtype=torch.float32, device=DEVICE):

@@ -11,9 +11,8 @@ from tritonkv.compiled import evict_compiled
 from tritonkv.validate import named_inputs
 
 from .checks import assert_unchanged, named_kwargs, snapshot
+from .devices import CUDA, DEVICE
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 needs_gpu = pytest.mark.skipif(not CUDA, reason="planned launches replay compiled kernels: GPU only")
 
 

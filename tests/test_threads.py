@@ -20,8 +20,8 @@ import torch
 import tritonkv as tkv
 from tritonkv import compiler, runtime
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+from .devices import CUDA, DEVICE
+
 THREADS = 4
 BUDGET = 16
 

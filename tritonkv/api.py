@@ -6,10 +6,9 @@ from typing import Mapping, Optional
 
 import torch
 
-from . import reference
+from .eager import evict_reference
 from .results import Evicted, EvictedVarlen, pack_varlen
 from .runtime import evictor_for
-from .validate import split_named
 
 __all__ = ["evict", "evict_reference", "Evicted", "EvictedVarlen", "pack_varlen"]
 
@@ -47,17 +46,3 @@ def evict(keys: torch.Tensor, values: torch.Tensor, policy, budget, *,
     """
     return evictor_for(policy, budget, backend)(keys, values, queries=queries, seed=seed, signals=signals,
                                                 directions=directions)
-
-
-def evict_reference(keys, values, queries, policy, k: int, seed: int, named=()):
-    """The reference path: scores in float32 PyTorch, selection by stable sort. ``named``:
-    the signals' and directions' tensors in the policy's order (validate.named_inputs)."""
-    signals, directions = split_named(policy, named)
-    inputs = reference.Inputs(keys.float(), values.float(),
-                              None if queries is None else queries.float(), seed, signals, directions)
-    if policy.heads == "adaptive":
-        kept = reference.select_adaptive(policy, inputs, k)
-        return pack_varlen(keys, values, kept)
-    kept = reference.select(policy, inputs, k)
-    index = reference.kept_indices(kept)
-    return Evicted(reference.gather_rows(keys, index), reference.gather_rows(values, index), index)

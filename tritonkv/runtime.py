@@ -31,6 +31,7 @@ import torch
 
 from . import dsl
 from .budget import resolve_budget
+from .eager import evict_reference
 from .validate import BACKENDS, check_evict_args, check_seed, named_inputs
 
 _I32_MAX, _I64_MAX = 2 ** 31 - 1, 2 ** 63 - 1
@@ -118,7 +119,6 @@ class Evictor:
         if backend == "auto":
             backend = "triton" if keys.is_cuda else "reference"
         if backend == "reference":
-            from .api import evict_reference
             plan = _Unplanned(evict_reference, policy, k)
             out = plan(keys, values, queries, seed, named)
         else:
