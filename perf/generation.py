@@ -15,6 +15,12 @@ hidden 256, 8 q / 4 kv heads of 32) and "wide" (8 layers, hidden 2048, 32 q / 8 
   snapkv 10%, every 64    64 decoded tokens (the cache oscillates between k and k + interval)
   tova / h2o 10%, every step   TOVA / H2O-style: evict one token per layer at every step
 
+Attention runs under ``--sdpa`` (default ``cudnn,flash,efficient``: those backends, in that
+priority, through ``torch.nn.attention.sdpa_kernel``); every row records it as ``sdpa_backend``.
+Name ``default`` for PyTorch's own dispatch: on an H200 with torch 2.11 it picks cuDNN in a way
+that builds a new execution plan whenever the key length changes, ~12 ms per layer per decode
+step of a growing cache, which has nothing to do with eviction.
+
 Eviction share = CUDA-event time around every eviction the cache makes (tkv.evict's kernels
 and host work, and the cache's own bookkeeping) / CUDA-event time of the decode steps, which
 contain them. Measured directly, not by difference. Steps are timed after a warm-up that
@@ -24,6 +30,7 @@ includes one eviction of each mode (planning and compiling happen there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -134,6 +141,21 @@ def measure(model, n: int, options: dict, steps: int, warmup: int, clock: Clock)
         peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if clock.cuda else None)
 
 
+def sdpa_context(names: str):
+    """The SDPA backends named (comma list, in priority order), or PyTorch's dispatch for 'default'."""
+    if names == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    try:
+        chosen = [backends[name] for name in names.split(",")]
+    except KeyError as e:
+        raise ValueError(f"--sdpa: unknown backend {e.args[0]!r}; expected 'default' or a comma list of "
+                         f"{sorted(backends)}") from None
+    return sdpa_kernel(chosen, set_priority=True)
+
+
 def run(args) -> dict:
     cuda = torch.cuda.is_available() and not args.toy
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -141,6 +163,7 @@ def run(args) -> dict:
     prompts = args.prompts or ([256, 512] if args.toy else [16384, 65536])
     steps = args.steps or (24 if args.toy else 512)
     clock = Clock(cuda)
+    sdpa = args.sdpa or ("cudnn,flash,efficient" if cuda else "default")
     rows = []
     for model_name, spec in models.items():
         model = make_model(spec, device, dtype)
@@ -151,8 +174,10 @@ def run(args) -> dict:
                 interval = options.get("interval")
                 warmup = args.warmup if interval is None else interval + 1
                 start = time.time()
-                row = dict(model=model_name, mode=mode, interval=interval,
-                           **measure(model, n, options, steps, warmup, clock))
+                with sdpa_context(sdpa):
+                    measured = measure(model, n, options, steps, warmup, clock)
+                row = dict(model=model_name, mode=mode, interval=interval, baseline="policy" not in options,
+                           sdpa_backend=sdpa, **measured)
                 rows.append(row)
                 share = "" if row["evict_share"] is None else f"  eviction {100 * row['evict_share']:.2f}%"
                 print(f"{model_name:<5} {n:>6} {mode:<22} {row['tokens_per_s']:8.1f} tok/s  "
@@ -219,6 +244,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="timed decode steps (default 512; toy 24)")
     parser.add_argument("--warmup", type=int, default=16, help="untimed steps of modes that do not evict while "
                                                                 "decoding (the others warm up interval + 1)")
+    parser.add_argument("--sdpa", help="SDPA backends, comma list in priority order (cudnn, flash, efficient, "
+                                       "math), or 'default' for PyTorch's dispatch (default on the GPU: "
+                                       "cudnn,flash,efficient; on the CPU: default)")
     args = parser.parse_args(argv)
     run(args)
     plot(args.out)

@@ -238,5 +238,6 @@ def test_generation_benchmark_runs_at_toy_sizes(tmp_path):
     for r in rows:
         warmup = 1 if r["interval"] is None else r["interval"] + 1   # toy: intervals capped at 8
         assert r["tokens_per_s"] > 0 and r["seen"] == 64 + warmup + 3
+        assert r["sdpa_backend"] == "default" and r["baseline"] == (r["mode"] == "full")
         assert max(r["held_per_layer"]) == r["seen"] if r["mode"] == "full" else max(r["held_per_layer"]) < 64
     assert (tmp_path / "generation.png").stat().st_size > 0

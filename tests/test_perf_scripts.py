@@ -1,0 +1,47 @@
+"""Every perf script runs to its end at toy size on the CPU, so one that would crash on the GPU fails
+CI first. (perf/generation.py --toy is checked in test_hf_generate, the eval in test_evals.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, env=None, timeout=600):
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", **(env or {})})
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="perf/run is a bash script")
+def test_perf_suite_runs_at_toy_size(tmp_path):
+    run(["bash", "perf/run"], env=dict(PYTHON=sys.executable, TKV_BENCH_TOY="1", TKV_BENCH_N="128", TKV_BENCH_B="1",
+                                        TKV_BENCH_BUDGETS="0.5", TKV_BENCH_COMPILE="none", TKV_RESULTS=str(tmp_path),
+                                        TKV_COMMIT="toy"))
+    (result,) = tmp_path.glob("*.json")
+    benchmarks = json.loads(result.read_text())["benchmarks"]
+    assert benchmarks and all(b["stats"]["mean"] > 0 for b in benchmarks)
+
+
+def test_host_overhead_measures_every_preset_at_toy_size(tmp_path):
+    from tritonkv.policies import PRESETS
+    out = tmp_path / "host.json"
+    run([sys.executable, "perf/host_overhead.py", "--toy", "--json", str(out)])
+    measured = {case["policy"] for case in json.loads(out.read_text())["cases"]}
+    assert set(PRESETS) <= measured
+
+
+def test_memory_writes_every_benchmarked_policy_into_its_folder(tmp_path):
+    from perf.test_evict import POLICIES
+    run([sys.executable, "perf/memory.py", "--toy", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert set(POLICIES) == {row["policy"] for row in rows}
+    assert all(row["extra_bytes"] is None or row["extra_bytes"] >= 0 for row in rows)
