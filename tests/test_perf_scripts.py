@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(args, env=None, timeout=600):
+    """The script in a subprocess: the compiled kernels on a GPU, the interpreter on the CPU."""
+    import torch
+    interpret = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", **(env or {})})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **interpret, **(env or {})})
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
