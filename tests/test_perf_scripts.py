@@ -18,8 +18,10 @@ def run(args, env=None, timeout=600):
     """The script in a subprocess: the compiled kernels on a GPU, the interpreter on the CPU."""
     import torch
     interpret = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
+    # a fresh process, not an xdist worker: pytest-benchmark turns itself off where PYTEST_XDIST_WORKER is set
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **interpret, **(env or {})})
+                          env={**inherited, "PYTHONPATH": str(ROOT), **interpret, **(env or {})})
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
