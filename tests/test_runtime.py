@@ -66,18 +66,19 @@ def test_evictor_checks_each_new_signature():
         tkv.Evictor(policies.snapkv(), 10)(keys, values)
 
 
+@pytest.mark.parametrize("name", sorted(every_policy()))
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_evictor_equals_evict_and_keeps_inputs(backend):
+def test_evictor_equals_evict_and_keeps_inputs(backend, name):
+    policy = every_policy()[name]
     keys, values, queries = make(n=150, dtype=torch.float32)
-    for name, policy in every_policy().items():
-        q = queries if policy.needs_queries else None
-        ev = tkv.Evictor(policy, 0.3, backend=backend)
-        named = named_kwargs(policy, keys, 5)
-        before = snapshot(keys, values, q)
-        first, second = ev(keys, values, queries=q, seed=5, **named), ev(keys, values, queries=q, seed=5, **named)
-        assert_unchanged(before, keys, values, q)
-        want = tkv.evict(keys, values, policy, 0.3, queries=q, seed=5, backend=backend, **named)
-        assert same(first, want) and same(second, want), name
+    q = queries if policy.needs_queries else None
+    ev = tkv.Evictor(policy, 0.3, backend=backend)
+    named = named_kwargs(policy, keys, 5)
+    before = snapshot(keys, values, q)
+    first, second = ev(keys, values, queries=q, seed=5, **named), ev(keys, values, queries=q, seed=5, **named)
+    assert_unchanged(before, keys, values, q)
+    want = tkv.evict(keys, values, policy, 0.3, queries=q, seed=5, backend=backend, **named)
+    assert same(first, want) and same(second, want), name
 
 
 def test_a_new_signature_gets_a_new_plan():

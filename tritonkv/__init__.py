@@ -5,7 +5,7 @@
     out = tkv.evict(keys, values, policy, budget=0.5)
 """
 
-from . import policies
+from . import paged, policies
 from .api import Evicted, EvictedVarlen, evict
 from .runtime import Evictor
 from .budget import pyramid_budgets
@@ -16,7 +16,7 @@ from .reuse import gather
 __version__ = "0.1.0"
 
 __all__ = [
-    "evict", "gather", "Evictor", "Evicted", "EvictedVarlen", "Policy", "pyramid_budgets", "policies",
+    "evict", "paged", "gather", "Evictor", "Evicted", "EvictedVarlen", "Policy", "pyramid_budgets", "policies",
     "anchor_similarity", "proxy_attention", "key_norm", "value_norm", "random", "position",
     "signal", "key_dot", "sink", "recent", "top", "sample",
 ]

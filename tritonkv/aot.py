@@ -22,7 +22,8 @@ from triton.compiler import ASTSource
 
 from . import dsl, policies
 from .budget import allocate
-from .compiler import compile_policy, launch_args
+from .compiler import Layout, compile_policy, launch_args
+from .kernels.pages import compact_launch
 from .reference import proxy_window
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
@@ -31,6 +32,7 @@ from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_lau
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_LIMIT = 232448   # bytes of shared memory one block may use on sm_90
+PAGE = 16                      # tokens per page of the paged variants (vLLM's default block size)
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
           torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
 
@@ -101,6 +103,14 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
             record(f"stats_{level}", compiled.kernel(f"stats_{level}"), largs, geo.constexprs, geo.num_warps)
             record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
         record("score", compiled.kernel("score"), largs, geo.constexprs, geo.num_warps)
+        if program.reads_cache:   # the same kernels reading a paged cache (tritonkv.paged)
+            table = torch.empty(-(-n // PAGE), device="meta", dtype=torch.int32)
+            layout = Layout(tuple(keys.shape), tuple(values.shape), keys.stride(), values.stride(), table, PAGE)
+            geo, pargs = launch_args(compiled, keys, values, queries, 0, priorities, named=named, layout=layout)
+            for level in range(len(program.levels)):
+                record(f"stats_{level} paged", compiled.kernel(f"stats_{level}"), pargs, geo.constexprs,
+                       geo.num_warps)
+            record("score paged", compiled.kernel("score"), pargs, geo.constexprs, geo.num_warps)
     for index, slot in enumerate(program.slots):
         if slot.deferred:
             workspace = torch.empty(1 << 20, device="meta", dtype=torch.float32)
@@ -123,6 +133,12 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
         record("select skip", _select_kernel, args, constexprs, SELECT_WARPS)
     _, args, constexprs, _ = gather_launch(indices.view(batch, heads, -1), keys, values)
     record("gather", _gather_kernel, args, constexprs, GATHER_WARPS)
+    pages = torch.empty(-(-n // PAGE), PAGE, heads, d, **meta)
+    fn, _, args, constexprs, warps = compact_launch(indices.view(batch * heads, -1)[:heads], pages,
+                                                    torch.empty(-(-n // PAGE), device="meta", dtype=torch.int32),
+                                                    PAGE, (pages.stride(0), pages.stride(2), pages.stride(1),
+                                                           pages.stride(3)))
+    record("compact pages", fn, args, constexprs, warps)
     return out
 
 

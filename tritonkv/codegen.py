@@ -23,10 +23,10 @@ from .kernels.proxy import REDUCE_CODES
 
 GLOBAL_NODES = (dsl.AnchorSimilarity, dsl.ProxyAttention, dsl.Normalize, dsl.Softmax)
 RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_numel")
-POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr")
+POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr")   # bt: a paged block table
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
-CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE")
+CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE")
 
 
 def is_global(node: dsl.Score) -> bool:
@@ -152,10 +152,15 @@ class TileEmitter:
         return self.memo[key]
 
     # inputs of the tile ---------------------------------------------------------------
+    def rows(self) -> None:
+        """The tile's token addresses: (batch, position) or, paged, (page, slot); see token_rows."""
+        self.once("rows", lambda: self.emit("t_out, t_in = token_rows(bt_ptr, i_b, o_n, m_n, PAGE)"))
+
     def keys(self) -> Tuple[str, str]:
         def load():
-            self.emit("p_k = k_ptr + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh "
-                      "+ o_n.to(tl.int64)[:, None] * s_kn + o_d[None, :] * s_kd")
+            self.rows()
+            self.emit("p_k = k_ptr + t_out[:, None] * s_kb + i_h.to(tl.int64) * s_kh "
+                      "+ t_in[:, None] * s_kn + o_d[None, :] * s_kd")
             self.emit("b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)")
             self.emit("b_kf = b_k.to(tl.float32)")
             return "b_k"
@@ -171,8 +176,9 @@ class TileEmitter:
 
     def value_norm(self) -> str:
         def make():
-            self.emit("p_v = v_ptr + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh "
-                      "+ o_n.to(tl.int64)[:, None] * s_vn + o_dv[None, :] * s_vd")
+            self.rows()
+            self.emit("p_v = v_ptr + t_out[:, None] * s_vb + i_h.to(tl.int64) * s_vh "
+                      "+ t_in[:, None] * s_vn + o_dv[None, :] * s_vd")
             self.emit("b_vf = tl.load(p_v, mask=m_n[:, None] & m_dv[None, :], other=0.0).to(tl.float32)")
             self.emit("b_vnorm = row_norm(b_vf)")
             return "b_vnorm"
@@ -252,7 +258,7 @@ import triton
 import triton.language as tl
 
 from tritonkv.kernels.primitives import (cosine_to, gumbel, pool, position, row_norm, softmax_apply,
-                                         standardize, uniform)
+                                         standardize, token_rows, uniform)
 from tritonkv.kernels.proxy import proxy_attention_tile, proxy_chunk, proxy_stats_merge, proxy_stats_tile
 from tritonkv.kernels.select import zero_fill
 from tritonkv.kernels.stats import (anchor_merge, anchor_store, anchor_tile, moments_merge, moments_store, moments_tile,

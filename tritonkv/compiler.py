@@ -178,19 +178,39 @@ def named_args(named) -> List:
     return out
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How the generated kernels address K and V: the [B, H, N, D] shapes they see and the
+    strides of (batch, head, position, dim) — of a paged cache (page, head, slot, dim), with one
+    sequence's block table (int32 [pages]) and its tokens per page."""
+
+    k_shape: Tuple[int, ...]
+    v_shape: Tuple[int, ...]
+    k_strides: Tuple[int, ...]
+    v_strides: Tuple[int, ...]
+    block_table: Optional[torch.Tensor] = None
+    page: int = 0
+
+    @staticmethod
+    def dense(keys: torch.Tensor, values: torch.Tensor) -> "Layout":
+        return Layout(tuple(keys.shape), tuple(values.shape), keys.stride(), values.stride())
+
+
 def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out: torch.Tensor, workspace=None,
-                zeroed=None, named=()):
+                zeroed=None, named=(), layout: Optional[Layout] = None):
     """(geometry, args) of the generated kernels for these inputs. ``zeroed``: an int32 tensor
     the score kernel sets to zero (select's histograms and barriers), or None; ``named``: the
-    policy's signal and direction tensors, in its order."""
-    geo = geometry(compiled.program, tuple(keys.shape), tuple(values.shape),
-                   None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device)
+    policy's signal and direction tensors, in its order; ``layout``: how K and V are addressed
+    (default: the dense tensors as they are)."""
+    layout = Layout.dense(keys, values) if layout is None else layout
+    geo = _geometry_of(compiled, keys, layout, queries)
     workspace = out.new_empty(geo.workspace) if workspace is None else workspace
     q = keys if queries is None else queries
     q_strides = (0, 0, 0, 0) if queries is None else queries.stride()
     z = workspace if zeroed is None else zeroed
-    args = [keys, values, q, workspace, out, z, *keys.stride(), *values.stride(), *q_strides,
-            keys.shape[2], keys.shape[1], 0 if queries is None else queries.shape[2], seed, geo.rows,
+    bt = keys if layout.block_table is None else layout.block_table
+    args = [keys, values, q, workspace, out, z, bt, *layout.k_strides, *layout.v_strides, *q_strides,
+            layout.k_shape[2], layout.k_shape[1], 0 if queries is None else queries.shape[2], seed, geo.rows,
             geo.splits, geo.tiles_per_prog, 0 if zeroed is None else zeroed.numel(), *geo.per_global,
             *named_args(named)]
     return geo, args
@@ -239,9 +259,10 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
     return out
 
 
-def _geometry_of(compiled: CompiledPolicy, keys, values, queries) -> Geometry:
-    return geometry(compiled.program, tuple(keys.shape), tuple(values.shape),
-                    None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device)
+def _geometry_of(compiled: CompiledPolicy, keys, layout: Layout, queries) -> Geometry:
+    return geometry(compiled.program, layout.k_shape, layout.v_shape,
+                    None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device,
+                    layout.page)
 
 
 def score(compiled: CompiledPolicy, keys, values, queries, seed: int, named=()) -> torch.Tensor:
@@ -251,7 +272,7 @@ def score(compiled: CompiledPolicy, keys, values, queries, seed: int, named=()) 
     slots = len(compiled.program.slots)
     if not slots:
         return torch.empty(0, b * h, n, dtype=torch.float32, device=keys.device)
-    geo = _geometry_of(compiled, keys, values, queries)
+    geo = _geometry_of(compiled, keys, Layout.dense(keys, values), queries)
     buffer = torch.empty(slots * b * h * n + geo.workspace, dtype=torch.float32, device=keys.device)
     out, workspace = buffer[: slots * b * h * n].view(slots, b * h, n), buffer[slots * b * h * n:]
     geo, args = launch_args(compiled, keys, values, queries, seed, out, workspace, named=named)
@@ -277,23 +298,31 @@ class Call:
     values: torch.Tensor
 
 
-def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=()) -> Call:
+def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=(),
+            layout: Optional[Layout] = None) -> Call:
     """Allocate an evict call's buffers and list its launches: statistics, score (which also
     zeroes select's counters), select (which also gathers the kept rows); for a policy with nothing to rank (only
-    windows, or a budget that keeps everything) one gather that writes the indices too."""
-    b, h, n, d = keys.shape
+    windows, or a budget that keeps everything) one gather that writes the indices too. With a
+    paged ``layout`` the call selects indices only (``keys`` / ``values`` of the Call are None):
+    tritonkv.paged compacts the pages in place, and makes the indices of a call that ranks nothing."""
+    paged = layout is not None and layout.block_table is not None
+    layout = Layout.dense(keys, values) if layout is None else layout
+    b, h, n, d = layout.k_shape
+    dv = layout.v_shape[-1]
     rows, total, device = b * h, alloc.total, keys.device
     program = compiled.program
     out_i = torch.empty(b, h, total, dtype=torch.int64, device=device)
-    out_k = torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
-    out_v = torch.empty(b, h, total, values.shape[-1], dtype=values.dtype, device=device)
+    out_k = None if paged else torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
+    out_v = None if paged else torch.empty(b, h, total, dv, dtype=values.dtype, device=device)
     clauses = len(program.clause_slots)
     if clauses == 0 or total == n:
+        if paged:
+            raise ValueError("prepare: a paged call that ranks nothing needs no kernels (tritonkv.paged)")
         grid, args, constexprs, _ = gather_launch(out_i, keys, values, out_k, out_v,
                                                   n_sink=n if total == n else alloc.n_sink)
         return Call([Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS)], None, None, out_i, out_k, out_v)
-    geo = _geometry_of(compiled, keys, values, queries)
-    programs = select_programs(rows, n, clauses, device, d, values.shape[-1])
+    geo = _geometry_of(compiled, keys, layout, queries)
+    programs = select_programs(rows, n, clauses, device, *((0, 0) if paged else (d, dv)))
     sizes = [_align(len(program.slots) * rows * n), _align(geo.workspace),
              _align(sum(workspace_sizes(rows, programs, clauses)))]
     scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
@@ -301,11 +330,12 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, n
     priorities = prio_flat[: len(program.slots) * rows * n].view(-1, rows, n)
     select_ws = select_ws.view(torch.int32)
     geo, args = launch_args(compiled, keys, values, queries, seed, priorities, workspace,
-                            zeroed=select_ws[: zeroed_numel(rows, clauses)], named=named)
+                            zeroed=select_ws[: zeroed_numel(rows, clauses)], named=named, layout=layout)
     launches = _score_launches(compiled, geo, args, priorities, workspace, seed, (b, h, n))
     grid, sargs, sconst, _ = select_launch(priorities, program.clause_slots, alloc.clause_counts, alloc.n_sink,
                                            alloc.n_recent, rows, n, total, device, programs, select_ws,
-                                           out_i.view(rows, total), gather=(keys, values, out_k, out_v))
+                                           out_i.view(rows, total),
+                                           gather=None if paged else (keys, values, out_k, out_v))
     launches.append(Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS))
     return Call(launches, scratch, priorities, out_i, out_k, out_v)
 

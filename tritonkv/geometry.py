@@ -86,17 +86,19 @@ def clear_geometry() -> None:
 
 
 def geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, itemsize: int,
-             device: torch.device) -> Geometry:
-    """Launch geometry for these shapes, cached (programs live as long as the process)."""
-    key = (id(program), k_shape, v_shape, q_shape, dtype, device)
+             device: torch.device, page: int = 0) -> Geometry:
+    """Launch geometry for these shapes, cached (programs live as long as the process).
+    ``page``: tokens per page of a paged cache (0: dense); the tiling is the dense one."""
+    key = (id(program), k_shape, v_shape, q_shape, dtype, device, page)
     geo = _GEOMETRY.get(key)
     if geo is None:   # a pure function of the key: threads that race compute equal values, one is kept
-        geo = _GEOMETRY.setdefault(key, _geometry(program, k_shape, v_shape, q_shape, dtype, itemsize, device))
+        geo = _GEOMETRY.setdefault(key, _geometry(program, k_shape, v_shape, q_shape, dtype, itemsize, device,
+                                                  page))
     return geo
 
 
 def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, itemsize: int,
-              device: torch.device) -> Geometry:
+              device: torch.device, page: int) -> Geometry:
     b, h, n, d = k_shape
     dv = v_shape[-1]
     rows = b * h
@@ -116,7 +118,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     splits = cdiv(n_tiles, tiles_per_prog)
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                      HALO=program.halo, QK_SCALE=qk_scale(d),
+                      HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
                       IEEE=dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16))
     per_global: List[int] = []
     offset = 0

@@ -13,6 +13,18 @@ NORM_EPS = tl.constexpr(1e-12)   # as reference.NORM_EPS
 
 
 @triton.jit
+def token_rows(bt_ptr, i_b, o_n, m_n, PAGE: tl.constexpr):
+    """Where each lane's token lives, as (outer, inner) int64 indices that the caller scales by
+    its (outer, inner) strides: (batch, position) in a dense cache (PAGE = 0), (page, slot)
+    in a paged one, the page read from ``bt_ptr`` (one sequence's block table)."""
+    if PAGE == 0:
+        return o_n.to(tl.int64) * 0 + i_b.to(tl.int64), o_n.to(tl.int64)
+    else:
+        page = tl.load(bt_ptr + o_n // PAGE, mask=m_n, other=0)
+        return page.to(tl.int64), (o_n % PAGE).to(tl.int64)
+
+
+@triton.jit
 def uniform(seed, o_n, i_b, i_h, STREAM: tl.constexpr):
     """Uniform [0, 1) float32 per lane: Philox counter (token, batch, head, stream), key seed.
     The same numbers as tritonkv.philox.uniform."""

@@ -1,0 +1,181 @@
+"""tkv.paged.evict against tkv.evict on the dense gather of the same pages: every sequence keeps
+exactly what evict keeps on its own dense copy (same backend: the compiled kernels read the same
+values in the same tiles through the block table, so selections compare exactly), compacted in
+place into its first pages; nothing else in the pool changes."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tritonkv as tkv
+from tritonkv import paged, policies
+
+from .checks import named_kwargs
+from .devices import CUDA, DEVICE
+from .strategies import examples
+
+PRESETS = {name: make() for name, make in policies.PRESETS.items() if name != "adakv"}   # AdaKV: issue 21 item 5
+PRESETS["snapkv+sample"] = policies.COMPOSITES["snapkv+sample"]
+WINDOW = 64   # proxy queries per sequence: the presets' default windows
+
+
+class Pool:
+    """A shuffled page pool holding ``lengths`` tokens per sequence, and the dense truth."""
+
+    def __init__(self, lengths, page, heads=2, d=64, dv=48, layout="NHD", spare=3, dtype=torch.float32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.lengths, self.page, self.heads, self.layout = list(lengths), page, heads, layout
+        need = [-(-n // page) for n in lengths]
+        num_pages = sum(need) + spare
+        shape = (num_pages, page, heads) if layout == "NHD" else (num_pages, heads, page)
+        self.k = torch.randn(*shape, d, generator=g).to(dtype).to(DEVICE)
+        self.v = torch.randn(*shape, dv, generator=g).to(dtype).to(DEVICE)
+        order = torch.randperm(num_pages, generator=g)
+        self.table = torch.full((len(lengths), max(need) + 1), -7, dtype=torch.int32)   # -7: unused entries
+        at = 0
+        for b, count in enumerate(need):
+            self.table[b, :count] = order[at:at + count].int()
+            at += count
+        self.table = self.table.to(DEVICE)
+        self.queries = torch.randn(len(lengths), 2 * heads, WINDOW, d, generator=g).to(dtype).to(DEVICE)
+
+    def dense(self, pages, b, n=None):
+        """Sequence b's first n tokens of ``pages`` as [1, H, n, D]."""
+        n = self.lengths[b] if n is None else n
+        x = pages[self.table[b, : -(-self.lengths[b] // self.page)].long()]
+        x = x.reshape(-1, self.heads, x.shape[-1]) if self.layout == "NHD" else \
+            x.transpose(0, 1).reshape(self.heads, -1, x.shape[-1]).transpose(0, 1)
+        return x[:n].transpose(0, 1).unsqueeze(0)
+
+    def slots(self, b, n):
+        """A bool mask of the pool's token slots [num_pages, page] that sequence b's first n tokens use."""
+        mask = torch.zeros(self.k.shape[0], self.page, dtype=torch.bool)
+        pages = self.table[b].cpu().long()
+        for t in range(n):
+            mask[pages[t // self.page], t % self.page] = True
+        return mask
+
+
+def run_both(pool: Pool, policy, budget, backend, seed=5):
+    """(paged result, dense results per sequence) with the pool evicted in place."""
+    kwargs = [dict(queries=pool.queries[b:b + 1] if policy.needs_queries else None,
+                   **named_kwargs(policy, pool.dense(pool.k, b), seed + b)) for b in range(len(pool.lengths))]
+    for kw in kwargs:   # directions are per head, one set for the batch
+        kw["directions"] = kwargs[0]["directions"]
+    want = [tkv.evict(pool.dense(pool.k, b), pool.dense(pool.v, b), policy, budget, seed=seed, backend=backend,
+                      **kw) for b, kw in enumerate(kwargs)]
+    signals = {name: torch.cat([torch.nn.functional.pad(kw["signals"][name], (0, max(pool.lengths) - n))
+                                for kw, n in zip(kwargs, pool.lengths)]) for name in policy.signals}
+    directions = {name: kwargs[0]["directions"][name] for name in policy.directions}
+    got = paged.evict(pool.k, pool.v, pool.table, torch.tensor(pool.lengths, dtype=torch.int32), policy, budget,
+                      queries=pool.queries if policy.needs_queries else None, seed=seed, backend=backend,
+                      signals=signals or None, directions=directions or None, layout=pool.layout)
+    return got, want
+
+
+def check(pool: Pool, got, want, before_k, before_v):
+    for b, w in enumerate(want):
+        k = w.n_kept
+        assert int(got.seq_lens[b]) == k
+        assert torch.equal(got.positions[b, :, :k], w.indices[0]), f"sequence {b}: kept positions differ"
+        assert bool((got.positions[b, :, k:] == -1).all())
+        assert torch.equal(pool.dense(pool.k, b, k), w.keys), f"sequence {b}: keys not compacted in order"
+        assert torch.equal(pool.dense(pool.v, b, k), w.values), f"sequence {b}: values not compacted in order"
+        first, last = -(-k // pool.page), -(-pool.lengths[b] // pool.page)
+        assert got.freed_counts[b] == last - first
+    freed = torch.cat([pool.table[b, -(-w.n_kept // pool.page): -(-n // pool.page)]
+                       for b, (w, n) in enumerate(zip(want, pool.lengths))])
+    assert torch.equal(got.freed_pages, freed)
+    written = torch.zeros(pool.k.shape[0], pool.page, dtype=torch.bool)
+    for b, w in enumerate(want):
+        written |= pool.slots(b, w.n_kept)
+    for after, before in ((pool.k, before_k), (pool.v, before_v)):
+        a, z = (after, before) if pool.layout == "NHD" else (after.transpose(1, 2), before.transpose(1, 2))
+        assert torch.equal(a.cpu()[~written], z.cpu()[~written]), "a slot outside the kept ones changed"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@given(page=st.sampled_from([1, 16, 64, 128]), data=st.data())
+@settings(max_examples=examples(2))
+def test_paged_evict_keeps_what_dense_evict_keeps(name, page, data):
+    policy = PRESETS[name]
+    low = WINDOW if policy.needs_queries else 1
+    top = max(low + 16, min(3 * page, 160))   # 1 .. 3 pages, within what the interpreter runs quickly
+    lengths = data.draw(st.lists(st.integers(low, top), min_size=1, max_size=3), label="lengths")
+    budget = data.draw(st.sampled_from([0.3, 0.5, 7, 1.0]), label="budget")
+    layout = data.draw(st.sampled_from(["NHD", "HND"]), label="layout")
+    pool = Pool(lengths, page, layout=layout, seed=data.draw(st.integers(0, 2 ** 16), label="seed"))
+    before_k, before_v = pool.k.clone(), pool.v.clone()
+    got, want = run_both(pool, policy, budget, "triton")
+    check(pool, got, want, before_k, before_v)
+
+
+@pytest.mark.parametrize("layout, dtype", [("NHD", torch.float16), ("HND", torch.bfloat16)])
+def test_reference_backend_and_half_dtypes(layout, dtype):
+    for backend in ("reference", "triton"):
+        pool = Pool([70, 129], 16, layout=layout, dtype=dtype, d=80, seed=3)
+        before_k, before_v = pool.k.clone(), pool.v.clone()
+        got, want = run_both(pool, PRESETS["snapkv"], 0.4, backend)
+        check(pool, got, want, before_k, before_v)
+
+
+def test_everything_kept_moves_nothing_and_frees_nothing():
+    pool = Pool([20, 50], 16)
+    before = pool.k.clone()
+    got = paged.evict(pool.k, pool.v, pool.table, [20, 50], policies.knorm(), 1.0)
+    assert got.seq_lens.tolist() == [20, 50] and got.freed_counts.tolist() == [0, 0]
+    assert torch.equal(pool.k, before) and got.freed_pages.numel() == 0
+
+
+def errors_of(**change):
+    pool = Pool([40, 20], 16)
+    args = dict(k_pages=pool.k, v_pages=pool.v, block_table=pool.table, seq_lens=[40, 20],
+                policy=policies.knorm(), budget=8)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(block_table=torch.zeros(2, 4)), TypeError, "block_table: expected an int32 tensor"),
+    (dict(seq_lens=[40]), ValueError, "seq_lens: 1 lengths for a block table of 2"),
+    (dict(seq_lens=[40, 0]), ValueError, r"seq_lens\[1\] = 0"),
+    (dict(seq_lens=[40, 200]), ValueError, r"seq_lens\[1\] = 200: needs 13 pages"),
+    (dict(seq_lens=[40.0, 20]), TypeError, "seq_lens: expected"),
+    (dict(layout="NDH"), ValueError, "layout: expected one of"),
+    (dict(policy=policies.adakv()), ValueError, "per-head budgets"),
+    (dict(budget=0), ValueError, "budget"),
+    (dict(backend="cuda"), ValueError, "backend: expected"),
+])
+def test_bad_arguments_are_named(change, error, match):
+    args = errors_of(**change)
+    with pytest.raises(error, match=match):
+        paged.evict(**args)
+
+
+def test_block_table_entries_are_checked_before_any_kernel():
+    pool = Pool([40, 20], 16)
+    before = pool.k.clone()
+    bad = pool.table.clone()
+    bad[1, 0] = 999
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = 999: outside the pool's"):
+        paged.evict(pool.k, pool.v, bad, [40, 20], policies.knorm(), 8)
+    bad = pool.table.clone()
+    bad[1, 0] = bad[0, 2]
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = .*already used by block_table\[0, 2\]"):
+        paged.evict(pool.k, pool.v, bad, [40, 20], policies.knorm(), 8)
+    with pytest.raises(ValueError, match="v_pages: expected the pages"):
+        paged.evict(pool.k, pool.v[:, :8], pool.table, [40, 20], policies.knorm(), 8)
+    with pytest.raises(TypeError, match="v_pages: dtype"):
+        paged.evict(pool.k, pool.v.half(), pool.table, [40, 20], policies.knorm(), 8)
+    with pytest.raises(ValueError, match="queries: batch 1 differs"):
+        paged.evict(pool.k, pool.v, pool.table, [40, 20], policies.snapkv(), 8, queries=pool.queries[:1])
+    assert torch.equal(pool.k, before)
+
+
+@pytest.mark.skipif(not CUDA, reason="a GPU seq_lens only exists on a GPU")
+def test_a_gpu_seq_lens_is_refused():
+    pool = Pool([40, 20], 16)
+    with pytest.raises(ValueError, match="seq_lens: expected the host copy"):
+        paged.evict(pool.k, pool.v, pool.table, torch.tensor([40, 20], dtype=torch.int32, device="cuda"),
+                    policies.knorm(), 8)

@@ -1,0 +1,285 @@
+"""Eviction on a paged KV cache, the layout of serving engines (vLLM, SGLang, FlashInfer).
+
+    out = tkv.paged.evict(k_pages, v_pages, block_table, seq_lens, tkv.policies.snapkv(), 0.25,
+                          queries=queries)
+    seq_lens = out.seq_lens                      # tokens now held per sequence
+    free_list.extend(out.freed_pages.tolist())   # pages no sequence needs any more
+
+A pool of pages ``[num_pages, page_size, H_kv, D]`` (``layout="NHD"``; ``"HND"`` for
+``[num_pages, H_kv, page_size, D]``) holds every sequence's tokens; row b of the int32 block
+table names sequence b's pages in order, ``seq_lens[b]`` its tokens. Each sequence keeps, per
+KV head, the tokens ``tkv.evict`` keeps on its dense copy ``[1, H_kv, seq_lens[b], D]`` (same
+policy, budget, seed; ``queries[b:b + 1]``), compacted in order, in place, into its first
+pages: slot i of head h holds head h's i-th kept token. A sequence is evicted as if alone, so
+what it keeps never depends on the batch it was scheduled in.
+
+The compiled path scores each sequence through its block table (the generated kernels read
+pages, no dense copy of K or V is made), selects, and compacts its pages in place
+(kernels/pages.py). Pages outside the named ones, and slots past a sequence's new length, are
+never written. ``seq_lens`` lives on the host (engines keep it there, e.g. vLLM's
+``seq_lens_cpu``): budgets and launch shapes come from it without a device synchronization, so
+for fixed lengths a call is capturable in a CUDA graph (pass ``check=False`` there: checking the
+block table's entries reads it back).
+"""
+
+from __future__ import annotations
+
+from typing import List, Mapping, NamedTuple, Optional, Sequence
+
+import torch
+
+from . import dsl
+from .budget import allocate
+from .validate import BACKENDS, SUPPORTED_DTYPES, check_evict_args, named_inputs
+
+LAYOUTS = ("NHD", "HND")
+
+
+class PagedEvicted(NamedTuple):
+    """What ``paged.evict`` did. ``seq_lens``: int32 [B] on the host, tokens each sequence now
+    holds (per KV head); ``positions``: int64 [B, H_kv, max kept] on the pages' device, the
+    original positions of the held tokens, ascending, padded with -1 (for RoPE positions and
+    masks); ``freed_pages``: int32 [F] on the block table's device, the pages the sequences no
+    longer use, sequence by sequence; ``freed_counts``: int32 [B] on the host, how many of them
+    each sequence gave back (its block table row's entries from ``ceil(new len / page_size)``)."""
+
+    seq_lens: torch.Tensor
+    positions: torch.Tensor
+    freed_pages: torch.Tensor
+    freed_counts: torch.Tensor
+
+
+class _Pool(NamedTuple):
+    """A page pool as the kernels address it: tokens per page, heads, head dim, and the strides
+    of (page, head, slot, dim)."""
+
+    pages: torch.Tensor
+    layout: str
+    page_size: int
+    heads: int
+    dim: int
+    strides: tuple
+
+    @staticmethod
+    def of(pages: torch.Tensor, layout: str) -> "_Pool":
+        s = pages.stride()
+        if layout == "NHD":   # [num_pages, page_size, H, D]
+            return _Pool(pages, layout, pages.shape[1], pages.shape[2], pages.shape[3], (s[0], s[2], s[1], s[3]))
+        return _Pool(pages, layout, pages.shape[2], pages.shape[1], pages.shape[3], (s[0], s[1], s[2], s[3]))
+
+    def tokens(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """The first n tokens on pages ``rows`` as a dense [1, H, n, D] tensor (a copy)."""
+        x = self.pages[rows.long()]
+        if self.layout == "NHD":   # [pages, slots, H, D] -> [H, tokens, D]
+            x = x.reshape(-1, self.heads, self.dim).transpose(0, 1)
+        else:                      # [pages, H, slots, D]
+            x = x.transpose(0, 1).reshape(self.heads, -1, self.dim)
+        return x[:, :n].unsqueeze(0)
+
+    def write(self, rows: torch.Tensor, kept: torch.Tensor) -> None:
+        """Store [H, k, D] rows into slots 0 .. k-1 of the pages ``rows`` (the reference path)."""
+        slot = torch.arange(kept.shape[1], device=rows.device)
+        page, within = rows.long()[slot // self.page_size], slot % self.page_size
+        if self.layout == "NHD":
+            self.pages[page, within] = kept.transpose(0, 1)
+        else:
+            self.pages[page, :, within] = kept.transpose(0, 1)
+
+    def dense_view(self, n: int) -> torch.Tensor:
+        """A [1, H, n, D] tensor on the pool's storage with zero strides: shapes, dtype and device
+        for validation, no memory."""
+        return self.pages.as_strided((1, self.heads, n, self.dim), (0, 0, 0, 0))
+
+
+def _lengths(seq_lens, batch: int) -> List[int]:
+    if isinstance(seq_lens, torch.Tensor):
+        if seq_lens.is_cuda:
+            raise ValueError("seq_lens: expected the host copy (a CPU tensor or a list of ints, as engines keep "
+                             "it, e.g. vLLM's seq_lens_cpu); reading a GPU tensor would synchronize the device")
+        if seq_lens.dtype not in (torch.int32, torch.int64) or seq_lens.ndim != 1:
+            raise TypeError(f"seq_lens: expected int32 [B], got {seq_lens.dtype} {list(seq_lens.shape)}")
+        lengths = seq_lens.tolist()
+    elif isinstance(seq_lens, Sequence) and all(isinstance(x, int) and not isinstance(x, bool) for x in seq_lens):
+        lengths = list(seq_lens)
+    else:
+        raise TypeError(f"seq_lens: expected int32 [B] on the host or a list of ints, got {type(seq_lens).__name__}")
+    if len(lengths) != batch:
+        raise ValueError(f"seq_lens: {len(lengths)} lengths for a block table of {batch} sequences")
+    for b, n in enumerate(lengths):
+        if n < 1:
+            raise ValueError(f"seq_lens[{b}] = {n}: every sequence must hold at least one token")
+    return lengths
+
+
+def _check_pools(k_pages, v_pages, layout: str):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    shape = "[num_pages, page_size, H_kv, D]" if layout == "NHD" else "[num_pages, H_kv, page_size, D]"
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor {shape}, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{name}: expected 4 dims {shape} (layout={layout!r}), got shape {list(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: dtype {x.dtype} is not supported; expected float16, bfloat16 or float32")
+    if v_pages.shape[:3] != k_pages.shape[:3]:
+        raise ValueError(f"v_pages: expected the pages, page size and heads of k_pages {list(k_pages.shape[:3])}, "
+                         f"got {list(v_pages.shape[:3])}")
+    if v_pages.dtype != k_pages.dtype:
+        raise TypeError(f"v_pages: dtype {v_pages.dtype} differs from k_pages' {k_pages.dtype}")
+    if v_pages.device != k_pages.device:
+        raise ValueError(f"v_pages: on {v_pages.device}, k_pages on {k_pages.device}; expected one device")
+    if k_pages.data_ptr() == v_pages.data_ptr() and k_pages.numel():
+        raise ValueError("v_pages: shares k_pages' memory; compaction in place needs two pools")
+    return _Pool.of(k_pages, layout), _Pool.of(v_pages, layout)
+
+
+def _check_block_table(block_table, lengths: List[int], pool: _Pool, check: bool) -> None:
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.ndim != 2:
+        got = f"{block_table.dtype} {list(block_table.shape)}" if isinstance(block_table, torch.Tensor) \
+            else type(block_table).__name__
+        raise TypeError(f"block_table: expected an int32 tensor [B, max_pages], got {got}")
+    if block_table.device != pool.pages.device:
+        raise ValueError(f"block_table: on {block_table.device}, the pages on {pool.pages.device}; expected one device")
+    for b, n in enumerate(lengths):
+        need = -(-n // pool.page_size)
+        if need > block_table.shape[1]:
+            raise ValueError(f"seq_lens[{b}] = {n}: needs {need} pages of {pool.page_size} tokens, but the block "
+                             f"table has {block_table.shape[1]} per sequence")
+    if not check:
+        return
+    if block_table.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("block_table: checking its entries reads it back to the host, which a CUDA graph "
+                           "capture forbids; pass check=False inside the capture")
+    table = block_table.cpu()
+    owner = {}
+    for b, n in enumerate(lengths):
+        for j, page in enumerate(table[b, : -(-n // pool.page_size)].tolist()):
+            if not 0 <= page < pool.pages.shape[0]:
+                raise ValueError(f"block_table[{b}, {j}] = {page}: outside the pool's {pool.pages.shape[0]} pages")
+            if page in owner:
+                raise ValueError(f"block_table[{b}, {j}] = {page}: page already used by block_table"
+                                 f"[{owner[page][0]}, {owner[page][1]}]; a page belongs to one place")
+            owner[page] = (b, j)
+
+
+def _row(x: Optional[torch.Tensor], b: int, n: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Sequence b's slice of a batch-leading tensor (a batch dim of 1 broadcasts)."""
+    if x is None:
+        return None
+    x = x[b:b + 1] if x.shape[0] > 1 else x
+    return x if n is None else x[..., :n]
+
+
+def _named_rows(named: Optional[Mapping], b: int, n: Optional[int], batched) -> Optional[dict]:
+    if named is None or not isinstance(named, Mapping):
+        return named
+    return {name: (_row(x, b, n) if isinstance(x, torch.Tensor) and batched(x) else x) for name, x in named.items()}
+
+
+def evict(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor, seq_lens, policy, budget, *,
+          queries: Optional[torch.Tensor] = None, seed: int = 0, signals: Optional[Mapping] = None,
+          directions: Optional[Mapping] = None, backend: str = "auto", layout: str = "NHD",
+          check: bool = True) -> PagedEvicted:
+    """Evict every sequence of a paged cache back to ``budget`` tokens per KV head, in place.
+
+    Args:
+        k_pages, v_pages: the page pools, ``[num_pages, page_size, H_kv, D]`` (``layout="NHD"``)
+            or ``[num_pages, H_kv, page_size, D]`` (``"HND"``); D of values may differ. Only the
+            pages named by the block table's first ``ceil(seq_lens[b] / page_size)`` entries
+            of each row are read, and only their first new-length slots are written.
+        block_table: int32 ``[B, max_pages]`` on the pools' device, sequence b's pages in order.
+        seq_lens: tokens per sequence, int32 ``[B]`` on the host (or a list of ints).
+        policy, budget, seed, backend: as for :func:`tritonkv.evict`; a fractional budget is of
+            each sequence's own length.
+        queries: ``[B, H_q, W, D]`` proxy queries, row b for sequence b.
+        signals: by name, ``[B, H_kv, L]`` with L >= max(seq_lens) (sequence b reads its first
+            seq_lens[b] positions); directions: ``[H_kv, D]`` or ``[B, H_kv, D]``.
+        check: check the block table's entries (in the pool, no page used twice), which reads it
+            back to the host; pass False inside a CUDA graph capture or a hot loop.
+
+    Returns:
+        :class:`PagedEvicted`: new lengths, kept positions, freed pages.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    policy = dsl.as_policy(policy)
+    if policy.heads == "adaptive":
+        raise ValueError("policy: per-head budgets (heads='adaptive', AdaKV) are not supported on a paged cache "
+                         "yet: every head of a sequence keeps the same count here")
+    k_pool, v_pool = _check_pools(k_pages, v_pages, layout)
+    if not isinstance(block_table, torch.Tensor) or block_table.ndim != 2:
+        _check_block_table(block_table, [], k_pool, False)   # raises with the expected type
+    lengths = _lengths(seq_lens, block_table.shape[0])
+    _check_block_table(block_table, lengths, k_pool, check)
+    if queries is not None and isinstance(queries, torch.Tensor) and queries.ndim == 4 \
+            and queries.shape[0] != len(lengths):
+        raise ValueError(f"queries: batch {queries.shape[0]} differs from the block table's {len(lengths)} sequences")
+    if signals is not None and isinstance(signals, Mapping):
+        for name, x in signals.items():
+            if isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[-1] < max(lengths):
+                raise ValueError(f"signals[{name!r}]: {x.shape[-1]} positions, the longest sequence holds "
+                                 f"{max(lengths)}; expected [B, H_kv, L] with L >= max(seq_lens)")
+    jobs = []
+    for b, n in enumerate(lengths):   # every sequence checked before any kernel runs
+        sig = _named_rows(signals, b, n, lambda x: x.ndim == 3)
+        dirs = _named_rows(directions, b, None, lambda x: x.ndim == 3)
+        q = _row(queries, b) if isinstance(queries, torch.Tensor) and queries.ndim == 4 else queries
+        p, k, s = check_evict_args(k_pool.dense_view(n), v_pool.dense_view(n), policy, budget, q, seed, backend,
+                                   sig, dirs)
+        jobs.append((b, n, min(k, n), q, named_inputs(p, sig, dirs), p, s))
+    use_triton = backend == "triton" or (backend == "auto" and k_pages.is_cuda)
+    if use_triton:
+        from .compiler import check_backend
+        check_backend(k_pages)
+    device = k_pages.device
+    max_kept = max(job[2] for job in jobs)
+    positions = torch.full((len(lengths), k_pool.heads, max_kept), -1, dtype=torch.int64, device=device)
+    path = _evict_compiled if use_triton else _evict_reference
+    for b, n, k, q, named, p, s in jobs:
+        rows = block_table[b, : -(-n // k_pool.page_size)]
+        positions[b, :, :k] = path(k_pool, v_pool, rows, n, k, p, q, s, named)
+    kept = [job[2] for job in jobs]
+    freed = [block_table[b, -(-k // k_pool.page_size): -(-n // k_pool.page_size)] for b, n, k, *_ in jobs]
+    return PagedEvicted(torch.tensor(kept, dtype=torch.int32), positions,
+                        torch.cat(freed) if freed else block_table.new_empty(0),
+                        torch.tensor([f.numel() for f in freed], dtype=torch.int32))
+
+
+def _evict_reference(k_pool: _Pool, v_pool: _Pool, rows, n: int, k: int, policy, queries, seed, named):
+    """The reference path: gather the sequence to dense, tkv.evict's reference, write it back."""
+    from .eager import evict_reference
+    keys, values = k_pool.tokens(rows, n), v_pool.tokens(rows, n)
+    out = evict_reference(keys, values, queries, policy, k, seed, named)
+    k_pool.write(rows, out.keys[0])
+    v_pool.write(rows, out.values[0])
+    return out.indices[0]
+
+
+def _evict_compiled(k_pool: _Pool, v_pool: _Pool, rows, n: int, k: int, policy, queries, seed, named):
+    """The compiled path: score and select through the block table, compact the pages in place."""
+    from .compiler import Layout, compile_policy, prepare, run
+    from .kernels.pages import compact
+    from .lowering import lower
+    lowered, alloc = lower(policy, allocate(policy, n, k))
+    compiled = compile_policy(lowered)
+    device = k_pool.pages.device
+    if len(compiled.program.clause_slots) == 0 or alloc.total == n:   # windows only, or everything kept
+        j = torch.arange(alloc.total, device=device)
+        indices = torch.where(j < (n if alloc.total == n else alloc.n_sink), j, n - alloc.total + j)
+        indices = indices.expand(k_pool.heads, -1).contiguous()
+    else:
+        table = rows.contiguous()
+        layout = Layout((1, k_pool.heads, n, k_pool.dim), (1, v_pool.heads, n, v_pool.dim), k_pool.strides,
+                        v_pool.strides, table, k_pool.page_size)
+        call = prepare(compiled, alloc, k_pool.pages, v_pool.pages, queries, seed, named, layout=layout)
+        run(call)
+        indices = call.indices[0]
+    if alloc.total < n:
+        table = rows.contiguous()
+        compact(indices, k_pool.pages, table, k_pool.page_size, k_pool.strides)
+        compact(indices, v_pool.pages, table, v_pool.page_size, v_pool.strides)
+    return indices
+
+
+__all__ = ["evict", "PagedEvicted", "LAYOUTS"]
