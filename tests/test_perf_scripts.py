@@ -50,3 +50,13 @@ def test_memory_writes_every_benchmarked_policy_into_its_folder(tmp_path):
     rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
     assert set(POLICIES) == {row["policy"] for row in rows}
     assert all(row["extra_bytes"] is None or row["extra_bytes"] >= 0 for row in rows)
+
+
+def test_paged_benchmark_measures_both_paths_at_toy_size(tmp_path):
+    out = tmp_path / "paged.json"
+    run([sys.executable, "perf/paged.py", "--toy", "--policies", "knorm,snapkv", "--budgets", "0.5",
+         "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [row["policy"] for row in rows] == ["knorm", "snapkv"]
+    assert all(row["paged_gpu_ms"] > 0 and row["dense_gather_scatter_gpu_ms"] > 0 and row["floor_bytes"] > 0
+               for row in rows)
