@@ -179,3 +179,33 @@ def test_a_gpu_seq_lens_is_refused():
     with pytest.raises(ValueError, match="seq_lens: expected the host copy"):
         paged.evict(pool.k, pool.v, pool.table, torch.tensor([40, 20], dtype=torch.int32, device="cuda"),
                     policies.knorm(), 8)
+
+
+def test_readme_example_decodes_like_the_dense_evicted_cache():
+    """README "Paged KV caches": one call, freed pages back to the free list, attention over the
+    compacted pages equal to attention over tkv.evict's dense result."""
+    page, heads, dim = 16, 2, 64
+    g = torch.Generator().manual_seed(0)
+    k_pages = torch.randn(40, page, heads, dim, generator=g).to(DEVICE)
+    v_pages = torch.randn(40, page, heads, dim, generator=g).to(DEVICE)
+    free = list(range(40))
+    lengths = [30, 100]
+    table = torch.zeros(2, 8, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        table[b, : -(-n // page)] = torch.tensor([free.pop() for _ in range(-(-n // page))])
+    table = table.to(DEVICE)
+    policy = policies.knorm()
+    dense = [tkv.evict(k_pages[table[b, : -(-n // page)].long()].flatten(0, 1)[:n].transpose(0, 1)[None],
+                       v_pages[table[b, : -(-n // page)].long()].flatten(0, 1)[:n].transpose(0, 1)[None],
+                       policy, 0.25, backend="triton") for b, n in enumerate(lengths)]
+    out = paged.evict(k_pages, v_pages, table, lengths, policy, budget=0.25, backend="triton")
+    free.extend(out.freed_pages.tolist())
+    assert out.seq_lens.tolist() == [8, 25] and len(free) == 40 - 1 - 2
+    query = torch.randn(heads, 1, dim, generator=g).to(DEVICE)
+    for b, n in enumerate(out.seq_lens.tolist()):
+        pages = table[b, : -(-n // page)].long()
+        k = k_pages[pages].flatten(0, 1)[:n].transpose(0, 1)
+        v = v_pages[pages].flatten(0, 1)[:n].transpose(0, 1)
+        got = torch.nn.functional.scaled_dot_product_attention(query, k, v)
+        want = torch.nn.functional.scaled_dot_product_attention(query, dense[b].keys[0], dense[b].values[0])
+        assert torch.equal(got, want)

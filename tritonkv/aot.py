@@ -134,8 +134,9 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
     _, args, constexprs, _ = gather_launch(indices.view(batch, heads, -1), keys, values)
     record("gather", _gather_kernel, args, constexprs, GATHER_WARPS)
     pages = torch.empty(-(-n // PAGE), PAGE, heads, d, **meta)
-    fn, _, args, constexprs, warps = compact_launch(indices.view(batch * heads, -1)[:heads], pages,
-                                                    torch.empty(-(-n // PAGE), device="meta", dtype=torch.int32),
+    fn, _, args, constexprs, warps = compact_launch(indices.view(batch, heads, -1), pages,
+                                                    torch.empty(batch, -(-n // PAGE), device="meta",
+                                                                dtype=torch.int32),
                                                     PAGE, (pages.stride(0), pages.stride(2), pages.stride(1),
                                                            pages.stride(3)))
     record("compact pages", fn, args, constexprs, warps)

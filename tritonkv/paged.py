@@ -236,9 +236,17 @@ def evict(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tenso
     max_kept = max(job[2] for job in jobs)
     positions = torch.full((len(lengths), k_pool.heads, max_kept), -1, dtype=torch.int64, device=device)
     path = _evict_compiled if use_triton else _evict_reference
+    moved = []
     for b, n, k, q, named, p, s in jobs:
         rows = block_table[b, : -(-n // k_pool.page_size)]
         positions[b, :, :k] = path(k_pool, v_pool, rows, n, k, p, q, s, named)
+        moved.append(k < n)
+    if use_triton and any(moved):   # every sequence's pages compacted by one launch per pool
+        from .kernels.pages import compact
+        # (a sequence that keeps everything holds positions j at slots j: the kernel moves nothing there)
+        table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+        compact(positions, k_pool.pages, table, k_pool.page_size, k_pool.strides)
+        compact(positions, v_pool.pages, table, v_pool.page_size, v_pool.strides)
     kept = [job[2] for job in jobs]
     freed = [block_table[b, -(-k // k_pool.page_size): -(-n // k_pool.page_size)] for b, n, k, *_ in jobs]
     return PagedEvicted(torch.tensor(kept, dtype=torch.int32), positions,
@@ -257,9 +265,8 @@ def _evict_reference(k_pool: _Pool, v_pool: _Pool, rows, n: int, k: int, policy,
 
 
 def _evict_compiled(k_pool: _Pool, v_pool: _Pool, rows, n: int, k: int, policy, queries, seed, named):
-    """The compiled path: score and select through the block table, compact the pages in place."""
+    """The compiled path: score and select through the block table (evict compacts the pages)."""
     from .compiler import Layout, compile_policy, prepare, run
-    from .kernels.pages import compact
     from .lowering import lower
     lowered, alloc = lower(policy, allocate(policy, n, k))
     compiled = compile_policy(lowered)
@@ -275,10 +282,6 @@ def _evict_compiled(k_pool: _Pool, v_pool: _Pool, rows, n: int, k: int, policy, 
         call = prepare(compiled, alloc, k_pool.pages, v_pool.pages, queries, seed, named, layout=layout)
         run(call)
         indices = call.indices[0]
-    if alloc.total < n:
-        table = rows.contiguous()
-        compact(indices, k_pool.pages, table, k_pool.page_size, k_pool.strides)
-        compact(indices, v_pool.pages, table, v_pool.page_size, v_pool.strides)
     return indices
 
 
