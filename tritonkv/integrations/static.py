@@ -527,10 +527,7 @@ class StaticEvictingCache(Cache):
         if not torch.equal(real, left):
             raise ValueError("attention_mask: expected left padding (every row's pad tokens before its first real "
                              "token); right or inner padding is not supported")
-        pads = pads.tolist()
-        if max(pads) == q:
-            raise ValueError("attention_mask: a row of the prompt forward has no real token")
-        return pads
+        return pads.tolist()   # a row may have none yet (a prompt chunk of its padding)
 
     # ------------------------------------------------------------------ decode-step eviction
 
