@@ -235,6 +235,25 @@ def test_stacked_layers_evict_in_one_call(model, monkeypatch):
     assert torch.equal(tokens[True], tokens[False])   # no random draws: the same tokens either way
 
 
+def test_a_short_prompt_evicts_when_the_buffer_is_full(model):
+    """Where the two caches differ: a prompt shorter than the budget. This cache first evicts
+    when its buffer is full (budget + interval tokens); EvictingCache, once past ``interval``
+    decoded tokens, as soon as it holds more than the budget (then every ``interval``)."""
+    ids = prompt(n=20)
+    static = hf.StaticEvictingCache(model, policies.keydiff(), 30, interval=4)
+    dynamic = hf.EvictingCache(model, policies.keydiff(), 30, interval=4)
+    generate(model, ids, static, max_new_tokens=21)   # 20 decode steps: 40 tokens seen
+    generate(model, ids, dynamic, max_new_tokens=21)
+    assert static.layers[0].evictions == 2        # full at 34 tokens, then at 38
+    assert dynamic.layers[0].evictions == 3       # at 31, 35 and 39 tokens
+    assert static.layers[0].held == 32 and dynamic.layers[0].held == 31
+    static.reset()
+    assert static.get_seq_length() == 0 and static.layers[0].held == 0
+    assert torch.equal(generate(model, ids, static, max_new_tokens=5),
+                       generate(model, ids, hf.StaticEvictingCache(model, policies.keydiff(), 30, interval=4),
+                                max_new_tokens=5))
+
+
 def test_extend_and_pause(model):
     """A paused forward stores without evicting; the buffer must keep room for the next token."""
     ids = prompt(n=50)

@@ -43,7 +43,6 @@ class DecodeGraphs:
         self.graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.eager = Counter()
         self.replays = 0
-        self._pool = None
         self._inputs = None
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -57,7 +56,7 @@ class DecodeGraphs:
         if graph is None:
             if self.eager[key] < self.warmup:
                 self.eager[key] += 1
-                return self._forward(input_ids, position_ids)
+                return self._warm(input_ids, position_ids)
             graph = self.graphs[key] = self._capture(input_ids, position_ids)
         ids, positions = self._inputs
         ids.copy_(input_ids)
@@ -67,6 +66,16 @@ class DecodeGraphs:
         self.replays += 1
         return graph[1]
 
+    def _warm(self, input_ids, position_ids):
+        """An eager step on a side stream (as torch.cuda.graph's warm-up advice: lazy library
+        state is created outside the capture)."""
+        stream, current = torch.cuda.Stream(), torch.cuda.current_stream()
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            logits = self._forward(input_ids, position_ids)
+        current.wait_stream(stream)
+        return logits
+
     def _forward(self, input_ids, position_ids):
         return self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
                           use_cache=True, logits_to_keep=1).logits
@@ -74,15 +83,13 @@ class DecodeGraphs:
     def _capture(self, input_ids, position_ids):
         if self._inputs is None or self._inputs[0].shape != input_ids.shape:
             self._inputs = (input_ids.clone(), position_ids.clone())
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         ids, positions = self._inputs
         ids.copy_(input_ids)
         positions.copy_(position_ids)
         state = self.cache.host_state()   # capturing runs the host side once; the replay runs it again
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph):   # a pool per graph: they replay in any order
                 logits = self._forward(ids, positions)
         finally:
             self.cache.restore_host_state(state)
@@ -100,8 +107,10 @@ def cuda_graphs(model, cache: StaticEvictingCache, *, warmup: int = 1):
     forward = model.forward
 
     def graphed(input_ids=None, *args, past_key_values=None, position_ids=None, **kwargs):
+        extra = kwargs.get("inputs_embeds") is not None or bool(kwargs.get("output_attentions")) \
+            or bool(kwargs.get("output_hidden_states"))
         if (past_key_values is cache and input_ids is not None and input_ids.shape[1] == 1 and input_ids.is_cuda
-                and position_ids is not None and not args and kwargs.get("inputs_embeds") is None):
+                and position_ids is not None and not args and not extra):
             logits = runner(input_ids, position_ids)
             return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
         return forward(input_ids, *args, past_key_values=past_key_values, position_ids=position_ids, **kwargs)

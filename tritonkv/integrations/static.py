@@ -30,8 +30,8 @@ mask hides.
 Against ``EvictingCache(model, policy, budget, interval=interval)`` with an int budget: the
 same evictions at the same steps, the same kept tokens for policies without random draws, when
 every prompt holds at least ``budget`` tokens. A shorter prompt differs: this cache first evicts
-when the buffer is full (``capacity - prompt`` decoded tokens), EvictingCache as soon as it
-holds more than ``budget`` after ``interval`` decoded tokens (then every step). Stacked
+when the buffer is full (after ``capacity - prompt`` decoded tokens), EvictingCache as soon as
+it holds more than ``budget`` once ``interval`` tokens were decoded (then every ``interval``). Stacked
 evictions draw random numbers per stacked row, so random policies keep other (equally likely)
 tokens than per-layer calls.
 """
@@ -207,6 +207,14 @@ class StaticEvictingLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         return self.buffer.keys.shape[1] * sum(self.filled - row.start for row in self.rows)
+
+    def reset(self) -> None:
+        """Empty the layer (the buffers stay allocated), for another generation of the same batch size."""
+        if self.is_initialized:
+            self.buffer.length.zero_()
+            self.buffer.start.zero_()
+            self.rows = [_Row() for _ in self.rows]
+        self.filled = self.seen = self.evictions = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.is_initialized:
