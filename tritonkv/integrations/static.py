@@ -188,10 +188,6 @@ class StaticEvictingLayer(CacheLayerMixin):
         return pos.masked_fill(empty[:, None, :], -1)
 
     @property
-    def keys_held(self) -> torch.Tensor:
-        return self.buffer.keys[:, :, :self.filled]
-
-    @property
     def last(self) -> Optional[Evicted]:
         """The rows kept, as an Evicted whose indices are positions (-1: a short row's empty slots)."""
         if not self.is_initialized:
@@ -320,17 +316,15 @@ class StaticEvictingLayer(CacheLayerMixin):
         n_new = 0 if pads is None else q
         sources, query_sources, by_key = [], [], {}
         for b, row in enumerate(self.rows):
-            slots = tuple(range(row.start, self.filled))
-            qslots = tuple(range(window - row.queries, window))
-            if pads is not None:
-                slots += tuple(range(self.filled + pads[b], self.filled + q))
-                qslots += tuple(range(window + pads[b], window + q))
-            count = len(slots)
+            # (held slots, new slots): ranges, so that deciding costs no work per slot
+            pad = 0 if pads is None else pads[b]
+            slots = (range(row.start, self.filled), range(self.filled + pad, self.filled + n_new))
+            qslots = (range(window - row.queries, window), range(window + pad, window + n_new))
+            count = len(slots[0]) + len(slots[1])
             available = 0
             if window:
-                size = min(schedule.query_size(count), len(qslots))
-                qslots = qslots[len(qslots) - size:]
-                available = size
+                available = min(schedule.query_size(count), len(qslots[0]) + len(qslots[1]))
+                qslots = _last(qslots, available)
             plan = None
             if count > self.budget:
                 if not evict:
@@ -341,9 +335,8 @@ class StaticEvictingLayer(CacheLayerMixin):
                 else:
                     plan = schedule.plan(row.windows(schedule.policy, count), count, self.budget, available)
             kept = count if plan is None else self.budget
-            # direct: the row takes every source slot and the newest queries (no gather needed)
-            n_sources, n_queries = self.filled + n_new, window + n_new
-            direct &= slots == tuple(range(n_sources)) and qslots == tuple(range(n_queries - len(qslots), n_queries))
+            # direct: the row takes every source slot (and so the newest queries): no gather needed
+            direct &= row.start == 0 and pad == 0
             sources.append(slots)
             query_sources.append(qslots)
             key = (count, available, None if plan is None else id(plan))
@@ -381,11 +374,12 @@ class StaticEvictingLayer(CacheLayerMixin):
                 qs = None if queries is None else queries[:, :, queries.shape[2] - group.available:]
             else:
                 rows = cache.device_index(group.rows, keys.device)
-                slots = cache.device_index(tuple(decision.sources[b] for b in group.rows), keys.device)
+                slots = cache.device_index(tuple(_flat(decision.sources[b]) for b in group.rows), keys.device)
                 k, v, p = (_take(t.index_select(0, rows), slots) for t in (keys, values, positions))
                 qs = None
                 if queries is not None and group.available:
-                    qslots = cache.device_index(tuple(decision.query_sources[b] for b in group.rows), keys.device)
+                    qslots = cache.device_index(tuple(_flat(decision.query_sources[b]) for b in group.rows),
+                                                keys.device)
                     qs = _take(queries.index_select(0, rows), qslots)
             if group.plan is not None:
                 k, v, p = cache.evict(group.plan, self.index, self.evictions, k, v, p, qs)
@@ -418,11 +412,24 @@ class StaticEvictingLayer(CacheLayerMixin):
         lasts = []
         for b, row in enumerate(self.rows):
             real = tuple(range(window - row.queries, window)) + tuple(
-                s - self.filled + window for s in decision.sources[b] if s >= self.filled)
+                s - self.filled + window for s in decision.sources[b][1])
             real = real[-window:] or (window - 1,)
             lasts.append((real[0],) * (window - len(real)) + real)
         index = self.cache.device_index(tuple(lasts), queries.device)
         self.buffer.queries.copy_(_take(queries, index))
+
+
+def _last(ranges: Tuple[range, range], n: int) -> Tuple[range, range]:
+    """The last n items of two consecutive ranges, as two ranges."""
+    first, second = ranges
+    drop = len(first) + len(second) - n
+    if drop <= len(first):
+        return first[drop:], second
+    return range(0), second[drop - len(first):]
+
+
+def _flat(ranges: Tuple[range, range]) -> Tuple[int, ...]:
+    return tuple(ranges[0]) + tuple(ranges[1])
 
 
 def _take(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
