@@ -317,12 +317,14 @@ def test_decode_steps_as_cuda_graphs(model, pad):
         assert torch.equal(got, want)
         for a, b in zip(eager.layers, cache.layers):
             assert torch.equal(a.positions(), b.positions())
-        # one step captured by hand, replayed: the same logits as the eager step
+        if pad:
+            return
+        # eager decode steps (an eviction among them) never synchronize; then DecodeGraphs by hand
         steps = hf.StaticEvictingCache(gpu, policies.snapkv(window=8), 32, interval=4, backend="triton")
         with torch.no_grad():
             out = gpu(ids, attention_mask=mask, past_key_values=steps, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-            position = (torch.full_like(token, ids.shape[1]) if mask is None else mask.sum(-1, keepdim=True))
+            position = torch.full_like(token, ids.shape[1])
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
@@ -332,9 +334,14 @@ def test_decode_steps_as_cuda_graphs(model, pad):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             runner = hf.DecodeGraphs(gpu, steps)
+            replayed = []
             for _ in range(12):
                 logits = runner(token, position)
                 token, position = logits[:, -1:].argmax(-1), position + 1
+                replayed.append(token)
             assert runner.replays >= 8
+        want = generate(gpu, ids, hf.StaticEvictingCache(gpu, policies.snapkv(window=8), 32, interval=4,
+                                                         backend="triton"), max_new_tokens=18)
+        assert torch.equal(torch.cat(replayed, 1), want[:, 6:])   # 1 + 5 eager tokens, then the 12 replayed
     finally:
         model.to("cpu")

@@ -525,7 +525,10 @@ class StaticEvictingCache(Cache):
         if t is None:
             if len(self._indices) > 512:
                 self._indices.clear()
-            t = self._indices[key] = torch.tensor(values, dtype=torch.int64, device=device)
+            t = torch.tensor(values, dtype=torch.int64)
+            if torch.device(device).type == "cuda":   # a pinned source: the copy does not wait for the host
+                t = t.pin_memory().to(device, non_blocking=True)
+            self._indices[key] = t = t.to(device)
         return t
 
     def padding(self, mask, b: int, q: int, kv: int) -> List[int]:
