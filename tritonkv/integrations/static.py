@@ -50,59 +50,8 @@ from ..results import Evicted
 from .attention import enable, expect
 from .buffer import LayerBuffer, Storage
 from .cache import Paused
-from .schedule import EvictionPlan, EvictionSchedule, per_layer_ints, row_windows
-
-
-class _Row:
-    """Host-side facts about one batch row of one layer (all known without reading the GPU)."""
-
-    __slots__ = ("seen", "prefix", "suffix", "whole", "start", "queries")
-
-    def __init__(self):
-        self.seen = 0          # real (non-pad) tokens this row was given
-        self.prefix = 0        # leading held rows known to be positions 0, 1, ... in every head
-        self.suffix = 0        # trailing held rows known to be the row's last tokens
-        self.whole = True      # nothing evicted yet: the held rows are all the row's tokens
-        self.start = 0         # first occupied slot
-        self.queries = 0       # real queries in the layer's query window
-
-    def copy(self) -> "_Row":
-        row = _Row()
-        for name in self.__slots__:
-            setattr(row, name, getattr(self, name))
-        return row
-
-    def windows(self, policy: dsl.Policy, count: int) -> Tuple[int, ...]:
-        prefix = count if self.whole else self.prefix
-        suffix = count if self.whole else min(self.suffix, count)
-        return row_windows(policy, self.seen, prefix, suffix)
-
-
-class _Group:
-    """Rows of one layer that evict alike: one ``tkv.evict`` call (or, without a plan, a copy)."""
-
-    __slots__ = ("rows", "count", "available", "plan", "kept")
-
-    def __init__(self, rows, count, available, plan: Optional[EvictionPlan], kept):
-        self.rows, self.count, self.available, self.plan, self.kept = rows, count, available, plan, kept
-
-    def key(self):
-        return (self.rows, self.count, self.available, None if self.plan is None else id(self.plan.evictor))
-
-
-class _Decision:
-    """Where one layer's rows go after a forward: per-row token slots of the source (the held
-    slots, then the new tokens), the groups, and the new fill."""
-
-    __slots__ = ("sources", "query_sources", "groups", "fill", "direct")
-
-    def __init__(self, sources, query_sources, groups: List[_Group], fill: int, direct: bool):
-        self.sources, self.query_sources, self.groups, self.fill, self.direct = \
-            sources, query_sources, groups, fill, direct
-
-    def key(self):
-        return (self.fill, self.direct, tuple(g.key() for g in self.groups),
-                None if self.direct else (self.sources, self.query_sources))
+from .rows import Decision, Row, commit, decide, flat
+from .schedule import EvictionPlan, EvictionSchedule, per_layer_ints
 
 
 class StaticEvictingLayer(CacheLayerMixin):
@@ -119,7 +68,7 @@ class StaticEvictingLayer(CacheLayerMixin):
         self.filled = 0              # slots written (host mirror of buffer.length)
         self.seen = 0                # tokens given, padding included (what positions are counted from)
         self.evictions = 0
-        self.rows: List[_Row] = []
+        self.rows: List[Row] = []
         self._new = None             # the new keys / values of a forward of several tokens
         self._index = None           # the slots a decoded token was written to
 
@@ -127,7 +76,7 @@ class StaticEvictingLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.buffer = self.cache.buffer_for(self, key_states, value_states)
-        self.rows = [_Row() for _ in range(key_states.shape[0])]
+        self.rows = [Row() for _ in range(key_states.shape[0])]
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -209,7 +158,7 @@ class StaticEvictingLayer(CacheLayerMixin):
         if self.is_initialized:
             self.buffer.length.zero_()
             self.buffer.start.zero_()
-            self.rows = [_Row() for _ in self.rows]
+            self.rows = [Row() for _ in self.rows]
         self.filled = self.seen = self.evictions = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -306,64 +255,15 @@ class StaticEvictingLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ eviction: host decisions
 
-    def _decide(self, pads: Optional[Sequence[int]], q: int, evict: bool) -> _Decision:
-        """Host only: which source slots each row keeps, in which groups, with which plans.
-        ``pads`` None: the full buffer (a decode step's eviction); else a forward of q tokens
-        (pads[b] of them padding) after the ``filled`` held slots."""
-        cache, schedule = self.cache, self.cache.schedule
-        window = cache.query_window
-        direct = True
-        n_new = 0 if pads is None else q
-        sources, query_sources, by_key = [], [], {}
-        for b, row in enumerate(self.rows):
-            # (held slots, new slots): ranges, so that deciding costs no work per slot
-            pad = 0 if pads is None else pads[b]
-            slots = (range(row.start, self.filled), range(self.filled + pad, self.filled + n_new))
-            qslots = (range(window - row.queries, window), range(window + pad, window + n_new))
-            count = len(slots[0]) + len(slots[1])
-            available = 0
-            if window:
-                available = min(schedule.query_size(count), len(qslots[0]) + len(qslots[1]))
-                qslots = _last(qslots, available)
-            plan = None
-            if count > self.budget:
-                if not evict:
-                    if count > self.capacity - 1:
-                        raise ValueError(f"StaticEvictingCache: a forward without eviction (pause) would hold {count} "
-                                         f"tokens in row {b} of layer {self.index}, more than capacity - 1 = "
-                                         f"{self.capacity - 1}")
-                else:
-                    plan = schedule.plan(row.windows(schedule.policy, count), count, self.budget, available)
-            kept = count if plan is None else self.budget
-            # direct: the row takes every source slot (and so the newest queries): no gather needed
-            direct &= row.start == 0 and pad == 0
-            sources.append(slots)
-            query_sources.append(qslots)
-            key = (count, available, None if plan is None else id(plan))
-            by_key.setdefault(key, (plan, kept, []))[2].append(b)
-        groups = [_Group(tuple(rows), key[0], key[1], plan, kept) for key, (plan, kept, rows) in by_key.items()]
-        direct &= len(groups) == 1
-        fill = max(g.kept for g in groups)
-        return _Decision(tuple(sources), tuple(query_sources), groups, fill, direct)
+    def _decide(self, pads: Optional[Sequence[int]], q: int, evict: bool) -> Decision:
+        return decide(self, pads, q, evict)
 
-    def _commit(self, decision: _Decision, queries_added: Optional[Sequence[int]] = None) -> None:
-        """Host only: the rows' facts after the decision ran."""
-        window = self.cache.query_window
-        for group in decision.groups:
-            for b in group.rows:
-                row = self.rows[b]
-                if group.plan is not None:
-                    row.prefix, row.suffix, row.whole = group.plan.n_sink, group.plan.n_recent, False
-                row.start = decision.fill - group.kept
-                if queries_added is not None:
-                    row.queries = min(window, row.queries + queries_added[b])
-        if any(g.plan is not None for g in decision.groups):
-            self.evictions += 1
-        self.filled = decision.fill
+    def _commit(self, decision: Decision, queries_added: Optional[Sequence[int]] = None) -> None:
+        commit(self, decision, queries_added)
 
     # ------------------------------------------------------------------ eviction: device work
 
-    def _run(self, decision: _Decision, keys, values, positions, queries) -> None:
+    def _run(self, decision: Decision, keys, values, positions, queries) -> None:
         """The device side of a decision: ``keys`` / ``values`` [B, H_kv, n, D], ``positions``
         [B, H_kv, n] and ``queries`` [B, H_q, m, D] are the sources its slots index."""
         cache, buffer = self.cache, self.buffer
@@ -374,11 +274,11 @@ class StaticEvictingLayer(CacheLayerMixin):
                 qs = None if queries is None else queries[:, :, queries.shape[2] - group.available:]
             else:
                 rows = cache.device_index(group.rows, keys.device)
-                slots = cache.device_index(tuple(_flat(decision.sources[b]) for b in group.rows), keys.device)
+                slots = cache.device_index(tuple(flat(decision.sources[b]) for b in group.rows), keys.device)
                 k, v, p = (_take(t.index_select(0, rows), slots) for t in (keys, values, positions))
                 qs = None
                 if queries is not None and group.available:
-                    qslots = cache.device_index(tuple(_flat(decision.query_sources[b]) for b in group.rows),
+                    qslots = cache.device_index(tuple(flat(decision.query_sources[b]) for b in group.rows),
                                                 keys.device)
                     qs = _take(queries.index_select(0, rows), qslots)
             if group.plan is not None:
@@ -403,7 +303,7 @@ class StaticEvictingLayer(CacheLayerMixin):
             order = [b for g in decision.groups for b in g.rows]
             buffer.start.copy_(cache.device_index(tuple(s for _, s in sorted(zip(order, starts))), keys.device))
 
-    def _store_queries(self, decision: _Decision, queries: torch.Tensor) -> None:
+    def _store_queries(self, decision: Decision, queries: torch.Tensor) -> None:
         """The last W real queries of every row into the query window (right-aligned; a row with
         fewer repeats its first, which no eviction reads)."""
         window = self.cache.query_window
@@ -417,19 +317,6 @@ class StaticEvictingLayer(CacheLayerMixin):
             lasts.append((real[0],) * (window - len(real)) + real)
         index = self.cache.device_index(tuple(lasts), queries.device)
         self.buffer.queries.copy_(_take(queries, index))
-
-
-def _last(ranges: Tuple[range, range], n: int) -> Tuple[range, range]:
-    """The last n items of two consecutive ranges, as two ranges."""
-    first, second = ranges
-    drop = len(first) + len(second) - n
-    if drop <= len(first):
-        return first[drop:], second
-    return range(0), second[drop - len(first):]
-
-
-def _flat(ranges: Tuple[range, range]) -> Tuple[int, ...]:
-    return tuple(ranges[0]) + tuple(ranges[1])
 
 
 def _take(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -570,7 +457,7 @@ class StaticEvictingCache(Cache):
         for layer, decision in zip(due, decisions):
             layer._commit(decision)
 
-    def _run_stacked(self, decision: _Decision) -> None:
+    def _run_stacked(self, decision: Decision) -> None:
         storage = self._storage
         keys, values, positions, queries = storage.stacked(range(self.n_layers))
         (group,) = decision.groups
