@@ -9,7 +9,7 @@ seen, ``get_seq_length()`` is the number SEEN (so generate and the model compute
 positions: RoPE sees a token's real position however much was evicted) and
 ``get_mask_sizes()`` describes the shorter key range. Every attention layer is an
 ``EvictingLayer``; the model's attention goes through tritonkv's attention function
-(``enable``), which records each layer's last W queries after RoPE (the proxy queries of
+(``attention.enable``), which records each layer's last W queries after RoPE (the proxy queries of
 attention scores), attends, and then lets the layer evict:
 
   - a forward of several tokens (a prompt, a prompt chunk — e.g. ``generate(...,
@@ -26,99 +26,30 @@ dropped in some head is not brought back (only a fractional sink window can grow
 forced before). Kept rows stay in ascending position order, so the selective clauses see the
 cache as a shorter sequence (``position()`` ranks by order, a causal proxy attention masks by
 row order: exact when the last W rows are the last W tokens, as with a recent window >= W).
+
+The keys change length every step; ``static.StaticEvictingCache`` is the fixed-capacity layout
+(one shape for the whole decode, CUDA-graph capturable, left-padded batches).
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from dataclasses import replace
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 
-try:
-    from transformers import AttentionInterface, DynamicCache
-    from transformers.cache_utils import Cache, DynamicLayer
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-except ImportError as e:  # pragma: no cover
-    raise ImportError("tritonkv.integrations needs transformers: pip install 'tritonkv[hf]'") from e
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .. import dsl
-from ..budget import allocate, pyramid_budgets, resolve_budget, resolve_count
-from ..reference import proxy_window
 from ..results import Evicted, EvictedVarlen
 from ..reuse import gather
-from ..runtime import Evictor
+from .attention import ATTENTION, attend_packed, enable, expect
+from .schedule import Amount, EvictionSchedule, EvictionTimer, row_windows
 
-ATTENTION = "tritonkv_sdpa"
-_REGISTERED = False
-# The layer whose update() ran last in this thread: the model calls attention right after it.
-_CURRENT = threading.local()
+_attend_packed = attend_packed   # its name before the split (tests/test_hf.py)
 
-
-def enable(model) -> None:
-    """Route the model's attention through tritonkv's (SDPA + proxy queries + eviction)."""
-    global _REGISTERED
-    if not _REGISTERED:
-        AttentionInterface.register(ATTENTION, _attention)
-        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-        _REGISTERED = True
-    if model.config._attn_implementation != ATTENTION:
-        model.set_attn_implementation(ATTENTION)
-
-
-def _attention(module, query, key, value, attention_mask, **kwargs):
-    layer = getattr(_CURRENT, "layer", None)
-    _CURRENT.layer = None
-    if layer is None or key is not layer.keys:   # not an EvictingCache's layer: plain SDPA
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return layer.attend(module, query, key, value, attention_mask, kwargs), None
-
-
-def _window_of(policy: dsl.Policy, n: int, default: int) -> int:
-    """How many proxy queries the policy's attention scores need on n keys (0 when none)."""
-    need = 0
-    for score in policy.scores:
-        for node in dsl.walk(score):
-            if isinstance(node, dsl.ProxyAttention):
-                need = max(need, default if node.window is None else proxy_window(node, n, math.inf))
-    return need
-
-
-def _causal_window(policy: dsl.Policy, n: int, available: int) -> int:
-    """The longest proxy window of the policy's causal attention scores on n keys, with
-    ``available`` proxy queries."""
-    return max((proxy_window(node, n, available) for score in policy.scores for node in dsl.walk(score)
-                if isinstance(node, dsl.ProxyAttention) and node.causal), default=0)
-
-
-def _row_windows(policy: dsl.Policy, seen: int, prefix: int, suffix: int) -> Tuple[int, ...]:
-    """Row counts of the policy's sink / recent(n) clauses in the held cache: positions ``< n``
-    are its first rows (at most the ``prefix`` rows known to be positions 0, 1, ...), positions
-    ``>= seen - n`` its last rows (at most the ``suffix`` rows known to be the last tokens)."""
-    counts = []
-    for c in policy.forced:
-        if isinstance(c, dsl.Sink):
-            counts.append(min(resolve_count(c.n, seen), prefix))
-        elif c.n is not None:
-            counts.append(min(resolve_count(c.n, seen), suffix))
-    return tuple(counts)
-
-
-def _rows_policy(policy: dsl.Policy, counts: Tuple[int, ...]) -> dsl.Policy:
-    """The policy with its sink / recent(n) windows as these row counts. Integer counts keep
-    the compiled kernels: their code depends only on the scores."""
-    counts = iter(counts)
-    clauses = []
-    for c in policy.clauses:
-        if isinstance(c, dsl.Sink):
-            c = dsl.Sink(next(counts))
-        elif isinstance(c, dsl.Recent) and c.n is not None:
-            c = dsl.Recent(next(counts))
-        clauses.append(c)
-    return replace(policy, clauses=tuple(clauses))
+__all__ = ["ATTENTION", "EvictingCache", "EvictingLayer", "EvictionTimer", "enable"]
 
 
 class EvictingLayer(DynamicLayer):
@@ -157,7 +88,7 @@ class EvictingLayer(DynamicLayer):
         self.seen += n
         self.tail += n
         self.suffix += n
-        _CURRENT.layer = self
+        expect(self, keys)
         return keys, values
 
     @property
@@ -213,7 +144,7 @@ class EvictingLayer(DynamicLayer):
 
     def attend(self, module, query, key, value, attention_mask, kwargs):
         """Attention of this forward's queries over the held rows, then eviction if due."""
-        settings = self.cache
+        cache, settings = self.cache, self.cache.schedule
         q_len = query.shape[2]
         if settings.query_window:
             size = settings.query_size(self.held)
@@ -222,22 +153,22 @@ class EvictingLayer(DynamicLayer):
                 recent = torch.cat([self.queries, recent], dim=2)[:, :, -size:]
             self.queries = recent
         if attention_mask is not None:
-            settings.check_mask(attention_mask)
+            cache.check_mask(attention_mask)
         scaling = kwargs.get("scaling") or module.scaling
         if self.packed is not None:
-            out = _attend_packed(self.packed, self.segment, query, key, value, scaling)
+            out = attend_packed(self.packed, self.segment, query, key, value, scaling)
         else:
             kv = key.shape[2]
             mask = None   # one query sees every row; q_len == kv is plain causal
             if 1 < q_len < kv:   # the new tokens see every held row, and each other causally
                 mask = torch.ones(q_len, kv, dtype=torch.bool, device=query.device).tril(kv - q_len)[None, None]
             out, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
-        if not settings.paused:
+        if not cache.paused:
             self._evict_if_due(q_len)
         return out
 
     def _evict_if_due(self, q_len: int) -> None:
-        settings = self.cache
+        settings = self.cache.schedule
         if self.packed is not None:
             return   # adaptive layers evict once (settings refuse an interval for them)
         if q_len > 1:
@@ -254,18 +185,18 @@ class EvictingLayer(DynamicLayer):
 
     def evict(self, k: int) -> None:
         """Keep ``k`` rows per head, chosen by the cache's policy (what the options do by themselves)."""
-        settings = self.cache
+        settings = self.cache.schedule
         held = self.held
         prefix = held if self.whole else self.prefix
         suffix = held if self.whole else min(self.suffix, held)
         available = 0 if self.queries is None else self.queries.shape[2]
-        plan = settings.plan(_row_windows(settings.policy, self.seen, prefix, suffix), held, k, available)
+        plan = settings.plan(row_windows(settings.policy, self.seen, prefix, suffix), held, k, available)
         queries = self.queries if plan.queries else None
-        seed = settings.seed + self.index + settings.n_layers * self.evictions
+        seed = settings.layer_seed(self.index, self.evictions)
         timer = settings.timer
         if timer is not None:
             timer.start()
-        source = settings.reuse_source(self.index)
+        source = self.cache.reuse_source(self.index)
         if source is not None:   # ChunkKV's layer-wise reuse: the kept rows of the group's first layer
             if source.evictions != self.evictions + 1 or source.held_before != held:
                 raise RuntimeError(f"reuse_layers: layer {self.index} holds {held} rows but layer {source.index} "
@@ -297,72 +228,6 @@ class EvictingLayer(DynamicLayer):
             timer.stop()
 
 
-def _attend_packed(packed: EvictedVarlen, segment, query, key, value, scaling: float):
-    """Attention over a packed (per-head lengths) prefix and the dense rows added since,
-    merged by their log-sum-exp; the T new queries see the whole prefix and the dense rows
-    causally. Returns [B, T, H_q, D_v] like transformers' SDPA."""
-    b, hq, t, d = query.shape
-    h = key.shape[1]
-    group = hq // h
-    q = query.float().reshape(b * h, group, t, d) * scaling
-    # prefix: the rows of head (b, h) attend with that head's G query heads
-    s = torch.einsum("rgtd,rd->rgt", q[segment], packed.keys.float())
-    rows = segment[:, None, None].expand(-1, group, t)
-    m_p = torch.full((b * h, group, t), float("-inf"), device=q.device).scatter_reduce(0, rows, s, "amax")
-    e = torch.exp(s - m_p[segment])
-    l_p = torch.zeros(b * h, group, t, device=q.device).index_add_(0, segment, e)
-    o_p = torch.zeros(b * h, group, t, packed.values.shape[-1], device=q.device).index_add_(
-        0, segment, e[..., None] * packed.values.float()[:, None, None, :])
-    # suffix: the rows added since the eviction, dense and causal for the new queries
-    n = key.shape[2]
-    s2 = torch.einsum("rgtd,rnd->rgtn", q, key.float().reshape(b * h, n, d))
-    hidden = torch.ones(t, n, dtype=torch.bool, device=q.device).triu(n - t + 1)
-    s2 = s2.masked_fill(hidden, float("-inf"))
-    m_s = s2.amax(-1)
-    e2 = torch.exp(s2 - m_s[..., None])
-    l_s = e2.sum(-1)
-    o_s = torch.einsum("rgtn,rnd->rgtd", e2, value.float().reshape(b * h, n, -1))
-    m = torch.maximum(m_p, m_s)
-    a_p, a_s = torch.exp(m_p - m), torch.exp(m_s - m)
-    out = (o_p * a_p[..., None] + o_s * a_s[..., None]) / (l_p * a_p + l_s * a_s)[..., None]
-    return out.reshape(b, hq, t, -1).transpose(1, 2).to(query.dtype)
-
-
-class _EvictionPlan:
-    __slots__ = ("evictor", "queries", "n_sink", "n_recent")
-
-    def __init__(self, evictor: Evictor, queries: bool, n_sink: int, n_recent: int):
-        self.evictor, self.queries, self.n_sink, self.n_recent = evictor, queries, n_sink, n_recent
-
-
-class EvictionTimer:
-    """CUDA events around every eviction call (``EvictingCache(..., timing=True)``); ``total_ms()``
-    synchronizes once and adds them up."""
-
-    def __init__(self):
-        self.events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.calls = 0
-
-    def start(self):
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._start.record()
-
-    def stop(self):
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self.events.append((self._start, end))
-        self.calls += 1
-
-    def total_ms(self) -> float:
-        torch.cuda.synchronize()
-        return sum(a.elapsed_time(b) for a, b in self.events)
-
-    def reset(self):
-        self.events, self.calls = [], 0
-
-
-Amount = object   # int tokens, float fraction of the tokens seen, or a sequence of them (one per layer)
-
 
 class EvictingCache(DynamicCache):
     """A ``DynamicCache`` whose layers are evicted with a tritonkv policy while the model runs.
@@ -389,139 +254,31 @@ class EvictingCache(DynamicCache):
             and the others keep the same rows (ChunkKV's layer-wise index reuse, applied with
             ``tkv.gather``); needs one uniform budget for all layers.
 
-    Padded batches are refused (a token kept by eviction cannot be told from padding): batch
-    prompts of equal length, or generate them one at a time. Beam search works for uniform
-    policies; adaptive (AdaKV) layers evict once, after the prompt, and refuse beam search.
+    Padded batches are refused (a token kept by eviction cannot be told from padding in a
+    layout whose rows all have one length): batch prompts of equal length, generate them one
+    at a time, or use ``StaticEvictingCache``, which keeps every row's own real tokens. Beam
+    search works for uniform policies; adaptive (AdaKV) layers evict once, after the prompt,
+    and refuse beam search.
     """
 
     def __init__(self, model, policy=None, budget: Amount = None, *, interval: Optional[int] = None,
                  target: Amount = None, window: int = 64, seed: int = 0, backend: str = "auto",
                  timing: bool = False, directions: Optional[Mapping[str, torch.Tensor]] = None,
                  reuse_layers: int = 1):
-        config = model.config.get_text_config(decoder=True)
-        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-        if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True) \
-                or any(t != "full_attention" for t in layer_types):
-            raise ValueError("EvictingCache: the model has sliding-window / non-full attention layers "
-                             f"({sorted(set(layer_types))}, sliding_window={getattr(config, 'sliding_window', None)}); "
-                             "only full-attention layers can be evicted")
-        self.n_layers = len(layer_types)
-        self.policy = None if policy is None else dsl.as_policy(policy)
-        if self.policy is None and (budget is not None or interval is not None):
-            raise ValueError("policy: budget / interval need a policy (policy=None keeps everything)")
-        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
-            raise ValueError(f"interval: expected an int >= 1 (decoded tokens between evictions) or None, got {interval!r}")
-        if target is None:
-            target = budget
-        if interval is not None and target is None:
-            raise ValueError("target: decoding-time eviction (interval) needs a target or a budget to evict back to")
-        if interval is not None and self.policy.heads == "adaptive":
-            raise ValueError("interval: an adaptive (AdaKV) policy evicts once, after the prompt (its layers are "
-                             "packed per head); use interval=None, or a uniform policy for decoding-time eviction")
-        for name, amount in (("budget", budget), ("target", target)):
-            if isinstance(amount, (list, tuple)):
-                if len(amount) != self.n_layers:
-                    raise ValueError(f"{name}: expected {self.n_layers} per-layer entries (one per layer), "
-                                     f"got {len(amount)}")
-                for a in amount:
-                    resolve_budget(a, 1 << 62)
-            elif amount is not None:
-                resolve_budget(amount, 1 << 62)   # type and range, with evict's messages
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window: expected an int >= 1 (proxy queries kept per layer), got {window!r}")
-        self._directions = self._check_directions(directions, model)
-        if isinstance(reuse_layers, bool) or not isinstance(reuse_layers, int) or reuse_layers < 1:
-            raise ValueError(f"reuse_layers: expected an int >= 1 (layers per shared selection), got {reuse_layers!r}")
-        if reuse_layers > 1 and self.policy is not None and (
-                self.policy.heads == "adaptive" or self.policy.layers == "pyramid"
-                or any(isinstance(a, (list, tuple)) for a in (budget, target))):
-            raise ValueError("reuse_layers: layers that share a selection need one uniform budget per head "
-                             "(no per-layer budgets, PyramidKV or AdaKV)")
-        self.reuse_layers = reuse_layers
-        self.budget, self.interval, self.target, self.window = budget, interval, target, window
-        self.seed, self.backend = seed, backend
-        self.query_window = self.policy is not None and self.policy.needs_queries
+        self.schedule = schedule = EvictionSchedule(
+            model, policy, budget, interval=interval, target=target, window=window, seed=seed, backend=backend,
+            timing=timing, directions=directions, reuse_layers=reuse_layers)
+        self.n_layers, self.policy, self.timer = schedule.n_layers, schedule.policy, schedule.timer
         self.paused = False
-        self.timer = EvictionTimer() if timing else None
-        self._evictors: Dict[Tuple, Evictor] = {}
-        self._plans: Dict[Tuple, _EvictionPlan] = {}
-        if self.query_window:   # fractional proxy windows need more queries on longer caches
-            self._window_grows = any(isinstance(node, dsl.ProxyAttention) and isinstance(node.window, float)
-                                     for score in self.policy.scores for node in dsl.walk(score))
-            self._query_size = max(window, _window_of(self.policy, 1, window))
-        self._budgets: Dict[Tuple, List[int]] = {}
         self._checked_mask = None
         enable(model)
         Cache.__init__(self, layers=[EvictingLayer(self, i) for i in range(self.n_layers)])
 
-    def _check_directions(self, directions, model) -> List[Dict[str, torch.Tensor]]:
-        """Per-layer ``directions=`` dicts for evict, from name -> [n_layers, H_kv, D]."""
-        used = () if self.policy is None else self.policy.directions
-        if self.policy is not None and self.policy.signals:
-            raise ValueError(f"policy: it reads signal(...) {list(self.policy.signals)}, which an EvictingCache has "
-                             "no source for; evict the cache's layers with tkv.evict(..., signals=...) instead")
-        directions = dict(directions or {})
-        if set(directions) != set(used):
-            raise ValueError(f"directions: the policy reads key_dot {list(used)}; got {sorted(directions)}")
-        device = next(model.parameters()).device
-        for name, t in directions.items():
-            if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != self.n_layers:
-                raise ValueError(f"directions[{name!r}]: expected a tensor [n_layers={self.n_layers}, H_kv, D], "
-                                 f"got {getattr(t, 'shape', type(t).__name__)}")
-        return [{name: t[i].to(device) for name, t in directions.items()} or None for i in range(self.n_layers)]
-
-    def layer_directions(self, layer: int) -> Optional[Dict[str, torch.Tensor]]:
-        return self._directions[layer]
-
     def reuse_source(self, layer: int) -> Optional[EvictingLayer]:
         """The layer whose selection ``layer`` reuses (reuse_layers), or None."""
-        first = layer - layer % self.reuse_layers
+        reuse = self.schedule.reuse_layers
+        first = layer - layer % reuse
         return None if first == layer else self.layers[first]
-
-    def layer_budget(self, amount: Amount, layer: int, seen: int) -> int:
-        """Tokens per head that ``layer`` keeps when evicting to ``amount`` after ``seen`` tokens."""
-        key = (id(amount), seen)
-        budgets = self._budgets.get(key)
-        if budgets is None:
-            if isinstance(amount, (list, tuple)):
-                budgets = [resolve_budget(a, seen) for a in amount]
-            elif self.policy.layers == "pyramid":
-                budgets = [min(seen, b) for b in
-                           pyramid_budgets(resolve_budget(amount, seen), self.n_layers, self.policy.pyramid_beta)]
-            else:
-                budgets = [resolve_budget(amount, seen)] * self.n_layers
-            if len(self._budgets) > 64:
-                self._budgets.clear()
-            self._budgets[key] = budgets
-        return budgets[layer]
-
-    def plan(self, windows: Tuple[int, ...], held: int, k: int, available: int) -> "_EvictionPlan":
-        """How a layer holding ``held`` rows evicts to ``k`` with these row windows; one planned
-        Evictor each, so decoding at a fixed target replays one plan."""
-        key = (windows, held, k, available)
-        plan = self._plans.get(key)
-        if plan is None:
-            policy = _rows_policy(self.policy, windows)
-            queries = self.query_window
-            if queries and _causal_window(policy, held, available) > held:
-                # a causal proxy window longer than the rows held cannot be placed on them (a
-                # small per-layer budget): keep the sinks and the most recent rows
-                policy = dsl.Policy(tuple(c for c in policy.clauses if isinstance(c, dsl.Sink)) + (dsl.recent(),))
-                queries = False
-            ev = self._evictors.get((policy, k))
-            if ev is None:
-                ev = self._evictors[(policy, k)] = Evictor(policy, k, backend=self.backend)
-            alloc = allocate(policy, held, k)
-            if len(self._plans) > 256:
-                self._plans.clear()
-            plan = self._plans[key] = _EvictionPlan(ev, queries, alloc.n_sink, alloc.n_recent)
-        return plan
-
-    def query_size(self, held: int) -> int:
-        """Proxy queries a layer keeps while it holds ``held`` rows."""
-        if not self._window_grows:
-            return self._query_size
-        return max(self.window, _window_of(self.policy, held, self.window))
 
     def check_mask(self, mask) -> None:
         """Refuse a mask that hides more than causality does (padding, or a custom mask): the
@@ -534,13 +291,13 @@ class EvictingCache(DynamicCache):
             raise ValueError("EvictingCache: the attention mask hides tokens (a left-padded batch, or a custom mask); "
                              "evicted caches keep different positions per row and head, so padding cannot be masked "
                              "consistently. Batch prompts of equal length without padding (attention_mask all ones), "
-                             "or generate one prompt at a time")
+                             "generate one prompt at a time, or use hf.StaticEvictingCache (left padding)")
         self._checked_mask = mask
 
-    def pause(self) -> "_Paused":
+    def pause(self) -> "Paused":
         """``with cache.pause(): model(...)`` runs forwards without evicting (e.g. a question
         appended to a compressed context)."""
-        return _Paused(self)
+        return Paused(self)
 
     def positions(self, layer: int) -> torch.Tensor:
         """[B, H_kv, held]: positions in the whole sequence of a (dense) layer's held rows."""
@@ -551,7 +308,9 @@ class EvictingCache(DynamicCache):
         return sum(layer.tokens() for layer in self.layers)
 
 
-class _Paused:
+class Paused:
+    """Evictions off while in the block (``cache.pause()``)."""
+
     def __init__(self, cache):
         self.cache = cache
 

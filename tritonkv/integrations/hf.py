@@ -6,7 +6,9 @@ The cache object does the work, inside ``model.generate`` (any decoding strategy
     cache = hf.EvictingCache(model, tkv.policies.snapkv(), budget=0.25, interval=64, target=0.25)
     out = model.generate(input_ids, past_key_values=cache, max_new_tokens=256)
 
-See :class:`tritonkv.integrations.cache.EvictingCache`. The helpers below are a small greedy
+See :class:`tritonkv.integrations.cache.EvictingCache`; :class:`~tritonkv.integrations.static.StaticEvictingCache`
+is the fixed-capacity layout (constant shapes while decoding, left-padded batches), whose decode
+steps ``cuda_graphs(model, cache)`` replays as CUDA graphs. The helpers below are a small greedy
 loop on top of it, for evaluations that compress a context and then ask about it:
 
     state = hf.prefill(model, input_ids, tkv.policies.snapkv(), budget=0.25)   # prefill + evict
@@ -24,9 +26,12 @@ import torch
 from .. import dsl
 from ..budget import pyramid_budgets, resolve_budget
 from .cache import ATTENTION, EvictingCache, EvictingLayer, EvictionTimer, enable
+from .graphs import DecodeGraphs, cuda_graphs
+from .static import StaticEvictingCache, StaticEvictingLayer
 
-__all__ = ["EvictingCache", "EvictingLayer", "EvictionTimer", "Prefilled", "enable", "prefill", "extend",
-           "decode", "generate", "layer_budgets", "ATTENTION"]
+__all__ = ["EvictingCache", "EvictingLayer", "EvictionTimer", "StaticEvictingCache", "StaticEvictingLayer",
+           "DecodeGraphs", "cuda_graphs", "Prefilled", "enable", "prefill", "extend", "decode", "generate",
+           "layer_budgets", "ATTENTION"]
 
 
 @dataclass

@@ -1,0 +1,347 @@
+"""StaticEvictingCache (fixed-capacity layer buffers) inside model.generate, on a randomly
+initialized tiny Llama (no weights needed): equality with plain generate when nothing is
+evicted (left-padded batches included, per row), with EvictingCache at real budgets, with each
+row generated alone; shapes that never change; decode steps that read no GPU value."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import tritonkv as tkv  # noqa: E402
+from tritonkv import policies  # noqa: E402
+from tritonkv.integrations import hf  # noqa: E402
+from tritonkv.runtime import Evictor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def prompt(b=2, n=120, seed=1):
+    return torch.randint(1, 101, (b, n), generator=torch.Generator().manual_seed(seed))   # no pad token (0)
+
+
+LENGTHS = [90, 60, 20]   # a left-padded batch: real tokens per row
+
+
+def padded(lengths=LENGTHS, seed=2):
+    n = max(lengths)
+    ids = prompt(len(lengths), n, seed)
+    mask = torch.ones_like(ids)
+    for b, real in enumerate(lengths):
+        ids[b, :n - real] = 0
+        mask[b, :n - real] = 0
+    return ids, mask
+
+
+def generate(model, ids, cache=None, mask=None, **kwargs):
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0) | kwargs
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(do_sample=True, top_k=0, temperature=1.5), dict(num_beams=3),
+                                    dict(prefill_chunk_size=32)],
+                         ids=["greedy", "sampling", "beams", "prefill-chunks"])
+@pytest.mark.parametrize("pad", [False, True], ids=["equal-lengths", "left-padded"])
+def test_everything_fits_generates_like_transformers(model, kwargs, pad):
+    """A budget that holds the whole sequence: token for token plain generate, per row of a
+    left-padded batch too (pad tokens never enter the buffer, the mask hides the empty slots)."""
+    ids, mask = padded() if pad else (prompt(), None)
+    torch.manual_seed(7)
+    want = generate(model, ids, mask=mask, **kwargs)
+    torch.manual_seed(7)
+    cache = hf.StaticEvictingCache(model, policies.snapkv(window=8), 200, interval=3)
+    got = generate(model, ids, cache, mask=mask, **kwargs)
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == ids.shape[1] + got.shape[1] - 1
+    assert all(layer.buffer.keys.shape[2] == 203 for layer in cache.layers)
+
+
+CASES = [
+    (policies.keydiff(sinks=2), 40, dict(interval=4)),
+    (policies.snapkv(window=8), 30, dict(interval=5)),
+    (policies.tova(), 30, dict(interval=1)),
+    (policies.streaming_llm(sinks=4), 24, dict(interval=7)),
+    (policies.pyramidkv(policies.snapkv(window=8)), 40, dict(interval=3)),
+    (policies.qfilters(recent=4), 30, dict(interval=4, directions={
+        "qfilter": torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(3))})),
+]
+IDS = ["keydiff", "snapkv", "tova-every-step", "streaming", "pyramid", "qfilters"]
+
+
+@pytest.mark.parametrize("policy, budget, kwargs", CASES, ids=IDS)
+def test_same_tokens_as_the_growing_cache(model, policy, budget, kwargs):
+    """Prompt >= budget, int budget, deterministic policy: the same evictions at the same steps
+    as EvictingCache, so the same kept positions in every layer and the same tokens."""
+    ids = prompt(n=100)
+    dynamic = hf.EvictingCache(model, policy, budget, **kwargs)
+    static = hf.StaticEvictingCache(model, policy, budget, **kwargs)
+    want = generate(model, ids, dynamic, max_new_tokens=13)
+    got = generate(model, ids, static, max_new_tokens=13)
+    assert torch.equal(got, want)
+    for a, b in zip(dynamic.layers, static.layers):
+        assert a.evictions == b.evictions >= 2
+        assert torch.equal(a.positions(), b.positions())
+
+
+@pytest.mark.parametrize("budget, interval, chunk", [(16, 1, None), (33, 8, None), (50, 2, 40), (20, 16, 25)])
+def test_budgets_and_intervals(model, budget, interval, chunk):
+    ids = prompt(n=80, seed=budget)
+    policy = tkv.sink(2) | tkv.recent(3) | tkv.top(-tkv.anchor_similarity())
+    dynamic = hf.EvictingCache(model, policy, budget, interval=interval)
+    static = hf.StaticEvictingCache(model, policy, budget, interval=interval)
+    want = generate(model, ids, dynamic, max_new_tokens=12, prefill_chunk_size=chunk)
+    got = generate(model, ids, static, max_new_tokens=12, prefill_chunk_size=chunk)
+    assert torch.equal(got, want)
+    assert static.layers[0].held == dynamic.layers[0].held <= budget + interval
+    assert torch.equal(static.layers[2].positions(), dynamic.layers[2].positions())
+
+
+@pytest.mark.parametrize("policy, budget, interval", [(policies.keydiff(sinks=2), 40, 4),
+                                                      (policies.snapkv(window=8), 30, 5)], ids=["keydiff", "snapkv"])
+def test_padded_rows_keep_their_own_budget(model, policy, budget, interval):
+    """Every row of a left-padded batch generates what it generates alone, keeping the same
+    positions: pad tokens are never kept, and a short row keeps all of its real tokens."""
+    ids, mask = padded()
+    cache = hf.StaticEvictingCache(model, policy, budget, interval=interval)
+    batch = generate(model, ids, cache, mask=mask, max_new_tokens=14)
+    for b, real in enumerate(LENGTHS):
+        alone_ids = ids[b:b + 1, ids.shape[1] - real:]
+        alone = hf.StaticEvictingCache(model, policy, budget, interval=interval)
+        assert torch.equal(generate(model, alone_ids, alone, max_new_tokens=14)[0], batch[b])
+        for layer, single in zip(cache.layers, alone.layers):
+            positions = layer.positions()[b]
+            kept = positions[positions >= 0].view(positions.shape[0], -1)
+            assert torch.equal(kept, single.positions()[0])
+            assert kept.min() >= 0 and kept.max() == real + 12    # positions of the row's own sequence
+            assert kept.shape[1] == (real + 13 if real + 13 <= budget + interval else single.held)
+
+
+def test_shapes_never_change_while_decoding(model, monkeypatch):
+    """SDPA sees one key length at every decode step; the buffers keep their storage."""
+    ids = prompt(n=60)
+    cache = hf.StaticEvictingCache(model, policies.keydiff(sinks=2), 24, interval=5)
+    lengths, pointers = set(), set()
+    from tritonkv.integrations import static
+    original = static.sdpa_attention_forward
+
+    def spy(module, query, key, value, mask, **kwargs):
+        if query.shape[2] == 1:
+            lengths.add((tuple(key.shape), tuple(mask.shape)))
+            pointers.add(key.data_ptr())
+        return original(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(static, "sdpa_attention_forward", spy)
+    generate(model, ids, cache, max_new_tokens=17)
+    assert lengths == {((2, 2, 29, 16), (2, 1, 1, 29))}
+    assert pointers == {layer.buffer.keys.data_ptr() for layer in cache.layers}
+    assert sum(layer.evictions for layer in cache.layers) == 3 * 4   # the prompt, then every 5 tokens
+
+
+class _NoHostReads:
+    """Tensor methods that read a GPU value on the host raise while active (tkv.evict is exempt:
+    its compiled path never syncs, checked on CUDA by test_decode_steps_as_cuda_graphs)."""
+
+    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+    def __init__(self, monkeypatch):
+        self.active = False
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def trap(t, *args, _name=name, _original=original, **kwargs):
+                if self.active:
+                    raise AssertionError(f"a decode step called Tensor.{_name}")
+                return _original(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, trap)
+        call = Evictor.__call__
+
+        def exempt(ev, *args, **kwargs):
+            active, self.active = self.active, False
+            try:
+                return call(ev, *args, **kwargs)
+            finally:
+                self.active = active
+
+        monkeypatch.setattr(Evictor, "__call__", exempt)
+
+
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "per-layer"])
+def test_decode_steps_read_no_gpu_value(model, monkeypatch, stack):
+    """A decode step as DecodeGraphs runs it (input_ids and position_ids, no mask) calls no
+    host read of a tensor — the write, the mask, attention and the eviction included — and its
+    host bookkeeping is what advance_host() repeats for a replayed graph."""
+    ids, mask = padded()
+    cache = hf.StaticEvictingCache(model, policies.snapkv(window=8), 24, interval=3, stack_layers=stack)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    past_key_values=cache, use_cache=True)
+    position = mask.sum(-1, keepdim=True)
+    token = out.logits[:, -1:].argmax(-1)
+    trap = _NoHostReads(monkeypatch)
+    keys, evicting = set(), 0
+    for _ in range(7):
+        key = cache.step_key()
+        keys.add(key)
+        before = cache.host_state()
+        trap.active = True
+        with torch.no_grad():
+            logits = model(token, position_ids=position, past_key_values=cache, use_cache=True).logits
+        trap.active = False
+        after = _facts(cache.host_state())
+        evicting += bool(key[1])
+        assert bool(key[1]) == any(a[2] != b[2] for a, b in zip(_facts(before), after))   # key says when it evicts
+        cache.restore_host_state(before)
+        cache.advance_host()
+        assert _facts(cache.host_state()) == after
+        token, position = logits[:, -1:].argmax(-1), position + 1
+    assert evicting == 2 and len(keys) == 2 + 1   # plain; evicting with the short row's empty slots; then without
+    trap.active = True
+    with pytest.raises(AssertionError, match="Tensor.item"):   # the trap works
+        torch.ones(1).item()
+    trap.active = False
+
+
+def _facts(state):
+    return [(filled, seen, evictions, [tuple(getattr(r, n) for n in r.__slots__) for r in rows])
+            for filled, seen, evictions, rows in state]
+
+
+def test_stacked_layers_evict_in_one_call(model, monkeypatch):
+    ids = prompt(n=70)
+    calls = []
+    original = Evictor.__call__
+
+    def count(ev, keys, *args, **kwargs):
+        calls.append(keys.shape[0])
+        return original(ev, keys, *args, **kwargs)
+
+    monkeypatch.setattr(Evictor, "__call__", count)
+    tokens = {}
+    for stack in (True, False):
+        calls.clear()
+        cache = hf.StaticEvictingCache(model, policies.keydiff(sinks=2), 30, interval=4, stack_layers=stack)
+        tokens[stack] = generate(model, ids, cache, max_new_tokens=9)
+        decode_calls = calls[3:]            # the prompt evicts layer by layer
+        assert decode_calls == ([3 * 2] * 2 if stack else [2] * 6)
+    assert torch.equal(tokens[True], tokens[False])   # no random draws: the same tokens either way
+
+
+def test_a_short_prompt_evicts_when_the_buffer_is_full(model):
+    """Where the two caches differ: a prompt shorter than the budget. This cache first evicts
+    when its buffer is full (budget + interval tokens); EvictingCache, once past ``interval``
+    decoded tokens, as soon as it holds more than the budget (then every ``interval``)."""
+    ids = prompt(n=20)
+    static = hf.StaticEvictingCache(model, policies.keydiff(), 30, interval=4)
+    dynamic = hf.EvictingCache(model, policies.keydiff(), 30, interval=4)
+    generate(model, ids, static, max_new_tokens=21)   # 20 decode steps: 40 tokens seen
+    generate(model, ids, dynamic, max_new_tokens=21)
+    assert static.layers[0].evictions == 2        # full at 34 tokens, then at 38
+    assert dynamic.layers[0].evictions == 3       # at 31, 35 and 39 tokens
+    assert static.layers[0].held == 32 and dynamic.layers[0].held == 31
+    static.reset()
+    assert static.get_seq_length() == 0 and static.layers[0].held == 0
+    assert torch.equal(generate(model, ids, static, max_new_tokens=5),
+                       generate(model, ids, hf.StaticEvictingCache(model, policies.keydiff(), 30, interval=4),
+                                max_new_tokens=5))
+
+
+def test_extend_and_pause(model):
+    """A paused forward stores without evicting; the buffer must keep room for the next token."""
+    ids = prompt(n=50)
+    cache = hf.StaticEvictingCache(model, policies.keydiff(), 20, interval=8)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        with cache.pause():
+            model(prompt(n=5, seed=9), past_key_values=cache, use_cache=True)
+        assert cache.layers[0].held == 25 and cache.get_seq_length() == 55
+        assert torch.equal(cache.positions(0)[..., -5:], torch.arange(50, 55).expand(2, 2, 5))
+        with cache.pause(), pytest.raises(ValueError, match="capacity - 1 = 27"):
+            model(prompt(n=5, seed=9), past_key_values=cache, use_cache=True)
+
+
+def test_refusals(model):
+    with pytest.raises(ValueError, match="budget: a fixed-capacity cache needs tokens per head"):
+        hf.StaticEvictingCache(model, policies.keydiff(), 0.25, interval=8)
+    with pytest.raises(ValueError, match="budget: expected 3"):
+        hf.StaticEvictingCache(model, policies.keydiff(), [10, 10], interval=8)
+    with pytest.raises(ValueError, match="interval: expected an int >= 1"):
+        hf.StaticEvictingCache(model, policies.keydiff(), 10, interval=None)
+    with pytest.raises(ValueError, match="interval: expected an int >= 1"):
+        hf.StaticEvictingCache(model, policies.keydiff(), 10, interval=0)
+    with pytest.raises(ValueError, match="policy: a StaticEvictingCache needs a policy"):
+        hf.StaticEvictingCache(model, None, 10, interval=4)
+    with pytest.raises(ValueError, match="interval: an adaptive"):
+        hf.StaticEvictingCache(model, policies.adakv(), 10, interval=4)
+    with pytest.raises(ValueError, match="stack_layers: expected a bool"):
+        hf.StaticEvictingCache(model, policies.keydiff(), 10, interval=4, stack_layers="yes")
+    with pytest.raises(ValueError, match=r"directions: the policy reads key_dot \['qfilter'\]"):
+        hf.StaticEvictingCache(model, policies.qfilters(), 10, interval=4)
+    ids, mask = padded()
+    right = mask.flip(-1)
+    with pytest.raises(ValueError, match="attention_mask: expected left padding"):
+        generate(model, ids.flip(-1), hf.StaticEvictingCache(model, policies.keydiff(), 10, interval=4), mask=right)
+    with pytest.raises(TypeError, match="cache: expected a StaticEvictingCache"):
+        hf.DecodeGraphs(model, hf.EvictingCache(model, policies.keydiff(), 10))
+    with pytest.raises(ValueError, match="input_ids: CUDA graphs need CUDA tensors"):
+        hf.DecodeGraphs(model, hf.StaticEvictingCache(model, policies.keydiff(), 10, interval=4))(
+            prompt(n=1), torch.zeros(2, 1, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pad", [False, True], ids=["equal-lengths", "left-padded"])
+def test_decode_steps_as_cuda_graphs(model, pad):
+    """On CUDA: a decode step (forward, cache write, and the stacked eviction when due) is one
+    CUDA graph replay; replays generate what eager steps generate; an eager decode step,
+    eviction included, never synchronizes with the host."""
+    gpu = model.to("cuda")
+    ids, mask = padded() if pad else (prompt(n=100), None)
+    ids = ids.cuda()
+    mask = None if mask is None else mask.cuda()
+    try:
+        eager = hf.StaticEvictingCache(gpu, policies.snapkv(window=8), 32, interval=4, backend="triton")
+        want = generate(gpu, ids, eager, mask=mask, max_new_tokens=30)
+        cache = hf.StaticEvictingCache(gpu, policies.snapkv(window=8), 32, interval=4, backend="triton")
+        with hf.cuda_graphs(gpu, cache) as graphs:
+            got = generate(gpu, ids, cache, mask=mask, max_new_tokens=30)
+        assert graphs.replays >= 20 and 2 <= len(graphs.graphs) <= 3
+        assert torch.equal(got, want)
+        for a, b in zip(eager.layers, cache.layers):
+            assert torch.equal(a.positions(), b.positions())
+        if pad:
+            return
+        # eager decode steps (an eviction among them) never synchronize; then DecodeGraphs by hand
+        steps = hf.StaticEvictingCache(gpu, policies.snapkv(window=8), 32, interval=4, backend="triton")
+        with torch.no_grad():
+            out = gpu(ids, attention_mask=mask, past_key_values=steps, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            position = torch.full_like(token, ids.shape[1])
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(5):   # plain steps and one eviction, eagerly: no host sync
+                    logits = gpu(token, position_ids=position, past_key_values=steps, use_cache=True).logits
+                    token, position = logits[:, -1:].argmax(-1), position + 1
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            runner = hf.DecodeGraphs(gpu, steps)
+            replayed = []
+            for _ in range(12):
+                logits = runner(token, position)
+                token, position = logits[:, -1:].argmax(-1), position + 1
+                replayed.append(token)
+            assert runner.replays >= 8
+        want = generate(gpu, ids, hf.StaticEvictingCache(gpu, policies.snapkv(window=8), 32, interval=4,
+                                                         backend="triton"), max_new_tokens=18)
+        assert torch.equal(torch.cat(replayed, 1), want[:, 6:])   # 1 + 5 eager tokens, then the 12 replayed
+    finally:
+        model.to("cpu")

@@ -1,0 +1,540 @@
+"""A fixed-capacity evicting cache for transformers: every layer's keys keep one shape for the
+whole decode, so SDPA never replans and a decode step can be captured in one CUDA graph.
+
+    cache = StaticEvictingCache(model, tkv.policies.snapkv(), budget=2048, interval=64)
+    out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=512)
+
+Each layer owns ``capacity = budget + interval`` slots per (batch row, KV head)
+(``buffer.LayerBuffer``). A forward of several tokens (the prompt, a prompt chunk) attends over
+the rows held and the new tokens, then keeps ``budget`` of them per row (evicting with the
+policy when a row has more) in the buffer's first slots. A decoded token is written in place at
+the device-side fill ``length``; attention reads all ``capacity`` slots with a mask of the
+occupied ones, so the key length SDPA sees is constant. When the write fills the buffer, the
+policy evicts it in place back to ``budget`` (the kept rows are written into the first
+``budget`` slots), after the forward's last layer attended: with one budget for all layers and
+no per-layer directions, every layer's eviction is ONE ``tkv.evict`` call on the stacked
+layers ([L * B, H_kv, capacity, D], storage shared, no copy). What happens in a decode step
+follows from host counters alone (the fill of every layer is a Python int that grows by one per
+step), so the step reads no GPU value: no ``.item()``, no branch on a tensor.
+
+Positions stay true: a token's position is the ``position_ids`` the model gave it (RoPE sees
+real positions however much was evicted; ``positions()`` reads them back). ``sink`` / ``recent``
+windows are positions in each row's sequence, as in ``EvictingCache``.
+
+Left-padded batches: the padding of a forward of several tokens is read from the attention
+mask (one host read per prompt forward, never while decoding); pad tokens are never stored, and
+every row keeps its own ``budget`` of real tokens. A row with fewer tokens than the others holds
+them in its last occupied slots (the empty ones first, as left padding), which the attention
+mask hides.
+
+Against ``EvictingCache(model, policy, budget, interval=interval)`` with an int budget: the
+same evictions at the same steps, the same kept tokens for policies without random draws, when
+every prompt holds at least ``budget`` tokens. A shorter prompt differs: this cache first evicts
+when the buffer is full (after ``capacity - prompt`` decoded tokens), EvictingCache as soon as
+it holds more than ``budget`` once ``interval`` tokens were decoded (then every ``interval``). Stacked
+evictions draw random numbers per stacked row, so random policies keep other (equally likely)
+tokens than per-layer calls.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .. import dsl
+from ..results import Evicted
+from .attention import enable, expect
+from .buffer import LayerBuffer, Storage
+from .cache import Paused
+from .rows import Decision, Row, commit, decide, flat
+from .schedule import EvictionPlan, EvictionSchedule, per_layer_ints
+
+
+class StaticEvictingLayer(CacheLayerMixin):
+    """One attention layer of a :class:`StaticEvictingCache`: ``capacity`` slots per (row, head)."""
+
+    is_compileable = False   # decode steps run as CUDA graphs through graphs.DecodeGraphs, not torch.compile
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, cache: "StaticEvictingCache", index: int, budget: int, capacity: int):
+        super().__init__()
+        self.cache, self.index, self.budget, self.capacity = cache, index, budget, capacity
+        self.buffer: Optional[LayerBuffer] = None
+        self.filled = 0              # slots written (host mirror of buffer.length)
+        self.seen = 0                # tokens given, padding included (what positions are counted from)
+        self.evictions = 0
+        self.rows: List[Row] = []
+        self._new = None             # the new keys / values of a forward of several tokens
+        self._index = None           # the slots a decoded token was written to
+
+    # ------------------------------------------------------------------ transformers' layer API
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.buffer = self.cache.buffer_for(self, key_states, value_states)
+        self.rows = [Row() for _ in range(key_states.shape[0])]
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != len(self.rows):
+            raise ValueError(f"key_states: the cache holds {len(self.rows)} batch rows, got {key_states.shape[0]}; "
+                             "a StaticEvictingCache serves one batch (make a new one per generate call)")
+        q = key_states.shape[2]
+        self.seen += q
+        if q == 1:
+            self._decode_host()
+            self._index = self.buffer.write(key_states, value_states)
+            keys, values = self.buffer.keys, self.buffer.values
+        else:
+            self._new = (key_states, value_states)
+            keys, values = key_states, value_states
+            if self.filled:
+                keys = torch.cat([self.buffer.keys[:, :, :self.filled], key_states], dim=2)
+                values = torch.cat([self.buffer.values[:, :, :self.filled], value_states], dim=2)
+        expect(self, keys)
+        return keys, values
+
+    def _decode_host(self) -> None:
+        """The host side of writing one decoded token (what a replayed CUDA graph skips)."""
+        if self.filled >= self.capacity:
+            raise RuntimeError(f"StaticEvictingCache: layer {self.index} is full ({self.capacity} slots) and "
+                               "evictions are paused; a paused forward must leave room for the next token")
+        self.filled += 1
+        window = self.cache.query_window
+        for row in self.rows:
+            row.seen += 1
+            row.suffix += 1
+            row.queries = min(window, row.queries + 1)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1   # positions are not bounded by the capacity
+
+    def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
+        # the held slots + the new tokens; the first stands for position seen - filled, so the
+        # mask's last query_length columns are the new tokens' padding (read by _attend_many)
+        return self.filled + query_length, self.seen - self.filled
+
+    @property
+    def held(self) -> int:
+        """Slots occupied in the buffer (the same for every row; empty ones of short rows included)."""
+        return self.filled
+
+    def positions(self) -> torch.Tensor:
+        """int64 [B, H_kv, held]: the true position of every held row; -1 for a row's empty slots."""
+        buffer = self.buffer
+        pos = buffer.positions[:, :, :self.filled]
+        empty = buffer.slots[:self.filled] < buffer.start[:, None]
+        return pos.masked_fill(empty[:, None, :], -1)
+
+    @property
+    def last(self) -> Optional[Evicted]:
+        """The rows kept, as an Evicted whose indices are positions (-1: a short row's empty slots)."""
+        if not self.is_initialized:
+            return None
+        return Evicted(self.buffer.keys[:, :, :self.filled], self.buffer.values[:, :, :self.filled], self.positions())
+
+    @property
+    def queries(self) -> Optional[torch.Tensor]:
+        return None if self.buffer is None else self.buffer.queries
+
+    def tokens(self) -> int:
+        """Tokens held over all batch rows and heads."""
+        if not self.is_initialized:
+            return 0
+        return self.buffer.keys.shape[1] * sum(self.filled - row.start for row in self.rows)
+
+    def reset(self) -> None:
+        """Empty the layer (the buffers stay allocated), for another generation of the same batch size."""
+        if self.is_initialized:
+            self.buffer.length.zero_()
+            self.buffer.start.zero_()
+            self.rows = [Row() for _ in self.rows]
+        self.filled = self.seen = self.evictions = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
+        order = beam_idx.tolist()   # beam search: one host read per step, outside any graph
+        buffer = self.buffer
+        index = beam_idx.to(buffer.keys.device)
+        for t in (buffer.keys, buffer.values, buffer.positions, buffer.start, buffer.queries):
+            if t is not None:
+                t.copy_(t.index_select(0, index))
+        self.rows = [self.rows[i].copy() for i in order]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._refuse_resize()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._refuse_resize()
+
+    def _refuse_resize(self) -> None:
+        if self.is_initialized:
+            raise NotImplementedError("a StaticEvictingCache has a fixed batch size; this decoding strategy "
+                                      "changes it (use EvictingCache)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a StaticEvictingCache cannot be cropped (evicted tokens cannot be restored): "
+                                  "assisted / speculative decoding is not supported")
+
+    # ------------------------------------------------------------------ attention
+
+    def attend(self, module, query, key, value, attention_mask, kwargs):
+        if query.shape[2] == 1:
+            return self._attend_one(module, query, key, value, kwargs)
+        return self._attend_many(module, query, key, value, attention_mask, kwargs)
+
+    def _attend_one(self, module, query, key, value, kwargs):
+        """A decode step: every slot, the empty ones masked; nothing here reads a GPU value."""
+        cache, buffer = self.cache, self.buffer
+        positions = kwargs.get("position_ids")
+        if positions is None:   # models that do not pass them: the host count (not graph-safe with padding)
+            positions = torch.tensor([[row.seen - 1] for row in self.rows], device=key.device)
+        buffer.write_positions(self._index, positions.expand(key.shape[0], -1))
+        if cache.query_window:
+            buffer.push_queries(query.detach())
+        out, _ = sdpa_attention_forward(module, query, key, value, buffer.visible(), **kwargs)
+        if self.index == cache.n_layers - 1:
+            cache.end_of_decode_step(run=True)
+        return out
+
+    def _attend_many(self, module, query, key, value, attention_mask, kwargs):
+        """A prompt (chunk): attention over the held rows and the new tokens, then every row's
+        real tokens into the buffer, evicted to the budget where a row has more."""
+        cache, buffer = self.cache, self.buffer
+        b, q = query.shape[0], query.shape[2]
+        new_keys, new_values = self._new
+        self._new = None
+        pads = cache.padding(attention_mask, b, q, key.shape[2])
+        for row, pad in zip(self.rows, pads):
+            if pad and row.seen:
+                raise ValueError("attention_mask: padding after a row's first real token; a StaticEvictingCache "
+                                 "takes left-padded batches (pads before every real token)")
+        if self.filled == 0:
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        else:
+            out, _ = sdpa_attention_forward(module, query, key, value, self._many_mask(pads, q), **kwargs)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(self.seen - q, self.seen, device=key.device)[None]
+        positions = positions.expand(b, -1).to(torch.int64)
+        h = new_keys.shape[1]
+        sources = torch.cat([buffer.positions[:, :, :self.filled], positions[:, None, :].expand(b, h, -1)], dim=2)
+        queries = None
+        if cache.query_window:
+            buffer.storage.allocate_queries(query, cache.query_window)
+            queries = torch.cat([buffer.queries, query.detach()], dim=2)
+        for row, pad in zip(self.rows, pads):
+            row.seen += q - pad
+            row.suffix += q - pad
+        decision = self._decide(pads, q, evict=not cache.paused)
+        self._run(decision, key, value, sources, queries)
+        self._commit(decision, queries_added=[q - pad for pad in pads])
+        return out
+
+    def _many_mask(self, pads: Sequence[int], q: int) -> torch.Tensor:
+        """bool [B, 1, q, held + q]: every held slot of the row, the new real tokens causally
+        (a pad query sees itself, so that no row of the softmax is empty)."""
+        buffer, device = self.buffer, self.buffer.keys.device
+        held = (buffer.slots[:self.filled] >= buffer.start[:, None])[:, None, :].expand(-1, q, -1)
+        first = torch.tensor(pads, device=device)[:, None, None]
+        ar = torch.arange(q, device=device)
+        new = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] >= first)
+        new = new | torch.eye(q, dtype=torch.bool, device=device)[None]
+        return torch.cat([held, new], dim=2)[:, None]
+
+    # ------------------------------------------------------------------ eviction: host decisions
+
+    def _decide(self, pads: Optional[Sequence[int]], q: int, evict: bool) -> Decision:
+        return decide(self, pads, q, evict)
+
+    def _commit(self, decision: Decision, queries_added: Optional[Sequence[int]] = None) -> None:
+        commit(self, decision, queries_added)
+
+    # ------------------------------------------------------------------ eviction: device work
+
+    def _run(self, decision: Decision, keys, values, positions, queries) -> None:
+        """The device side of a decision: ``keys`` / ``values`` [B, H_kv, n, D], ``positions``
+        [B, H_kv, n] and ``queries`` [B, H_q, m, D] are the sources its slots index."""
+        cache, buffer = self.cache, self.buffer
+        fill = decision.fill
+        for group in decision.groups:
+            if decision.direct:
+                k, v, p = keys, values, positions
+                qs = None if queries is None else queries[:, :, queries.shape[2] - group.available:]
+            else:
+                rows = cache.device_index(group.rows, keys.device)
+                slots = cache.device_index(tuple(flat(decision.sources[b]) for b in group.rows), keys.device)
+                k, v, p = (_take(t.index_select(0, rows), slots) for t in (keys, values, positions))
+                qs = None
+                if queries is not None and group.available:
+                    qslots = cache.device_index(tuple(flat(decision.query_sources[b]) for b in group.rows),
+                                                keys.device)
+                    qs = _take(queries.index_select(0, rows), qslots)
+            if group.plan is not None:
+                k, v, p = cache.evict(group.plan, self.index, self.evictions, k, v, p, qs)
+            lo = fill - group.kept
+            if decision.direct:
+                buffer.keys[:, :, lo:fill].copy_(k)
+                buffer.values[:, :, lo:fill].copy_(v)
+                buffer.positions[:, :, lo:fill].copy_(p)
+            else:
+                rows = cache.device_index(group.rows, keys.device)
+                buffer.keys[rows, :, lo:fill] = k
+                buffer.values[rows, :, lo:fill] = v
+                buffer.positions[rows, :, lo:fill] = p
+        if queries is not None:
+            self._store_queries(decision, queries)
+        buffer.length.fill_(fill)
+        starts = [fill - g.kept for g in decision.groups for _ in g.rows]
+        if all(s == 0 for s in starts):
+            buffer.start.zero_()
+        else:
+            order = [b for g in decision.groups for b in g.rows]
+            buffer.start.copy_(cache.device_index(tuple(s for _, s in sorted(zip(order, starts))), keys.device))
+
+    def _store_queries(self, decision: Decision, queries: torch.Tensor) -> None:
+        """The last W real queries of every row into the query window (right-aligned; a row with
+        fewer repeats its first, which no eviction reads)."""
+        window = self.cache.query_window
+        if queries.shape[2] == window:   # a decode step: the window is already in place
+            return
+        lasts = []
+        for b, row in enumerate(self.rows):
+            real = tuple(range(window - row.queries, window)) + tuple(
+                s - self.filled + window for s in decision.sources[b][1])
+            real = real[-window:] or (window - 1,)
+            lasts.append((real[0],) * (window - len(real)) + real)
+        index = self.cache.device_index(tuple(lasts), queries.device)
+        self.buffer.queries.copy_(_take(queries, index))
+
+
+def _take(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows ``slots`` [G, n] (one list per batch row) of ``t`` [G, H, N, ...] -> [G, H, n, ...]."""
+    g, h = t.shape[:2]
+    index = slots[:, None, :].expand(g, h, -1)
+    if t.ndim == 4:
+        index = index[..., None].expand(-1, -1, -1, t.shape[-1])
+    return t.gather(2, index)
+
+
+class StaticEvictingCache(Cache):
+    """A transformers ``Cache`` of fixed capacity that evicts in place with a tritonkv policy.
+
+    Args:
+        model: the transformers causal LM (its attention is switched to tritonkv's, see
+            :func:`enable`; full-attention models: Llama, Mistral without sliding window, Qwen2, ...).
+        policy: a tritonkv policy or preset (uniform per head: AdaKV's per-head budgets do not
+            fit a fixed layout).
+        budget: tokens per KV head kept after every prompt forward and after every eviction while
+            decoding (an int, or one int per layer; a ``.pyramid()`` policy spreads it over layers).
+        interval: decoded tokens between evictions: each layer holds ``budget + interval`` slots
+            and evicts back to ``budget`` when they are full.
+        window: proxy queries kept per layer for policies whose proxy_attention has ``window=None``.
+        seed: seeds every random draw.
+        backend: ``tkv.evict``'s ("auto": compiled kernels on CUDA, the reference elsewhere).
+        timing: CUDA events around each eviction call (``cache.timer``; not under CUDA graphs).
+        directions: key_dot directions per layer, name -> [n_layers, H_kv, D].
+        stack_layers: evict all layers in one call when they have one budget and no per-layer
+            directions (False: one call per layer, with per-layer random streams like EvictingCache).
+
+    ``capacity`` (per layer) is ``budget + interval``. Beam search works (one host read per step
+    to reorder the rows); strategies that change the batch size, cropping (assisted decoding) and
+    right padding are refused. Decode steps run eagerly in ``model.generate``; ``graphs.DecodeGraphs``
+    (``hf.cuda_graphs``) replays each as one CUDA graph.
+    """
+
+    def __init__(self, model, policy, budget, *, interval: int, window: int = 64, seed: int = 0,
+                 backend: str = "auto", timing: bool = False,
+                 directions: Optional[Mapping[str, torch.Tensor]] = None, stack_layers: bool = True):
+        if policy is None:
+            raise ValueError("policy: a StaticEvictingCache needs a policy (use transformers' StaticCache to keep "
+                             "everything)")
+        if interval is None:
+            raise ValueError("interval: expected an int >= 1 (decoded tokens between evictions; the buffer holds "
+                             "budget + interval), got None")
+        if budget is None:
+            raise ValueError("budget: expected tokens per head (an int, or one int per layer), got None")
+        self.schedule = schedule = EvictionSchedule(
+            model, policy, budget, interval=interval, window=window, seed=seed, backend=backend, timing=timing,
+            directions=directions)
+        if schedule.policy.heads == "adaptive":
+            raise ValueError("policy: an adaptive (AdaKV) policy keeps a different number of tokens per head, which "
+                             "a fixed-capacity buffer cannot hold; use a uniform policy, or EvictingCache")
+        if not isinstance(stack_layers, bool):
+            raise ValueError(f"stack_layers: expected a bool, got {stack_layers!r}")
+        budgets = per_layer_ints("budget", budget, schedule)
+        self.n_layers, self.policy, self.timer = schedule.n_layers, schedule.policy, schedule.timer
+        self.budgets = list(budgets)
+        self.capacities = [k + interval for k in budgets]
+        self.interval = interval
+        self.stacked = stack_layers and len(set(budgets)) == 1 and not schedule.policy.directions
+        self.query_window = schedule.query_size(self.capacities[0]) if schedule.query_window else 0
+        if schedule.query_window and len({schedule.query_size(c) for c in self.capacities}) > 1:
+            raise ValueError("budget: per-layer budgets with a fractional proxy window would need a query window "
+                             "per layer; use one budget, or an int proxy window")
+        self.paused = False
+        self._random = any(isinstance(c, dsl.Sample) for c in schedule.policy.clauses) or any(
+            isinstance(n, dsl.Random) for s in schedule.policy.scores for n in dsl.walk(s))
+        self._storage: Optional[Storage] = None
+        self._indices: Dict[Tuple, torch.Tensor] = {}
+        enable(model)
+        super().__init__(layers=[StaticEvictingLayer(self, i, budgets[i], self.capacities[i])
+                                 for i in range(self.n_layers)])
+
+    # ------------------------------------------------------------------ storage
+
+    def buffer_for(self, layer: StaticEvictingLayer, keys, values) -> LayerBuffer:
+        if not self.stacked:
+            return LayerBuffer(Storage(1, keys, values, layer.capacity), 0)
+        if self._storage is None:
+            self._storage = Storage(self.n_layers, keys, values, layer.capacity)
+        elif not self._storage.fits(keys, values):
+            raise ValueError(f"stack_layers: layer {layer.index}'s keys {tuple(keys.shape)} differ in shape from "
+                             "layer 0's; pass stack_layers=False")
+        return LayerBuffer(self._storage, layer.index)
+
+    def device_index(self, values: Tuple, device) -> torch.Tensor:
+        """A small int64 tensor of host-known indices, made once per value (so a CUDA graph
+        capture finds it made by the warm-up step and copies nothing from the host)."""
+        key = (values, str(device))
+        t = self._indices.get(key)
+        if t is None:
+            if len(self._indices) > 512:
+                self._indices.clear()
+            t = torch.tensor(values, dtype=torch.int64)
+            if torch.device(device).type == "cuda":   # a pinned source: the copy does not wait for the host
+                t = t.pin_memory().to(device, non_blocking=True)
+            self._indices[key] = t = t.to(device)
+        return t
+
+    def padding(self, mask, b: int, q: int, kv: int) -> List[int]:
+        """Pad tokens at the front of each row of a forward of q tokens, from the model's mask
+        (bool [B, 1, q, kv], its last q columns the new tokens); one host read."""
+        if mask is None:
+            return [0] * b
+        if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[-1] != kv:
+            raise ValueError(f"attention_mask: expected the boolean [B, 1, q, kv={kv}] mask transformers builds from "
+                             f"a 2D padding mask, got {mask.dtype} {tuple(mask.shape)}")
+        real = mask[:, 0, -1, kv - q:].expand(b, q)
+        pads = (~real).sum(-1)
+        left = torch.arange(q, device=mask.device)[None] >= pads[:, None]
+        if not torch.equal(real, left):
+            raise ValueError("attention_mask: expected left padding (every row's pad tokens before its first real "
+                             "token); right or inner padding is not supported")
+        return pads.tolist()   # a row may have none yet (a prompt chunk of its padding)
+
+    # ------------------------------------------------------------------ decode-step eviction
+
+    def end_of_decode_step(self, run: bool) -> None:
+        """After the last layer of a decode step: evict the layers whose buffers are full (all
+        layers in one call when stacked). ``run=False`` does only the host bookkeeping (a
+        replayed CUDA graph did the device work)."""
+        if self.paused:
+            return
+        due = [layer for layer in self.layers if layer.filled == layer.capacity]
+        if not due:
+            return
+        decisions = [layer._decide(None, 0, evict=True) for layer in due]
+        if run:
+            if self.stacked and len(due) == self.n_layers and all(d.direct for d in decisions) \
+                    and len({d.key() for d in decisions}) == 1:
+                self._run_stacked(decisions[0])
+            else:
+                for layer, decision in zip(due, decisions):
+                    buffer = layer.buffer
+                    layer._run(decision, buffer.keys, buffer.values, buffer.positions, buffer.queries)
+        for layer, decision in zip(due, decisions):
+            layer._commit(decision)
+
+    def _run_stacked(self, decision: Decision) -> None:
+        storage = self._storage
+        keys, values, positions, queries = storage.stacked(range(self.n_layers))
+        (group,) = decision.groups
+        if queries is not None:
+            queries = queries[:, :, queries.shape[2] - group.available:]
+        k, v, p = self.evict(group.plan, 0, self.layers[0].evictions, keys, values, positions, queries)
+        keys[:, :, :group.kept].copy_(k)
+        values[:, :, :group.kept].copy_(v)
+        positions[:, :, :group.kept].copy_(p)
+        storage.lengths.fill_(decision.fill)
+        storage.starts.zero_()
+
+    def evict(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries):
+        """One tkv.evict call: the kept keys, values and their positions."""
+        schedule = self.schedule
+        timer = schedule.timer
+        if timer is not None:
+            timer.start()
+        out = plan.evictor(keys, values, queries=queries if plan.queries else None,
+                           seed=schedule.layer_seed(layer, evictions), directions=schedule.layer_directions(layer))
+        kept = positions.gather(-1, out.indices)
+        if timer is not None:
+            timer.stop()
+        return out.keys, out.values, kept
+
+    # ------------------------------------------------------------------ what a graph runner needs
+
+    def step_key(self) -> Tuple:
+        """Host-known description of the kernels the next decode step launches: equal keys, equal
+        launches (a CUDA graph captured for one replays for the other)."""
+        due = []
+        for layer in self.layers:
+            if layer.filled + 1 == layer.capacity and not self.paused:
+                probe = _Probe(layer)
+                due.append((layer.index, probe.decision_key(), layer.evictions if self._random else None))
+        return ("decode", tuple(due))
+
+    def host_state(self):
+        return [(layer.filled, layer.seen, layer.evictions, [row.copy() for row in layer.rows]) for layer in self.layers]
+
+    def restore_host_state(self, state) -> None:
+        for layer, (filled, seen, evictions, rows) in zip(self.layers, state):
+            layer.filled, layer.seen, layer.evictions, layer.rows = filled, seen, evictions, rows
+
+    def advance_host(self) -> None:
+        """The host side of one decode step (every layer's counters, and the evictions' facts),
+        for a step whose device work a CUDA graph replays."""
+        for layer in self.layers:
+            layer.seen += 1
+            layer._decode_host()
+        self.end_of_decode_step(run=False)
+
+    # ------------------------------------------------------------------ EvictingCache's helpers
+
+    def pause(self) -> Paused:
+        """``with cache.pause(): model(...)`` runs forwards without evicting."""
+        return Paused(self)
+
+    def positions(self, layer: int) -> torch.Tensor:
+        return self.layers[layer].positions()
+
+    def tokens(self) -> int:
+        return sum(layer.tokens() for layer in self.layers)
+
+
+class _Probe:
+    """What a layer's eviction would decide after one more decoded token, computed on a copy of
+    its host facts (nothing of the layer changes)."""
+
+    def __init__(self, layer: StaticEvictingLayer):
+        self.layer = layer
+
+    def decision_key(self) -> Tuple:
+        layer = self.layer
+        filled, rows = layer.filled, [row.copy() for row in layer.rows]
+        try:
+            layer._decode_host()
+            return layer._decide(None, 0, evict=True).key()
+        finally:
+            layer.filled, layer.rows = filled, rows
