@@ -229,6 +229,7 @@ def main():
     if args.toy:
         REPEATS.update(host=2, wall=1, replays=1)
         ns = [min(n, 256) for n in ns[:1]]
+        args.budgets = args.budgets.split(",")[0]
     result = dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__,
                   primitives=primitives() if CUDA else {},   # the pieces are CUDA calls
                   cases=measure(names, ns, [float(x) for x in args.budgets.split(",")]),

@@ -153,7 +153,7 @@ def test_preset_matches_reference(name, dtype):
 
 @given(cache=caches(max_n=260), budget=st.one_of(st.integers(1, 300), st.floats(0.05, 1.0)),
        seed=st.integers(0, 2 ** 40), name=st.sampled_from(PRESET_NAMES))
-@settings(max_examples=examples(30))
+@settings(max_examples=examples(20))
 def test_presets_across_shapes(cache, budget, seed, name):
     keys, values, queries = cache
     policy = preset(name)
@@ -163,7 +163,7 @@ def test_presets_across_shapes(cache, budget, seed, name):
 
 @given(cache=caches(max_n=200, head_dims=[64, 80], max_batch=2, max_heads=2),
        policy=policy_strategy(), budget=st.floats(0.05, 0.9), seed=st.integers(0, 2 ** 31))
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(25))
 def test_random_policies_match_reference(cache, policy, budget, seed):
     keys, values, queries = cache
     valid_or_skip(keys, values, queries, policy, budget, seed)

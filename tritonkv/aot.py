@@ -71,8 +71,9 @@ def build(fn, args, constexprs, num_warps: int, target=HOPPER):
 
 
 def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=128, dv=None, group=4,
-                 window=64, dtype=torch.bfloat16, target=HOPPER) -> List[Built]:
-    """Compile the stats, merge, score and select kernels of one policy for ``target``."""
+                 window=64, dtype=torch.bfloat16, target=HOPPER, paged: bool = True) -> List[Built]:
+    """Compile the stats, merge, score and select kernels of one policy for ``target``; with
+    ``paged`` also the kernels that read a paged cache (tritonkv.paged)."""
     dv = dv or d
     meta = dict(device="meta", dtype=dtype)
     keys = torch.empty(batch, heads, n, d, **meta)
@@ -103,7 +104,7 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
             record(f"stats_{level}", compiled.kernel(f"stats_{level}"), largs, geo.constexprs, geo.num_warps)
             record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
         record("score", compiled.kernel("score"), largs, geo.constexprs, geo.num_warps)
-        if program.reads_cache:   # the same kernels reading a paged cache (tritonkv.paged)
+        if paged and program.reads_cache:   # the same kernels reading a paged cache (tritonkv.paged)
             table = torch.empty(-(-n // PAGE), device="meta", dtype=torch.int32)
             layout = Layout(tuple(keys.shape), tuple(values.shape), keys.stride(), values.stride(), table, PAGE)
             geo, pargs = launch_args(compiled, keys, values, queries, 0, priorities, named=named, layout=layout)
@@ -133,6 +134,8 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
         record("select skip", _select_kernel, args, constexprs, SELECT_WARPS)
     _, args, constexprs, _ = gather_launch(indices.view(batch, heads, -1), keys, values)
     record("gather", _gather_kernel, args, constexprs, GATHER_WARPS)
+    if not paged:
+        return out
     pages = torch.empty(-(-n // PAGE), PAGE, heads, d, **meta)
     fn, _, args, constexprs, warps = compact_launch(indices.view(batch, heads, -1), pages,
                                                     torch.empty(batch, -(-n // PAGE), device="meta",
@@ -158,15 +161,19 @@ def all_policies() -> Dict[str, dsl.Policy]:
     return named
 
 
+# dtype / head dims / GQA / window configurations; the paged variants differ from the dense ones
+# only in how they address K / V, so two configurations (the default and the largest tiles) check them
+CONFIGS = [dict(), dict(dtype=torch.float16, d=80, dv=64, group=1, window=7, paged=False),
+           dict(dtype=torch.float32, d=256, group=8, window=200), dict(dtype=torch.bfloat16, d=64, group=3, window=1,
+                                                                       paged=False)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one configuration per policy")
+    parser.add_argument("--config", type=int, help=f"only configuration i of the {len(CONFIGS)}")
     args = parser.parse_args(argv)
-    configs = [dict()]
-    if not args.quick:
-        configs += [dict(dtype=torch.float16, d=80, dv=64, group=1, window=7),
-                    dict(dtype=torch.float32, d=256, group=8, window=200),
-                    dict(dtype=torch.bfloat16, d=64, group=3, window=1)]
+    configs = CONFIGS[:1] if args.quick else CONFIGS if args.config is None else [CONFIGS[args.config]]
     built: List[Built] = []
     failures = []
     for name, policy in all_policies().items():
