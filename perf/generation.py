@@ -66,6 +66,11 @@ def modes(n: int):
         ("snapkv 10%, every 64", dict(policy=policies.snapkv(), budget=k, interval=64)),
         ("tova 10%, every step", dict(policy=policies.tova(), budget=k, interval=1)),
         ("h2o 10%, every step", dict(policy=policies.h2o(), budget=k, interval=1)),
+        # hf.StaticEvictingCache: budget + interval slots per layer, one key length for the whole decode
+        ("static snapkv 10%, every 64", dict(cache="static", policy=policies.snapkv(), budget=k, interval=64)),
+        ("static snapkv 10%, every 64, graphs", dict(cache="static", graphs=True, policy=policies.snapkv(),
+                                                     budget=k, interval=64)),
+        ("static tova 10%, every step", dict(cache="static", policy=policies.tova(), budget=k, interval=1)),
     ]
 
 
@@ -101,7 +106,12 @@ class Clock:
 def measure(model, n: int, options: dict, steps: int, warmup: int, clock: Clock) -> dict:
     device = next(model.parameters()).device
     ids = torch.randint(16, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
-    cache = hf.EvictingCache(model, timing=clock.cuda, **options)
+    options = dict(options)
+    kind, graphs = options.pop("cache", "dynamic"), options.pop("graphs", False)
+    if kind == "static":   # graphs: every decode step one CUDA graph replay (no host timing inside)
+        cache = hf.StaticEvictingCache(model, timing=clock.cuda and not graphs, **options)
+    else:
+        cache = hf.EvictingCache(model, timing=clock.cuda, **options)
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
     clock.sync()
@@ -115,6 +125,13 @@ def measure(model, n: int, options: dict, steps: int, warmup: int, clock: Clock)
     def step(token):
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    if graphs:
+        replay = hf.DecodeGraphs(model, cache)
+
+        def step(token):   # noqa: F811 (the graphed step of the same decode)
+            position = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long, device=device)
+            return replay(token, position)[:, -1].argmax(-1, keepdim=True)
 
     for _ in range(warmup):
         token = step(token)
@@ -171,6 +188,8 @@ def run(args) -> dict:
         model = make_model(spec, device, dtype)
         for n in prompts:
             for mode, options in modes(n):
+                if options.get("graphs") and not cuda:
+                    continue   # CUDA graphs need a GPU
                 if args.toy:   # toy sizes: intervals that fit in a few steps
                     options = dict(options, interval=min(options["interval"], 8)) if "interval" in options else options
                 interval = options.get("interval")
@@ -179,6 +198,7 @@ def run(args) -> dict:
                 with sdpa_context(sdpa):
                     measured = measure(model, n, options, steps, warmup, clock)
                 row = dict(model=model_name, mode=mode, interval=interval, baseline="policy" not in options,
+                           cache=options.get("cache", "dynamic"), graphs=bool(options.get("graphs")),
                            sdpa_backend=sdpa, **measured)
                 rows.append(row)
                 share = "" if row["evict_share"] is None else f"  eviction {100 * row['evict_share']:.2f}%"

@@ -141,7 +141,7 @@ def test_preset_matches_reference(name, dtype):
     exact = []
     for attempt in range(3):   # a near-tie at a boundary skips the exact comparison; retry until one runs
         g = torch.Generator().manual_seed(1000 * attempt + sum(map(ord, name + str(dtype))))
-        b, h, group, n, d = 2, 2, 2, 517, 128
+        b, h, group, n, d = 2, 2, 2, 301, 128   # odd N over two 256-token tiles
         keys = torch.randn(b, h, n, d, generator=g).to(dtype)
         values = torch.randn(b, h, n, 96, generator=g).to(dtype)
         queries = torch.randn(b, h * group, 64, d, generator=g).to(dtype)

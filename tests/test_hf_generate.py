@@ -15,18 +15,16 @@ from tritonkv.integrations import hf  # noqa: E402
 from transformers import AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+from .tiny_llama import tiny_llama, tokens  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama()
 
 
 def prompt(b=2, n=120, seed=1):
-    return torch.randint(1, 101, (b, n), generator=torch.Generator().manual_seed(seed))   # no pad token (0)
+    return tokens(b, n, seed, low=1)
 
 
 def generate(model, ids, cache=None, **kwargs):
@@ -234,7 +232,8 @@ def test_generation_benchmark_runs_at_toy_sizes(tmp_path):
     from perf import generation
     generation.main(["--out", str(tmp_path), "--toy", "--prompts", "64", "--steps", "3", "--warmup", "1"])
     rows = json.loads((tmp_path / "generation.json").read_text())["rows"]
-    assert [r["mode"] for r in rows] == [m for m, _ in generation.modes(64)]
+    assert [r["mode"] for r in rows] == [m for m, o in generation.modes(64) if not o.get("graphs")]  # graphs: GPU
+    assert {r["cache"] for r in rows} == {"dynamic", "static"}
     for r in rows:
         warmup = 1 if r["interval"] is None else r["interval"] + 1   # toy: intervals capped at 8
         assert r["tokens_per_s"] > 0 and r["seen"] == 64 + warmup + 3

@@ -12,18 +12,16 @@ import tritonkv as tkv  # noqa: E402
 from tritonkv import policies  # noqa: E402
 from tritonkv.integrations import hf  # noqa: E402
 from tritonkv.runtime import Evictor  # noqa: E402
+from .tiny_llama import tiny_llama, tokens  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama()
 
 
 def prompt(b=2, n=120, seed=1):
-    return torch.randint(1, 101, (b, n), generator=torch.Generator().manual_seed(seed))   # no pad token (0)
+    return tokens(b, n, seed, low=1)
 
 
 LENGTHS = [90, 60, 20]   # a left-padded batch: real tokens per row
