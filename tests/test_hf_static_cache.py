@@ -266,6 +266,17 @@ def test_extend_and_pause(model):
             model(prompt(n=5, seed=9), past_key_values=cache, use_cache=True)
 
 
+def test_graph_runner_calls_the_models_own_forward(model):
+    """Inside cuda_graphs, model.forward routes decode steps to the runner; the runner's own
+    forward (warm-up, capture) must be the unpatched one, or a capture would start inside itself
+    (the GPU failure of 1151e58: torch.cuda.graph entered during a capture)."""
+    cache = hf.StaticEvictingCache(model, policies.knorm(), 40, interval=4)
+    with hf.cuda_graphs(model, cache) as runner:
+        assert model.forward is not runner.forward
+        assert runner.forward.__func__ is type(model).forward
+    assert "forward" not in model.__dict__
+
+
 def test_refusals(model):
     with pytest.raises(ValueError, match="budget: a fixed-capacity cache needs tokens per head"):
         hf.StaticEvictingCache(model, policies.keydiff(), 0.25, interval=8)

@@ -31,7 +31,7 @@ class DecodeGraphs:
     """One CUDA graph per kind of decode step of ``cache`` (``model(input_ids [B, 1],
     position_ids [B, 1])`` -> logits [B, 1, vocab], a buffer the next replay overwrites)."""
 
-    def __init__(self, model, cache: StaticEvictingCache, *, warmup: int = 1):
+    def __init__(self, model, cache: StaticEvictingCache, *, warmup: int = 1, forward=None):
         if not isinstance(cache, StaticEvictingCache):
             raise TypeError(f"cache: expected a StaticEvictingCache (fixed shapes), got {type(cache).__name__}")
         if cache.timer is not None:
@@ -40,6 +40,7 @@ class DecodeGraphs:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup: expected an int >= 1 (eager steps of a kind before its capture), got {warmup!r}")
         self.model, self.cache, self.warmup = model, cache, warmup
+        self.forward = forward   # the forward to run (default: model(...)); cuda_graphs passes the unpatched one
         self.graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.eager = Counter()
         self.replays = 0
@@ -77,8 +78,9 @@ class DecodeGraphs:
         return logits
 
     def _forward(self, input_ids, position_ids):
-        return self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
-                          use_cache=True, logits_to_keep=1).logits
+        call = self.model if self.forward is None else self.forward
+        return call(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
+                    use_cache=True, logits_to_keep=1).logits
 
     def _capture(self, input_ids, position_ids):
         if self._inputs is None or self._inputs[0].shape != input_ids.shape:
@@ -103,8 +105,10 @@ def cuda_graphs(model, cache: StaticEvictingCache, *, warmup: int = 1):
     DecodeGraphs (``.replays``, ``.graphs``)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    runner = DecodeGraphs(model, cache, warmup=warmup)
     forward = model.forward
+    # the runner calls the model's own forward: through model(...) it would come back into
+    # `graphed` and start a capture inside its own warm-up or capture
+    runner = DecodeGraphs(model, cache, warmup=warmup, forward=forward)
 
     def graphed(input_ids=None, *args, past_key_values=None, position_ids=None, **kwargs):
         extra = kwargs.get("inputs_embeds") is not None or bool(kwargs.get("output_attentions")) \
