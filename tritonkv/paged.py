@@ -134,11 +134,15 @@ def _check_pools(k_pages, v_pages, layout: str):
     return _Pool.of(k_pages, layout), _Pool.of(v_pages, layout)
 
 
-def _check_block_table(block_table, lengths: List[int], pool: _Pool, check: bool) -> None:
+def _check_table_type(block_table) -> None:
     if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.ndim != 2:
         got = f"{block_table.dtype} {list(block_table.shape)}" if isinstance(block_table, torch.Tensor) \
             else type(block_table).__name__
         raise TypeError(f"block_table: expected an int32 tensor [B, max_pages], got {got}")
+
+
+def _check_block_table(block_table, lengths: List[int], pool: _Pool, check: bool) -> None:
+    """The table's device, its size for ``lengths``, and with ``check`` its entries."""
     if block_table.device != pool.pages.device:
         raise ValueError(f"block_table: on {block_table.device}, the pages on {pool.pages.device}; expected one device")
     for b, n in enumerate(lengths):
@@ -208,12 +212,10 @@ def evict(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tenso
         raise ValueError("policy: per-head budgets (heads='adaptive', AdaKV) are not supported on a paged cache "
                          "yet: every head of a sequence keeps the same count here")
     k_pool, v_pool = _check_pools(k_pages, v_pages, layout)
-    if not isinstance(block_table, torch.Tensor) or block_table.ndim != 2:
-        _check_block_table(block_table, [], k_pool, False)   # raises with the expected type
+    _check_table_type(block_table)
     lengths = _lengths(seq_lens, block_table.shape[0])
     _check_block_table(block_table, lengths, k_pool, check)
-    if queries is not None and isinstance(queries, torch.Tensor) and queries.ndim == 4 \
-            and queries.shape[0] != len(lengths):
+    if isinstance(queries, torch.Tensor) and queries.ndim == 4 and queries.shape[0] != len(lengths):
         raise ValueError(f"queries: batch {queries.shape[0]} differs from the block table's {len(lengths)} sequences")
     if signals is not None and isinstance(signals, Mapping):
         for name, x in signals.items():
@@ -236,12 +238,10 @@ def evict(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tenso
     max_kept = max(job[2] for job in jobs)
     positions = torch.full((len(lengths), k_pool.heads, max_kept), -1, dtype=torch.int64, device=device)
     path = _evict_compiled if use_triton else _evict_reference
-    moved = []
     for b, n, k, q, named, p, s in jobs:
         rows = block_table[b, : -(-n // k_pool.page_size)]
         positions[b, :, :k] = path(k_pool, v_pool, rows, n, k, p, q, s, named)
-        moved.append(k < n)
-    if use_triton and any(moved):   # every sequence's pages compacted by one launch per pool
+    if use_triton and any(k < n for _, n, k, *_ in jobs):   # every sequence compacted by one launch per pool
         from .kernels.pages import compact
         # (a sequence that keeps everything holds positions j at slots j: the kernel moves nothing there)
         table = block_table if block_table.stride(1) == 1 else block_table.contiguous()

@@ -229,7 +229,26 @@ class EvictingLayer(DynamicLayer):
 
 
 
-class EvictingCache(DynamicCache):
+class HeldTokens:
+    """What both evicting caches answer about the tokens they hold (their layers implement
+    ``positions()`` and ``tokens()``)."""
+
+    def pause(self) -> "Paused":
+        """``with cache.pause(): model(...)`` runs forwards without evicting (e.g. a question
+        appended to a compressed context)."""
+        return Paused(self)
+
+    def positions(self, layer: int) -> torch.Tensor:
+        """[B, H_kv, held]: positions in the whole sequence of a layer's held rows (-1 for the empty
+        slots of a StaticEvictingCache row)."""
+        return self.layers[layer].positions()
+
+    def tokens(self) -> int:
+        """Tokens held over all layers, batch rows and heads."""
+        return sum(layer.tokens() for layer in self.layers)
+
+
+class EvictingCache(HeldTokens, DynamicCache):
     """A ``DynamicCache`` whose layers are evicted with a tritonkv policy while the model runs.
 
     Args:
@@ -294,18 +313,6 @@ class EvictingCache(DynamicCache):
                              "generate one prompt at a time, or use hf.StaticEvictingCache (left padding)")
         self._checked_mask = mask
 
-    def pause(self) -> "Paused":
-        """``with cache.pause(): model(...)`` runs forwards without evicting (e.g. a question
-        appended to a compressed context)."""
-        return Paused(self)
-
-    def positions(self, layer: int) -> torch.Tensor:
-        """[B, H_kv, held]: positions in the whole sequence of a (dense) layer's held rows."""
-        return self.layers[layer].positions()
-
-    def tokens(self) -> int:
-        """Tokens held over all layers, batch rows and heads."""
-        return sum(layer.tokens() for layer in self.layers)
 
 
 class Paused:

@@ -49,7 +49,7 @@ from .. import dsl
 from ..results import Evicted
 from .attention import enable, expect
 from .buffer import LayerBuffer, Storage
-from .cache import Paused
+from .cache import HeldTokens
 from .rows import Decision, Row, commit, decide, flat
 from .schedule import EvictionPlan, EvictionSchedule, per_layer_ints
 
@@ -328,7 +328,7 @@ def _take(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return t.gather(2, index)
 
 
-class StaticEvictingCache(Cache):
+class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as EvictingCache
     """A transformers ``Cache`` of fixed capacity that evicts in place with a tritonkv policy.
 
     Args:
@@ -509,18 +509,6 @@ class StaticEvictingCache(Cache):
             layer.seen += 1
             layer._decode_host()
         self.end_of_decode_step(run=False)
-
-    # ------------------------------------------------------------------ EvictingCache's helpers
-
-    def pause(self) -> Paused:
-        """``with cache.pause(): model(...)`` runs forwards without evicting."""
-        return Paused(self)
-
-    def positions(self, layer: int) -> torch.Tensor:
-        return self.layers[layer].positions()
-
-    def tokens(self) -> int:
-        return sum(layer.tokens() for layer in self.layers)
 
 
 class _Probe:
