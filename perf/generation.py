@@ -1,32 +1,39 @@
-"""Decode throughput and eviction cost of compressing while generating (hf.EvictingCache).
+"""Decode throughput and eviction cost of compressing while generating, against transformers' own caches.
 
-    python perf/generation.py --out perf/results/generation     # GPU: every case, JSON + plot (~4 min, H100)
-    python perf/generation.py --out /tmp/generation --toy      # CPU: toy sizes, checks the script
+    python perf/generation.py --out perf/results/generation     # GPU: every case, JSON + plot
+    python perf/generation.py --out DIR --models wide           # a part (the GPU run splits by model)
+    python perf/generation.py --out DIR --merge A.json B.json   # the parts as one generation.json + plot
+    python perf/generation.py --out /tmp/generation --toy       # CPU: toy sizes, checks the script
 
 Two random-weight Llamas in bfloat16: "tiny" (the retrieval eval's architecture: 4 layers,
 hidden 256, 8 q / 4 kv heads of 32) and "wide" (8 layers, hidden 2048, 32 q / 8 kv heads of
 128, so attention and eviction cost per layer what a real model's do). For each prompt length
-(16K, 64K tokens), after a one-forward prefill (SDPA), greedy decoding of ``--steps`` tokens
-(batch 1) through the cache in each mode:
+(16K, 64K, 128K tokens), after a one-forward prefill (SDPA), greedy decoding of ``--steps``
+tokens (batch 1) through the cache of each mode (``modes``):
 
-  full                    no eviction (transformers' DynamicCache behaviour)
-  snapkv 10% / 25%        SnapKV once after the prompt, no eviction while decoding
-  snapkv 10%, every 256   SnapKV after the prompt, then back to 10% of the prompt every 256 /
-  snapkv 10%, every 64    64 decoded tokens (the cache oscillates between k and k + interval)
-  tova / h2o 10%, every step   TOVA / H2O-style: evict one token per layer at every step
+  DynamicCache                  transformers' growing cache, no eviction (baseline)
+  StaticCache + torch.compile   transformers' fixed-shape cache, decode step compiled with
+                                mode="reduce-overhead" (CUDA graphs) as its docs advise (baseline)
+  snapkv 10%, once / every 64   hf.EvictingCache: SnapKV after the prompt, then back to 10% of
+                                the prompt every 64 decoded tokens (or never)
+  tova / h2o 10%, every step    TOVA / H2O-style: evict one token per layer at every step
+  static ...                    hf.StaticEvictingCache (budget + interval slots, one key length
+                                for the whole decode); ", graphs": every step a CUDA graph replay
 
 Attention runs under ``--sdpa`` (default ``flash,efficient``: those backends, in that
-priority, through ``torch.nn.attention.sdpa_kernel``; cuDNN keeps one plan per key length, so
-a cache that grows every step pays a new plan every step: 43 ms/step of the tiny model at 16K
-under ``cudnn,flash,efficient`` against 3.5 ms when the length oscillates, H200 2026-12-03); every row records it as ``sdpa_backend``.
-Name ``default`` for PyTorch's own dispatch: on an H200 with torch 2.11 it picks cuDNN in a way
-that builds a new execution plan whenever the key length changes, ~12 ms per layer per decode
-step of a growing cache, which has nothing to do with eviction.
+priority, through ``torch.nn.attention.sdpa_kernel``); every row records it as
+``sdpa_backend``. Name ``default`` for PyTorch's own dispatch: on an H200 with torch 2.11 it
+picks cuDNN, which builds a new execution plan whenever the key length changes, ~12 ms per
+layer per decode step of a growing cache (43 ms/step of the tiny model at 16K against 3.5 ms
+under flash), which has nothing to do with eviction.
 
 Eviction share = CUDA-event time around every eviction the cache makes (tkv.evict's kernels
 and host work, and the cache's own bookkeeping) / CUDA-event time of the decode steps, which
-contain them. Measured directly, not by difference. Steps are timed after a warm-up that
-includes one eviction of each mode (planning and compiling happen there).
+contain them. Under CUDA graphs (no host events inside a replay) it is the evicting steps'
+excess over the median plain step (``evict_share_from`` says which). Steps are timed after a
+warm-up that includes every kind of step of the mode (planning, compiling and graph capture
+happen there). ``targets`` in the JSON: per model and prompt, the fastest evicting mode over
+the fastest baseline (tokens/s, one run) and the largest eviction shares.
 """
 
 from __future__ import annotations
@@ -55,22 +62,33 @@ TOY_MODELS = {"toy": dict(hidden_size=64, intermediate_size=128, num_hidden_laye
                           num_key_value_heads=2, head_dim=16, vocab_size=101)}
 
 
-def modes(n: int):
-    """(name, EvictingCache options) for a prompt of n tokens."""
+def modes(n: int, steps: int):
+    """(name, cache options) for a prompt of n tokens and ``steps`` timed decode steps.
+
+    ``cache``: "dynamic" (hf.EvictingCache), "static" (hf.StaticEvictingCache, fixed shapes),
+    "transformers" (transformers' DynamicCache) or "compiled" (transformers' StaticCache with
+    the decode step under ``torch.compile(mode="reduce-overhead")``, its CUDA graphs). "once":
+    evicted after the prompt only (a static buffer then has room for every decoded token)."""
     k = max(1, round(0.1 * n))
+    once = steps + 2 * 64 + 2   # static "once": room for the warm-up and the timed steps
+    snapkv, tova = policies.snapkv(), policies.tova()
     return [
-        ("full", dict()),
-        ("snapkv 10%", dict(policy=policies.snapkv(), budget=0.1)),
-        ("snapkv 25%", dict(policy=policies.snapkv(), budget=0.25)),
-        ("snapkv 10%, every 256", dict(policy=policies.snapkv(), budget=k, interval=256)),
-        ("snapkv 10%, every 64", dict(policy=policies.snapkv(), budget=k, interval=64)),
-        ("tova 10%, every step", dict(policy=policies.tova(), budget=k, interval=1)),
+        ("DynamicCache", dict(cache="transformers")),
+        ("StaticCache + torch.compile", dict(cache="compiled")),
+        ("snapkv 10%, once", dict(policy=snapkv, budget=0.1)),
+        ("snapkv 10%, every 64", dict(policy=snapkv, budget=k, interval=64)),
+        ("tova 10%, every step", dict(policy=tova, budget=k, interval=1)),
         ("h2o 10%, every step", dict(policy=policies.h2o(), budget=k, interval=1)),
         # hf.StaticEvictingCache: budget + interval slots per layer, one key length for the whole decode
-        ("static snapkv 10%, every 64", dict(cache="static", policy=policies.snapkv(), budget=k, interval=64)),
-        ("static snapkv 10%, every 64, graphs", dict(cache="static", graphs=True, policy=policies.snapkv(),
-                                                     budget=k, interval=64)),
-        ("static tova 10%, every step", dict(cache="static", policy=policies.tova(), budget=k, interval=1)),
+        ("static snapkv 10%, once", dict(cache="static", policy=snapkv, budget=k, interval=once)),
+        ("static snapkv 10%, once, graphs", dict(cache="static", graphs=True, policy=snapkv, budget=k,
+                                                 interval=once)),
+        ("static snapkv 10%, every 64", dict(cache="static", policy=snapkv, budget=k, interval=64)),
+        ("static snapkv 10%, every 64, graphs", dict(cache="static", graphs=True, policy=snapkv, budget=k,
+                                                     interval=64)),
+        ("static tova 10%, every step", dict(cache="static", policy=tova, budget=k, interval=1)),
+        ("static tova 10%, every step, graphs", dict(cache="static", graphs=True, policy=tova, budget=k,
+                                                     interval=1)),
     ]
 
 
@@ -102,16 +120,56 @@ class Clock:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
-@torch.no_grad()
-def measure(model, n: int, options: dict, steps: int, warmup: int, clock: Clock) -> dict:
+def prompt_ids(model, n: int) -> torch.Tensor:
     device = next(model.parameters()).device
-    ids = torch.randint(16, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
+    return torch.randint(16, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
+
+
+def make_cache(model, n: int, options: dict, steps: int, warmup: int, clock: "Clock"):
+    """The cache a mode names, and its decode step ``step(token, position) -> next token``
+    (``position``: the token's position, a host int)."""
     options = dict(options)
     kind, graphs = options.pop("cache", "dynamic"), options.pop("graphs", False)
-    if kind == "static":   # graphs: every decode step one CUDA graph replay (no host timing inside)
+    device = next(model.parameters()).device
+
+    def plain(token, position):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    step = plain
+    if kind == "transformers":
+        from transformers import DynamicCache
+        cache = DynamicCache(config=model.config)
+    elif kind == "compiled":   # what transformers documents for fast decoding: StaticCache + compiled step
+        from transformers import StaticCache
+        cache = StaticCache(config=model.config, max_cache_len=n + warmup + steps + 1)
+        forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+        def step(token, position):   # noqa: F811
+            at = torch.full((1,), position, dtype=torch.long, device=device)
+            torch.compiler.cudagraph_mark_step_begin()
+            out = forward(input_ids=token, past_key_values=cache, cache_position=at, position_ids=at[None],
+                          use_cache=True)
+            return out.logits[:, -1].argmax(-1, keepdim=True)
+    elif kind == "static":   # graphs: every decode step one CUDA graph replay (no host timing inside)
         cache = hf.StaticEvictingCache(model, timing=clock.cuda and not graphs, **options)
+        if graphs:
+            replay = hf.DecodeGraphs(model, cache)
+
+            def step(token, position):   # noqa: F811 (the graphed step of the same decode)
+                at = torch.full((1, 1), position, dtype=torch.long, device=device)
+                return replay(token, at)[:, -1].argmax(-1, keepdim=True)
     else:
         cache = hf.EvictingCache(model, timing=clock.cuda, **options)
+    return cache, step
+
+
+@torch.no_grad()
+def measure(model, n: int, options: dict, steps: int, warmup: int, clock: Clock) -> dict:
+    ids = prompt_ids(model, n)
+    cache, step = make_cache(model, n, options, steps, warmup, clock)
+    timer = getattr(cache, "timer", None)
+    evicting = getattr(cache, "step_key", None)   # a static cache says which steps evict
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
     clock.sync()
@@ -120,43 +178,42 @@ def measure(model, n: int, options: dict, steps: int, warmup: int, clock: Clock)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     clock.sync()
     prefill_s = time.perf_counter() - start
-    prefill_evict_ms = cache.timer.total_ms() if cache.timer else None
-
-    def step(token):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        return out.logits[:, -1].argmax(-1, keepdim=True)
-
-    if graphs:
-        replay = hf.DecodeGraphs(model, cache)
-
-        def step(token):   # noqa: F811 (the graphed step of the same decode)
-            position = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long, device=device)
-            return replay(token, position)[:, -1].argmax(-1, keepdim=True)
-
+    prefill_evict_ms = timer.total_ms() if timer else None
+    position = n
     for _ in range(warmup):
-        token = step(token)
+        token = step(token, position)
+        position += 1
     clock.sync()
-    if cache.timer:
-        cache.timer.reset()
-    evictions_before = sum(layer.evictions for layer in cache.layers)
-    marks = []
+    if timer:
+        timer.reset()
+    layers = getattr(cache, "layers", [])
+    evictions_before = sum(getattr(layer, "evictions", 0) for layer in layers)
+    marks, kinds = [], []
     wall = time.perf_counter()
     for _ in range(steps):
+        kinds.append(bool(evicting()[1]) if evicting else False)
         a = clock.event()
-        token = step(token)
+        token = step(token, position)
+        position += 1
         marks.append((a, clock.event()))
     clock.sync()
     wall = time.perf_counter() - wall
-    step_ms = sum(clock.ms(a, b) for a, b in marks)
-    evict_ms = cache.timer.total_ms() if cache.timer else None
+    times = [clock.ms(a, b) for a, b in marks]
+    step_ms = sum(times)
+    evict_ms, share_from = (timer.total_ms(), "events") if timer else (None, None)
+    plain = sorted(t for t, e in zip(times, kinds) if not e)
+    if evict_ms is None and any(kinds) and plain:   # graph replays: an evicting step's excess over a plain one
+        median = plain[len(plain) // 2]
+        evict_ms, share_from = sum(t - median for t, e in zip(times, kinds) if e), "excess over plain steps"
+    calls = timer.calls if timer else sum(kinds)
     return dict(
         prompt=n, steps=steps, tokens_per_s=steps / wall, ms_per_step=wall * 1e3 / steps,
         event_ms_per_step=step_ms / steps,
-        evictions=sum(layer.evictions for layer in cache.layers) - evictions_before,
-        evict_ms=evict_ms, evict_share=None if evict_ms is None else evict_ms / step_ms,
-        evict_ms_per_call=None if not cache.timer or not cache.timer.calls else evict_ms / cache.timer.calls,
+        evictions=sum(getattr(layer, "evictions", 0) for layer in layers) - evictions_before,
+        evict_ms=evict_ms, evict_share=None if evict_ms is None else evict_ms / step_ms, evict_share_from=share_from,
+        evict_ms_per_call=None if evict_ms is None or not calls else evict_ms / calls,
         prefill_s=prefill_s, prefill_evict_ms=prefill_evict_ms,
-        held_per_layer=[layer.held for layer in cache.layers], seen=cache.get_seq_length(),
+        held_per_layer=[layer.held for layer in layers if hasattr(layer, "held")], seen=int(cache.get_seq_length()),
         peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if clock.cuda else None)
 
 
@@ -179,7 +236,7 @@ def run(args) -> dict:
     cuda = torch.cuda.is_available() and not args.toy
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     models = TOY_MODELS if args.toy else {name: MODELS[name] for name in args.models}
-    prompts = args.prompts or ([256, 512] if args.toy else [16384, 65536])
+    prompts = args.prompts or ([256, 512] if args.toy else [16384, 65536, 131072])
     steps = args.steps or (24 if args.toy else 512)
     clock = Clock(cuda)
     sdpa = args.sdpa or ("flash,efficient" if cuda else "default")
@@ -187,22 +244,34 @@ def run(args) -> dict:
     for model_name, spec in models.items():
         model = make_model(spec, device, dtype)
         for n in prompts:
-            for mode, options in modes(n):
-                if options.get("graphs") and not cuda:
-                    continue   # CUDA graphs need a GPU
-                if args.toy:   # toy sizes: intervals that fit in a few steps
-                    options = dict(options, interval=min(options["interval"], 8)) if "interval" in options else options
+            for mode, options in modes(n, steps):
+                if options.get("graphs") and not cuda or options.get("cache") == "compiled" and not cuda:
+                    continue   # CUDA graphs (ours, and torch.compile's reduce-overhead) need a GPU
                 interval = options.get("interval")
-                warmup = args.warmup if interval is None else interval + 1
+                if args.toy and interval is not None and interval <= 64:   # toy sizes: a few steps apart
+                    interval = min(interval, 8)
+                    options = dict(options, interval=interval)
+                if interval is None or interval > steps:   # nothing evicts while decoding
+                    warmup = args.warmup
+                else:   # every kind of step seen (and, for graphs, captured) before the timing
+                    warmup = 2 * interval + 2 if options.get("graphs") else interval + 1
                 start = time.time()
-                with sdpa_context(sdpa):
-                    measured = measure(model, n, options, steps, warmup, clock)
                 row = dict(model=model_name, mode=mode, interval=interval, baseline="policy" not in options,
                            cache=options.get("cache", "dynamic"), graphs=bool(options.get("graphs")),
-                           sdpa_backend=sdpa, **measured)
+                           sdpa_backend=sdpa)
+                try:
+                    with sdpa_context(sdpa):
+                        row.update(measure(model, n, options, steps, warmup, clock))
+                except Exception as e:   # the compiled baseline counts "where it compiles"; the rest must run
+                    if options.get("cache") != "compiled":
+                        raise
+                    row.update(prompt=n, steps=steps, tokens_per_s=None, error=f"{type(e).__name__}: {e}"[:500])
+                    print(f"{model_name:<5} {n:>6} {mode:<36} failed: {row['error'][:200]}", flush=True)
+                    rows.append(row)
+                    continue
                 rows.append(row)
                 share = "" if row["evict_share"] is None else f"  eviction {100 * row['evict_share']:.2f}%"
-                print(f"{model_name:<5} {n:>6} {mode:<22} {row['tokens_per_s']:8.1f} tok/s  "
+                print(f"{model_name:<5} {n:>6} {mode:<36} {row['tokens_per_s']:8.1f} tok/s  "
                       f"{row['ms_per_step']:.2f} ms/step{share}  ({time.time() - start:.1f}s)", flush=True)
                 if args.out:
                     write(args.out, rows, device)
@@ -220,7 +289,38 @@ def write(out: Path, rows, device):
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                 commit=commit, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    (out / "generation.json").write_text(json.dumps(meta | dict(rows=rows), indent=1))
+    (out / "generation.json").write_text(json.dumps(meta | dict(rows=rows, targets=targets(rows)), indent=1))
+
+
+def targets(rows) -> list:
+    """Per model and prompt: the fastest evicting mode against the fastest baseline (tokens/s
+    ratio, one run), and the largest eviction share of the every-64 and every-step modes."""
+    out = []
+    for model, n in dict.fromkeys((r["model"], r["prompt"]) for r in rows):
+        here = [r for r in rows if r["model"] == model and r["prompt"] == n and r.get("tokens_per_s")]
+        base = max((r for r in here if r["baseline"]), key=lambda r: r["tokens_per_s"], default=None)
+        best = max((r for r in here if not r["baseline"]), key=lambda r: r["tokens_per_s"], default=None)
+        shares = {}
+        for label, test in (("every 64", lambda r: r["interval"] not in (None, 1) and "once" not in r["mode"]),
+                            ("every step", lambda r: r["interval"] == 1)):
+            got = [r["evict_share"] for r in here if not r["baseline"] and test(r) and r.get("evict_share") is not None]
+            shares[label] = max(got) if got else None
+        out.append(dict(model=model, prompt=n, best_baseline=base and base["mode"],
+                        best_baseline_tokens_per_s=base and base["tokens_per_s"], best_evicting=best and best["mode"],
+                        best_evicting_tokens_per_s=best and best["tokens_per_s"],
+                        speedup=base and best and best["tokens_per_s"] / base["tokens_per_s"],
+                        max_share_every_64=shares["every 64"], max_share_every_step=shares["every step"]))
+    return out
+
+
+def merge(parts, out: Path):
+    """One generation.json from the JSON of several runs (split over device calls), rows in order."""
+    datas = [json.loads(Path(p).read_text()) for p in parts]
+    rows = [r for d in datas for r in d["rows"]]
+    meta = {k: v for k, v in datas[0].items() if k not in ("rows", "targets")}
+    meta["parts"] = [{k: v for k, v in d.items() if k not in ("rows", "targets")} for d in datas]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "generation.json").write_text(json.dumps(meta | dict(rows=rows, targets=targets(rows)), indent=1))
 
 
 def plot(out: Path):
@@ -240,9 +340,9 @@ def plot(out: Path):
         for j, n in enumerate(prompts):
             got = {r["mode"]: r for r in rows if r["model"] == model and r["prompt"] == n}
             xs = [i + j * width for i in range(len(mode_names))]
-            axes[0][col].bar(xs, [got[m]["tokens_per_s"] if m in got else 0 for m in mode_names], width,
+            axes[0][col].bar(xs, [got[m]["tokens_per_s"] or 0 if m in got else 0 for m in mode_names], width,
                              label=f"{n // 1024}K prompt")
-            axes[1][col].bar(xs, [100 * (got[m]["evict_share"] or 0) if m in got else 0 for m in mode_names],
+            axes[1][col].bar(xs, [100 * (got[m].get("evict_share") or 0) if m in got else 0 for m in mode_names],
                              width, label=f"{n // 1024}K prompt")
         for row, label in ((0, "decode tokens/s (batch 1)"), (1, "eviction share of decode time (%)")):
             ax = axes[row][col]
@@ -251,15 +351,21 @@ def plot(out: Path):
             ax.set_ylabel(label)
             ax.set_title(f"{model} model, {data['device']}")
             ax.legend(fontsize=8)
-        for level in (2, 10):
+        for level in (3, 10):
             axes[1][col].axhline(level, color="grey", linestyle=":", linewidth=1)
     fig.tight_layout()
     fig.savefig(out / "generation.png", dpi=110)
 
 
+def percent(share) -> str:
+    return "n/a" if share is None else f"{100 * share:.2f}%"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for generation.json and generation.png")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="merge the generation.json of runs split over calls into --out (no measuring)")
     parser.add_argument("--toy", action="store_true", help="toy sizes on the CPU (checks the script)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--prompts", type=int, nargs="+")
@@ -270,8 +376,15 @@ def main(argv=None):
                                        "math), or 'default' for PyTorch's dispatch (default on the GPU: "
                                        "flash,efficient; on the CPU: default)")
     args = parser.parse_args(argv)
-    run(args)
+    if args.merge:
+        merge(args.merge, args.out)
+    else:
+        run(args)
     plot(args.out)
+    for t in json.loads((args.out / "generation.json").read_text())["targets"]:
+        print(f"{t['model']:<5} {t['prompt']:>6}  best evicting {t['best_evicting']!r} / best baseline "
+              f"{t['best_baseline']!r}: {t['speedup'] or float('nan'):.2f}x; largest eviction share every 64 "
+              f"{percent(t['max_share_every_64'])}, every step {percent(t['max_share_every_step'])}")
     print(f"wrote {args.out / 'generation.json'} and {args.out / 'generation.png'}")
 
 
