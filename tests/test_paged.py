@@ -209,3 +209,32 @@ def test_readme_example_decodes_like_the_dense_evicted_cache():
         got = torch.nn.functional.scaled_dot_product_attention(query, k, v)
         want = torch.nn.functional.scaled_dot_product_attention(query, dense[b].keys[0], dense[b].values[0])
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["knorm", "snapkv", "streaming_llm"])
+def test_a_call_is_captured_in_a_cuda_graph(name):
+    """For fixed lengths, paged.evict(check=False) records into one CUDA graph (no host sync), and a
+    replay on refilled pools keeps what an eager call keeps on the same pools."""
+    policy = PRESETS[name]
+    lengths = [300, 1000, 77]
+    pool = Pool(lengths, 16, dtype=torch.bfloat16)
+    k0, v0 = pool.k.clone(), pool.v.clone()
+    kwargs = dict(queries=pool.queries if policy.needs_queries else None, check=False)
+    eager = paged.evict(pool.k, pool.v, pool.table, lengths, policy, 0.25, **kwargs)
+    want_k, want_v = pool.k.clone(), pool.v.clone()
+    pool.k.copy_(k0), pool.v.copy_(v0)
+    stream = torch.cuda.Stream()   # warm-up outside the capture (compiles, plans, allocates)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        paged.evict(pool.k, pool.v, pool.table, lengths, policy, 0.25, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = paged.evict(pool.k, pool.v, pool.table, lengths, policy, 0.25, **kwargs)
+    pool.k.copy_(k0), pool.v.copy_(v0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert captured.seq_lens.tolist() == eager.seq_lens.tolist()
+    assert torch.equal(captured.positions, eager.positions) and torch.equal(captured.freed_pages, eager.freed_pages)
+    assert torch.equal(pool.k, want_k) and torch.equal(pool.v, want_v)
