@@ -27,6 +27,7 @@ adaptive (AdaKV) ones evict once, after the prompt, and have no while-decoding r
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -230,6 +231,11 @@ def render(results_paths: Sequence[Path], docs: Path, stem: str = "eval_retrieva
     print(f"wrote {docs / (stem + '.md')} and {docs / (stem + '.png')}")
 
 
+def variant_names(text: str) -> list:
+    """--policies' comma list; a comma inside parentheses is part of a name ("keydiff (block-wise, 256)")."""
+    return [name.strip() for name in re.split(r",(?![^()]*\))", text) if name.strip()]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path("evals/checkpoint"))
@@ -251,7 +257,7 @@ def main(argv=None):
         render(args.render, args.docs, args.name)
         return
     run(args.checkpoint, args.samples, args.length, args.batch, args.seed, out=args.json,
-        only=args.policies.split(",") if args.policies else None, seeds=args.seeds, generated=args.generated)
+        only=variant_names(args.policies) if args.policies else None, seeds=args.seeds, generated=args.generated)
     print(f"wrote {args.json}")
 
 

@@ -75,3 +75,8 @@ def test_training_resumes_exactly(tmp_path):
     assert sorted(split.splitlines()) == sorted(table.splitlines())   # the same rows (a part's come after)
     with pytest.raises(ValueError, match="--policies"):
         evaluation.run(tmp_path / "whole", 2, 96, 2, 0, only=["nope"])
+
+
+def test_policies_list_keeps_commas_inside_a_name():
+    assert evaluation.variant_names("full, keydiff (block-wise, 256),chunkkv (layer reuse 2)") == \
+        ["full", "keydiff (block-wise, 256)", "chunkkv (layer reuse 2)"]
