@@ -284,11 +284,16 @@ def run(args) -> dict:
 def write(out: Path, rows, device):
     import os
     import subprocess
-    out.mkdir(parents=True, exist_ok=True)
     commit = os.environ.get("TKV_COMMIT") or subprocess.run(  # TKV_COMMIT: a copy outside its git checkout
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                 commit=commit, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    dump(out, meta, rows)
+
+
+def dump(out: Path, meta: dict, rows) -> None:
+    """generation.json: the run's facts, its rows and their targets."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "generation.json").write_text(json.dumps(meta | dict(rows=rows, targets=targets(rows)), indent=1))
 
 
@@ -319,8 +324,7 @@ def merge(parts, out: Path):
     rows = [r for d in datas for r in d["rows"]]
     meta = {k: v for k, v in datas[0].items() if k not in ("rows", "targets")}
     meta["parts"] = [{k: v for k, v in d.items() if k not in ("rows", "targets")} for d in datas]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "generation.json").write_text(json.dumps(meta | dict(rows=rows, targets=targets(rows)), indent=1))
+    dump(out, meta, rows)
 
 
 def plot(out: Path):
