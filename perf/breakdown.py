@@ -47,11 +47,13 @@ def main():
             compiled = compiler.compile_policy(policy)
             total = bench(lambda: tkv.evict(keys, values, policy, args.budget, queries=q))
             score = bench(lambda: compiler.score(compiled, keys, values, q, 0))
-            prios = compiler.score(compiled, keys, values, q, 0)
+            # every clause's priority stored (a sample clause's, as select computes it from its slot)
+            prios = compiler.score(compiled, keys, values, q, 0, clauses=True)
             rows = keys.shape[0] * keys.shape[1]
-            select = bench(lambda: select_indices(prios, compiled.program.clause_slots, alloc.clause_counts,
+            clauses = range(len(compiled.program.clause_keys))
+            select = bench(lambda: select_indices(prios, clauses, alloc.clause_counts,
                                                   alloc.n_sink, alloc.n_recent, rows, n, alloc.total, keys.device))
-            idx = select_indices(prios, compiled.program.clause_slots, alloc.clause_counts, alloc.n_sink,
+            idx = select_indices(prios, clauses, alloc.clause_counts, alloc.n_sink,
                                  alloc.n_recent, rows, n, alloc.total, keys.device).view(*keys.shape[:2], -1)
             gather = bench(lambda: gather_rows(idx, keys, values))
             floor = floor_bytes(policy, keys, values, q, alloc.total) / bw

@@ -27,7 +27,7 @@ from .kernels.pages import compact_launch
 from .reference import proxy_window
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
-from .kernels.deferred import DEFERRED_WARPS, deferred_launches
+from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -112,20 +112,22 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                 record(f"stats_{level} paged", compiled.kernel(f"stats_{level}"), pargs, geo.constexprs,
                        geo.num_warps)
             record("score paged", compiled.kernel("score"), pargs, geo.constexprs, geo.num_warps)
+    workspace = torch.empty(1 << 20, device="meta", dtype=torch.float32)
     for index, slot in enumerate(program.slots):
-        if slot.deferred:
-            workspace = torch.empty(1 << 20, device="meta", dtype=torch.float32)
-            for fn, _, dargs, dconst, _ in deferred_launches(priorities, workspace, 0, index, batch * heads, heads,
-                                                             n, 8, 4, 0, slot.gumbel_stream, slot.temperature):
-                record(fn.fn.__name__.strip("_").replace("_kernel", ""), fn, dargs, dconst, DEFERRED_WARPS)
+        passes = deferred_launches(priorities, workspace, 0, index, batch * heads, n, 8, 4) if slot.deferred else []
+        if index in program.moment_slots:
+            passes.append(moments_launch(priorities, workspace, 0, index, batch * heads, n, 8, 4))
+        for fn, _, dargs, dconst in passes:
+            record(fn.fn.__name__.strip("_").replace("_kernel", ""), fn, dargs, dconst, DEFERRED_WARPS)
         if slot.transformed:
             _, targs, tconst = transform_launch(priorities, index, batch, heads, n, slot.chunk, slot.chunk_reduce,
                                                 slot.head_reduce)
             record("transform", _transform_kernel, targs, tconst, TRANSFORM_WARPS)
     alloc = allocate(policy, n, n // 4)
-    _, args, constexprs, indices = select_launch(priorities, program.clause_slots, alloc.clause_counts,
+    _, args, constexprs, indices = select_launch(priorities, program.clause_keys, alloc.clause_counts,
                                                  alloc.n_sink, alloc.n_recent, batch * heads, n, alloc.total,
-                                                 torch.device("meta"), programs=16)
+                                                 torch.device("meta"), programs=16, heads=heads,
+                                                 moments=(workspace, [0] * len(program.clause_keys), 8))
     record("select", _select_kernel, args, constexprs, SELECT_WARPS)
     if policy.heads == "adaptive":   # AdaKV's second select, over each row's H * N priorities
         skip = torch.empty(batch, heads * n, device="meta", dtype=torch.uint8)

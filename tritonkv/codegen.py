@@ -4,8 +4,11 @@ The generated module holds, for a plan (see compiler.py):
   - ``stats_<L>`` / ``merge_<L>`` for each statistics level L: the row quantities that
     scores need first (anchor, proxy softmax statistics, moments for normalize, softmax
     sums), accumulated per program over tiles and merged per row in a fixed order;
-  - ``score``: ONE kernel that evaluates every selective clause's priority for a tile of
-    tokens and stores one float32 per token per slot.
+  - ``score``: ONE kernel that evaluates every slot's score for a tile of tokens and
+    stores one float32 per token per slot. A slot is a score some clauses rank: a top
+    clause ranks it as it is (after its in-place normalize / transform), a sample clause
+    adds its Gumbel noise in the select kernel (kernels/keys.py), so sample and top clauses
+    of one score share a slot.
 
 Each score node becomes one or two lines that call the hand-written helpers of
 ``tritonkv.kernels``; identical subtrees are emitted once. The source depends only on the
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import dsl
+from .kernels.keys import ClauseKey
 from .kernels.proxy import REDUCE_CODES
 
 GLOBAL_NODES = (dsl.AnchorSimilarity, dsl.ProxyAttention, dsl.Normalize, dsl.Softmax)
@@ -55,11 +59,9 @@ def halo(node: dsl.Score) -> int:
 
 @dataclass(frozen=True)
 class Slot:
-    """One float32 priority per token that the select kernel ranks."""
+    """One float32 per token that the select kernel ranks clauses by (kernels/keys.py)."""
 
     score: dsl.Score
-    gumbel_stream: int = -1        # >= 0 for a sample clause: score / t + Gumbel(stream)
-    temperature: float = 1.0
     chunk: int = 1                 # a top clause's reference.clause_transform, applied by
     chunk_reduce: str = "sum"      # kernels/transform.py after the score kernel
     head_reduce: Optional[str] = None
@@ -71,8 +73,7 @@ class Slot:
     @property
     def deferred(self) -> bool:
         """A score ``x.normalize()``: the score kernel stores x, kernels/deferred.py normalizes
-        it (and adds a sample clause's noise) from the stored values, instead of a statistics
-        pass that recomputes x."""
+        it from the stored values, instead of a statistics pass that recomputes x."""
         return isinstance(self.score, dsl.Normalize)
 
     @property
@@ -86,7 +87,7 @@ class Program:
     """What the generated module contains and how to call it."""
 
     slots: Tuple[Slot, ...]
-    clause_slots: Tuple[int, ...]
+    clause_keys: Tuple[ClauseKey, ...]        # per selective clause: its slot and how it ranks it
     reads_cache: bool                          # some score loads K or V tiles
     globals: Tuple[dsl.Score, ...]            # index i names po_i / fo_i / w_i
     levels: Tuple[Tuple[int, ...], ...]       # global indices per statistics level
@@ -99,22 +100,32 @@ class Program:
     def proxies(self) -> Tuple[int, ...]:
         return tuple(i for i, g in enumerate(self.globals) if isinstance(g, dsl.ProxyAttention))
 
+    @property
+    def moment_slots(self) -> Tuple[int, ...]:
+        """The slots whose row moments the select kernel reads (a sample clause of x.normalize())."""
+        return tuple(sorted({k.slot for k in self.clause_keys if k.normalized}))
 
-def plan_slots(policy: dsl.Policy) -> Tuple[Tuple[Slot, ...], Tuple[int, ...]]:
-    from .reference import gumbel_stream
+
+def plan_slots(policy: dsl.Policy) -> Tuple[Tuple[Slot, ...], Tuple[ClauseKey, ...]]:
+    """The slots the score kernel writes and each selective clause's key. A top clause's slot
+    holds its priority; a sample clause ranks the slot of its score, or of x for a score
+    ``x.normalize()`` (standardized as select loads it), plus its noise: it shares the slot
+    of a top clause that ranks the same values."""
     slots: List[Slot] = []
-    clause_slots = []
-    for index, clause in enumerate(policy.selective):
+    keys = []
+    for clause in policy.selective:
+        normalized = isinstance(clause, dsl.Sample) and isinstance(clause.score, dsl.Normalize)
         if isinstance(clause, dsl.Sample):
-            slot = Slot(clause.score, gumbel_stream(index), clause.temperature)
+            slot = Slot(clause.score.operand if normalized else clause.score)
         else:
             slot = Slot(clause.score, chunk=clause.chunk,
                         chunk_reduce=clause.chunk_reduce if clause.chunk > 1 else "sum",
                         head_reduce=clause.head_reduce)
         if slot not in slots:
             slots.append(slot)
-        clause_slots.append(slots.index(slot))
-    return tuple(slots), tuple(clause_slots)
+        sampled = isinstance(clause, dsl.Sample)
+        keys.append(ClauseKey(slots.index(slot), sampled, clause.temperature if sampled else 1.0, normalized))
+    return tuple(slots), tuple(keys)
 
 
 def collect_globals(scores: Sequence[dsl.Score]) -> Tuple[dsl.Score, ...]:
@@ -257,8 +268,8 @@ HEADER = '''# Generated by tritonkv.codegen for:
 import triton
 import triton.language as tl
 
-from tritonkv.kernels.primitives import (cosine_to, gumbel, pool, position, row_norm, softmax_apply,
-                                         standardize, token_rows, uniform)
+from tritonkv.kernels.primitives import (cosine_to, pool, position, row_norm, softmax_apply, standardize,
+                                         token_rows, uniform)
 from tritonkv.kernels.proxy import proxy_attention_tile, proxy_chunk, proxy_stats_merge, proxy_stats_tile
 from tritonkv.kernels.select import zero_fill
 from tritonkv.kernels.stats import (anchor_merge, anchor_store, anchor_tile, moments_merge, moments_store, moments_tile,
@@ -384,17 +395,13 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
     body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
     for index, slot in enumerate(slots):
         x = emitter.value(slot.stored)
-        if slot.gumbel_stream >= 0 and not slot.deferred:
-            # as reference.priority: score * float32(1 / t) + Gumbel noise
-            x = emitter._assign(f"{x} * {1.0 / slot.temperature!r} + gumbel(seed, o_n, i_b, i_h, "
-                                f"{slot.gumbel_stream})", "prio")
         emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * N + o_n, {x}, mask=m_val)")
     return _kernel("score", program_globals, names, prologue + body)
 
 
 def generate(policy: dsl.Policy) -> Program:
     """The generated module's source and the facts needed to launch it."""
-    slots, clause_slots = plan_slots(policy)
+    slots, clause_keys = plan_slots(policy)
     program_globals = collect_globals([s.stored for s in slots])
     n_levels = 1 + max((stats_level(g) for g in program_globals), default=-1)
     levels = tuple(tuple(i for i, g in enumerate(program_globals) if stats_level(g) == level)
@@ -408,7 +415,7 @@ def generate(policy: dsl.Policy) -> Program:
     if slots:
         lines += _score_kernel(slots, program_globals, names)
     reads_cache = any(s.stored.needs_keys or s.stored.needs_values for s in slots)
-    return Program(slots, clause_slots, reads_cache, program_globals, levels, max_halo, "\n".join(lines) + "\n",
+    return Program(slots, clause_keys, reads_cache, program_globals, levels, max_halo, "\n".join(lines) + "\n",
                    names.signals, names.directions)
 
 

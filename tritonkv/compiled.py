@@ -17,7 +17,10 @@ def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int,
                    return_priorities: bool = False):
     """tritonkv.evict's compiled path (arguments already validated), unplanned: every call
     computes its launches anew (tritonkv.runtime.Evictor plans them once). ``named``: the
-    policy's signal and direction tensors in its order (validate.named_inputs)."""
+    policy's signal and direction tensors in its order (validate.named_inputs).
+    ``return_priorities``: also what each selective clause of the lowered policy ranked,
+    float32 [n_clauses, B*H, N] (written by a second, identical scoring run: the call itself
+    never stores a sample clause's priorities)."""
     check_backend(keys)
     b, h, n, _ = keys.shape
     policy, alloc = lower(policy, allocate(policy, n, k))
@@ -25,9 +28,9 @@ def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int,
     if policy.heads == "adaptive":
         return evict_adaptive(compiled, policy, alloc, keys, values, queries, seed, named)
     if return_priorities and alloc.total == n:
-        return Evicted(keys.clone(), values.clone(), torch.arange(n, device=keys.device).expand(b, h, n).clone()), \
-            score(compiled, keys, values, queries, seed, named)
-    call = prepare(compiled, alloc, keys, values, queries, seed, named)
-    run(call)
-    result = Evicted(call.keys, call.values, call.indices)
-    return (result, call.priorities) if return_priorities else result
+        result = Evicted(keys.clone(), values.clone(), torch.arange(n, device=keys.device).expand(b, h, n).clone())
+    else:
+        call = prepare(compiled, alloc, keys, values, queries, seed, named)
+        run(call)
+        result = Evicted(call.keys, call.values, call.indices)
+    return (result, score(compiled, keys, values, queries, seed, named, clauses=True)) if return_priorities else result

@@ -2,17 +2,19 @@
 
 A compiled policy runs, in order:
   1. for each statistics level: ``stats_L`` (partials per program) and ``merge_L`` (per row);
-  2. ``score``: one fused kernel writing each clause's float32 priority per token;
-  3. ``select`` (kernels/select.py): threshold select per clause and compaction of the kept
-     indices; 4. ``gather`` (kernels/gather.py): the kept K / V rows.
-``prepare`` lists a call's launches and buffers (a clause ranked by ``x.normalize()`` adds
-two light passes, kernels/deferred.py; one ranked by chunks or across heads an in-place
-transform, kernels/transform.py); ``run`` launches them through Triton. Launch geometry
-comes from tritonkv.geometry; tritonkv.compiled is the unplanned evict on top of this module,
-tritonkv.runtime plans a call once per signature and afterwards launches the compiled
-kernels directly.
+  2. ``score``: one fused kernel writing each slot's float32 score per token;
+  3. ``select`` (kernels/select.py): threshold select per clause, on the priority it computes
+     from the clause's slot (kernels/keys.py: a sample clause's noise is drawn there), and
+     compaction of the kept indices; 4. ``gather`` (kernels/gather.py): the kept K / V rows.
+``prepare`` lists a call's launches and buffers (a top clause ranked by ``x.normalize()`` adds
+two light passes, kernels/deferred.py, a sample clause of ``x.normalize()`` one; one ranked by
+chunks or across heads an in-place transform, kernels/transform.py); ``run`` launches them
+through Triton. Launch geometry and the scratch layout come from tritonkv.geometry;
+tritonkv.compiled is the unplanned evict on top of this module, tritonkv.runtime plans a call
+once per signature and afterwards launches the compiled kernels directly.
 No per-primitive score tensor and no [W, N] attention matrix reaches global memory: the
-only intermediates are the priorities (one float32 per token per slot) and row statistics.
+only intermediates are the slots (one float32 per token per slot; top and sample clauses of
+one score share one) and row statistics.
 
 Generated modules are cached by policy structure, in memory and on disk (content-hashed
 files under ``$TRITONKV_CACHE_DIR``, default ``~/.cache/tritonkv``), so a second call with
@@ -42,9 +44,10 @@ from .geometry import Geometry, clear_geometry, geometry
 from .kernels.common import interpreting, record_occupancy
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.launch import launch
-from .kernels.deferred import DEFERRED_WARPS, deferred_launches
+from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
+from .kernels.keys import _priorities_kernel, priorities_launch
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
-from .kernels.select import (SELECT_WARPS, _select_kernel, select_launch, select_programs,
+from .kernels.select import (SELECT_SEED_ARG, SELECT_WARPS, _select_kernel, select_launch, select_programs,
                              workspace_sizes, zeroed_numel)
 
 
@@ -198,13 +201,15 @@ class Layout:
 
 def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out: torch.Tensor, workspace=None,
                 zeroed=None, named=(), layout: Optional[Layout] = None):
-    """(geometry, args) of the generated kernels for these inputs. ``zeroed``: an int32 tensor
-    the score kernel sets to zero (select's histograms and barriers), or None; ``named``: the
-    policy's signal and direction tensors, in its order; ``layout``: how K and V are addressed
-    (default: the dense tensors as they are)."""
+    """(geometry, args) of the generated kernels for these inputs. ``workspace``: the float32
+    workspace (tritonkv.geometry's layout; default: one of its own, where the statistics
+    partials do not share the memory of ``out``); ``zeroed``: an int32 tensor the score kernel
+    sets to zero (select's histograms and barriers), or None; ``named``: the policy's signal and
+    direction tensors, in its order; ``layout``: how K and V are addressed (default: the dense
+    tensors as they are)."""
     layout = Layout.dense(keys, values) if layout is None else layout
     geo = _geometry_of(compiled, keys, layout, queries)
-    workspace = out.new_empty(geo.workspace) if workspace is None else workspace
+    workspace = out.new_empty(geo.ranking_numel(0)) if workspace is None else workspace
     q = keys if queries is None else queries
     q_strides = (0, 0, 0, 0) if queries is None else queries.stride()
     z = workspace if zeroed is None else zeroed
@@ -233,10 +238,9 @@ class Launch:
         return launch(self.fn, self.grid, self.args, self.constexprs, self.num_warps, self.num_stages)
 
 
-def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, workspace, seed: int,
-                    shape) -> List[Launch]:
-    """Statistics and merge per level, the score kernel, then per slot its deferred normalize
-    and its transform."""
+def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, workspace, shape) -> List[Launch]:
+    """Statistics and merge per level, the score kernel, then per slot its deferred normalize,
+    its transform and the moment partials a sample clause's key reads."""
     out = []
     for level, nch in enumerate(geo.chunks_per_level):
         out.append(Launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, geo.constexprs,
@@ -245,17 +249,19 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
     out.append(Launch(compiled.kernel("score"), (geo.splits, geo.rows), args, geo.constexprs, geo.num_warps,
                       geo.num_stages, SEED_ARG))
     b, h, n = shape
+    program = compiled.program
     deferred = iter(geo.deferred)
-    for index, slot in enumerate(compiled.program.slots):
-        if slot.deferred:
-            for fn, grid, dargs, dconst, seed_at in deferred_launches(
-                    priorities, workspace, next(deferred), index, geo.rows, h, n, *geo.deferred_tiling, seed,
-                    slot.gumbel_stream, slot.temperature):
-                out.append(Launch(fn, grid, dargs, dconst, DEFERRED_WARPS, None, seed_at))
+    moments = dict(zip(program.moment_slots, geo.moments))
+    for index, slot in enumerate(program.slots):
+        passes = [(*step, DEFERRED_WARPS) for step in deferred_launches(
+            priorities, workspace, next(deferred), index, geo.rows, n, *geo.deferred_tiling)] if slot.deferred else []
         if slot.transformed:
-            grid, targs, tconst = transform_launch(priorities, index, b, h, n, slot.chunk, slot.chunk_reduce,
-                                                   slot.head_reduce)
-            out.append(Launch(_transform_kernel, grid, targs, tconst, TRANSFORM_WARPS))
+            passes.append((_transform_kernel, *transform_launch(priorities, index, b, h, n, slot.chunk,
+                                                                slot.chunk_reduce, slot.head_reduce), TRANSFORM_WARPS))
+        if index in moments:
+            passes.append((*moments_launch(priorities, workspace, moments[index], index, geo.rows, n,
+                                           *geo.deferred_tiling), DEFERRED_WARPS))
+        out += [Launch(fn, grid, pargs, pconst, warps) for fn, grid, pargs, pconst, warps in passes]
     return out
 
 
@@ -265,20 +271,28 @@ def _geometry_of(compiled: CompiledPolicy, keys, layout: Layout, queries) -> Geo
                     layout.page)
 
 
-def score(compiled: CompiledPolicy, keys, values, queries, seed: int, named=()) -> torch.Tensor:
-    """Run the statistics passes, the score kernel and the transforms: float32 priorities
-    [n_slots, B*H, N]."""
+def score(compiled: CompiledPolicy, keys, values, queries, seed: int, named=(), clauses: bool = False) -> torch.Tensor:
+    """Run the statistics passes, the score kernel and the passes on its slots: float32 slots
+    [n_slots, B*H, N]; with ``clauses``, what each selective clause ranks, [n_clauses, B*H, N]
+    (kernels/keys.py: the values the select kernel computes from the slots)."""
     b, h, n, _ = keys.shape
-    slots = len(compiled.program.slots)
+    program = compiled.program
+    slots = len(program.slots)
     if not slots:
         return torch.empty(0, b * h, n, dtype=torch.float32, device=keys.device)
     geo = _geometry_of(compiled, keys, Layout.dense(keys, values), queries)
-    buffer = torch.empty(slots * b * h * n + geo.workspace, dtype=torch.float32, device=keys.device)
-    out, workspace = buffer[: slots * b * h * n].view(slots, b * h, n), buffer[slots * b * h * n:]
+    workspace = torch.empty(geo.ranking_numel(slots * b * h * n), dtype=torch.float32, device=keys.device)
+    out = workspace[geo.workspace: geo.workspace + slots * b * h * n].view(slots, b * h, n)
     geo, args = launch_args(compiled, keys, values, queries, seed, out, workspace, named=named)
-    for step in _score_launches(compiled, geo, args, out, workspace, seed, (b, h, n)):
+    for step in _score_launches(compiled, geo, args, out, workspace, (b, h, n)):
         step()
-    return out
+    if not clauses:
+        return out
+    ranked = torch.empty(len(program.clause_keys), b * h, n, dtype=torch.float32, device=keys.device)
+    grid, pargs, pconst = priorities_launch(out, ranked, workspace, program.clause_keys,
+                                            geo.clause_moments(program), geo.deferred_tiling[0], seed, h)
+    launch(_priorities_kernel, grid, pargs, pconst)
+    return ranked
 
 
 def _align(n: int) -> int:
@@ -288,7 +302,8 @@ def _align(n: int) -> int:
 @dataclass
 class Call:
     """The launches of one evict call and the tensors they write: ``scratch`` holds the
-    priorities, the statistics and select's workspace (None when there is nothing to rank)."""
+    slots (``priorities``), the statistics and select's workspace (None when there is nothing
+    to rank)."""
 
     launches: List[Launch]
     scratch: Optional[torch.Tensor]
@@ -314,7 +329,7 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, n
     out_i = torch.empty(b, h, total, dtype=torch.int64, device=device)
     out_k = None if paged else torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
     out_v = None if paged else torch.empty(b, h, total, dv, dtype=values.dtype, device=device)
-    clauses = len(program.clause_slots)
+    clauses = len(program.clause_keys)
     if clauses == 0 or total == n:
         if paged:
             raise ValueError("prepare: a paged call that ranks nothing needs no kernels (tritonkv.paged)")
@@ -322,21 +337,23 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, n
                                                   n_sink=n if total == n else alloc.n_sink)
         return Call([Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS)], None, None, out_i, out_k, out_v)
     geo = _geometry_of(compiled, keys, layout, queries)
-    programs = select_programs(rows, n, clauses, device, *((0, 0) if paged else (d, dv)))
-    sizes = [_align(len(program.slots) * rows * n), _align(geo.workspace),
-             _align(sum(workspace_sizes(rows, programs, clauses)))]
+    programs = select_programs(rows, n, program.clause_keys, device, *((0, 0) if paged else (d, dv)))
+    slots = len(program.slots) * rows * n
+    sizes = [_align(geo.ranking_numel(slots)), _align(sum(workspace_sizes(rows, programs, clauses)))]
     scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
-    prio_flat, workspace, select_ws = scratch.split(sizes)
-    priorities = prio_flat[: len(program.slots) * rows * n].view(-1, rows, n)
+    workspace, select_ws = scratch.split(sizes)
+    priorities = workspace[geo.workspace: geo.workspace + slots].view(-1, rows, n)
     select_ws = select_ws.view(torch.int32)
     geo, args = launch_args(compiled, keys, values, queries, seed, priorities, workspace,
                             zeroed=select_ws[: zeroed_numel(rows, clauses)], named=named, layout=layout)
-    launches = _score_launches(compiled, geo, args, priorities, workspace, seed, (b, h, n))
-    grid, sargs, sconst, _ = select_launch(priorities, program.clause_slots, alloc.clause_counts, alloc.n_sink,
+    launches = _score_launches(compiled, geo, args, priorities, workspace, (b, h, n))
+    grid, sargs, sconst, _ = select_launch(priorities, program.clause_keys, alloc.clause_counts, alloc.n_sink,
                                            alloc.n_recent, rows, n, total, device, programs, select_ws,
                                            out_i.view(rows, total),
-                                           gather=None if paged else (keys, values, out_k, out_v))
-    launches.append(Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS))
+                                           gather=None if paged else (keys, values, out_k, out_v), heads=h,
+                                           seed=seed, moments=(workspace, geo.clause_moments(program),
+                                                               geo.deferred_tiling[0]))
+    launches.append(Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS, None, SELECT_SEED_ARG))
     return Call(launches, scratch, priorities, out_i, out_k, out_v)
 
 

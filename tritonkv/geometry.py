@@ -1,5 +1,15 @@
 """Launch geometry of a policy's generated kernels: tile sizes, programs per row, warps and
-the workspace layout, from shapes, strides and dtypes alone (cached per program and shape)."""
+the workspace layout, from shapes, strides and dtypes alone (cached per program and shape).
+
+The float32 scratch of the ranking passes, from the workspace pointer the kernels get:
+  [0, workspace)            what is read after the score kernel starts: the row statistics
+                            (finals) the score kernel reads, the moment partials of slots
+                            (kernels/deferred.py, kernels/keys.py);
+  [workspace, ...)          the slots ([n_slots, rows, N], written by the score kernel) and,
+                            before it, the per-program partials of the statistics passes,
+                            dead once their merge has run: they cost no memory of their own
+                            unless they outgrow the slots (``ranking_numel``).
+"""
 
 from __future__ import annotations
 
@@ -65,11 +75,22 @@ class Geometry:
     splits: int
     tiles_per_prog: int
     chunks_per_level: Tuple[int, ...]
-    workspace: int                  # float32 elements
+    workspace: int                  # float32 elements before the slots (a multiple of 4)
     num_warps: int
     num_stages: Optional[int]
     deferred: Tuple[int, ...] = ()  # workspace offset of each deferred slot's moment partials
     deferred_tiling: Tuple[int, int] = (1, 1)   # (programs per row, tiles per program) of those passes
+    moments: Tuple[int, ...] = ()   # workspace offset of each Program.moment_slots slot's moment partials
+    partials: int = 0               # float32 elements of statistics partials, from ``workspace`` on
+
+    def ranking_numel(self, slots: int) -> int:
+        """float32 elements of the ranking scratch with ``slots`` elements of slots."""
+        return self.workspace + max(slots, self.partials)
+
+    def clause_moments(self, program: Program) -> Tuple[int, ...]:
+        """Per clause, the workspace offset of its slot's moment partials (0 where unused)."""
+        where = dict(zip(program.moment_slots, self.moments))
+        return tuple(where.get(k.slot, 0) if k.normalized else 0 for k in program.clause_keys)
 
 
 def _override(name: str, default):
@@ -120,8 +141,8 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
                       IEEE=dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16))
-    per_global: List[int] = []
-    offset = 0
+    placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, window
+    offset = partials = 0
     chunks = {}
     for i, node in enumerate(program.globals):
         if isinstance(node, dsl.AnchorSimilarity):
@@ -137,9 +158,9 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         else:
             part, final, nch = splits * 2, 2, 1
         chunks[i] = nch
-        part_offset, offset = offset, offset + rows * part
-        final_offset, offset = offset, offset + rows * final
-        per_global += [part_offset, final_offset] + ([w] if isinstance(node, dsl.ProxyAttention) else [])
+        placed.append((partials, offset, [w] if isinstance(node, dsl.ProxyAttention) else []))
+        partials += rows * part
+        offset += rows * final
     chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
     tiling = deferred_tiling(n, lambda tiles: stats_splits(rows, tiles, device))
     deferred = []
@@ -147,7 +168,14 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         if slot.deferred:
             deferred.append(offset)
             offset += rows * tiling[0] * 3
+    moments = []
+    for _ in program.moment_slots:
+        moments.append(offset)
+        offset += rows * tiling[0] * 3
+    workspace = -(-max(offset, 1) // 4) * 4   # the slots start 16-byte aligned
+    per_global = [v for part, final, window in placed for v in [workspace + part, final, *window]]
     warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
     stages = os.environ.get("TRITONKV_STAGES")
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
-                    max(offset, 1), warps, int(stages) if stages else None, tuple(deferred), tiling)
+                    workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
+                    partials)

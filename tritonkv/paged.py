@@ -271,7 +271,7 @@ def _evict_compiled(k_pool: _Pool, v_pool: _Pool, rows, n: int, k: int, policy, 
     lowered, alloc = lower(policy, allocate(policy, n, k))
     compiled = compile_policy(lowered)
     device = k_pool.pages.device
-    if len(compiled.program.clause_slots) == 0 or alloc.total == n:   # windows only, or everything kept
+    if len(compiled.program.clause_keys) == 0 or alloc.total == n:   # windows only, or everything kept
         j = torch.arange(alloc.total, device=device)
         indices = torch.where(j < (n if alloc.total == n else alloc.n_sink), j, n - alloc.total + j)
         indices = indices.expand(k_pool.heads, -1).contiguous()

@@ -156,10 +156,11 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
         return unplanned, unplanned(keys, values, queries, seed, named)
     n = keys.shape[2]
     policy, alloc = lower(policy, allocate(policy, n, k))
-    rows, clauses = keys.shape[0] * keys.shape[1], len(policy.selective)
+    rows, compiled = keys.shape[0] * keys.shape[1], compile_policy(policy)
+    clauses = compiled.program.clause_keys
     dims = (keys.shape[-1], values.shape[-1])
     programs = select_programs(rows, n, clauses, keys.device, *dims)
-    call = prepare(compile_policy(policy), alloc, keys, values, queries, seed, named)
+    call = prepare(compiled, alloc, keys, values, queries, seed, named)
     run(call)
     out = Evicted(call.keys, call.values, call.indices)
     if select_programs(rows, n, clauses, keys.device, *dims) != programs:

@@ -4,8 +4,9 @@ stored score (reference.normalize), instead of a statistics pass that recomputes
 The score kernel stores the operand x (one float32 per token); ``_slot_moments_kernel``
 reduces it to per-program (count, mean, M2) partials; ``_slot_normalize_kernel`` merges a
 row's partials in a fixed order and rewrites the slot in place as (x - mean) / std (0 where
-std <= 1e-6 |mean|), with a sample clause's ``* (1 / t) + Gumbel`` noise. That reads 12 bytes
-per token instead of recomputing x: for an attention score, a whole proxy-attention pass.
+std <= 1e-6 |mean|). That reads 12 bytes per token instead of recomputing x: for an attention
+score, a whole proxy-attention pass. A sample clause of ``x.normalize()`` needs only the
+partials: the select kernel standardizes x as it loads it (kernels/keys.py), 4 bytes per token.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv
-from .primitives import gumbel, standardize
+from .primitives import standardize
 from .stats import moments_of_partials, moments_tile
 
 DEFERRED_BLOCK = 1024
@@ -40,11 +41,9 @@ def _slot_moments_kernel(prio_ptr, ws_ptr, part, slot, rows, N, S, tiles_per_pro
     tl.store(base + 2, m2)
 
 
-@triton.jit(do_not_specialize=["part", "slot", "rows", "N", "H", "S", "tiles_per_prog", "seed"])
-def _slot_normalize_kernel(prio_ptr, ws_ptr, part, slot, rows, N, H, S, tiles_per_prog, seed,
-                           BLOCK: tl.constexpr, STREAM: tl.constexpr, INV_T: tl.constexpr):
-    """Program (i_s, i_row): merge the row's partials, standardize its tiles in place; with
-    STREAM >= 0 (a sample clause) add Gumbel noise: x * INV_T + Gumbel(seed, token, b, h, STREAM)."""
+@triton.jit(do_not_specialize=["part", "slot", "rows", "N", "S", "tiles_per_prog"])
+def _slot_normalize_kernel(prio_ptr, ws_ptr, part, slot, rows, N, S, tiles_per_prog, BLOCK: tl.constexpr):
+    """Program (i_s, i_row): merge the row's partials, standardize its tiles in place."""
     i_s = tl.program_id(0)
     i_row = tl.program_id(1)
     mean, std = moments_of_partials(ws_ptr, part, i_row, S)
@@ -52,10 +51,7 @@ def _slot_normalize_kernel(prio_ptr, ws_ptr, part, slot, rows, N, H, S, tiles_pe
     for it in range(0, tiles_per_prog):
         o_n = (i_s * tiles_per_prog + it) * BLOCK + tl.arange(0, BLOCK)
         m = o_n < N
-        y = standardize(tl.load(row + o_n, mask=m, other=0.0), mean, std)
-        if STREAM >= 0:
-            y = y * INV_T + gumbel(seed, o_n, i_row // H, i_row % H, STREAM)
-        tl.store(row + o_n, y, mask=m)
+        tl.store(row + o_n, standardize(tl.load(row + o_n, mask=m, other=0.0), mean, std), mask=m)
 
 
 def deferred_tiling(n: int, splits_for) -> tuple:
@@ -67,12 +63,14 @@ def deferred_tiling(n: int, splits_for) -> tuple:
     return cdiv(n_tiles, tiles), tiles
 
 
-def deferred_launches(priorities, workspace, part: int, slot: int, rows: int, heads: int, n: int, splits: int,
-                      tiles: int, seed: int, stream: int, temperature: float):
-    """[(kernel, grid, args, constexprs, seed position)] of the two passes for one slot."""
-    grid = (splits, rows)
-    moments = [priorities, workspace, part, slot, rows, n, splits, tiles]
-    apply = [priorities, workspace, part, slot, rows, n, heads, splits, tiles, seed]
-    return [(_slot_moments_kernel, grid, moments, dict(BLOCK=DEFERRED_BLOCK), None),
-            (_slot_normalize_kernel, grid, apply,
-             dict(BLOCK=DEFERRED_BLOCK, STREAM=stream, INV_T=1.0 / temperature), len(apply) - 1)]
+def moments_launch(priorities, workspace, part: int, slot: int, rows: int, n: int, splits: int, tiles: int):
+    """(kernel, grid, args, constexprs) of the moment partials of one slot, at ``part``."""
+    return (_slot_moments_kernel, (splits, rows), [priorities, workspace, part, slot, rows, n, splits, tiles],
+            dict(BLOCK=DEFERRED_BLOCK))
+
+
+def deferred_launches(priorities, workspace, part: int, slot: int, rows: int, n: int, splits: int, tiles: int):
+    """[(kernel, grid, args, constexprs)] of the two passes that normalize one slot in place."""
+    apply = [priorities, workspace, part, slot, rows, n, splits, tiles]
+    return [moments_launch(priorities, workspace, part, slot, rows, n, splits, tiles),
+            (_slot_normalize_kernel, (splits, rows), apply, dict(BLOCK=DEFERRED_BLOCK))]

@@ -3,7 +3,9 @@
 A row is one (batch, KV head). Its tokens are kept by, in order: the forced windows
 (tokens < n_sink and >= N - n_recent), then each selective clause j, which keeps the
 ``count_j`` highest priorities among the tokens not kept yet (ties to the lower index).
-Priorities are float32 ``[n_slots, rows, N]``, written by the scoring kernel.
+The slots are float32 ``[n_slots, rows, N]``, written by the scoring kernel; clause j's
+priority is computed from its slot as it is loaded (kernels/keys.py: a sample clause's
+noise is drawn there, not stored).
 
 How one clause is selected, exactly and without a sort:
   1. priorities become uint32 keys whose unsigned order is the float order (NaN = -inf,
@@ -31,12 +33,12 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, interpreting, next_power_of_2, record_occupancy, resident_programs
+from .keys import MAX_CLAUSES, clause_keys, clause_priority, clause_views, key_args
 from .launch import launch
 
 RADIX_BITS = 8
 N_DIGITS = 4
 N_BINS = 1 << RADIX_BITS
-MAX_CLAUSES = 4
 SCAN_BLOCK = 1024   # tokens per step of the passes over priorities
 BARRIERS_PER_CLAUSE = N_DIGITS + 1
 MAX_PROGRAMS_PER_ROW = 256   # P_PAD of the kernel
@@ -72,21 +74,10 @@ def row_barrier(counter_ptr, target):
 
 
 @triton.jit
-def _pick(j: tl.constexpr, a0, a1, a2, a3):
-    if j == 0:
-        return a0
-    elif j == 1:
-        return a1
-    elif j == 2:
-        return a2
-    else:
-        return a3
-
-
-@triton.jit
-def _clause_key(prio_ptr, slot, i_row, rows, N, o_n, m_n):
-    p = tl.load(prio_ptr + (slot * rows + i_row).to(tl.int64) * N + o_n, mask=m_n, other=0.0)
-    return orderable_key(p)
+def _clause_key(j: tl.constexpr, prio_ptr, views, seed, i_row, rows, H, N, o_n, m_n,
+                SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr):
+    return orderable_key(clause_priority(j, prio_ptr, views, seed, i_row, rows, H, N, o_n, m_n,
+                                         SAMPLED, NORMED, STREAM_BASE))
 
 
 @triton.jit
@@ -101,12 +92,13 @@ def _skipped(skip_ptr, i_row, N, o_n, m_n, HAS_SKIP: tl.constexpr):
 
 @triton.jit
 def _kept_before(j: tl.constexpr, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                 slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP: tl.constexpr):
+                 views, seed, H, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr,
+                 STREAM_BASE: tl.constexpr):
     """Tokens kept by the forced windows and by clauses 0 .. j-1 (only valid lanes); a
     skipped token is never kept by a clause."""
     picked = o_n < 0
     for i in tl.static_range(j):
-        key = _clause_key(prio_ptr, _pick(i, slot0, slot1, slot2, slot3), i_row, rows, N, o_n, m_n)
+        key = _clause_key(i, prio_ptr, views, seed, i_row, rows, H, N, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
         t = tl.load(state_ptr + 3 * i).to(tl.uint32, bitcast=True)
         cut = tl.load(state_ptr + 3 * i + 1)
         picked = picked | (key > t) | ((key == t) & (o_n <= cut))
@@ -118,16 +110,17 @@ def _kept_before(j: tl.constexpr, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n,
 
 
 @triton.jit
-def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, slot, i_row, rows, N, n_sink, n_recent,
-                slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP: tl.constexpr):
+def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent,
+                views, seed, H, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr,
+                STREAM_BASE: tl.constexpr):
     """(candidate mask, key) of clause j for the tokens o_n: in range, not kept by the forced
     windows or an earlier clause, not skipped."""
     m_n = o_n < hi
     cand = m_n & ~_kept_before(j, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                               slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP)
+                               views, seed, H, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
     if HAS_SKIP:
         cand = cand & ~_skipped(skip_ptr, i_row, N, o_n, m_n, HAS_SKIP)
-    return cand, _clause_key(prio_ptr, slot, i_row, rows, N, o_n, m_n)
+    return cand, _clause_key(j, prio_ptr, views, seed, i_row, rows, H, N, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
 
 
 @triton.jit
@@ -141,19 +134,23 @@ def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
     tl.store(dst_ptr + dst[:, None] * D + o_d[None, :], tl.load(p_src, mask=m), mask=m)
 
 
-@triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P",
-                               "count0", "count1", "count2", "count3"])
+@triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S",
+                               "count0", "count1", "count2", "count3", "mom0", "mom1", "mom2", "mom3"])
 def _select_kernel(
-    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, skip_ptr,
+    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, skip_ptr, ws_ptr,
     k_ptr, v_ptr, out_k_ptr, out_v_ptr, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, H,
-    N, rows, n_kept, n_sink, n_recent, chunk, P,
-    slot0, slot1, slot2, slot3, count0, count1, count2, count3,
+    N, rows, n_kept, n_sink, n_recent, chunk, P, seed, mom_S,
+    count0, count1, count2, count3,
+    slot0, slot1, slot2, slot3, inv_t0, inv_t1, inv_t2, inv_t3, mom0, mom1, mom2, mom3,
     C: tl.constexpr, P_PAD: tl.constexpr, BLOCK: tl.constexpr,
     GATHER: tl.constexpr, GATHER_T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
+    SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
-    program also copies the K / V rows of the tokens it keeps (no separate gather launch)."""
+    program also copies the K / V rows of the tokens it keeps (no separate gather launch).
+    Clause j ranks kernels/keys.py's priority of its slot (``ws_ptr``: moment partials, ``seed``:
+    the Gumbel noise of sample clauses)."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)
     lo = i_p * chunk
@@ -164,10 +161,12 @@ def _select_kernel(
     m_p = o_p < P
     my_state = state_ptr + (i_row * P + i_p) * (3 * C)
     bar = bar_ptr + i_row
+    views = clause_views(ws_ptr, mom_S, i_row, slot0, slot1, slot2, slot3, inv_t0, inv_t1, inv_t2, inv_t3,
+                         mom0, mom1, mom2, mom3, C, NORMED)
+    counts = (count0, count1, count2, count3)
 
     for j in tl.static_range(C):
-        slot = _pick(j, slot0, slot1, slot2, slot3)
-        remaining = _pick(j, count0, count1, count2, count3) + 0
+        remaining = counts[j] + 0
         prefix = tl.full([], 0, tl.uint32)
         p_hist = hist_ptr + ((i_row * C + j) * 4) * 256
         # ---- radix select: four digits of 8 bits, most significant first
@@ -176,8 +175,8 @@ def _select_kernel(
             local = tl.zeros([256], dtype=tl.int32)
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
-                cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, slot, i_row, rows, N, n_sink, n_recent,
-                                        slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP)
+                cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_row, rows, N, n_sink, n_recent,
+                                        views, seed, H, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
                 if digit > 0:
                     cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
                 local += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=cand)
@@ -194,13 +193,13 @@ def _select_kernel(
         n_gt = tl.full([], 0, tl.int32)
         for start in range(0, chunk, BLOCK):
             o_n = lo + start + o_blk
-            cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, slot, i_row, rows, N, n_sink, n_recent,
-                                    slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP)
+            cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_row, rows, N, n_sink, n_recent,
+                                    views, seed, H, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
             n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
             n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
-        p_cnt = cnt_ptr + (i_row * C + j) * 2 * P_PAD
+        p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
         tl.store(p_cnt + i_p, n_eq)
-        tl.store(p_cnt + P_PAD + i_p, n_gt)
+        tl.store(p_cnt + P + i_p, n_gt)
         row_barrier(bar, P * (j * 5 + 5))
         eq_all = tl.load(p_cnt + o_p, mask=m_p, other=0, cache_modifier=".cg")
         need = remaining - tl.sum(tl.where(o_p < i_p, eq_all, 0), 0)   # ties still to keep, from my chunk on
@@ -209,8 +208,8 @@ def _select_kernel(
             seen = tl.full([], 0, tl.int32)
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
-                cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, slot, i_row, rows, N, n_sink, n_recent,
-                                        slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP)
+                cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_row, rows, N, n_sink, n_recent,
+                                        views, seed, H, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
                 eq = (cand & (key == prefix)).to(tl.int32)
                 rank = seen + tl.cumsum(eq, 0)
                 cut = tl.maximum(cut, tl.max(tl.where((eq > 0) & (rank == need), o_n, -1), 0))
@@ -226,9 +225,9 @@ def _select_kernel(
     kept_per_chunk = tl.maximum(tl.minimum(c_hi, n_sink) - c_lo, 0) \
         + tl.maximum(c_hi - tl.maximum(c_lo, N - n_recent), 0)
     for j in tl.static_range(C):
-        p_cnt = cnt_ptr + (i_row * C + j) * 2 * P_PAD
+        p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
         eq_all = tl.load(p_cnt + o_p, mask=m_p, other=0, cache_modifier=".cg")
-        gt_all = tl.load(p_cnt + P_PAD + o_p, mask=m_p, other=0, cache_modifier=".cg")
+        gt_all = tl.load(p_cnt + P + o_p, mask=m_p, other=0, cache_modifier=".cg")
         r_j = tl.load(my_state + 3 * j + 2)
         ties_before = tl.cumsum(eq_all, 0) - eq_all
         kept_per_chunk += gt_all + tl.minimum(tl.maximum(r_j - ties_before, 0), eq_all)
@@ -241,7 +240,7 @@ def _select_kernel(
         o_n = lo + start + o_blk
         m_n = o_n < hi
         kept = _kept_before(C, prio_ptr, my_state, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                            slot0, slot1, slot2, slot3, skip_ptr, HAS_SKIP)
+                            views, seed, H, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
         dst = offset + tl.cumsum(kept.to(tl.int32), 0) - 1
         tl.store(out_row + dst, o_n.to(tl.int64), mask=kept)
         n_here = tl.sum(kept.to(tl.int32), 0)
@@ -261,6 +260,9 @@ def _select_kernel(
         offset += n_here
 
 
+SELECT_SEED_ARG = _select_kernel.arg_names.index("seed")   # where select_launch passes the seed
+
+
 def programs_per_row(rows: int, n: int, device: torch.device, resident: int) -> int:
     """How many programs share a row: enough to fill the GPU, no more than can be resident
     at once (``resident`` programs of the grid; the row barriers need that), one in the
@@ -274,7 +276,7 @@ def workspace_sizes(rows: int, programs: int, clauses: int):
     """int32 elements of select's workspace: histograms, barrier counters (these two first:
     they must start at zero), per-program tie counts, per-program clause states."""
     c = max(clauses, 1)
-    return [rows * c * N_DIGITS * N_BINS, rows, rows * c * 2 * MAX_PROGRAMS_PER_ROW, rows * programs * 3 * c]
+    return [rows * c * N_DIGITS * N_BINS, rows, rows * c * 2 * programs, rows * programs * 3 * c]
 
 
 def zeroed_numel(rows: int, clauses: int) -> int:
@@ -288,33 +290,38 @@ def chunking(n: int, programs: int):
     return chunk, cdiv(n, chunk)
 
 
-def select_programs(rows: int, n: int, clauses: int, device: torch.device, d: int = 0, dv: int = 0,
+def select_programs(rows: int, n: int, keys, device: torch.device, d: int = 0, dv: int = 0,
                     skip: bool = False) -> int:
     """Programs per row that select_launch will use on ``device`` (occupancy learnt so far);
-    d, dv: head dims of a fused gather, 0 for none."""
-    resident = resident_programs(_select_kernel, device, SELECT_WARPS, _constexprs(clauses, d, dv, skip))
+    keys: the clauses (kernels/keys.py ClauseKeys, or slot indices); d, dv: head dims of a
+    fused gather, 0 for none."""
+    resident = resident_programs(_select_kernel, device, SELECT_WARPS, _constexprs(clause_keys(keys), d, dv, skip))
     return chunking(n, programs_per_row(rows, n, device, resident))[1]
 
 
-def _constexprs(clauses: int, d: int = 0, dv: int = 0, skip: bool = False):
+def _constexprs(keys, d: int = 0, dv: int = 0, skip: bool = False):
     """The kernel's constexprs; d > 0 fuses the gather of K / V rows (head dims d, dv); skip:
     a uint8 mask of tokens that are not candidates."""
     # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
     gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
-    return dict(C=clauses, P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK, GATHER=d > 0, GATHER_T=gather_t,
+    return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK, GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
-                HAS_SKIP=skip)
+                HAS_SKIP=skip, **key_args(keys, [0] * len(keys))[1])
 
 
-def select_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int, rows: int, n: int,
+def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
                   n_kept: int, device: torch.device, programs: int = 1, workspace=None, out_i=None,
-                  gather=None, skip=None):
+                  gather=None, skip=None, heads: int = 1, seed: int = 0, moments=None):
     """(grid, args, constexprs, indices) of one select call; see select_indices. ``workspace``
     (int32, ``sum(workspace_sizes(...))`` elements, the first ``zeroed_numel`` of them zero) and
     ``out_i`` (int64 [rows, n_kept]) are allocated here when not given. ``gather = (keys,
     values, out_keys, out_values)`` also copies the kept rows ([B, H, N, D] in, contiguous
-    [B, H, n_kept, D] out). ``skip``: uint8 [rows, N], nonzero where a token is no candidate."""
-    clauses = len(slots)
+    [B, H, n_kept, D] out). ``skip``: uint8 [rows, N], nonzero where a token is no candidate.
+    ``heads`` (KV heads per batch row), ``seed`` and ``moments = (float32 workspace, offset of
+    each clause's moment partials, partials per row)`` are what sampled / normalized clause
+    keys read (kernels/keys.py)."""
+    keys = clause_keys(keys)
+    clauses = len(keys)
     if clauses > MAX_CLAUSES:
         raise ValueError(f"policy: at most {MAX_CLAUSES} selective clauses are supported, got {clauses}")
     if out_i is None:
@@ -324,28 +331,32 @@ def select_launch(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent
     if workspace is None:
         workspace = torch.zeros(sum(sizes), dtype=torch.int32, device=device)
     hist, bar, cnt, state = workspace[:sum(sizes)].split(sizes)
-    slot_args = list(slots) + [0] * (MAX_CLAUSES - clauses)
     count_args = list(counts) + [0] * (MAX_CLAUSES - clauses)
     prio = priorities if priorities.numel() else torch.empty(1, dtype=torch.float32, device=device)
+    stats, offsets, splits = (prio, [0] * clauses, 1) if moments is None else moments
+    key_values, key_constexprs = key_args(keys, offsets)
     if gather is None:
-        copy_args, d, dv = [prio] * 4 + [0] * 8 + [1], 0, 0
+        copy_args, d, dv = [prio] * 4 + [0] * 8 + [heads], 0, 0
     else:
-        keys, values, out_k, out_v = gather
-        copy_args = [keys, values, out_k, out_v, *keys.stride(), *values.stride(), keys.shape[1]]
-        d, dv = keys.shape[-1], values.shape[-1]
-    args = [prio, out_i, hist, bar, cnt, state, prio if skip is None else skip, *copy_args, n, rows, n_kept,
-            n_sink, n_recent, chunk, p, *slot_args, *count_args]
-    return (p, rows), args, _constexprs(clauses, d, dv, skip is not None), out_i
+        k, v, out_k, out_v = gather
+        copy_args = [k, v, out_k, out_v, *k.stride(), *v.stride(), k.shape[1]]
+        d, dv = k.shape[-1], v.shape[-1]
+    args = [prio, out_i, hist, bar, cnt, state, prio if skip is None else skip, stats, *copy_args, n, rows, n_kept,
+            n_sink, n_recent, chunk, p, seed, splits, *count_args, *key_values]
+    return (p, rows), args, _constexprs(keys, d, dv, skip is not None), out_i
 
 
-def select_indices(priorities: torch.Tensor, slots, counts, n_sink: int, n_recent: int, rows: int, n: int,
-                   n_kept: int, device: torch.device, skip=None) -> torch.Tensor:
+def select_indices(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
+                   n_kept: int, device: torch.device, skip=None, heads: int = 1, seed: int = 0,
+                   moments=None) -> torch.Tensor:
     """Per row, the ascending indices [rows, n_kept] of the tokens kept by the forced windows
-    and by each clause's top ``counts[j]`` of ``priorities[slots[j]]`` (float32 [n_slots, rows, N]),
-    never a token marked in ``skip`` (uint8 [rows, N]) by a clause."""
-    p = select_programs(rows, n, len(slots), device, skip=skip is not None)
-    grid, args, constexprs, out_i = select_launch(priorities, slots, counts, n_sink, n_recent, rows, n,
-                                                  n_kept, device, p, skip=skip)
+    and by each clause's top ``counts[j]`` of its priority: ``priorities[keys[j]]`` (float32
+    [n_slots, rows, N]) for a slot index, kernels/keys.py's priority for a ClauseKey; never a
+    token marked in ``skip`` (uint8 [rows, N]) by a clause."""
+    p = select_programs(rows, n, keys, device, skip=skip is not None)
+    grid, args, constexprs, out_i = select_launch(priorities, keys, counts, n_sink, n_recent, rows, n,
+                                                  n_kept, device, p, skip=skip, heads=heads, seed=seed,
+                                                  moments=moments)
     if n_kept > 0:
         launch_select(grid, args, constexprs, device)
     return out_i
