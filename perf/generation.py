@@ -18,7 +18,10 @@ tokens (batch 1) through the cache of each mode (``modes``):
                                 the prompt every 64 decoded tokens (or never)
   tova / h2o 10%, every step    TOVA / H2O-style: evict one token per layer at every step
   static ...                    hf.StaticEvictingCache (budget + interval slots, one key length
-                                for the whole decode); ", graphs": every step a CUDA graph replay
+                                for the whole decode); ", graphs": every step a CUDA graph replay.
+                                A decoded token attends through tritonkv's split-KV decode kernel
+                                (rows: ``attention: "triton"``); ", sdpa": through SDPA with a mask
+                                over every slot instead (``attention: "sdpa"``)
 
 Attention runs under ``--sdpa`` (default ``flash,efficient``: those backends, in that
 priority, through ``torch.nn.attention.sdpa_kernel``); every row records it as
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -86,6 +90,8 @@ def modes(n: int, steps: int):
         ("static snapkv 10%, every 64", dict(cache="static", policy=snapkv, budget=k, interval=64)),
         ("static snapkv 10%, every 64, graphs", dict(cache="static", graphs=True, policy=snapkv, budget=k,
                                                      interval=64)),
+        ("static snapkv 10%, every 64, graphs, sdpa", dict(cache="static", graphs=True, policy=snapkv, budget=k,
+                                                           interval=64, attention="sdpa")),
         ("static tova 10%, every step", dict(cache="static", policy=tova, budget=k, interval=1)),
         ("static tova 10%, every step, graphs", dict(cache="static", graphs=True, policy=tova, budget=k,
                                                      interval=1)),
@@ -245,6 +251,8 @@ def run(args) -> dict:
         model = make_model(spec, device, dtype)
         for n in prompts:
             for mode, options in modes(n, steps):
+                if args.modes and not re.search(args.modes, mode):
+                    continue
                 if options.get("graphs") and not cuda or options.get("cache") == "compiled" and not cuda:
                     continue   # CUDA graphs (ours, and torch.compile's reduce-overhead) need a GPU
                 interval = options.get("interval")
@@ -259,6 +267,8 @@ def run(args) -> dict:
                 row = dict(model=model_name, mode=mode, interval=interval, baseline="policy" not in options,
                            cache=options.get("cache", "dynamic"), graphs=bool(options.get("graphs")),
                            sdpa_backend=sdpa)
+                if row["cache"] == "static":
+                    row["attention"] = options.get("attention", "triton" if cuda else "sdpa")
                 try:
                     with sdpa_context(sdpa):
                         row.update(measure(model, n, options, steps, warmup, clock))
@@ -373,6 +383,8 @@ def main(argv=None):
     parser.add_argument("--toy", action="store_true", help="toy sizes on the CPU (checks the script)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--prompts", type=int, nargs="+")
+    parser.add_argument("--modes", metavar="REGEX", help="only the modes whose name matches (re.search), e.g. "
+                                                         "'^(DynamicCache|StaticCache|static .*graphs)'")
     parser.add_argument("--steps", type=int, help="timed decode steps (default 512; toy 24)")
     parser.add_argument("--warmup", type=int, default=16, help="untimed steps of modes that do not evict while "
                                                                 "decoding (the others warm up interval + 1)")

@@ -3,6 +3,8 @@ initialized tiny Llama (no weights needed): equality with plain generate when no
 evicted (left-padded batches included, per row), with EvictingCache at real budgets, with each
 row generated alone; shapes that never change; decode steps that read no GPU value."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -12,12 +14,22 @@ import tritonkv as tkv  # noqa: E402
 from tritonkv import policies  # noqa: E402
 from tritonkv.integrations import hf  # noqa: E402
 from tritonkv.runtime import Evictor  # noqa: E402
+from .devices import DEVICE, to_device  # noqa: E402
 from .tiny_llama import tiny_llama, tokens  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama()
+
+
+@contextlib.contextmanager
+def on_device(model):
+    """The model on DEVICE (where the compiled kernels run: CUDA, or the CPU interpreter)."""
+    try:
+        yield model.to(DEVICE)
+    finally:
+        model.to("cpu")
 
 
 def prompt(b=2, n=120, seed=1):
@@ -122,23 +134,29 @@ def test_padded_rows_keep_their_own_budget(model, policy, budget, interval):
             assert kept.shape[1] == (real + 13 if real + 13 <= budget + interval else single.held)
 
 
-def test_shapes_never_change_while_decoding(model, monkeypatch):
-    """SDPA sees one key length at every decode step; the buffers keep their storage."""
-    ids = prompt(n=60)
-    cache = hf.StaticEvictingCache(model, policies.keydiff(sinks=2), 24, interval=5)
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_shapes_never_change_while_decoding(model, monkeypatch, attention):
+    """Decode attention (SDPA with its mask, or the decode kernel with its fill tensors) sees
+    one key shape at every decode step; the buffers keep their storage."""
+    ids = to_device(prompt(n=60))[0]
     lengths, pointers = set(), set()
-    from tritonkv.integrations import static
-    original = static.sdpa_attention_forward
+    from tritonkv.integrations import attention as module
+    name = "sdpa_attention_forward" if attention == "sdpa" else "decode_attention"
+    original = getattr(module, name)
 
-    def spy(module, query, key, value, mask, **kwargs):
+    def spy(*args, **kwargs):
+        query, key, value, fill = args[1:5] if attention == "sdpa" else args[:4]
         if query.shape[2] == 1:
-            lengths.add((tuple(key.shape), tuple(mask.shape)))
+            lengths.add((tuple(key.shape), tuple(fill.shape)))
             pointers.add(key.data_ptr())
-        return original(module, query, key, value, mask, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(static, "sdpa_attention_forward", spy)
-    generate(model, ids, cache, max_new_tokens=17)
-    assert lengths == {((2, 2, 29, 16), (2, 1, 1, 29))}
+    monkeypatch.setattr(module, name, spy)
+    with on_device(model) as on:
+        cache = hf.StaticEvictingCache(on, policies.keydiff(sinks=2), 24, interval=5, attention=attention)
+        generate(on, ids, cache, max_new_tokens=17)
+    # SDPA's mask [B, 1, 1, C]; the kernel's first occupied slot per row [B]
+    assert lengths == {((2, 2, 29, 16), (2, 1, 1, 29) if attention == "sdpa" else (2,))}
     assert pointers == {layer.buffer.keys.data_ptr() for layer in cache.layers}
     assert sum(layer.evictions for layer in cache.layers) == 3 * 4   # the prompt, then every 5 tokens
 
@@ -277,6 +295,28 @@ def test_graph_runner_calls_the_models_own_forward(model):
     assert "forward" not in model.__dict__
 
 
+@pytest.mark.parametrize("pad", [False, True], ids=["equal-lengths", "left-padded"])
+def test_decode_kernel_generates_what_sdpa_does(model, pad, monkeypatch):
+    """attention="triton" (the split-KV decode kernel, reading the fill on the device) and
+    "sdpa" (a mask over every slot) decode the same tokens and keep the same positions, through
+    evictions and with empty leading slots (left padding). float32: the kernel's products are
+    IEEE, its error ~1e-6 relative, far below the gaps between the tiny model's logits."""
+    ids, mask = padded() if pad else (prompt(), None)
+    ids, mask = to_device(ids, mask)
+    from tritonkv.integrations import attention
+    calls = []
+    kernel = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    with on_device(model) as on:
+        caches = {a: hf.StaticEvictingCache(on, policies.snapkv(window=8), 32, interval=4, attention=a)
+                  for a in ("sdpa", "triton")}
+        out = {a: generate(on, ids, c, mask=mask, max_new_tokens=12) for a, c in caches.items()}
+    assert len(calls) == 3 * 11   # every layer of every decode step after the first token
+    assert torch.equal(out["triton"], out["sdpa"])
+    for a, b in zip(caches["sdpa"].layers, caches["triton"].layers):
+        assert torch.equal(a.positions(), b.positions())
+
+
 def test_refusals(model):
     with pytest.raises(ValueError, match="budget: a fixed-capacity cache needs tokens per head"):
         hf.StaticEvictingCache(model, policies.keydiff(), 0.25, interval=8)
@@ -290,6 +330,8 @@ def test_refusals(model):
         hf.StaticEvictingCache(model, None, 10, interval=4)
     with pytest.raises(ValueError, match="interval: an adaptive"):
         hf.StaticEvictingCache(model, policies.adakv(), 10, interval=4)
+    with pytest.raises(ValueError, match=r"attention: expected one of \('auto', 'triton', 'sdpa'\)"):
+        hf.StaticEvictingCache(model, policies.keydiff(), 10, interval=4, attention="flash")
     with pytest.raises(ValueError, match="stack_layers: expected a bool"):
         hf.StaticEvictingCache(model, policies.keydiff(), 10, interval=4, stack_layers="yes")
     with pytest.raises(ValueError, match=r"directions: the policy reads key_dot \['qfilter'\]"):

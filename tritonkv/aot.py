@@ -25,6 +25,7 @@ from .budget import allocate
 from .compiler import Layout, compile_policy, launch_args
 from .kernels.pages import compact_launch
 from .reference import proxy_window
+from .kernels.decode import decode_launches
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
 from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
@@ -148,6 +149,25 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
     return out
 
 
+def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=torch.bfloat16, target=HOPPER,
+                 **_) -> List[Built]:
+    """Compile the decode attention kernels of StaticEvictingCache (tritonkv.kernels.decode)."""
+    dv = dv or d
+    meta = dict(device="meta", dtype=dtype)
+    query = torch.empty(batch, heads * group, 1, d, **meta)
+    keys, values = torch.empty(batch, heads, n, d, **meta), torch.empty(batch, heads, n, dv, **meta)
+    start = torch.empty(batch, device="meta", dtype=torch.int64)
+    length = torch.empty((), device="meta", dtype=torch.int64)
+    launches, _ = decode_launches(query, keys, values, start, length, d ** -0.5)
+    out = []
+    for fn, _, args, constexprs, warps in launches:
+        begin = time.perf_counter()
+        c = build(fn, args, constexprs, warps, target)
+        out.append(Built("(decode)", fn.fn.__name__.strip("_"), f"{str(dtype).split('.')[-1]} D={d} Dv={dv} G={group}",
+                         time.perf_counter() - begin, c.metadata.shared, c.asm["ptx"].count("\n")))
+    return out
+
+
 def required_window(node: dsl.ProxyAttention, n: int) -> int:
     if node.window is None:
         return 1
@@ -178,6 +198,11 @@ def main(argv=None) -> int:
     configs = CONFIGS[:1] if args.quick else CONFIGS if args.config is None else [CONFIGS[args.config]]
     built: List[Built] = []
     failures = []
+    for cfg in configs:
+        try:
+            built += build_decode(**cfg)
+        except Exception as e:
+            failures.append(("(decode)", cfg, e))
     for name, policy in all_policies().items():
         for cfg in configs:
             try:

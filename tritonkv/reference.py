@@ -402,3 +402,18 @@ def kept_indices(kept: torch.Tensor) -> torch.Tensor:
     count = int(kept[0, 0].sum()) if kept.numel() else 0
     positions = torch.arange(n, device=kept.device).expand(b, h, n)
     return positions[kept].view(b, h, count)
+
+
+def slot_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor,
+                   length: torch.Tensor, scale: float) -> torch.Tensor:
+    """What tritonkv.kernels.decode computes, in float64: softmax(q . k * scale) v of each
+    query head [B, H_q, 1, D] over the slots [start[b], length) of its KV head (GQA:
+    query head j reads KV head j // (H_q / H_kv)); returns [B, 1, H_q, D_v] float64."""
+    group = query.shape[1] // keys.shape[1]
+    k = keys.double().repeat_interleave(group, 1)
+    v = values.double().repeat_interleave(group, 1)
+    s = torch.einsum("bhqd,bhnd->bhqn", query.double(), k) * scale
+    slots = torch.arange(keys.shape[2], device=keys.device)
+    seen = (slots >= start[:, None].to(slots.device)) & (slots < length.to(slots.device))
+    s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+    return torch.einsum("bhqn,bhnd->bqhd", s.softmax(-1), v)

@@ -20,6 +20,8 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("tritonkv.integrations needs transformers: pip install 'tritonkv[hf]'") from e
 
+from ..kernels.common import interpreting
+from ..kernels.decode import decode_attention
 from ..results import EvictedVarlen
 
 ATTENTION = "tritonkv_sdpa"
@@ -51,6 +53,41 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     if layer is None or key is not keys:   # not an evicting cache's layer: plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return layer.attend(module, query, key, value, attention_mask, kwargs), None
+
+
+ATTENTION_CHOICES = ("auto", "triton", "sdpa")
+
+
+def check_attention(attention: str) -> str:
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention: expected one of {ATTENTION_CHOICES}, got {attention!r}")
+    return attention
+
+
+def _plain(module, kwargs) -> bool:
+    """Softmax attention the decode kernel computes: no dropout, soft-capping, sliding window
+    or attention sinks."""
+    dropout = kwargs.get("dropout", 0.0) if module is None or getattr(module, "training", False) else 0.0
+    return not dropout and all(kwargs.get(name) is None for name in ("softcap", "sliding_window", "s_aux"))
+
+
+def attend_slots(module, query, key, value, start, length, visible, kwargs, attention: str):
+    """One decoded query per row [B, H_q, 1, D] over a slot buffer whose rows hold slots
+    ``[start[b], length)`` (device tensors). ``attention``: "triton" (tritonkv.kernels.decode:
+    split over the slots, reads start / length on the device), "sdpa" (SDPA over every slot,
+    ``visible()`` the mask), "auto" (triton on CUDA). Models whose attention the kernel does
+    not compute (dropout, soft-capping, sliding windows, sinks) always take SDPA.
+    Returns [B, 1, H_q, D_v] like transformers' SDPA."""
+    if attention == "auto":
+        attention = "triton" if key.is_cuda else "sdpa"
+    if attention == "triton" and not key.is_cuda and not interpreting():
+        raise ValueError(f"attention: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), the cache is on "
+                         f"{key.device}; use attention='auto' or 'sdpa'")
+    if attention == "triton" and _plain(module, kwargs):
+        scale = kwargs.get("scaling")
+        return decode_attention(query, key, value, start, length, query.shape[-1] ** -0.5 if scale is None else scale)
+    out, _ = sdpa_attention_forward(module, query, key, value, visible(), **kwargs)
+    return out
 
 
 def attend_packed(packed: EvictedVarlen, segment, query, key, value, scaling: float):

@@ -1,0 +1,80 @@
+"""The split-KV decode attention of StaticEvictingCache (tritonkv.kernels.decode) against
+reference.slot_attention, across shapes, GQA ratios, dtypes, fills and empty leading slots."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tritonkv import reference
+from tritonkv.kernels.decode import decode_attention, splits_for
+
+from .devices import DEVICE
+from .strategies import DTYPES, GQA_RATIOS, HEAD_DIMS, examples
+
+
+@st.composite
+def slot_buffers(draw):
+    b, h = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    group = draw(st.sampled_from(GQA_RATIOS + [3]))
+    d = draw(st.sampled_from(HEAD_DIMS))
+    dv = draw(st.sampled_from([d, 64]))
+    c = draw(st.one_of(st.integers(1, 70), st.integers(250, 1300)))
+    length = draw(st.integers(1, c))
+    start = [draw(st.integers(0, length - 1)) for _ in range(b)]
+    seed = draw(st.integers(0, 2 ** 31))
+    return b, h, group, d, dv, c, length, start, seed
+
+
+def inputs(case, dtype):
+    b, h, group, d, dv, c, length, start, seed = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h * group, 1, d, generator=g)
+    k, v = torch.randn(b, h, c, d, generator=g), torch.randn(b, h, c, dv, generator=g)
+    q, k, v = (x.to(dtype).to(DEVICE) for x in (q, k, v))
+    return q, k, v, torch.tensor(start, device=DEVICE), torch.tensor(length, device=DEVICE)
+
+
+def tolerance(values, dtype):
+    """The kernel accumulates in float32 but, on the GPU, rounds the probabilities to the
+    cache's dtype before the P.V product (as flash attention does): each weight is off by up
+    to one half-ulp of that dtype (relative), so the output, a convex combination of value
+    rows, is off by at most eps * max|v| of the row, plus its own rounding to the dtype
+    (eps * |out| <= eps * max|v|). 2 eps max|v|, with 1e-6 max|v| for float32's different
+    summation order."""
+    eps = torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6
+    return 2 * eps * values.double().abs().amax(dim=(2, 3))      # [B, H_kv]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@given(case=slot_buffers())
+@settings(max_examples=examples(12), deadline=None)
+def test_decode_attention_matches_the_reference(case, dtype):
+    q, k, v, start, length = inputs(case, dtype)
+    scale = q.shape[-1] ** -0.5
+    got = decode_attention(q, k, v, start, length, scale)
+    want = reference.slot_attention(q, k, v, start, length, scale)
+    assert got.shape == want.shape and got.dtype == dtype
+    group = q.shape[1] // k.shape[1]
+    allowed = tolerance(v, dtype).repeat_interleave(group, 1)[:, None, :, None]
+    err = (got.double() - want).abs()
+    assert (err <= allowed).all(), f"max error {err.max().item():.3g}, allowed {allowed.min().item():.3g}"
+
+
+def test_inputs_are_left_alone_and_splits_follow_shapes_only():
+    case = (2, 2, 4, 64, 64, 600, 500, [0, 37], 5)
+    q, k, v, start, length = inputs(case, torch.float16)
+    before = [x.clone() for x in (q, k, v, start, length)]
+    decode_attention(q, k, v, start, length, 0.125)
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v, start, length)))
+    device = torch.device(DEVICE)
+    assert splits_for(4, 600, device) == splits_for(4, 600, device) >= 1
+    assert splits_for(4, 100, device) == 1      # a chunk is never under MIN_CHUNK slots
+
+
+def test_bad_shapes_are_refused():
+    q, k, v, start, length = inputs((1, 2, 2, 64, 64, 10, 5, [0], 0), torch.float32)
+    with pytest.raises(ValueError, match="query: expected one query per row"):
+        decode_attention(q.expand(-1, -1, 2, -1), k, v, start, length, 0.1)
+    with pytest.raises(ValueError, match="keys / values"):
+        decode_attention(q[:, :3], k, v, start, length, 0.1)
