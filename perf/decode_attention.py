@@ -1,6 +1,7 @@
 """Decode attention over a StaticEvictingCache layer's slots: tritonkv's split-KV kernel
 (tritonkv.kernels.decode) against SDPA with a mask over every slot (what the cache ran before,
-and what transformers' StaticCache runs), and FlashAttention over exactly the occupied keys
+and what transformers' StaticCache runs: its keys repeated per query head, then the
+memory-efficient kernel), and FlashAttention over exactly the occupied keys
 (no mask; a shape that changes every step, so not what a fixed-shape cache can call), as
 multiples of the HBM floor (reading the occupied K and V once). Graph-replay times, one
 process; the wide model's layer shape (32 query heads on 8 KV heads of 128) by default.
@@ -34,15 +35,17 @@ def case(batch, hq, h, c, d, dtype, bandwidth, fill=0.9):
     n = int(length)
     mask = (torch.arange(c, device=DEVICE) < length)[None, None, None, :].expand(batch, 1, 1, c)
     scale = d ** -0.5
-    kr, vr = k[:, :, :n].contiguous(), v[:, :, :n].contiguous()
+    group = hq // h
+    kr, vr = (x[:, :, :n].repeat_interleave(group, 1) for x in (k, v))   # flash's GQA heads, made untimed
 
-    def masked():
+    def masked():   # as transformers' sdpa_attention_forward does with a mask: repeat_kv, then SDPA
+        kx, vx = (x[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, hq, c, d) for x in (k, v))
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, kx, vx, attn_mask=mask, scale=scale)
 
     def flash():
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return F.scaled_dot_product_attention(q, kr, vr, scale=scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, kr, vr, scale=scale)
 
     floor = 2 * batch * h * n * d * k.element_size() / bandwidth
     times = dict(triton=graph_seconds(lambda: decode_attention(q, k, v, start, length, scale), 20),
