@@ -66,15 +66,27 @@ TOY_MODELS = {"toy": dict(hidden_size=64, intermediate_size=128, num_hidden_laye
                           num_key_value_heads=2, head_dim=16, vocab_size=101)}
 
 
-def modes(n: int, steps: int):
+def warmup_steps(interval, graphs: bool, steps: int, default: int) -> int:
+    """Untimed decode steps before the timing: ``default`` for a mode that does not evict while
+    decoding (no interval, or one longer than the run), else every kind of step once: interval
+    + 1 (an eviction among them), and under CUDA graphs twice that (each kind captured, then
+    replayed)."""
+    if interval is None or interval > steps:
+        return default
+    return 2 * interval + 2 if graphs else interval + 1
+
+
+def modes(n: int, steps: int, warmup: int = 16):
     """(name, cache options) for a prompt of n tokens and ``steps`` timed decode steps.
 
     ``cache``: "dynamic" (hf.EvictingCache), "static" (hf.StaticEvictingCache, fixed shapes),
     "transformers" (transformers' DynamicCache) or "compiled" (transformers' StaticCache with
     the decode step under ``torch.compile(mode="reduce-overhead")``, its CUDA graphs). "once":
-    evicted after the prompt only (a static buffer then has room for every decoded token)."""
+    evicted after the prompt only (a static buffer then has room for every decoded token:
+    the warm-up's and the timed ones, and one spare)."""
     k = max(1, round(0.1 * n))
-    once = steps + 2 * 64 + 2   # static "once": room for the warm-up and the timed steps
+    once = steps + warmup + 2
+    assert warmup_steps(once, True, steps, warmup) == warmup   # "once" never evicts while decoding
     snapkv, tova = policies.snapkv(), policies.tova()
     return [
         ("DynamicCache", dict(cache="transformers")),
@@ -250,7 +262,7 @@ def run(args) -> dict:
     for model_name, spec in models.items():
         model = make_model(spec, device, dtype)
         for n in prompts:
-            for mode, options in modes(n, steps):
+            for mode, options in modes(n, steps, args.warmup):
                 if args.modes and not re.search(args.modes, mode):
                     continue
                 if options.get("graphs") and not cuda or options.get("cache") == "compiled" and not cuda:
@@ -259,10 +271,7 @@ def run(args) -> dict:
                 if args.toy and interval is not None and interval <= 64:   # toy sizes: a few steps apart
                     interval = min(interval, 8)
                     options = dict(options, interval=interval)
-                if interval is None or interval > steps:   # nothing evicts while decoding
-                    warmup = args.warmup
-                else:   # every kind of step seen (and, for graphs, captured) before the timing
-                    warmup = 2 * interval + 2 if options.get("graphs") else interval + 1
+                warmup = warmup_steps(interval, bool(options.get("graphs")), steps, args.warmup)
                 start = time.time()
                 row = dict(model=model_name, mode=mode, interval=interval, baseline="policy" not in options,
                            cache=options.get("cache", "dynamic"), graphs=bool(options.get("graphs")),

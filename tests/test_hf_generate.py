@@ -234,7 +234,7 @@ def test_generation_benchmark_runs_at_toy_sizes(tmp_path):
     data = json.loads((tmp_path / "generation.json").read_text())
     rows = data["rows"]
     gpu_only = lambda o: o.get("graphs") or o.get("cache") == "compiled"   # noqa: E731 (CUDA graphs)
-    assert [r["mode"] for r in rows] == [m for m, o in generation.modes(64, 3) if not gpu_only(o)]
+    assert [r["mode"] for r in rows] == [m for m, o in generation.modes(64, 3, 1) if not gpu_only(o)]
     assert {r["cache"] for r in rows} == {"transformers", "dynamic", "static"}
     for r in rows:
         decoding = r["interval"] is not None and r["interval"] <= 3   # evicts within the 3 timed steps
@@ -243,6 +243,8 @@ def test_generation_benchmark_runs_at_toy_sizes(tmp_path):
         assert r["sdpa_backend"] == "default" and r["baseline"] == (r["mode"] == "DynamicCache")
         if not r["baseline"]:
             assert max(r["held_per_layer"]) < 64
+        if "once" in r["mode"]:   # its buffer holds the warm-up and the timed tokens: no eviction while decoding
+            assert r["evictions"] == 0, r
     (target,) = data["targets"]
     assert target["best_baseline"] == "DynamicCache" and target["speedup"] > 0
     generation.main(["--out", str(tmp_path / "merged"), "--merge", str(tmp_path / "generation.json"),
