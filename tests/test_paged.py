@@ -285,3 +285,27 @@ def test_a_batch_launches_as_many_kernels_as_one_sequence(name, monkeypatch):
         got, want = run_both(pool, policy, 8 if policy.needs_queries else 0.4, "triton")
         check(pool, got, want, before_k, before_v)
     assert len(launched[8]) == len(launched[1]) == BATCHED[name], launched
+
+
+def test_a_repeat_call_reuses_its_plan(monkeypatch):
+    """A second call with the same signature (an equal policy object, other pools of the same
+    shapes) builds no plan, and keeps what the first call kept on the same values."""
+    from tritonkv import paged_plan
+    built = []
+    plan = paged_plan.plan
+    monkeypatch.setattr(paged_plan, "plan", lambda *a: built.append(1) or plan(*a))
+    paged_plan.clear_plans()
+    lengths = [64, 100, 70]
+    pool = Pool(lengths, 16, seed=11)
+    k0, v0 = pool.k.clone(), pool.v.clone()
+    outs = []
+    for _ in range(2):
+        pool.k.copy_(k0), pool.v.copy_(v0)
+        outs.append(paged.evict(pool.k, pool.v, pool.table, lengths, policies.snapkv(), 0.5, queries=pool.queries,
+                                seed=3, backend="triton", check=False))
+    assert len(built) == 1
+    assert torch.equal(outs[0].positions, outs[1].positions) and torch.equal(outs[0].freed_pages, outs[1].freed_pages)
+    assert outs[0].seq_lens.tolist() == outs[1].seq_lens.tolist() == [32, 50, 35]
+    with pytest.raises(ValueError, match="seed"):   # a planned call still checks what can change
+        paged.evict(pool.k, pool.v, pool.table, lengths, policies.snapkv(), 0.5, queries=pool.queries, seed=-1,
+                    backend="triton")
