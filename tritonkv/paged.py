@@ -15,8 +15,8 @@ what it keeps never depends on the batch it was scheduled in.
 
 The compiled path (tritonkv/paged_plan.py) scores every sequence through its block table (the
 generated kernels read pages, no dense copy of K or V is made) and selects, one launch per stage
-for the whole batch, then compacts the pages in place (kernels/pages.py), one launch per pool. Pages outside the named ones, and slots past a sequence's new length, are
-never written. ``seq_lens`` lives on the host (engines keep it there, e.g. vLLM's
+for the whole batch, then compacts the pages in place (kernels/pages.py), one launch per pool.
+Pages outside the named ones, and slots past a sequence's new length, are never written. ``seq_lens`` lives on the host (engines keep it there, e.g. vLLM's
 ``seq_lens_cpu``): budgets and launch shapes come from it without a device synchronization, so
 for fixed lengths a call is capturable in a CUDA graph (pass ``check=False`` there: checking the
 block table's entries reads it back).
