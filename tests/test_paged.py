@@ -238,3 +238,74 @@ def test_a_call_is_captured_in_a_cuda_graph(name):
     assert captured.seq_lens.tolist() == eager.seq_lens.tolist()
     assert torch.equal(captured.positions, eager.positions) and torch.equal(captured.freed_pages, eager.freed_pages)
     assert torch.equal(pool.k, want_k) and torch.equal(pool.v, want_v)
+
+
+def counted_launches(monkeypatch) -> list:
+    """Patch the launch helper (kernels/launch.py) wherever tritonkv imported it: the names of the
+    kernels launched from now on, in order."""
+    import sys
+
+    import tritonkv.kernels.pages  # noqa: F401  (imported on a first call: patched here too)
+    import tritonkv.paged_plan  # noqa: F401
+    from tritonkv.kernels import launch as launch_module
+    original, names = launch_module.launch, []
+
+    def counting(fn, *args, **kwargs):
+        names.append(getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", repr(fn)))
+        return original(fn, *args, **kwargs)
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("tritonkv") and module is not launch_module and \
+                getattr(module, "launch", None) is original:
+            monkeypatch.setattr(module, "launch", counting)
+    return names
+
+
+# the presets whose statistics, score and select run once for a whole batch (tritonkv.paged_plan),
+# and what one call launches: those stages, then compaction of the key and value pools
+BATCHED = {"knorm": 4, "streaming_llm": 2, "snapkv": 6, "keydiff": 6, "random": 4, "h2o": 6, "qfilters": 4}
+
+
+@pytest.mark.parametrize("name", sorted(BATCHED))
+def test_a_batch_launches_as_many_kernels_as_one_sequence(name, monkeypatch):
+    """Eight sequences of different lengths (two that keep everything) launch what one sequence
+    launches, and keep what their dense copies keep."""
+    policy = PRESETS[name]
+    evict, launched, names = paged.evict, {}, counted_launches(monkeypatch)
+
+    def counted_evict(*args, **kwargs):   # the paged call's launches only, not the dense ones
+        start = len(names)
+        out = evict(*args, **kwargs)
+        launched[len(args[3])] = names[start:]
+        return out
+    monkeypatch.setattr(paged, "evict", counted_evict)
+    for lengths in ([100], [64, 70, 100, 129, 160, 7, 81, 5]):
+        lengths = [max(n, WINDOW) for n in lengths] if policy.needs_queries else lengths
+        pool = Pool(lengths, 16, seed=len(lengths))
+        before_k, before_v = pool.k.clone(), pool.v.clone()
+        got, want = run_both(pool, policy, 8 if policy.needs_queries else 0.4, "triton")
+        check(pool, got, want, before_k, before_v)
+    assert len(launched[8]) == len(launched[1]) == BATCHED[name], launched
+
+
+def test_a_repeat_call_reuses_its_plan(monkeypatch):
+    """A second call with the same signature (an equal policy object, other pools of the same
+    shapes) builds no plan, and keeps what the first call kept on the same values."""
+    from tritonkv import paged_plan
+    built = []
+    plan = paged_plan.plan
+    monkeypatch.setattr(paged_plan, "plan", lambda *a: built.append(1) or plan(*a))
+    paged_plan.clear_plans()
+    lengths = [64, 100, 70]
+    pool = Pool(lengths, 16, seed=11)
+    k0, v0 = pool.k.clone(), pool.v.clone()
+    outs = []
+    for _ in range(2):
+        pool.k.copy_(k0), pool.v.copy_(v0)
+        outs.append(paged.evict(pool.k, pool.v, pool.table, lengths, policies.snapkv(), 0.5, queries=pool.queries,
+                                seed=3, backend="triton", check=False))
+    assert len(built) == 1
+    assert torch.equal(outs[0].positions, outs[1].positions) and torch.equal(outs[0].freed_pages, outs[1].freed_pages)
+    assert outs[0].seq_lens.tolist() == outs[1].seq_lens.tolist() == [32, 50, 35]
+    with pytest.raises(ValueError, match="seed"):   # a planned call still checks what can change
+        paged.evict(pool.k, pool.v, pool.table, lengths, policies.snapkv(), 0.5, queries=pool.queries, seed=-1,
+                    backend="triton")

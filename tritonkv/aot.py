@@ -24,6 +24,7 @@ from . import dsl, policies
 from .budget import allocate
 from .compiler import Layout, compile_policy, launch_args
 from .kernels.pages import compact_launch
+from .kernels.sequences import FIELDS
 from .reference import proxy_window
 from .kernels.decode import decode_launches
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
@@ -97,6 +98,8 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                          c.asm["ptx"].count("\n")))
 
     priorities = torch.empty(max(1, len(program.slots)), batch * heads, n, device="meta", dtype=torch.float32)
+    table = torch.empty(batch, -(-n // PAGE), device="meta", dtype=torch.int32)
+    sequences = torch.empty(batch, FIELDS.value, device="meta", dtype=torch.int32)
     named = tuple(torch.empty(batch, heads, n, **meta) for _ in policy.signals) \
         + tuple(torch.empty(heads, d, device="meta", dtype=torch.float32) for _ in policy.directions)
     if program.slots:
@@ -106,12 +109,13 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
             record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
         record("score", compiled.kernel("score"), largs, geo.constexprs, geo.num_warps)
         if paged and program.reads_cache:   # the same kernels reading a paged cache (tritonkv.paged)
-            table = torch.empty(-(-n // PAGE), device="meta", dtype=torch.int32)
-            layout = Layout(tuple(keys.shape), tuple(values.shape), keys.stride(), values.stride(), table, PAGE)
+            layout = Layout(tuple(keys.shape), tuple(values.shape), keys.stride(), values.stride(), table, PAGE,
+                            sequences)
             geo, pargs = launch_args(compiled, keys, values, queries, 0, priorities, named=named, layout=layout)
             for level in range(len(program.levels)):
                 record(f"stats_{level} paged", compiled.kernel(f"stats_{level}"), pargs, geo.constexprs,
                        geo.num_warps)
+                record(f"merge_{level} paged", compiled.kernel(f"merge_{level}"), pargs, geo.constexprs, 4)
             record("score paged", compiled.kernel("score"), pargs, geo.constexprs, geo.num_warps)
     workspace = torch.empty(1 << 20, device="meta", dtype=torch.float32)
     for index, slot in enumerate(program.slots):
@@ -130,6 +134,12 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                                                  torch.device("meta"), programs=16, heads=heads,
                                                  moments=(workspace, [0] * len(program.clause_keys), 8))
     record("select", _select_kernel, args, constexprs, SELECT_WARPS)
+    if paged and program.clause_keys:   # the select of a batched paged call (tritonkv.paged_plan)
+        _, args, constexprs, _ = select_launch(priorities, program.clause_keys, [0] * len(program.clause_keys), 0,
+                                               0, batch * heads, n, alloc.total, torch.device("meta"), programs=16,
+                                               heads=heads, moments=(workspace, [0] * len(program.clause_keys), 8),
+                                               sequences=sequences)
+        record("select paged", _select_kernel, args, constexprs, SELECT_WARPS)
     if policy.heads == "adaptive":   # AdaKV's second select, over each row's H * N priorities
         skip = torch.empty(batch, heads * n, device="meta", dtype=torch.uint8)
         _, args, constexprs, _ = select_launch(priorities.view(1, batch, heads * n), (0,), (n // 8,), 0, 0, batch,
@@ -140,11 +150,9 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
     if not paged:
         return out
     pages = torch.empty(-(-n // PAGE), PAGE, heads, d, **meta)
-    fn, _, args, constexprs, warps = compact_launch(indices.view(batch, heads, -1), pages,
-                                                    torch.empty(batch, -(-n // PAGE), device="meta",
-                                                                dtype=torch.int32),
-                                                    PAGE, (pages.stride(0), pages.stride(2), pages.stride(1),
-                                                           pages.stride(3)))
+    fn, _, args, constexprs, warps = compact_launch(indices.view(batch, heads, -1), pages, table, PAGE,
+                                                    (pages.stride(0), pages.stride(2), pages.stride(1),
+                                                     pages.stride(3)))
     record("compact pages", fn, args, constexprs, warps)
     return out
 

@@ -27,7 +27,8 @@ from .kernels.proxy import REDUCE_CODES
 
 GLOBAL_NODES = (dsl.AnchorSimilarity, dsl.ProxyAttention, dsl.Normalize, dsl.Softmax)
 RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_numel")
-POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr")   # bt: a paged block table
+# bt: a paged block table [B, max_pages], sq: its sequence table (kernels/sequences.py)
+POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr", "sq_ptr")
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
 CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE")
@@ -213,7 +214,7 @@ class TileEmitter:
         if isinstance(node, dsl.Position):
             return self._assign("position(o_n, N)")
         if isinstance(node, dsl.Random):
-            return self._assign(f"uniform(seed, o_n, i_b, i_h, {node.stream})")
+            return self._assign(f"uniform(seed, o_n, i_draw, i_h, {node.stream})")
         if isinstance(node, dsl.Signal):
             i = self.names.signals.index(node.name)
             return self._assign(f"tl.load(sg_{i} + i_b.to(tl.int64) * s_sgb_{i} + i_h.to(tl.int64) * s_sgh_{i} "
@@ -272,11 +273,25 @@ from tritonkv.kernels.primitives import (cosine_to, pool, position, row_norm, so
                                          token_rows, uniform)
 from tritonkv.kernels.proxy import proxy_attention_tile, proxy_chunk, proxy_stats_merge, proxy_stats_tile
 from tritonkv.kernels.select import zero_fill
+from tritonkv.kernels.sequences import sequence_of
 from tritonkv.kernels.stats import (anchor_merge, anchor_store, anchor_tile, moments_merge, moments_store, moments_tile,
                                     softmax_merge, softmax_store, softmax_tile)
 '''
 
-PROLOGUE = '''    i_b = i_row // H
+# A paged launch (PAGE > 0) serves a batch of sequences: row i_row is head i_h of the batch's
+# sequence i_row // H, whose length, tiling and block table row come from the sequence table;
+# the scalar N is then the longest length, the slots' row stride NS. Random draws use batch
+# row 0 (i_draw), as on the sequence's dense copy [1, H, N, D].
+SEQUENCE = '''    NS = N
+    i_b = i_row // H
+    i_draw = i_b
+    if PAGE > 0:
+        i_b, N, seq_splits, seq_tiles, bt_offset = sequence_of(sq_ptr, i_row // H)
+        bt_ptr += bt_offset
+        i_draw = i_b * 0
+        {tiles}'''
+
+PROLOGUE = SEQUENCE.format(tiles="tiles_per_prog = tl.where(i_s < seq_splits, seq_tiles, 0)") + '''
     i_h = i_row % H
     o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
@@ -369,7 +384,7 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
 
 
 def _merge_kernel(level: int, members: Sequence[int], program_globals, names: Names) -> List[str]:
-    lines = ["    i_row = tl.program_id(0)", "    i_c = tl.program_id(1)"]
+    lines = ["    i_row = tl.program_id(0)", "    i_c = tl.program_id(1)", SEQUENCE.format(tiles="")]
     for gi in members:
         node = program_globals[gi]
         if isinstance(node, dsl.AnchorSimilarity):
@@ -395,7 +410,7 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
     body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
     for index, slot in enumerate(slots):
         x = emitter.value(slot.stored)
-        emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * N + o_n, {x}, mask=m_val)")
+        emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * NS + o_n, {x}, mask=m_val)")
     return _kernel("score", program_globals, names, prologue + body)
 
 

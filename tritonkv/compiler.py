@@ -184,8 +184,9 @@ def named_args(named) -> List:
 @dataclass(frozen=True)
 class Layout:
     """How the generated kernels address K and V: the [B, H, N, D] shapes they see and the
-    strides of (batch, head, position, dim) — of a paged cache (page, head, slot, dim), with one
-    sequence's block table (int32 [pages]) and its tokens per page."""
+    strides of (batch, head, position, dim) — of a paged cache (page, head, slot, dim), with the
+    block table (int32 [B, max pages]), tokens per page, and the sequence table of the batch
+    (kernels/sequences.py: B sequences, N the longest) with its statistics programs per row."""
 
     k_shape: Tuple[int, ...]
     v_shape: Tuple[int, ...]
@@ -193,6 +194,8 @@ class Layout:
     v_strides: Tuple[int, ...]
     block_table: Optional[torch.Tensor] = None
     page: int = 0
+    sequences: Optional[torch.Tensor] = None
+    splits: Optional[int] = None
 
     @staticmethod
     def dense(keys: torch.Tensor, values: torch.Tensor) -> "Layout":
@@ -214,7 +217,8 @@ def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out:
     q_strides = (0, 0, 0, 0) if queries is None else queries.stride()
     z = workspace if zeroed is None else zeroed
     bt = keys if layout.block_table is None else layout.block_table
-    args = [keys, values, q, workspace, out, z, bt, *layout.k_strides, *layout.v_strides, *q_strides,
+    sq = keys if layout.sequences is None else layout.sequences
+    args = [keys, values, q, workspace, out, z, bt, sq, *layout.k_strides, *layout.v_strides, *q_strides,
             layout.k_shape[2], layout.k_shape[1], 0 if queries is None else queries.shape[2], seed, geo.rows,
             geo.splits, geo.tiles_per_prog, 0 if zeroed is None else zeroed.numel(), *geo.per_global,
             *named_args(named)]
@@ -268,7 +272,7 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
 def _geometry_of(compiled: CompiledPolicy, keys, layout: Layout, queries) -> Geometry:
     return geometry(compiled.program, layout.k_shape, layout.v_shape,
                     None if queries is None else tuple(queries.shape), keys.dtype, keys.element_size(), keys.device,
-                    layout.page)
+                    layout.page, layout.splits)
 
 
 def score(compiled: CompiledPolicy, keys, values, queries, seed: int, named=(), clauses: bool = False) -> torch.Tensor:
@@ -303,41 +307,61 @@ def _align(n: int) -> int:
 class Call:
     """The launches of one evict call and the tensors they write: ``scratch`` holds the
     slots (``priorities``), the statistics and select's workspace (None when there is nothing
-    to rank)."""
+    to rank); ``select_inputs``: what _select takes from _ranking."""
 
     launches: List[Launch]
     scratch: Optional[torch.Tensor]
     priorities: Optional[torch.Tensor]
     indices: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: Optional[torch.Tensor]
+    values: Optional[torch.Tensor]
+    select_inputs: Optional[tuple] = None
 
 
-def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=(),
-            layout: Optional[Layout] = None) -> Call:
+def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=()) -> Call:
     """Allocate an evict call's buffers and list its launches: statistics, score (which also
     zeroes select's counters), select (which also gathers the kept rows); for a policy with nothing to rank (only
-    windows, or a budget that keeps everything) one gather that writes the indices too. With a
-    paged ``layout`` the call selects indices only (``keys`` / ``values`` of the Call are None):
-    tritonkv.paged compacts the pages in place, and makes the indices of a call that ranks nothing."""
-    paged = layout is not None and layout.block_table is not None
-    layout = Layout.dense(keys, values) if layout is None else layout
-    b, h, n, d = layout.k_shape
-    dv = layout.v_shape[-1]
-    rows, total, device = b * h, alloc.total, keys.device
-    program = compiled.program
+    windows, or a budget that keeps everything) one gather that writes the indices too."""
+    b, h, n, d = keys.shape
+    dv = values.shape[-1]
+    total, device = alloc.total, keys.device
     out_i = torch.empty(b, h, total, dtype=torch.int64, device=device)
-    out_k = None if paged else torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
-    out_v = None if paged else torch.empty(b, h, total, dv, dtype=values.dtype, device=device)
-    clauses = len(program.clause_keys)
-    if clauses == 0 or total == n:
-        if paged:
-            raise ValueError("prepare: a paged call that ranks nothing needs no kernels (tritonkv.paged)")
+    out_k = torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
+    out_v = torch.empty(b, h, total, dv, dtype=values.dtype, device=device)
+    if len(compiled.program.clause_keys) == 0 or total == n:
         grid, args, constexprs, _ = gather_launch(out_i, keys, values, out_k, out_v,
                                                   n_sink=n if total == n else alloc.n_sink)
         return Call([Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS)], None, None, out_i, out_k, out_v)
+    call = _ranking(compiled, keys, values, queries, seed, named, Layout.dense(keys, values), (d, dv), out_i)
+    call.launches.append(_select(compiled, call, alloc.clause_counts, alloc.n_sink, alloc.n_recent, total,
+                                 out_i.view(b * h, total), gather=(keys, values, out_k, out_v), heads=h, seed=seed))
+    call.keys, call.values = out_k, out_v
+    return call
+
+
+def prepare_paged(compiled: CompiledPolicy, pages, v_pages, queries, seed: int, named, layout: Layout,
+                  positions: torch.Tensor) -> Call:
+    """The launches of a batched paged call (tritonkv.paged): statistics, score and select for
+    every sequence of ``layout.sequences`` at once, select writing each sequence's kept
+    positions into its row of ``positions`` (int64 [B, H, max kept]); the call's ``keys`` and
+    ``values`` are None (tritonkv.paged compacts the pages in place)."""
+    call = _ranking(compiled, pages, v_pages, queries, seed, named, layout, (0, 0), positions, per_seq=True)
+    b, h = positions.shape[:2]
+    clauses = len(compiled.program.clause_keys)
+    call.launches.append(_select(compiled, call, [0] * clauses, 0, 0, positions.shape[2], positions.view(b * h, -1),
+                                 heads=h, seed=seed, sequences=layout.sequences))
+    return call
+
+
+def _ranking(compiled: CompiledPolicy, keys, values, queries, seed: int, named, layout: Layout, gather_dims,
+             out_i, per_seq: bool = False) -> Call:
+    """A Call with the scratch (slots, statistics, select's workspace) and the statistics and
+    score launches of ``layout``'s rows; ``gather_dims``: head dims select copies, (0, 0) for none."""
+    b, h, n, _ = layout.k_shape
+    rows, device, program = b * h, keys.device, compiled.program
     geo = _geometry_of(compiled, keys, layout, queries)
-    programs = select_programs(rows, n, program.clause_keys, device, *((0, 0) if paged else (d, dv)))
+    clauses = len(program.clause_keys)
+    programs = select_programs(rows, n, program.clause_keys, device, *gather_dims, per_seq=per_seq)
     slots = len(program.slots) * rows * n
     sizes = [_align(geo.ranking_numel(slots)), _align(sum(workspace_sizes(rows, programs, clauses)))]
     scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
@@ -346,15 +370,23 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, n
     select_ws = select_ws.view(torch.int32)
     geo, args = launch_args(compiled, keys, values, queries, seed, priorities, workspace,
                             zeroed=select_ws[: zeroed_numel(rows, clauses)], named=named, layout=layout)
-    launches = _score_launches(compiled, geo, args, priorities, workspace, (b, h, n))
-    grid, sargs, sconst, _ = select_launch(priorities, program.clause_keys, alloc.clause_counts, alloc.n_sink,
-                                           alloc.n_recent, rows, n, total, device, programs, select_ws,
-                                           out_i.view(rows, total),
-                                           gather=None if paged else (keys, values, out_k, out_v), heads=h,
-                                           seed=seed, moments=(workspace, geo.clause_moments(program),
-                                                               geo.deferred_tiling[0]))
-    launches.append(Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS, None, SELECT_SEED_ARG))
-    return Call(launches, scratch, priorities, out_i, out_k, out_v)
+    call = Call(_score_launches(compiled, geo, args, priorities, workspace, (b, h, n)), scratch, priorities, out_i,
+                None, None)
+    call.select_inputs = (programs, select_ws, workspace, geo)
+    return call
+
+
+def _select(compiled: CompiledPolicy, call: Call, counts, n_sink: int, n_recent: int, n_kept: int, out_i,
+            **options) -> Launch:
+    """The select launch of a call that _ranking prepared."""
+    programs, select_ws, workspace, geo = call.select_inputs
+    program = compiled.program
+    _, rows, n = call.priorities.shape
+    grid, sargs, sconst, _ = select_launch(call.priorities, program.clause_keys, counts, n_sink, n_recent, rows, n,
+                                           n_kept, call.priorities.device, programs, select_ws, out_i,
+                                           moments=(workspace, geo.clause_moments(program), geo.deferred_tiling[0]),
+                                           **options)
+    return Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS, None, SELECT_SEED_ARG)
 
 
 def run(call: Call) -> None:

@@ -107,19 +107,21 @@ def clear_geometry() -> None:
 
 
 def geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, itemsize: int,
-             device: torch.device, page: int = 0) -> Geometry:
+             device: torch.device, page: int = 0, splits: Optional[int] = None) -> Geometry:
     """Launch geometry for these shapes, cached (programs live as long as the process).
-    ``page``: tokens per page of a paged cache (0: dense); the tiling is the dense one."""
-    key = (id(program), k_shape, v_shape, q_shape, dtype, device, page)
+    ``page``: tokens per page of a paged cache (0: dense); the tiling is the dense one.
+    ``splits``: statistics programs per row, where the caller sets them (a batched paged call:
+    the most that one of its sequences uses, kernels/sequences.py)."""
+    key = (id(program), k_shape, v_shape, q_shape, dtype, device, page, splits)
     geo = _GEOMETRY.get(key)
     if geo is None:   # a pure function of the key: threads that race compute equal values, one is kept
         geo = _GEOMETRY.setdefault(key, _geometry(program, k_shape, v_shape, q_shape, dtype, itemsize, device,
-                                                  page))
+                                                  page, splits))
     return geo
 
 
 def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, itemsize: int,
-              device: torch.device, page: int) -> Geometry:
+              device: torch.device, page: int, fixed_splits: Optional[int]) -> Geometry:
     b, h, n, d = k_shape
     dv = v_shape[-1]
     rows = b * h
@@ -134,9 +136,12 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
             block_n *= 2
     block_n = _override("TRITONKV_BLOCK_N", block_n)
     n_tiles = cdiv(n, block_n - 2 * program.halo)
-    splits = stats_splits(rows, n_tiles, device)
-    tiles_per_prog = cdiv(n_tiles, splits)
-    splits = cdiv(n_tiles, tiles_per_prog)
+    if fixed_splits is None:
+        splits = stats_splits(rows, n_tiles, device)
+        tiles_per_prog = cdiv(n_tiles, splits)
+        splits = cdiv(n_tiles, tiles_per_prog)
+    else:
+        splits, tiles_per_prog = fixed_splits, cdiv(n_tiles, fixed_splits)
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,

@@ -13,10 +13,10 @@ policy, budget, seed; ``queries[b:b + 1]``), compacted in order, in place, into 
 pages: slot i of head h holds head h's i-th kept token. A sequence is evicted as if alone, so
 what it keeps never depends on the batch it was scheduled in.
 
-The compiled path scores each sequence through its block table (the generated kernels read
-pages, no dense copy of K or V is made), selects, and compacts its pages in place
-(kernels/pages.py). Pages outside the named ones, and slots past a sequence's new length, are
-never written. ``seq_lens`` lives on the host (engines keep it there, e.g. vLLM's
+The compiled path (tritonkv/paged_plan.py) scores every sequence through its block table (the
+generated kernels read pages, no dense copy of K or V is made) and selects, one launch per stage
+for the whole batch, then compacts the pages in place (kernels/pages.py), one launch per pool.
+Pages outside the named ones, and slots past a sequence's new length, are never written. ``seq_lens`` lives on the host (engines keep it there, e.g. vLLM's
 ``seq_lens_cpu``): budgets and launch shapes come from it without a device synchronization, so
 for fixed lengths a call is capturable in a CUDA graph (pass ``check=False`` there: checking the
 block table's entries reads it back).
@@ -29,8 +29,7 @@ from typing import List, Mapping, NamedTuple, Optional, Sequence
 import torch
 
 from . import dsl
-from .budget import allocate
-from .validate import BACKENDS, SUPPORTED_DTYPES, check_evict_args, named_inputs
+from .validate import BACKENDS, SUPPORTED_DTYPES, check_evict_args, check_seed, named_inputs
 
 LAYOUTS = ("NHD", "HND")
 
@@ -222,67 +221,86 @@ def evict(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tenso
             if isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[-1] < max(lengths):
                 raise ValueError(f"signals[{name!r}]: {x.shape[-1]} positions, the longest sequence holds "
                                  f"{max(lengths)}; expected [B, H_kv, L] with L >= max(seq_lens)")
+    use_triton = backend == "triton" or (backend == "auto" and k_pages.is_cuda)
+    named_all = None
+    if use_triton:
+        from . import paged_plan
+        from .compiler import check_backend
+        check_backend(k_pages)
+        table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+        named_all = named_inputs(policy, signals or {}, directions or {}) if _named_ok(policy, signals, directions) \
+            else None
+        plannable = named_all is not None and (queries is None or isinstance(queries, torch.Tensor))
+        key = None if not plannable else paged_plan.signature(policy, budget, k_pool, v_pool, table, lengths,
+                                                                  queries, named_all)
+        batch = None if key is None else paged_plan.cached_plan(key)
+        if batch is not None:   # validated when it was planned: only the seed can differ
+            check_seed(seed)
+            return _run_compiled(batch, k_pool, v_pool, table, block_table, queries, seed, named_all)
+    jobs = _checked_jobs(k_pool, v_pool, lengths, policy, budget, queries, seed, backend, signals, directions)
+    if not use_triton:
+        return _evict_reference(k_pool, v_pool, block_table, lengths, jobs)
+    batch = paged_plan.plan(jobs[0][5], k_pool, v_pool, table, lengths, [job[2] for job in jobs], queries)
+    if key is not None:
+        paged_plan.remember(key, batch)
+    return _run_compiled(batch, k_pool, v_pool, table, block_table, queries, jobs[0][6], named_all)
+
+
+def _named_ok(policy, signals, directions) -> bool:
+    """The named inputs are dicts of tensors holding the policy's names (else validation explains)."""
+    for named, used in ((signals, policy.signals), (directions, policy.directions)):
+        named = {} if named is None else named
+        if not isinstance(named, Mapping) or set(named) != set(used) or \
+                not all(isinstance(x, torch.Tensor) for x in named.values()):
+            return False
+    return True
+
+
+def _checked_jobs(k_pool: _Pool, v_pool: _Pool, lengths, policy, budget, queries, seed, backend, signals,
+                  directions) -> list:
+    """Every sequence checked as tkv.evict checks its dense copy, before any kernel runs: per
+    sequence (b, n, kept, queries, named inputs, policy, seed)."""
     jobs = []
-    for b, n in enumerate(lengths):   # every sequence checked before any kernel runs
+    for b, n in enumerate(lengths):
         sig = _named_rows(signals, b, n, lambda x: x.ndim == 3)
         dirs = _named_rows(directions, b, None, lambda x: x.ndim == 3)
         q = _row(queries, b) if isinstance(queries, torch.Tensor) and queries.ndim == 4 else queries
         p, k, s = check_evict_args(k_pool.dense_view(n), v_pool.dense_view(n), policy, budget, q, seed, backend,
                                    sig, dirs)
         jobs.append((b, n, min(k, n), q, named_inputs(p, sig, dirs), p, s))
-    use_triton = backend == "triton" or (backend == "auto" and k_pages.is_cuda)
-    if use_triton:
-        from .compiler import check_backend
-        check_backend(k_pages)
-    device = k_pages.device
-    max_kept = max(job[2] for job in jobs)
-    positions = torch.full((len(lengths), k_pool.heads, max_kept), -1, dtype=torch.int64, device=device)
-    path = _evict_compiled if use_triton else _evict_reference
-    for b, n, k, q, named, p, s in jobs:
-        rows = block_table[b, : -(-n // k_pool.page_size)]
-        positions[b, :, :k] = path(k_pool, v_pool, rows, n, k, p, q, s, named)
-    if use_triton and any(k < n for _, n, k, *_ in jobs):   # every sequence compacted by one launch per pool
-        from .kernels.pages import compact
+    return jobs
+
+
+def _run_compiled(batch, k_pool: _Pool, v_pool: _Pool, table, block_table, queries, seed: int,
+                  named) -> PagedEvicted:
+    from .kernels.pages import compact
+    from .paged_plan import run_plan
+    positions = run_plan(batch, k_pool, v_pool, queries, seed, named)
+    if batch.evicts:   # every sequence compacted by one launch per pool
         # (a sequence that keeps everything holds positions j at slots j: the kernel moves nothing there)
-        table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
         compact(positions, k_pool.pages, table, k_pool.page_size, k_pool.strides)
         compact(positions, v_pool.pages, table, v_pool.page_size, v_pool.strides)
-    kept = [job[2] for job in jobs]
-    freed = [block_table[b, -(-k // k_pool.page_size): -(-n // k_pool.page_size)] for b, n, k, *_ in jobs]
-    return PagedEvicted(torch.tensor(kept, dtype=torch.int32), positions,
-                        torch.cat(freed) if freed else block_table.new_empty(0),
-                        torch.tensor([f.numel() for f in freed], dtype=torch.int32))
+    rows, cols = batch.freed
+    return PagedEvicted(torch.tensor(batch.kept, dtype=torch.int32), positions, block_table[rows, cols],
+                        torch.tensor(batch.freed_counts, dtype=torch.int32))
 
 
-def _evict_reference(k_pool: _Pool, v_pool: _Pool, rows, n: int, k: int, policy, queries, seed, named):
-    """The reference path: gather the sequence to dense, tkv.evict's reference, write it back."""
+def _evict_reference(k_pool: _Pool, v_pool: _Pool, block_table, lengths, jobs) -> PagedEvicted:
+    """The reference path, sequence by sequence: gather to dense, tkv.evict's reference, write back."""
     from .eager import evict_reference
-    keys, values = k_pool.tokens(rows, n), v_pool.tokens(rows, n)
-    out = evict_reference(keys, values, queries, policy, k, seed, named)
-    k_pool.write(rows, out.keys[0])
-    v_pool.write(rows, out.values[0])
-    return out.indices[0]
-
-
-def _evict_compiled(k_pool: _Pool, v_pool: _Pool, rows, n: int, k: int, policy, queries, seed, named):
-    """The compiled path: score and select through the block table (evict compacts the pages)."""
-    from .compiler import Layout, compile_policy, prepare, run
-    from .lowering import lower
-    lowered, alloc = lower(policy, allocate(policy, n, k))
-    compiled = compile_policy(lowered)
     device = k_pool.pages.device
-    if len(compiled.program.clause_keys) == 0 or alloc.total == n:   # windows only, or everything kept
-        j = torch.arange(alloc.total, device=device)
-        indices = torch.where(j < (n if alloc.total == n else alloc.n_sink), j, n - alloc.total + j)
-        indices = indices.expand(k_pool.heads, -1).contiguous()
-    else:
-        table = rows.contiguous()
-        layout = Layout((1, k_pool.heads, n, k_pool.dim), (1, v_pool.heads, n, v_pool.dim), k_pool.strides,
-                        v_pool.strides, table, k_pool.page_size)
-        call = prepare(compiled, alloc, k_pool.pages, v_pool.pages, queries, seed, named, layout=layout)
-        run(call)
-        indices = call.indices[0]
-    return indices
+    positions = torch.full((len(lengths), k_pool.heads, max(job[2] for job in jobs)), -1, dtype=torch.int64,
+                           device=device)
+    freed = []
+    for b, n, k, q, named, p, s in jobs:
+        rows = block_table[b, : -(-n // k_pool.page_size)]
+        out = evict_reference(k_pool.tokens(rows, n), v_pool.tokens(rows, n), q, p, k, s, named)
+        k_pool.write(rows, out.keys[0])
+        v_pool.write(rows, out.values[0])
+        positions[b, :, :k] = out.indices[0]
+        freed.append(block_table[b, -(-k // k_pool.page_size): -(-n // k_pool.page_size)])
+    return PagedEvicted(torch.tensor([job[2] for job in jobs], dtype=torch.int32), positions, torch.cat(freed),
+                        torch.tensor([f.numel() for f in freed], dtype=torch.int32))
 
 
 __all__ = ["evict", "PagedEvicted", "LAYOUTS"]

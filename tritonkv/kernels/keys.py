@@ -97,15 +97,16 @@ def clause_views(ws_ptr, mom_S, i_row, slot0, slot1, slot2, slot3, inv_t0, inv_t
 
 
 @triton.jit
-def clause_priority(j: tl.constexpr, prio_ptr, views, seed, i_row, rows, H, N, o_n, m_n,
+def clause_priority(j: tl.constexpr, prio_ptr, views, seed, i_row, rows, NS, i_db, i_h, o_n, m_n,
                     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr):
-    """Clause j's priority of the tokens o_n of row i_row (reference.priority)."""
+    """Clause j's priority of the tokens o_n of row i_row (reference.priority); the slots' rows
+    are NS apart, and a sample clause draws the noise of batch row i_db, head i_h."""
     slot, inv_t, mean, std = views[j]
-    p = tl.load(prio_ptr + (slot * rows + i_row).to(tl.int64) * N + o_n, mask=m_n, other=0.0)
+    p = tl.load(prio_ptr + (slot * rows + i_row).to(tl.int64) * NS + o_n, mask=m_n, other=0.0)
     if (NORMED >> j) & 1:
         p = standardize(p, mean, std)
     if (SAMPLED >> j) & 1:
-        p = p * inv_t + gumbel(seed, o_n, i_row // H, i_row % H, STREAM_BASE + j)
+        p = p * inv_t + gumbel(seed, o_n, i_db, i_h, STREAM_BASE + j)
     return p
 
 
@@ -122,7 +123,8 @@ def _priorities_kernel(prio_ptr, out_ptr, ws_ptr, seed, rows, H, N, mom_S,
     views = clause_views(ws_ptr, mom_S, i_row, slot0, slot1, slot2, slot3, inv_t0, inv_t1, inv_t2, inv_t3,
                          mom0, mom1, mom2, mom3, C, NORMED)
     for j in tl.static_range(C):
-        p = clause_priority(j, prio_ptr, views, seed, i_row, rows, H, N, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
+        p = clause_priority(j, prio_ptr, views, seed, i_row, rows, N, i_row // H, i_row % H, o_n, m_n, SAMPLED,
+                            NORMED, STREAM_BASE)
         tl.store(out_ptr + (j * rows + i_row).to(tl.int64) * N + o_n, p, mask=m_n)
 
 

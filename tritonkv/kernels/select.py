@@ -35,6 +35,7 @@ import triton.language as tl
 from .common import cdiv, interpreting, next_power_of_2, record_occupancy, resident_programs
 from .keys import MAX_CLAUSES, clause_keys, clause_priority, clause_views, key_args
 from .launch import launch
+from .sequences import allocation_of, sequence_of
 
 RADIX_BITS = 8
 N_DIGITS = 4
@@ -74,53 +75,54 @@ def row_barrier(counter_ptr, target):
 
 
 @triton.jit
-def _clause_key(j: tl.constexpr, prio_ptr, views, seed, i_row, rows, H, N, o_n, m_n,
+def _clause_key(j: tl.constexpr, prio_ptr, views, seed, i_row, rows, at, o_n, m_n,
                 SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr):
-    return orderable_key(clause_priority(j, prio_ptr, views, seed, i_row, rows, H, N, o_n, m_n,
+    """``at`` = (row stride of the slots, batch row and head of the noise): see clause_priority."""
+    return orderable_key(clause_priority(j, prio_ptr, views, seed, i_row, rows, at[0], at[1], at[2], o_n, m_n,
                                          SAMPLED, NORMED, STREAM_BASE))
 
 
 @triton.jit
-def _skipped(skip_ptr, i_row, N, o_n, m_n, HAS_SKIP: tl.constexpr):
+def _skipped(skip_ptr, i_row, NS, o_n, m_n, HAS_SKIP: tl.constexpr):
     """Tokens marked in the uint8 skip mask [rows, N] (AdaKV's second stage: the tokens its
     first stage kept); none without one."""
     if HAS_SKIP:
-        return tl.load(skip_ptr + i_row.to(tl.int64) * N + o_n, mask=m_n, other=0) != 0
+        return tl.load(skip_ptr + i_row.to(tl.int64) * NS + o_n, mask=m_n, other=0) != 0
     else:
         return o_n < 0
 
 
 @triton.jit
 def _kept_before(j: tl.constexpr, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                 views, seed, H, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr,
+                 views, seed, at, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr,
                  STREAM_BASE: tl.constexpr):
     """Tokens kept by the forced windows and by clauses 0 .. j-1 (only valid lanes); a
     skipped token is never kept by a clause."""
     picked = o_n < 0
     for i in tl.static_range(j):
-        key = _clause_key(i, prio_ptr, views, seed, i_row, rows, H, N, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
+        key = _clause_key(i, prio_ptr, views, seed, i_row, rows, at, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
         t = tl.load(state_ptr + 3 * i).to(tl.uint32, bitcast=True)
         cut = tl.load(state_ptr + 3 * i + 1)
         picked = picked | (key > t) | ((key == t) & (o_n <= cut))
     if HAS_SKIP:
         if j > 0:   # with no clause before, nothing is picked: no mask to load
-            picked = picked & ~_skipped(skip_ptr, i_row, N, o_n, m_n, HAS_SKIP)
+            picked = picked & ~_skipped(skip_ptr, i_row, at[0], o_n, m_n, HAS_SKIP)
     kept = (o_n < n_sink) | (o_n >= N - n_recent) | picked
     return kept & m_n
 
 
 @triton.jit
 def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent,
-                views, seed, H, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr,
+                views, seed, at, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr,
                 STREAM_BASE: tl.constexpr):
     """(candidate mask, key) of clause j for the tokens o_n: in range, not kept by the forced
     windows or an earlier clause, not skipped."""
     m_n = o_n < hi
     cand = m_n & ~_kept_before(j, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                               views, seed, H, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+                               views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
     if HAS_SKIP:
-        cand = cand & ~_skipped(skip_ptr, i_row, N, o_n, m_n, HAS_SKIP)
-    return cand, _clause_key(j, prio_ptr, views, seed, i_row, rows, H, N, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
+        cand = cand & ~_skipped(skip_ptr, i_row, at[0], o_n, m_n, HAS_SKIP)
+    return cand, _clause_key(j, prio_ptr, views, seed, i_row, rows, at, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
 
 
 @triton.jit
@@ -137,7 +139,7 @@ def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
 @triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S",
                                "count0", "count1", "count2", "count3", "mom0", "mom1", "mom2", "mom3"])
 def _select_kernel(
-    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, skip_ptr, ws_ptr,
+    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, skip_ptr, ws_ptr, sq_ptr,
     k_ptr, v_ptr, out_k_ptr, out_v_ptr, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, H,
     N, rows, n_kept, n_sink, n_recent, chunk, P, seed, mom_S,
     count0, count1, count2, count3,
@@ -145,14 +147,25 @@ def _select_kernel(
     C: tl.constexpr, P_PAD: tl.constexpr, BLOCK: tl.constexpr,
     GATHER: tl.constexpr, GATHER_T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
-    SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr,
+    SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
     Clause j ranks kernels/keys.py's priority of its slot (``ws_ptr``: moment partials, ``seed``:
-    the Gumbel noise of sample clauses)."""
+    the Gumbel noise of sample clauses). With PER_SEQ row i_row is head i_row % H of sequence
+    i_row // H of the sequence table ``sq_ptr`` (kernels/sequences.py), whose length and counts
+    replace the scalars (N is then the slots' row stride, ``chunk`` one for the longest); its
+    indices go to row (index, head) of ``out_i`` and its noise is batch row 0's, as on its
+    dense copy."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)
+    i_out = i_row
+    at = (N, i_row // H, i_row % H)
+    if PER_SEQ:
+        i_seq, N, _, _, _ = sequence_of(sq_ptr, i_row // H)
+        n_sink, n_recent, count0, count1, count2, count3 = allocation_of(sq_ptr, i_row // H)
+        i_out = i_seq * H + i_row % H
+        at = (at[0], i_seq * 0, i_row % H)
     lo = i_p * chunk
     hi = tl.minimum(lo + chunk, N)
     o_blk = tl.arange(0, BLOCK)
@@ -176,7 +189,7 @@ def _select_kernel(
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
                 cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_row, rows, N, n_sink, n_recent,
-                                        views, seed, H, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+                                        views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
                 if digit > 0:
                     cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
                 local += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=cand)
@@ -194,7 +207,7 @@ def _select_kernel(
         for start in range(0, chunk, BLOCK):
             o_n = lo + start + o_blk
             cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_row, rows, N, n_sink, n_recent,
-                                    views, seed, H, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+                                    views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
             n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
             n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
@@ -209,7 +222,7 @@ def _select_kernel(
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
                 cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_row, rows, N, n_sink, n_recent,
-                                        views, seed, H, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+                                        views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
                 eq = (cand & (key == prefix)).to(tl.int32)
                 rank = seen + tl.cumsum(eq, 0)
                 cut = tl.maximum(cut, tl.max(tl.where((eq > 0) & (rank == need), o_n, -1), 0))
@@ -234,13 +247,13 @@ def _select_kernel(
     offset = tl.sum(tl.where(m_p & (o_p < i_p), kept_per_chunk, 0), 0)
 
     # ---- write the kept indices, in token order; with GATHER, then the rows they name
-    out_row = out_i_ptr + i_row.to(tl.int64) * n_kept
+    out_row = out_i_ptr + i_out.to(tl.int64) * n_kept
     o_g = tl.arange(0, GATHER_T)
     for start in range(0, chunk, BLOCK):
         o_n = lo + start + o_blk
         m_n = o_n < hi
         kept = _kept_before(C, prio_ptr, my_state, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                            views, seed, H, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+                            views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
         dst = offset + tl.cumsum(kept.to(tl.int32), 0) - 1
         tl.store(out_row + dst, o_n.to(tl.int64), mask=kept)
         n_here = tl.sum(kept.to(tl.int32), 0)
@@ -291,27 +304,28 @@ def chunking(n: int, programs: int):
 
 
 def select_programs(rows: int, n: int, keys, device: torch.device, d: int = 0, dv: int = 0,
-                    skip: bool = False) -> int:
+                    skip: bool = False, per_seq: bool = False) -> int:
     """Programs per row that select_launch will use on ``device`` (occupancy learnt so far);
     keys: the clauses (kernels/keys.py ClauseKeys, or slot indices); d, dv: head dims of a
     fused gather, 0 for none."""
-    resident = resident_programs(_select_kernel, device, SELECT_WARPS, _constexprs(clause_keys(keys), d, dv, skip))
+    resident = resident_programs(_select_kernel, device, SELECT_WARPS,
+                                 _constexprs(clause_keys(keys), d, dv, skip, per_seq))
     return chunking(n, programs_per_row(rows, n, device, resident))[1]
 
 
-def _constexprs(keys, d: int = 0, dv: int = 0, skip: bool = False):
+def _constexprs(keys, d: int = 0, dv: int = 0, skip: bool = False, per_seq: bool = False):
     """The kernel's constexprs; d > 0 fuses the gather of K / V rows (head dims d, dv); skip:
-    a uint8 mask of tokens that are not candidates."""
+    a uint8 mask of tokens that are not candidates; per_seq: rows read a sequence table."""
     # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
     gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK, GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
-                HAS_SKIP=skip, **key_args(keys, [0] * len(keys))[1])
+                HAS_SKIP=skip, PER_SEQ=per_seq, **key_args(keys, [0] * len(keys))[1])
 
 
 def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
                   n_kept: int, device: torch.device, programs: int = 1, workspace=None, out_i=None,
-                  gather=None, skip=None, heads: int = 1, seed: int = 0, moments=None):
+                  gather=None, skip=None, heads: int = 1, seed: int = 0, moments=None, sequences=None):
     """(grid, args, constexprs, indices) of one select call; see select_indices. ``workspace``
     (int32, ``sum(workspace_sizes(...))`` elements, the first ``zeroed_numel`` of them zero) and
     ``out_i`` (int64 [rows, n_kept]) are allocated here when not given. ``gather = (keys,
@@ -319,7 +333,9 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     [B, H, n_kept, D] out). ``skip``: uint8 [rows, N], nonzero where a token is no candidate.
     ``heads`` (KV heads per batch row), ``seed`` and ``moments = (float32 workspace, offset of
     each clause's moment partials, partials per row)`` are what sampled / normalized clause
-    keys read (kernels/keys.py)."""
+    keys read (kernels/keys.py). ``sequences``: a batched paged call's sequence table
+    (kernels/sequences.py), whose rows replace ``n``, ``counts``, ``n_sink`` and ``n_recent``
+    (``n``: the longest sequence; ``out_i`` rows of ``n_kept``, one per (sequence index, head))."""
     keys = clause_keys(keys)
     clauses = len(keys)
     if clauses > MAX_CLAUSES:
@@ -341,9 +357,10 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
         k, v, out_k, out_v = gather
         copy_args = [k, v, out_k, out_v, *k.stride(), *v.stride(), k.shape[1]]
         d, dv = k.shape[-1], v.shape[-1]
-    args = [prio, out_i, hist, bar, cnt, state, prio if skip is None else skip, stats, *copy_args, n, rows, n_kept,
+    args = [prio, out_i, hist, bar, cnt, state, prio if skip is None else skip, stats,
+            prio if sequences is None else sequences, *copy_args, n, rows, n_kept,
             n_sink, n_recent, chunk, p, seed, splits, *count_args, *key_values]
-    return (p, rows), args, _constexprs(keys, d, dv, skip is not None), out_i
+    return (p, rows), args, _constexprs(keys, d, dv, skip is not None, sequences is not None), out_i
 
 
 def select_indices(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
