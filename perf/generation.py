@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tritonkv import policies  # noqa: E402
 from tritonkv.integrations import hf  # noqa: E402
+from tritonkv.integrations.attention import resolve_attention  # noqa: E402
 
 MODELS = {
     "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
@@ -277,7 +278,7 @@ def run(args) -> dict:
                            cache=options.get("cache", "dynamic"), graphs=bool(options.get("graphs")),
                            sdpa_backend=sdpa)
                 if row["cache"] == "static":
-                    row["attention"] = options.get("attention", "triton" if cuda else "sdpa")
+                    row["attention"] = resolve_attention(options.get("attention", "auto"), cuda)
                 try:
                     with sdpa_context(sdpa):
                         row.update(measure(model, n, options, steps, warmup, clock))

@@ -72,6 +72,17 @@ def build(fn, args, constexprs, num_warps: int, target=HOPPER):
     return triton.compile(source, target=target, options={"num_warps": num_warps})
 
 
+def build_checked(policy: str, kernel: str, config: str, fn, args, constexprs, num_warps: int,
+                  target=HOPPER) -> Built:
+    """``build``, refusing a kernel that needs more shared memory than one sm_90 block has."""
+    start = time.perf_counter()
+    c = build(fn, args, constexprs, num_warps, target)
+    if c.metadata.shared > HOPPER_SHARED_LIMIT:
+        raise ValueError(f"{kernel} ({config}) needs {c.metadata.shared} B of shared memory, "
+                         f"more than sm_90's {HOPPER_SHARED_LIMIT}")
+    return Built(policy, kernel, config, time.perf_counter() - start, c.metadata.shared, c.asm["ptx"].count("\n"))
+
+
 def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=128, dv=None, group=4,
                  window=64, dtype=torch.bfloat16, target=HOPPER, paged: bool = True) -> List[Built]:
     """Compile the stats, merge, score and select kernels of one policy for ``target``; with
@@ -89,13 +100,7 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
     out: List[Built] = []
 
     def record(kernel_name, fn, args, constexprs, warps):
-        start = time.perf_counter()
-        c = build(fn, args, constexprs, warps, target)
-        if c.metadata.shared > HOPPER_SHARED_LIMIT:
-            raise ValueError(f"{kernel_name} ({config}) needs {c.metadata.shared} B of shared memory, "
-                             f"more than sm_90's {HOPPER_SHARED_LIMIT}")
-        out.append(Built(name, kernel_name, config, time.perf_counter() - start, c.metadata.shared,
-                         c.asm["ptx"].count("\n")))
+        out.append(build_checked(name, kernel_name, config, fn, args, constexprs, warps, target))
 
     priorities = torch.empty(max(1, len(program.slots)), batch * heads, n, device="meta", dtype=torch.float32)
     table = torch.empty(batch, -(-n // PAGE), device="meta", dtype=torch.int32)
@@ -167,13 +172,9 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
     start = torch.empty(batch, device="meta", dtype=torch.int64)
     length = torch.empty((), device="meta", dtype=torch.int64)
     launches, _ = decode_launches(query, keys, values, start, length, d ** -0.5)
-    out = []
-    for fn, _, args, constexprs, warps in launches:
-        begin = time.perf_counter()
-        c = build(fn, args, constexprs, warps, target)
-        out.append(Built("(decode)", fn.fn.__name__.strip("_"), f"{str(dtype).split('.')[-1]} D={d} Dv={dv} G={group}",
-                         time.perf_counter() - begin, c.metadata.shared, c.asm["ptx"].count("\n")))
-    return out
+    config = f"{str(dtype).split('.')[-1]} D={d} Dv={dv} G={group}"
+    return [build_checked("(decode)", fn.fn.__name__.strip("_"), config, fn, args, constexprs, warps, target)
+            for fn, _, args, constexprs, warps in launches]
 
 
 def required_window(node: dsl.ProxyAttention, n: int) -> int:

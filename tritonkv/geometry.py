@@ -21,7 +21,7 @@ import torch
 
 from . import dsl
 from .codegen import Program, qk_scale
-from .kernels.common import cdiv, interpreting, multiprocessor_count, next_power_of_2
+from .kernels.common import cdiv, ieee_products, interpreting, multiprocessor_count, next_power_of_2
 from .kernels.deferred import deferred_tiling
 from .reference import proxy_window
 
@@ -145,7 +145,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
-                      IEEE=dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16))
+                      IEEE=ieee_products(dtype))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, window
     offset = partials = 0
     chunks = {}

@@ -64,6 +64,11 @@ def check_attention(attention: str) -> str:
     return attention
 
 
+def resolve_attention(attention: str, cuda: bool) -> str:
+    """What "auto" means: the decode kernel on CUDA, SDPA elsewhere."""
+    return ("triton" if cuda else "sdpa") if attention == "auto" else attention
+
+
 def _plain(module, kwargs) -> bool:
     """Softmax attention the decode kernel computes: no dropout, soft-capping, sliding window
     or attention sinks."""
@@ -78,8 +83,7 @@ def attend_slots(module, query, key, value, start, length, visible, kwargs, atte
     ``visible()`` the mask), "auto" (triton on CUDA). Models whose attention the kernel does
     not compute (dropout, soft-capping, sliding windows, sinks) always take SDPA.
     Returns [B, 1, H_q, D_v] like transformers' SDPA."""
-    if attention == "auto":
-        attention = "triton" if key.is_cuda else "sdpa"
+    attention = resolve_attention(attention, key.is_cuda)
     if attention == "triton" and not key.is_cuda and not interpreting():
         raise ValueError(f"attention: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), the cache is on "
                          f"{key.device}; use attention='auto' or 'sdpa'")

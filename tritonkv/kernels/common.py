@@ -18,6 +18,13 @@ def interpreting() -> bool:
     return _INTERPRET_AT_IMPORT
 
 
+def ieee_products(dtype: torch.dtype) -> bool:
+    """The IEEE constexpr of kernels with tl.dot: full-precision float32 products for float32
+    caches (not TF32), and for bfloat16 in the interpreter, whose bfloat16 tl.dot returns
+    garbage in Triton 3.6 (operands are then upcast, which is exact)."""
+    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

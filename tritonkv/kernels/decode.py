@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, interpreting, multiprocessor_count, next_power_of_2
+from .common import cdiv, ieee_products, multiprocessor_count, next_power_of_2
 from .launch import launch
 from .proxy import _logits
 
@@ -122,19 +122,18 @@ def decode_launches(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     g_pad = max(16, next_power_of_2(group))            # tl.dot's smallest tile
     block_d, block_dv = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
     block_n = 64 if max(block_d, block_dv) <= 128 else 32
-    splits = splits_for(b * h, c, keys.device)
-    chunk = cdiv(cdiv(c, splits), block_n) * block_n
     device = keys.device
+    splits = splits_for(b * h, c, device)
+    chunk = cdiv(cdiv(c, splits), block_n) * block_n
     part_o = torch.empty(b * h * splits, g_pad, block_dv, dtype=torch.float32, device=device)
     part_ml = torch.empty(b * h * splits, 2, g_pad, dtype=torch.float32, device=device)
     out = torch.empty(b, 1, hq, dv, dtype=query.dtype, device=device)
-    ieee = keys.dtype == torch.float32 or (interpreting() and keys.dtype == torch.bfloat16)
     q, o = query[:, :, 0], out[:, 0]
     split = (_decode_split_kernel, (b * h, splits),
              [q, keys, values, start, length, part_o, part_ml, q.stride(0), q.stride(1), q.stride(2),
               *keys.stride(), *values.stride(), h, chunk, splits],
              dict(D=d, DV=dv, G=group, G_PAD=g_pad, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                  QK_SCALE=scale * math.log2(math.e), IEEE=ieee), DECODE_WARPS)
+                  QK_SCALE=scale * math.log2(math.e), IEEE=ieee_products(keys.dtype)), DECODE_WARPS)
     merge = (_decode_merge_kernel, (b * h, group),
              [part_o, part_ml, o, o.stride(0), o.stride(1), o.stride(2), h, splits],
              dict(G=group, G_PAD=g_pad, DV=dv, BLOCK_DV=block_dv), DECODE_WARPS)
