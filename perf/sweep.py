@@ -1,10 +1,14 @@
 """Tuning sweep of the generated kernels' tile size and warps, and a per-kernel GPU profile.
 
-    python perf/sweep.py
-Prints, per policy and N: the score stage's time for each (BLOCK_N, num_warps), then the
-GPU time of every kernel of one evict() from torch.profiler.
+    python perf/sweep.py                       the default sweep, then the profiles
+    python perf/sweep.py --policies snapkv --n 131072 --blocks 32 64 128 --warps 4 8 --stages 0 2 3 4 --flash
+Prints, per policy and N: the score stage's time (ms) for each (BLOCK_N, num_warps, num_stages; 0 =
+Triton's default), then the GPU time of every kernel of one evict() from torch.profiler. --flash adds one
+SDPA pass (FlashAttention-2, PV included) of the same proxy queries over the keys: the yardstick of
+the proxy-attention policies' two passes.
 """
 
+import argparse
 import itertools
 import os
 import sys
@@ -25,24 +29,40 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def sweep(name, n, blocks, warps):
+def sweep(name, n, blocks, warps, stages=(0,)):
     keys, values, queries = make_cache(1, n)
     policy = POLICIES[name]
     q = queries if policy.needs_queries else None
     compiled = compiler.compile_policy(policy)
     row = []
-    for block_n, nw in itertools.product(blocks, warps):
+    for block_n, nw, ns in itertools.product(blocks, warps, stages):
         os.environ["TRITONKV_BLOCK_N"], os.environ["TRITONKV_WARPS"] = str(block_n), str(nw)
+        if ns:
+            os.environ["TRITONKV_STAGES"] = str(ns)
         clear_geometry()
         try:
-            row.append((block_n, nw, bench(lambda: compiler.score(compiled, keys, values, q, 0))))
+            row.append((block_n, nw, ns, bench(lambda: compiler.score(compiled, keys, values, q, 0))))
         except Exception as e:  # out of resources etc.
-            row.append((block_n, nw, float("nan")))
-            print(f"  {name} BLOCK_N={block_n} warps={nw}: {type(e).__name__}", file=sys.stderr)
+            row.append((block_n, nw, ns, float("nan")))
+            print(f"  {name} BLOCK_N={block_n} warps={nw} stages={ns}: {type(e).__name__}", file=sys.stderr)
+        os.environ.pop("TRITONKV_STAGES", None)
     del os.environ["TRITONKV_BLOCK_N"], os.environ["TRITONKV_WARPS"]
     clear_geometry()
-    best = min(row, key=lambda r: r[2] if r[2] == r[2] else 1e9)
-    print(f"{name:<14}{n:>8}  " + "  ".join(f"{b}/{w}:{t:.3f}" for b, w, t in row) + f"   best {best[0]}/{best[1]}")
+    best = min(row, key=lambda r: r[3] if r[3] == r[3] else 1e9)
+    print(f"{name:<14}{n:>8}  " + "  ".join(f"{b}/{w}/{s}:{t:.3f}" for b, w, s, t in row)
+          + f"   best {best[0]}/{best[1]}/{best[2]}")
+
+
+def flash_pass(n):
+    """ms of one SDPA FlashAttention pass of the benchmark's proxy queries over its keys (K / V
+    repeated per query head outside the timing, as FA2 reads them per head)."""
+    keys, values, queries = make_cache(1, n)
+    group = queries.shape[1] // keys.shape[1]
+    k, v = (x.repeat_interleave(group, dim=1) for x in (keys, values))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        t = bench(lambda: torch.nn.functional.scaled_dot_product_attention(queries, k, v))
+    print(f"{'flash (FA2)':<14}{n:>8}  one pass, PV included: {t:.3f}")
 
 
 def profile(name, n):
@@ -61,8 +81,24 @@ def profile(name, n):
     print(f"{name} N={n}: " + ", ".join(f"{k[:28]} {t:.1f}us" for k, t in sorted(rows, key=lambda r: -r[1])))
 
 
-if __name__ == "__main__":
-    print("score stage ms for BLOCK_N/num_warps")
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--policies", nargs="+")
+    parser.add_argument("--n", type=int, nargs="+", default=[131072])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[0])
+    parser.add_argument("--flash", action="store_true")
+    args = parser.parse_args()
+    if args.policies:
+        print("score stage ms for BLOCK_N/num_warps/num_stages")
+        for n in args.n:
+            if args.flash:
+                flash_pass(n)
+            for name in args.policies:
+                sweep(name, n, args.blocks, args.warps, args.stages)
+        return
+    print("score stage ms for BLOCK_N/num_warps/num_stages")
     for n in (32768, 131072):
         sweep("knorm", n, [32, 64, 128, 256], [4, 8])
         sweep("keydiff", n, [32, 64, 128, 256], [4, 8])
@@ -70,3 +106,7 @@ if __name__ == "__main__":
     for name in ("keydiff", "knorm", "snapkv", "nacl", "random", "streaming_llm"):
         for n in (8192, 131072):
             profile(name, n)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,8 @@ interpreter, or many rows) the barriers return at once.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +42,7 @@ from .sequences import allocation_of, sequence_of
 RADIX_BITS = 8
 N_DIGITS = 4
 N_BINS = 1 << RADIX_BITS
-SCAN_BLOCK = 1024   # tokens per step of the passes over priorities
+SCAN_BLOCK = int(os.environ.get("TRITONKV_SELECT_BLOCK", 1024))   # tokens per step of the passes over priorities
 BARRIERS_PER_CLAUSE = N_DIGITS + 1
 MAX_PROGRAMS_PER_ROW = 256   # P_PAD of the kernel
 SELECT_WARPS = 4
