@@ -262,7 +262,7 @@ def counted_launches(monkeypatch) -> list:
 
 # the presets whose statistics, score and select run once for a whole batch (tritonkv.paged_plan),
 # and what one call launches: those stages, then compaction of the key and value pools
-BATCHED = {"knorm": 4, "streaming_llm": 2, "snapkv": 6, "keydiff": 6, "random": 4, "h2o": 6, "qfilters": 4, "tova": 6}
+BATCHED = {"knorm": 4, "streaming_llm": 2, "snapkv": 6, "keydiff": 6, "random": 4, "h2o": 6, "qfilters": 4}
 
 
 @pytest.mark.parametrize("name", sorted(BATCHED))
@@ -309,14 +309,3 @@ def test_a_repeat_call_reuses_its_plan(monkeypatch):
     with pytest.raises(ValueError, match="seed"):   # a planned call still checks what can change
         paged.evict(pool.k, pool.v, pool.table, lengths, policies.snapkv(), 0.5, queries=pool.queries, seed=-1,
                     backend="triton")
-
-
-def test_a_head_reduced_batch_of_uneven_lengths_keeps_what_dense_keeps():
-    """TOVA's score programs own a tile in every head and tile the longest sequence of the batch;
-    a shorter sequence's programs stop at its last tile, the tiles where they start unchanged
-    (several tiles per program: the longest is many tiles long)."""
-    policy = PRESETS["tova"]
-    pool = Pool([400, 700, 130], 16, seed=5)
-    before_k, before_v = pool.k.clone(), pool.v.clone()
-    got, want = run_both(pool, policy, 0.3, "triton")
-    check(pool, got, want, before_k, before_v)

@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 from . import dsl, policies
 from .budget import allocate
-from .compiler import Layout, compile_policy, launch_args, score_args
+from .compiler import Layout, compile_policy, launch_args
 from .kernels.pages import compact_launch
 from .kernels.sequences import FIELDS
 from .reference import proxy_window
@@ -112,7 +112,7 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
         for level in range(len(program.levels)):
             record(f"stats_{level}", compiled.kernel(f"stats_{level}"), largs, geo.constexprs, geo.num_warps)
             record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
-        record("score", compiled.kernel("score"), score_args(geo, largs), geo.constexprs, geo.num_warps)
+        record("score", compiled.kernel("score"), largs, geo.constexprs, geo.num_warps)
         if paged and program.reads_cache:   # the same kernels reading a paged cache (tritonkv.paged)
             layout = Layout(tuple(keys.shape), tuple(values.shape), keys.stride(), values.stride(), table, PAGE,
                             sequences)
@@ -121,7 +121,7 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                 record(f"stats_{level} paged", compiled.kernel(f"stats_{level}"), pargs, geo.constexprs,
                        geo.num_warps)
                 record(f"merge_{level} paged", compiled.kernel(f"merge_{level}"), pargs, geo.constexprs, 4)
-            record("score paged", compiled.kernel("score"), score_args(geo, pargs), geo.constexprs, geo.num_warps)
+            record("score paged", compiled.kernel("score"), pargs, geo.constexprs, geo.num_warps)
     workspace = torch.empty(1 << 20, device="meta", dtype=torch.float32)
     for index, slot in enumerate(program.slots):
         passes = deferred_launches(priorities, workspace, 0, index, batch * heads, n, 8, 4) if slot.deferred else []
@@ -131,7 +131,7 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
             record(fn.fn.__name__.strip("_").replace("_kernel", ""), fn, dargs, dconst, DEFERRED_WARPS)
         if slot.transformed:
             _, targs, tconst = transform_launch(priorities, index, batch, heads, n, slot.chunk, slot.chunk_reduce,
-                                                slot.transform_heads)
+                                                slot.head_reduce)
             record("transform", _transform_kernel, targs, tconst, TRANSFORM_WARPS)
     alloc = allocate(policy, n, n // 4)
     _, args, constexprs, indices = select_launch(priorities, program.clause_keys, alloc.clause_counts,

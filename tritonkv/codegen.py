@@ -8,10 +8,7 @@ The generated module holds, for a plan (see compiler.py):
     stores one float32 per token per slot. A slot is a score some clauses rank: a top
     clause ranks it as it is (after its in-place normalize / transform), a sample clause
     adds its Gumbel noise in the select kernel (kernels/keys.py), so sample and top clauses
-    of one score share a slot. A slot reduced across heads (``top(..., head_reduce=)``, as
-    TOVA) is reduced by the score kernel in registers: its programs then own a tile of
-    tokens in every KV head of a batch row (grid (splits, B), a loop over the heads inside
-    the loop over tiles), and store the reduce to every head's row.
+    of one score share a slot.
 
 Each score node becomes one or two lines that call the hand-written helpers of
 ``tritonkv.kernels``; identical subtrees are emitted once. The source depends only on the
@@ -27,7 +24,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import dsl
 from .kernels.keys import ClauseKey
 from .kernels.proxy import REDUCE_CODES
-from .kernels.transform import REDUCE_CODES as HEAD_CODES
 
 GLOBAL_NODES = (dsl.AnchorSimilarity, dsl.ProxyAttention, dsl.Normalize, dsl.Softmax)
 RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_numel")
@@ -35,8 +31,6 @@ RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_n
 POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr", "sq_ptr")
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
-# where the programs per row and tiles per program are passed (the score kernel's may differ)
-TILING_ARGS = tuple(len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index(a) for a in ("S", "tiles_per_prog"))
 CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE")
 
 
@@ -69,24 +63,13 @@ class Slot:
     """One float32 per token that the select kernel ranks clauses by (kernels/keys.py)."""
 
     score: dsl.Score
-    chunk: int = 1                 # a top clause's reference.clause_transform: chunks reduced by
-    chunk_reduce: str = "sum"      # kernels/transform.py after the score kernel, heads by the
-    head_reduce: Optional[str] = None   # score kernel (heads_in_score) or by the transform
-
-    @property
-    def heads_in_score(self) -> bool:
-        """Heads reduced by the score kernel, in registers; not for a deferred normalize,
-        which must standardize each head's values before they are combined."""
-        return self.head_reduce is not None and not self.deferred
-
-    @property
-    def transform_heads(self) -> Optional[str]:
-        """The head reduce left to kernels/transform.py."""
-        return None if self.heads_in_score else self.head_reduce
+    chunk: int = 1                 # a top clause's reference.clause_transform, applied by
+    chunk_reduce: str = "sum"      # kernels/transform.py after the score kernel
+    head_reduce: Optional[str] = None
 
     @property
     def transformed(self) -> bool:
-        return self.chunk > 1 or self.transform_heads is not None
+        return self.chunk > 1 or self.head_reduce is not None
 
     @property
     def deferred(self) -> bool:
@@ -113,11 +96,6 @@ class Program:
     source: str
     signals: Tuple[str, ...] = ()              # sg_i: the policy's signal tensors, in order
     directions: Tuple[str, ...] = ()           # dr_i: its key_dot directions, in order
-
-    @property
-    def owns_heads(self) -> bool:
-        """The score kernel's programs own a tile in every KV head of a batch row (grid (splits, B))."""
-        return any(s.heads_in_score for s in self.slots)
 
     @property
     def proxies(self) -> Tuple[int, ...]:
@@ -298,28 +276,24 @@ from tritonkv.kernels.select import zero_fill
 from tritonkv.kernels.sequences import sequence_of
 from tritonkv.kernels.stats import (anchor_merge, anchor_store, anchor_tile, moments_merge, moments_store, moments_tile,
                                     softmax_merge, softmax_store, softmax_tile)
-from tritonkv.kernels.transform import heads_combine, heads_finish, heads_start
 '''
 
 # A paged launch (PAGE > 0) serves a batch of sequences: row i_row is head i_h of the batch's
-# sequence ``batch`` (i_row // H), whose length, tiling and block table row come from the sequence
-# table; the scalar N is then the longest length, the slots' row stride NS. Random draws use
-# batch row 0 (i_draw), as on the sequence's dense copy [1, H, N, D]. i_b is the sequence's row
-# in the block table, queries and signals; rows of the slots and statistics stay the launch's.
+# sequence i_row // H, whose length, tiling and block table row come from the sequence table;
+# the scalar N is then the longest length, the slots' row stride NS. Random draws use batch
+# row 0 (i_draw), as on the sequence's dense copy [1, H, N, D].
 SEQUENCE = '''    NS = N
-    i_b = {batch}
+    i_b = i_row // H
     i_draw = i_b
     if PAGE > 0:
-        i_b, N, seq_splits, seq_tiles, bt_offset = sequence_of(sq_ptr, {batch})
+        i_b, N, seq_splits, seq_tiles, bt_offset = sequence_of(sq_ptr, i_row // H)
         bt_ptr += bt_offset
         i_draw = i_b * 0
         {tiles}'''
 
-# one row's programs: a paged sequence's statistics tiling is its dense copy's (table fields)
-ROW = SEQUENCE.format(batch="i_row // H", tiles="tiles_per_prog = tl.where(i_s < seq_splits, seq_tiles, 0)") + '''
-    i_h = i_row % H'''
-
-TILE_CONSTANTS = '''    o_t = tl.arange(0, BLOCK_N)
+PROLOGUE = SEQUENCE.format(tiles="tiles_per_prog = tl.where(i_s < seq_splits, seq_tiles, 0)") + '''
+    i_h = i_row % H
+    o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     o_dv = tl.arange(0, BLOCK_DV)
@@ -328,7 +302,6 @@ TILE_CONSTANTS = '''    o_t = tl.arange(0, BLOCK_N)
 TILE_START = '''{ind}o_n = {base} + o_t
 {ind}m_n = (o_n >= 0) & (o_n < N)
 {ind}m_val = (o_t >= HALO) & (o_t < BLOCK_N - HALO) & m_n'''
-TILE_BASE = "(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"   # tile `it` of program i_s
 
 
 @dataclass(frozen=True)
@@ -366,7 +339,7 @@ def _kernel(name: str, program_globals, names: Names, lines: List[str]) -> List[
 
 def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Names) -> List[str]:
     prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", "    i_c = tl.program_id(2)",
-                ROW, TILE_CONSTANTS]
+                PROLOGUE]
     body: List[str] = []
     emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
     init, update, store = [], [], []
@@ -404,14 +377,14 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
             x = emitter.value(node.operand)
             update.append(f"sm_m_{gi}, sm_l_{gi} = softmax_tile(sm_m_{gi}, sm_l_{gi}, {x}, {node.temperature!r}, m_val)")
             store.append(f"    softmax_store(ws_ptr, po_{gi}, i_row, i_s, S, sm_m_{gi}, sm_l_{gi}, i_c == 0)")
-    tile = [TILE_START.format(ind=" " * 8, base=TILE_BASE)]
+    tile = [TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO")]
     lines = prologue + init + ["    for it in range(0, tiles_per_prog):"] + tile + body \
         + [" " * 8 + u for u in update] + store
     return _kernel(f"stats_{level}", program_globals, names, lines)
 
 
 def _merge_kernel(level: int, members: Sequence[int], program_globals, names: Names) -> List[str]:
-    lines = ["    i_row = tl.program_id(0)", "    i_c = tl.program_id(1)", SEQUENCE.format(batch="i_row // H", tiles="")]
+    lines = ["    i_row = tl.program_id(0)", "    i_c = tl.program_id(1)", SEQUENCE.format(tiles="")]
     for gi in members:
         node = program_globals[gi]
         if isinstance(node, dsl.AnchorSimilarity):
@@ -430,54 +403,15 @@ def _merge_kernel(level: int, members: Sequence[int], program_globals, names: Na
 def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[str]:
     # the score kernel also zeroes the select kernel's histograms and barrier counters
     # (z_numel int32 at z_ptr), which saves a memset launch per evict call
-    if any(slot.heads_in_score for slot in slots):
-        return _score_kernel_over_heads(slots, program_globals, names)
-    prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", ROW, TILE_CONSTANTS,
+    prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE,
                 "    zero_fill(z_ptr, z_numel, i_row * S + i_s, S * rows)"]
-    body: List[str] = ["    for it in range(0, tiles_per_prog):", TILE_START.format(ind=" " * 8, base=TILE_BASE)]
+    body: List[str] = ["    for it in range(0, tiles_per_prog):"]
     emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
-    for index, slot in enumerate(slots):
-        emitter.emit(_store_slot(index, "i_row", emitter.value(slot.stored)))
-    return _kernel("score", program_globals, names, prologue + body)
-
-
-def _store_slot(index: int, row: str, x: str) -> str:
-    return f"tl.store(out_ptr + ({index} * rows + {row}).to(tl.int64) * NS + o_n, {x}, mask=m_val)"
-
-
-def _score_kernel_over_heads(slots: Sequence[Slot], program_globals, names: Names) -> List[str]:
-    """Program (i_s, i_g): tiles of batch row i_g in every KV head, heads inside tiles, so a
-    head-reduced slot is combined over the heads in registers and stored once per head (no
-    intermediate per head, no pass after the kernel). What the one-row kernel loads once per
-    program (query blocks, row statistics, anchors) is loaded per head of each tile here."""
-    # paged (a batch of sequences): the launch's tiling covers the longest sequence, a program
-    # stops at its own sequence's last tile (tiles_here; the tiles' origin stays tiles_per_prog's)
-    prologue = ["    i_s = tl.program_id(0)", "    i_g = tl.program_id(1)", "    tiles_here = tiles_per_prog",
-                SEQUENCE.format(batch="i_g", tiles="tiles_here = tl.minimum(tiles_per_prog, tl.maximum("
-                                "tl.cdiv(N, BLOCK_N - 2 * HALO) - i_s * tiles_per_prog, 0))"),
-                TILE_CONSTANTS, "    zero_fill(z_ptr, z_numel, i_g * S + i_s, S * (rows // H))"]
-    per_head: List[str] = []   # the emitter's per-program prologue, at 4 spaces
-    body: List[str] = []
-    emitter = TileEmitter(program_globals, per_head, body, " " * 12, names)
-    reduced = [(i, s) for i, s in enumerate(slots) if s.heads_in_score]
+    body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
     for index, slot in enumerate(slots):
         x = emitter.value(slot.stored)
-        if slot.heads_in_score:
-            emitter.emit(f"hr_{index} = heads_combine(hr_{index}, {x}, {HEAD_CODES[slot.head_reduce]})")
-        else:
-            emitter.emit(_store_slot(index, "i_row", x))
-    lines = prologue + ["    for it in range(0, tiles_here):", TILE_START.format(ind=" " * 8, base=TILE_BASE)]
-    lines += [f"        hr_{i} = heads_start(o_t, {HEAD_CODES[s.head_reduce]})" for i, s in reduced]
-    # not software-pipelined across heads: that buffers every head's query blocks in shared
-    # memory (288 KB at float32, D = 256, G = 8; sm_90 has 227 KB), and at bf16, D = 128 the
-    # code is the same either way (the same PTX)
-    lines += ["        for j_h in tl.range(0, H, num_stages=1):",
-              "            i_row = i_g * H + j_h", "            i_h = i_row % H"]   # a tensor in the interpreter too
-    lines += [" " * 8 + line for line in per_head] + body
-    lines += [f"        hr_{i} = heads_finish(hr_{i}, H, {HEAD_CODES[s.head_reduce]})" for i, s in reduced]
-    lines += ["        for j_h in range(0, H):"] + [" " * 12 + _store_slot(i, "i_g * H + j_h", f"hr_{i}")
-                                                     for i, _ in reduced]
-    return _kernel("score", program_globals, names, lines)
+        emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * NS + o_n, {x}, mask=m_val)")
+    return _kernel("score", program_globals, names, prologue + body)
 
 
 def generate(policy: dsl.Policy) -> Program:

@@ -8,8 +8,7 @@ A compiled policy runs, in order:
      compaction of the kept indices; 4. ``gather`` (kernels/gather.py): the kept K / V rows.
 ``prepare`` lists a call's launches and buffers (a top clause ranked by ``x.normalize()`` adds
 two light passes, kernels/deferred.py, a sample clause of ``x.normalize()`` one; one ranked by
-chunks, or across heads of ``x.normalize()``, an in-place transform, kernels/transform.py; other
-head reduces are done by the score kernel, codegen.py); ``run`` launches them
+chunks or across heads an in-place transform, kernels/transform.py); ``run`` launches them
 through Triton. Launch geometry and the scratch layout come from tritonkv.geometry;
 tritonkv.compiled is the unplanned evict on top of this module, tritonkv.runtime plans a call
 once per signature and afterwards launches the compiled kernels directly.
@@ -40,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import dsl
-from .codegen import SEED_ARG, TILING_ARGS, Program, generate
+from .codegen import SEED_ARG, Program, generate
 from .geometry import Geometry, clear_geometry, geometry
 from .kernels.common import interpreting, record_occupancy
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
@@ -226,14 +225,6 @@ def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out:
     return geo, args
 
 
-def score_args(geo: Geometry, args: List) -> List:
-    """The score kernel's arguments: launch_args' with its own programs per row and tiles
-    per program (they differ from the statistics passes' when it owns every head)."""
-    out = list(args)
-    out[TILING_ARGS[0]], out[TILING_ARGS[1]] = geo.score_grid[0], geo.score_tiles_per_prog
-    return out
-
-
 @dataclass
 class Launch:
     """One kernel launch of an evict call (what kernels.launch.launch takes); ``seed_arg`` is
@@ -259,8 +250,8 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
         out.append(Launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, geo.constexprs,
                           geo.num_warps, geo.num_stages, SEED_ARG))
         out.append(Launch(compiled.kernel(f"merge_{level}"), (geo.rows, nch), args, geo.constexprs, 4, None, SEED_ARG))
-    out.append(Launch(compiled.kernel("score"), geo.score_grid, score_args(geo, args), geo.constexprs,
-                      geo.num_warps, geo.num_stages, SEED_ARG))
+    out.append(Launch(compiled.kernel("score"), (geo.splits, geo.rows), args, geo.constexprs, geo.num_warps,
+                      geo.num_stages, SEED_ARG))
     b, h, n = shape
     program = compiled.program
     deferred = iter(geo.deferred)
@@ -270,8 +261,7 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
             priorities, workspace, next(deferred), index, geo.rows, n, *geo.deferred_tiling)] if slot.deferred else []
         if slot.transformed:
             passes.append((_transform_kernel, *transform_launch(priorities, index, b, h, n, slot.chunk,
-                                                                slot.chunk_reduce, slot.transform_heads),
-                           TRANSFORM_WARPS))
+                                                                slot.chunk_reduce, slot.head_reduce), TRANSFORM_WARPS))
         if index in moments:
             passes.append((*moments_launch(priorities, workspace, moments[index], index, geo.rows, n,
                                            *geo.deferred_tiling), DEFERRED_WARPS))

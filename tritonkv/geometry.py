@@ -65,12 +65,6 @@ def stats_splits(rows: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, cdiv(target, rows)))
 
 
-def tiling(rows: int, n_tiles: int, device: torch.device) -> Tuple[int, int]:
-    """(programs per row, tiles per program) of a pass over ``rows`` rows of ``n_tiles`` tiles."""
-    tiles_per_prog = cdiv(n_tiles, stats_splits(rows, n_tiles, device))
-    return cdiv(n_tiles, tiles_per_prog), tiles_per_prog
-
-
 @dataclass(frozen=True)
 class Geometry:
     """Everything about a launch that depends only on shapes, strides and dtypes (cached)."""
@@ -88,8 +82,6 @@ class Geometry:
     deferred_tiling: Tuple[int, int] = (1, 1)   # (programs per row, tiles per program) of those passes
     moments: Tuple[int, ...] = ()   # workspace offset of each Program.moment_slots slot's moment partials
     partials: int = 0               # float32 elements of statistics partials, from ``workspace`` on
-    score_grid: Tuple[int, int] = (1, 1)   # the score kernel's (programs per row, rows): (splits, rows),
-    score_tiles_per_prog: int = 1          # or (its own splits, B) when it owns every head (Program.owns_heads)
 
     def ranking_numel(self, slots: int) -> int:
         """float32 elements of the ranking scratch with ``slots`` elements of slots."""
@@ -145,14 +137,11 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_n = _override("TRITONKV_BLOCK_N", block_n)
     n_tiles = cdiv(n, block_n - 2 * program.halo)
     if fixed_splits is None:
-        splits, tiles_per_prog = tiling(rows, n_tiles, device)
-    else:   # a batched paged call: each sequence's own tiling is in its table row
+        splits = stats_splits(rows, n_tiles, device)
+        tiles_per_prog = cdiv(n_tiles, splits)
+        splits = cdiv(n_tiles, tiles_per_prog)
+    else:
         splits, tiles_per_prog = fixed_splits, cdiv(n_tiles, fixed_splits)
-    if program.owns_heads:   # fewer rows, more programs per row: the same fill
-        score_rows = b
-        score_splits, score_tiles = tiling(score_rows, n_tiles, device)
-    else:                    # the statistics passes' tiling (paged: each sequence's, from its table row)
-        score_rows, score_splits, score_tiles = rows, splits, tiles_per_prog
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
@@ -178,20 +167,20 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         partials += rows * part
         offset += rows * final
     chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
-    passes = deferred_tiling(n, lambda tiles: stats_splits(rows, tiles, device))
+    tiling = deferred_tiling(n, lambda tiles: stats_splits(rows, tiles, device))
     deferred = []
     for slot in program.slots:
         if slot.deferred:
             deferred.append(offset)
-            offset += rows * passes[0] * 3
+            offset += rows * tiling[0] * 3
     moments = []
     for _ in program.moment_slots:
         moments.append(offset)
-        offset += rows * passes[0] * 3
+        offset += rows * tiling[0] * 3
     workspace = -(-max(offset, 1) // 4) * 4   # the slots start 16-byte aligned
     per_global = [v for part, final, window in placed for v in [workspace + part, final, *window]]
     warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
     stages = os.environ.get("TRITONKV_STAGES")
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
-                    workspace, warps, int(stages) if stages else None, tuple(deferred), passes, tuple(moments),
-                    partials, (score_splits, score_rows), score_tiles)
+                    workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
+                    partials)

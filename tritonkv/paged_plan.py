@@ -9,12 +9,10 @@ the kept positions straight into the call's ``positions``. A sequence that ranks
 (windows only, or a budget that keeps all of it) needs no kernel: its positions are in the
 template that ``positions`` is copied from. Compaction is one launch per pool for all.
 
-Policies whose slots are normalized, transformed (chunks, head reduces of ``x.normalize()``) or
-whose sample clauses read row moments (kernels/deferred.py, kernels/transform.py: one scalar
-length per launch) group each sequence alone: keydiff+knorm, chunkkv and snapkv+sample launch
-per sequence; so does NACL when its fractional window (1% of each length) differs between
-sequences. Other head reduces (TOVA) are done in the score kernel, whose programs each own a
-tile of one sequence in every head (codegen.py): they batch like the rest.
+Policies whose slots are normalized, transformed (chunks, head_reduce) or whose sample clauses
+read row moments (kernels/deferred.py, kernels/transform.py: one scalar length per launch) group
+each sequence alone: keydiff+knorm, chunkkv, tova and snapkv+sample launch per sequence; so
+does NACL when its fractional window (1% of each length) differs between sequences.
 
 What a call needs besides its tensors' addresses depends only on its signature, so it is
 planned once (``plan``: per-sequence allocations, groups, sequence tables, the position

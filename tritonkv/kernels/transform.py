@@ -9,12 +9,6 @@
 A program owns ``CHUNKS`` whole chunks of one row (or of all H rows of a batch row when heads
 are reduced), so it reads and writes only its own tokens: the transform is safe in place.
 NaN counts as -inf, as in the reference.
-
-The head reduce runs here only for a slot that is normalized in place first (its heads must
-be standardized one by one before they are combined); otherwise the score kernel reduces the
-heads itself, in registers, with the same helpers (``heads_start`` / ``heads_combine`` /
-``heads_finish``: heads added in order 0 .. H-1, so the values are the same bit for bit),
-and the transform, if any, only reduces chunks.
 """
 
 from __future__ import annotations
@@ -34,33 +28,6 @@ def _without_nan(x):
     return tl.where(x != x, float("-inf"), x)
 
 
-@triton.jit
-def heads_start(like, HOW: tl.constexpr):
-    """The identity of head reduce HOW (REDUCE_CODES), float32 in the shape of ``like``."""
-    if HOW == 3:
-        return tl.full(like.shape, float("-inf"), tl.float32)
-    else:
-        return tl.zeros(like.shape, dtype=tl.float32)
-
-
-@triton.jit
-def heads_combine(acc, x, HOW: tl.constexpr):
-    """``acc`` combined with the next head's ``x`` (NaN counts as -inf)."""
-    if HOW == 3:
-        return tl.maximum(acc, _without_nan(x))
-    else:
-        return acc + _without_nan(x)
-
-
-@triton.jit
-def heads_finish(acc, count, HOW: tl.constexpr):
-    """The reduce over ``count`` heads from their combination."""
-    if HOW == 1:
-        return acc / count
-    else:
-        return acc
-
-
 @triton.jit(do_not_specialize=["slot", "rows", "N", "H"])
 def _transform_kernel(prio_ptr, slot, rows, N, H,
                       HEADS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_PAD: tl.constexpr,
@@ -78,10 +45,15 @@ def _transform_kernel(prio_ptr, slot, rows, N, H,
         first, count = i_r, 1
     else:
         first, count = i_r * H, H
-    x = heads_start(o_n, HEADS)
-    for j in range(0, count):
-        x = heads_combine(x, tl.load(base + (first + j).to(tl.int64) * N + o_n, mask=m, other=0.0), HEADS)
-    x = heads_finish(x, count, HEADS)
+    x = _without_nan(tl.load(base + first.to(tl.int64) * N + o_n, mask=m, other=0.0))
+    for j in range(1, count):
+        y = _without_nan(tl.load(base + (first + j).to(tl.int64) * N + o_n, mask=m, other=0.0))
+        if HEADS == 3:
+            x = tl.maximum(x, y)
+        else:
+            x = x + y
+    if HEADS == 1:
+        x = x / count
     if CHUNK > 1:
         if CHUNK_REDUCE == 3:
             c = tl.max(tl.where(m, x, float("-inf")), 1)
