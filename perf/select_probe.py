@@ -1,7 +1,10 @@
 """Where an every-step eviction of StaticEvictingCache spends its GPU time: the cache of all
 layers stacked ([layers * B, H_kv, budget + 1, D], one token dropped per row), timed as
-evict() (select with the gather fused), its score stage, select alone and the gather alone.
-A tuning tool, not part of the benchmark suite.
+evict() (select with the gather fused), its score stage, select alone and the gather alone,
+each as the replay of a CUDA graph of it (kernels alone: at these sizes one call's host time
+exceeds its GPU time, so an event-timed call measures the host). A tuning tool, not part of
+the benchmark suite; TRITONKV_SELECT_BLOCK sets select's tokens per step (and so its programs
+per row).
 
     python perf/select_probe.py [--slots 1639 6554 13108] [--policy tova]
 """
@@ -11,12 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tritonkv as tkv  # noqa: E402
 from perf.test_evict import POLICIES  # noqa: E402
+from perf.timing import graph_seconds  # noqa: E402
 from tritonkv import compiler  # noqa: E402
 from tritonkv.budget import allocate  # noqa: E402
 from tritonkv.kernels import select as select_module  # noqa: E402
@@ -25,7 +28,8 @@ from tritonkv.kernels.select import select_indices, select_programs  # noqa: E40
 
 
 def bench_us(fn):
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+    """us per call: the median replay of a CUDA graph of it (perf/timing.py)"""
+    return graph_seconds(fn, replays=50) * 1e6
 
 
 def main():
@@ -40,7 +44,7 @@ def main():
     policy = POLICIES[args.policy]
     compiled = compiler.compile_policy(policy)
     print(f"{torch.cuda.get_device_name()}  {args.policy}  [{args.rows}, {args.heads}, slots, {args.dim}] "
-          f"SCAN_BLOCK={select_module.SCAN_BLOCK}")
+          f"select block {[select_module.scan_block(n) for n in args.slots]}")
     print(f"{'slots':>7}{'P/row':>7}{'evict us':>10}{'score us':>10}{'select us':>11}{'gather us':>11}")
     for n in args.slots:
         g = torch.Generator(device="cuda").manual_seed(0)

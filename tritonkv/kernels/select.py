@@ -42,7 +42,10 @@ from .sequences import allocation_of, sequence_of
 RADIX_BITS = 8
 N_DIGITS = 4
 N_BINS = 1 << RADIX_BITS
-SCAN_BLOCK = int(os.environ.get("TRITONKV_SELECT_BLOCK", 1024))   # tokens per step of the passes over priorities
+SCAN_BLOCK = 1024        # tokens per step of the passes over a long row's priorities,
+SHORT_SCAN_BLOCK = 512   # and over a row of at most SHORT_ROW tokens: its smaller tiles leave room
+SHORT_ROW = 32768        # for more resident programs, so short rows get twice the programs (on an
+                         # H200, 64 rows of 1,639 / 13,108 tokens: 84 -> 68 / 302 -> 277 us per evict)
 BARRIERS_PER_CLAUSE = N_DIGITS + 1
 MAX_PROGRAMS_PER_ROW = 256   # P_PAD of the kernel
 SELECT_WARPS = 4
@@ -278,13 +281,22 @@ def _select_kernel(
 SELECT_SEED_ARG = _select_kernel.arg_names.index("seed")   # where select_launch passes the seed
 
 
+def scan_block(n: int) -> int:
+    """Tokens per step of select's passes over rows of ``n`` tokens (and the unit of its chunks);
+    ``TRITONKV_SELECT_BLOCK`` overrides it (tuning)."""
+    override = os.environ.get("TRITONKV_SELECT_BLOCK")
+    if override:
+        return int(override)
+    return SHORT_SCAN_BLOCK if n <= SHORT_ROW else SCAN_BLOCK
+
+
 def programs_per_row(rows: int, n: int, device: torch.device, resident: int) -> int:
     """How many programs share a row: enough to fill the GPU, no more than can be resident
     at once (``resident`` programs of the grid; the row barriers need that), one in the
     interpreter."""
     if interpreting() or device.type != "cuda":
         return 1
-    return max(1, min(resident // rows, cdiv(n, SCAN_BLOCK), MAX_PROGRAMS_PER_ROW))
+    return max(1, min(resident // rows, cdiv(n, scan_block(n)), MAX_PROGRAMS_PER_ROW))
 
 
 def workspace_sizes(rows: int, programs: int, clauses: int):
@@ -301,7 +313,8 @@ def zeroed_numel(rows: int, clauses: int) -> int:
 
 def chunking(n: int, programs: int):
     """(tokens per program, programs) for ``programs`` requested per row."""
-    chunk = cdiv(cdiv(n, programs), SCAN_BLOCK) * SCAN_BLOCK
+    block = scan_block(n)
+    chunk = cdiv(cdiv(n, programs), block) * block
     return chunk, cdiv(n, chunk)
 
 
@@ -311,16 +324,16 @@ def select_programs(rows: int, n: int, keys, device: torch.device, d: int = 0, d
     keys: the clauses (kernels/keys.py ClauseKeys, or slot indices); d, dv: head dims of a
     fused gather, 0 for none."""
     resident = resident_programs(_select_kernel, device, SELECT_WARPS,
-                                 _constexprs(clause_keys(keys), d, dv, skip, per_seq))
+                                 _constexprs(clause_keys(keys), n, d, dv, skip, per_seq))
     return chunking(n, programs_per_row(rows, n, device, resident))[1]
 
 
-def _constexprs(keys, d: int = 0, dv: int = 0, skip: bool = False, per_seq: bool = False):
-    """The kernel's constexprs; d > 0 fuses the gather of K / V rows (head dims d, dv); skip:
+def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_seq: bool = False):
+    """The kernel's constexprs for rows of ``n`` tokens; d > 0 fuses the gather of K / V rows (head dims d, dv); skip:
     a uint8 mask of tokens that are not candidates; per_seq: rows read a sequence table."""
     # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
     gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
-    return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=SCAN_BLOCK, GATHER=d > 0, GATHER_T=gather_t,
+    return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, **key_args(keys, [0] * len(keys))[1])
 
@@ -362,7 +375,7 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     args = [prio, out_i, hist, bar, cnt, state, prio if skip is None else skip, stats,
             prio if sequences is None else sequences, *copy_args, n, rows, n_kept,
             n_sink, n_recent, chunk, p, seed, splits, *count_args, *key_values]
-    return (p, rows), args, _constexprs(keys, d, dv, skip is not None, sequences is not None), out_i
+    return (p, rows), args, _constexprs(keys, n, d, dv, skip is not None, sequences is not None), out_i
 
 
 def select_indices(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
