@@ -405,12 +405,9 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
     # (z_numel int32 at z_ptr), which saves a memset launch per evict call
     prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE,
                 "    zero_fill(z_ptr, z_numel, i_row * S + i_s, S * rows)"]
-    # tiles in the reverse of the statistics passes' order: a program starts where its
-    # statistics pass ended, on the keys that pass left in L2
     body: List[str] = ["    for it in range(0, tiles_per_prog):"]
     emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
-    body.append(TILE_START.format(ind=" " * 8,
-                                  base="(i_s * tiles_per_prog + tiles_per_prog - 1 - it) * (BLOCK_N - 2 * HALO) - HALO"))
+    body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
     for index, slot in enumerate(slots):
         x = emitter.value(slot.stored)
         emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * NS + o_n, {x}, mask=m_val)")
