@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import tritonkv as tkv  # noqa: E402
 from tritonkv import policies  # noqa: E402
 from tritonkv.integrations import hf  # noqa: E402
+from tritonkv.integrations.buffer import copy_slots  # noqa: E402
 from tritonkv.runtime import Evictor  # noqa: E402
 from .devices import DEVICE, to_device  # noqa: E402
 from .tiny_llama import tiny_llama, tokens  # noqa: E402
@@ -399,3 +400,15 @@ def test_decode_steps_as_cuda_graphs(model, pad):
         assert torch.equal(torch.cat(replayed, 1), want[:, 6:])   # 1 + 5 eager tokens, then the 12 replayed
     finally:
         model.to("cpu")
+
+
+@pytest.mark.parametrize("dtype, d", [(torch.bfloat16, 64), (torch.float16, 80), (torch.float32, 3), (torch.int64, 2)])
+def test_copy_slots_equals_copy(dtype, d):
+    """copy_slots (8-byte words where the layout allows) writes what copy_ writes, and only there."""
+    gen = torch.Generator().manual_seed(0)
+    buffer = (torch.randn(2, 3, 9, d, generator=gen) * 100).to(dtype)
+    src = (torch.randn(2, 3, 5, d, generator=gen) * 100).to(dtype)
+    want = buffer.clone()
+    want[:, :, 2:7].copy_(src)
+    copy_slots(buffer[:, :, 2:7], src)
+    assert torch.equal(buffer, want)

@@ -49,7 +49,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .. import dsl
 from ..results import Evicted
 from .attention import attend_slots, check_attention, enable, expect
-from .buffer import LayerBuffer, Storage
+from .buffer import LayerBuffer, Storage, copy_slots
 from .cache import HeldTokens
 from .rows import Decision, Row, commit, decide, flat
 from .schedule import EvictionPlan, EvictionSchedule, per_layer_ints
@@ -287,8 +287,8 @@ class StaticEvictingLayer(CacheLayerMixin):
                 k, v, p = cache.evict(group.plan, self.index, self.evictions, k, v, p, qs)
             lo = fill - group.kept
             if decision.direct:
-                buffer.keys[:, :, lo:fill].copy_(k)
-                buffer.values[:, :, lo:fill].copy_(v)
+                copy_slots(buffer.keys[:, :, lo:fill], k)
+                copy_slots(buffer.values[:, :, lo:fill], v)
                 buffer.positions[:, :, lo:fill].copy_(p)
             else:
                 rows = cache.device_index(group.rows, keys.device)
@@ -473,8 +473,8 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         if queries is not None:
             queries = queries[:, :, queries.shape[2] - group.available:]
         k, v, p = self.evict(group.plan, 0, self.layers[0].evictions, keys, values, positions, queries)
-        keys[:, :, :group.kept].copy_(k)
-        values[:, :, :group.kept].copy_(v)
+        copy_slots(keys[:, :, :group.kept], k)
+        copy_slots(values[:, :, :group.kept], v)
         positions[:, :, :group.kept].copy_(p)
         storage.lengths.fill_(decision.fill)
         storage.starts.zero_()
