@@ -65,6 +65,7 @@ class Built:
     seconds: float
     shared_bytes: int
     ptx_lines: int
+    wgmma: int = 0   # Hopper tensor-core instructions (wgmma.mma_async) in the PTX
 
 
 def build(fn, args, constexprs, num_warps: int, target=HOPPER):
@@ -80,7 +81,9 @@ def build_checked(policy: str, kernel: str, config: str, fn, args, constexprs, n
     if c.metadata.shared > HOPPER_SHARED_LIMIT:
         raise ValueError(f"{kernel} ({config}) needs {c.metadata.shared} B of shared memory, "
                          f"more than sm_90's {HOPPER_SHARED_LIMIT}")
-    return Built(policy, kernel, config, time.perf_counter() - start, c.metadata.shared, c.asm["ptx"].count("\n"))
+    ptx = c.asm["ptx"]
+    return Built(policy, kernel, config, time.perf_counter() - start, c.metadata.shared, ptx.count("\n"),
+                 ptx.count("wgmma.mma_async"))
 
 
 def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=128, dv=None, group=4,
@@ -218,9 +221,10 @@ def main(argv=None) -> int:
                 built += build_policy(name, policy, **cfg)
             except Exception as e:  # report every failure, then fail
                 failures.append((name, cfg, e))
-    print(f"{'policy':<16}{'kernel':<15}{'config':<34}{'s':>6}{'smem B':>8}{'ptx lines':>10}")
+    print(f"{'policy':<16}{'kernel':<15}{'config':<34}{'s':>6}{'smem B':>8}{'ptx lines':>10}{'wgmma':>7}")
     for b in built:
-        print(f"{b.policy:<16}{b.kernel:<15}{b.config:<34}{b.seconds:>6.2f}{b.shared_bytes:>8}{b.ptx_lines:>10}")
+        print(f"{b.policy:<16}{b.kernel:<15}{b.config:<34}{b.seconds:>6.2f}{b.shared_bytes:>8}{b.ptx_lines:>10}"
+              f"{b.wgmma:>7}")
     for name, cfg, e in failures:
         print(f"FAILED {name} {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"{len(built)} kernels compiled for sm_{HOPPER.arch}, {len(failures)} failures")
