@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import tritonkv as tkv  # noqa: E402
 from tritonkv import policies  # noqa: E402
 from tritonkv.integrations import hf  # noqa: E402
+from tritonkv.integrations import static as static_module  # noqa: E402
 from tritonkv.integrations.buffer import copy_slots  # noqa: E402
 from tritonkv.runtime import Evictor  # noqa: E402
 from .devices import DEVICE, to_device  # noqa: E402
@@ -412,3 +413,25 @@ def test_copy_slots_equals_copy(dtype, d):
     want[:, :, 2:7].copy_(src)
     copy_slots(buffer[:, :, 2:7], src)
     assert torch.equal(buffer, want)
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_decode_evictions_compact_the_buffer_in_place(model, monkeypatch, stack):
+    """A decode-step eviction selects indices only (no gathered copy of the kept rows) and moves
+    the kept rows within the buffer (kernels/compact.py); the tokens are those of the growing cache."""
+    moved = []
+    original = static_module.compact_in_place
+
+    def spy(indices, keys, values, programs=0):
+        moved.append(keys.data_ptr())
+        return original(indices, keys, values, programs)
+
+    monkeypatch.setattr(static_module, "compact_in_place", spy)
+    ids = prompt(n=60)
+    policy = policies.tova()
+    want = generate(model, ids, hf.EvictingCache(model, policy, 24, interval=1), max_new_tokens=6)
+    cache = hf.StaticEvictingCache(model, policy, 24, interval=1, stack_layers=stack)
+    got = generate(model, ids, cache, max_new_tokens=6)
+    assert torch.equal(got, want)
+    buffers = {layer.buffer.keys.data_ptr() for layer in cache.layers}
+    assert moved and set(moved) <= buffers   # stacked: layer 0's address starts every layer's slots

@@ -81,6 +81,30 @@ def test_evictor_equals_evict_and_keeps_inputs(backend, name):
     assert same(first, want) and same(second, want), name
 
 
+@pytest.mark.parametrize("name", sorted(set(every_policy()) - {"adakv"}))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("budget", [0.3, 1.0])
+def test_evictor_without_gather_returns_the_same_indices(backend, name, budget):
+    """gather=False: the indices evict returns, no rows (first call and planned repeat)."""
+    policy = every_policy()[name]
+    keys, values, queries = make(n=150, dtype=torch.bfloat16)
+    q = queries if policy.needs_queries else None
+    named = named_kwargs(policy, keys, 5)
+    ev = tkv.Evictor(policy, budget, backend=backend, gather=False)
+    want = tkv.evict(keys, values, policy, budget, queries=q, seed=5, backend=backend, **named)
+    for _ in range(2):
+        got = ev(keys, values, queries=q, seed=5, **named)
+        assert got.keys is None and got.values is None
+        assert torch.equal(got.indices, want.indices), name
+
+
+def test_evictor_without_gather_refusals():
+    with pytest.raises(TypeError, match="gather: expected a bool"):
+        tkv.Evictor(policies.knorm(), 10, gather=0)
+    with pytest.raises(ValueError, match="gather: False is for uniform-budget policies"):
+        tkv.Evictor(policies.adakv(), 10, gather=False)
+
+
 def test_a_new_signature_gets_a_new_plan():
     ev = tkv.Evictor(policies.keydiff(), 0.5)
     for n in (100, 101, 100):

@@ -26,6 +26,7 @@ from .compiler import Layout, compile_policy, launch_args
 from .kernels.pages import compact_launch
 from .kernels.sequences import FIELDS
 from .reference import proxy_window
+from .kernels.compact import compact_launches
 from .kernels.decode import decode_launches
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
@@ -167,7 +168,8 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
 
 def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=torch.bfloat16, target=HOPPER,
                  **_) -> List[Built]:
-    """Compile the decode attention kernels of StaticEvictingCache (tritonkv.kernels.decode)."""
+    """Compile the kernels of StaticEvictingCache's own: decode attention (tritonkv.kernels.decode)
+    and the in-place compaction of its slots (tritonkv.kernels.compact: the stash and move launches)."""
     dv = dv or d
     meta = dict(device="meta", dtype=dtype)
     query = torch.empty(batch, heads * group, 1, d, **meta)
@@ -176,8 +178,13 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
     length = torch.empty((), device="meta", dtype=torch.int64)
     launches, _ = decode_launches(query, keys, values, start, length, d ** -0.5)
     config = f"{str(dtype).split('.')[-1]} D={d} Dv={dv} G={group}"
-    return [build_checked("(decode)", fn.fn.__name__.strip("_"), config, fn, args, constexprs, warps, target)
-            for fn, _, args, constexprs, warps in launches]
+    built = [build_checked("(decode)", fn.fn.__name__.strip("_"), config, fn, args, constexprs, warps, target)
+             for fn, _, args, constexprs, warps in launches]
+    indices = torch.empty(batch, heads, n - 64, device="meta", dtype=torch.int64)
+    for fn, _, args, constexprs, warps in compact_launches(indices, keys, values, programs=4):
+        name = "compact stash" if constexprs["STASH"] else "compact move"
+        built.append(build_checked("(static)", name, config, fn, args, constexprs, warps, target))
+    return built
 
 
 def required_window(node: dsl.ProxyAttention, n: int) -> int:

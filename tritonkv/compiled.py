@@ -14,13 +14,14 @@ from .results import Evicted
 
 
 def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int, named=(),
-                   return_priorities: bool = False):
+                   return_priorities: bool = False, gather: bool = True):
     """tritonkv.evict's compiled path (arguments already validated), unplanned: every call
     computes its launches anew (tritonkv.runtime.Evictor plans them once). ``named``: the
     policy's signal and direction tensors in its order (validate.named_inputs).
     ``return_priorities``: also what each selective clause of the lowered policy ranked,
     float32 [n_clauses, B*H, N] (written by a second, identical scoring run: the call itself
-    never stores a sample clause's priorities)."""
+    never stores a sample clause's priorities). ``gather=False``: the kept indices only (the
+    result's keys and values are None)."""
     check_backend(keys)
     b, h, n, _ = keys.shape
     policy, alloc = lower(policy, allocate(policy, n, k))
@@ -30,7 +31,7 @@ def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int,
     if return_priorities and alloc.total == n:
         result = Evicted(keys.clone(), values.clone(), torch.arange(n, device=keys.device).expand(b, h, n).clone())
     else:
-        call = prepare(compiled, alloc, keys, values, queries, seed, named)
+        call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
         run(call)
-        result = Evicted(call.keys, call.values, call.indices)
+        result = Evicted(call.keys, call.values, call.indices) if gather else Evicted(None, None, call.indices)
     return (result, score(compiled, keys, values, queries, seed, named, clauses=True)) if return_priorities else result

@@ -69,6 +69,7 @@ class Plan:
         self.indices_shape, self.keys_shape, self.values_shape = shapes
         self.scratch_numel = scratch_numel
         self.fallback = None   # set by plan_compiled: the unplanned call, for launch hooks
+        self.gather = True     # set by plan_compiled: False returns the indices only
 
     def __call__(self, keys, values, queries, seed, named=()):
         if hooks_installed():   # a profiler wants to see Triton's launches
@@ -82,11 +83,14 @@ class Plan:
             values_of += [t.data_ptr() for t in named]
         _launch(self.early, values_of, stream)
         indices = torch.empty(self.indices_shape, dtype=torch.int64, device=device)
-        out_k = torch.empty(self.keys_shape, dtype=keys.dtype, device=device)
-        out_v = torch.empty(self.values_shape, dtype=values.dtype, device=device)
-        values_of[INDICES:OUT_VALUES + 1] = indices.data_ptr(), out_k.data_ptr(), out_v.data_ptr()
+        values_of[INDICES] = indices.data_ptr()
+        out_k = out_v = None
+        if self.keys_shape is not None:   # the rows are written (they may still not be returned)
+            out_k = torch.empty(self.keys_shape, dtype=keys.dtype, device=device)
+            out_v = torch.empty(self.values_shape, dtype=values.dtype, device=device)
+            values_of[OUT_KEYS:OUT_VALUES + 1] = out_k.data_ptr(), out_v.data_ptr()
         _launch(self.late, values_of, stream)
-        return Evicted(out_k, out_v, indices)
+        return Evicted(out_k, out_v, indices) if self.gather else Evicted(None, None, indices)
 
 
 def _launch(steps: List[Step], values_of, stream: int) -> None:
@@ -133,40 +137,41 @@ def record(call: Call, keys, values, queries, named=()) -> Optional[Plan]:
             patches.append((launch.seed_arg, SEED, 0))
         steps.append(Step(kernel, launch.grid, template, patches))
     scratch_numel = 0 if call.scratch is None else call.scratch.numel()
-    return Plan(steps, keys.device, (tuple(call.indices.shape), tuple(call.keys.shape), tuple(call.values.shape)),
-                scratch_numel)
+    shapes = [None if t is None else tuple(t.shape) for t in (call.indices, call.keys, call.values)]
+    return Plan(steps, keys.device, shapes, scratch_numel)
 
 
 class _Compiled:
     """An unplanned compiled call (interpreter, AdaKV, launch hooks)."""
 
-    def __init__(self, policy: dsl.Policy, k: int):
-        self.policy, self.k = policy, k
+    def __init__(self, policy: dsl.Policy, k: int, gather: bool = True):
+        self.policy, self.k, self.gather = policy, k, gather
 
     def __call__(self, keys, values, queries, seed, named=()):
-        return evict_compiled(keys, values, queries, self.policy, self.k, seed, named)
+        return evict_compiled(keys, values, queries, self.policy, self.k, seed, named, gather=self.gather)
 
 
-def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, named=()):
+def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, named=(), gather: bool = True):
     """(plan or None, result) of a first compiled call with this signature. None means: plan
-    on the next call (the select kernel's occupancy, which sets its grid, was learnt just now)."""
+    on the next call (the select kernel's occupancy, which sets its grid, was learnt just now).
+    ``gather=False``: the kept indices only (the results' keys and values are None)."""
     check_backend(keys)
-    unplanned = _Compiled(policy, k)
+    unplanned = _Compiled(policy, k, gather)
     if interpreting() or not keys.is_cuda or policy.heads == "adaptive" or hooks_installed():
         return unplanned, unplanned(keys, values, queries, seed, named)
     n = keys.shape[2]
     policy, alloc = lower(policy, allocate(policy, n, k))
     rows, compiled = keys.shape[0] * keys.shape[1], compile_policy(policy)
     clauses = compiled.program.clause_keys
-    dims = (keys.shape[-1], values.shape[-1])
+    dims = (keys.shape[-1], values.shape[-1]) if gather else (0, 0)
     programs = select_programs(rows, n, clauses, keys.device, *dims)
-    call = prepare(compiled, alloc, keys, values, queries, seed, named)
+    call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
     run(call)
-    out = Evicted(call.keys, call.values, call.indices)
+    out = Evicted(call.keys, call.values, call.indices) if gather else Evicted(None, None, call.indices)
     if select_programs(rows, n, clauses, keys.device, *dims) != programs:
         return None, out
     plan = record(call, keys, values, queries, named)
     if plan is None:
         return unplanned, out
-    plan.fallback = unplanned
+    plan.fallback, plan.gather = unplanned, gather
     return plan, out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -12,11 +13,12 @@ class Evicted:
     """What a uniform-budget policy kept: the same count ``n_kept`` in every head.
 
     keys [B, H_kv, n_kept, D], values [B, H_kv, n_kept, D_v] (the input dtypes),
-    indices int64 [B, H_kv, n_kept]: the kept token positions, ascending.
+    indices int64 [B, H_kv, n_kept]: the kept token positions, ascending. keys and values
+    are None from an Evictor made with ``gather=False`` (the indices only).
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: Optional[torch.Tensor]
+    values: Optional[torch.Tensor]
     indices: torch.Tensor
 
     @property

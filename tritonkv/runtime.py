@@ -32,6 +32,7 @@ import torch
 from . import dsl
 from .budget import resolve_budget
 from .eager import evict_reference
+from .results import Evicted
 from .validate import BACKENDS, check_evict_args, check_seed, named_inputs
 
 _I32_MAX, _I64_MAX = 2 ** 31 - 1, 2 ** 63 - 1
@@ -68,6 +69,10 @@ class Evictor:
         policy: clauses joined with ``|``, or a preset from ``tritonkv.policies``.
         budget: tokens kept per head (int) or a fraction of N in (0, 1].
         backend: "auto", "triton" or "reference", as for :func:`tritonkv.evict`.
+        gather: False returns the kept indices only (``Evicted(None, None, indices)``): for a
+            caller that moves the rows itself, e.g. compacting a fixed buffer in place
+            (``tritonkv.kernels.compact.compact_in_place``); the compiled path then skips the
+            copy of the kept rows.
 
     Calling it, ``ev(keys, values, queries=None, seed=0, signals=None, directions=None)``, is
     ``tkv.evict(keys, values, policy, budget, queries=queries, seed=seed, signals=signals,
@@ -75,18 +80,24 @@ class Evictor:
     signature, the same result, bit for bit.
     """
 
-    def __init__(self, policy, budget, *, backend: str = "auto"):
+    def __init__(self, policy, budget, *, backend: str = "auto", gather: bool = True):
         self.policy = dsl.as_policy(policy)
         resolve_budget(budget, 1 << 62)   # type and range, with evict's messages
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self.budget, self.backend = budget, backend
+        if not isinstance(gather, bool):
+            raise TypeError(f"gather: expected a bool, got {type(gather).__name__}")
+        if not gather and self.policy.heads == "adaptive":
+            raise ValueError("gather: False is for uniform-budget policies; an adaptive (AdaKV) policy returns "
+                             "packed rows (EvictedVarlen)")
+        self.budget, self.backend, self.gather = budget, backend, gather
         self._reads_named = bool(self.policy.signals or self.policy.directions)
         self._plans: Dict[Tuple, object] = {}
         self._planning = threading.Lock()   # held by a first call of a signature (_plan_and_run)
 
     def __repr__(self):
-        return f"Evictor({self.policy!r}, budget={self.budget!r}, backend={self.backend!r})"
+        gather = "" if self.gather else ", gather=False"
+        return f"Evictor({self.policy!r}, budget={self.budget!r}, backend={self.backend!r}{gather})"
 
     def __call__(self, keys, values, *, queries=None, seed: int = 0, signals=None, directions=None):
         if type(seed) is not int or not 0 <= seed <= 0xFFFFFFFFFFFFFFFF:
@@ -119,11 +130,11 @@ class Evictor:
         if backend == "auto":
             backend = "triton" if keys.is_cuda else "reference"
         if backend == "reference":
-            plan = _Unplanned(evict_reference, policy, k)
+            plan = _Unplanned(evict_reference, policy, k, self.gather)
             out = plan(keys, values, queries, seed, named)
         else:
             from .planned import plan_compiled   # imports triton only when asked for
-            plan, out = plan_compiled(policy, k, keys, values, queries, seed, named)
+            plan, out = plan_compiled(policy, k, keys, values, queries, seed, named, self.gather)
         if signature is not None and plan is not None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
@@ -135,11 +146,12 @@ class _Unplanned:
     """A validated signature whose calls run the given path as they are (the reference, the
     interpreter, AdaKV's PyTorch selection)."""
 
-    def __init__(self, fn, policy: dsl.Policy, k: int):
-        self.fn, self.policy, self.k = fn, policy, k
+    def __init__(self, fn, policy: dsl.Policy, k: int, gather: bool = True):
+        self.fn, self.policy, self.k, self.gather = fn, policy, k, gather
 
     def __call__(self, keys, values, queries, seed, named=()):
-        return self.fn(keys, values, queries, self.policy, self.k, seed, named)
+        out = self.fn(keys, values, queries, self.policy, self.k, seed, named)
+        return out if self.gather else Evicted(None, None, out.indices)
 
 
 _EVICTORS: Dict[Tuple, Tuple[dsl.Policy, Evictor]] = {}

@@ -82,10 +82,19 @@ class EvictionPlan:
     """How one eviction runs: the planned Evictor, whether it reads proxy queries, and the
     sink / recent rows it keeps (what the next eviction knows about the kept rows)."""
 
-    __slots__ = ("evictor", "queries", "n_sink", "n_recent")
+    __slots__ = ("evictor", "queries", "n_sink", "n_recent", "_indexer")
 
     def __init__(self, evictor: Evictor, queries: bool, n_sink: int, n_recent: int):
         self.evictor, self.queries, self.n_sink, self.n_recent = evictor, queries, n_sink, n_recent
+        self._indexer: Optional[Evictor] = None
+
+    @property
+    def indexer(self) -> Evictor:
+        """The same eviction returning the kept indices only (for a buffer compacted in place)."""
+        if self._indexer is None:   # threads that race make equal Evictors; one is kept
+            ev = self.evictor
+            self._indexer = Evictor(ev.policy, ev.budget, backend=ev.backend, gather=False)
+        return self._indexer
 
 
 class EvictionTimer:

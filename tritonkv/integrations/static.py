@@ -39,6 +39,7 @@ tokens than per-layer calls.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -47,6 +48,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .. import dsl
+from ..kernels.compact import compact_in_place
 from ..results import Evicted
 from .attention import attend_slots, check_attention, enable, expect
 from .buffer import LayerBuffer, Storage, copy_slots
@@ -283,9 +285,12 @@ class StaticEvictingLayer(CacheLayerMixin):
                     qslots = cache.device_index(tuple(flat(decision.query_sources[b]) for b in group.rows),
                                                 keys.device)
                     qs = _take(queries.index_select(0, rows), qslots)
+            lo = fill - group.kept
+            if group.plan is not None and decision.direct and lo == 0 and keys is buffer.keys:
+                cache.compact(group.plan, self.index, self.evictions, keys, values, positions, qs)
+                continue
             if group.plan is not None:
                 k, v, p = cache.evict(group.plan, self.index, self.evictions, k, v, p, qs)
-            lo = fill - group.kept
             if decision.direct:
                 copy_slots(buffer.keys[:, :, lo:fill], k)
                 copy_slots(buffer.values[:, :, lo:fill], v)
@@ -472,25 +477,42 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         (group,) = decision.groups
         if queries is not None:
             queries = queries[:, :, queries.shape[2] - group.available:]
-        k, v, p = self.evict(group.plan, 0, self.layers[0].evictions, keys, values, positions, queries)
-        copy_slots(keys[:, :, :group.kept], k)
-        copy_slots(values[:, :, :group.kept], v)
-        positions[:, :, :group.kept].copy_(p)
+        self.compact(group.plan, 0, self.layers[0].evictions, keys, values, positions, queries)
         storage.lengths.fill_(decision.fill)
         storage.starts.zero_()
 
     def evict(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries):
         """One tkv.evict call: the kept keys, values and their positions."""
+        with self._timed():
+            out = self._select(plan.evictor, plan, layer, evictions, keys, values, queries)
+            return out.keys, out.values, positions.gather(-1, out.indices)
+
+    def compact(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries) -> None:
+        """One eviction of buffer slots in place: the kept rows of ``keys``, ``values`` and
+        ``positions`` move to the front of each row of slots, in token order (kernels/compact.py:
+        each displaced row moves once, no scratch copy of the kept rows)."""
+        with self._timed():
+            out = self._select(plan.indexer, plan, layer, evictions, keys, values, queries)
+            kept = out.indices.shape[-1]
+            positions[:, :, :kept] = positions.gather(-1, out.indices)
+            compact_in_place(out.indices, keys, values)
+
+    def _select(self, evictor, plan: EvictionPlan, layer: int, evictions: int, keys, values, queries):
         schedule = self.schedule
-        timer = schedule.timer
+        return evictor(keys, values, queries=queries if plan.queries else None,
+                       seed=schedule.layer_seed(layer, evictions), directions=schedule.layer_directions(layer))
+
+    @contextlib.contextmanager
+    def _timed(self):
+        """CUDA events around an eviction when the cache times them (``timing=True``)."""
+        timer = self.schedule.timer
         if timer is not None:
             timer.start()
-        out = plan.evictor(keys, values, queries=queries if plan.queries else None,
-                           seed=schedule.layer_seed(layer, evictions), directions=schedule.layer_directions(layer))
-        kept = positions.gather(-1, out.indices)
-        if timer is not None:
-            timer.stop()
-        return out.keys, out.values, kept
+        try:
+            yield
+        finally:
+            if timer is not None:
+                timer.stop()
 
     # ------------------------------------------------------------------ what a graph runner needs
 
