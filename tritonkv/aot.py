@@ -168,8 +168,9 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
 
 def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=torch.bfloat16, target=HOPPER,
                  **_) -> List[Built]:
-    """Compile the kernels of StaticEvictingCache's own: decode attention (tritonkv.kernels.decode)
-    and the in-place compaction of its slots (tritonkv.kernels.compact: the stash and move launches)."""
+    """Compile the kernels of StaticEvictingCache's own: decode attention (tritonkv.kernels.decode),
+    the indices of a windows-only eviction without its rows, and the in-place compaction of its
+    slots (tritonkv.kernels.compact: the stash and move launches)."""
     dv = dv or d
     meta = dict(device="meta", dtype=dtype)
     query = torch.empty(batch, heads * group, 1, d, **meta)
@@ -181,6 +182,10 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
     built = [build_checked("(decode)", fn.fn.__name__.strip("_"), config, fn, args, constexprs, warps, target)
              for fn, _, args, constexprs, warps in launches]
     indices = torch.empty(batch, heads, n - 64, device="meta", dtype=torch.int64)
+    # a windows-only policy's indices without the rows (an Evictor with gather=False)
+    _, args, constexprs, _ = gather_launch(indices, keys, values, n_sink=4, rows=False)
+    built.append(build_checked("(static)", "windows indices", config, _gather_kernel, args, constexprs,
+                               GATHER_WARPS, target))
     for fn, _, args, constexprs, warps in compact_launches(indices, keys, values, programs=4):
         name = "compact stash" if constexprs["STASH"] else "compact move"
         built.append(build_checked("(static)", name, config, fn, args, constexprs, warps, target))

@@ -322,24 +322,22 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, n
     """Allocate an evict call's buffers and list its launches: statistics, score (which also
     zeroes select's counters), select (which also gathers the kept rows, unless ``gather`` is
     False: then the call's keys and values are None); for a policy with nothing to rank (only
-    windows, or a budget that keeps everything) one gather that writes the indices too (and the
-    rows, gather or not)."""
+    windows, or a budget that keeps everything) one gather that writes the indices too."""
     b, h, n, d = keys.shape
     dv = values.shape[-1]
     total, device = alloc.total, keys.device
     out_i = torch.empty(b, h, total, dtype=torch.int64, device=device)
-    windows_only = len(compiled.program.clause_keys) == 0 or total == n
-    if not (gather or windows_only):
+    if len(compiled.program.clause_keys) == 0 or total == n:   # windows only: one launch
+        grid, args, constexprs, (out_k, out_v) = gather_launch(out_i, keys, values,
+                                                               n_sink=n if total == n else alloc.n_sink, rows=gather)
+        return Call([Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS)], None, None, out_i, out_k, out_v)
+    if not gather:
         call = _ranking(compiled, keys, values, queries, seed, named, Layout.dense(keys, values), (0, 0), out_i)
         call.launches.append(_select(compiled, call, alloc.clause_counts, alloc.n_sink, alloc.n_recent, total,
                                      out_i.view(b * h, total), heads=h, seed=seed))
         return call
     out_k = torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
     out_v = torch.empty(b, h, total, dv, dtype=values.dtype, device=device)
-    if windows_only:
-        grid, args, constexprs, _ = gather_launch(out_i, keys, values, out_k, out_v,
-                                                  n_sink=n if total == n else alloc.n_sink)
-        return Call([Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS)], None, None, out_i, out_k, out_v)
     call = _ranking(compiled, keys, values, queries, seed, named, Layout.dense(keys, values), (d, dv), out_i)
     call.launches.append(_select(compiled, call, alloc.clause_counts, alloc.n_sink, alloc.n_recent, total,
                                  out_i.view(b * h, total), gather=(keys, values, out_k, out_v), heads=h, seed=seed))

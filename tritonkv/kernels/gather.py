@@ -2,7 +2,8 @@
 
 With ``WINDOWS`` the kernel also makes the indices: a policy with no selective clause keeps
 the first ``n_sink`` and the last ``n_kept - n_sink`` tokens, so one launch writes indices,
-keys and values (no select kernel).
+keys and values (no select kernel); without ``ROWS`` it writes the indices only (an Evictor
+with ``gather=False``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ GATHER_WARPS = 4
 def _gather_kernel(idx_ptr, k_ptr, v_ptr, out_k_ptr, out_v_ptr,
                    s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, H, n_kept, N, n_sink,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WINDOWS: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WINDOWS: tl.constexpr,
+                   ROWS: tl.constexpr):
     """Program (i_t, i_row): output rows i_t*BLOCK_T .. of row i_row = b * H + h."""
     i_t = tl.program_id(0)
     i_row = tl.program_id(1)
@@ -36,6 +38,16 @@ def _gather_kernel(idx_ptr, k_ptr, v_ptr, out_k_ptr, out_v_ptr,
         tl.store(idx_ptr + out, idx, mask=m_j)
     else:
         idx = tl.load(idx_ptr + out, mask=m_j, other=0)
+    if ROWS:
+        _copy(idx, out, m_j, i_b, i_h, k_ptr, v_ptr, out_k_ptr, out_v_ptr, s_kb, s_kh, s_kn, s_kd,
+              s_vb, s_vh, s_vn, s_vd, D, DV, BLOCK_D, BLOCK_DV)
+
+
+@triton.jit
+def _copy(idx, out, m_j, i_b, i_h, k_ptr, v_ptr, out_k_ptr, out_v_ptr, s_kb, s_kh, s_kn, s_kd,
+          s_vb, s_vh, s_vn, s_vd, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+          BLOCK_DV: tl.constexpr):
+    """out_k[out] = keys[i_b, i_h, idx], the same for values, on the lanes of m_j."""
     o_d = tl.arange(0, BLOCK_D)
     m_k = m_j[:, None] & (o_d[None, :] < D)
     p_k = k_ptr + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh + idx[:, None] * s_kn + o_d[None, :] * s_kd
@@ -47,22 +59,26 @@ def _gather_kernel(idx_ptr, k_ptr, v_ptr, out_k_ptr, out_v_ptr,
 
 
 def gather_launch(indices: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, out_k=None, out_v=None,
-                  n_sink=None):
+                  n_sink=None, rows: bool = True):
     """(grid, args, constexprs, (out_k, out_v)) for gather_rows. With ``n_sink`` given, the
-    kernel writes ``indices`` itself (the windows: first n_sink tokens, then the last ones)."""
+    kernel writes ``indices`` itself (the windows: first n_sink tokens, then the last ones);
+    ``rows=False`` (with ``n_sink``): only that, no rows copied and (out_k, out_v) None."""
     b, h, n, d = keys.shape
     dv = values.shape[-1]
     n_kept = indices.shape[-1]
-    if out_k is None:
-        out_k = torch.empty(b, h, n_kept, d, dtype=keys.dtype, device=keys.device)
-    if out_v is None:
-        out_v = torch.empty(b, h, n_kept, dv, dtype=values.dtype, device=values.device)
+    if not rows:
+        out_k = out_v = None
+    else:
+        if out_k is None:
+            out_k = torch.empty(b, h, n_kept, d, dtype=keys.dtype, device=keys.device)
+        if out_v is None:
+            out_v = torch.empty(b, h, n_kept, dv, dtype=values.dtype, device=values.device)
     block_t = max(16, min(GATHER_ROWS, 8192 // next_power_of_2(max(d, dv))))
     grid = (cdiv(n_kept, block_t), b * h)
-    args = [indices, keys, values, out_k, out_v, *keys.stride(), *values.stride(), h, n_kept, n,
-            0 if n_sink is None else n_sink]
+    args = [indices, keys, values, indices if out_k is None else out_k, indices if out_v is None else out_v,
+            *keys.stride(), *values.stride(), h, n_kept, n, 0 if n_sink is None else n_sink]
     constexprs = dict(D=d, DV=dv, BLOCK_T=block_t, BLOCK_D=next_power_of_2(d),
-                      BLOCK_DV=next_power_of_2(dv), WINDOWS=n_sink is not None)
+                      BLOCK_DV=next_power_of_2(dv), WINDOWS=n_sink is not None, ROWS=rows)
     return grid, args, constexprs, (out_k, out_v)
 
 
