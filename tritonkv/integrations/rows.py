@@ -1,4 +1,4 @@
-"""Where each batch row's tokens go in a fixed-capacity layer (``static.StaticEvictingLayer``):
+"""Where each batch row's tokens go in a fixed-capacity layer (``static_layer.StaticEvictingLayer``):
 host-only decisions, made from counters the host keeps (no GPU value is read).
 
 After a forward of several tokens, or when a decode step fills the buffer, every row's tokens
