@@ -58,10 +58,11 @@ def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2, reads_ca
 
 
 def stats_splits(rows: int, n_tiles: int, device: torch.device) -> int:
-    """Programs per row for a statistics pass: enough to fill the GPU a few times over."""
+    """Programs per row for a statistics pass: enough to fill the GPU a few times over (4 per
+    multiprocessor over all rows; ``TRITONKV_SPLITS_PER_SM`` overrides the 4, for tuning)."""
     if interpreting() or device.type != "cuda":
         return min(n_tiles, 3)  # more than one, so partial merging is always exercised
-    target = 4 * multiprocessor_count(device)
+    target = _override("TRITONKV_SPLITS_PER_SM", 4) * multiprocessor_count(device)
     return max(1, min(n_tiles, cdiv(target, rows)))
 
 
