@@ -33,5 +33,5 @@ def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int,
     else:
         call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
         run(call)
-        result = Evicted(call.keys, call.values, call.indices) if gather else Evicted(None, None, call.indices)
+        result = Evicted(call.keys, call.values, call.indices)   # keys, values None without gather
     return (result, score(compiled, keys, values, queries, seed, named, clauses=True)) if return_priorities else result

@@ -69,7 +69,6 @@ class Plan:
         self.indices_shape, self.keys_shape, self.values_shape = shapes
         self.scratch_numel = scratch_numel
         self.fallback = None   # set by plan_compiled: the unplanned call, for launch hooks
-        self.gather = True     # set by plan_compiled: False returns the indices only
 
     def __call__(self, keys, values, queries, seed, named=()):
         if hooks_installed():   # a profiler wants to see Triton's launches
@@ -85,12 +84,12 @@ class Plan:
         indices = torch.empty(self.indices_shape, dtype=torch.int64, device=device)
         values_of[INDICES] = indices.data_ptr()
         out_k = out_v = None
-        if self.keys_shape is not None:   # the rows are written (they may still not be returned)
+        if self.keys_shape is not None:   # None: a call without gather, the indices only
             out_k = torch.empty(self.keys_shape, dtype=keys.dtype, device=device)
             out_v = torch.empty(self.values_shape, dtype=values.dtype, device=device)
             values_of[OUT_KEYS:OUT_VALUES + 1] = out_k.data_ptr(), out_v.data_ptr()
         _launch(self.late, values_of, stream)
-        return Evicted(out_k, out_v, indices) if self.gather else Evicted(None, None, indices)
+        return Evicted(out_k, out_v, indices)
 
 
 def _launch(steps: List[Step], values_of, stream: int) -> None:
@@ -167,11 +166,11 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
     programs = select_programs(rows, n, clauses, keys.device, *dims)
     call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
     run(call)
-    out = Evicted(call.keys, call.values, call.indices) if gather else Evicted(None, None, call.indices)
+    out = Evicted(call.keys, call.values, call.indices)
     if select_programs(rows, n, clauses, keys.device, *dims) != programs:
         return None, out
     plan = record(call, keys, values, queries, named)
     if plan is None:
         return unplanned, out
-    plan.fallback, plan.gather = unplanned, gather
+    plan.fallback = unplanned
     return plan, out
