@@ -18,7 +18,9 @@ tokens (batch 1) through the cache of each mode (``modes``):
                                 the prompt every 64 decoded tokens (or never)
   tova / h2o 10%, every step    TOVA / H2O-style: evict one token per layer at every step
   static ...                    hf.StaticEvictingCache (budget + interval slots, one key length
-                                for the whole decode); ", graphs": every step a CUDA graph replay.
+                                for the whole decode); ", graphs": every step a CUDA graph replay;
+                                ", in order": keep_order=True (TOVA is order-free: by default its
+                                evictions move only the newest row into the dropped slot)
                                 A decoded token attends through tritonkv's split-KV decode kernel
                                 (rows: ``attention: "triton"``); ", sdpa": through SDPA with a mask
                                 over every slot instead (``attention: "sdpa"``)
@@ -108,6 +110,9 @@ def modes(n: int, steps: int, warmup: int = 16):
         ("static tova 10%, every step", dict(cache="static", policy=tova, budget=k, interval=1)),
         ("static tova 10%, every step, graphs", dict(cache="static", graphs=True, policy=tova, budget=k,
                                                      interval=1)),
+        # the same with the slots kept in position order: each eviction shifts the rows after the dropped one
+        ("static tova 10%, every step, graphs, in order", dict(cache="static", graphs=True, policy=tova, budget=k,
+                                                               interval=1, keep_order=True)),
     ]
 
 

@@ -430,8 +430,85 @@ def test_decode_evictions_compact_the_buffer_in_place(model, monkeypatch, stack)
     ids = prompt(n=60)
     policy = policies.tova()
     want = generate(model, ids, hf.EvictingCache(model, policy, 24, interval=1), max_new_tokens=6)
-    cache = hf.StaticEvictingCache(model, policy, 24, interval=1, stack_layers=stack)
+    cache = hf.StaticEvictingCache(model, policy, 24, interval=1, stack_layers=stack, keep_order=True)
     got = generate(model, ids, cache, max_new_tokens=6)
     assert torch.equal(got, want)
     buffers = {layer.buffer.keys.data_ptr() for layer in cache.layers}
     assert moved and set(moved) <= buffers   # stacked: layer 0's address starts every layer's slots
+
+
+# scores without exact ties (KNorm ties the copies of a token in layer 0: RoPE keeps the norm, and
+# a tie goes to the lower slot, which after a hole fill need not be the earlier token)
+ORDER_FREE = [(policies.keydiff(sinks=2), 30, 4), (policies.tova(), 24, 1),
+              (tkv.sink(2) | tkv.recent(3) | tkv.top(-tkv.anchor_similarity()), 20, 3)]
+
+
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "per-layer"])
+@pytest.mark.parametrize("policy, budget, interval", ORDER_FREE, ids=["keydiff", "tova", "windows"])
+def test_order_free_policies_fill_the_dropped_slots(model, monkeypatch, policy, budget, interval, stack):
+    """An order-free policy whose recent window fits in the interval (the default, keep_order=False)
+    evicts by moving only the kept rows past the budget into the dropped slots (kernels/holes.py):
+    the same tokens and the same kept positions as keep_order=True, which shifts the rows into
+    position order; also through a second prompt after decoding (a conversation's next turn),
+    before which the slots are put back in order, since its eviction reads the windows by row."""
+    moved = []
+    original = static_module.fill_holes
+    monkeypatch.setattr(static_module, "fill_holes", lambda i, k, v, p: moved.append(i.shape) or original(i, k, v, p))
+    ids = prompt(n=60)
+    caches = {order: hf.StaticEvictingCache(model, policy, budget, interval=interval, keep_order=order,
+                                            stack_layers=stack) for order in (True, False)}
+    assert caches[False].fills_holes and not caches[True].fills_holes
+    out = {order: generate(model, ids, cache, max_new_tokens=12) for order, cache in caches.items()}
+    assert moved and torch.equal(out[True], out[False])
+    assert not all(layer.ordered for layer in caches[False].layers)
+    for a, b in zip(caches[True].layers, caches[False].layers):
+        assert a.evictions == b.evictions >= 2
+        assert torch.equal(a.positions(), b.positions())
+        assert torch.equal(a.last.indices, b.last.indices)
+        # the same rows, up to float32 rounding: attention sums the slots in another order, and the
+        # last bits it changes grow through the layers (2.3e-4 at most in this model's third layer)
+        torch.testing.assert_close(a.last.keys, b.last.keys, rtol=0, atol=1e-3)
+    turn = torch.cat([ids, out[True], prompt(n=9, seed=5)], dim=1)
+    again = {order: generate(model, turn, cache, max_new_tokens=6) for order, cache in caches.items()}
+    assert torch.equal(again[True], again[False])
+    for a, b in zip(caches[True].layers, caches[False].layers):
+        assert torch.equal(a.positions(), b.positions())
+
+
+def test_which_caches_fill_the_dropped_slots(model):
+    """Only an order-free policy whose int recent windows fit in the interval may hold its slots
+    out of order; keep_order=True keeps them in order."""
+    def fills(policy, interval=4, **kwargs):
+        return hf.StaticEvictingCache(model, policy, 20, interval=interval, **kwargs).fills_holes
+
+    assert fills(policies.keydiff()) and fills(policies.tova(), interval=1) and fills(policies.knorm())
+    assert not fills(policies.keydiff(), keep_order=True)
+    assert not fills(tkv.recent(5) | tkv.top(tkv.key_norm()))            # a window past the interval
+    assert not fills(tkv.recent(0.1) | tkv.top(tkv.key_norm()))          # a fraction of the tokens seen
+    for name in ("snapkv", "h2o", "streaming_llm", "random", "chunkkv", "nacl"):
+        assert not fills(getattr(policies, name)())
+    with pytest.raises(ValueError, match="keep_order: expected a bool"):
+        fills(policies.keydiff(), keep_order=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy, interval", [(policies.tova(), 1), (policies.keydiff(sinks=2), 4)], ids=["tova", "keydiff"])
+def test_filled_holes_under_cuda_graphs(model, policy, interval):
+    """On CUDA, float32: every-step TOVA and every-4 KeyDiff with the dropped slots filled
+    (kernels/holes.py), decoded as CUDA graph replays, generate and keep what eager steps with
+    the slots in position order (keep_order=True) do."""
+    gpu = model.to("cuda")
+    ids = prompt(n=100).cuda()
+    try:
+        eager = hf.StaticEvictingCache(gpu, policy, 32, interval=interval, backend="triton", keep_order=True)
+        want = generate(gpu, ids, eager, max_new_tokens=30)
+        cache = hf.StaticEvictingCache(gpu, policy, 32, interval=interval, backend="triton")
+        assert cache.fills_holes
+        with hf.cuda_graphs(gpu, cache) as graphs:
+            got = generate(gpu, ids, cache, max_new_tokens=30)
+        assert graphs.replays >= 20 and torch.equal(got, want)
+        for a, b in zip(eager.layers, cache.layers):
+            assert torch.equal(a.positions(), b.positions())
+    finally:
+        model.to("cpu")

@@ -27,6 +27,7 @@ from .kernels.pages import compact_launch
 from .kernels.sequences import FIELDS
 from .reference import proxy_window
 from .kernels.compact import compact_launches
+from .kernels.holes import fill_holes_launch
 from .kernels.decode import decode_launches
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
@@ -170,7 +171,7 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
                  **_) -> List[Built]:
     """Compile the kernels of StaticEvictingCache's own: decode attention (tritonkv.kernels.decode),
     the indices of a windows-only eviction without its rows, and the in-place compaction of its
-    slots (tritonkv.kernels.compact: the stash and move launches)."""
+    slots (tritonkv.kernels.compact: the stash and move launches; tritonkv.kernels.holes)."""
     dv = dv or d
     meta = dict(device="meta", dtype=dtype)
     query = torch.empty(batch, heads * group, 1, d, **meta)
@@ -189,6 +190,9 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
     for fn, _, args, constexprs, warps in compact_launches(indices, keys, values, programs=4):
         name = "compact stash" if constexprs["STASH"] else "compact move"
         built.append(build_checked("(static)", name, config, fn, args, constexprs, warps, target))
+    positions = torch.empty(batch, heads, n, device="meta", dtype=torch.int64)
+    fn, _, args, constexprs, warps = fill_holes_launch(indices, keys, values, positions)
+    built.append(build_checked("(static)", "fill holes", config, fn, args, constexprs, warps, target))
     return built
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "Clause", "Sink", "Recent", "Top", "Sample", "Policy",
     "anchor_similarity", "proxy_attention", "key_norm", "value_norm", "random",
     "position", "signal", "key_dot", "sink", "recent", "top", "sample", "as_policy", "walk",
+    "order_free",
 ]
 
 REDUCTIONS = ("mean", "sum", "max")
@@ -613,6 +614,32 @@ class Policy:
             text = f"({text}).pyramid({self.pyramid_beta!r})" if self.heads == "uniform" \
                 else f"{text}.pyramid({self.pyramid_beta!r})"
         return text
+
+
+def _order_free_score(node: Score) -> bool:
+    if isinstance(node, (Position, Random, Pool)):
+        return False
+    if isinstance(node, ProxyAttention):
+        return not (node.causal or node.exclude_window or node.pool_kernel > 1)
+    return True
+
+
+def order_free(policy) -> bool:
+    """Whether the tokens ``policy`` keeps, beyond its sink / recent windows, depend only on
+    each token's own scores and on statistics over all tokens, never on where a token sits
+    among the others: then the rows of a cache may be held in any order, as long as the
+    windows' tokens are where the windows look (the first / last rows).
+
+    Not order-free: ``position()``, ``random()`` and ``sample`` (draws keyed by the row),
+    ``.pool``, causal or window-excluding ``proxy_attention``, ``top(..., chunk=C)``, and
+    ``recent()`` without a count (it keeps the last rows). Ties between equal scores go to
+    the lower row, so in another order they may go to other tokens."""
+    policy = as_policy(policy)
+    for c in policy.clauses:
+        if isinstance(c, Sample) or (isinstance(c, Recent) and c.n is None) \
+                or (isinstance(c, Top) and c.chunk > 1):
+            return False
+    return all(_order_free_score(n) for score in policy.scores for n in walk(score))
 
 
 def as_policy(x) -> Policy:

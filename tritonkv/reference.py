@@ -396,6 +396,29 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
 
 
+def hole_sources(indices: torch.Tensor) -> torch.Tensor:
+    """Where each of the first ``n_kept`` slots takes its row from when the kept rows are
+    compacted without keeping their order (what tritonkv.kernels.holes does in place).
+
+    ``indices`` [B, H, n_kept]: the kept slots of each row, ascending (what evict returns).
+    A kept slot below n_kept stays where it is; the r-th slot below n_kept that is not kept
+    (a hole, in ascending order) takes the r-th kept slot at or past n_kept (ascending).
+    Returns int64 [B, H, n_kept]: slot j's source (j itself where nothing moves)."""
+    k = indices.shape[-1]
+    if k == 0:
+        return indices.clone()
+    width = max(k, int(indices.max()) + 1)
+    kept = torch.zeros(*indices.shape[:-1], width, dtype=torch.bool, device=indices.device)
+    kept = kept.scatter_(-1, indices, True)[..., :k]
+    holes = ~kept
+    rank = holes.long().cumsum(-1) - 1                                 # the r of each hole
+    moved = holes.sum(-1, keepdim=True)                                # kept slots >= k: as many as holes
+    first = k - moved                                                  # where they start in indices
+    source = indices.gather(-1, (first + rank).clamp(0, k - 1))
+    slots = torch.arange(k, device=indices.device).expand_as(indices)
+    return torch.where(holes, source, slots)
+
+
 def kept_indices(kept: torch.Tensor) -> torch.Tensor:
     """Ascending token indices of a mask with the same count in every row: [B, H, n_kept]."""
     b, h, n = kept.shape

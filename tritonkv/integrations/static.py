@@ -14,7 +14,11 @@ with a mask), so no shape changes from step to step. When the write fills the bu
 policy evicts it in place back to ``budget`` (the kept rows are written into the first
 ``budget`` slots), after the forward's last layer attended: with one budget for all layers and
 no per-layer directions, every layer's eviction is ONE ``tkv.evict`` call on the stacked
-layers ([L * B, H_kv, capacity, D], storage shared, no copy). What happens in a decode step
+layers ([L * B, H_kv, capacity, D], storage shared, no copy). Attention does not depend on
+the order of the slots, and neither does what an order-free policy keeps (``dsl.order_free``),
+so for those the kept rows past the budget fill the dropped slots (kernels/holes.py: at most
+``interval`` rows move per row) instead of every kept row shifting into token order
+(``keep_order=True``; kernels/compact.py). What happens in a decode step
 follows from host counters alone (the fill of every layer is a Python int that grows by one per
 step), so the step reads no GPU value: no ``.item()``, no branch on a tensor.
 
@@ -48,6 +52,7 @@ from transformers.cache_utils import Cache
 
 from .. import dsl
 from ..kernels.compact import compact_in_place
+from ..kernels.holes import fill_holes
 from .attention import check_attention, enable
 from .buffer import LayerBuffer, Storage
 from .cache import HeldTokens
@@ -77,6 +82,13 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         directions: key_dot directions per layer, name -> [n_layers, H_kv, D].
         stack_layers: evict all layers in one call when they have one budget and no per-layer
             directions (False: one call per layer, with per-layer random streams like EvictingCache).
+        keep_order: hold the slots in position order (every decode eviction then shifts the rows
+            after the first dropped one: half the buffer per evicted token on average). False (the
+            default) lets an order-free policy (``dsl.order_free``: KeyDiff, KNorm, TOVA, Q-Filters)
+            whose recent windows fit in ``interval`` fill the evicted slots with the newest rows
+            instead, moving at most ``interval`` rows per row; the kept tokens are the same (ties
+            between exactly equal scores aside, which go to the lower slot, not the earlier token),
+            and ``positions()`` / ``last`` still read them in position order.
         attention: how a decoded token attends over the slots: "triton" (tritonkv's split-KV
             decode kernel, which reads the fill on the device and skips the empty slots), "sdpa"
             (PyTorch SDPA over every slot with a mask: its memory-efficient kernel streams all
@@ -92,7 +104,7 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
     def __init__(self, model, policy, budget, *, interval: int, window: int = 64, seed: int = 0,
                  backend: str = "auto", timing: bool = False,
                  directions: Optional[Mapping[str, torch.Tensor]] = None, stack_layers: bool = True,
-                 attention: str = "auto"):
+                 attention: str = "auto", keep_order: bool = False):
         if policy is None:
             raise ValueError("policy: a StaticEvictingCache needs a policy (use transformers' StaticCache to keep "
                              "everything)")
@@ -110,6 +122,12 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         self.attention = check_attention(attention)
         if not isinstance(stack_layers, bool):
             raise ValueError(f"stack_layers: expected a bool, got {stack_layers!r}")
+        if not isinstance(keep_order, bool):
+            raise ValueError(f"keep_order: expected a bool, got {keep_order!r}")
+        # an order-free policy whose recent windows are all among the last `interval` slots may
+        # hold its rows in any order: a decode eviction then moves at most `interval` rows per row
+        self.fills_holes = not keep_order and dsl.order_free(schedule.policy) and all(
+            isinstance(c.n, int) and c.n <= interval for c in schedule.policy.clauses if isinstance(c, dsl.Recent))
         budgets = per_layer_ints("budget", budget, schedule)
         self.n_layers, self.policy, self.timer = schedule.n_layers, schedule.policy, schedule.timer
         self.budgets = list(budgets)
@@ -192,6 +210,8 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
                     buffer = layer.buffer
                     layer._run(decision, buffer.keys, buffer.values, buffer.positions, buffer.queries)
         for layer, decision in zip(due, decisions):
+            if self.fills_holes and decision.direct:
+                layer.ordered = False
             layer._commit(decision)
 
     def _run_stacked(self, decision: Decision) -> None:
@@ -212,10 +232,15 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
 
     def compact(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries) -> None:
         """One eviction of buffer slots in place: the kept rows of ``keys``, ``values`` and
-        ``positions`` move to the front of each row of slots, in token order (kernels/compact.py:
-        each displaced row moves once, no scratch copy of the kept rows)."""
+        ``positions`` move to the front of each row of slots. In token order (kernels/compact.py:
+        each displaced row moves once, no scratch copy of the kept rows), or, when the cache
+        ``fills_holes``, in any order (kernels/holes.py: only the kept rows past the budget move,
+        into the dropped slots)."""
         with self._timed():
             out = self._select(plan.indexer, plan, layer, evictions, keys, values, queries)
+            if self.fills_holes:
+                fill_holes(out.indices, keys, values, positions)
+                return
             kept = out.indices.shape[-1]
             positions[:, :, :kept] = positions.gather(-1, out.indices)
             compact_in_place(out.indices, keys, values)

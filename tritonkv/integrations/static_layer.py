@@ -12,6 +12,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..reference import gather_rows
 from ..results import Evicted
 from .attention import attend_slots, expect
 from .buffer import LayerBuffer, copy_slots
@@ -38,6 +39,7 @@ class StaticEvictingLayer(CacheLayerMixin):
         self.rows: List[Row] = []
         self._new = None             # the new keys / values of a forward of several tokens
         self._index = None           # the slots a decoded token was written to
+        self.ordered = True          # the held slots are in position order (see StaticEvictingCache.fills_holes)
 
     # ------------------------------------------------------------------ transformers' layer API
 
@@ -54,6 +56,8 @@ class StaticEvictingLayer(CacheLayerMixin):
             raise ValueError(f"key_states: the cache holds {len(self.rows)} batch rows, got {key_states.shape[0]}; "
                              "a StaticEvictingCache serves one batch (make a new one per generate call)")
         q = key_states.shape[2]
+        if q > 1:
+            self._restore_order()
         self.seen += q
         if q == 1:
             self._decode_host()
@@ -96,19 +100,44 @@ class StaticEvictingLayer(CacheLayerMixin):
         """Slots occupied in the buffer (the same for every row; empty ones of short rows included)."""
         return self.filled
 
-    def positions(self) -> torch.Tensor:
-        """int64 [B, H_kv, held]: the true position of every held row; -1 for a row's empty slots."""
+    def _slot_positions(self) -> torch.Tensor:
+        """int64 [B, H_kv, held]: the position each held slot holds; -1 for a row's empty slots."""
         buffer = self.buffer
         pos = buffer.positions[:, :, :self.filled]
         empty = buffer.slots[:self.filled] < buffer.start[:, None]
         return pos.masked_fill(empty[:, None, :], -1)
+
+    def _order(self) -> Optional[torch.Tensor]:
+        """The held slots in position order [B, H_kv, held] (empty ones first); None when they are."""
+        return None if self.ordered else self._slot_positions().argsort(dim=-1, stable=True)
+
+    def positions(self) -> torch.Tensor:
+        """int64 [B, H_kv, held]: the true positions of the held rows, ascending; -1 for a row's
+        empty slots (first)."""
+        pos, order = self._slot_positions(), self._order()
+        return pos if order is None else pos.gather(-1, order)
 
     @property
     def last(self) -> Optional[Evicted]:
         """The rows kept, as an Evicted whose indices are positions (-1: a short row's empty slots)."""
         if not self.is_initialized:
             return None
-        return Evicted(self.buffer.keys[:, :, :self.filled], self.buffer.values[:, :, :self.filled], self.positions())
+        keys, values = self.buffer.keys[:, :, :self.filled], self.buffer.values[:, :, :self.filled]
+        order = self._order()
+        if order is not None:
+            keys, values = gather_rows(keys, order), gather_rows(values, order)
+        return Evicted(keys, values, self.positions())
+
+    def _restore_order(self) -> None:
+        """Put the held slots back in position order (before a forward of several tokens, whose
+        eviction windows look at the first / last rows)."""
+        order = self._order()
+        if order is not None:
+            buffer, n = self.buffer, self.filled
+            for t in (buffer.keys, buffer.values):
+                copy_slots(t[:, :, :n], gather_rows(t[:, :, :n], order))
+            buffer.positions[:, :, :n].copy_(buffer.positions[:, :, :n].gather(-1, order))
+        self.ordered = True
 
     @property
     def queries(self) -> Optional[torch.Tensor]:
@@ -127,6 +156,7 @@ class StaticEvictingLayer(CacheLayerMixin):
             self.buffer.start.zero_()
             self.rows = [Row() for _ in self.rows]
         self.filled = self.seen = self.evictions = 0
+        self.ordered = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.is_initialized:
