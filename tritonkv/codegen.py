@@ -150,7 +150,6 @@ class TileEmitter:
         self.indent = indent
         self.memo: Dict[object, str] = {}
         self.counter = 0
-        self.skip_keys = ""   # a constexpr condition under which no K tile is loaded (the score kernel's)
 
     def emit(self, line: str) -> None:
         self.body.append(self.indent + line)
@@ -174,13 +173,7 @@ class TileEmitter:
             self.rows()
             self.emit("p_k = k_ptr + t_out[:, None] * s_kb + i_h.to(tl.int64) * s_kh "
                       "+ t_in[:, None] * s_kn + o_d[None, :] * s_kd")
-            if self.skip_keys:   # every reader of K here takes cached logits when these constexprs say so
-                self.emit(f"if {self.skip_keys}:")
-                self.emit("    b_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=k_ptr.dtype.element_ty)")
-                self.emit("else:")
-                self.emit("    b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)")
-            else:
-                self.emit("b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)")
+            self.emit("b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)")
             self.emit("b_kf = b_k.to(tl.float32)")
             return "b_k"
         self.once("keys", load)
@@ -256,10 +249,9 @@ class TileEmitter:
             self.keys()
             return self._assign(
                 f"proxy_attention_tile(b_k, {chunk}, q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, "
-                f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, ws_ptr + lo_{gi}, i_row, NS, D, BLOCK_D, BLOCK_N, "
-                f"G, W_PAD_{gi}, QB_{gi}, "
+                f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, "
                 f"{node.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, {node.pool_mode == 'max'}, "
-                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE, LC_{gi})")
+                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE)")
         if isinstance(node, dsl.Normalize):
             self.prologue.append(f"    mean_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
             self.prologue.append(f"    std_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2 + 1)")
@@ -327,8 +319,8 @@ def _signature(program_globals, names: Names) -> Tuple[str, List[str]]:
         params += [f"po_{i}", f"fo_{i}"]
         no_spec += [f"po_{i}", f"fo_{i}"]
         if isinstance(g, dsl.ProxyAttention):
-            params += [f"w_{i}", f"lo_{i}"]
-            no_spec += [f"w_{i}", f"lo_{i}"]
+            params.append(f"w_{i}")
+            no_spec.append(f"w_{i}")
     for i in range(len(names.signals)):      # a pointer and its [B, H, N] strides (0: broadcast)
         params += [f"sg_{i}", f"s_sgb_{i}", f"s_sgh_{i}", f"s_sgn_{i}"]
     for i in range(len(names.directions)):   # a pointer and its [B, H, D] strides
@@ -336,7 +328,7 @@ def _signature(program_globals, names: Names) -> Tuple[str, List[str]]:
     params += [f"{c}: tl.constexpr" for c in CONSTEXPR_ARGS]
     for i, g in enumerate(program_globals):
         if isinstance(g, dsl.ProxyAttention):
-            params += [f"W_PAD_{i}: tl.constexpr", f"QB_{i}: tl.constexpr", f"LC_{i}: tl.constexpr"]
+            params += [f"W_PAD_{i}: tl.constexpr", f"QB_{i}: tl.constexpr"]
     return ", ".join(params), no_spec
 
 
@@ -367,8 +359,7 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
                         f"i_b, i_h, W_total, w_{gi}, c_{gi}, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, False)")
             emitter.keys()
             update.append(f"run_m_{gi}, run_l_{gi} = proxy_stats_tile(run_m_{gi}, run_l_{gi}, b_k, bs_q_{gi}, "
-                          f"ws_r_{gi}, ms_r_{gi}, N, w_{gi}, o_n, m_val, {node.causal}, QK_SCALE, IEEE, "
-                          f"ws_ptr + lo_{gi}, i_row, c_{gi}, NS, G, W_PAD_{gi}, QB_{gi}, LC_{gi})")
+                          f"ws_r_{gi}, ms_r_{gi}, N, w_{gi}, o_n, m_val, {node.causal}, QK_SCALE, IEEE)")
             store.append(f"    o_q_{gi} = tl.arange(0, QB_{gi})")
             store.append(f"    p_part_{gi} = ws_ptr + po_{gi} + ((i_row * NCH_{gi} + i_c) * S + i_s) * (2 * QB_{gi})")
             store.append(f"    tl.store(p_part_{gi} + o_q_{gi}, run_m_{gi}, mask=(o_q_{gi} >= 0) & (i_c < NCH_{gi}))")
@@ -409,17 +400,6 @@ def _merge_kernel(level: int, members: Sequence[int], program_globals, names: Na
     return _kernel(f"merge_{level}", program_globals, names, lines)
 
 
-def _skip_keys(scores: Sequence[dsl.Score], program_globals) -> str:
-    """When the score kernel needs no K tile: its only readers of K are proxy attentions, each
-    with cached logits (LC_i, geometry's choice): their conjunction, or "" if some other node
-    reads K."""
-    readers = {n for s in scores for n in dsl.walk(s)
-               if isinstance(n, (dsl.AnchorSimilarity, dsl.ProxyAttention, dsl.KeyNorm, dsl.KeyDot))}
-    if not readers or not all(isinstance(n, dsl.ProxyAttention) for n in readers):
-        return ""
-    return " and ".join(f"LC_{program_globals.index(n)}" for n in sorted(readers, key=program_globals.index))
-
-
 def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[str]:
     # the score kernel also zeroes the select kernel's histograms and barrier counters
     # (z_numel int32 at z_ptr), which saves a memset launch per evict call
@@ -427,7 +407,6 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
                 "    zero_fill(z_ptr, z_numel, i_row * S + i_s, S * rows)"]
     body: List[str] = ["    for it in range(0, tiles_per_prog):"]
     emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
-    emitter.skip_keys = _skip_keys([s.stored for s in slots], program_globals)
     body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
     for index, slot in enumerate(slots):
         x = emitter.value(slot.stored)

@@ -3,9 +3,8 @@ the workspace layout, from shapes, strides and dtypes alone (cached per program 
 
 The float32 scratch of the ranking passes, from the workspace pointer the kernels get:
   [0, workspace)            what is read after the score kernel starts: the row statistics
-                            (finals) the score kernel reads, the logits caches of proxy
-                            attentions (``logits_cached``; written by the statistics pass),
-                            the moment partials of slots (kernels/deferred.py, kernels/keys.py);
+                            (finals) the score kernel reads, the moment partials of slots
+                            (kernels/deferred.py, kernels/keys.py);
   [workspace, ...)          the slots ([n_slots, rows, N], written by the score kernel) and,
                             before it, the per-program partials of the statistics passes,
                             dead once their merge has run: they cost no memory of their own
@@ -58,14 +57,6 @@ def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2, reads_ca
     return n
 
 
-def logits_cached(group: int, window: int, d: int, itemsize: int) -> bool:
-    """Whether a proxy attention keeps its logits between its two passes (kernels/proxy.py):
-    when the G * w float32 logits of a token take at most half the bytes of its key row, so
-    the score pass reads fewer bytes than K (TOVA: 16 bytes for a key of 256). Costs
-    G * w * 4 bytes of scratch per token and head."""
-    return 2 * group * window * 4 <= d * itemsize
-
-
 def stats_splits(rows: int, n_tiles: int, device: torch.device) -> int:
     """Programs per row for a statistics pass: enough to fill the GPU a few times over (4 per
     multiprocessor over all rows; ``TRITONKV_SPLITS_PER_SM`` overrides the 4, for tuning)."""
@@ -80,7 +71,7 @@ class Geometry:
     """Everything about a launch that depends only on shapes, strides and dtypes (cached)."""
 
     constexprs: Dict
-    per_global: Tuple[int, ...]     # po_i, fo_i (and w_i, lo_i) for each global node
+    per_global: Tuple[int, ...]     # po_i, fo_i (and w_i) for each global node
     rows: int
     splits: int
     tiles_per_prog: int
@@ -159,9 +150,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, window
     offset = partials = 0
     chunks = {}
-    logits = []   # (global, float32 elements) of the proxy logits caches, placed after the finals
     for i, node in enumerate(program.globals):
-        extra = []
         if isinstance(node, dsl.AnchorSimilarity):
             part, final, nch = splits * block_d, block_d, 1
         elif isinstance(node, dsl.ProxyAttention):
@@ -169,27 +158,15 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
             w_pad, qb = proxy_tiling(w, group, d, itemsize)
             nch = group * w_pad // qb
             part, final = nch * splits * 2 * qb, 2 * group * w_pad
-            cached = logits_cached(group, w, d, itemsize)
-            constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"], constexprs[f"LC_{i}"] = w_pad, qb, cached
-            extra = [w, len(logits) if cached else -1]   # the cache's offset: once the finals are placed
-            if cached:
-                logits.append(rows * group * w * n)
+            constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"] = w_pad, qb
         elif isinstance(node, dsl.Normalize):
             part, final, nch = splits * 3, 2, 1
         else:
             part, final, nch = splits * 2, 2, 1
         chunks[i] = nch
-        placed.append((partials, offset, extra))
+        placed.append((partials, offset, [w] if isinstance(node, dsl.ProxyAttention) else []))
         partials += rows * part
         offset += rows * final
-    starts = []
-    for size in logits:
-        offset = -(-offset // 4) * 4
-        starts.append(offset)
-        offset += size
-    for _, _, extra in placed:
-        if extra:   # [w, k] -> [w, offset of the k-th cache] (0 where uncached: never read)
-            extra[1] = starts[extra[1]] if extra[1] >= 0 else 0
     chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
     tiling = deferred_tiling(n, lambda tiles: stats_splits(rows, tiles, device))
     deferred = []

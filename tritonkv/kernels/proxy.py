@@ -9,12 +9,6 @@ Softmax statistics per row (max m and sum l of 2^(s - m), s = q.k * log2(e) / sq
 first, from ``proxy_stats_tile`` over all keys; ``proxy_attention_tile`` then forms the
 probabilities of a tile, reduces them over the window, pools per query head and reduces
 over the group.
-
-Logits cache (the LC constexpr, chosen by tritonkv.geometry): when the G * w real query rows
-of a KV head take at most half the bytes of its key row (TOVA: 4 queries of one token, 16
-bytes, against 256 of a bf16 key of 128), the statistics pass also stores each real row's
-logits, float32 ``[rows, G, w, NS]`` at ``lc_ptr``, and the score pass reads them instead of
-the keys: one pass over K instead of two, with the very logits the statistics came from.
 """
 
 from __future__ import annotations
@@ -83,27 +77,10 @@ def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, 
 
 
 @triton.jit
-def _cached_rows(lc_ptr, i_row, c, w, NS, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr):
-    """Where chunk c's query rows keep their logits: [QB] int64 row offsets into the cache
-    (row (g, w_r) of KV head row i_row), and which rows are real (w_r < w)."""
-    o_r = c * QB + tl.arange(0, QB)
-    w_r = o_r % W_PAD
-    at = ((i_row * G + o_r // W_PAD).to(tl.int64) * w + w_r) * NS
-    return lc_ptr + at, w_r < w
-
-
-@triton.jit
 def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, m_r, N, w, o_n, m_val,
-                     CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                     lc_ptr, i_row, c, NS, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
-                     LC: tl.constexpr):
-    """Online softmax statistics of one chunk's query rows [QB] over this tile's visible keys
-    (with LC, the real rows' logits of the tile's own tokens are stored for the score pass)."""
-    raw = _logits(b_q, b_k, QK_SCALE, IEEE)
-    if LC:
-        p_rows, real = _cached_rows(lc_ptr, i_row, c, w, NS, G, W_PAD, QB)
-        tl.store(p_rows[:, None] + o_n.to(tl.int64)[None, :], raw, mask=real[:, None] & m_val[None, :])
-    s = tl.where(_visible(m_r, w_r, o_n, m_val, N, w, CAUSAL), raw, float("-inf"))
+                     CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax statistics of one chunk's query rows [QB] over this tile's visible keys."""
+    s = tl.where(_visible(m_r, w_r, o_n, m_val, N, w, CAUSAL), _logits(b_q, b_k, QK_SCALE, IEEE), float("-inf"))
     t_m = tl.max(s, 1)
     t_safe = tl.where(t_m == float("-inf"), 0.0, t_m)
     t_l = tl.sum(tl.exp2(s - t_safe[:, None]), 1)
@@ -153,11 +130,9 @@ def _logits_t(b_k, b_q, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m_n, N, w,
-                  lc_ptr, i_row, NS,
                   BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                   CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
-                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr,
-                  LC: tl.constexpr):
+                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
     """Add chunk c's probabilities for this tile of keys to the window / group accumulators.
     With EXCLUDE the pooling sees the sequence as ending where the window starts (N - w)."""
     if EXCLUDE:
@@ -167,12 +142,7 @@ def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m
     vis = m_n[:, None] & m_r[None, :]
     if CAUSAL:  # window row w_r sits at position N - w + w_r
         vis = vis & (o_n[:, None] <= (N - w + w_r)[None, :])
-    if LC:
-        p_rows, real = _cached_rows(lc_ptr, i_row, c, w, NS, G, W_PAD, QB)
-        s_t = tl.load(p_rows[None, :] + o_n.to(tl.int64)[:, None], mask=m_n[:, None] & real[None, :], other=0.0)
-    else:
-        s_t = _logits_t(b_k, b_q, QK_SCALE, IEEE)
-    p = tl.where(vis, tl.exp2(s_t - b_m[None, :]) / b_l[None, :], 0.0)
+    p = tl.where(vis, tl.exp2(_logits_t(b_k, b_q, QK_SCALE, IEEE) - b_m[None, :]) / b_l[None, :], 0.0)
     if W_PAD <= QB:   # whole query heads in this chunk
         HPC: tl.constexpr = QB // W_PAD
         win = _reduce(tl.reshape(p, [BLOCK_N, HPC, W_PAD]), 2, REDUCE)     # [BLOCK_N, HPC]
@@ -197,14 +167,12 @@ def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m
 
 @triton.jit
 def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr,
-                         i_b, i_h, N, W_total, w, o_t, o_n, m_n, lc_ptr, i_row, NS, D: tl.constexpr,
-                         BLOCK_D: tl.constexpr,
+                         i_b, i_h, N, W_total, w, o_t, o_n, m_n, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                          CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
                          GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr,
-                         IEEE: tl.constexpr, LC: tl.constexpr):
-    """reference.proxy_attention for one tile of keys (b_k unused with LC: the logits come
-    from the cache the statistics pass wrote).
+                         IEEE: tl.constexpr):
+    """reference.proxy_attention for one tile of keys.
 
     b_q0 .. b_l0 are chunk 0 (proxy_chunk), loaded once per program: when all query rows fit
     one chunk (the common case: G * W_PAD <= QB) nothing is reloaded per tile."""
@@ -212,14 +180,14 @@ def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s
     acc_grp = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, b_q0, w_r0, m_r0, b_m0, b_l0, b_k, o_t, o_n, m_n, N, w,
-                                     lc_ptr, i_row, NS, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX,
-                                     GROUP_REDUCE, EXCLUDE, QK_SCALE, IEEE, LC)
+                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE,
+                                     EXCLUDE, QK_SCALE, IEEE)
     for c in range(1, NCH):
         b_q, w_r, m_r, b_m, b_l = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
                                               D, BLOCK_D, G, W_PAD, QB, True)
         acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m_n, N, w,
-                                         lc_ptr, i_row, NS, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX,
-                                         GROUP_REDUCE, EXCLUDE, QK_SCALE, IEEE, LC)
+                                         BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE,
+                                         EXCLUDE, QK_SCALE, IEEE)
     if GROUP_REDUCE == 0:
         acc_grp = acc_grp / G
     if EXCLUDE:   # the window's own keys score 0
