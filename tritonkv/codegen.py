@@ -243,13 +243,13 @@ class TileEmitter:
             return self._assign(f"cosine_to(b_kf, {self.key_norm()}, b_anchor_{gi})")
         if isinstance(node, dsl.ProxyAttention):
             chunk = f"b_q_{gi}, w_r_{gi}, m_r_{gi}, b_m_{gi}, b_l_{gi}"
-            self.prologue.append(f"    p_stats_{gi} = ws_ptr + fo_{gi} + i_row * (2 * G * W_PAD_{gi})")
+            self.prologue.append(f"    p_stats_{gi} = ws_ptr + fo_{gi} + i_row * (2 * QR_{gi})")
             self.prologue.append(f"    {chunk} = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, i_b, i_h, "
-                                 f"W_total, w_{gi}, 0, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, True)")
+                                 f"W_total, w_{gi}, 0, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, True)")
             self.keys()
             return self._assign(
                 f"proxy_attention_tile(b_k, {chunk}, q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, "
-                f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, "
+                f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, "
                 f"{node.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, {node.pool_mode == 'max'}, "
                 f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE)")
         if isinstance(node, dsl.Normalize):
@@ -328,7 +328,7 @@ def _signature(program_globals, names: Names) -> Tuple[str, List[str]]:
     params += [f"{c}: tl.constexpr" for c in CONSTEXPR_ARGS]
     for i, g in enumerate(program_globals):
         if isinstance(g, dsl.ProxyAttention):
-            params += [f"W_PAD_{i}: tl.constexpr", f"QB_{i}: tl.constexpr"]
+            params += [f"W_PAD_{i}: tl.constexpr", f"QB_{i}: tl.constexpr", f"QR_{i}: tl.constexpr"]
     return ", ".join(params), no_spec
 
 
@@ -351,12 +351,12 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
             update.append(f"acc_{gi} = anchor_tile(acc_{gi}, b_kf, {emitter.key_norm()}, m_val)")
             store.append(f"    anchor_store(ws_ptr, po_{gi}, i_row, i_s, S, acc_{gi}, i_c == 0, BLOCK_D)")
         elif isinstance(node, dsl.ProxyAttention):
-            init.append(f"    NCH_{gi}: tl.constexpr = G * W_PAD_{gi} // QB_{gi}")
+            init.append(f"    NCH_{gi}: tl.constexpr = QR_{gi} // QB_{gi}")
             init.append(f"    c_{gi} = tl.minimum(i_c, NCH_{gi} - 1)")
             init.append(f"    run_m_{gi} = tl.full([QB_{gi}], float('-inf'), tl.float32)")
             init.append(f"    run_l_{gi} = tl.zeros([QB_{gi}], dtype=tl.float32)")
             init.append(f"    bs_q_{gi}, ws_r_{gi}, ms_r_{gi}, _, _ = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, ws_ptr, "
-                        f"i_b, i_h, W_total, w_{gi}, c_{gi}, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, False)")
+                        f"i_b, i_h, W_total, w_{gi}, c_{gi}, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, False)")
             emitter.keys()
             update.append(f"run_m_{gi}, run_l_{gi} = proxy_stats_tile(run_m_{gi}, run_l_{gi}, b_k, bs_q_{gi}, "
                           f"ws_r_{gi}, ms_r_{gi}, N, w_{gi}, o_n, m_val, {node.causal}, QK_SCALE, IEEE)")
@@ -390,9 +390,9 @@ def _merge_kernel(level: int, members: Sequence[int], program_globals, names: Na
         if isinstance(node, dsl.AnchorSimilarity):
             lines += ["    if i_c == 0:", f"        anchor_merge(ws_ptr, po_{gi}, fo_{gi}, i_row, S, N, BLOCK_D)"]
         elif isinstance(node, dsl.ProxyAttention):
-            lines += [f"    if i_c < G * W_PAD_{gi} // QB_{gi}:",
-                      f"        proxy_stats_merge(ws_ptr, po_{gi}, fo_{gi}, i_row, i_c, S, G * W_PAD_{gi} // QB_{gi}, "
-                      f"QB_{gi}, G * W_PAD_{gi})"]
+            lines += [f"    if i_c < QR_{gi} // QB_{gi}:",
+                      f"        proxy_stats_merge(ws_ptr, po_{gi}, fo_{gi}, i_row, i_c, S, QR_{gi} // QB_{gi}, "
+                      f"QB_{gi}, QR_{gi})"]
         elif isinstance(node, dsl.Normalize):
             lines.append(f"    moments_merge(ws_ptr, po_{gi}, fo_{gi}, i_row, S, i_c == 0)")
         elif isinstance(node, dsl.Softmax):

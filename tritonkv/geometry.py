@@ -29,10 +29,17 @@ QUERY_CHUNK = 256  # most proxy query rows per tl.dot
 
 
 def proxy_tiling(window: int, group: int, d: int, itemsize: int) -> Tuple[int, int]:
-    """(W_PAD, QB): window rows padded to a power of two >= 16, and query rows per tl.dot —
-    whole query heads (a power-of-two divisor of the group) while the query block stays
-    within 64 KB (QUERY_CHUNK rows of bf16 at D = 128), so that typical windows (G * W <= 256)
-    are one chunk, loaded once per program."""
+    """(W_PAD, QB): window rows padded per query head, and query rows per tl.dot.
+
+    When the whole group's rows fit one 16-row tile (G * next_power_of_2(w) <= 16: TOVA's 4
+    query heads of one token), W_PAD is just next_power_of_2(w) and one 16-row chunk holds
+    every head (rows past G * W_PAD are padding, masked), so the passes compute 16 rows per
+    key tile rather than 16 per head. Otherwise the window is padded to a power of two >= 16
+    and a chunk holds whole query heads (a power-of-two divisor of the group) while the query
+    block stays within 64 KB (QUERY_CHUNK rows of bf16 at D = 128), so that typical windows
+    (G * W <= 256) are one chunk, loaded once per program."""
+    if group * next_power_of_2(window) <= 16:
+        return next_power_of_2(window), 16
     limit = max(16, min(QUERY_CHUNK, 65536 // (next_power_of_2(d) * itemsize)))
     w_pad = max(16, next_power_of_2(window))
     if w_pad >= limit:
@@ -156,9 +163,10 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         elif isinstance(node, dsl.ProxyAttention):
             w = proxy_window(node, n, w_total)
             w_pad, qb = proxy_tiling(w, group, d, itemsize)
-            nch = group * w_pad // qb
-            part, final = nch * splits * 2 * qb, 2 * group * w_pad
-            constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"] = w_pad, qb
+            q_rows = max(group * w_pad, qb)   # query rows, padding included: nch chunks of qb
+            nch = q_rows // qb
+            part, final = nch * splits * 2 * qb, 2 * q_rows
+            constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"], constexprs[f"QR_{i}"] = w_pad, qb, q_rows
         elif isinstance(node, dsl.Normalize):
             part, final, nch = splits * 3, 2, 1
         else:

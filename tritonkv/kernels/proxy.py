@@ -3,7 +3,9 @@
 Proxy query rows are numbered r = g * W_PAD + w for query head g of the KV head's GQA
 group and window row w (< the window actually used; the rest is padding). Rows are
 processed QB at a time: a chunk holds QB / W_PAD whole query heads when the window is
-short, or a part of one head when it is long (W_PAD > QB).
+short, or a part of one head when it is long (W_PAD > QB). QR = max(G * W_PAD, QB) rows in
+all: a group whose rows fill less than one tl.dot tile (G * W_PAD < 16) is one chunk whose
+rows past G * W_PAD are padding (masked, as rows w >= the window are).
 
 Softmax statistics per row (max m and sum l of 2^(s - m), s = q.k * log2(e) / sqrt(D)) come
 first, from ``proxy_stats_tile`` over all keys; ``proxy_attention_tile`` then forms the
@@ -28,7 +30,7 @@ def _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c,
     """Rows c*QB .. c*QB+QB-1 of the group's proxy queries [QB, BLOCK_D] (padding rows 0)."""
     o_r = c * QB + tl.arange(0, QB)
     w_r = o_r % W_PAD
-    m_r = w_r < w
+    m_r = (w_r < w) & (o_r < G * W_PAD)
     o_d = tl.arange(0, BLOCK_D)
     p_q = (q_ptr + i_b.to(tl.int64) * s_qb + (i_h * G + o_r // W_PAD).to(tl.int64)[:, None] * s_qh
            + (W_total - w + w_r).to(tl.int64)[:, None] * s_qw + o_d[None, :] * s_qd)
@@ -63,13 +65,13 @@ def _visible(m_r, w_r, o_n, m_val, N, w, CAUSAL: tl.constexpr):
 @triton.jit
 def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
-                WITH_STATS: tl.constexpr):
+                QR: tl.constexpr, WITH_STATS: tl.constexpr):
     """Query rows of chunk c with their row index in the window, mask, and (if WITH_STATS)
-    their softmax statistics from stats_ptr (this row's final m [QROWS], then l [QROWS])."""
+    their softmax statistics from stats_ptr (this row's final m [QR], then l [QR])."""
     b_q, o_r, w_r, m_r = _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c, D, BLOCK_D, G, W_PAD, QB)
     if WITH_STATS:
         b_m = tl.load(stats_ptr + o_r)
-        b_l = tl.load(stats_ptr + G * W_PAD + o_r)
+        b_l = tl.load(stats_ptr + QR + o_r)
     else:
         b_m = tl.zeros([QB], dtype=tl.float32)
         b_l = tl.zeros([QB], dtype=tl.float32)
@@ -169,14 +171,14 @@ def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m
 def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr,
                          i_b, i_h, N, W_total, w, o_t, o_n, m_n, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
-                         CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
+                         QR: tl.constexpr, CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
                          GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr,
                          IEEE: tl.constexpr):
     """reference.proxy_attention for one tile of keys.
 
     b_q0 .. b_l0 are chunk 0 (proxy_chunk), loaded once per program: when all query rows fit
     one chunk (the common case: G * W_PAD <= QB) nothing is reloaded per tile."""
-    NCH: tl.constexpr = G * W_PAD // QB
+    NCH: tl.constexpr = QR // QB
     acc_grp = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, b_q0, w_r0, m_r0, b_m0, b_l0, b_k, o_t, o_n, m_n, N, w,
@@ -184,7 +186,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s
                                      EXCLUDE, QK_SCALE, IEEE)
     for c in range(1, NCH):
         b_q, w_r, m_r, b_m, b_l = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
-                                              D, BLOCK_D, G, W_PAD, QB, True)
+                                              D, BLOCK_D, G, W_PAD, QB, QR, True)
         acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m_n, N, w,
                                          BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE,
                                          EXCLUDE, QK_SCALE, IEEE)
