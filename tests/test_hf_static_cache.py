@@ -493,7 +493,8 @@ def test_which_caches_fill_the_dropped_slots(model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy, interval", [(policies.tova(), 1), (policies.keydiff(sinks=2), 4)], ids=["tova", "keydiff"])
+@pytest.mark.parametrize("policy, interval", [(policies.tova(), 1), (policies.keydiff(sinks=2), 4)],
+                         ids=["tova", "keydiff"])
 def test_filled_holes_under_cuda_graphs(model, policy, interval):
     """On CUDA, float32: every-step TOVA and every-4 KeyDiff with the dropped slots filled
     (kernels/holes.py), decoded as CUDA graph replays, generate and keep what eager steps with

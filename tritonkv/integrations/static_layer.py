@@ -107,14 +107,15 @@ class StaticEvictingLayer(CacheLayerMixin):
         empty = buffer.slots[:self.filled] < buffer.start[:, None]
         return pos.masked_fill(empty[:, None, :], -1)
 
-    def _order(self) -> Optional[torch.Tensor]:
+    def _order(self, slot_positions: torch.Tensor) -> Optional[torch.Tensor]:
         """The held slots in position order [B, H_kv, held] (empty ones first); None when they are."""
-        return None if self.ordered else self._slot_positions().argsort(dim=-1, stable=True)
+        return None if self.ordered else slot_positions.argsort(dim=-1, stable=True)
 
     def positions(self) -> torch.Tensor:
         """int64 [B, H_kv, held]: the true positions of the held rows, ascending; -1 for a row's
         empty slots (first)."""
-        pos, order = self._slot_positions(), self._order()
+        pos = self._slot_positions()
+        order = self._order(pos)
         return pos if order is None else pos.gather(-1, order)
 
     @property
@@ -123,16 +124,17 @@ class StaticEvictingLayer(CacheLayerMixin):
         if not self.is_initialized:
             return None
         keys, values = self.buffer.keys[:, :, :self.filled], self.buffer.values[:, :, :self.filled]
-        order = self._order()
+        pos = self._slot_positions()
+        order = self._order(pos)
         if order is not None:
-            keys, values = gather_rows(keys, order), gather_rows(values, order)
-        return Evicted(keys, values, self.positions())
+            keys, values, pos = gather_rows(keys, order), gather_rows(values, order), pos.gather(-1, order)
+        return Evicted(keys, values, pos)
 
     def _restore_order(self) -> None:
         """Put the held slots back in position order (before a forward of several tokens, whose
         eviction windows look at the first / last rows)."""
-        order = self._order()
-        if order is not None:
+        if not self.ordered:
+            order = self._order(self._slot_positions())
             buffer, n = self.buffer, self.filled
             for t in (buffer.keys, buffer.values):
                 copy_slots(t[:, :, :n], gather_rows(t[:, :, :n], order))
