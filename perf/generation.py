@@ -23,7 +23,9 @@ tokens (batch 1) through the cache of each mode (``modes``):
                                 evictions move only the newest row into the dropped slot)
                                 A decoded token attends through tritonkv's split-KV decode kernel
                                 (rows: ``attention: "triton"``); ", sdpa": through SDPA with a mask
-                                over every slot instead (``attention: "sdpa"``)
+                                over every slot instead (``attention: "sdpa"``); TOVA's evictions
+                                take its score from the decode kernel's logits of the step
+                                (``decode_scores``), ", keys": from two passes over the keys instead
 
 Attention runs under ``--sdpa`` (default ``flash,efficient``: those backends, in that
 priority, through ``torch.nn.attention.sdpa_kernel``); every row records it as
@@ -113,6 +115,9 @@ def modes(n: int, steps: int, warmup: int = 16):
         # the same with the slots kept in position order: each eviction shifts the rows after the dropped one
         ("static tova 10%, every step, graphs, in order", dict(cache="static", graphs=True, policy=tova, budget=k,
                                                                interval=1, keep_order=True)),
+        # TOVA's score from two passes over the keys, not from the decode kernel's logits
+        ("static tova 10%, every step, graphs, keys", dict(cache="static", graphs=True, policy=tova, budget=k,
+                                                           interval=1, decode_scores=False)),
     ]
 
 
@@ -350,7 +355,8 @@ def targets(rows) -> list:
         best = max((r for r in here if not r["baseline"]), key=lambda r: r["tokens_per_s"], default=None)
         shares = {}
         for label, test in (("every 64", lambda r: r["interval"] not in (None, 1) and "once" not in r["mode"]),
-                            ("every step", lambda r: r["interval"] == 1 and "in order" not in r["mode"])):
+                            ("every step", lambda r: r["interval"] == 1 and "in order" not in r["mode"]
+                                                    and ", keys" not in r["mode"])):
             got = [r["evict_share"] for r in here if not r["baseline"] and test(r) and r.get("evict_share") is not None]
             shares[label] = max(got) if got else None
         out.append(dict(model=model, prompt=n, best_baseline=base and base["mode"],

@@ -1,6 +1,8 @@
 """The split-KV decode attention of StaticEvictingCache (tritonkv.kernels.decode) against
 reference.slot_attention, across shapes, GQA ratios, dtypes, fills and empty leading slots."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -78,3 +80,54 @@ def test_bad_shapes_are_refused():
         decode_attention(q.expand(-1, -1, 2, -1), k, v, start, length, 0.1)
     with pytest.raises(ValueError, match="keys / values"):
         decode_attention(q[:, :3], k, v, start, length, 0.1)
+
+
+def logits_tolerance(q, k, group, factor):
+    """|error| of a logit q . k * factor computed from float32 products and sums: the products
+    of two float16 / bfloat16 numbers are exact in float32 (float32 operands round once),
+    and a sum of D terms in any order is off by at most (D - 1) 2^-24 sum_d |q_d k_d|; the
+    final scaling rounds once more. (D + 2) 2^-24 sum_d |q_d k_d| |factor| bounds it all."""
+    d = q.shape[-1]
+    kk = k.double().abs().repeat_interleave(group, 1)             # [B, H_q, C, D]
+    mass = torch.einsum("bhqd,bhnd->bhqn", q.double().abs(), kk)[:, :, 0]
+    return (d + 2) * 2.0 ** -24 * mass * abs(factor) + 1e-30
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@given(case=slot_buffers())
+@settings(max_examples=examples(8), deadline=None)
+def test_decode_scores_are_the_logits_and_their_log_sum_exp(case, dtype):
+    """``scores=``: base-2 logits of the slots read (the others untouched) and their lse, which
+    make 2^(logits - lse) the attention the output was computed with."""
+    q, k, v, start, length = inputs(case, dtype)
+    b, hq, c = q.shape[0], q.shape[1], k.shape[2]
+    group = hq // k.shape[1]
+    scale = q.shape[-1] ** -0.5
+    factor = scale * math.log2(math.e)
+    logits = torch.full((b, hq, c), float("nan"), device=DEVICE)
+    lse = torch.full((b, hq), float("nan"), device=DEVICE)
+    plain = decode_attention(q, k, v, start, length, scale)
+    out = decode_attention(q, k, v, start, length, scale, scores=(logits, lse))
+    assert torch.equal(out, plain)                                   # the output does not change
+    want = torch.einsum("bhqd,bhnd->bhqn", q.double(), k.double().repeat_interleave(group, 1))[:, :, 0] * factor
+    slots = torch.arange(c, device=DEVICE)
+    seen = ((slots >= start[:, None]) & (slots < length))[:, None, :].expand(-1, hq, -1)
+    assert torch.isnan(logits[~seen]).all()                          # slots not read are not written
+    err = (logits.double() - want).abs()
+    allowed = logits_tolerance(q, k, group, factor)
+    assert (err[seen] <= allowed[seen]).all(), f"max logit error {err[seen].max().item():.3g}"
+    want_lse = torch.logsumexp(logits.double().masked_fill(~seen, float("-inf")) * math.log(2), -1) / math.log(2)
+    # the kernel's sum of 2^(s - m) over C terms, merged over the splits, then log2: relative
+    # error C * 2^-23 in the sum (exp2 of float32 adds 2 ulp per term), |log2(1 + e)| <= 1.5 e
+    sum_err = 1.5 * (c + 4) * 2.0 ** -23
+    assert torch.allclose(lse.double(), want_lse, rtol=0, atol=sum_err + 1e-6), \
+        f"max lse error {(lse.double() - want_lse).abs().max().item():.3g}"
+
+
+def test_bad_scores_are_refused():
+    q, k, v, start, length = inputs((1, 2, 2, 64, 64, 10, 5, [0], 0), torch.float32)
+    logits, lse = torch.empty(1, 4, 10, device=DEVICE), torch.empty(1, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"scores\[0\] \(logits\): expected a float32 tensor \[1, 4, 10\]"):
+        decode_attention(q, k, v, start, length, 0.1, scores=(logits[:, :, :9], lse))
+    with pytest.raises(ValueError, match=r"scores\[1\] \(lse\)"):
+        decode_attention(q, k, v, start, length, 0.1, scores=(logits, lse.double()))

@@ -498,7 +498,8 @@ def test_which_caches_fill_the_dropped_slots(model):
 def test_filled_holes_under_cuda_graphs(model, policy, interval):
     """On CUDA, float32: every-step TOVA and every-4 KeyDiff with the dropped slots filled
     (kernels/holes.py), decoded as CUDA graph replays, generate and keep what eager steps with
-    the slots in position order (keep_order=True) do."""
+    the slots in position order (keep_order=True) do, and what TOVA scored from the keys
+    (decode_scores=False) does."""
     gpu = model.to("cuda")
     ids = prompt(n=100).cuda()
     try:
@@ -509,7 +510,58 @@ def test_filled_holes_under_cuda_graphs(model, policy, interval):
         with hf.cuda_graphs(gpu, cache) as graphs:
             got = generate(gpu, ids, cache, max_new_tokens=30)
         assert graphs.replays >= 20 and torch.equal(got, want)
-        for a, b in zip(eager.layers, cache.layers):
-            assert torch.equal(a.positions(), b.positions())
+        # TOVA is scored from the decode kernel's logits in both; from the keys, the same
+        keys = hf.StaticEvictingCache(gpu, policy, 32, interval=interval, backend="triton", decode_scores=False)
+        assert cache.decode_scores == (policy == policies.tova()) and not keys.decode_scores
+        assert torch.equal(generate(gpu, ids, keys, max_new_tokens=30), want)
+        for a, b, c in zip(eager.layers, cache.layers, keys.layers):
+            assert torch.equal(a.positions(), b.positions()) and torch.equal(a.positions(), c.positions())
     finally:
         model.to("cpu")
+
+
+def test_which_caches_score_from_the_decode_step(model):
+    """A policy whose proxy attention is the last query's alone (TOVA, its per-group ablation,
+    scores built on it) takes it from the decode step, with stacked layers; other proxy
+    windows, pooling inside the proxy, two group reductions, per-layer calls and
+    decode_scores=False read the keys."""
+    from tritonkv.integrations.decode_scores import SIGNAL, decode_scored
+
+    def scored(policy, **kwargs):
+        return hf.StaticEvictingCache(model, policy, 20, interval=1, **kwargs).decode_scores
+
+    assert scored(policies.tova()) and scored(policies.tova_per_group())
+    assert not scored(policies.tova(), decode_scores=False) and not scored(policies.tova(), stack_layers=False)
+    for policy in (policies.snapkv(), policies.h2o(), policies.keydiff(),
+                   tkv.top(tkv.proxy_attention(window=2)), tkv.top(tkv.proxy_attention(window=1, pool=3)),
+                   tkv.top(tkv.proxy_attention(window=1) + tkv.proxy_attention(window=1, group_reduce="max"))):
+        assert not scored(policy), policy
+    swapped, how = decode_scored(policies.tova())
+    assert swapped == tkv.recent(1) | tkv.top(tkv.signal(SIGNAL), head_reduce="mean") and how == "mean"
+    # a score made of the last query's attention is read from it too (pooling the signal pools it)
+    assert scored(tkv.top(tkv.proxy_attention(window=1).pool(3) - 0.1 * tkv.key_norm()))
+    with pytest.raises(ValueError, match="decode_scores: expected a bool"):
+        scored(policies.tova(), decode_scores="yes")
+
+
+@pytest.mark.parametrize("policy, budget", [(policies.tova(), 24), (policies.tova_per_group(), 30)],
+                         ids=["tova", "tova-per-group"])
+def test_decode_scores_keep_what_the_keys_give(model, monkeypatch, policy, budget):
+    """Every-step TOVA on the decode kernel (float32, on DEVICE): the evictions scored from the
+    decode step's logits (one attention_signal launch each, no proxy-attention pass) generate
+    and keep what the policy reading the keys does (decode_scores=False)."""
+    signals = []
+    original = static_module.attention_signal
+    monkeypatch.setattr(static_module, "attention_signal",
+                        lambda *a, **k: signals.append(a[0].shape) or original(*a, **k))
+    ids = to_device(prompt(n=60))[0]
+    with on_device(model) as on:
+        caches = {fused: hf.StaticEvictingCache(on, policy, budget, interval=1, attention="triton",
+                                                decode_scores=fused) for fused in (True, False)}
+        out = {fused: generate(on, ids, cache, max_new_tokens=10) for fused, cache in caches.items()}
+    assert caches[True].decode_scores and not caches[False].decode_scores
+    assert len(signals) == 9    # every decode step's eviction (the prompt's reads the keys)
+    assert torch.equal(out[True], out[False])
+    for a, b in zip(caches[True].layers, caches[False].layers):
+        assert a.evictions == b.evictions >= 9
+        assert torch.equal(a.positions(), b.positions())

@@ -28,6 +28,8 @@ from .kernels.sequences import FIELDS
 from .reference import proxy_window
 from .kernels.compact import compact_launches
 from .kernels.holes import fill_holes_launch
+from .integrations.decode_scores import decode_scored
+from .kernels.attention_signal import attention_signal_launch
 from .kernels.decode import decode_launches
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
@@ -178,10 +180,18 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
     keys, values = torch.empty(batch, heads, n, d, **meta), torch.empty(batch, heads, n, dv, **meta)
     start = torch.empty(batch, device="meta", dtype=torch.int64)
     length = torch.empty((), device="meta", dtype=torch.int64)
-    launches, _ = decode_launches(query, keys, values, start, length, d ** -0.5)
     config = f"{str(dtype).split('.')[-1]} D={d} Dv={dv} G={group}"
-    built = [build_checked("(decode)", fn.fn.__name__.strip("_"), config, fn, args, constexprs, warps, target)
-             for fn, _, args, constexprs, warps in launches]
+    logits = torch.empty(batch, heads * group, n, device="meta", dtype=torch.float32)
+    lse = torch.empty(batch, heads * group, device="meta", dtype=torch.float32)
+    built = []
+    for scores in (None, (logits, lse)):   # plain, and writing the scores of decode_scores.py
+        launches, _ = decode_launches(query, keys, values, start, length, d ** -0.5, scores)
+        built += [build_checked("(decode)", fn.fn.__name__.strip("_").replace("_kernel", "")
+                                + ("+scores" if scores else ""), config, fn, args, constexprs, warps, target)
+                  for fn, _, args, constexprs, warps in launches]
+    signal = torch.empty(batch, heads, n, device="meta", dtype=torch.float32)
+    fn, _, args, constexprs, warps = attention_signal_launch(logits, lse, group, "mean", signal)
+    built.append(build_checked("(decode)", "attn signal", config, fn, args, constexprs, warps, target))
     indices = torch.empty(batch, heads, n - 64, device="meta", dtype=torch.int64)
     # a windows-only policy's indices without the rows (an Evictor with gather=False)
     _, args, constexprs, _ = gather_launch(indices, keys, values, n_sink=4, rows=False)
@@ -207,6 +217,7 @@ def all_policies() -> Dict[str, dsl.Policy]:
     named = {name: make() for name, make in policies.PRESETS.items()}
     named.update(policies.COMPOSITES)
     named["signal"] = dsl.sink(4) | dsl.top(dsl.signal("prior").normalize() - dsl.key_norm().normalize())
+    named["tova (decode scores)"] = decode_scored(named["tova"])[0]   # StaticEvictingCache's decode form
     named["chunk-max"] = dsl.as_policy(dsl.top(dsl.value_norm(), chunk=16, chunk_reduce="max", head_reduce="max"))
     return named
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Tuple, Union
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 __all__ = [
     "Score", "AnchorSimilarity", "ProxyAttention", "KeyNorm", "ValueNorm", "Random",
@@ -24,7 +24,7 @@ __all__ = [
     "Clause", "Sink", "Recent", "Top", "Sample", "Policy",
     "anchor_similarity", "proxy_attention", "key_norm", "value_norm", "random",
     "position", "signal", "key_dot", "sink", "recent", "top", "sample", "as_policy", "walk",
-    "order_free",
+    "order_free", "substitute",
 ]
 
 REDUCTIONS = ("mean", "sum", "max")
@@ -640,6 +640,26 @@ def order_free(policy) -> bool:
                 or (isinstance(c, Top) and c.chunk > 1):
             return False
     return all(_order_free_score(n) for score in policy.scores for n in walk(score))
+
+
+def _substitute_score(node: Score, fn: Callable[[Score], Score]) -> Score:
+    changes = {f.name: _substitute_score(getattr(node, f.name), fn) for f in fields(node)
+               if isinstance(getattr(node, f.name), Score)}
+    if any(changes[name] is not getattr(node, name) for name in changes):
+        node = replace(node, **changes)
+    return fn(node)
+
+
+def substitute(policy, fn: Callable[[Score], Score]) -> Policy:
+    """The policy with every score node x replaced by ``fn(x)``, children first (``fn`` gets
+    a node whose children are already replaced; returning it unchanged keeps it). Clauses,
+    shares and budget spreads stay as they are: e.g. a cache that has the last query's
+    attention from its own attention kernel swaps ``proxy_attention(window=1)`` for a
+    ``signal``."""
+    policy = as_policy(policy)
+    clauses = tuple(replace(c, score=_substitute_score(c.score, fn)) if isinstance(c, (Top, Sample)) else c
+                    for c in policy.clauses)
+    return replace(policy, clauses=clauses)
 
 
 def as_policy(x) -> Policy:

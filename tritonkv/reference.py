@@ -178,6 +178,18 @@ def proxy_attention(node: dsl.ProxyAttention, keys: torch.Tensor, queries: torch
     return _reduce(per_query_head, node.group_reduce, dim=2)
 
 
+def attention_signal(logits: torch.Tensor, lse: torch.Tensor, group: int, how: str) -> torch.Tensor:
+    """One query's attention to every key, combined over each KV head's query heads: the
+    ``proxy_attention(window=1, group_reduce=how)`` score, from the logits an attention
+    kernel already computed (kernels/decode.py's ``scores``). ``logits`` [B, H_q, N] and
+    ``lse`` [B, H_q] are in base 2 (lse = log2 sum_n 2^logits); query head j belongs to KV
+    head j // group. Returns float32 [B, H_q / group, N]:
+      score[b, h, n] = how_g 2^(logits[b, h * group + g, n] - lse[b, h * group + g])."""
+    b, hq, n = logits.shape
+    p = torch.exp2(logits.float() - lse.float()[..., None])
+    return _reduce(p.view(b, hq // group, group, n), how, dim=2)
+
+
 def random(node: dsl.Random, shape, seed: int, device=None) -> torch.Tensor:
     """Uniform [0, 1) from Philox keyed by (seed, batch, head, token, stream); see philox.py."""
     b, h, n = shape

@@ -76,20 +76,34 @@ def _plain(module, kwargs) -> bool:
     return not dropout and all(kwargs.get(name) is None for name in ("softcap", "sliding_window", "s_aux"))
 
 
-def attend_slots(module, query, key, value, start, length, visible, kwargs, attention: str):
+def attention_scale(query, kwargs) -> float:
+    """The model's softmax scale (transformers' ``scaling``; 1 / sqrt(D) when it passes none)."""
+    scale = kwargs.get("scaling")
+    return query.shape[-1] ** -0.5 if scale is None else scale
+
+
+def decode_kernel_runs(module, key, kwargs, attention: str) -> bool:
+    """Whether :func:`attend_slots` takes the decode kernel for this call (not SDPA)."""
+    attention = resolve_attention(attention, key.is_cuda)
+    return attention == "triton" and (key.is_cuda or interpreting()) and _plain(module, kwargs)
+
+
+def attend_slots(module, query, key, value, start, length, visible, kwargs, attention: str, scores=None):
     """One decoded query per row [B, H_q, 1, D] over a slot buffer whose rows hold slots
     ``[start[b], length)`` (device tensors). ``attention``: "triton" (tritonkv.kernels.decode:
     split over the slots, reads start / length on the device), "sdpa" (SDPA over every slot,
     ``visible()`` the mask), "auto" (triton on CUDA). Models whose attention the kernel does
     not compute (dropout, soft-capping, sliding windows, sinks) always take SDPA.
-    Returns [B, 1, H_q, D_v] like transformers' SDPA."""
+    ``scores`` (only where :func:`decode_kernel_runs`): the kernel's logits and log-sum-exp
+    outputs (kernels/decode.py). Returns [B, 1, H_q, D_v] like transformers' SDPA."""
     attention = resolve_attention(attention, key.is_cuda)
     if attention == "triton" and not key.is_cuda and not interpreting():
         raise ValueError(f"attention: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), the cache is on "
                          f"{key.device}; use attention='auto' or 'sdpa'")
     if attention == "triton" and _plain(module, kwargs):
-        scale = kwargs.get("scaling")
-        return decode_attention(query, key, value, start, length, query.shape[-1] ** -0.5 if scale is None else scale)
+        return decode_attention(query, key, value, start, length, attention_scale(query, kwargs), scores)
+    if scores is not None:
+        raise RuntimeError("attend_slots: scores were asked of a call that SDPA serves (see decode_kernel_runs)")
     out, _ = sdpa_attention_forward(module, query, key, value, visible(), **kwargs)
     return out
 

@@ -94,6 +94,11 @@ class Storage:
         self.starts = torch.zeros(n_layers, b, dtype=torch.int64, device=device)
         self.slots = torch.arange(capacity, device=device)
         self.queries: Optional[torch.Tensor] = None
+        # a decode step's attention logits / log-sum-exp per query head, and the score made of
+        # them ([L * B, H_kv, C]): allocated for caches that score evictions from the decode step
+        self.logits: Optional[torch.Tensor] = None
+        self.lse: Optional[torch.Tensor] = None
+        self.signal: Optional[torch.Tensor] = None
         self.n_layers, self.batch, self.heads, self.capacity = n_layers, b, h, capacity
         for t in (self.keys, self.values, self.positions, self.lengths, self.starts):
             _mark_static(t)
@@ -112,6 +117,18 @@ class Storage:
             b, hq, _, d = query.shape
             self.queries = torch.zeros(self.n_layers, b, hq, window, d, dtype=query.dtype, device=query.device)
             _mark_static(self.queries)
+
+    def allocate_scores(self, query: torch.Tensor) -> None:
+        """float32 logits [L, B, H_q, C], lse [L, B, H_q] and signal [L * B, H_kv, C] (see
+        integrations/decode_scores.py), once; a forward of the prompt allocates them, outside
+        any CUDA graph capture."""
+        if self.logits is None:
+            hq, device = query.shape[1], query.device
+            self.logits = torch.zeros(self.n_layers, self.batch, hq, self.capacity, device=device)
+            self.lse = torch.zeros(self.n_layers, self.batch, hq, device=device)
+            self.signal = torch.zeros(self.n_layers * self.batch, self.heads, self.capacity, device=device)
+            for t in (self.logits, self.lse, self.signal):
+                _mark_static(t)
 
     # every layer's rows at once: the batch of an eviction call is (layer, row)
     def stacked(self, layers: Sequence[int]) -> List[torch.Tensor]:

@@ -18,6 +18,7 @@ from .. import dsl
 from ..budget import allocate, pyramid_budgets, resolve_budget, resolve_count
 from ..reference import proxy_window
 from ..runtime import Evictor
+from .decode_scores import decode_scored
 
 Amount = object   # int tokens, float fraction of the tokens seen, or a sequence of them (one per layer)
 
@@ -82,11 +83,12 @@ class EvictionPlan:
     """How one eviction runs: the planned Evictor, whether it reads proxy queries, and the
     sink / recent rows it keeps (what the next eviction knows about the kept rows)."""
 
-    __slots__ = ("evictor", "queries", "n_sink", "n_recent", "_indexer")
+    __slots__ = ("evictor", "queries", "n_sink", "n_recent", "_indexer", "_decode_indexer")
 
     def __init__(self, evictor: Evictor, queries: bool, n_sink: int, n_recent: int):
         self.evictor, self.queries, self.n_sink, self.n_recent = evictor, queries, n_sink, n_recent
         self._indexer: Optional[Evictor] = None
+        self._decode_indexer = False   # not made yet (None: the policy has no decode-step form)
 
     @property
     def indexer(self) -> Evictor:
@@ -95,6 +97,18 @@ class EvictionPlan:
             ev = self.evictor
             self._indexer = Evictor(ev.policy, ev.budget, backend=ev.backend, gather=False)
         return self._indexer
+
+    @property
+    def decode_indexer(self) -> Optional[Tuple[Evictor, str]]:
+        """(the indexer of the policy scored from a decode step's attention, its group
+        reduction), or None when its proxy attention is not the last query's alone
+        (decode_scores.decode_scored)."""
+        if self._decode_indexer is False:
+            ev = self.evictor
+            scored = decode_scored(ev.policy)
+            self._decode_indexer = None if scored is None else (
+                Evictor(scored[0], ev.budget, backend=ev.backend, gather=False), scored[1])
+        return self._decode_indexer
 
 
 class EvictionTimer:

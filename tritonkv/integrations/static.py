@@ -52,10 +52,12 @@ from transformers.cache_utils import Cache
 
 from .. import dsl
 from ..kernels.compact import compact_in_place
+from ..kernels.attention_signal import attention_signal
 from ..kernels.holes import fill_holes
-from .attention import check_attention, enable
+from .attention import attention_scale, check_attention, decode_kernel_runs, enable
 from .buffer import LayerBuffer, Storage
 from .cache import HeldTokens
+from .decode_scores import SIGNAL, decode_scored
 from .rows import Decision
 from .schedule import EvictionPlan, EvictionSchedule, per_layer_ints
 from .static_layer import StaticEvictingLayer
@@ -94,6 +96,13 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             (PyTorch SDPA over every slot with a mask: its memory-efficient kernel streams all
             slots in B * H_q programs, ~25x the read time at 13K slots on an H200), "auto"
             (triton on CUDA, sdpa elsewhere).
+        decode_scores: a policy whose proxy attention is the last query's alone (TOVA:
+            ``proxy_attention(window=1)``) takes it, in a decode step's eviction, from the
+            logits the decode kernel computed for that very token (integrations/decode_scores.py)
+            instead of two more passes over every layer's keys. With stacked layers, the
+            decode kernel (``attention`` "triton" / "auto" on CUDA) and the model's softmax
+            scale 1 / sqrt(D) (the policy's); otherwise, or with False, the policy reads the
+            keys. The kept tokens are the same up to float rounding of the normalizer.
 
     ``capacity`` (per layer) is ``budget + interval``. Beam search works (one host read per step
     to reorder the rows); strategies that change the batch size, cropping (assisted decoding) and
@@ -104,7 +113,7 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
     def __init__(self, model, policy, budget, *, interval: int, window: int = 64, seed: int = 0,
                  backend: str = "auto", timing: bool = False,
                  directions: Optional[Mapping[str, torch.Tensor]] = None, stack_layers: bool = True,
-                 attention: str = "auto", keep_order: bool = False):
+                 attention: str = "auto", keep_order: bool = False, decode_scores: bool = True):
         if policy is None:
             raise ValueError("policy: a StaticEvictingCache needs a policy (use transformers' StaticCache to keep "
                              "everything)")
@@ -124,6 +133,8 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             raise ValueError(f"stack_layers: expected a bool, got {stack_layers!r}")
         if not isinstance(keep_order, bool):
             raise ValueError(f"keep_order: expected a bool, got {keep_order!r}")
+        if not isinstance(decode_scores, bool):
+            raise ValueError(f"decode_scores: expected a bool, got {decode_scores!r}")
         # an order-free policy whose recent windows are all among the last `interval` slots may
         # hold its rows in any order: a decode eviction then moves at most `interval` rows per row
         self.fills_holes = not keep_order and dsl.order_free(schedule.policy) and all(
@@ -139,6 +150,9 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             raise ValueError("budget: per-layer budgets with a fractional proxy window would need a query window "
                              "per layer; use one budget, or an int proxy window")
         self.paused = False
+        # decode steps whose eviction is due write the last query's attention (decode_scores.py)
+        self.decode_scores = decode_scores and self.stacked and decode_scored(schedule.policy) is not None
+        self._scored = set()   # layers whose decode kernel wrote this step's scores
         self._random = any(isinstance(c, dsl.Sample) for c in schedule.policy.clauses) or any(
             isinstance(n, dsl.Random) for s in schedule.policy.scores for n in dsl.walk(s))
         self._storage: Optional[Storage] = None
@@ -195,6 +209,7 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         """After the last layer of a decode step: evict the layers whose buffers are full (all
         layers in one call when stacked). ``run=False`` does only the host bookkeeping (a
         replayed CUDA graph did the device work)."""
+        scored, self._scored = len(self._scored) == self.n_layers, set()
         if self.paused:
             return
         due = [layer for layer in self.layers if layer.filled == layer.capacity]
@@ -204,7 +219,7 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         if run:
             if self.stacked and len(due) == self.n_layers and all(d.direct for d in decisions) \
                     and len({d.key() for d in decisions}) == 1:
-                self._run_stacked(decisions[0])
+                self._run_stacked(decisions[0], scored)
             else:
                 for layer, decision in zip(due, decisions):
                     buffer = layer.buffer
@@ -214,13 +229,25 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
                 layer.ordered = False
             layer._commit(decision)
 
-    def _run_stacked(self, decision: Decision) -> None:
+    def decode_step_scores(self, layer: StaticEvictingLayer, module, query, key, kwargs):
+        """(logits, lse) views for ``layer``'s decode kernel to write in this step, when the
+        step ends with a stacked eviction scored from them (``decode_scores``); else None."""
+        if not self.decode_scores or self.paused or layer.filled != layer.capacity \
+                or not decode_kernel_runs(module, key, kwargs, self.attention) \
+                or attention_scale(query, kwargs) != query.shape[-1] ** -0.5:
+            return None
+        storage = self._storage
+        storage.allocate_scores(query)
+        self._scored.add(layer.index)
+        return storage.logits[layer.index], storage.lse[layer.index]
+
+    def _run_stacked(self, decision: Decision, scored: bool = False) -> None:
         storage = self._storage
         keys, values, positions, queries = storage.stacked(range(self.n_layers))
         (group,) = decision.groups
         if queries is not None:
             queries = queries[:, :, queries.shape[2] - group.available:]
-        self.compact(group.plan, 0, self.layers[0].evictions, keys, values, positions, queries)
+        self.compact(group.plan, 0, self.layers[0].evictions, keys, values, positions, queries, scored)
         storage.lengths.fill_(decision.fill)
         storage.starts.zero_()
 
@@ -230,14 +257,25 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             out = self._select(plan.evictor, plan, layer, evictions, keys, values, queries)
             return out.keys, out.values, positions.gather(-1, out.indices)
 
-    def compact(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries) -> None:
+    def compact(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries,
+                scored: bool = False) -> None:
         """One eviction of buffer slots in place: the kept rows of ``keys``, ``values`` and
         ``positions`` move to the front of each row of slots. In token order (kernels/compact.py:
         each displaced row moves once, no scratch copy of the kept rows), or, when the cache
         ``fills_holes``, in any order (kernels/holes.py: only the kept rows past the budget move,
-        into the dropped slots)."""
+        into the dropped slots). ``scored``: every stacked layer's decode kernel wrote this
+        step's attention scores, which the plan's decode form reads instead of the keys."""
         with self._timed():
-            out = self._select(plan.indexer, plan, layer, evictions, keys, values, queries)
+            decode = plan.decode_indexer if scored else None
+            if decode is not None:
+                indexer, how = decode
+                storage = self._storage
+                signal = attention_signal(storage.logits.flatten(0, 1), storage.lse.flatten(0, 1),
+                                          storage.logits.shape[2] // storage.heads, how, out=storage.signal)
+                out = indexer(keys, values, seed=self.schedule.layer_seed(layer, evictions),
+                              signals={SIGNAL: signal})
+            else:
+                out = self._select(plan.indexer, plan, layer, evictions, keys, values, queries)
             if self.fills_holes:
                 fill_holes(out.indices, keys, values, positions)
                 return

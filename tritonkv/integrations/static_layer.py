@@ -202,8 +202,9 @@ class StaticEvictingLayer(CacheLayerMixin):
         buffer.write_positions(self._index, positions.expand(key.shape[0], -1))
         if cache.query_window:
             buffer.push_queries(query.detach())
+        scores = cache.decode_step_scores(self, module, query, key, kwargs)
         out = attend_slots(module, query, key, value, buffer.start, buffer.length, buffer.visible, kwargs,
-                           cache.attention)
+                           cache.attention, scores)
         if self.index == cache.n_layers - 1:
             cache.end_of_decode_step(run=True)
         return out
@@ -231,6 +232,8 @@ class StaticEvictingLayer(CacheLayerMixin):
         h = new_keys.shape[1]
         sources = torch.cat([buffer.positions[:, :, :self.filled], positions[:, None, :].expand(b, h, -1)], dim=2)
         queries = None
+        if cache.decode_scores:
+            buffer.storage.allocate_scores(query)
         if cache.query_window:
             buffer.storage.allocate_queries(query, cache.query_window)
             queries = torch.cat([buffer.queries, query.detach()], dim=2)

@@ -32,11 +32,12 @@ MIN_CHUNK = 256          # slots per split at least: shorter chunks cost more to
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, part_o_ptr, part_ml_ptr,
+                         sc_ptr, s_scb, s_sch, s_scn,
                          s_qb, s_qh, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                          H, CHUNK, SPLITS,
                          D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+                         QK_SCALE: tl.constexpr, IEEE: tl.constexpr, SCORES: tl.constexpr):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     lo = tl.maximum(tl.load(start_ptr + i_b).to(tl.int32), i_s * CHUNK)
@@ -56,6 +57,10 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, part_o_ptr,
         b_k = tl.load(k_base + o_n.to(tl.int64)[:, None] * s_kn + o_d[None, :] * s_kd,
                       mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
         s = tl.where(m_n[None, :], _logits(b_q, b_k, QK_SCALE, IEEE), float("-inf"))
+        if SCORES:   # the logits of the G query heads, for a policy scored by this very query
+            p_sc = sc_ptr + i_b.to(tl.int64) * s_scb + (i_h * G + o_g).to(tl.int64)[:, None] * s_sch \
+                + o_n.to(tl.int64)[None, :] * s_scn
+            tl.store(p_sc, s, mask=m_g[:, None] & m_n[None, :])
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -75,9 +80,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, part_o_ptr,
 
 
 @triton.jit
-def _decode_merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, s_ob, s_oh, s_od, H, SPLITS,
-                         G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """out[b, h * G + g] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits."""
+def _decode_merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, s_ob, s_oh, s_od, lse_ptr, s_lb, s_lh, H, SPLITS,
+                         G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         SCORES: tl.constexpr):
+    """out[b, h * G + g] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits
+    (and with SCORES, lse[b, h * G + g] = M + log2(sum_s 2^(m_s - M) l_s))."""
     i_bh, g = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_dv = tl.arange(0, BLOCK_DV)
@@ -97,6 +104,9 @@ def _decode_merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, s_ob, s_oh, s_od, H, 
         m_tot = m_new
     p_o = out_ptr + i_b.to(tl.int64) * s_ob + (i_h * G + g).to(tl.int64) * s_oh + o_dv * s_od
     tl.store(p_o, (acc / l_tot).to(out_ptr.dtype.element_ty), mask=o_dv < DV)
+    if SCORES:   # m_tot and l_tot hold one value in every column: store column 0's
+        p_l = lse_ptr + i_b.to(tl.int64) * s_lb + (i_h * G + g).to(tl.int64) * s_lh + o_dv * 0
+        tl.store(p_l, m_tot + tl.log2(l_tot), mask=o_dv == 0)
 
 
 def splits_for(batch_heads: int, capacity: int, device: torch.device) -> int:
@@ -106,8 +116,17 @@ def splits_for(batch_heads: int, capacity: int, device: torch.device) -> int:
     return max(1, min(cdiv(programs, batch_heads), cdiv(capacity, MIN_CHUNK)))
 
 
+def _check_scores(scores, b: int, hq: int, c: int, device) -> None:
+    logits, lse = scores
+    for name, t, shape in (("scores[0] (logits)", logits, (b, hq, c)), ("scores[1] (lse)", lse, (b, hq))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32 \
+                or t.device != device:
+            raise ValueError(f"{name}: expected a float32 tensor {list(shape)} on {device}, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+
+
 def decode_launches(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor,
-                    length: torch.Tensor, scale: float):
+                    length: torch.Tensor, scale: float, scores=None):
     """([(kernel, grid, args, constexprs, num_warps)] of the split and merge kernels, output) of
     :func:`decode_attention` (also what tritonkv.aot compiles)."""
     b, hq, t, d = query.shape
@@ -118,6 +137,8 @@ def decode_launches(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     if dk != d or hq % h or values.shape[:3] != keys.shape[:3] or keys.shape[0] != b:
         raise ValueError(f"keys / values: expected [B={b}, H_kv dividing {hq}, C, D={d}] and [B, H_kv, C, D_v], "
                          f"got {tuple(keys.shape)} and {tuple(values.shape)}")
+    if scores is not None:
+        _check_scores(scores, b, hq, c, keys.device)
     group = hq // h
     g_pad = max(16, next_power_of_2(group))            # tl.dot's smallest tile
     block_d, block_dv = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
@@ -129,27 +150,39 @@ def decode_launches(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     part_ml = torch.empty(b * h * splits, 2, g_pad, dtype=torch.float32, device=device)
     out = torch.empty(b, 1, hq, dv, dtype=query.dtype, device=device)
     q, o = query[:, :, 0], out[:, 0]
+    # without scores the pointers are placeholders the kernels never touch
+    logits, lse = scores if scores is not None else (part_ml, part_ml)
+    s_logits = logits.stride() if scores is not None else (0, 0, 0)
+    s_lse = lse.stride() if scores is not None else (0, 0)
     split = (_decode_split_kernel, (b * h, splits),
-             [q, keys, values, start, length, part_o, part_ml, q.stride(0), q.stride(1), q.stride(2),
-              *keys.stride(), *values.stride(), h, chunk, splits],
+             [q, keys, values, start, length, part_o, part_ml, logits, *s_logits,
+              q.stride(0), q.stride(1), q.stride(2), *keys.stride(), *values.stride(), h, chunk, splits],
              dict(D=d, DV=dv, G=group, G_PAD=g_pad, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                  QK_SCALE=scale * math.log2(math.e), IEEE=ieee_products(keys.dtype)), DECODE_WARPS)
+                  QK_SCALE=scale * math.log2(math.e), IEEE=ieee_products(keys.dtype), SCORES=scores is not None),
+             DECODE_WARPS)
     merge = (_decode_merge_kernel, (b * h, group),
-             [part_o, part_ml, o, o.stride(0), o.stride(1), o.stride(2), h, splits],
-             dict(G=group, G_PAD=g_pad, DV=dv, BLOCK_DV=block_dv), DECODE_WARPS)
+             [part_o, part_ml, o, o.stride(0), o.stride(1), o.stride(2), lse, *s_lse, h, splits],
+             dict(G=group, G_PAD=g_pad, DV=dv, BLOCK_DV=block_dv, SCORES=scores is not None), DECODE_WARPS)
     return [split, merge], out
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor,
-                     length: torch.Tensor, scale: float) -> torch.Tensor:
+                     length: torch.Tensor, scale: float, scores=None) -> torch.Tensor:
     """Softmax attention of ``query`` [B, H_q, 1, D] over the slots ``[start[b], length)`` of
     ``keys`` [B, H_kv, C, D] / ``values`` [B, H_kv, C, D_v] (H_q a multiple of H_kv: query
     head j reads KV head j // (H_q / H_kv)), scores scaled by ``scale``. ``start`` [B] and
     ``length`` (0-d) are integer device tensors; every row must see at least one slot (the
     output of a row that sees none is NaN). Reads no device value on the host: capturable
     in a CUDA graph. Returns [B, 1, H_q, D_v] in the query's dtype (transformers' attention
-    output layout)."""
-    launches, out = decode_launches(query, keys, values, start, length, scale)
+    output layout).
+
+    ``scores`` = (logits, lse), float32 [B, H_q, C] and [B, H_q] (any strides), also receive
+    the attention's logits and normalizer in base 2: ``logits[b, j, n] = q_j . k_n * scale *
+    log2(e)`` for the slots read (the others are not written) and ``lse[b, j] = log2 sum_n
+    2^logits[b, j, n]``, so ``2^(logits - lse)`` is the attention itself (what
+    kernels/attention_signal.py reduces for a policy scored by this query: TOVA). The
+    key tiles are read once for both."""
+    launches, out = decode_launches(query, keys, values, start, length, scale, scores)
     for fn, grid, args, constexprs, warps in launches:
         launch(fn, grid, args, constexprs, warps)
     return out

@@ -1,0 +1,84 @@
+"""kernels/attention_signal.py against reference.attention_signal, and the two together
+(the decode kernel's scores reduced) against reference.proxy_attention(window=1): TOVA's
+score from the logits of the decode step, equal to the one a proxy-attention pass computes."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tritonkv import dsl, reference
+from tritonkv.kernels.attention_signal import attention_signal
+from tritonkv.kernels.decode import decode_attention
+
+from .devices import DEVICE
+from .strategies import GQA_RATIOS, HEAD_DIMS, examples
+
+HOWS = ["mean", "sum", "max"]
+# tl.exp2 on the GPU is ex2.approx.f32 (relative error < 2^-22, PTX ISA), torch.exp2 is within
+# 1 ulp: 2^-21 relative per probability; a mean / sum of G of them adds G ulp of 2^-24.
+RTOL = 2.0 ** -21 + 8 * 2.0 ** -24
+
+
+@given(b=st.integers(1, 3), h=st.integers(1, 3), group=st.sampled_from(GQA_RATIOS + [3]),
+       n=st.one_of(st.just(1), st.integers(2, 70), st.integers(1000, 2100)), how=st.sampled_from(HOWS),
+       seed=st.integers(0, 2 ** 31))
+@settings(max_examples=examples(16), deadline=None)
+def test_attention_signal_matches_the_reference(b, h, group, n, how, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(b, h * group, n, generator=g) * 4).to(DEVICE)
+    lse = torch.logsumexp(logits * math.log(2), -1) / math.log(2)
+    before = logits.clone(), lse.clone()
+    got = attention_signal(logits, lse, group, how)
+    want = reference.attention_signal(logits, lse, group, how)
+    assert got.shape == (b, h, n) and got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=RTOL, atol=1e-38)
+    assert torch.equal(before[0], logits) and torch.equal(before[1], lse)
+
+
+def test_a_strided_output_is_filled_in_place():
+    logits = torch.randn(2, 8, 33, device=DEVICE)
+    lse = torch.logsumexp(logits * math.log(2), -1) / math.log(2)
+    big = torch.zeros(2, 2, 40, device=DEVICE)
+    out = attention_signal(logits, lse, 4, "mean", out=big[:, :, :33])
+    assert out.data_ptr() == big.data_ptr() and (big[:, :, 33:] == 0).all()
+    assert torch.allclose(big[:, :, :33], reference.attention_signal(logits, lse, 4, "mean"), rtol=RTOL)
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("how", HOWS)
+def test_decode_scores_give_the_last_query_attention(d, dtype, how):
+    """What StaticEvictingCache feeds TOVA: decode's scores reduced here equal the proxy
+    attention of the same query (window 1) to the same keys. The reference rounds the bf16
+    logits' float32 sums differently: 1e-5 relative covers (D + 2) 2^-24 per logit
+    times |logit| <= ~10 in the exponent."""
+    g = torch.Generator().manual_seed(d)
+    b, h, group, c = 2, 2, 4, 777
+    q = torch.randn(b, h * group, 1, d, generator=g).to(dtype).to(DEVICE)
+    k = torch.randn(b, h, c, d, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(b, h, c, d, generator=g).to(dtype).to(DEVICE)
+    logits = torch.empty(b, h * group, c, device=DEVICE)
+    lse = torch.empty(b, h * group, device=DEVICE)
+    decode_attention(q, k, v, torch.zeros(b, dtype=torch.int64, device=DEVICE),
+                     torch.tensor(c, device=DEVICE), d ** -0.5, scores=(logits, lse))
+    got = attention_signal(logits, lse, group, how)
+    node = dsl.proxy_attention(window=1, group_reduce=how)
+    want = reference.proxy_attention(node, k.float(), q.float())
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-12), f"max error {(got - want).abs().max().item():.3g}"
+
+
+def test_bad_arguments_are_refused_before_any_kernel():
+    logits, lse = torch.zeros(1, 4, 8), torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="logits: expected a float32 tensor"):
+        attention_signal(logits.double(), lse, 2)
+    with pytest.raises(ValueError, match=r"lse: expected a float32 tensor \[1, 4\]"):
+        attention_signal(logits, lse[:, :3], 2)
+    with pytest.raises(ValueError, match="group: expected query heads per KV head"):
+        attention_signal(logits, lse, 3)
+    with pytest.raises(ValueError, match="how: expected one of"):
+        attention_signal(logits, lse, 2, "median")
+    with pytest.raises(ValueError, match=r"out: expected a float32 tensor \[1, 2, 8\]"):
+        attention_signal(logits, lse, 2, out=torch.zeros(1, 2, 7))

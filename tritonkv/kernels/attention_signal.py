@@ -1,0 +1,92 @@
+"""One query's attention probabilities, combined over each KV head's query heads, from logits
+an attention kernel already wrote: the ``proxy_attention(window=1)`` score (TOVA's) of the
+token a decode step just attended with, without reading the keys again.
+
+kernels/decode.py's ``scores`` output holds, per query head, the logits of every slot and
+their log-sum-exp, both in base 2. Here one program takes one (row, KV head) and a block of
+slots: it loads the G query heads' logits [G, BLOCK] (G * 4 bytes per slot, against the
+key's D * 2 that a proxy-attention pass reads) and writes ``reduce_g 2^(logit - lse)``,
+float32 [B, H_kv, N]: what a ``signal`` of the policy reads (reference.attention_signal).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cdiv, interpreting, next_power_of_2
+from .launch import launch
+from ..reference import attention_signal as attention_signal_reference
+
+SIGNAL_WARPS = 4
+BLOCK = 1024
+HOW_CODES = {"mean": 0, "sum": 1, "max": 2}
+
+
+@triton.jit
+def _attention_signal_kernel(sc_ptr, lse_ptr, out_ptr, s_scb, s_sch, s_scn, s_lb, s_lh, s_ob, s_oh, s_on, H, N,
+                             G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HOW: tl.constexpr):
+    i_bh, i_n = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_g = tl.arange(0, G_PAD)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_g, m_n = o_g < G, o_n < N
+    heads = (i_h * G + o_g).to(tl.int64)
+    lse = tl.load(lse_ptr + i_b.to(tl.int64) * s_lb + heads * s_lh, mask=m_g, other=0.0)
+    p_sc = sc_ptr + i_b.to(tl.int64) * s_scb + heads[:, None] * s_sch + o_n.to(tl.int64)[None, :] * s_scn
+    s = tl.load(p_sc, mask=m_g[:, None] & m_n[None, :], other=float("-inf"))
+    p = tl.exp2(s - lse[:, None])                       # padding heads: 2^-inf = 0
+    if HOW == 2:
+        out = tl.max(tl.where(m_g[:, None], p, float("-inf")), 0)
+    else:
+        out = tl.sum(p, 0)
+        if HOW == 0:
+            out = out / G
+    tl.store(out_ptr + i_b.to(tl.int64) * s_ob + i_h.to(tl.int64) * s_oh + o_n.to(tl.int64) * s_on, out, mask=m_n)
+
+
+def _check(logits, lse, group, how, out) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.dtype != torch.float32:
+        raise ValueError(f"logits: expected a float32 tensor [B, H_q, N], got "
+                         f"{getattr(logits, 'dtype', type(logits).__name__)} {list(getattr(logits, 'shape', []))}")
+    b, hq, n = logits.shape
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (b, hq) or lse.dtype != torch.float32 \
+            or lse.device != logits.device:
+        raise ValueError(f"lse: expected a float32 tensor [{b}, {hq}] on {logits.device}, got "
+                         f"{getattr(lse, 'dtype', type(lse).__name__)} {list(getattr(lse, 'shape', []))}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or hq % group:
+        raise ValueError(f"group: expected query heads per KV head, an int dividing H_q = {hq}, got {group!r}")
+    if how not in HOW_CODES:
+        raise ValueError(f"how: expected one of {tuple(HOW_CODES)}, got {how!r}")
+    if out is not None and (tuple(out.shape) != (b, hq // group, n) or out.dtype != torch.float32
+                            or out.device != logits.device):
+        raise ValueError(f"out: expected a float32 tensor [{b}, {hq // group}, {n}] on {logits.device}, got "
+                         f"{out.dtype} {list(out.shape)}")
+
+
+def attention_signal(logits: torch.Tensor, lse: torch.Tensor, group: int, how: str = "mean",
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``reference.attention_signal`` into ``out`` (float32 [B, H_q / group, N], any strides;
+    allocated when None), one launch that reads no device value (CUDA-graph safe). CPU
+    tensors outside Triton's interpreter take the PyTorch reference."""
+    _check(logits, lse, group, how, out)
+    b, hq, n = logits.shape
+    if out is None:
+        out = torch.empty(b, hq // group, n, dtype=torch.float32, device=logits.device)
+    if not (logits.is_cuda or interpreting()):
+        out.copy_(attention_signal_reference(logits, lse, group, how))
+        return out
+    launch(*attention_signal_launch(logits, lse, group, how, out))
+    return out
+
+
+def attention_signal_launch(logits: torch.Tensor, lse: torch.Tensor, group: int, how: str, out: torch.Tensor):
+    """The launch ``(fn, grid, args, constexprs, num_warps)`` of attention_signal."""
+    b, hq, n = logits.shape
+    h = hq // group
+    return (_attention_signal_kernel, (b * h, cdiv(n, BLOCK)),
+            [logits, lse, out, *logits.stride(), *lse.stride(), *out.stride(), h, n],
+            dict(G=group, G_PAD=next_power_of_2(group), BLOCK_N=BLOCK, HOW=HOW_CODES[how]), SIGNAL_WARPS)
