@@ -522,16 +522,16 @@ def test_filled_holes_under_cuda_graphs(model, policy, interval):
 
 def test_which_caches_score_from_the_decode_step(model):
     """A policy whose proxy attention is the last query's alone (TOVA, its per-group ablation,
-    scores built on it) takes it from the decode step, with stacked layers; other proxy
-    windows, pooling inside the proxy, two group reductions, per-layer calls and
-    decode_scores=False read the keys."""
+    scores built on it) takes it from the decode step, stacked or per layer; other proxy
+    windows, pooling inside the proxy, two group reductions and decode_scores=False read the
+    keys."""
     from tritonkv.integrations.decode_scores import SIGNAL, decode_scored
 
     def scored(policy, **kwargs):
         return hf.StaticEvictingCache(model, policy, 20, interval=1, **kwargs).decode_scores
 
-    assert scored(policies.tova()) and scored(policies.tova_per_group())
-    assert not scored(policies.tova(), decode_scores=False) and not scored(policies.tova(), stack_layers=False)
+    assert scored(policies.tova()) and scored(policies.tova_per_group()) and scored(policies.tova(), stack_layers=False)
+    assert not scored(policies.tova(), decode_scores=False)
     for policy in (policies.snapkv(), policies.h2o(), policies.keydiff(),
                    tkv.top(tkv.proxy_attention(window=2)), tkv.top(tkv.proxy_attention(window=1, pool=3)),
                    tkv.top(tkv.proxy_attention(window=1) + tkv.proxy_attention(window=1, group_reduce="max"))):
@@ -544,12 +544,15 @@ def test_which_caches_score_from_the_decode_step(model):
         scored(policies.tova(), decode_scores="yes")
 
 
-@pytest.mark.parametrize("policy, budget", [(policies.tova(), 24), (policies.tova_per_group(), 30)],
-                         ids=["tova", "tova-per-group"])
-def test_decode_scores_keep_what_the_keys_give(model, monkeypatch, policy, budget):
+@pytest.mark.parametrize("policy, budget, stack", [(policies.tova(), 24, True), (policies.tova_per_group(), 30, True),
+                                                   (policies.tova(), 24, False),
+                                                   (policies.tova().pyramid(), 30, True)],
+                         ids=["tova", "tova-per-group", "tova-per-layer", "tova-pyramid"])
+def test_decode_scores_keep_what_the_keys_give(model, monkeypatch, policy, budget, stack):
     """Every-step TOVA on the decode kernel (float32, on DEVICE): the evictions scored from the
     decode step's logits (one attention_signal launch each, no proxy-attention pass) generate
-    and keep what the policy reading the keys does (decode_scores=False)."""
+    and keep what the policy reading the keys does (decode_scores=False); stacked (one call for
+    all layers), per layer, and with per-layer budgets (PyramidKV: per-layer calls)."""
     signals = []
     original = static_module.attention_signal
     monkeypatch.setattr(static_module, "attention_signal",
@@ -557,10 +560,11 @@ def test_decode_scores_keep_what_the_keys_give(model, monkeypatch, policy, budge
     ids = to_device(prompt(n=60))[0]
     with on_device(model) as on:
         caches = {fused: hf.StaticEvictingCache(on, policy, budget, interval=1, attention="triton",
-                                                decode_scores=fused) for fused in (True, False)}
+                                                decode_scores=fused, stack_layers=stack) for fused in (True, False)}
         out = {fused: generate(on, ids, cache, max_new_tokens=10) for fused, cache in caches.items()}
     assert caches[True].decode_scores and not caches[False].decode_scores
-    assert len(signals) == 9    # every decode step's eviction (the prompt's reads the keys)
+    calls = 1 if caches[True].stacked else model.config.num_hidden_layers
+    assert len(signals) == 9 * calls   # every decode step's eviction (the prompt's reads the keys)
     assert torch.equal(out[True], out[False])
     for a, b in zip(caches[True].layers, caches[False].layers):
         assert a.evictions == b.evictions >= 9

@@ -130,6 +130,13 @@ class Storage:
             for t in (self.logits, self.lse, self.signal):
                 _mark_static(t)
 
+    def scores(self, layers: Sequence[int]) -> List[torch.Tensor]:
+        """logits [len * B, H_q, C], lse [len * B, H_q] and signal [len * B, H_kv, C] of ``layers``
+        (consecutive), as the rows of an eviction call over them."""
+        lo, hi = layers[0], layers[-1] + 1
+        b = self.batch
+        return [self.logits[lo:hi].flatten(0, 1), self.lse[lo:hi].flatten(0, 1), self.signal[lo * b:hi * b]]
+
     # every layer's rows at once: the batch of an eviction call is (layer, row)
     def stacked(self, layers: Sequence[int]) -> List[torch.Tensor]:
         """keys, values, positions, queries of ``layers`` (consecutive) as [len * B, ...] views."""

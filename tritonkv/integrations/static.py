@@ -99,10 +99,10 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         decode_scores: a policy whose proxy attention is the last query's alone (TOVA:
             ``proxy_attention(window=1)``) takes it, in a decode step's eviction, from the
             logits the decode kernel computed for that very token (integrations/decode_scores.py)
-            instead of two more passes over every layer's keys. With stacked layers, the
-            decode kernel (``attention`` "triton" / "auto" on CUDA) and the model's softmax
-            scale 1 / sqrt(D) (the policy's); otherwise, or with False, the policy reads the
-            keys. The kept tokens are the same up to float rounding of the normalizer.
+            instead of two more passes over every layer's keys. With the decode kernel
+            (``attention`` "triton" / "auto" on CUDA) and the model's softmax scale
+            1 / sqrt(D) (the policy's); otherwise, or with False, the policy reads the keys.
+            The kept tokens are the same up to float rounding of the normalizer.
 
     ``capacity`` (per layer) is ``budget + interval``. Beam search works (one host read per step
     to reorder the rows); strategies that change the batch size, cropping (assisted decoding) and
@@ -151,7 +151,7 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
                              "per layer; use one budget, or an int proxy window")
         self.paused = False
         # decode steps whose eviction is due write the last query's attention (decode_scores.py)
-        self.decode_scores = decode_scores and self.stacked and decode_scored(schedule.policy) is not None
+        self.decode_scores = decode_scores and decode_scored(schedule.policy) is not None
         self._scored = set()   # layers whose decode kernel wrote this step's scores
         self._random = any(isinstance(c, dsl.Sample) for c in schedule.policy.clauses) or any(
             isinstance(n, dsl.Random) for s in schedule.policy.scores for n in dsl.walk(s))
@@ -209,7 +209,7 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         """After the last layer of a decode step: evict the layers whose buffers are full (all
         layers in one call when stacked). ``run=False`` does only the host bookkeeping (a
         replayed CUDA graph did the device work)."""
-        scored, self._scored = len(self._scored) == self.n_layers, set()
+        scored, self._scored = self._scored, set()
         if self.paused:
             return
         due = [layer for layer in self.layers if layer.filled == layer.capacity]
@@ -219,11 +219,12 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         if run:
             if self.stacked and len(due) == self.n_layers and all(d.direct for d in decisions) \
                     and len({d.key() for d in decisions}) == 1:
-                self._run_stacked(decisions[0], scored)
+                self._run_stacked(decisions[0], len(scored) == self.n_layers)
             else:
                 for layer, decision in zip(due, decisions):
                     buffer = layer.buffer
-                    layer._run(decision, buffer.keys, buffer.values, buffer.positions, buffer.queries)
+                    layer._run(decision, buffer.keys, buffer.values, buffer.positions, buffer.queries,
+                               scored=layer.index in scored)
         for layer, decision in zip(due, decisions):
             if self.fills_holes and decision.direct:
                 layer.ordered = False
@@ -231,15 +232,15 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
 
     def decode_step_scores(self, layer: StaticEvictingLayer, module, query, key, kwargs):
         """(logits, lse) views for ``layer``'s decode kernel to write in this step, when the
-        step ends with a stacked eviction scored from them (``decode_scores``); else None."""
+        step ends with an eviction scored from them (``decode_scores``); else None."""
         if not self.decode_scores or self.paused or layer.filled != layer.capacity \
                 or not decode_kernel_runs(module, key, kwargs, self.attention) \
                 or attention_scale(query, kwargs) != query.shape[-1] ** -0.5:
             return None
-        storage = self._storage
+        storage, index = layer.buffer.storage, layer.buffer.layer
         storage.allocate_scores(query)
         self._scored.add(layer.index)
-        return storage.logits[layer.index], storage.lse[layer.index]
+        return storage.logits[index], storage.lse[index]
 
     def _run_stacked(self, decision: Decision, scored: bool = False) -> None:
         storage = self._storage
@@ -247,7 +248,8 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         (group,) = decision.groups
         if queries is not None:
             queries = queries[:, :, queries.shape[2] - group.available:]
-        self.compact(group.plan, 0, self.layers[0].evictions, keys, values, positions, queries, scored)
+        self.compact(group.plan, 0, self.layers[0].evictions, keys, values, positions, queries,
+                     storage.scores(range(self.n_layers)) if scored else None)
         storage.lengths.fill_(decision.fill)
         storage.starts.zero_()
 
@@ -258,20 +260,19 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             return out.keys, out.values, positions.gather(-1, out.indices)
 
     def compact(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries,
-                scored: bool = False) -> None:
+                scores=None) -> None:
         """One eviction of buffer slots in place: the kept rows of ``keys``, ``values`` and
         ``positions`` move to the front of each row of slots. In token order (kernels/compact.py:
         each displaced row moves once, no scratch copy of the kept rows), or, when the cache
         ``fills_holes``, in any order (kernels/holes.py: only the kept rows past the budget move,
-        into the dropped slots). ``scored``: every stacked layer's decode kernel wrote this
-        step's attention scores, which the plan's decode form reads instead of the keys."""
+        into the dropped slots). ``scores``: (logits, lse, signal) of the rows' decode step
+        (``Storage.scores``), which the plan's decode form reads instead of the keys."""
         with self._timed():
-            decode = plan.decode_indexer if scored else None
+            decode = plan.decode_indexer if scores is not None else None
             if decode is not None:
                 indexer, how = decode
-                storage = self._storage
-                signal = attention_signal(storage.logits.flatten(0, 1), storage.lse.flatten(0, 1),
-                                          storage.logits.shape[2] // storage.heads, how, out=storage.signal)
+                logits, lse, signal = scores
+                attention_signal(logits, lse, logits.shape[1] // signal.shape[1], how, out=signal)
                 out = indexer(keys, values, seed=self.schedule.layer_seed(layer, evictions),
                               signals={SIGNAL: signal})
             else:

@@ -266,9 +266,11 @@ class StaticEvictingLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ eviction: device work
 
-    def _run(self, decision: Decision, keys, values, positions, queries) -> None:
+    def _run(self, decision: Decision, keys, values, positions, queries, scored: bool = False) -> None:
         """The device side of a decision: ``keys`` / ``values`` [B, H_kv, n, D], ``positions``
-        [B, H_kv, n] and ``queries`` [B, H_q, m, D] are the sources its slots index."""
+        [B, H_kv, n] and ``queries`` [B, H_q, m, D] are the sources its slots index. ``scored``:
+        this decode step's kernel wrote the layer's attention scores (read by an in-place
+        eviction of every row, the only one whose slots they cover)."""
         cache, buffer = self.cache, self.buffer
         fill = decision.fill
         for group in decision.groups:
@@ -286,7 +288,8 @@ class StaticEvictingLayer(CacheLayerMixin):
                     qs = _take(queries.index_select(0, rows), qslots)
             lo = fill - group.kept
             if group.plan is not None and decision.direct and lo == 0 and keys is buffer.keys:
-                cache.compact(group.plan, self.index, self.evictions, keys, values, positions, qs)
+                scores = buffer.storage.scores([buffer.layer]) if scored else None
+                cache.compact(group.plan, self.index, self.evictions, keys, values, positions, qs, scores)
                 continue
             if group.plan is not None:
                 k, v, p = cache.evict(group.plan, self.index, self.evictions, k, v, p, qs)
