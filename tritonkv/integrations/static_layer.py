@@ -14,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..reference import gather_rows
 from ..results import Evicted
-from .attention import attend_slots, expect
+from .attention import attend_slots, decode_kernel_runs, expect
 from .buffer import LayerBuffer, copy_slots
 from .rows import Decision, Row, commit, decide, flat
 
@@ -232,8 +232,8 @@ class StaticEvictingLayer(CacheLayerMixin):
         h = new_keys.shape[1]
         sources = torch.cat([buffer.positions[:, :, :self.filled], positions[:, None, :].expand(b, h, -1)], dim=2)
         queries = None
-        if cache.decode_scores:
-            buffer.storage.allocate_scores(query)
+        if cache.decode_scores and decode_kernel_runs(module, key, kwargs, cache.attention):
+            buffer.storage.allocate_scores(query)   # before any CUDA graph captures a decode step
         if cache.query_window:
             buffer.storage.allocate_queries(query, cache.query_window)
             queries = torch.cat([buffer.queries, query.detach()], dim=2)
