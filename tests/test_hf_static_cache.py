@@ -544,10 +544,9 @@ def test_which_caches_score_from_the_decode_step(model):
         scored(policies.tova(), decode_scores="yes")
 
 
-@pytest.mark.parametrize("policy, budget, stack", [(policies.tova(), 24, True), (policies.tova_per_group(), 30, True),
-                                                   (policies.tova(), 24, False),
+@pytest.mark.parametrize("policy, budget, stack", [(policies.tova(), 24, True), (policies.tova(), 24, False),
                                                    (policies.tova().pyramid(), 30, True)],
-                         ids=["tova", "tova-per-group", "tova-per-layer", "tova-pyramid"])
+                         ids=["tova", "tova-per-layer", "tova-pyramid"])
 def test_decode_scores_keep_what_the_keys_give(model, monkeypatch, policy, budget, stack):
     """Every-step TOVA on the decode kernel (float32, on DEVICE): the evictions scored from the
     decode step's logits (one attention_signal launch each, no proxy-attention pass) generate
@@ -561,11 +560,11 @@ def test_decode_scores_keep_what_the_keys_give(model, monkeypatch, policy, budge
     with on_device(model) as on:
         caches = {fused: hf.StaticEvictingCache(on, policy, budget, interval=1, attention="triton",
                                                 decode_scores=fused, stack_layers=stack) for fused in (True, False)}
-        out = {fused: generate(on, ids, cache, max_new_tokens=10) for fused, cache in caches.items()}
+        out = {fused: generate(on, ids, cache, max_new_tokens=7) for fused, cache in caches.items()}
     assert caches[True].decode_scores and not caches[False].decode_scores
     calls = 1 if caches[True].stacked else model.config.num_hidden_layers
-    assert len(signals) == 9 * calls   # every decode step's eviction (the prompt's reads the keys)
+    assert len(signals) == 6 * calls   # every decode step's eviction (the prompt's reads the keys)
     assert torch.equal(out[True], out[False])
     for a, b in zip(caches[True].layers, caches[False].layers):
-        assert a.evictions == b.evictions >= 9
+        assert a.evictions == b.evictions >= 6
         assert torch.equal(a.positions(), b.positions())
