@@ -281,3 +281,46 @@ def test_real_runs_a568d6b_vs_a2a1879():
     merged = by_commit([r for r in load_runs(RESULTS) if r.commit[:7] in ("a568d6b", "a2a1879")])
     assert [r.commit[:7] for r in merged] == ["a2a1879", "a568d6b"]
     assert not any(c.regressed for c in compare(merged[-1], merged[-2]))
+
+
+def write_generation(directory: Path, name: str, time: str, commit: str, device: str, scale: float):
+    rows = [dict(model=model, prompt=prompt, mode=mode, baseline=mode == "DynamicCache", sdpa_backend="flash,efficient",
+                 tokens_per_s=scale * speed * (65536 / prompt), ms_per_step=1e3 / (scale * speed),
+                 evict_share=None if mode == "DynamicCache" else 0.01)
+            for model in ("tiny", "wide") for prompt in (16384, 65536)
+            for mode, speed in (("DynamicCache", 100.0), ("static snapkv 10%, every 64, graphs", 700.0))]
+    folder = directory / "generation"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(json.dumps(dict(device=device, commit=commit, time=time, rows=rows, targets=[])))
+
+
+def test_generation_runs_get_their_section(results, tmp_path_factory):
+    """perf/results/generation/*.json: per model the latest run's tokens/s per mode and the
+    history of the longest prompt on the latest run's GPU; a file without measured rows is
+    left out."""
+    pytest.importorskip("plotly", reason="the dashboard renders with plotly")
+    from tritonkv.dashboard.generation import load_generation_runs
+    directory, _, _ = results
+    write_generation(directory, "generation-a.json", "2026-12-01T10:00:00", "aaaa111", "NVIDIA H100", 1.0)
+    write_generation(directory, "generation-b.json", "2026-12-02T10:00:00", "bbbb222", "NVIDIA H200", 1.5)
+    write_generation(directory, "generation.json", "2026-12-03T10:00:00", "cccc333", "NVIDIA H100", 1.2)
+    (directory / "generation" / "failed.json").write_text(json.dumps(dict(device="x", rows=[dict(model="tiny")])))
+    runs = load_generation_runs(directory)
+    assert [r.commit for r in runs] == ["aaaa111", "bbbb222", "cccc333"]
+    site = tmp_path_factory.mktemp("site")
+    assert dashboard_main(["build", str(directory), "-o", str(site)]) == 0
+    page = (site / "index.html").read_text()
+    assert "<h2 id='generation'>Generation</h2>" in page and "2 of 3 generation runs on this GPU" in page
+    assert page.count('class="plotly-graph-div"') == 2 * 3 + 2 * 2   # 2 policies x 3, 2 models x (latest, history)
+    assert page.count("<td>static snapkv 10%, every 64, graphs</td>") == 4   # the latest run's table
+    assert "<td>840.0</td>" in page   # 1.2 x 700 at 64K
+    browser = chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr",
+                          "--v=0", "--dump-dom", (site / "index.html").as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert not [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert len(re.findall(r'class="main-svg"', dom.stdout)) >= 10

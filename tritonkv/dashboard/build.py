@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from .compare import DEFAULT_HOST_THRESHOLD, DEFAULT_THRESHOLD, compare
+from .generation import load_generation_runs, section
 from .results import Run, by_commit, fmt, load_runs
 
 # (name, extra_info field, colour): tritonkv's wall time beside each baseline's
@@ -131,6 +132,12 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
             add(fig)
         parts.append("</div>")
         add(history_figure(policy, same_gpu, flagged))
+    generation = load_generation_runs(results_dir)
+    for part in section(generation) if generation else []:
+        if isinstance(part, str):
+            parts.append(part)
+        else:
+            add(part)
     baseline = f" vs previous run {same_gpu[-2].label}" if len(same_gpu) > 1 else " (no previous run on this GPU)"
     meta = (f"latest run {html.escape(latest.label)} on {html.escape(latest.gpu)}: {len(latest.cases)} cases; "
             f"{len(runs)} result files ({len(same_gpu)} commits on this GPU) in {html.escape(str(results_dir))}; "
@@ -142,7 +149,7 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tritonkv perf</title>"
             f"<script src='plotly.min.js'></script><style>{STYLE}</style></head><body>"
             f"<h1>tritonkv performance</h1><div class='meta'>{meta}</div>"
-            + "".join(parts) + "<h2>Latest run</h2>" + table(latest, changes) + "</body></html>")
+            + "".join(parts) + "<h2>Latest run (evict)</h2>" + table(latest, changes) + "</body></html>")
     index = out_dir / "index.html"
     index.write_text(page)
     return index
