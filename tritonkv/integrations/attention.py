@@ -100,7 +100,7 @@ def attend_slots(module, query, key, value, start, length, visible, kwargs, atte
     if attention == "triton" and not key.is_cuda and not interpreting():
         raise ValueError(f"attention: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), the cache is on "
                          f"{key.device}; use attention='auto' or 'sdpa'")
-    if attention == "triton" and _plain(module, kwargs):
+    if decode_kernel_runs(module, key, kwargs, attention):
         return decode_attention(query, key, value, start, length, attention_scale(query, kwargs), scores)
     if scores is not None:
         raise RuntimeError("attend_slots: scores were asked of a call that SDPA serves (see decode_kernel_runs)")

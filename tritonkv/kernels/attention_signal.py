@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, interpreting, next_power_of_2
+from .common import cdiv, check_float32, interpreting, next_power_of_2
 from .launch import launch
 from ..reference import attention_signal as attention_signal_reference
 
@@ -53,18 +53,13 @@ def _check(logits, lse, group, how, out) -> None:
         raise ValueError(f"logits: expected a float32 tensor [B, H_q, N], got "
                          f"{getattr(logits, 'dtype', type(logits).__name__)} {list(getattr(logits, 'shape', []))}")
     b, hq, n = logits.shape
-    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (b, hq) or lse.dtype != torch.float32 \
-            or lse.device != logits.device:
-        raise ValueError(f"lse: expected a float32 tensor [{b}, {hq}] on {logits.device}, got "
-                         f"{getattr(lse, 'dtype', type(lse).__name__)} {list(getattr(lse, 'shape', []))}")
+    check_float32("lse", lse, (b, hq), logits.device)
     if isinstance(group, bool) or not isinstance(group, int) or group < 1 or hq % group:
         raise ValueError(f"group: expected query heads per KV head, an int dividing H_q = {hq}, got {group!r}")
     if how not in HOW_CODES:
         raise ValueError(f"how: expected one of {tuple(HOW_CODES)}, got {how!r}")
-    if out is not None and (tuple(out.shape) != (b, hq // group, n) or out.dtype != torch.float32
-                            or out.device != logits.device):
-        raise ValueError(f"out: expected a float32 tensor [{b}, {hq // group}, {n}] on {logits.device}, got "
-                         f"{out.dtype} {list(out.shape)}")
+    if out is not None:
+        check_float32("out", out, (b, hq // group, n), logits.device)
 
 
 def attention_signal(logits: torch.Tensor, lse: torch.Tensor, group: int, how: str = "mean",

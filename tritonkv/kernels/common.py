@@ -67,6 +67,15 @@ def record_occupancy(kernel, compiled, num_warps: int, constexprs) -> None:
     _BLOCKS_PER_SM[key] = max(1, per_sm)
 
 
+def check_float32(name: str, t, shape, device) -> None:
+    """A clear ValueError unless ``t`` is a float32 tensor of ``shape`` on ``device`` (the
+    float32 outputs and scratch tensors a caller passes to a kernel)."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != torch.float32 \
+            or t.device != torch.device(device):
+        raise ValueError(f"{name}: expected a float32 tensor {list(shape)} on {device}, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints (triton.cdiv is a JIT function, slow to call from Python)."""
     return -(-a // b)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, ieee_products, multiprocessor_count, next_power_of_2
+from .common import cdiv, check_float32, ieee_products, multiprocessor_count, next_power_of_2
 from .launch import launch
 from .proxy import _logits
 
@@ -116,15 +116,6 @@ def splits_for(batch_heads: int, capacity: int, device: torch.device) -> int:
     return max(1, min(cdiv(programs, batch_heads), cdiv(capacity, MIN_CHUNK)))
 
 
-def _check_scores(scores, b: int, hq: int, c: int, device) -> None:
-    logits, lse = scores
-    for name, t, shape in (("scores[0] (logits)", logits, (b, hq, c)), ("scores[1] (lse)", lse, (b, hq))):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32 \
-                or t.device != device:
-            raise ValueError(f"{name}: expected a float32 tensor {list(shape)} on {device}, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
-
-
 def decode_launches(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor,
                     length: torch.Tensor, scale: float, scores=None):
     """([(kernel, grid, args, constexprs, num_warps)] of the split and merge kernels, output) of
@@ -138,7 +129,8 @@ def decode_launches(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         raise ValueError(f"keys / values: expected [B={b}, H_kv dividing {hq}, C, D={d}] and [B, H_kv, C, D_v], "
                          f"got {tuple(keys.shape)} and {tuple(values.shape)}")
     if scores is not None:
-        _check_scores(scores, b, hq, c, keys.device)
+        check_float32("scores[0] (logits)", scores[0], (b, hq, c), keys.device)
+        check_float32("scores[1] (lse)", scores[1], (b, hq), keys.device)
     group = hq // h
     g_pad = max(16, next_power_of_2(group))            # tl.dot's smallest tile
     block_d, block_dv = max(16, next_power_of_2(d)), max(16, next_power_of_2(dv))
