@@ -25,7 +25,11 @@ tokens (batch 1) through the cache of each mode (``modes``):
                                 (rows: ``attention: "triton"``); ", sdpa": through SDPA with a mask
                                 over every slot instead (``attention: "sdpa"``); TOVA's evictions
                                 take its score from the decode kernel's logits of the step
-                                (``decode_scores``), ", keys": from two passes over the keys instead
+                                (``decode_scores``), ", keys": from two passes over the keys instead.
+                                Static H2O ranks the attention every decoded token paid, summed by
+                                the decode kernel's steps (``accumulate_attention``, as the H2O
+                                paper runs it); ", keys": the last 64 queries' attention over the
+                                keys at every eviction instead (slots in order: H2O is not order-free)
 
 Attention runs under ``--sdpa`` (default ``flash,efficient``: those backends, in that
 priority, through ``torch.nn.attention.sdpa_kernel``); every row records it as
@@ -92,14 +96,14 @@ def modes(n: int, steps: int, warmup: int = 16):
     k = max(1, round(0.1 * n))
     once = steps + warmup + 2
     assert warmup_steps(once, True, steps, warmup) == warmup   # "once" never evicts while decoding
-    snapkv, tova = policies.snapkv(), policies.tova()
+    snapkv, tova, h2o = policies.snapkv(), policies.tova(), policies.h2o()
     return [
         ("DynamicCache", dict(cache="transformers")),
         ("StaticCache + torch.compile", dict(cache="compiled")),
         ("snapkv 10%, once", dict(policy=snapkv, budget=0.1)),
         ("snapkv 10%, every 64", dict(policy=snapkv, budget=k, interval=64)),
         ("tova 10%, every step", dict(policy=tova, budget=k, interval=1)),
-        ("h2o 10%, every step", dict(policy=policies.h2o(), budget=k, interval=1)),
+        ("h2o 10%, every step", dict(policy=h2o, budget=k, interval=1)),
         # hf.StaticEvictingCache: budget + interval slots per layer, one key length for the whole decode
         ("static snapkv 10%, once", dict(cache="static", policy=snapkv, budget=k, interval=once)),
         ("static snapkv 10%, once, graphs", dict(cache="static", graphs=True, policy=snapkv, budget=k,
@@ -118,6 +122,14 @@ def modes(n: int, steps: int, warmup: int = 16):
         # TOVA's score from two passes over the keys, not from the decode kernel's logits
         ("static tova 10%, every step, graphs, keys", dict(cache="static", graphs=True, policy=tova, budget=k,
                                                            interval=1, decode_scores=False)),
+        # H2O on the attention its decode steps accumulate; and recomputed from the last 64 queries
+        # (attention "triton": the decode kernel sums the attention, on the CPU under TRITON_INTERPRET=1)
+        ("static h2o 10%, every step", dict(cache="static", policy=h2o, budget=k, interval=1, attention="triton",
+                                            accumulate_attention=True)),
+        ("static h2o 10%, every step, graphs", dict(cache="static", graphs=True, policy=h2o, budget=k, interval=1,
+                                                    attention="triton", accumulate_attention=True)),
+        ("static h2o 10%, every step, graphs, keys", dict(cache="static", graphs=True, policy=h2o, budget=k,
+                                                          interval=1)),
     ]
 
 
@@ -354,16 +366,20 @@ def targets(rows) -> list:
         base = max((r for r in here if r["baseline"]), key=lambda r: r["tokens_per_s"], default=None)
         best = max((r for r in here if not r["baseline"]), key=lambda r: r["tokens_per_s"], default=None)
         shares = {}
+        every_step = lambda r: r["interval"] == 1 and "in order" not in r["mode"] and ", keys" not in r["mode"]  # noqa: E731
         for label, test in (("every 64", lambda r: r["interval"] not in (None, 1) and "once" not in r["mode"]),
-                            ("every step", lambda r: r["interval"] == 1 and "in order" not in r["mode"]
-                                                    and ", keys" not in r["mode"])):
+                            ("every step", every_step),
+                            ("every step, static", lambda r: every_step(r) and r["mode"].startswith("static")),
+                            ("every step, growing", lambda r: every_step(r) and not r["mode"].startswith("static"))):
             got = [r["evict_share"] for r in here if not r["baseline"] and test(r) and r.get("evict_share") is not None]
             shares[label] = max(got) if got else None
         out.append(dict(model=model, prompt=n, best_baseline=base and base["mode"],
                         best_baseline_tokens_per_s=base and base["tokens_per_s"], best_evicting=best and best["mode"],
                         best_evicting_tokens_per_s=best and best["tokens_per_s"],
                         speedup=base and best and best["tokens_per_s"] / base["tokens_per_s"],
-                        max_share_every_64=shares["every 64"], max_share_every_step=shares["every step"]))
+                        max_share_every_64=shares["every 64"], max_share_every_step=shares["every step"],
+                        max_share_every_step_static=shares["every step, static"],
+                        max_share_every_step_growing=shares["every step, growing"]))
     return out
 
 
@@ -439,7 +455,8 @@ def main(argv=None):
     for t in json.loads((args.out / "generation.json").read_text())["targets"]:
         print(f"{t['model']:<5} {t['prompt']:>6}  best evicting {t['best_evicting']!r} / best baseline "
               f"{t['best_baseline']!r}: {t['speedup'] or float('nan'):.2f}x; largest eviction share every 64 "
-              f"{percent(t['max_share_every_64'])}, every step {percent(t['max_share_every_step'])}")
+              f"{percent(t['max_share_every_64'])}, every step {percent(t['max_share_every_step'])} (fixed-capacity "
+              f"cache {percent(t['max_share_every_step_static'])}, growing {percent(t['max_share_every_step_growing'])})")
     print(f"wrote {args.out / 'generation.json'} and {args.out / 'generation.png'}")
 
 

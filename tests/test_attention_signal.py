@@ -82,3 +82,23 @@ def test_bad_arguments_are_refused_before_any_kernel():
         attention_signal(logits, lse, 2, "median")
     with pytest.raises(ValueError, match=r"out: expected a float32 tensor \[1, 2, 8\]"):
         attention_signal(logits, lse, 2, out=torch.zeros(1, 2, 7))
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_accumulate_adds_the_signal_to_out(how):
+    """accumulate=True: out + the signal, in place (H2O's attention summed over decode steps),
+    every element once, a strided out included; without out it is refused."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 6, 1500, generator=g) * 3).to(DEVICE)
+    lse = torch.logsumexp(logits * math.log(2), -1) / math.log(2)
+    big = torch.rand(3, 2, 1600, generator=g).to(DEVICE)
+    before = big.clone()
+    out = attention_signal(logits, lse, 3, how, out=big[:, :, :1500], accumulate=True)
+    assert out.data_ptr() == big.data_ptr() and torch.equal(big[:, :, 1500:], before[:, :, 1500:])
+    want = before[:, :, :1500] + reference.attention_signal(logits, lse, 3, how)
+    # one float32 addition more than the signal alone: half an ulp of the sum
+    assert torch.allclose(big[:, :, :1500], want, rtol=RTOL + 2.0 ** -24, atol=1e-38)
+    with pytest.raises(ValueError, match="out: accumulate=True adds to out"):
+        attention_signal(logits, lse, 3, how, accumulate=True)
+    with pytest.raises(ValueError, match="accumulate: expected a bool"):
+        attention_signal(logits, lse, 3, how, out=big[:, :, :1500], accumulate=1)

@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tritonkv as tkv  # noqa: E402
-from tritonkv import policies  # noqa: E402
+from tritonkv import policies, reference  # noqa: E402
 from tritonkv.integrations import hf  # noqa: E402
 from tritonkv.integrations import static as static_module  # noqa: E402
 from tritonkv.integrations.buffer import copy_slots  # noqa: E402
@@ -568,3 +568,131 @@ def test_decode_scores_keep_what_the_keys_give(model, monkeypatch, policy, budge
     for a, b in zip(caches[True].layers, caches[False].layers):
         assert a.evictions == b.evictions >= 6
         assert torch.equal(a.positions(), b.positions())
+
+
+def _step_attention(keys, query, group: int, scale: float) -> torch.Tensor:
+    """The decoded query's attention [B, H_kv, n] to the held keys [B, H_kv, n, D], averaged
+    over each KV head's query heads (H2O's group reduction), in float64."""
+    b, h, n, d = keys.shape
+    q = query.double().view(b, h, group, d)
+    p = torch.softmax(torch.einsum("bhgd,bhnd->bhgn", q, keys.double()) * scale, dim=-1)
+    return p.mean(2)
+
+
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "per-layer"])
+def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack):
+    """accumulate_attention=True (H2O as published), float32 on DEVICE, every-step evictions:
+    after the prompt every held token's accumulator is the window's proxy attention over the
+    held tokens (reference.proxy_attention); in each decode step the new slot starts at 0, each
+    held token gains the decoded query's attention (recomputed here in float64), and the
+    eviction keeps what reference.select keeps for H2O's policy ranking those sums, whose
+    accumulators move with the rows. Compared step by step (each from the cache's state before
+    it), so a near-tie in one step cannot derail the next comparisons."""
+    from tritonkv.integrations.decode_scores import SIGNAL, accumulation_scored, proxy_node
+
+    policy, budget, window = policies.h2o(), 24, 16
+    steps = []
+    original = static_module.StaticEvictingCache.end_of_decode_step
+
+    def spy(self, run):
+        before = [(layer.buffer.keys[:, :, :layer.filled].clone(), layer.positions().clone(),
+                   layer.buffer.queries[:, :, -1].clone(), layer.buffer.accumulated[:, :, :layer.filled].clone())
+                  for layer in self.layers]
+        original(self, run)
+        after = [(layer.positions().clone(), layer.buffer.accumulated[:, :, :layer.filled].clone())
+                 for layer in self.layers]
+        steps.append((before, after))
+
+    monkeypatch.setattr(static_module.StaticEvictingCache, "end_of_decode_step", spy)
+    ids = to_device(prompt(n=60))[0]
+    with on_device(model) as on:
+        cache = hf.StaticEvictingCache(on, policy, budget, interval=1, window=window, attention="triton",
+                                       accumulate_attention=True, stack_layers=stack)
+        with torch.no_grad():
+            on(ids, past_key_values=cache, use_cache=True)   # the prompt alone: check the seeds
+        node = proxy_node(cache.policy)
+        for layer in cache.layers:
+            buffer = layer.buffer
+            want = reference.proxy_attention(node, buffer.keys[:, :, :budget].float(), buffer.queries.float())
+            assert torch.allclose(buffer.accumulated[:, :, :budget], want, rtol=1e-4, atol=1e-6)
+        cache = hf.StaticEvictingCache(on, policy, budget, interval=1, window=window, attention="triton",
+                                       accumulate_attention=True, stack_layers=stack)
+        generate(on, ids, cache, max_new_tokens=8)
+    assert cache.accumulates and not cache.fills_holes and len(steps) == 7
+    swapped = accumulation_scored(cache.policy)[0]
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    scale = (model.config.hidden_size // model.config.num_attention_heads) ** -0.5
+    for before, after in steps:
+        for (keys, positions, query, acc), (kept_positions, kept_acc) in zip(before, after):
+            assert (acc[:, :, -1] == 0).all()   # the slot just written starts from nothing
+            summed = acc.double() + _step_attention(keys, query, group, scale)
+            inputs = reference.Inputs(keys.float(), keys.float(), None, signals={SIGNAL: summed.float()})
+            mask = reference.select(swapped, inputs, budget)
+            assert torch.equal(positions[mask].view(kept_positions.shape), kept_positions)
+            want = summed[mask].view(kept_acc.shape)
+            assert torch.allclose(kept_acc.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulate_attention_refuses_what_it_cannot_sum(model):
+    with pytest.raises(ValueError, match="accumulate_attention: the policy's proxy attention must sum"):
+        hf.StaticEvictingCache(model, policies.snapkv(), 20, interval=1, accumulate_attention=True)
+    with pytest.raises(ValueError, match="accumulate_attention: the attention is summed from tritonkv's"):
+        hf.StaticEvictingCache(model, policies.h2o(), 20, interval=1, accumulate_attention=True, attention="sdpa")
+    with pytest.raises(ValueError, match="accumulate_attention: expected a bool"):
+        hf.StaticEvictingCache(model, policies.h2o(), 20, interval=1, accumulate_attention="yes")
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_beams=3), dict(prefill_chunk_size=32)], ids=["beams", "prefill-chunks"])
+def test_accumulating_cache_that_keeps_everything_generates_like_transformers(model, kwargs):
+    """With room for every token, an accumulating cache (its accumulators written, summed,
+    reordered by beam search) generates what plain generate does, left padding included."""
+    ids, mask = padded()
+    ids, mask = to_device(ids, mask)
+    with on_device(model) as on:
+        want = generate(on, ids, mask=mask, max_new_tokens=6, **kwargs)
+        cache = hf.StaticEvictingCache(on, policies.h2o(), 200, interval=3, window=8, attention="triton",
+                                       accumulate_attention=True)
+        assert torch.equal(generate(on, ids, cache, mask=mask, max_new_tokens=6, **kwargs), want)
+    assert cache.layers[0].buffer.accumulated is not None
+
+
+def test_accumulating_padded_rows_keep_what_they_keep_alone(model):
+    """Every row of a left-padded batch, with H2O's accumulated attention evicting every 2
+    steps, generates and keeps what it generates and keeps alone."""
+    ids, mask = padded()
+    ids, mask = to_device(ids, mask)
+    kwargs = dict(interval=2, window=8, attention="triton", accumulate_attention=True)
+    with on_device(model) as on:
+        cache = hf.StaticEvictingCache(on, policies.h2o(), 30, **kwargs)
+        batch = generate(on, ids, cache, mask=mask, max_new_tokens=12)
+        for b, real in enumerate(LENGTHS):
+            alone = hf.StaticEvictingCache(on, policies.h2o(), 30, **kwargs)
+            assert torch.equal(generate(on, ids[b:b + 1, ids.shape[1] - real:], alone, max_new_tokens=12)[0],
+                               batch[b])
+            for layer, single in zip(cache.layers, alone.layers):
+                positions = layer.positions()[b]
+                kept = positions[positions >= 0].view(positions.shape[0], -1)
+                assert torch.equal(kept, single.positions()[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_accumulated_attention_under_cuda_graphs(model):
+    """On CUDA: every-step H2O on accumulated attention, decoded as CUDA graph replays,
+    generates and keeps what eager steps do (the accumulate launch and the zeroing of the new
+    slot are in the graph)."""
+    gpu = model.to("cuda")
+    ids = prompt(n=100).cuda()
+    try:
+        kwargs = dict(interval=1, window=16, backend="triton", accumulate_attention=True)
+        eager = hf.StaticEvictingCache(gpu, policies.h2o(), 32, **kwargs)
+        want = generate(gpu, ids, eager, max_new_tokens=30)
+        cache = hf.StaticEvictingCache(gpu, policies.h2o(), 32, **kwargs)
+        with hf.cuda_graphs(gpu, cache) as graphs:
+            got = generate(gpu, ids, cache, max_new_tokens=30)
+        assert graphs.replays >= 20 and torch.equal(got, want)
+        for a, b in zip(eager.layers, cache.layers):
+            assert torch.equal(a.positions(), b.positions())
+            assert torch.equal(a.buffer.accumulated, b.buffer.accumulated)
+    finally:
+        model.to("cpu")

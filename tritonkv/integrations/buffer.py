@@ -50,6 +50,14 @@ class LayerBuffer:
         self.slots = storage.slots
 
     @property
+    def accumulated(self) -> Optional[torch.Tensor]:
+        """float32 [B, H_kv, C]: the layer's rows of the storage's ``signal`` (the attention each
+        slot's token accumulated, for a cache that accumulates it); None until allocated."""
+        signal = self.storage.signal
+        b = self.keys.shape[0]
+        return None if signal is None else signal[self.layer * b:(self.layer + 1) * b]
+
+    @property
     def queries(self) -> Optional[torch.Tensor]:
         """[B, H_q, W, D] the layer's last W queries (after RoPE), oldest first; None until allocated."""
         return None if self.storage.queries is None else self.storage.queries[self.layer]
@@ -95,7 +103,8 @@ class Storage:
         self.slots = torch.arange(capacity, device=device)
         self.queries: Optional[torch.Tensor] = None
         # a decode step's attention logits / log-sum-exp per query head, and the score made of
-        # them ([L * B, H_kv, C]): allocated for caches that score evictions from the decode step
+        # them ([L * B, H_kv, C]; summed over the steps for a cache that accumulates it):
+        # allocated for caches that score evictions from the decode step
         self.logits: Optional[torch.Tensor] = None
         self.lse: Optional[torch.Tensor] = None
         self.signal: Optional[torch.Tensor] = None

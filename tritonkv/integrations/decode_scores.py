@@ -10,6 +10,15 @@ and the policy runs with the node replaced by ``signal(SIGNAL)``: no pass over t
 all, where the proxy-attention passes read every key twice (the statistics, then the
 probabilities). The kept tokens are the same up to float rounding (the normalizer is summed
 in another order), so a near-tie may go the other way.
+
+``proxy_attention(window=None, causal=True, reduce="sum")`` (H2O's score: the attention of
+every query so far, summed) has a decode form too, which the cache takes when asked
+(``accumulate_attention=True``): every decode step adds the token's attention to a per-slot
+accumulator (``attention_signal(..., accumulate=True)``), which moves with the slots' rows,
+and the evictions rank it. That is H2O as its paper runs it (each token's attention from every
+later token, each query normalized over the tokens held when it was decoded), where the keys
+path recomputes the last ``window`` queries' attention over the tokens held at each eviction:
+a different score, so it is not the default.
 """
 
 from __future__ import annotations
@@ -28,13 +37,50 @@ def scored_by_last_query(node: dsl.Score) -> bool:
             and node.pool_kernel == 1 and not node.exclude_window)
 
 
+def summed_over_all_queries(node: dsl.Score) -> bool:
+    """A proxy attention that sums every query's attention (H2O's): no window (all queries
+    given), causal, summed over the queries, no pooling, the window's keys not excluded."""
+    return (isinstance(node, dsl.ProxyAttention) and node.window is None and node.causal and node.reduce == "sum"
+            and node.pool_kernel == 1 and not node.exclude_window)
+
+
+def _swapped(policy: dsl.Policy, fits) -> Optional[Tuple[dsl.Policy, str]]:
+    nodes = [n for score in policy.scores for n in dsl.walk(score) if isinstance(n, dsl.ProxyAttention)]
+    if not nodes or not all(fits(n) for n in nodes) or len({n.group_reduce for n in nodes}) > 1:
+        return None
+    swapped = dsl.substitute(policy, lambda n: dsl.signal(SIGNAL) if isinstance(n, dsl.ProxyAttention) else n)
+    return swapped, nodes[0].group_reduce
+
+
 def decode_scored(policy: dsl.Policy) -> Optional[Tuple[dsl.Policy, str]]:
     """(the policy with its proxy attention read from the signal ``SIGNAL``, the reduction over
     a KV head's query heads), when every proxy attention of the policy is the last query's
     with one group reduction; else None (nothing to take from the decode step, or a proxy
     window it does not compute)."""
-    nodes = [n for score in policy.scores for n in dsl.walk(score) if isinstance(n, dsl.ProxyAttention)]
-    if not nodes or not all(scored_by_last_query(n) for n in nodes) or len({n.group_reduce for n in nodes}) > 1:
-        return None
-    swapped = dsl.substitute(policy, lambda n: dsl.signal(SIGNAL) if isinstance(n, dsl.ProxyAttention) else n)
-    return swapped, nodes[0].group_reduce
+    return _swapped(policy, scored_by_last_query)
+
+
+def accumulation_scored(policy: dsl.Policy) -> Optional[Tuple[dsl.Policy, str]]:
+    """(the policy with its proxy attention read from the accumulated attention ``SIGNAL``, the
+    reduction over a KV head's query heads), when every proxy attention of the policy sums all
+    queries' attention (``summed_over_all_queries``: H2O) with one group reduction; else None."""
+    return _swapped(policy, summed_over_all_queries)
+
+
+def proxy_node(policy: dsl.Policy) -> dsl.ProxyAttention:
+    """The policy's proxy attention (the one node ``decode_scored`` / ``accumulation_scored`` swap)."""
+    return next(n for score in policy.scores for n in dsl.walk(score) if isinstance(n, dsl.ProxyAttention))
+
+
+def proxy_scores(node: dsl.ProxyAttention, keys, values, queries):
+    """float32 [B, H_kv, N]: ``node``'s score of ``keys`` [B, H_kv, N, D] for the proxy
+    ``queries`` [B, H_q, W, D] (``reference.proxy_attention``), by the compiled kernels where
+    they run (CUDA, Triton's interpreter), else by the reference."""
+    from ..compiler import compile_policy, score
+    from ..kernels.common import interpreting
+    from ..reference import proxy_attention
+
+    b, h, n, _ = keys.shape
+    if keys.is_cuda or interpreting():
+        return score(compile_policy(dsl.as_policy(dsl.top(node))), keys, values, queries, 0)[0].view(b, h, n)
+    return proxy_attention(node, keys.float(), queries.float())

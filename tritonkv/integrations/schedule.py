@@ -83,12 +83,12 @@ class EvictionPlan:
     """How one eviction runs: the planned Evictor, whether it reads proxy queries, and the
     sink / recent rows it keeps (what the next eviction knows about the kept rows)."""
 
-    __slots__ = ("evictor", "queries", "n_sink", "n_recent", "_indexer", "_decode_indexer")
+    __slots__ = ("evictor", "queries", "n_sink", "n_recent", "_indexer", "_signal_forms")
 
     def __init__(self, evictor: Evictor, queries: bool, n_sink: int, n_recent: int):
         self.evictor, self.queries, self.n_sink, self.n_recent = evictor, queries, n_sink, n_recent
         self._indexer: Optional[Evictor] = None
-        self._decode_indexer = False   # not made yet (None: the policy has no decode-step form)
+        self._signal_forms: Dict[Tuple, Optional[Tuple[Evictor, str]]] = {}
 
     @property
     def indexer(self) -> Evictor:
@@ -103,12 +103,18 @@ class EvictionPlan:
         """(the indexer of the policy scored from a decode step's attention, its group
         reduction), or None when its proxy attention is not the last query's alone
         (decode_scores.decode_scored)."""
-        if self._decode_indexer is False:
+        return self.signal_form(decode_scored, gather=False)
+
+    def signal_form(self, form, gather: bool) -> Optional[Tuple[Evictor, str]]:
+        """(an Evictor of the policy as ``form`` rewrites it to read a decode-step signal, the
+        signal's group reduction), or None where ``form`` gives None (decode_scores.py)."""
+        key = (form, gather)
+        if key not in self._signal_forms:   # threads that race make equal Evictors; one is kept
             ev = self.evictor
-            scored = decode_scored(ev.policy)
-            self._decode_indexer = None if scored is None else (
-                Evictor(scored[0], ev.budget, backend=ev.backend, gather=False), scored[1])
-        return self._decode_indexer
+            swapped = form(ev.policy)
+            self._signal_forms[key] = None if swapped is None else (
+                Evictor(swapped[0], ev.budget, backend=ev.backend, gather=gather), swapped[1])
+        return self._signal_forms[key]
 
 
 class EvictionTimer:

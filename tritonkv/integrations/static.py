@@ -57,7 +57,7 @@ from ..kernels.holes import fill_holes
 from .attention import attention_scale, check_attention, decode_kernel_runs, enable
 from .buffer import LayerBuffer, Storage
 from .cache import HeldTokens
-from .decode_scores import SIGNAL, decode_scored
+from .decode_scores import SIGNAL, accumulation_scored, decode_scored
 from .rows import Decision
 from .schedule import EvictionPlan, EvictionSchedule, per_layer_ints
 from .static_layer import StaticEvictingLayer
@@ -103,6 +103,16 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             (``attention`` "triton" / "auto" on CUDA) and the model's softmax scale
             1 / sqrt(D) (the policy's); otherwise, or with False, the policy reads the keys.
             The kept tokens are the same up to float rounding of the normalizer.
+        accumulate_attention: H2O as its paper runs it, for a policy whose proxy attention sums
+            every query's (``proxy_attention(window=None, causal=True, reduce="sum")``:
+            ``policies.h2o()``): each decode step adds the token's attention (from the decode
+            kernel's logits, every step) to a per-slot accumulator that moves with the rows, and
+            the decode evictions rank it. A forward of several tokens (the prompt, a chunk)
+            evicts as the keys path does and sets every held token's accumulator to the
+            attention the last ``window`` queries pay it over the held tokens. Without it
+            (the default), every eviction recomputes the last ``window`` queries' attention
+            over the keys, a different score. Needs the decode kernel (``attention`` "triton" /
+            "auto" on CUDA); the slots stay in position order.
 
     ``capacity`` (per layer) is ``budget + interval``. Beam search works (one host read per step
     to reorder the rows); strategies that change the batch size, cropping (assisted decoding) and
@@ -113,7 +123,8 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
     def __init__(self, model, policy, budget, *, interval: int, window: int = 64, seed: int = 0,
                  backend: str = "auto", timing: bool = False,
                  directions: Optional[Mapping[str, torch.Tensor]] = None, stack_layers: bool = True,
-                 attention: str = "auto", keep_order: bool = False, decode_scores: bool = True):
+                 attention: str = "auto", keep_order: bool = False, decode_scores: bool = True,
+                 accumulate_attention: bool = False):
         if policy is None:
             raise ValueError("policy: a StaticEvictingCache needs a policy (use transformers' StaticCache to keep "
                              "everything)")
@@ -135,9 +146,21 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             raise ValueError(f"keep_order: expected a bool, got {keep_order!r}")
         if not isinstance(decode_scores, bool):
             raise ValueError(f"decode_scores: expected a bool, got {decode_scores!r}")
+        if not isinstance(accumulate_attention, bool):
+            raise ValueError(f"accumulate_attention: expected a bool, got {accumulate_attention!r}")
+        # H2O's accumulated attention (decode_scores.accumulation_scored), summed by the decode steps
+        self.accumulates = accumulate_attention
+        summed = accumulation_scored(schedule.policy)
+        if accumulate_attention and summed is None:
+            raise ValueError(f"accumulate_attention: the policy's proxy attention must sum every query's "
+                             f"(proxy_attention(window=None, causal=True, reduce='sum'), one group reduction, no "
+                             f"pooling: policies.h2o()); got {schedule.policy!r}")
+        if accumulate_attention and self.attention == "sdpa":
+            raise ValueError("accumulate_attention: the attention is summed from tritonkv's decode kernel; "
+                             "attention='sdpa' does not run it (use 'triton' or 'auto')")
         # an order-free policy whose recent windows are all among the last `interval` slots may
         # hold its rows in any order: a decode eviction then moves at most `interval` rows per row
-        self.fills_holes = not keep_order and dsl.order_free(schedule.policy) and all(
+        self.fills_holes = not keep_order and not self.accumulates and dsl.order_free(schedule.policy) and all(
             isinstance(c.n, int) and c.n <= interval for c in schedule.policy.clauses if isinstance(c, dsl.Recent))
         budgets = per_layer_ints("budget", budget, schedule)
         self.n_layers, self.policy, self.timer = schedule.n_layers, schedule.policy, schedule.timer
@@ -152,6 +175,7 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         self.paused = False
         # decode steps whose eviction is due write the last query's attention (decode_scores.py)
         self.decode_scores = decode_scores and decode_scored(schedule.policy) is not None
+        self._group_reduce = summed[1] if summed is not None else None   # how the accumulators sum query heads
         self._scored = set()   # layers whose decode kernel wrote this step's scores
         self._random = any(isinstance(c, dsl.Sample) for c in schedule.policy.clauses) or any(
             isinstance(n, dsl.Random) for s in schedule.policy.scores for n in dsl.walk(s))
@@ -210,6 +234,8 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         layers in one call when stacked). ``run=False`` does only the host bookkeeping (a
         replayed CUDA graph did the device work)."""
         scored, self._scored = self._scored, set()
+        if self.accumulates and run:
+            self._accumulate(scored)
         if self.paused:
             return
         due = [layer for layer in self.layers if layer.filled == layer.capacity]
@@ -232,7 +258,20 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
 
     def decode_step_scores(self, layer: StaticEvictingLayer, module, query, key, kwargs):
         """(logits, lse) views for ``layer``'s decode kernel to write in this step, when the
-        step ends with an eviction scored from them (``decode_scores``); else None."""
+        step ends with an eviction scored from them (``decode_scores``), or in every step of a
+        cache that accumulates them (``accumulate_attention``: the slot just written starts
+        from 0); else None."""
+        if self.accumulates:
+            if not decode_kernel_runs(module, key, kwargs, self.attention):
+                raise RuntimeError(
+                    "accumulate_attention: this decode step's attention is not tritonkv's decode kernel (it runs "
+                    "on CUDA, or under TRITON_INTERPRET=1, for models without dropout, soft-capping, sliding "
+                    "windows or attention sinks), so there is no attention to accumulate")
+            storage, index = layer.buffer.storage, layer.buffer.layer
+            storage.allocate_scores(query)
+            layer.buffer.accumulated.index_fill_(2, layer._index, 0.0)
+            self._scored.add(layer.index)
+            return storage.logits[index], storage.lse[index]
         if not self.decode_scores or self.paused or layer.filled != layer.capacity \
                 or not decode_kernel_runs(module, key, kwargs, self.attention) \
                 or attention_scale(query, kwargs) != query.shape[-1] ** -0.5:
@@ -241,6 +280,19 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         storage.allocate_scores(query)
         self._scored.add(layer.index)
         return storage.logits[index], storage.lse[index]
+
+    def _accumulate(self, scored) -> None:
+        """Add this step's attention to the accumulators of the layers whose decode kernel wrote
+        it: one launch over the stacked layers, or one per layer."""
+        with self._timed():
+            if self.stacked and len(scored) == self.n_layers:
+                units = [(self._storage, range(self.n_layers))]
+            else:
+                units = [(self.layers[i].buffer.storage, [self.layers[i].buffer.layer]) for i in sorted(scored)]
+            for storage, layers in units:
+                logits, lse, signal = storage.scores(layers)
+                attention_signal(logits, lse, logits.shape[1] // signal.shape[1], self._group_reduce, out=signal,
+                                 accumulate=True)
 
     def _run_stacked(self, decision: Decision, scored: bool = False) -> None:
         storage = self._storage
@@ -253,11 +305,20 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         storage.lengths.fill_(decision.fill)
         storage.starts.zero_()
 
-    def evict(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries):
-        """One tkv.evict call: the kept keys, values and their positions."""
+    def evict(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries,
+              accumulated=None):
+        """One tkv.evict call: the kept keys, values, their positions and (``accumulated``: the
+        rows' accumulated attention, which the eviction then ranks) their accumulators."""
         with self._timed():
-            out = self._select(plan.evictor, plan, layer, evictions, keys, values, queries)
-            return out.keys, out.values, positions.gather(-1, out.indices)
+            form = None if accumulated is None else plan.signal_form(accumulation_scored, gather=True)
+            if form is not None:
+                out = form[0](keys, values, seed=self.schedule.layer_seed(layer, evictions),
+                              signals={SIGNAL: accumulated})
+            else:   # no accumulators, or a plan without the proxy attention (too few rows for its window)
+                out = self._select(plan.evictor, plan, layer, evictions, keys, values, queries)
+            if accumulated is not None:
+                accumulated = accumulated.gather(-1, out.indices)
+            return out.keys, out.values, positions.gather(-1, out.indices), accumulated
 
     def compact(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries,
                 scores=None) -> None:
@@ -266,10 +327,21 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         each displaced row moves once, no scratch copy of the kept rows), or, when the cache
         ``fills_holes``, in any order (kernels/holes.py: only the kept rows past the budget move,
         into the dropped slots). ``scores``: (logits, lse, signal) of the rows' decode step
-        (``Storage.scores``), which the plan's decode form reads instead of the keys."""
+        (``Storage.scores``), which the plan's decode form reads instead of the keys; in a cache
+        that accumulates attention, ``signal`` holds the accumulators, ranked and moved with
+        the rows."""
         with self._timed():
-            decode = plan.decode_indexer if scores is not None else None
-            if decode is not None:
+            decode = plan.decode_indexer if scores is not None and not self.accumulates else None
+            if self.accumulates:   # the accumulators rank (where the plan has the proxy attention) and move
+                if scores is None:
+                    raise RuntimeError("StaticEvictingCache: a decode eviction of an accumulating cache was run "
+                                       "without the layers' accumulators")
+                summed, signal = plan.signal_form(accumulation_scored, gather=False), scores[2]
+                out = self._select(plan.indexer, plan, layer, evictions, keys, values, queries) if summed is None \
+                    else summed[0](keys, values, seed=self.schedule.layer_seed(layer, evictions),
+                                   signals={SIGNAL: signal})
+                signal[:, :, :out.indices.shape[-1]] = signal.gather(-1, out.indices)
+            elif decode is not None:
                 indexer, how = decode
                 logits, lse, signal = scores
                 attention_signal(logits, lse, logits.shape[1] // signal.shape[1], how, out=signal)

@@ -16,6 +16,7 @@ from ..reference import gather_rows
 from ..results import Evicted
 from .attention import attend_slots, decode_kernel_runs, expect
 from .buffer import LayerBuffer, copy_slots
+from .decode_scores import proxy_node, proxy_scores
 from .rows import Decision, Row, commit, decide, flat
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ class StaticEvictingLayer(CacheLayerMixin):
         order = beam_idx.tolist()   # beam search: one host read per step, outside any graph
         buffer = self.buffer
         index = beam_idx.to(buffer.keys.device)
-        for t in (buffer.keys, buffer.values, buffer.positions, buffer.start, buffer.queries):
+        for t in (buffer.keys, buffer.values, buffer.positions, buffer.start, buffer.queries, buffer.accumulated):
             if t is not None:
                 t.copy_(t.index_select(0, index))
         self.rows = [self.rows[i].copy() for i in order]
@@ -232,7 +233,7 @@ class StaticEvictingLayer(CacheLayerMixin):
         h = new_keys.shape[1]
         sources = torch.cat([buffer.positions[:, :, :self.filled], positions[:, None, :].expand(b, h, -1)], dim=2)
         queries = None
-        if cache.decode_scores and decode_kernel_runs(module, key, kwargs, cache.attention):
+        if (cache.decode_scores or cache.accumulates) and decode_kernel_runs(module, key, kwargs, cache.attention):
             buffer.storage.allocate_scores(query)   # before any CUDA graph captures a decode step
         if cache.query_window:
             buffer.storage.allocate_queries(query, cache.query_window)
@@ -243,7 +244,31 @@ class StaticEvictingLayer(CacheLayerMixin):
         decision = self._decide(pads, q, evict=not cache.paused)
         self._run(decision, key, value, sources, queries)
         self._commit(decision, queries_added=[q - pad for pad in pads])
+        if cache.accumulates and buffer.accumulated is not None:
+            self._seed_accumulators()
         return out
+
+    def _seed_accumulators(self) -> None:
+        """After a forward of several tokens, each held token's accumulated attention (see
+        ``accumulate_attention``) is the attention the row's last real queries (at most the
+        query window) pay it over the row's held tokens: the policy's proxy attention, as the
+        keys path scores it. Rows that hold their tokens from the same slot with as many
+        queries go in one call."""
+        buffer, fill = self.buffer, self.filled
+        acc = buffer.accumulated
+        acc.zero_()
+        node = proxy_node(self.cache.policy)
+        groups = {}
+        for b, row in enumerate(self.rows):
+            count = min(row.queries, fill - row.start)
+            if count:
+                groups.setdefault((row.start, count), []).append(b)
+        window = buffer.queries.shape[2]
+        for (start, count), rows in groups.items():
+            index = self.cache.device_index(tuple(rows), acc.device)
+            keys, values = (t.index_select(0, index)[:, :, start:fill] for t in (buffer.keys, buffer.values))
+            queries = buffer.queries.index_select(0, index)[:, :, window - count:]
+            acc[index, :, start:fill] = proxy_scores(node, keys, values, queries)
 
     def _many_mask(self, pads: Sequence[int], q: int) -> torch.Tensor:
         """bool [B, 1, q, held + q]: every held slot of the row, the new real tokens causally
@@ -273,7 +298,10 @@ class StaticEvictingLayer(CacheLayerMixin):
         eviction of every row, the only one whose slots they cover)."""
         cache, buffer = self.cache, self.buffer
         fill = decision.fill
+        # a decode eviction of an accumulating cache ranks the rows' accumulated attention
+        accumulated = buffer.accumulated if cache.accumulates and scored else None
         for group in decision.groups:
+            a = accumulated
             if decision.direct:
                 k, v, p = keys, values, positions
                 qs = None if queries is None else queries[:, :, queries.shape[2] - group.available:]
@@ -281,6 +309,7 @@ class StaticEvictingLayer(CacheLayerMixin):
                 rows = cache.device_index(group.rows, keys.device)
                 slots = cache.device_index(tuple(flat(decision.sources[b]) for b in group.rows), keys.device)
                 k, v, p = (_take(t.index_select(0, rows), slots) for t in (keys, values, positions))
+                a = None if a is None else _take(a.index_select(0, rows), slots)
                 qs = None
                 if queries is not None and group.available:
                     qslots = cache.device_index(tuple(flat(decision.query_sources[b]) for b in group.rows),
@@ -292,16 +321,20 @@ class StaticEvictingLayer(CacheLayerMixin):
                 cache.compact(group.plan, self.index, self.evictions, keys, values, positions, qs, scores)
                 continue
             if group.plan is not None:
-                k, v, p = cache.evict(group.plan, self.index, self.evictions, k, v, p, qs)
+                k, v, p, a = cache.evict(group.plan, self.index, self.evictions, k, v, p, qs, a)
             if decision.direct:
                 copy_slots(buffer.keys[:, :, lo:fill], k)
                 copy_slots(buffer.values[:, :, lo:fill], v)
                 buffer.positions[:, :, lo:fill].copy_(p)
+                if a is not None:
+                    accumulated[:, :, lo:fill] = a.clone()   # a may be a view of the slots it lands on
             else:
                 rows = cache.device_index(group.rows, keys.device)
                 buffer.keys[rows, :, lo:fill] = k
                 buffer.values[rows, :, lo:fill] = v
                 buffer.positions[rows, :, lo:fill] = p
+                if a is not None:
+                    accumulated[rows, :, lo:fill] = a
         if queries is not None:
             self._store_queries(decision, queries)
         buffer.length.fill_(fill)

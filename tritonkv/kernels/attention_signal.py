@@ -7,6 +7,8 @@ their log-sum-exp, both in base 2. Here one program takes one (row, KV head) and
 slots: it loads the G query heads' logits [G, BLOCK] (G * 4 bytes per slot, against the
 key's D * 2 that a proxy-attention pass reads) and writes ``reduce_g 2^(logit - lse)``,
 float32 [B, H_kv, N]: what a ``signal`` of the policy reads (reference.attention_signal).
+With ``accumulate`` it adds them to what ``out`` holds instead: the attention every decoded
+token paid each slot, summed over the decode steps (H2O's accumulated attention).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ HOW_CODES = {"mean": 0, "sum": 1, "max": 2}
 
 @triton.jit
 def _attention_signal_kernel(sc_ptr, lse_ptr, out_ptr, s_scb, s_sch, s_scn, s_lb, s_lh, s_ob, s_oh, s_on, H, N,
-                             G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HOW: tl.constexpr):
+                             G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HOW: tl.constexpr,
+                             ACCUMULATE: tl.constexpr):
     i_bh, i_n = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_g = tl.arange(0, G_PAD)
@@ -45,10 +48,13 @@ def _attention_signal_kernel(sc_ptr, lse_ptr, out_ptr, s_scb, s_sch, s_scn, s_lb
         out = tl.sum(p, 0)
         if HOW == 0:
             out = out / G
-    tl.store(out_ptr + i_b.to(tl.int64) * s_ob + i_h.to(tl.int64) * s_oh + o_n.to(tl.int64) * s_on, out, mask=m_n)
+    p_out = out_ptr + i_b.to(tl.int64) * s_ob + i_h.to(tl.int64) * s_oh + o_n.to(tl.int64) * s_on
+    if ACCUMULATE:   # one program owns each element: a plain read-modify-write
+        out += tl.load(p_out, mask=m_n, other=0.0)
+    tl.store(p_out, out, mask=m_n)
 
 
-def _check(logits, lse, group, how, out) -> None:
+def _check(logits, lse, group, how, out, accumulate) -> None:
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.dtype != torch.float32:
         raise ValueError(f"logits: expected a float32 tensor [B, H_q, N], got "
                          f"{getattr(logits, 'dtype', type(logits).__name__)} {list(getattr(logits, 'shape', []))}")
@@ -58,30 +64,37 @@ def _check(logits, lse, group, how, out) -> None:
         raise ValueError(f"group: expected query heads per KV head, an int dividing H_q = {hq}, got {group!r}")
     if how not in HOW_CODES:
         raise ValueError(f"how: expected one of {tuple(HOW_CODES)}, got {how!r}")
+    if not isinstance(accumulate, bool):
+        raise ValueError(f"accumulate: expected a bool, got {accumulate!r}")
+    if accumulate and out is None:
+        raise ValueError("out: accumulate=True adds to out, which must be given")
     if out is not None:
         check_float32("out", out, (b, hq // group, n), logits.device)
 
 
 def attention_signal(logits: torch.Tensor, lse: torch.Tensor, group: int, how: str = "mean",
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, accumulate: bool = False) -> torch.Tensor:
     """``reference.attention_signal`` into ``out`` (float32 [B, H_q / group, N], any strides;
-    allocated when None), one launch that reads no device value (CUDA-graph safe). CPU
-    tensors outside Triton's interpreter take the PyTorch reference."""
-    _check(logits, lse, group, how, out)
+    allocated when None), or added to it (``accumulate``); one launch that reads no device
+    value (CUDA-graph safe). CPU tensors outside Triton's interpreter take the PyTorch
+    reference."""
+    _check(logits, lse, group, how, out, accumulate)
     b, hq, n = logits.shape
     if out is None:
         out = torch.empty(b, hq // group, n, dtype=torch.float32, device=logits.device)
     if not (logits.is_cuda or interpreting()):
-        out.copy_(attention_signal_reference(logits, lse, group, how))
-        return out
-    launch(*attention_signal_launch(logits, lse, group, how, out))
+        signal = attention_signal_reference(logits, lse, group, how)
+        return out.add_(signal) if accumulate else out.copy_(signal)
+    launch(*attention_signal_launch(logits, lse, group, how, out, accumulate))
     return out
 
 
-def attention_signal_launch(logits: torch.Tensor, lse: torch.Tensor, group: int, how: str, out: torch.Tensor):
+def attention_signal_launch(logits: torch.Tensor, lse: torch.Tensor, group: int, how: str, out: torch.Tensor,
+                            accumulate: bool = False):
     """The launch ``(fn, grid, args, constexprs, num_warps)`` of attention_signal."""
     b, hq, n = logits.shape
     h = hq // group
     return (_attention_signal_kernel, (b * h, cdiv(n, BLOCK)),
             [logits, lse, out, *logits.stride(), *lse.stride(), *out.stride(), h, n],
-            dict(G=group, G_PAD=next_power_of_2(group), BLOCK_N=BLOCK, HOW=HOW_CODES[how]), SIGNAL_WARPS)
+            dict(G=group, G_PAD=next_power_of_2(group), BLOCK_N=BLOCK, HOW=HOW_CODES[how], ACCUMULATE=accumulate),
+            SIGNAL_WARPS)
