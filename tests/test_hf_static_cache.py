@@ -579,27 +579,36 @@ def _step_attention(keys, query, group: int, scale: float) -> torch.Tensor:
     return p.mean(2)
 
 
+def _by_position(positions, values):
+    """Both [B, H, n] in ascending position order."""
+    order = positions.argsort(-1)
+    return positions.gather(-1, order), values.gather(-1, order)
+
+
+@pytest.mark.parametrize("keep_order", [False, True], ids=["holes", "in-order"])
 @pytest.mark.parametrize("stack", [True, False], ids=["stacked", "per-layer"])
-def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack):
+def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack, keep_order):
     """accumulate_attention=True (H2O as published), float32 on DEVICE, every-step evictions:
     after the prompt every held token's accumulator is the window's proxy attention over the
     held tokens (reference.proxy_attention); in each decode step the new slot starts at 0, each
     held token gains the decoded query's attention (recomputed here in float64), and the
-    eviction keeps what reference.select keeps for H2O's policy ranking those sums, whose
-    accumulators move with the rows. Compared step by step (each from the cache's state before
-    it), so a near-tie in one step cannot derail the next comparisons."""
-    from tritonkv.integrations.decode_scores import SIGNAL, accumulation_scored, proxy_node
+    eviction keeps what reference.select keeps for H2O's policy ranking those sums and the true
+    positions, whose accumulators move with the rows: into the dropped slots (the default: H2O
+    ranked so is order-free) or shifted in position order (keep_order). Compared step by step
+    (each from the cache's state before it), so a near-tie in one step cannot derail the next."""
+    from tritonkv.integrations.decode_scores import (POSITIONS, SIGNAL, accumulation_scored_by_position,
+                                                     proxy_node)
 
     policy, budget, window = policies.h2o(), 24, 16
     steps = []
     original = static_module.StaticEvictingCache.end_of_decode_step
 
-    def spy(self, run):
-        before = [(layer.buffer.keys[:, :, :layer.filled].clone(), layer.positions().clone(),
+    def spy(self, run):   # every layer's slots, in slot order, before and after the step's end
+        before = [(layer.buffer.keys[:, :, :layer.filled].clone(), layer._slot_positions().clone(),
                    layer.buffer.queries[:, :, -1].clone(), layer.buffer.accumulated[:, :, :layer.filled].clone())
                   for layer in self.layers]
         original(self, run)
-        after = [(layer.positions().clone(), layer.buffer.accumulated[:, :, :layer.filled].clone())
+        after = [_by_position(layer._slot_positions(), layer.buffer.accumulated[:, :, :layer.filled])
                  for layer in self.layers]
         steps.append((before, after))
 
@@ -616,20 +625,22 @@ def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack):
             want = reference.proxy_attention(node, buffer.keys[:, :, :budget].float(), buffer.queries.float())
             assert torch.allclose(buffer.accumulated[:, :, :budget], want, rtol=1e-4, atol=1e-6)
         cache = hf.StaticEvictingCache(on, policy, budget, interval=1, window=window, attention="triton",
-                                       accumulate_attention=True, stack_layers=stack)
+                                       accumulate_attention=True, stack_layers=stack, keep_order=keep_order)
         generate(on, ids, cache, max_new_tokens=8)
-    assert cache.accumulates and not cache.fills_holes and len(steps) == 7
-    swapped = accumulation_scored(cache.policy)[0]
+    assert cache.accumulates and cache.fills_holes == (not keep_order) and len(steps) == 7
+    swapped = accumulation_scored_by_position(cache.policy)[0]
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     scale = (model.config.hidden_size // model.config.num_attention_heads) ** -0.5
     for before, after in steps:
         for (keys, positions, query, acc), (kept_positions, kept_acc) in zip(before, after):
             assert (acc[:, :, -1] == 0).all()   # the slot just written starts from nothing
             summed = acc.double() + _step_attention(keys, query, group, scale)
-            inputs = reference.Inputs(keys.float(), keys.float(), None, signals={SIGNAL: summed.float()})
+            inputs = reference.Inputs(keys.float(), keys.float(), None,
+                                      signals={SIGNAL: summed.float(), POSITIONS: positions})
             mask = reference.select(swapped, inputs, budget)
-            assert torch.equal(positions[mask].view(kept_positions.shape), kept_positions)
-            want = summed[mask].view(kept_acc.shape)
+            want_positions, want = _by_position(positions[mask].view(kept_positions.shape),
+                                                summed[mask].view(kept_acc.shape))
+            assert torch.equal(want_positions, kept_positions)
             assert torch.allclose(kept_acc.double(), want, rtol=1e-5, atol=1e-6)
 
 

@@ -47,9 +47,9 @@ def indices_of(b, h, kept, extra, kind, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@given(case=buffers(), with_positions=st.booleans())
+@given(case=buffers(), with_positions=st.booleans(), with_accumulated=st.booleans())
 @settings(max_examples=examples(12), deadline=None)
-def test_fill_holes_matches_the_reference(case, dtype, with_positions):
+def test_fill_holes_matches_the_reference(case, dtype, with_positions, with_accumulated):
     b, h, kept, extra, kind, d, dv, seed = case
     n = kept + extra
     g = torch.Generator().manual_seed(seed + 1)
@@ -57,13 +57,16 @@ def test_fill_holes_matches_the_reference(case, dtype, with_positions):
     storage_k = torch.randn(2, b, h, n + 3, d, generator=g).to(dtype).to(DEVICE)
     storage_v = torch.randn(2, b, h, n + 3, dv, generator=g).to(dtype).to(DEVICE)
     storage_p = torch.randint(0, 1 << 40, (2, b, h, n + 3), generator=g).to(DEVICE)
+    storage_a = torch.rand(2, b, h, n + 3, generator=g).to(DEVICE)
     keys, values, positions = storage_k[1, :, :, :n], storage_v[1, :, :, :n], storage_p[1, :, :, :n]
+    accumulated = storage_a[1, :, :, :n]
     index = indices_of(b, h, kept, extra, kind, seed).to(DEVICE)
     source = reference.hole_sources(index)
-    want = [reference.gather_rows(keys, source), reference.gather_rows(values, source), positions.gather(-1, source)]
+    want = [reference.gather_rows(keys, source), reference.gather_rows(values, source), positions.gather(-1, source),
+            accumulated.gather(-1, source)]
     untouched = [storage_k[0].clone(), storage_k[1, :, :, n:].clone(), index.clone()]
-    storage_p_before = storage_p.clone()
-    fill_holes(index, keys, values, positions if with_positions else None)
+    storage_p_before, storage_a_before = storage_p.clone(), storage_a.clone()
+    fill_holes(index, keys, values, positions if with_positions else None, accumulated if with_accumulated else None)
     assert torch.equal(keys[:, :, :kept], want[0])
     assert torch.equal(values[:, :, :kept], want[1])
     if with_positions:
@@ -71,6 +74,12 @@ def test_fill_holes_matches_the_reference(case, dtype, with_positions):
         assert torch.equal(storage_p[0], storage_p_before[0])
     else:
         assert torch.equal(storage_p, storage_p_before)
+    if with_accumulated:
+        assert torch.equal(accumulated[:, :, :kept], want[3])
+        assert torch.equal(storage_a[0], storage_a_before[0]) and torch.equal(storage_a[1, :, :, n:],
+                                                                               storage_a_before[1, :, :, n:])
+    else:
+        assert torch.equal(storage_a, storage_a_before)
     # nothing outside the view's first `kept` rows is written, and the indices are not modified
     for before, after in zip(untouched, (storage_k[0], storage_k[1, :, :, n:], index)):
         assert torch.equal(before, after)

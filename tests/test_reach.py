@@ -51,6 +51,26 @@ def test_signal_any_dtype_and_layout(dtype, shape):
     assert_unchanged(before, s)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_an_integer_signal_ranks_as_its_values(dtype):
+    """Integer signals (true token positions, token types) read as float32: a top clause on
+    positions keeps the largest, whatever slot they sit in, on every backend."""
+    keys = torch.randn(2, 3, 40, 16)
+    g = torch.Generator().manual_seed(5)
+    positions = torch.stack([torch.randperm(40, generator=g) + 100_000 for _ in range(6)]).view(2, 3, 40).to(dtype)
+    before = snapshot(positions)
+    policy = tkv.top(tkv.signal("position"), share=0.5) | tkv.top(-tkv.key_norm())
+    want = None
+    for backend in BACKENDS:
+        out = tkv.evict(*to_device(keys, keys), policy, 10, signals={"position": positions.to(DEVICE)},
+                        backend=backend)
+        kept_positions = positions.gather(-1, out.indices.cpu())
+        assert (kept_positions >= 100_035).sum(-1).eq(5).all(), backend   # the 5 latest of each row
+        want = kept(out) if want is None else want
+        assert kept(out) == want, backend
+    assert_unchanged(before, positions)
+
+
 def test_signal_alone_keeps_its_top_tokens_and_nan_ranks_last():
     keys = torch.randn(1, 2, 10, 64)
     s = torch.arange(10.0).flip(0).expand(1, 2, 10).clone()   # token 0 scores highest
@@ -220,7 +240,9 @@ def test_named_input_errors():
         (sig, {"prior": good, "other": good}, {}, ValueError, "signals: 'other' is not used by the policy"),
         (sig, {"prior": torch.randn(1, 2, 9)}, {}, ValueError, r"signals\['prior'\]: expected shape \[B, H_kv, N\]"),
         (sig, {"prior": torch.randn(1, 2, 10, 1)}, {}, ValueError, r"signals\['prior'\]: expected shape"),
-        (sig, {"prior": torch.ones(1, 2, 10, dtype=torch.int32)}, {}, TypeError, "expected a float dtype"),
+        (sig, {"prior": torch.ones(1, 2, 10, dtype=torch.int16)}, {}, TypeError,
+         "dtype torch.int16 is not supported; expected one of float16, bfloat16, float32, float64, int32, int64"),
+        (kd, {}, {"u": torch.ones(2, 8, dtype=torch.int32)}, TypeError, "expected a float dtype"),
         (sig, {"prior": good.to("meta")}, {}, ValueError, r"signals\['prior'\]: on meta, keys on cpu"),
         (sig, {"prior": good.numpy()}, {}, TypeError, r"signals\['prior'\]: expected a torch.Tensor"),
         (sig, [good], {}, TypeError, "signals: expected a dict"),

@@ -203,8 +203,11 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
         name = "compact stash" if constexprs["STASH"] else "compact move"
         built.append(build_checked("(static)", name, config, fn, args, constexprs, warps, target))
     positions = torch.empty(batch, heads, n, device="meta", dtype=torch.int64)
-    fn, _, args, constexprs, warps = fill_holes_launch(indices, keys, values, positions)
-    built.append(build_checked("(static)", "fill holes", config, fn, args, constexprs, warps, target))
+    accumulated = torch.empty(batch, heads, n, device="meta", dtype=torch.float32)
+    for acc in (None, accumulated):   # the accumulators of accumulate_attention move too
+        fn, _, args, constexprs, warps = fill_holes_launch(indices, keys, values, positions, acc)
+        built.append(build_checked("(static)", "fill holes" + (" +acc" if acc is not None else ""), config, fn,
+                                   args, constexprs, warps, target))
     return built
 
 

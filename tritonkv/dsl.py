@@ -724,7 +724,8 @@ def position() -> Position:
 def signal(name: str) -> Signal:
     """A per-token score from outside (a learned scorer's output, attention accumulated by an
     attention kernel, token-type priors), passed as ``evict(..., signals={name: tensor})``:
-    [B, H_kv, N] (a dim of 1 broadcasts), any float dtype, on the cache's device."""
+    [B, H_kv, N] (a dim of 1 broadcasts), any float dtype or int32 / int64 (read as float32:
+    integers are exact up to 2^24), on the cache's device."""
     return Signal(name)
 
 

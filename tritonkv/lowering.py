@@ -20,7 +20,8 @@ from . import dsl
 from .budget import Allocation
 
 
-def _is_recency(clause: dsl.Clause) -> bool:
+def is_recency(clause: dsl.Clause) -> bool:
+    """``top(position())`` as written: keep the latest tokens (H2O's recency half)."""
     return isinstance(clause, dsl.Top) and clause.score == dsl.Position() and not clause.transformed
 
 
@@ -44,7 +45,7 @@ def lower(policy: dsl.Policy, alloc: Allocation) -> Tuple[dsl.Policy, Allocation
 
 def _lower(policy: dsl.Policy, alloc: Allocation) -> Tuple[dsl.Policy, Allocation]:
     selective = policy.selective
-    if len(selective) < 2 or policy.heads != "uniform" or not _is_recency(selective[0]) \
+    if len(selective) < 2 or policy.heads != "uniform" or not is_recency(selective[0]) \
             or any(isinstance(c, dsl.Sample) for c in selective):
         return policy, alloc
     at = next(i for i, c in enumerate(policy.clauses) if not c.forced)   # the first selective clause

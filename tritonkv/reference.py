@@ -83,8 +83,9 @@ def value_norm(values: torch.Tensor) -> torch.Tensor:
 
 
 def signal(values: torch.Tensor, shape) -> torch.Tensor:
-    """signal(name): the tensor passed as ``signals[name]``, upcast to float32 (an exact
-    conversion from fp16 / bf16, round to nearest from fp64), broadcast to [B, H, N]."""
+    """signal(name): the tensor passed as ``signals[name]``, converted to float32 (exact from
+    fp16 / bf16 and from integers below 2^24, round to nearest from fp64 and larger integers),
+    broadcast to [B, H, N]."""
     return values.float().expand(shape)
 
 

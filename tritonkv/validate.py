@@ -35,12 +35,13 @@ def check_seed(seed) -> int:
 
 
 NAMED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SIGNAL_DTYPES = NAMED_DTYPES + (torch.int32, torch.int64)   # integers: positions, token types
 
 
-def _check_named(argument: str, kind: str, tensors, used, keys, check_shape) -> None:
+def _check_named(argument: str, kind: str, tensors, used, keys, check_shape, dtypes=NAMED_DTYPES) -> None:
     """``tensors``: None or a dict name -> tensor holding exactly the names in ``used`` (read by
-    the policy's ``kind(name)`` nodes), each a float tensor on the keys' device whose shape
-    ``check_shape(label, x)`` accepts."""
+    the policy's ``kind(name)`` nodes), each a tensor of one of ``dtypes`` on the keys' device
+    whose shape ``check_shape(label, x)`` accepts."""
     if tensors is None:
         tensors = {}
     if not isinstance(tensors, Mapping):
@@ -54,9 +55,11 @@ def _check_named(argument: str, kind: str, tensors, used, keys, check_shape) -> 
             raise ValueError(f"{argument}: {name!r} is not used by the policy (it reads {list(used)})")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{argument}[{name!r}]: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in NAMED_DTYPES:
+        if x.dtype not in dtypes:
+            names = ", ".join(str(t).split(".")[-1] for t in dtypes)
             raise TypeError(f"{argument}[{name!r}]: dtype {x.dtype} is not supported; expected a float dtype "
-                            f"(float16, bfloat16, float32, float64)")
+                            f"({names})" if dtypes is NAMED_DTYPES else
+                            f"{argument}[{name!r}]: dtype {x.dtype} is not supported; expected one of {names}")
         label = f"{argument}[{name!r}]"
         check_shape(label, x)
         if x.device != keys.device:
@@ -64,14 +67,14 @@ def _check_named(argument: str, kind: str, tensors, used, keys, check_shape) -> 
 
 
 def check_signals(signals, policy: dsl.Policy, keys) -> None:
-    """Each signal [B, H_kv, N] (a dim of 1 broadcasts), float, on the keys' device."""
+    """Each signal [B, H_kv, N] (a dim of 1 broadcasts), float or int32 / int64, on the keys' device."""
     b, h, n, _ = keys.shape
 
     def shape(label, x):
         if x.ndim != 3 or any(s not in (1, want) for s, want in zip(x.shape, (b, h, n))):
             raise ValueError(f"{label}: expected shape [B, H_kv, N] = {[b, h, n]} (a dim may be 1 to broadcast), "
                              f"got {list(x.shape)}")
-    _check_named("signals", "signal", signals, policy.signals, keys, shape)
+    _check_named("signals", "signal", signals, policy.signals, keys, shape, SIGNAL_DTYPES)
 
 
 def check_directions(directions, policy: dsl.Policy, keys) -> None:

@@ -23,11 +23,14 @@ a different score, so it is not the default.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Tuple
 
 from .. import dsl
+from ..lowering import is_recency
 
 SIGNAL = "decode_attention"   # the signal's name in the rewritten policy
+POSITIONS = "positions"       # the slots' true positions, for recency clauses in a cache out of order
 
 
 def scored_by_last_query(node: dsl.Score) -> bool:
@@ -65,6 +68,19 @@ def accumulation_scored(policy: dsl.Policy) -> Optional[Tuple[dsl.Policy, str]]:
     reduction over a KV head's query heads), when every proxy attention of the policy sums all
     queries' attention (``summed_over_all_queries``: H2O) with one group reduction; else None."""
     return _swapped(policy, summed_over_all_queries)
+
+
+def accumulation_scored_by_position(policy: dsl.Policy) -> Optional[Tuple[dsl.Policy, str]]:
+    """``accumulation_scored``, with every ``top(position())`` clause (H2O's recency half) ranking
+    the slots' true positions, ``signal(POSITIONS)``, rather than where they sit: the same kept
+    tokens in a cache whose slots are in position order, and the right ones in a cache whose
+    slots are not (``dsl.order_free`` holds for the result when nothing else reads order)."""
+    scored = accumulation_scored(policy)
+    if scored is None:
+        return None
+    swapped, how = scored
+    clauses = tuple(replace(c, score=dsl.signal(POSITIONS)) if is_recency(c) else c for c in swapped.clauses)
+    return replace(swapped, clauses=clauses), how
 
 
 def proxy_node(policy: dsl.Policy) -> dsl.ProxyAttention:

@@ -57,7 +57,8 @@ from ..kernels.holes import fill_holes
 from .attention import attention_scale, check_attention, decode_kernel_runs, enable
 from .buffer import LayerBuffer, Storage
 from .cache import HeldTokens
-from .decode_scores import SIGNAL, accumulation_scored, decode_scored
+from .decode_scores import (POSITIONS, SIGNAL, accumulation_scored, accumulation_scored_by_position,
+                            decode_scored)
 from .rows import Decision
 from .schedule import EvictionPlan, EvictionSchedule, per_layer_ints
 from .static_layer import StaticEvictingLayer
@@ -112,7 +113,8 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             attention the last ``window`` queries pay it over the held tokens. Without it
             (the default), every eviction recomputes the last ``window`` queries' attention
             over the keys, a different score. Needs the decode kernel (``attention`` "triton" /
-            "auto" on CUDA); the slots stay in position order.
+            "auto" on CUDA). Ranked by the accumulators, H2O is order-free (its recency half
+            ranks the slots' true positions), so its evictions fill the dropped slots too.
 
     ``capacity`` (per layer) is ``budget + interval``. Beam search works (one host read per step
     to reorder the rows); strategies that change the batch size, cropping (assisted decoding) and
@@ -159,9 +161,13 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             raise ValueError("accumulate_attention: the attention is summed from tritonkv's decode kernel; "
                              "attention='sdpa' does not run it (use 'triton' or 'auto')")
         # an order-free policy whose recent windows are all among the last `interval` slots may
-        # hold its rows in any order: a decode eviction then moves at most `interval` rows per row
-        self.fills_holes = not keep_order and not self.accumulates and dsl.order_free(schedule.policy) and all(
-            isinstance(c.n, int) and c.n <= interval for c in schedule.policy.clauses if isinstance(c, dsl.Recent))
+        # hold its rows in any order: a decode eviction then moves at most `interval` rows per row.
+        # Accumulated H2O ranks signals at its decode evictions: its recency half by true positions
+        ranked = accumulation_scored_by_position(schedule.policy)[0] if accumulate_attention else schedule.policy
+        self.fills_holes = not keep_order and dsl.order_free(ranked) and all(
+            isinstance(c.n, int) and c.n <= interval for c in ranked.clauses if isinstance(c, dsl.Recent))
+        # how decode evictions of an accumulating cache rewrite the policy (decode_scores.py)
+        self._summed_form = accumulation_scored_by_position if self.fills_holes else accumulation_scored
         budgets = per_layer_ints("budget", budget, schedule)
         self.n_layers, self.policy, self.timer = schedule.n_layers, schedule.policy, schedule.timer
         self.budgets = list(budgets)
@@ -310,10 +316,10 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         """One tkv.evict call: the kept keys, values, their positions and (``accumulated``: the
         rows' accumulated attention, which the eviction then ranks) their accumulators."""
         with self._timed():
-            form = None if accumulated is None else plan.signal_form(accumulation_scored, gather=True)
+            form = None if accumulated is None else plan.signal_form(self._summed_form, gather=True)
             if form is not None:
                 out = form[0](keys, values, seed=self.schedule.layer_seed(layer, evictions),
-                              signals={SIGNAL: accumulated})
+                              signals=_summed_signals(form[0], accumulated, positions))
             else:   # no accumulators, or a plan without the proxy attention (too few rows for its window)
                 out = self._select(plan.evictor, plan, layer, evictions, keys, values, queries)
             if accumulated is not None:
@@ -336,10 +342,13 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
                 if scores is None:
                     raise RuntimeError("StaticEvictingCache: a decode eviction of an accumulating cache was run "
                                        "without the layers' accumulators")
-                summed, signal = plan.signal_form(accumulation_scored, gather=False), scores[2]
+                summed, signal = plan.signal_form(self._summed_form, gather=False), scores[2]
                 out = self._select(plan.indexer, plan, layer, evictions, keys, values, queries) if summed is None \
                     else summed[0](keys, values, seed=self.schedule.layer_seed(layer, evictions),
-                                   signals={SIGNAL: signal})
+                                   signals=_summed_signals(summed[0], signal, positions))
+                if self.fills_holes:
+                    fill_holes(out.indices, keys, values, positions, signal)
+                    return
                 signal[:, :, :out.indices.shape[-1]] = signal.gather(-1, out.indices)
             elif decode is not None:
                 indexer, how = decode
@@ -399,6 +408,15 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             layer.seen += 1
             layer._decode_host()
         self.end_of_decode_step(run=False)
+
+
+def _summed_signals(evictor, accumulated, positions):
+    """The signals an accumulating cache's decode eviction reads: the accumulators, and the
+    slots' true positions where its recency clause ranks them."""
+    signals = {SIGNAL: accumulated}
+    if POSITIONS in evictor.policy.signals:
+        signals[POSITIONS] = positions
+    return signals
 
 
 class _Probe:

@@ -139,7 +139,9 @@ class StaticEvictingLayer(CacheLayerMixin):
             buffer, n = self.buffer, self.filled
             for t in (buffer.keys, buffer.values):
                 copy_slots(t[:, :, :n], gather_rows(t[:, :, :n], order))
-            buffer.positions[:, :, :n].copy_(buffer.positions[:, :, :n].gather(-1, order))
+            for t in (buffer.positions, buffer.accumulated):
+                if t is not None:
+                    t[:, :, :n].copy_(t[:, :, :n].gather(-1, order))
         self.ordered = True
 
     @property

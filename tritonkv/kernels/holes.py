@@ -36,11 +36,12 @@ def _row(ptr, s_b, s_h, s_n, i_b, i_h, o_n):
 
 
 @triton.jit(do_not_specialize=["n_kept", "n_tail"])
-def _fill_holes_kernel(idx_ptr, k_ptr, v_ptr, p_ptr,
-                       s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_pb, s_ph, s_pn, H, n_kept, n_tail,
+def _fill_holes_kernel(idx_ptr, k_ptr, v_ptr, p_ptr, a_ptr,
+                       s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_pb, s_ph, s_pn, s_ab, s_ah, s_an,
+                       H, n_kept, n_tail,
                        D: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, TAIL_STEPS: tl.constexpr, HOLE_STEPS: tl.constexpr,
-                       HAS_POS: tl.constexpr):
+                       HAS_POS: tl.constexpr, HAS_ACC: tl.constexpr):
     i_row = tl.program_id(0)
     i_b = i_row // H
     i_h = i_row % H
@@ -82,6 +83,9 @@ def _fill_holes_kernel(idx_ptr, k_ptr, v_ptr, p_ptr,
         if HAS_POS:
             pos = tl.load(_row(p_ptr, s_pb, s_ph, s_pn, i_b, i_h, src), mask=valid)
             tl.store(_row(p_ptr, s_pb, s_ph, s_pn, i_b, i_h, dst), pos, mask=valid)
+        if HAS_ACC:
+            acc = tl.load(_row(a_ptr, s_ab, s_ah, s_an, i_b, i_h, src), mask=valid)
+            tl.store(_row(a_ptr, s_ab, s_ah, s_an, i_b, i_h, dst), acc, mask=valid)
 
 
 def _steps(n: int) -> int:
@@ -90,30 +94,33 @@ def _steps(n: int) -> int:
 
 
 def fill_holes_launch(indices: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      positions: torch.Tensor | None = None):
+                      positions: torch.Tensor | None = None, accumulated: torch.Tensor | None = None):
     """The launch ``(fn, grid, args, constexprs, num_warps)`` of fill_holes."""
     b, h, n, d = keys.shape
     dv = values.shape[-1]
     n_kept = indices.shape[-1]
     n_tail = min(n - n_kept, n_kept)
-    pos = positions if positions is not None else indices     # a placeholder the kernel never reads
-    s_pos = positions.stride() if positions is not None else (0, 0, 0)
-    args = [indices, keys, values, pos, *keys.stride(), *values.stride(), *s_pos, h, n_kept, n_tail]
+    per_slot = []   # positions, accumulators: a placeholder and zero strides where absent (never read)
+    for t in (positions, accumulated):
+        per_slot += [t, *t.stride()] if t is not None else [indices, 0, 0, 0]
+    args = [indices, keys, values, per_slot[0], per_slot[4], *keys.stride(), *values.stride(), *per_slot[1:4],
+            *per_slot[5:8], h, n_kept, n_tail]
     constexprs = dict(D=d, DV=dv, BLOCK_T=max(16, min(32, next_power_of_2(n_tail))), BLOCK_D=next_power_of_2(d),
                       BLOCK_DV=next_power_of_2(dv), TAIL_STEPS=_steps(n_tail), HOLE_STEPS=_steps(n_kept),
-                      HAS_POS=positions is not None)
+                      HAS_POS=positions is not None, HAS_ACC=accumulated is not None)
     return _fill_holes_kernel, (b * h,), args, constexprs, HOLE_WARPS
 
 
 def fill_holes(indices: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               positions: torch.Tensor | None = None) -> None:
+               positions: torch.Tensor | None = None, accumulated: torch.Tensor | None = None) -> None:
     """Hold each row's kept slots in its first ``n_kept`` slots, in place, moving only the kept
     rows at or past ``n_kept`` (into the dropped slots below it; order is not kept).
 
     indices: int64 [B, H, n_kept], ascending per row (what evict returns), contiguous;
-    keys / values [B, H, N, D] / [..., D_v] and positions (optional, [B, H, N], any int
-    dtype): any strides with unit-stride rows. Slots from n_kept on are left as they were.
-    CPU tensors outside Triton's interpreter take the PyTorch reference."""
+    keys / values [B, H, N, D] / [..., D_v], positions (optional, [B, H, N], any int dtype)
+    and accumulated (optional, [B, H, N], a value per slot that moves with its row: a cache's
+    accumulated attention): any strides with unit-stride rows. Slots from n_kept on are left
+    as they were. CPU tensors outside Triton's interpreter take the PyTorch reference."""
     n_kept = indices.shape[-1]
     if n_kept == 0 or n_kept == keys.shape[2]:
         return
@@ -121,8 +128,9 @@ def fill_holes(indices: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         source = hole_sources(indices)
         for x in (keys, values):
             x[:, :, :n_kept] = gather_rows(x, source)
-        if positions is not None:
-            positions[:, :, :n_kept] = positions.gather(-1, source)
+        for x in (positions, accumulated):
+            if x is not None:
+                x[:, :, :n_kept] = x.gather(-1, source)
         return
-    fn, grid, args, constexprs, warps = fill_holes_launch(indices.contiguous(), keys, values, positions)
+    fn, grid, args, constexprs, warps = fill_holes_launch(indices.contiguous(), keys, values, positions, accumulated)
     launch(fn, grid, args, constexprs, warps)
