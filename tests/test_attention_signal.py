@@ -24,17 +24,20 @@ RTOL = 2.0 ** -21 + 8 * 2.0 ** -24
 
 @given(b=st.integers(1, 3), h=st.integers(1, 3), group=st.sampled_from(GQA_RATIOS + [3]),
        n=st.one_of(st.just(1), st.integers(2, 70), st.integers(1000, 2100)), how=st.sampled_from(HOWS),
-       seed=st.integers(0, 2 ** 31))
+       accumulate=st.booleans(), seed=st.integers(0, 2 ** 31))
 @settings(max_examples=examples(16), deadline=None)
-def test_attention_signal_matches_the_reference(b, h, group, n, how, seed):
+def test_attention_signal_matches_the_reference(b, h, group, n, how, accumulate, seed):
+    """Every shape, reduction and seed; ``accumulate`` adds to a prior sum (one float32 addition
+    more: half an ulp of the result)."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(b, h * group, n, generator=g) * 4).to(DEVICE)
     lse = torch.logsumexp(logits * math.log(2), -1) / math.log(2)
+    prior = (torch.rand(b, h, n, generator=g) * 3).to(DEVICE) if accumulate else None
     before = logits.clone(), lse.clone()
-    got = attention_signal(logits, lse, group, how)
-    want = reference.attention_signal(logits, lse, group, how)
+    want = reference.attention_signal(logits, lse, group, how) + (0 if prior is None else prior)
+    got = attention_signal(logits, lse, group, how, out=prior, accumulate=accumulate)
     assert got.shape == (b, h, n) and got.dtype == torch.float32
-    assert torch.allclose(got, want, rtol=RTOL, atol=1e-38)
+    assert torch.allclose(got, want, rtol=RTOL + 2.0 ** -24, atol=1e-38)
     assert torch.equal(before[0], logits) and torch.equal(before[1], lse)
 
 
