@@ -81,7 +81,8 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         window: proxy queries kept per layer for policies whose proxy_attention has ``window=None``.
         seed: seeds every random draw.
         backend: ``tkv.evict``'s ("auto": compiled kernels on CUDA, the reference elsewhere).
-        timing: CUDA events around each eviction call (``cache.timer``; not under CUDA graphs).
+        timing: CUDA events around each eviction call, and each decode step's accumulation with
+            ``accumulate_attention`` (``cache.timer``; not under CUDA graphs).
         directions: key_dot directions per layer, name -> [n_layers, H_kv, D].
         stack_layers: evict all layers in one call when they have one budget and no per-layer
             directions (False: one call per layer, with per-layer random streams like EvictingCache).
