@@ -644,13 +644,17 @@ def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack, ke
             assert torch.allclose(kept_acc.double(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_accumulate_attention_refuses_what_it_cannot_sum(model):
+def test_accumulate_attention_refuses_what_it_cannot_sum(model, monkeypatch):
     with pytest.raises(ValueError, match="accumulate_attention: the policy's proxy attention must sum"):
         hf.StaticEvictingCache(model, policies.snapkv(), 20, interval=1, accumulate_attention=True)
     with pytest.raises(ValueError, match="accumulate_attention: the attention is summed from tritonkv's"):
         hf.StaticEvictingCache(model, policies.h2o(), 20, interval=1, accumulate_attention=True, attention="sdpa")
     with pytest.raises(ValueError, match="accumulate_attention: expected a bool"):
         hf.StaticEvictingCache(model, policies.h2o(), 20, interval=1, accumulate_attention="yes")
+    # the model on the CPU without Triton's interpreter: no decode kernel to sum the attention
+    monkeypatch.setattr(static_module, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="runs on CUDA .or under TRITON_INTERPRET=1.; the model is on cpu"):
+        hf.StaticEvictingCache(model, policies.h2o(), 20, interval=1, accumulate_attention=True)
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_beams=3), dict(prefill_chunk_size=32)], ids=["beams", "prefill-chunks"])

@@ -51,6 +51,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .. import dsl
+from ..kernels.common import interpreting
 from ..kernels.compact import compact_in_place
 from ..kernels.attention_signal import attention_signal
 from ..kernels.holes import fill_holes
@@ -161,6 +162,9 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         if accumulate_attention and self.attention == "sdpa":
             raise ValueError("accumulate_attention: the attention is summed from tritonkv's decode kernel; "
                              "attention='sdpa' does not run it (use 'triton' or 'auto')")
+        if accumulate_attention and not (_model_device(model).type == "cuda" or interpreting()):
+            raise ValueError(f"accumulate_attention: the attention is summed from tritonkv's decode kernel, which "
+                             f"runs on CUDA (or under TRITON_INTERPRET=1); the model is on {_model_device(model)}")
         # an order-free policy whose recent windows are all among the last `interval` slots may
         # hold its rows in any order: a decode eviction then moves at most `interval` rows per row.
         # Accumulated H2O ranks signals at its decode evictions: its recency half by true positions
@@ -409,6 +413,10 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             layer.seen += 1
             layer._decode_host()
         self.end_of_decode_step(run=False)
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _summed_signals(evictor, accumulated, positions):
