@@ -258,3 +258,36 @@ def test_adaptive_selection_is_the_reference_selection(cache, budget, floor, sco
     assert torch.equal(got.lengths.cpu(), want.lengths) and torch.equal(got.indices.cpu(), want.indices)
     assert torch.equal(got.keys.cpu(), want.keys) and torch.equal(got.values.cpu(), want.values)
     assert int(got.lengths.sum()) == b * h * alloc.total
+
+
+@pytest.mark.parametrize("d", [64, 80, 128, 256])
+@given(group=st.sampled_from([1, 2, 4, 8, 16, 32]), n=st.one_of(st.just(1), st.integers(2, 300)),
+       causal=st.booleans(), pool=st.sampled_from([1, 3]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2 ** 31))
+@settings(max_examples=examples(6), deadline=None)
+def test_one_query_proxy_attention_reads_its_kept_logits(d, group, n, causal, pool, dtype, seed):
+    """A one-query proxy attention (TOVA's) keeps its statistics pass's logits, and the score
+    pass reads them instead of K, where the group's rows fit one 16-row chunk (G <= 16): the
+    scores equal the reference's, as those of the two-pass kernels (TRITONKV_PROXY_LOGITS=0)
+    do, within the compiled-vs-reference tolerance (tests/tolerances.py)."""
+    import os
+    from tritonkv import geometry
+    from tritonkv.compiler import Layout, _geometry_of, compile_policy, score
+    node = tkv.proxy_attention(window=1, causal=causal, pool=pool)
+    compiled = compile_policy(tkv.sink(0) | tkv.top(node))
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, n, d, generator=g).to(dtype)
+    queries = torch.randn(1, 2 * group, 3, d, generator=g).to(dtype)
+    want = reference.proxy_attention(node, keys.float(), queries.float()).reshape(1, 2, n)
+    keys, queries = to_device(keys, queries)
+    try:
+        for keep in ("1", "0"):
+            os.environ["TRITONKV_PROXY_LOGITS"] = keep
+            geometry.clear_geometry()
+            geo = _geometry_of(compiled, keys, Layout.dense(keys, keys), queries)
+            assert geo.constexprs["LG_0"] == (keep == "1" and group <= 16)
+            got = score(compiled, keys, keys, queries, 0)[0].reshape(1, 2, n).cpu()
+            assert (got - want).abs().le(tolerance(want)).all(), keep
+    finally:
+        os.environ.pop("TRITONKV_PROXY_LOGITS")
+        geometry.clear_geometry()

@@ -60,3 +60,10 @@ def test_paged_benchmark_measures_both_paths_at_toy_size(tmp_path):
     assert [row["policy"] for row in rows] == ["knorm", "snapkv"]
     assert all(row["paged_gpu_ms"] > 0 and row["dense_gather_scatter_gpu_ms"] > 0 and row["floor_bytes"] > 0
                for row in rows)
+
+
+def test_proxy_logits_ab_runs_at_toy_size(tmp_path):
+    out = tmp_path / "ab.json"
+    run([sys.executable, "perf/proxy_logits_ab.py", "--toy", "--repeats", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["one pass wall us"] > 0 and r["peer host us"] > 0 for r in rows)

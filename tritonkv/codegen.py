@@ -244,14 +244,15 @@ class TileEmitter:
         if isinstance(node, dsl.ProxyAttention):
             chunk = f"b_q_{gi}, w_r_{gi}, m_r_{gi}, b_m_{gi}, b_l_{gi}"
             self.prologue.append(f"    p_stats_{gi} = ws_ptr + fo_{gi} + i_row * (2 * QR_{gi})")
+            self.prologue.append(f"    p_lg_{gi} = ws_ptr + lo_{gi} + i_row.to(tl.int64) * G * NS")
             self.prologue.append(f"    {chunk} = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, i_b, i_h, "
                                  f"W_total, w_{gi}, 0, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, True)")
             self.keys()
             return self._assign(
-                f"proxy_attention_tile(b_k, {chunk}, q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, "
+                f"proxy_attention_tile(b_k, {chunk}, q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, p_lg_{gi}, NS, "
                 f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, "
                 f"{node.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, {node.pool_mode == 'max'}, "
-                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE)")
+                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE, LG_{gi})")
         if isinstance(node, dsl.Normalize):
             self.prologue.append(f"    mean_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
             self.prologue.append(f"    std_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2 + 1)")
@@ -318,9 +319,9 @@ def _signature(program_globals, names: Names) -> Tuple[str, List[str]]:
     for i, g in enumerate(program_globals):
         params += [f"po_{i}", f"fo_{i}"]
         no_spec += [f"po_{i}", f"fo_{i}"]
-        if isinstance(g, dsl.ProxyAttention):
-            params.append(f"w_{i}")
-            no_spec.append(f"w_{i}")
+        if isinstance(g, dsl.ProxyAttention):   # its window, and where its logits go (LG_i: if they do)
+            params += [f"w_{i}", f"lo_{i}"]
+            no_spec += [f"w_{i}", f"lo_{i}"]
     for i in range(len(names.signals)):      # a pointer and its [B, H, N] strides (0: broadcast)
         params += [f"sg_{i}", f"s_sgb_{i}", f"s_sgh_{i}", f"s_sgn_{i}"]
     for i in range(len(names.directions)):   # a pointer and its [B, H, D] strides
@@ -328,7 +329,8 @@ def _signature(program_globals, names: Names) -> Tuple[str, List[str]]:
     params += [f"{c}: tl.constexpr" for c in CONSTEXPR_ARGS]
     for i, g in enumerate(program_globals):
         if isinstance(g, dsl.ProxyAttention):
-            params += [f"W_PAD_{i}: tl.constexpr", f"QB_{i}: tl.constexpr", f"QR_{i}: tl.constexpr"]
+            params += [f"W_PAD_{i}: tl.constexpr", f"QB_{i}: tl.constexpr", f"QR_{i}: tl.constexpr",
+                       f"LG_{i}: tl.constexpr"]
     return ", ".join(params), no_spec
 
 
@@ -357,9 +359,11 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
             init.append(f"    run_l_{gi} = tl.zeros([QB_{gi}], dtype=tl.float32)")
             init.append(f"    bs_q_{gi}, ws_r_{gi}, ms_r_{gi}, _, _ = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, ws_ptr, "
                         f"i_b, i_h, W_total, w_{gi}, c_{gi}, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, False)")
+            init.append(f"    p_lg_{gi} = ws_ptr + lo_{gi} + i_row.to(tl.int64) * G * NS")
             emitter.keys()
             update.append(f"run_m_{gi}, run_l_{gi} = proxy_stats_tile(run_m_{gi}, run_l_{gi}, b_k, bs_q_{gi}, "
-                          f"ws_r_{gi}, ms_r_{gi}, N, w_{gi}, o_n, m_val, {node.causal}, QK_SCALE, IEEE)")
+                          f"ws_r_{gi}, ms_r_{gi}, N, w_{gi}, o_n, m_val, p_lg_{gi}, NS, i_c < NCH_{gi}, "
+                          f"{node.causal}, QK_SCALE, IEEE, G, QB_{gi}, LG_{gi})")
             store.append(f"    o_q_{gi} = tl.arange(0, QB_{gi})")
             store.append(f"    p_part_{gi} = ws_ptr + po_{gi} + ((i_row * NCH_{gi} + i_c) * S + i_s) * (2 * QB_{gi})")
             store.append(f"    tl.store(p_part_{gi} + o_q_{gi}, run_m_{gi}, mask=(o_q_{gi} >= 0) & (i_c < NCH_{gi}))")

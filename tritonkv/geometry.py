@@ -3,8 +3,10 @@ the workspace layout, from shapes, strides and dtypes alone (cached per program 
 
 The float32 scratch of the ranking passes, from the workspace pointer the kernels get:
   [0, workspace)            what is read after the score kernel starts: the row statistics
-                            (finals) the score kernel reads, the moment partials of slots
-                            (kernels/deferred.py, kernels/keys.py);
+                            (finals) the score kernel reads, the logits a one-query proxy
+                            attention keeps from its statistics pass (kernels/proxy.py: G per
+                            token and row), the moment partials of slots (kernels/deferred.py,
+                            kernels/keys.py);
   [workspace, ...)          the slots ([n_slots, rows, N], written by the score kernel) and,
                             before it, the per-program partials of the statistics passes,
                             dead once their merge has run: they cost no memory of their own
@@ -78,7 +80,7 @@ class Geometry:
     """Everything about a launch that depends only on shapes, strides and dtypes (cached)."""
 
     constexprs: Dict
-    per_global: Tuple[int, ...]     # po_i, fo_i (and w_i) for each global node
+    per_global: Tuple[int, ...]     # po_i, fo_i (and w_i, lo_i) for each global node
     rows: int
     splits: int
     tiles_per_prog: int
@@ -99,6 +101,12 @@ class Geometry:
         """Per clause, the workspace offset of its slot's moment partials (0 where unused)."""
         where = dict(zip(program.moment_slots, self.moments))
         return tuple(where.get(k.slot, 0) if k.normalized else 0 for k in program.clause_keys)
+
+
+def keeps_logits() -> bool:
+    """Whether a one-query proxy attention keeps its statistics pass's logits for the score pass
+    (``TRITONKV_PROXY_LOGITS=0``: both passes read K, for A/B timing)."""
+    return os.environ.get("TRITONKV_PROXY_LOGITS", "1") != "0"
 
 
 def _override(name: str, default):
@@ -154,9 +162,10 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
                       IEEE=ieee_products(dtype))
-    placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, window
+    placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
     offset = partials = 0
     chunks = {}
+    logits_regions = []   # (global, float32 elements) of the proxy attentions that keep their logits
     for i, node in enumerate(program.globals):
         if isinstance(node, dsl.AnchorSimilarity):
             part, final, nch = splits * block_d, block_d, 1
@@ -167,14 +176,21 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
             nch = q_rows // qb
             part, final = nch * splits * 2 * qb, 2 * q_rows
             constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"], constexprs[f"QR_{i}"] = w_pad, qb, q_rows
+            # one query per head, all in one chunk: the score pass reads the logits, not K
+            constexprs[f"LG_{i}"] = keeps = w == 1 and w_pad == 1 and nch == 1 and keeps_logits()
+            if keeps:
+                logits_regions.append((i, rows * group * n))
         elif isinstance(node, dsl.Normalize):
             part, final, nch = splits * 3, 2, 1
         else:
             part, final, nch = splits * 2, 2, 1
         chunks[i] = nch
-        placed.append((partials, offset, [w] if isinstance(node, dsl.ProxyAttention) else []))
+        placed.append((partials, offset, [w, 0] if isinstance(node, dsl.ProxyAttention) else []))
         partials += rows * part
         offset += rows * final
+    for i, numel in logits_regions:
+        placed[i][2][1] = offset
+        offset += numel
     chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
     tiling = deferred_tiling(n, lambda tiles: stats_splits(rows, tiles, device))
     deferred = []

@@ -11,6 +11,11 @@ Softmax statistics per row (max m and sum l of 2^(s - m), s = q.k * log2(e) / sq
 first, from ``proxy_stats_tile`` over all keys; ``proxy_attention_tile`` then forms the
 probabilities of a tile, reduces them over the window, pools per query head and reduces
 over the group.
+
+With one query per head (``window=1``: TOVA) the statistics pass also stores its logits
+(LOGITS: G float32 per token and KV head, at ``lg_ptr + g * NS + n``) and the score pass reads
+them instead of the keys: one pass over K instead of two, for 4 G bytes per token written and
+read again (16 for G = 4, against 256 for a bf16 key of 128).
 """
 
 from __future__ import annotations
@@ -79,10 +84,17 @@ def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, 
 
 
 @triton.jit
-def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, m_r, N, w, o_n, m_val,
-                     CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
-    """Online softmax statistics of one chunk's query rows [QB] over this tile's visible keys."""
+def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, m_r, N, w, o_n, m_val, lg_ptr, NS, store,
+                     CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr, G: tl.constexpr,
+                     QB: tl.constexpr, LOGITS: tl.constexpr):
+    """Online softmax statistics of one chunk's query rows [QB] over this tile's visible keys;
+    with LOGITS (one chunk whose row g is query head g) also the tile's logits of the G heads,
+    where ``store`` (the tile's own tokens, m_val, once each)."""
     s = tl.where(_visible(m_r, w_r, o_n, m_val, N, w, CAUSAL), _logits(b_q, b_k, QK_SCALE, IEEE), float("-inf"))
+    if LOGITS:
+        o_r = tl.arange(0, QB)
+        tl.store(lg_ptr + o_r.to(tl.int64)[:, None] * NS + o_n[None, :], s,
+                 mask=(o_r < G)[:, None] & m_val[None, :] & store)
     t_m = tl.max(s, 1)
     t_safe = tl.where(t_m == float("-inf"), 0.0, t_m)
     t_l = tl.sum(tl.exp2(s - t_safe[:, None]), 1)
@@ -131,12 +143,13 @@ def _logits_t(b_k, b_q, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m_n, N, w,
+def _chunk_update(acc_grp, acc_win, c, s_t, w_r, m_r, b_m, b_l, o_t, o_n, m_n, N, w,
                   BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                   CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
-                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
-    """Add chunk c's probabilities for this tile of keys to the window / group accumulators.
-    With EXCLUDE the pooling sees the sequence as ending where the window starts (N - w)."""
+                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr):
+    """Add chunk c's probabilities for this tile of keys (its logits ``s_t`` [BLOCK_N, QB]) to
+    the window / group accumulators. With EXCLUDE the pooling sees the sequence as ending
+    where the window starts (N - w)."""
     if EXCLUDE:
         n_pool = N - w
     else:
@@ -144,7 +157,7 @@ def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m
     vis = m_n[:, None] & m_r[None, :]
     if CAUSAL:  # window row w_r sits at position N - w + w_r
         vis = vis & (o_n[:, None] <= (N - w + w_r)[None, :])
-    p = tl.where(vis, tl.exp2(_logits_t(b_k, b_q, QK_SCALE, IEEE) - b_m[None, :]) / b_l[None, :], 0.0)
+    p = tl.where(vis, tl.exp2(s_t - b_m[None, :]) / b_l[None, :], 0.0)
     if W_PAD <= QB:   # whole query heads in this chunk
         HPC: tl.constexpr = QB // W_PAD
         win = _reduce(tl.reshape(p, [BLOCK_N, HPC, W_PAD]), 2, REDUCE)     # [BLOCK_N, HPC]
@@ -168,29 +181,35 @@ def _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m
 
 
 @triton.jit
-def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr,
+def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, lg_ptr, NS,
                          i_b, i_h, N, W_total, w, o_t, o_n, m_n, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                          QR: tl.constexpr, CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr,
                          POOL_MAX: tl.constexpr,
                          GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, LOGITS: tl.constexpr):
     """reference.proxy_attention for one tile of keys.
 
     b_q0 .. b_l0 are chunk 0 (proxy_chunk), loaded once per program: when all query rows fit
-    one chunk (the common case: G * W_PAD <= QB) nothing is reloaded per tile."""
+    one chunk (the common case: G * W_PAD <= QB) nothing is reloaded per tile. With LOGITS the
+    chunk's logits come from the statistics pass (``lg_ptr``), and ``b_k`` is not read."""
     NCH: tl.constexpr = QR // QB
     acc_grp = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, b_q0, w_r0, m_r0, b_m0, b_l0, b_k, o_t, o_n, m_n, N, w,
-                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE,
-                                     EXCLUDE, QK_SCALE, IEEE)
+    if LOGITS:
+        o_r = tl.arange(0, QB)
+        s_t = tl.load(lg_ptr + o_r.to(tl.int64)[None, :] * NS + o_n[:, None], mask=m_n[:, None] & (o_r < G)[None, :],
+                      other=0.0)
+    else:
+        s_t = _logits_t(b_k, b_q0, QK_SCALE, IEEE)
+    acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, w_r0, m_r0, b_m0, b_l0, o_t, o_n, m_n, N, w,
+                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
     for c in range(1, NCH):
         b_q, w_r, m_r, b_m, b_l = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
                                               D, BLOCK_D, G, W_PAD, QB, QR, True)
-        acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, b_q, w_r, m_r, b_m, b_l, b_k, o_t, o_n, m_n, N, w,
-                                         BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE,
-                                         EXCLUDE, QK_SCALE, IEEE)
+        acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, m_r, b_m,
+                                         b_l, o_t, o_n, m_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
+                                         POOL_MAX, GROUP_REDUCE, EXCLUDE)
     if GROUP_REDUCE == 0:
         acc_grp = acc_grp / G
     if EXCLUDE:   # the window's own keys score 0
