@@ -14,6 +14,7 @@ import tritonkv as tkv  # noqa: E402
 from tritonkv import policies, reference  # noqa: E402
 from tritonkv.integrations import hf  # noqa: E402
 from tritonkv.integrations import static as static_module  # noqa: E402
+from tritonkv.integrations import step_scores  # noqa: E402
 from tritonkv.integrations.buffer import copy_slots  # noqa: E402
 from tritonkv.runtime import Evictor  # noqa: E402
 from .devices import DEVICE, to_device  # noqa: E402
@@ -453,7 +454,7 @@ def test_order_free_policies_fill_the_dropped_slots(model, monkeypatch, policy, 
     before which the slots are put back in order, since its eviction reads the windows by row."""
     moved = []
     original = static_module.fill_holes
-    monkeypatch.setattr(static_module, "fill_holes", lambda i, k, v, p: moved.append(i.shape) or original(i, k, v, p))
+    monkeypatch.setattr(static_module, "fill_holes", lambda i, k, v, p, a=None: moved.append(i.shape) or original(i, k, v, p, a))
     ids = prompt(n=60)
     caches = {order: hf.StaticEvictingCache(model, policy, budget, interval=interval, keep_order=order,
                                             stack_layers=stack) for order in (True, False)}
@@ -553,8 +554,8 @@ def test_decode_scores_keep_what_the_keys_give(model, monkeypatch, policy, budge
     and keep what the policy reading the keys does (decode_scores=False); stacked (one call for
     all layers), per layer, and with per-layer budgets (PyramidKV: per-layer calls)."""
     signals = []
-    original = static_module.attention_signal
-    monkeypatch.setattr(static_module, "attention_signal",
+    original = step_scores.attention_signal
+    monkeypatch.setattr(step_scores, "attention_signal",
                         lambda *a, **k: signals.append(a[0].shape) or original(*a, **k))
     ids = to_device(prompt(n=60))[0]
     with on_device(model) as on:
@@ -652,7 +653,7 @@ def test_accumulate_attention_refuses_what_it_cannot_sum(model, monkeypatch):
     with pytest.raises(ValueError, match="accumulate_attention: expected a bool"):
         hf.StaticEvictingCache(model, policies.h2o(), 20, interval=1, accumulate_attention="yes")
     # the model on the CPU without Triton's interpreter: no decode kernel to sum the attention
-    monkeypatch.setattr(static_module, "interpreting", lambda: False)
+    monkeypatch.setattr(step_scores, "interpreting", lambda: False)
     with pytest.raises(ValueError, match="runs on CUDA .or under TRITON_INTERPRET=1.; the model is on cpu"):
         hf.StaticEvictingCache(model, policies.h2o(), 20, interval=1, accumulate_attention=True)
 

@@ -51,18 +51,15 @@ import torch
 from transformers.cache_utils import Cache
 
 from .. import dsl
-from ..kernels.common import interpreting
 from ..kernels.compact import compact_in_place
-from ..kernels.attention_signal import attention_signal
 from ..kernels.holes import fill_holes
-from .attention import attention_scale, check_attention, decode_kernel_runs, enable
+from .attention import check_attention, enable
 from .buffer import LayerBuffer, Storage
 from .cache import HeldTokens
-from .decode_scores import (POSITIONS, SIGNAL, accumulation_scored, accumulation_scored_by_position,
-                            decode_scored)
 from .rows import Decision
 from .schedule import EvictionPlan, EvictionSchedule, per_layer_ints
 from .static_layer import StaticEvictingLayer
+from .step_scores import StepScores
 
 __all__ = ["StaticEvictingCache", "StaticEvictingLayer"]
 
@@ -148,31 +145,16 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             raise ValueError(f"stack_layers: expected a bool, got {stack_layers!r}")
         if not isinstance(keep_order, bool):
             raise ValueError(f"keep_order: expected a bool, got {keep_order!r}")
-        if not isinstance(decode_scores, bool):
-            raise ValueError(f"decode_scores: expected a bool, got {decode_scores!r}")
-        if not isinstance(accumulate_attention, bool):
-            raise ValueError(f"accumulate_attention: expected a bool, got {accumulate_attention!r}")
-        # H2O's accumulated attention (decode_scores.accumulation_scored), summed by the decode steps
-        self.accumulates = accumulate_attention
-        summed = accumulation_scored(schedule.policy)
-        if accumulate_attention and summed is None:
-            raise ValueError(f"accumulate_attention: the policy's proxy attention must sum every query's "
-                             f"(proxy_attention(window=None, causal=True, reduce='sum'), one group reduction, no "
-                             f"pooling: policies.h2o()); got {schedule.policy!r}")
-        if accumulate_attention and self.attention == "sdpa":
-            raise ValueError("accumulate_attention: the attention is summed from tritonkv's decode kernel; "
-                             "attention='sdpa' does not run it (use 'triton' or 'auto')")
-        if accumulate_attention and not (_model_device(model).type == "cuda" or interpreting()):
-            raise ValueError(f"accumulate_attention: the attention is summed from tritonkv's decode kernel, which "
-                             f"runs on CUDA (or under TRITON_INTERPRET=1); the model is on {_model_device(model)}")
+        # where decode evictions take the policy's attention from: keys, the step, the steps summed
+        self.scoring = scoring = StepScores(schedule.policy, decode_scores=decode_scores,
+                                            accumulate=accumulate_attention, attention=self.attention,
+                                            device=next(model.parameters()).device)
         # an order-free policy whose recent windows are all among the last `interval` slots may
-        # hold its rows in any order: a decode eviction then moves at most `interval` rows per row.
-        # Accumulated H2O ranks signals at its decode evictions: its recency half by true positions
-        ranked = accumulation_scored_by_position(schedule.policy)[0] if accumulate_attention else schedule.policy
+        # hold its rows in any order: a decode eviction then moves at most `interval` rows per row
+        ranked = scoring.ranked
         self.fills_holes = not keep_order and dsl.order_free(ranked) and all(
             isinstance(c.n, int) and c.n <= interval for c in ranked.clauses if isinstance(c, dsl.Recent))
-        # how decode evictions of an accumulating cache rewrite the policy (decode_scores.py)
-        self._summed_form = accumulation_scored_by_position if self.fills_holes else accumulation_scored
+        scoring.use_layout(self.fills_holes)
         budgets = per_layer_ints("budget", budget, schedule)
         self.n_layers, self.policy, self.timer = schedule.n_layers, schedule.policy, schedule.timer
         self.budgets = list(budgets)
@@ -184,10 +166,6 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             raise ValueError("budget: per-layer budgets with a fractional proxy window would need a query window "
                              "per layer; use one budget, or an int proxy window")
         self.paused = False
-        # decode steps whose eviction is due write the last query's attention (decode_scores.py)
-        self.decode_scores = decode_scores and decode_scored(schedule.policy) is not None
-        self._group_reduce = summed[1] if summed is not None else None   # how the accumulators sum query heads
-        self._scored = set()   # layers whose decode kernel wrote this step's scores
         self._random = any(isinstance(c, dsl.Sample) for c in schedule.policy.clauses) or any(
             isinstance(n, dsl.Random) for s in schedule.policy.scores for n in dsl.walk(s))
         self._storage: Optional[Storage] = None
@@ -244,9 +222,13 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         """After the last layer of a decode step: evict the layers whose buffers are full (all
         layers in one call when stacked). ``run=False`` does only the host bookkeeping (a
         replayed CUDA graph did the device work)."""
-        scored, self._scored = self._scored, set()
+        scored = self.scoring.take_scored()
         if self.accumulates and run:
-            self._accumulate(scored)
+            with self._timed():
+                self.scoring.accumulate([(self._storage, range(self.n_layers))]
+                                        if self.stacked and len(scored) == self.n_layers else
+                                        [(self.layers[i].buffer.storage, [self.layers[i].buffer.layer])
+                                         for i in sorted(scored)])
         if self.paused:
             return
         due = [layer for layer in self.layers if layer.filled == layer.capacity]
@@ -267,43 +249,20 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
                 layer.ordered = False
             layer._commit(decision)
 
-    def decode_step_scores(self, layer: StaticEvictingLayer, module, query, key, kwargs):
-        """(logits, lse) views for ``layer``'s decode kernel to write in this step, when the
-        step ends with an eviction scored from them (``decode_scores``), or in every step of a
-        cache that accumulates them (``accumulate_attention``: the slot just written starts
-        from 0); else None."""
-        if self.accumulates:
-            if not decode_kernel_runs(module, key, kwargs, self.attention):
-                raise RuntimeError(
-                    "accumulate_attention: this decode step's attention is not tritonkv's decode kernel (it runs "
-                    "on CUDA, or under TRITON_INTERPRET=1, for models without dropout, soft-capping, sliding "
-                    "windows or attention sinks), so there is no attention to accumulate")
-            storage, index = layer.buffer.storage, layer.buffer.layer
-            storage.allocate_scores(query)
-            layer.buffer.accumulated.index_fill_(2, layer._index, 0.0)
-            self._scored.add(layer.index)
-            return storage.logits[index], storage.lse[index]
-        if not self.decode_scores or self.paused or layer.filled != layer.capacity \
-                or not decode_kernel_runs(module, key, kwargs, self.attention) \
-                or attention_scale(query, kwargs) != query.shape[-1] ** -0.5:
-            return None
-        storage, index = layer.buffer.storage, layer.buffer.layer
-        storage.allocate_scores(query)
-        self._scored.add(layer.index)
-        return storage.logits[index], storage.lse[index]
+    @property
+    def decode_scores(self) -> bool:
+        """Whether decode evictions score TOVA from the step's attention (``decode_scores``)."""
+        return self.scoring.decode
 
-    def _accumulate(self, scored) -> None:
-        """Add this step's attention to the accumulators of the layers whose decode kernel wrote
-        it: one launch over the stacked layers, or one per layer."""
-        with self._timed():
-            if self.stacked and len(scored) == self.n_layers:
-                units = [(self._storage, range(self.n_layers))]
-            else:
-                units = [(self.layers[i].buffer.storage, [self.layers[i].buffer.layer]) for i in sorted(scored)]
-            for storage, layers in units:
-                logits, lse, signal = storage.scores(layers)
-                attention_signal(logits, lse, logits.shape[1] // signal.shape[1], self._group_reduce, out=signal,
-                                 accumulate=True)
+    @property
+    def accumulates(self) -> bool:
+        """Whether decode evictions rank the attention accumulated over the steps (H2O)."""
+        return self.scoring.accumulates
+
+    def decode_step_scores(self, layer: StaticEvictingLayer, module, query, key, kwargs):
+        """(logits, lse) views for ``layer``'s decode kernel to write in this step, or None
+        (:meth:`StepScores.buffers`)."""
+        return self.scoring.buffers(layer, module, query, key, kwargs, self.paused)
 
     def _run_stacked(self, decision: Decision, scored: bool = False) -> None:
         storage = self._storage
@@ -321,11 +280,9 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         """One tkv.evict call: the kept keys, values, their positions and (``accumulated``: the
         rows' accumulated attention, which the eviction then ranks) their accumulators."""
         with self._timed():
-            form = None if accumulated is None else plan.signal_form(self._summed_form, gather=True)
-            if form is not None:
-                out = form[0](keys, values, seed=self.schedule.layer_seed(layer, evictions),
-                              signals=_summed_signals(form[0], accumulated, positions))
-            else:   # no accumulators, or a plan without the proxy attention (too few rows for its window)
+            seed = self.schedule.layer_seed(layer, evictions)
+            out = self.scoring.indices(plan, seed, keys, values, positions, gather=True, accumulated=accumulated)
+            if out is None:
                 out = self._select(plan.evictor, plan, layer, evictions, keys, values, queries)
             if accumulated is not None:
                 accumulated = accumulated.gather(-1, out.indices)
@@ -342,32 +299,21 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         that accumulates attention, ``signal`` holds the accumulators, ranked and moved with
         the rows."""
         with self._timed():
-            decode = plan.decode_indexer if scores is not None and not self.accumulates else None
-            if self.accumulates:   # the accumulators rank (where the plan has the proxy attention) and move
-                if scores is None:
-                    raise RuntimeError("StaticEvictingCache: a decode eviction of an accumulating cache was run "
-                                       "without the layers' accumulators")
-                summed, signal = plan.signal_form(self._summed_form, gather=False), scores[2]
-                out = self._select(plan.indexer, plan, layer, evictions, keys, values, queries) if summed is None \
-                    else summed[0](keys, values, seed=self.schedule.layer_seed(layer, evictions),
-                                   signals=_summed_signals(summed[0], signal, positions))
-                if self.fills_holes:
-                    fill_holes(out.indices, keys, values, positions, signal)
-                    return
-                signal[:, :, :out.indices.shape[-1]] = signal.gather(-1, out.indices)
-            elif decode is not None:
-                indexer, how = decode
-                logits, lse, signal = scores
-                attention_signal(logits, lse, logits.shape[1] // signal.shape[1], how, out=signal)
-                out = indexer(keys, values, seed=self.schedule.layer_seed(layer, evictions),
-                              signals={SIGNAL: signal})
-            else:
+            if self.accumulates and scores is None:
+                raise RuntimeError("StaticEvictingCache: a decode eviction of an accumulating cache was run "
+                                   "without the layers' accumulators")
+            out = self.scoring.indices(plan, self.schedule.layer_seed(layer, evictions), keys, values, positions,
+                                       scores)
+            if out is None:
                 out = self._select(plan.indexer, plan, layer, evictions, keys, values, queries)
+            accumulated = scores[2] if self.accumulates else None   # moves with the rows
             if self.fills_holes:
-                fill_holes(out.indices, keys, values, positions)
+                fill_holes(out.indices, keys, values, positions, accumulated)
                 return
             kept = out.indices.shape[-1]
             positions[:, :, :kept] = positions.gather(-1, out.indices)
+            if accumulated is not None:
+                accumulated[:, :, :kept] = accumulated.gather(-1, out.indices)
             compact_in_place(out.indices, keys, values)
 
     def _select(self, evictor, plan: EvictionPlan, layer: int, evictions: int, keys, values, queries):
@@ -413,19 +359,6 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             layer.seen += 1
             layer._decode_host()
         self.end_of_decode_step(run=False)
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _summed_signals(evictor, accumulated, positions):
-    """The signals an accumulating cache's decode eviction reads: the accumulators, and the
-    slots' true positions where its recency clause ranks them."""
-    signals = {SIGNAL: accumulated}
-    if POSITIONS in evictor.policy.signals:
-        signals[POSITIONS] = positions
-    return signals
 
 
 class _Probe:
