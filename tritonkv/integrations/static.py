@@ -273,7 +273,8 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         self.compact(group.plan, 0, self.layers[0].evictions, keys, values, positions, queries,
                      storage.scores(range(self.n_layers)) if scored else None)
         storage.lengths.fill_(decision.fill)
-        storage.starts.zero_()
+        if any(row.start for layer in self.layers for row in layer.rows):   # else they are 0 already
+            storage.starts.zero_()
 
     def evict(self, plan: EvictionPlan, layer: int, evictions: int, keys, values, positions, queries,
               accumulated=None):
