@@ -224,11 +224,11 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         replayed CUDA graph did the device work)."""
         scored = self.scoring.take_scored()
         if self.accumulates and run:
-            with self._timed():
-                self.scoring.accumulate([(self._storage, range(self.n_layers))]
+            with self._timed():   # stacked, every layer's token went to the same slot
+                self.scoring.accumulate([(self._storage, range(self.n_layers), self.layers[0]._index)]
                                         if self.stacked and len(scored) == self.n_layers else
-                                        [(self.layers[i].buffer.storage, [self.layers[i].buffer.layer])
-                                         for i in sorted(scored)])
+                                        [(self.layers[i].buffer.storage, [self.layers[i].buffer.layer],
+                                          self.layers[i]._index) for i in sorted(scored)])
         if self.paused:
             return
         due = [layer for layer in self.layers if layer.filled == layer.capacity]

@@ -61,8 +61,7 @@ class StepScores:
 
     def buffers(self, layer, module, query, key, kwargs, paused: bool):
         """(logits, lse) views for ``layer``'s decode kernel to write in this step: where the step
-        ends with an eviction scored from them (decode), or in every step (accumulated: the slot
-        just written starts from 0); else None."""
+        ends with an eviction scored from them (decode), or in every step (accumulated); else None."""
         if self.accumulates:
             if not decode_kernel_runs(module, key, kwargs, self.attention):
                 raise RuntimeError(
@@ -75,8 +74,6 @@ class StepScores:
             return None
         storage, index = layer.buffer.storage, layer.buffer.layer
         storage.allocate_scores(query)
-        if self.accumulates:
-            layer.buffer.accumulated.index_fill_(2, layer._index, 0.0)
         self.scored.add(layer.index)
         return storage.logits[index], storage.lse[index]
 
@@ -86,10 +83,13 @@ class StepScores:
         return scored
 
     def accumulate(self, units) -> None:
-        """Add this step's attention to the accumulators: ``units`` are (storage, layers) pairs,
-        one launch each (all layers of stacked storage in one)."""
-        for storage, layers in units:
+        """Add this step's attention to the accumulators: ``units`` are (storage, layers, slot)
+        triples, the slot the step's token was written to in those layers (a device index, the
+        same in every layer of stacked storage), which starts from 0; two launches each (all
+        layers of stacked storage in one unit)."""
+        for storage, layers, slot in units:
             logits, lse, signal = storage.scores(layers)
+            signal.index_fill_(2, slot, 0.0)
             attention_signal(logits, lse, logits.shape[1] // signal.shape[1], self.group_reduce, out=signal,
                              accumulate=True)
 
