@@ -28,7 +28,7 @@ from .kernels.sequences import FIELDS
 from .reference import proxy_window
 from .kernels.compact import compact_launches
 from .kernels.holes import fill_holes_launch
-from .integrations.decode_scores import decode_scored
+from .integrations.decode_scores import POSITIONS, accumulation_scored_by_position, decode_scored
 from .kernels.attention_signal import attention_signal_launch
 from .kernels.decode import decode_launches
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
@@ -112,7 +112,8 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
     priorities = torch.empty(max(1, len(program.slots)), batch * heads, n, device="meta", dtype=torch.float32)
     table = torch.empty(batch, -(-n // PAGE), device="meta", dtype=torch.int32)
     sequences = torch.empty(batch, FIELDS.value, device="meta", dtype=torch.int32)
-    named = tuple(torch.empty(batch, heads, n, **meta) for _ in policy.signals) \
+    named = tuple(torch.empty(batch, heads, n, device="meta", dtype=torch.int64) if s == POSITIONS  # true positions
+                  else torch.empty(batch, heads, n, **meta) for s in policy.signals) \
         + tuple(torch.empty(heads, d, device="meta", dtype=torch.float32) for _ in policy.directions)
     if program.slots:
         geo, largs = launch_args(compiled, keys, values, queries, 0, priorities, named=named)
@@ -223,6 +224,7 @@ def all_policies() -> Dict[str, dsl.Policy]:
     named.update(policies.COMPOSITES)
     named["signal"] = dsl.sink(4) | dsl.top(dsl.signal("prior").normalize() - dsl.key_norm().normalize())
     named["tova (decode scores)"] = decode_scored(named["tova"])[0]   # StaticEvictingCache's decode form
+    named["h2o (accumulated)"] = accumulation_scored_by_position(named["h2o"])[0]   # its accumulated H2O
     named["chunk-max"] = dsl.as_policy(dsl.top(dsl.value_norm(), chunk=16, chunk_reduce="max", head_reduce="max"))
     return named
 
