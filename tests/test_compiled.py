@@ -264,7 +264,7 @@ def test_adaptive_selection_is_the_reference_selection(cache, budget, floor, sco
 @given(group=st.sampled_from([1, 2, 4, 8, 16, 32]), n=st.one_of(st.just(1), st.integers(2, 300)),
        causal=st.booleans(), pool=st.sampled_from([1, 3]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        seed=st.integers(0, 2 ** 31))
-@settings(max_examples=examples(6), deadline=None)
+@settings(max_examples=examples(4), deadline=None)
 def test_one_query_proxy_attention_reads_its_kept_logits(d, group, n, causal, pool, dtype, seed):
     """A one-query proxy attention (TOVA's) keeps its statistics pass's logits, and the score
     pass reads them instead of K, where the group's rows fit one 16-row chunk (G <= 16): the
