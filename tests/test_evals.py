@@ -80,3 +80,18 @@ def test_training_resumes_exactly(tmp_path):
 def test_policies_list_keeps_commas_inside_a_name():
     assert evaluation.variant_names("full, keydiff (block-wise, 256),chunkkv (layer reuse 2)") == \
         ["full", "keydiff (block-wise, 256)", "chunkkv (layer reuse 2)"]
+
+
+def test_every_step_eval_runs_and_renders(tmp_path):
+    """evals/every_step.py end to end at toy size on the checkpoint (the decode kernel in the
+    interpreter on the CPU): one variant, one budget, both tasks, then its table."""
+    from evals import every_step
+    name = "h2o (accumulated attention)"
+    checkpoint = Path(__file__).resolve().parents[1] / "evals" / "checkpoint"
+    results = every_step.run(checkpoint, samples=1, length=48, batch=1, seed=0, seeds=1, generated=3,
+                             out=tmp_path / "r.json", only=[name], budgets=(0.25,))
+    rows = results["rows"]
+    assert [(r["policy"], r["task"]) for r in rows] == [(name, t) for t in tasks.TASKS]
+    assert all(0 <= r["accuracy"] <= 1 and r["samples"] == 1 for r in rows)
+    table = every_step.render(tmp_path / "r.json", tmp_path / "docs").read_text()
+    assert f"| {name} |" in table and "n/a" not in table
