@@ -101,6 +101,16 @@ def test_accumulate_adds_the_signal_to_out(how):
     want = before[:, :, :1500] + reference.attention_signal(logits, lse, 3, how)
     # one float32 addition more than the signal alone: half an ulp of the sum
     assert torch.allclose(big[:, :, :1500], want, rtol=RTOL + 2.0 ** -24, atol=1e-38)
+    # the slot a step just wrote starts from 0 (fresh), in every row
+    fresh = torch.tensor([777], device=DEVICE)
+    again = before[:, :, :1500].clone()
+    attention_signal(logits, lse, 3, how, out=again, accumulate=True, fresh=fresh)
+    want[:, :, 777] = reference.attention_signal(logits, lse, 3, how)[:, :, 777]
+    assert torch.allclose(again, want, rtol=RTOL + 2.0 ** -24, atol=1e-38)
+    with pytest.raises(ValueError, match="fresh: expected .with accumulate=True. an int64 tensor of one slot"):
+        attention_signal(logits, lse, 3, how, out=again, fresh=fresh)
+    with pytest.raises(ValueError, match="fresh: expected"):
+        attention_signal(logits, lse, 3, how, out=again, accumulate=True, fresh=torch.tensor([1, 2], device=DEVICE))
     with pytest.raises(ValueError, match="out: accumulate=True adds to out"):
         attention_signal(logits, lse, 3, how, accumulate=True)
     with pytest.raises(ValueError, match="accumulate: expected a bool"):

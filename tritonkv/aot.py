@@ -191,8 +191,10 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
                                 + ("+scores" if scores else ""), config, fn, args, constexprs, warps, target)
                   for fn, _, args, constexprs, warps in launches]
     signal = torch.empty(batch, heads, n, device="meta", dtype=torch.float32)
+    fresh = torch.empty(1, device="meta", dtype=torch.int64)
     for accumulate in (False, True):   # TOVA's signal, H2O's accumulated attention
-        fn, _, args, constexprs, warps = attention_signal_launch(logits, lse, group, "mean", signal, accumulate)
+        fn, _, args, constexprs, warps = attention_signal_launch(logits, lse, group, "mean", signal, accumulate,
+                                                                 fresh if accumulate else None)
         built.append(build_checked("(decode)", "attn signal" + (" +=" if accumulate else ""), config, fn, args,
                                    constexprs, warps, target))
     indices = torch.empty(batch, heads, n - 64, device="meta", dtype=torch.int64)

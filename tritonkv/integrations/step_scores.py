@@ -85,13 +85,12 @@ class StepScores:
     def accumulate(self, units) -> None:
         """Add this step's attention to the accumulators: ``units`` are (storage, layers, slot)
         triples, the slot the step's token was written to in those layers (a device index, the
-        same in every layer of stacked storage), which starts from 0; two launches each (all
+        same in every layer of stacked storage), which starts from 0; one launch each (all
         layers of stacked storage in one unit)."""
         for storage, layers, slot in units:
             logits, lse, signal = storage.scores(layers)
-            signal.index_fill_(2, slot, 0.0)
             attention_signal(logits, lse, logits.shape[1] // signal.shape[1], self.group_reduce, out=signal,
-                             accumulate=True)
+                             accumulate=True, fresh=slot)
 
     def indices(self, plan: EvictionPlan, seed: int, keys, values, positions, scores=None, gather: bool = False,
                 accumulated=None):

@@ -8,7 +8,8 @@ slots: it loads the G query heads' logits [G, BLOCK] (G * 4 bytes per slot, agai
 key's D * 2 that a proxy-attention pass reads) and writes ``reduce_g 2^(logit - lse)``,
 float32 [B, H_kv, N]: what a ``signal`` of the policy reads (reference.attention_signal).
 With ``accumulate`` it adds them to what ``out`` holds instead: the attention every decoded
-token paid each slot, summed over the decode steps (H2O's accumulated attention).
+token paid each slot, summed over the decode steps (H2O's accumulated attention); ``fresh``
+names a slot (a device index) whose sum starts from 0 there, the one the step's token went to.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ HOW_CODES = {"mean": 0, "sum": 1, "max": 2}
 
 
 @triton.jit
-def _attention_signal_kernel(sc_ptr, lse_ptr, out_ptr, s_scb, s_sch, s_scn, s_lb, s_lh, s_ob, s_oh, s_on, H, N,
-                             G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HOW: tl.constexpr,
-                             ACCUMULATE: tl.constexpr):
+def _attention_signal_kernel(sc_ptr, lse_ptr, out_ptr, fresh_ptr, s_scb, s_sch, s_scn, s_lb, s_lh, s_ob, s_oh,
+                             s_on, H, N, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                             HOW: tl.constexpr, ACCUMULATE: tl.constexpr, FRESH: tl.constexpr):
     i_bh, i_n = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_g = tl.arange(0, G_PAD)
@@ -50,11 +51,14 @@ def _attention_signal_kernel(sc_ptr, lse_ptr, out_ptr, s_scb, s_sch, s_scn, s_lb
             out = out / G
     p_out = out_ptr + i_b.to(tl.int64) * s_ob + i_h.to(tl.int64) * s_oh + o_n.to(tl.int64) * s_on
     if ACCUMULATE:   # one program owns each element: a plain read-modify-write
-        out += tl.load(p_out, mask=m_n, other=0.0)
+        prior = tl.load(p_out, mask=m_n, other=0.0)
+        if FRESH:    # the slot just written holds a new token: nothing accumulated yet
+            prior = tl.where(o_n == tl.load(fresh_ptr), 0.0, prior)
+        out += prior
     tl.store(p_out, out, mask=m_n)
 
 
-def _check(logits, lse, group, how, out, accumulate) -> None:
+def _check(logits, lse, group, how, out, accumulate, fresh) -> None:
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.dtype != torch.float32:
         raise ValueError(f"logits: expected a float32 tensor [B, H_q, N], got "
                          f"{getattr(logits, 'dtype', type(logits).__name__)} {list(getattr(logits, 'shape', []))}")
@@ -68,33 +72,44 @@ def _check(logits, lse, group, how, out, accumulate) -> None:
         raise ValueError(f"accumulate: expected a bool, got {accumulate!r}")
     if accumulate and out is None:
         raise ValueError("out: accumulate=True adds to out, which must be given")
+    if fresh is not None and (not accumulate or not isinstance(fresh, torch.Tensor) or fresh.numel() != 1
+                              or fresh.dtype != torch.int64 or fresh.device != logits.device):
+        raise ValueError(f"fresh: expected (with accumulate=True) an int64 tensor of one slot index on "
+                         f"{logits.device}, got {getattr(fresh, 'dtype', type(fresh).__name__)} "
+                         f"{list(getattr(fresh, 'shape', []))}")
     if out is not None:
         check_float32("out", out, (b, hq // group, n), logits.device)
 
 
 def attention_signal(logits: torch.Tensor, lse: torch.Tensor, group: int, how: str = "mean",
-                     out: Optional[torch.Tensor] = None, accumulate: bool = False) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, accumulate: bool = False,
+                     fresh: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``reference.attention_signal`` into ``out`` (float32 [B, H_q / group, N], any strides;
-    allocated when None), or added to it (``accumulate``); one launch that reads no device
-    value (CUDA-graph safe). CPU tensors outside Triton's interpreter take the PyTorch
-    reference."""
-    _check(logits, lse, group, how, out, accumulate)
+    allocated when None), or added to it (``accumulate``; ``fresh``: an int64 device index of
+    one slot whose prior value counts as 0 in every row); one launch that reads no device
+    value on the host (CUDA-graph safe). CPU tensors outside Triton's interpreter take the
+    PyTorch reference."""
+    _check(logits, lse, group, how, out, accumulate, fresh)
     b, hq, n = logits.shape
     if out is None:
         out = torch.empty(b, hq // group, n, dtype=torch.float32, device=logits.device)
     if not (logits.is_cuda or interpreting()):
         signal = attention_signal_reference(logits, lse, group, how)
+        if fresh is not None:
+            out.index_fill_(2, fresh.view(1), 0.0)
         return out.add_(signal) if accumulate else out.copy_(signal)
-    launch(*attention_signal_launch(logits, lse, group, how, out, accumulate))
+    launch(*attention_signal_launch(logits, lse, group, how, out, accumulate, fresh))
     return out
 
 
 def attention_signal_launch(logits: torch.Tensor, lse: torch.Tensor, group: int, how: str, out: torch.Tensor,
-                            accumulate: bool = False):
+                            accumulate: bool = False, fresh: Optional[torch.Tensor] = None):
     """The launch ``(fn, grid, args, constexprs, num_warps)`` of attention_signal."""
     b, hq, n = logits.shape
     h = hq // group
     return (_attention_signal_kernel, (b * h, cdiv(n, BLOCK)),
-            [logits, lse, out, *logits.stride(), *lse.stride(), *out.stride(), h, n],
-            dict(G=group, G_PAD=next_power_of_2(group), BLOCK_N=BLOCK, HOW=HOW_CODES[how], ACCUMULATE=accumulate),
+            [logits, lse, out, lse if fresh is None else fresh,   # a placeholder the kernel never reads
+             *logits.stride(), *lse.stride(), *out.stride(), h, n],
+            dict(G=group, G_PAD=next_power_of_2(group), BLOCK_N=BLOCK, HOW=HOW_CODES[how], ACCUMULATE=accumulate,
+                 FRESH=fresh is not None),
             SIGNAL_WARPS)
