@@ -86,17 +86,3 @@ def accumulation_scored_by_position(policy: dsl.Policy) -> Optional[Tuple[dsl.Po
 def proxy_node(policy: dsl.Policy) -> dsl.ProxyAttention:
     """The policy's proxy attention (the one node ``decode_scored`` / ``accumulation_scored`` swap)."""
     return next(n for score in policy.scores for n in dsl.walk(score) if isinstance(n, dsl.ProxyAttention))
-
-
-def proxy_scores(node: dsl.ProxyAttention, keys, values, queries):
-    """float32 [B, H_kv, N]: ``node``'s score of ``keys`` [B, H_kv, N, D] for the proxy
-    ``queries`` [B, H_q, W, D] (``reference.proxy_attention``), by the compiled kernels where
-    they run (CUDA, Triton's interpreter), else by the reference."""
-    from ..compiler import compile_policy, score
-    from ..kernels.common import interpreting
-    from ..reference import proxy_attention
-
-    b, h, n, _ = keys.shape
-    if keys.is_cuda or interpreting():
-        return score(compile_policy(dsl.as_policy(dsl.top(node))), keys, values, queries, 0)[0].view(b, h, n)
-    return proxy_attention(node, keys.float(), queries.float())

@@ -16,7 +16,6 @@ from ..reference import gather_rows
 from ..results import Evicted
 from .attention import attend_slots, decode_kernel_runs, expect
 from .buffer import LayerBuffer, copy_slots
-from .decode_scores import proxy_node, proxy_scores
 from .rows import Decision, Row, commit, decide, flat
 
 if TYPE_CHECKING:
@@ -247,30 +246,8 @@ class StaticEvictingLayer(CacheLayerMixin):
         self._run(decision, key, value, sources, queries)
         self._commit(decision, queries_added=[q - pad for pad in pads])
         if cache.accumulates and buffer.accumulated is not None:
-            self._seed_accumulators()
+            cache.scoring.seed(self, cache.device_index)
         return out
-
-    def _seed_accumulators(self) -> None:
-        """After a forward of several tokens, each held token's accumulated attention (see
-        ``accumulate_attention``) is the attention the row's last real queries (at most the
-        query window) pay it over the row's held tokens: the policy's proxy attention, as the
-        keys path scores it. Rows that hold their tokens from the same slot with as many
-        queries go in one call."""
-        buffer, fill = self.buffer, self.filled
-        acc = buffer.accumulated
-        acc.zero_()
-        node = proxy_node(self.cache.policy)
-        groups = {}
-        for b, row in enumerate(self.rows):
-            count = min(row.queries, fill - row.start)
-            if count:
-                groups.setdefault((row.start, count), []).append(b)
-        window = buffer.queries.shape[2]
-        for (start, count), rows in groups.items():
-            index = self.cache.device_index(tuple(rows), acc.device)
-            keys, values = (t.index_select(0, index)[:, :, start:fill] for t in (buffer.keys, buffer.values))
-            queries = buffer.queries.index_select(0, index)[:, :, window - count:]
-            acc[index, :, start:fill] = proxy_scores(node, keys, values, queries)
 
     def _many_mask(self, pads: Sequence[int], q: int) -> torch.Tensor:
         """bool [B, 1, q, held + q]: every held slot of the row, the new real tokens causally

@@ -8,8 +8,9 @@ attention scores of their policy from (integrations/decode_scores.py rewrites th
                summed step by step into a float32 accumulator per slot that moves with the rows.
 
 The cache asks, per decode step and layer, which buffers the decode kernel writes
-(``buffers``); after the step's last layer, the accumulation (``accumulate``); and per
-eviction, the kept indices (``indices``: None where the keys path serves).
+(``buffers``); after the step's last layer, the accumulation (``accumulate``); per eviction,
+the kept indices (``indices``: None where the keys path serves); and after a forward of
+several tokens, the accumulators' starting values (``seed``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch
 from .. import dsl
 from ..kernels.attention_signal import attention_signal
 from ..kernels.common import interpreting
+from ..reference import proxy_attention
 from .attention import attention_scale, decode_kernel_runs
-from .decode_scores import POSITIONS, SIGNAL, accumulation_scored, accumulation_scored_by_position, decode_scored
+from .decode_scores import (POSITIONS, SIGNAL, accumulation_scored, accumulation_scored_by_position, decode_scored,
+                            proxy_node)
 from .schedule import EvictionPlan
 
 
@@ -46,6 +49,7 @@ class StepScores:
         if accumulate and not (device.type == "cuda" or interpreting()):
             raise ValueError(f"accumulate_attention: the attention is summed from tritonkv's decode kernel, which "
                              f"runs on CUDA (or under TRITON_INTERPRET=1); the model is on {device}")
+        self.policy = policy
         self.accumulates = accumulate
         self.decode = decode_scores and not accumulate and decode_scored(policy) is not None
         self.attention = attention
@@ -92,6 +96,28 @@ class StepScores:
             attention_signal(logits, lse, logits.shape[1] // signal.shape[1], self.group_reduce, out=signal,
                              accumulate=True, fresh=slot)
 
+    def seed(self, layer, device_index) -> None:
+        """After a forward of several tokens, each held token's accumulator is the attention the
+        row's last real queries (at most the query window) pay it over the row's held tokens:
+        the policy's proxy attention, as the keys path scores it. Rows that hold their tokens
+        from the same slot with as many queries go in one call (``device_index``: the cache's
+        host-known index tensors)."""
+        buffer, fill = layer.buffer, layer.filled
+        acc = buffer.accumulated
+        acc.zero_()
+        node = proxy_node(self.policy)
+        groups = {}
+        for b, row in enumerate(layer.rows):
+            count = min(row.queries, fill - row.start)
+            if count:
+                groups.setdefault((row.start, count), []).append(b)
+        window = buffer.queries.shape[2]
+        for (start, count), rows in groups.items():
+            index = device_index(tuple(rows), acc.device)
+            keys, values = (t.index_select(0, index)[:, :, start:fill] for t in (buffer.keys, buffer.values))
+            queries = buffer.queries.index_select(0, index)[:, :, window - count:]
+            acc[index, :, start:fill] = proxy_scores(node, keys, values, queries)
+
     def indices(self, plan: EvictionPlan, seed: int, keys, values, positions, scores=None, gather: bool = False,
                 accumulated=None):
         """The eviction of ``keys`` / ``values`` scored from this step (``scores``: (logits, lse,
@@ -114,3 +140,15 @@ class StepScores:
         logits, lse, signal = scores
         attention_signal(logits, lse, logits.shape[1] // signal.shape[1], how, out=signal)
         return indexer(keys, values, seed=seed, signals={SIGNAL: signal})
+
+
+def proxy_scores(node: dsl.ProxyAttention, keys, values, queries) -> torch.Tensor:
+    """float32 [B, H_kv, N]: ``node``'s score of ``keys`` [B, H_kv, N, D] for the proxy
+    ``queries`` [B, H_q, W, D] (``reference.proxy_attention``), by the compiled kernels where
+    they run (CUDA, Triton's interpreter), else by the reference."""
+    from ..compiler import compile_policy, score   # imports triton only when asked for
+
+    b, h, n, _ = keys.shape
+    if keys.is_cuda or interpreting():
+        return score(compile_policy(dsl.as_policy(dsl.top(node))), keys, values, queries, 0)[0].view(b, h, n)
+    return proxy_attention(node, keys.float(), queries.float())
