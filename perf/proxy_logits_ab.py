@@ -74,12 +74,13 @@ def main(argv=None):
             for kind in ("wall", "graph", "host"):
                 row[f"{variant} {kind} us"] = statistics.median(r[kind] for r in runs)
         rows.append(row)
-        one, two, p = (lambda k_: row[f"one pass {k_} us"]), (lambda k_: row[f"two passes {k_} us"]), \
-            (lambda k_: row[f"peer {k_} us"])
-        print(f"B={b} N={n:>6} {int(budget * 100)}%  two passes {two('wall'):8.1f} {two('graph'):8.1f} "
-              f"{two('host'):6.1f} | one pass {one('wall'):8.1f} {one('graph'):8.1f} {one('host'):6.1f} | "
-              f"one / two (graph) {one('graph') / two('graph'):.3f} | peer / one (wall) {p('wall') / one('wall'):.2f}x",
-              flush=True)
+        def us(variant, kind):
+            return row[f"{variant} {kind} us"]
+
+        times = " | ".join(f"{v} " + " ".join(f"{us(v, k):8.1f}" for k in ("wall", "graph", "host")) for v in VARIANTS)
+        print(f"B={b} N={n:>6} {int(budget * 100)}%  {times} | one / two (graph) "
+              f"{us('one pass', 'graph') / us('two passes', 'graph'):.3f} | peer / one (wall) "
+              f"{us('peer', 'wall') / us('one pass', 'wall'):.2f}x", flush=True)
     os.environ.pop("TRITONKV_PROXY_LOGITS", None)
     geometry.clear_geometry()
     if args.json:

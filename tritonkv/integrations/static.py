@@ -312,9 +312,9 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
                 fill_holes(out.indices, keys, values, positions, accumulated)
                 return
             kept = out.indices.shape[-1]
-            positions[:, :, :kept] = positions.gather(-1, out.indices)
-            if accumulated is not None:
-                accumulated[:, :, :kept] = accumulated.gather(-1, out.indices)
+            for t in (positions, accumulated):
+                if t is not None:
+                    t[:, :, :kept] = t.gather(-1, out.indices)
             compact_in_place(out.indices, keys, values)
 
     def _select(self, evictor, plan: EvictionPlan, layer: int, evictions: int, keys, values, queries):

@@ -125,7 +125,7 @@ class StepScores:
         out of the buffer), as the Evictor's result; None where the plan's keys path serves (no
         scores; a plan without the proxy attention, as for too few rows for its window)."""
         if self.accumulates:
-            signal = accumulated if accumulated is not None else None if scores is None else scores[2]
+            signal = accumulated if accumulated is not None else (None if scores is None else scores[2])
             form = None if signal is None else plan.signal_form(self._form, gather=gather)
             if form is None:
                 return None

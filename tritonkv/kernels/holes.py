@@ -100,11 +100,10 @@ def fill_holes_launch(indices: torch.Tensor, keys: torch.Tensor, values: torch.T
     dv = values.shape[-1]
     n_kept = indices.shape[-1]
     n_tail = min(n - n_kept, n_kept)
-    per_slot = []   # positions, accumulators: a placeholder and zero strides where absent (never read)
-    for t in (positions, accumulated):
-        per_slot += [t, *t.stride()] if t is not None else [indices, 0, 0, 0]
-    args = [indices, keys, values, per_slot[0], per_slot[4], *keys.stride(), *values.stride(), *per_slot[1:4],
-            *per_slot[5:8], h, n_kept, n_tail]
+    # positions, accumulators: where absent, a placeholder and zero strides (the kernel never reads them)
+    (pos, s_pos), (acc, s_acc) = ((indices, (0, 0, 0)) if t is None else (t, t.stride())
+                                  for t in (positions, accumulated))
+    args = [indices, keys, values, pos, acc, *keys.stride(), *values.stride(), *s_pos, *s_acc, h, n_kept, n_tail]
     constexprs = dict(D=d, DV=dv, BLOCK_T=max(16, min(32, next_power_of_2(n_tail))), BLOCK_D=next_power_of_2(d),
                       BLOCK_DV=next_power_of_2(dv), TAIL_STEPS=_steps(n_tail), HOLE_STEPS=_steps(n_kept),
                       HAS_POS=positions is not None, HAS_ACC=accumulated is not None)
