@@ -57,9 +57,8 @@ def _check_named(argument: str, kind: str, tensors, used, keys, check_shape, dty
             raise TypeError(f"{argument}[{name!r}]: expected a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in dtypes:
             names = ", ".join(str(t).split(".")[-1] for t in dtypes)
-            raise TypeError(f"{argument}[{name!r}]: dtype {x.dtype} is not supported; expected a float dtype "
-                            f"({names})" if dtypes is NAMED_DTYPES else
-                            f"{argument}[{name!r}]: dtype {x.dtype} is not supported; expected one of {names}")
+            expected = f"a float dtype ({names})" if dtypes is NAMED_DTYPES else f"one of {names}"
+            raise TypeError(f"{argument}[{name!r}]: dtype {x.dtype} is not supported; expected {expected}")
         label = f"{argument}[{name!r}]"
         check_shape(label, x)
         if x.device != keys.device:
