@@ -1,0 +1,136 @@
+"""A / B of a kernel setting read from the environment (a ``TRITONKV_*`` switch that
+tritonkv.geometry reads when it plans a launch), in one process, beside the peer (kvpress'
+formulation: scores in the cache's dtype, topk, gather).
+
+For each case and each value of the setting, a fresh planned Evictor; three times of one call:
+wall (from an idle GPU, host launch included), graph (CUDA-graph replay: kernels alone) and host
+(back-to-back calls); the values interleaved, medians over ``--repeats``. The caches are those
+of the perf suite (perf/test_evict.py: B x 8 KV heads x N x 128, bf16, 32 query heads with a
+window of 64).
+
+    python perf/setting_ab.py TRITONKV_PROXY_LOGITS 0 1 --presets tova
+    python perf/setting_ab.py TRITONKV_SCORE_REVERSE 0 1 --presets keydiff,snapkv --n 32768,131072
+    python perf/setting_ab.py TRITONKV_SCORE_REVERSE 0 1 --presets keydiff --toy   # CPU: checks the script
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perf.baselines import peer_evict  # noqa: E402
+from perf.host_overhead import inputs  # noqa: E402
+from perf.test_evict import POLICIES, make_cache  # noqa: E402
+from perf.timing import DEVICE, event_seconds, graph_seconds, host_times  # noqa: E402
+from tritonkv import geometry  # noqa: E402
+from tritonkv.runtime import Evictor  # noqa: E402
+
+KINDS = ("wall", "graph", "host")
+
+
+def ints(text: str):
+    return [int(x) for x in text.split(",")]
+
+
+def floats(text: str):
+    return [float(x) for x in text.split(",")]
+
+
+def planned(setting: str, value: str, policy, k: int) -> Evictor:
+    """A fresh Evictor that plans under ``setting=value`` (geometry is cached per shape)."""
+    os.environ[setting] = value
+    geometry.clear_geometry()
+    return Evictor(policy, k, backend="triton")
+
+
+def times_us(fn, replays: int) -> dict:
+    fn()
+    return dict(wall=event_seconds(fn) * 1e6,
+                graph=graph_seconds(fn, replays=replays) * 1e6 if DEVICE == "cuda" else float("nan"),
+                host=statistics.mean(host_times(fn, calls=100 if DEVICE == "cuda" else 2, block=25)) * 1e6)
+
+
+def case(setting, values, name, b, n, budget, repeats, replays) -> dict:
+    policy = POLICIES[name]
+    keys, values_, queries = make_cache(b, n)
+    kw = inputs(policy, keys, values_, queries)
+    k = max(1, int(budget * n))
+    runs = {v: [] for v in values}
+    for _ in range(repeats):
+        for value in values:
+            ev = planned(setting, value, policy, k)
+            runs[value].append(times_us(lambda: ev(keys, values_, **kw), replays))
+    peer = peer_evict(name)
+    if peer is not None:
+        named = {**(kw["signals"] or {}), **(kw["directions"] or {})} or None
+        runs["peer"] = [times_us(lambda: peer(keys, values_, queries, k, named), replays)]
+    row = dict(policy=name, B=b, N=n, budget=budget, setting=setting)
+    for variant, got in runs.items():
+        for kind in KINDS:
+            row[f"{variant} {kind} us"] = statistics.median(r[kind] for r in got)
+    return row
+
+
+def line(row, values) -> str:
+    us = lambda variant, kind: row[f"{variant} {kind} us"]  # noqa: E731
+    a, b = values[0], values[-1]
+    times = " | ".join(f"{v}: " + " ".join(f"{us(v, k):8.1f}" for k in KINDS) for v in values)
+    text = (f"{row['policy']:<14} B={row['B']} N={row['N']:>6} {row['budget']:.0%}  {times} | "
+            f"{b} / {a} graph {us(b, 'graph') / us(a, 'graph'):.3f} wall {us(b, 'wall') / us(a, 'wall'):.3f}")
+    if "peer wall us" in row:
+        text += f" | peer / {b} wall {us('peer', 'wall') / us(b, 'wall'):.2f}x"
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("setting", help="the environment variable, e.g. TRITONKV_SCORE_REVERSE")
+    parser.add_argument("values", nargs="+", help="its values; ratios are the last against the first")
+    parser.add_argument("--presets", default="tova", help="comma-separated names of perf/test_evict.py's POLICIES")
+    parser.add_argument("--b", type=ints, default=[1, 4])
+    parser.add_argument("--n", type=ints, default=[131072, 524288])
+    parser.add_argument("--budgets", type=floats, default=[0.1, 0.5])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--toy", action="store_true", help="tiny sizes, one repeat (CPU: checks the script)")
+    args = parser.parse_args(argv)
+    if not args.setting.startswith("TRITONKV_"):
+        parser.error(f"setting: expected a TRITONKV_* environment variable, got {args.setting!r}")
+    names = args.presets.split(",")
+    unknown = [name for name in names if name not in POLICIES]
+    if unknown:
+        parser.error(f"--presets: unknown {unknown}; expected names from {sorted(POLICIES)}")
+    if args.toy:
+        args.b, args.n, args.budgets, args.repeats = [1], [300], [0.5], 1
+    replays = 2 if args.toy else 20
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    before = os.environ.get(args.setting)
+    print(f"{gpu}  {args.setting} in {args.values}; us: wall / graph / host", flush=True)
+    rows = []
+    try:
+        for name in names:
+            for b in args.b:
+                for n in args.n:
+                    for budget in args.budgets:
+                        row = case(args.setting, args.values, name, b, n, budget, args.repeats, replays)
+                        rows.append(dict(row, gpu=gpu))
+                        print(line(row, args.values), flush=True)
+    finally:
+        if before is None:
+            os.environ.pop(args.setting, None)
+        else:
+            os.environ[args.setting] = before
+        geometry.clear_geometry()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(setting=args.setting, values=args.values, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
