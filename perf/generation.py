@@ -133,6 +133,18 @@ def modes(n: int, steps: int, warmup: int = 16):
     ]
 
 
+def runs_here(options: dict, cuda: bool) -> bool:
+    """Whether a mode runs on this run's device: CUDA graphs (ours, and torch.compile's
+    reduce-overhead) need a GPU; tritonkv's decode kernel (``attention="triton"``) runs on a GPU,
+    or on the CPU under TRITON_INTERPRET=1 (a toy run on a GPU machine has a CPU model)."""
+    if cuda:
+        return True
+    if options.get("graphs") or options.get("cache") == "compiled":
+        return False
+    from tritonkv.kernels.common import interpreting
+    return options.get("attention") != "triton" or interpreting()
+
+
 def make_model(spec: dict, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -288,8 +300,8 @@ def run(args) -> dict:
             for mode, options in modes(n, steps, args.warmup):
                 if args.modes and not re.search(args.modes, mode):
                     continue
-                if options.get("graphs") and not cuda or options.get("cache") == "compiled" and not cuda:
-                    continue   # CUDA graphs (ours, and torch.compile's reduce-overhead) need a GPU
+                if not runs_here(options, cuda):
+                    continue
                 interval = options.get("interval")
                 if args.toy and interval is not None and interval <= 64:   # toy sizes: a few steps apart
                     interval = min(interval, 8)

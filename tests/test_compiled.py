@@ -318,3 +318,42 @@ def test_score_pass_walked_in_reverse_gives_the_same_scores(cache, policy, seed)
         os.environ.pop("TRITONKV_SCORE_REVERSE")
         geometry.clear_geometry()
     assert torch.equal(got["0"].nan_to_num(7.0), got["1"].nan_to_num(7.0))
+
+
+HEAD_REDUCED = {
+    "tova": policies.tova(),
+    "two head-reduced tops": tkv.sink(3) | tkv.recent(2) | tkv.top(tkv.key_norm(), share=0.4, head_reduce="max")
+    | tkv.top(-tkv.anchor_similarity(), head_reduce="sum", chunk=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_REDUCED))
+@pytest.mark.parametrize("heads", [1, 3])
+def test_head_reduced_policies_select_once_per_batch_row(name, heads):
+    """When every clause ranks a head-reduced priority, every head keeps the same tokens: select
+    runs one program row per batch row and writes (and gathers) every head's rows. The same
+    kept sets as the reference, with and without the fused gather."""
+    from tritonkv.compiler import compile_policy, prepare, shared_selection
+    policy = HEAD_REDUCED[name]
+    g = torch.Generator().manual_seed(heads)
+    b, group, n = 2, 2, 157
+    keys = torch.randn(b, heads, n, 80, generator=g)
+    values = torch.randn(b, heads, n, 64, generator=g)
+    queries = torch.randn(b, heads * group, 8, 80, generator=g)
+    assert compare(keys, values, queries, policy, 0.3)
+    lowered, alloc = lower(policy, allocate(policy, n, resolve_budget(0.3, n)))
+    compiled = compile_policy(lowered)
+    assert shared_selection(compiled.program)
+    for gather in (True, False):
+        call = prepare(compiled, alloc, *to_device(keys, values, queries), 0, (), gather)
+        assert call.launches[-1].grid[1] == b            # one program row per batch row
+    out = evict_compiled(*to_device(keys, values, queries), policy, resolve_budget(0.3, n), 0, gather=False)
+    assert out.keys is None and (out.indices == out.indices[:, :1]).all()
+
+
+def test_selection_is_per_head_otherwise():
+    from tritonkv.compiler import compile_policy, shared_selection
+    for policy in (policies.keydiff(), policies.tova_per_group(), policies.nacl(),
+                   tkv.top(tkv.key_norm(), head_reduce="mean") | tkv.top(tkv.value_norm()),
+                   tkv.top(tkv.key_norm(), head_reduce="mean") | tkv.sample(tkv.key_norm())):
+        assert not shared_selection(compile_policy(lower(policy, allocate(policy, 100, 30))[0]).program), policy

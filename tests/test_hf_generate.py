@@ -233,8 +233,8 @@ def test_generation_benchmark_runs_at_toy_sizes(tmp_path):
     generation.main(["--out", str(tmp_path), "--toy", "--prompts", "64", "--steps", "3", "--warmup", "1"])
     data = json.loads((tmp_path / "generation.json").read_text())
     rows = data["rows"]
-    gpu_only = lambda o: o.get("graphs") or o.get("cache") == "compiled"   # noqa: E731 (CUDA graphs)
-    assert [r["mode"] for r in rows] == [m for m, o in generation.modes(64, 3, 1) if not gpu_only(o)]
+    assert [r["mode"] for r in rows] == [m for m, o in generation.modes(64, 3, 1) if generation.runs_here(o, False)]
+    assert not any(r["graphs"] for r in rows)
     assert {r["cache"] for r in rows} == {"transformers", "dynamic", "static"}
     for r in rows:
         decoding = r["interval"] is not None and r["interval"] <= 3   # evicts within the 3 timed steps

@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 from . import dsl, policies
 from .budget import allocate
-from .compiler import Layout, compile_policy, launch_args
+from .compiler import Layout, compile_policy, launch_args, shared_selection
 from .kernels.pages import compact_launch
 from .kernels.sequences import FIELDS
 from .reference import proxy_window
@@ -145,7 +145,8 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
     _, args, constexprs, indices = select_launch(priorities, program.clause_keys, alloc.clause_counts,
                                                  alloc.n_sink, alloc.n_recent, batch * heads, n, alloc.total,
                                                  torch.device("meta"), programs=16, heads=heads,
-                                                 moments=(workspace, [0] * len(program.clause_keys), 8))
+                                                 moments=(workspace, [0] * len(program.clause_keys), 8),
+                                                 shared=shared_selection(program))
     record("select", _select_kernel, args, constexprs, SELECT_WARPS)
     if paged and program.clause_keys:   # the select of a batched paged call (tritonkv.paged_plan)
         _, args, constexprs, _ = select_launch(priorities, program.clause_keys, [0] * len(program.clause_keys), 0,

@@ -359,6 +359,26 @@ def prepare_paged(compiled: CompiledPolicy, pages, v_pages, queries, seed: int, 
     return call
 
 
+def shared_selection(program) -> bool:
+    """Whether every KV head of a batch row keeps the same tokens by construction: every
+    selective clause is a top of a head-reduced priority (kernels/transform.py writes the same
+    values into each head's row; no sample clause draws noise per head), so select ranks one
+    row per batch row and writes its indices for all heads (TOVA, ``top(..., head_reduce=)``).
+    ``TRITONKV_SHARED_SELECT=0`` turns it off for calls prepared from then on (A/B timing)."""
+    if os.environ.get("TRITONKV_SHARED_SELECT") == "0":   # per-head selection (A/B timing)
+        return False
+    keys = program.clause_keys
+    return bool(keys) and all(not k.sampled and program.slots[k.slot].head_reduce is not None for k in keys)
+
+
+def selection_programs(program, b: int, h: int, n: int, device, gather_dims=(0, 0), per_seq: bool = False) -> int:
+    """Programs per selected row of a call's select launch (rows: b * h, or b batch rows when
+    the heads share one selection)."""
+    shared = not per_seq and shared_selection(program)
+    return select_programs(b if shared else b * h, n, program.clause_keys, device, *gather_dims, per_seq=per_seq,
+                           shared=shared)
+
+
 def _ranking(compiled: CompiledPolicy, keys, values, queries, seed: int, named, layout: Layout, gather_dims,
              out_i, per_seq: bool = False) -> Call:
     """A Call with the scratch (slots, statistics, select's workspace) and the statistics and
@@ -367,7 +387,7 @@ def _ranking(compiled: CompiledPolicy, keys, values, queries, seed: int, named, 
     rows, device, program = b * h, keys.device, compiled.program
     geo = _geometry_of(compiled, keys, layout, queries)
     clauses = len(program.clause_keys)
-    programs = select_programs(rows, n, program.clause_keys, device, *gather_dims, per_seq=per_seq)
+    programs = selection_programs(program, b, h, n, device, gather_dims, per_seq)
     slots = len(program.slots) * rows * n
     sizes = [_align(geo.ranking_numel(slots)), _align(sum(workspace_sizes(rows, programs, clauses)))]
     scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
@@ -388,10 +408,11 @@ def _select(compiled: CompiledPolicy, call: Call, counts, n_sink: int, n_recent:
     programs, select_ws, workspace, geo = call.select_inputs
     program = compiled.program
     _, rows, n = call.priorities.shape
+    shared = options.get("sequences") is None and shared_selection(program)
     grid, sargs, sconst, _ = select_launch(call.priorities, program.clause_keys, counts, n_sink, n_recent, rows, n,
                                            n_kept, call.priorities.device, programs, select_ws, out_i,
                                            moments=(workspace, geo.clause_moments(program), geo.deferred_tiling[0]),
-                                           **options)
+                                           shared=shared, **options)
     return Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS, None, SELECT_SEED_ARG)
 
 

@@ -19,10 +19,9 @@ from . import dsl
 from .budget import allocate
 from .lowering import lower
 from .compiled import evict_compiled
-from .compiler import Call, check_backend, compile_policy, prepare, run
+from .compiler import Call, check_backend, compile_policy, prepare, run, selection_programs
 from .kernels.common import interpreting
 from .kernels.launch import compiled_entry, hooks_installed, raw_stream
-from .kernels.select import select_programs
 from .results import Evicted
 
 # roles of per-call values, in the order Plan.__call__ lists them; the named inputs (signals,
@@ -160,14 +159,14 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
         return unplanned, unplanned(keys, values, queries, seed, named)
     n = keys.shape[2]
     policy, alloc = lower(policy, allocate(policy, n, k))
-    rows, compiled = keys.shape[0] * keys.shape[1], compile_policy(policy)
-    clauses = compiled.program.clause_keys
+    compiled = compile_policy(policy)
     dims = (keys.shape[-1], values.shape[-1]) if gather else (0, 0)
-    programs = select_programs(rows, n, clauses, keys.device, *dims)
+    b, h = keys.shape[:2]
+    programs = selection_programs(compiled.program, b, h, n, keys.device, dims)
     call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
     run(call)
     out = Evicted(call.keys, call.values, call.indices)
-    if select_programs(rows, n, clauses, keys.device, *dims) != programs:
+    if selection_programs(compiled.program, b, h, n, keys.device, dims) != programs:
         return None, out
     plan = record(call, keys, values, queries, named)
     if plan is None:

@@ -153,6 +153,7 @@ def _select_kernel(
     GATHER: tl.constexpr, GATHER_T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
+    SHARED: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -161,11 +162,17 @@ def _select_kernel(
     i_row // H of the sequence table ``sq_ptr`` (kernels/sequences.py), whose length and counts
     replace the scalars (N is then the slots' row stride, ``chunk`` one for the longest); its
     indices go to row (index, head) of ``out_i`` and its noise is batch row 0's, as on its
-    dense copy."""
+    dense copy. With SHARED, the H heads of a batch row rank the same priorities (every clause
+    a head-reduced top, kernels/transform.py): program row i_row is batch row i_row, it ranks
+    head 0's slots (row ``i_src``) once and writes the indices (and gathers the rows) of all H
+    heads."""
     i_p = tl.program_id(0)
-    i_row = tl.program_id(1)
+    i_row = tl.program_id(1)     # the row of select's workspace
+    i_src = i_row                # the row of the slots ranked
+    if SHARED:
+        i_src = i_row * H
     i_out = i_row
-    at = (N, i_row // H, i_row % H)
+    at = (N, i_src // H, i_src % H)
     if PER_SEQ:
         i_seq, N, _, _, _ = sequence_of(sq_ptr, i_row // H)
         n_sink, n_recent, count0, count1, count2, count3 = allocation_of(sq_ptr, i_row // H)
@@ -179,7 +186,7 @@ def _select_kernel(
     m_p = o_p < P
     my_state = state_ptr + (i_row * P + i_p) * (3 * C)
     bar = bar_ptr + i_row
-    views = clause_views(ws_ptr, mom_S, i_row, slot0, slot1, slot2, slot3, inv_t0, inv_t1, inv_t2, inv_t3,
+    views = clause_views(ws_ptr, mom_S, i_src, slot0, slot1, slot2, slot3, inv_t0, inv_t1, inv_t2, inv_t3,
                          mom0, mom1, mom2, mom3, C, NORMED)
     counts = (count0, count1, count2, count3)
 
@@ -193,7 +200,7 @@ def _select_kernel(
             local = tl.zeros([256], dtype=tl.int32)
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
-                cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_row, rows, N, n_sink, n_recent,
+                cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
                                         views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
                 if digit > 0:
                     cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
@@ -211,7 +218,7 @@ def _select_kernel(
         n_gt = tl.full([], 0, tl.int32)
         for start in range(0, chunk, BLOCK):
             o_n = lo + start + o_blk
-            cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_row, rows, N, n_sink, n_recent,
+            cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
                                     views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
             n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
             n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
@@ -226,7 +233,7 @@ def _select_kernel(
             seen = tl.full([], 0, tl.int32)
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
-                cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_row, rows, N, n_sink, n_recent,
+                cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
                                         views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
                 eq = (cand & (key == prefix)).to(tl.int32)
                 rank = seen + tl.cumsum(eq, 0)
@@ -251,16 +258,24 @@ def _select_kernel(
         kept_per_chunk += gt_all + tl.minimum(tl.maximum(r_j - ties_before, 0), eq_all)
     offset = tl.sum(tl.where(m_p & (o_p < i_p), kept_per_chunk, 0), 0)
 
-    # ---- write the kept indices, in token order; with GATHER, then the rows they name
+    # ---- write the kept indices, in token order (SHARED: into each head's row); with GATHER,
+    # then the rows they name (of every head)
+    g_row = i_row                # the first (batch, head) row gathered
+    n_out = 1                    # rows written
+    if SHARED:
+        i_out = i_src
+        g_row = i_src
+        n_out = H
     out_row = out_i_ptr + i_out.to(tl.int64) * n_kept
     o_g = tl.arange(0, GATHER_T)
     for start in range(0, chunk, BLOCK):
         o_n = lo + start + o_blk
         m_n = o_n < hi
-        kept = _kept_before(C, prio_ptr, my_state, i_row, rows, N, o_n, m_n, n_sink, n_recent,
+        kept = _kept_before(C, prio_ptr, my_state, i_src, rows, N, o_n, m_n, n_sink, n_recent,
                             views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
         dst = offset + tl.cumsum(kept.to(tl.int32), 0) - 1
-        tl.store(out_row + dst, o_n.to(tl.int64), mask=kept)
+        for h in range(0, n_out):
+            tl.store(out_row + h * n_kept + dst, o_n.to(tl.int64), mask=kept)
         n_here = tl.sum(kept.to(tl.int32), 0)
         if GATHER:
             # the block's kept rows, densely: read back the indices just written (a barrier
@@ -270,11 +285,13 @@ def _select_kernel(
                 o_j = offset + r + o_g
                 m_j = o_j < offset + n_here
                 idx = tl.load(out_row + o_j, mask=m_j, other=0)
-                out_dst = i_row.to(tl.int64) * n_kept + o_j
-                _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, i_row // H, i_row % H, idx, out_dst, m_j,
-                           D, BLOCK_D)
-                _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, i_row // H, i_row % H, idx, out_dst, m_j,
-                           DV, BLOCK_DV)
+                for h in range(0, n_out):
+                    row = g_row + h
+                    out_dst = row.to(tl.int64) * n_kept + o_j
+                    _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, row // H, row % H, idx, out_dst, m_j,
+                               D, BLOCK_D)
+                    _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, row // H, row % H, idx, out_dst, m_j,
+                               DV, BLOCK_DV)
         offset += n_here
 
 
@@ -319,28 +336,31 @@ def chunking(n: int, programs: int):
 
 
 def select_programs(rows: int, n: int, keys, device: torch.device, d: int = 0, dv: int = 0,
-                    skip: bool = False, per_seq: bool = False) -> int:
+                    skip: bool = False, per_seq: bool = False, shared: bool = False) -> int:
     """Programs per row that select_launch will use on ``device`` (occupancy learnt so far);
     keys: the clauses (kernels/keys.py ClauseKeys, or slot indices); d, dv: head dims of a
-    fused gather, 0 for none."""
+    fused gather, 0 for none; ``rows``: the rows selected (batch rows when ``shared``)."""
     resident = resident_programs(_select_kernel, device, SELECT_WARPS,
-                                 _constexprs(clause_keys(keys), n, d, dv, skip, per_seq))
+                                 _constexprs(clause_keys(keys), n, d, dv, skip, per_seq, shared))
     return chunking(n, programs_per_row(rows, n, device, resident))[1]
 
 
-def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_seq: bool = False):
+def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_seq: bool = False,
+                shared: bool = False):
     """The kernel's constexprs for rows of ``n`` tokens; d > 0 fuses the gather of K / V rows (head dims d, dv); skip:
-    a uint8 mask of tokens that are not candidates; per_seq: rows read a sequence table."""
+    a uint8 mask of tokens that are not candidates; per_seq: rows read a sequence table; shared: the heads of a
+    batch row share one selection."""
     # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
     gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
-                HAS_SKIP=skip, PER_SEQ=per_seq, **key_args(keys, [0] * len(keys))[1])
+                HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, **key_args(keys, [0] * len(keys))[1])
 
 
 def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
                   n_kept: int, device: torch.device, programs: int = 1, workspace=None, out_i=None,
-                  gather=None, skip=None, heads: int = 1, seed: int = 0, moments=None, sequences=None):
+                  gather=None, skip=None, heads: int = 1, seed: int = 0, moments=None, sequences=None,
+                  shared: bool = False):
     """(grid, args, constexprs, indices) of one select call; see select_indices. ``workspace``
     (int32, ``sum(workspace_sizes(...))`` elements, the first ``zeroed_numel`` of them zero) and
     ``out_i`` (int64 [rows, n_kept]) are allocated here when not given. ``gather = (keys,
@@ -350,7 +370,13 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     each clause's moment partials, partials per row)`` are what sampled / normalized clause
     keys read (kernels/keys.py). ``sequences``: a batched paged call's sequence table
     (kernels/sequences.py), whose rows replace ``n``, ``counts``, ``n_sink`` and ``n_recent``
-    (``n``: the longest sequence; ``out_i`` rows of ``n_kept``, one per (sequence index, head))."""
+    (``n``: the longest sequence; ``out_i`` rows of ``n_kept``, one per (sequence index, head)).
+    ``shared``: every clause ranks a head-reduced priority (the same in each of the ``heads``
+    rows of a batch row), so one program row per batch row ranks it and writes every head's
+    indices (``programs``: per batch row)."""
+    if shared and (skip is not None or sequences is not None or rows % heads):
+        raise ValueError("shared: one selection per batch row takes dense rows of whole batch rows, "
+                         "without a skip mask or a sequence table")
     keys = clause_keys(keys)
     clauses = len(keys)
     if clauses > MAX_CLAUSES:
@@ -375,7 +401,8 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     args = [prio, out_i, hist, bar, cnt, state, prio if skip is None else skip, stats,
             prio if sequences is None else sequences, *copy_args, n, rows, n_kept,
             n_sink, n_recent, chunk, p, seed, splits, *count_args, *key_values]
-    return (p, rows), args, _constexprs(keys, n, d, dv, skip is not None, sequences is not None), out_i
+    constexprs = _constexprs(keys, n, d, dv, skip is not None, sequences is not None, shared)
+    return (p, rows // heads if shared else rows), args, constexprs, out_i
 
 
 def select_indices(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
