@@ -9,8 +9,8 @@ of the perf suite (perf/test_evict.py: B x 8 KV heads x N x 128, bf16, 32 query 
 window of 64).
 
     python perf/setting_ab.py TRITONKV_PROXY_LOGITS 0 1 --presets tova
-    python perf/setting_ab.py TRITONKV_SCORE_REVERSE 0 1 --presets keydiff,snapkv --n 32768,131072
-    python perf/setting_ab.py TRITONKV_SCORE_REVERSE 0 1 --presets keydiff --toy   # CPU: checks the script
+    python perf/setting_ab.py TRITONKV_BLOCK_N 32 64 --presets keydiff,snapkv --n 32768,131072
+    python perf/setting_ab.py TRITONKV_BLOCK_N 32 64 --presets keydiff --toy   # CPU: checks the script
 """
 
 import argparse
@@ -90,7 +90,7 @@ def line(row, values) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("setting", help="the environment variable, e.g. TRITONKV_SCORE_REVERSE")
+    parser.add_argument("setting", help="the environment variable, e.g. TRITONKV_PROXY_LOGITS")
     parser.add_argument("values", nargs="+", help="its values; ratios are the last against the first")
     parser.add_argument("--presets", default="tova", help="comma-separated names of perf/test_evict.py's POLICIES")
     parser.add_argument("--b", type=ints, default=[1, 4])

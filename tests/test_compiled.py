@@ -293,33 +293,6 @@ def test_one_query_proxy_attention_reads_its_kept_logits(d, group, n, causal, po
         geometry.clear_geometry()
 
 
-@given(cache=caches(), policy=policy_strategy(), seed=st.integers(0, 2 ** 31))
-@settings(max_examples=examples(10), deadline=None)
-def test_score_pass_walked_in_reverse_gives_the_same_scores(cache, policy, seed):
-    """TRITONKV_SCORE_REVERSE=1 walks the score pass's programs and tiles in reverse (the
-    statistics pass's last tiles first, for L2): each token's score comes from the same code
-    on the same inputs, so the slots equal the forward pass's bit for bit."""
-    import os
-    from tritonkv import geometry
-    from tritonkv.compiler import compile_policy, score
-    keys, values, queries = cache
-    valid_or_skip(keys, values, queries, policy, 1, seed)
-    compiled = compile_policy(lower(policy, allocate(policy, keys.shape[2], 1))[0])
-    assume(compiled.program.levels and compiled.program.slots)
-    keys, values, queries = to_device(keys, values, queries)
-    named = named_inputs_of(policy, *named_inputs(policy, keys, seed))
-    got = {}
-    try:
-        for reverse in ("0", "1"):
-            os.environ["TRITONKV_SCORE_REVERSE"] = reverse
-            geometry.clear_geometry()
-            got[reverse] = score(compiled, keys, values, queries, seed, named).cpu()
-    finally:
-        os.environ.pop("TRITONKV_SCORE_REVERSE")
-        geometry.clear_geometry()
-    assert torch.equal(got["0"].nan_to_num(7.0), got["1"].nan_to_num(7.0))
-
-
 HEAD_REDUCED = {
     "tova": policies.tova(),
     "two head-reduced tops": tkv.sink(3) | tkv.recent(2) | tkv.top(tkv.key_norm(), share=0.4, head_reduce="max")

@@ -31,7 +31,7 @@ RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_n
 POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr", "sq_ptr")
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
-CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "REVERSE")
+CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE")
 
 
 def is_global(node: dsl.Score) -> bool:
@@ -407,16 +407,11 @@ def _merge_kernel(level: int, members: Sequence[int], program_globals, names: Na
 def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[str]:
     # the score kernel also zeroes the select kernel's histograms and barrier counters
     # (z_numel int32 at z_ptr), which saves a memset launch per evict call
-    # REVERSE walks the tokens in the opposite order to the statistics pass (programs and their
-    # tiles), so that the tiles it read last, still in L2, are read first; every tile's scores are
-    # the same in either order
-    prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", "    if REVERSE:",
-                "        i_s = S - 1 - i_s", "        i_row = rows - 1 - i_row", PROLOGUE,
+    prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE,
                 "    zero_fill(z_ptr, z_numel, i_row * S + i_s, S * rows)"]
-    body: List[str] = ["    for it in range(0, tiles_per_prog):",
-                       "        tile = tiles_per_prog - 1 - it if REVERSE else it"]
+    body: List[str] = ["    for it in range(0, tiles_per_prog):"]
     emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
-    body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + tile) * (BLOCK_N - 2 * HALO) - HALO"))
+    body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
     for index, slot in enumerate(slots):
         x = emitter.value(slot.stored)
         emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * NS + o_n, {x}, mask=m_val)")

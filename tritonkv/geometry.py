@@ -109,13 +109,6 @@ def keeps_logits() -> bool:
     return os.environ.get("TRITONKV_PROXY_LOGITS", "1") != "0"
 
 
-def scores_in_reverse() -> bool:
-    """Whether the score pass of a policy with a statistics pass walks the tokens in reverse
-    order, to read the tiles that pass read last from L2 (``TRITONKV_SCORE_REVERSE=1``; off until
-    perf/setting_ab.py shows it faster on a GPU)."""
-    return os.environ.get("TRITONKV_SCORE_REVERSE", "0") != "0"
-
-
 def _override(name: str, default):
     value = os.environ.get(name)
     return default if value is None else int(value)
@@ -168,7 +161,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
-                      IEEE=ieee_products(dtype), REVERSE=scores_in_reverse() and bool(program.levels))
+                      IEEE=ieee_products(dtype))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
     offset = partials = 0
     chunks = {}
