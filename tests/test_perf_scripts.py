@@ -64,8 +64,8 @@ def test_paged_benchmark_measures_both_paths_at_toy_size(tmp_path):
 
 def test_setting_ab_runs_at_toy_size(tmp_path):
     out = tmp_path / "ab.json"
-    run([sys.executable, "perf/setting_ab.py", "TRITONKV_BLOCK_N", "32", "64", "--presets", "keydiff",
+    run([sys.executable, "perf/setting_ab.py", "TRITONKV_BLOCK_N", "32", "64", "--presets", "knorm",
          "--toy", "--json", str(out)])
     got = json.loads(out.read_text())
-    assert got["setting"] == "TRITONKV_BLOCK_N" and [r["policy"] for r in got["rows"]] == ["keydiff"]
+    assert got["setting"] == "TRITONKV_BLOCK_N" and [r["policy"] for r in got["rows"]] == ["knorm"]
     assert all(r["32 wall us"] > 0 and r["64 host us"] > 0 and r["peer wall us"] > 0 for r in got["rows"])
