@@ -371,10 +371,12 @@ def shared_selection(program) -> bool:
     return bool(keys) and all(not k.sampled and program.slots[k.slot].head_reduce is not None for k in keys)
 
 
-def selection_programs(program, b: int, h: int, n: int, device, gather_dims=(0, 0), per_seq: bool = False) -> int:
+def selection_programs(program, b: int, h: int, n: int, device, gather_dims=(0, 0), per_seq: bool = False,
+                       shared: Optional[bool] = None) -> int:
     """Programs per selected row of a call's select launch (rows: b * h, or b batch rows when
-    the heads share one selection)."""
-    shared = not per_seq and shared_selection(program)
+    the heads share one selection; ``shared``: None decides as the launch will)."""
+    if shared is None:
+        shared = not per_seq and shared_selection(program)
     return select_programs(b if shared else b * h, n, program.clause_keys, device, *gather_dims, per_seq=per_seq,
                            shared=shared)
 
@@ -387,7 +389,8 @@ def _ranking(compiled: CompiledPolicy, keys, values, queries, seed: int, named, 
     rows, device, program = b * h, keys.device, compiled.program
     geo = _geometry_of(compiled, keys, layout, queries)
     clauses = len(program.clause_keys)
-    programs = selection_programs(program, b, h, n, device, gather_dims, per_seq)
+    shared = not per_seq and shared_selection(program)   # one decision for the programs and the launch
+    programs = selection_programs(program, b, h, n, device, gather_dims, per_seq, shared)
     slots = len(program.slots) * rows * n
     sizes = [_align(geo.ranking_numel(slots)), _align(sum(workspace_sizes(rows, programs, clauses)))]
     scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
@@ -398,17 +401,16 @@ def _ranking(compiled: CompiledPolicy, keys, values, queries, seed: int, named, 
                             zeroed=select_ws[: zeroed_numel(rows, clauses)], named=named, layout=layout)
     call = Call(_score_launches(compiled, geo, args, priorities, workspace, (b, h, n)), scratch, priorities, out_i,
                 None, None)
-    call.select_inputs = (programs, select_ws, workspace, geo)
+    call.select_inputs = (programs, shared, select_ws, workspace, geo)
     return call
 
 
 def _select(compiled: CompiledPolicy, call: Call, counts, n_sink: int, n_recent: int, n_kept: int, out_i,
             **options) -> Launch:
     """The select launch of a call that _ranking prepared."""
-    programs, select_ws, workspace, geo = call.select_inputs
+    programs, shared, select_ws, workspace, geo = call.select_inputs
     program = compiled.program
     _, rows, n = call.priorities.shape
-    shared = options.get("sequences") is None and shared_selection(program)
     grid, sargs, sconst, _ = select_launch(call.priorities, program.clause_keys, counts, n_sink, n_recent, rows, n,
                                            n_kept, call.priorities.device, programs, select_ws, out_i,
                                            moments=(workspace, geo.clause_moments(program), geo.deferred_tiling[0]),
