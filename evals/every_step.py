@@ -72,7 +72,7 @@ def run(checkpoint: Path, samples: int, length: int, batch: int, seed: int, seed
         for budget in budgets:
             start = time.time()
             for task in tasks.TASKS:
-                per_seed, total = [], 0
+                per_seed = []
                 for d in data_seeds:
                     hits = total = 0
                     for i in range(max(1, samples // batch)):
