@@ -41,6 +41,49 @@ def test_attention_signal_matches_the_reference(b, h, group, n, how, accumulate,
     assert torch.equal(before[0], logits) and torch.equal(before[1], lse)
 
 
+@given(b=st.integers(1, 3), h=st.integers(1, 3), group=st.sampled_from(GQA_RATIOS),
+       n=st.one_of(st.just(1), st.integers(2, 70), st.integers(1000, 2100)), data=st.data())
+@settings(max_examples=examples(12), deadline=None)
+def test_rank_is_the_sum_with_the_newest_positions_first(b, h, group, n, data):
+    """``rank``: the accumulated sum, +inf where a slot's position is among the ``recent`` newest
+    (above the fresh slot's position minus ``recent``; positions shuffled over the slots, as a
+    cache that fills holes holds them), exactly reference.recency_ranked of the sum the
+    launch wrote."""
+    seed = data.draw(st.integers(0, 2 ** 31), "seed")
+    fresh = data.draw(st.integers(0, n - 1), "fresh")
+    recent = data.draw(st.integers(0, n), "recent")
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(b, h * group, n, generator=g) * 4).to(DEVICE)
+    lse = torch.logsumexp(logits * math.log(2), -1) / math.log(2)
+    acc = (torch.rand(b, h, n, generator=g) * 3).to(DEVICE)
+    positions = torch.stack([torch.randperm(n, generator=g) + 7 for _ in range(b * h)]).view(b, h, n).to(DEVICE)
+    before = positions.clone()
+    slot = torch.tensor([fresh], device=DEVICE)
+    rank = torch.full((b, h, n), -1.0, device=DEVICE)
+    attention_signal(logits, lse, group, "sum", out=acc, accumulate=True, fresh=slot, rank=rank,
+                     positions=positions, recent=recent)
+    want = reference.recency_ranked(acc, positions, positions[:, :, fresh:fresh + 1], recent)
+    assert torch.equal(rank, want) and torch.equal(positions, before)
+
+
+def test_rank_refuses_what_it_cannot_rank():
+    logits = torch.randn(1, 4, 9, device=DEVICE)
+    lse = torch.logsumexp(logits, -1)
+    acc = torch.zeros(1, 2, 9, device=DEVICE)
+    slot = torch.tensor([3], device=DEVICE)
+    positions = torch.arange(9, device=DEVICE).expand(1, 2, 9)
+    with pytest.raises(ValueError, match="rank: ranks by the fresh slot's position"):
+        attention_signal(logits, lse, 2, out=acc, accumulate=True, rank=torch.zeros_like(acc), positions=positions)
+    with pytest.raises(ValueError, match="positions: expected an int64 tensor"):
+        attention_signal(logits, lse, 2, out=acc, accumulate=True, fresh=slot, rank=torch.zeros_like(acc),
+                         positions=positions.float(), recent=2)
+    with pytest.raises(ValueError, match="recent: expected an int in"):
+        attention_signal(logits, lse, 2, out=acc, accumulate=True, fresh=slot, rank=torch.zeros_like(acc),
+                         positions=positions, recent=10)
+    with pytest.raises(ValueError, match="positions, recent: they describe the rank output"):
+        attention_signal(logits, lse, 2, out=acc, accumulate=True, fresh=slot, positions=positions)
+
+
 def test_a_strided_output_is_filled_in_place():
     logits = torch.randn(2, 8, 33, device=DEVICE)
     lse = torch.logsumexp(logits * math.log(2), -1) / math.log(2)

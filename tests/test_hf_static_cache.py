@@ -613,6 +613,10 @@ def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack, ke
         steps.append((before, after))
 
     monkeypatch.setattr(static_module.StaticEvictingCache, "end_of_decode_step", spy)
+    ranked = []   # the accumulations that wrote H2O's one-clause ranking (the holes layout's)
+    accumulate = step_scores.attention_signal
+    monkeypatch.setattr(step_scores, "attention_signal",
+                        lambda *a, **k: ranked.append(k.get("rank") is not None) or accumulate(*a, **k))
     ids = to_device(prompt(n=60))[0]
     with on_device(model) as on:
         cache = hf.StaticEvictingCache(on, policy, budget, interval=1, window=window, attention="triton",
@@ -628,6 +632,8 @@ def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack, ke
                                        accumulate_attention=True, stack_layers=stack, keep_order=keep_order)
         generate(on, ids, cache, max_new_tokens=8)
     assert cache.accumulates and cache.fills_holes == (not keep_order) and len(steps) == 7
+    layers = 1 if stack else model.config.num_hidden_layers
+    assert cache.scoring.ranks == (not keep_order) and ranked == [not keep_order] * (7 * layers)
     swapped = accumulation_scored_by_position(cache.policy)[0]
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     scale = (model.config.hidden_size // model.config.num_attention_heads) ** -0.5
@@ -642,6 +648,32 @@ def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack, ke
                                                 summed[mask].view(kept_acc.shape))
             assert torch.equal(want_positions, kept_positions)
             assert torch.allclose(kept_acc.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_ranked_h2o_keeps_what_its_two_clauses_keep(model, monkeypatch, interval):
+    """Accumulated H2O's decode evictions rank one clause (+inf on the newest positions, then the
+    sums: step_scores.py) unless TRITONKV_H2O_RANK=0: a left-padded batch generates the same
+    tokens and holds the same positions either way, over enough steps for the recency half to
+    turn over (budget 20: 10 newest)."""
+    ids, mask = padded()
+    ids, mask = to_device(ids, mask)
+    got, ranked = {}, []
+    accumulate = step_scores.attention_signal
+    monkeypatch.setattr(step_scores, "attention_signal",
+                        lambda *a, **k: ranked.append(k.get("rank") is not None) or accumulate(*a, **k))
+    with on_device(model) as on:
+        for rank in ("0", "1"):
+            monkeypatch.setenv("TRITONKV_H2O_RANK", rank)
+            cache = hf.StaticEvictingCache(on, policies.h2o(), 20, interval=interval, window=8, attention="triton",
+                                           accumulate_attention=True)
+            assert cache.scoring.ranks == (rank == "1")
+            got[rank] = generate(on, ids, cache, mask=mask, max_new_tokens=24), [layer.positions() for layer in
+                                                                                 cache.layers]
+    assert sum(ranked) >= 24 // interval - 2   # the decode evictions after the rows line up
+    assert torch.equal(got["0"][0], got["1"][0])
+    for a, b in zip(got["0"][1], got["1"][1]):
+        assert torch.equal(a, b)
 
 
 def test_accumulate_attention_refuses_what_it_cannot_sum(model, monkeypatch):

@@ -28,7 +28,8 @@ from .kernels.sequences import FIELDS
 from .reference import proxy_window
 from .kernels.compact import compact_launches
 from .kernels.holes import fill_holes_launch
-from .integrations.decode_scores import POSITIONS, accumulation_scored_by_position, decode_scored
+from .integrations.decode_scores import (POSITIONS, accumulation_ranked, accumulation_scored_by_position,
+                                         decode_scored)
 from .kernels.attention_signal import attention_signal_launch
 from .kernels.decode import decode_launches
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
@@ -193,11 +194,13 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
                   for fn, _, args, constexprs, warps in launches]
     signal = torch.empty(batch, heads, n, device="meta", dtype=torch.float32)
     fresh = torch.empty(1, device="meta", dtype=torch.int64)
-    for accumulate in (False, True):   # TOVA's signal, H2O's accumulated attention
+    positions = torch.empty(batch, heads, n, device="meta", dtype=torch.int64)
+    # TOVA's signal, H2O's accumulated attention, and with its one-clause ranking
+    for name, accumulate, rank in (("", False, None), (" +=", True, None), (" += rank", True, signal)):
+        ranked = dict(rank=rank, positions=positions, recent=n // 2) if rank is not None else {}
         fn, _, args, constexprs, warps = attention_signal_launch(logits, lse, group, "mean", signal, accumulate,
-                                                                 fresh if accumulate else None)
-        built.append(build_checked("(decode)", "attn signal" + (" +=" if accumulate else ""), config, fn, args,
-                                   constexprs, warps, target))
+                                                                 fresh if accumulate else None, **ranked)
+        built.append(build_checked("(decode)", "attn signal" + name, config, fn, args, constexprs, warps, target))
     indices = torch.empty(batch, heads, n - 64, device="meta", dtype=torch.int64)
     # a windows-only policy's indices without the rows (an Evictor with gather=False)
     _, args, constexprs, _ = gather_launch(indices, keys, values, n_sink=4, rows=False)
@@ -206,7 +209,6 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
     for fn, _, args, constexprs, warps in compact_launches(indices, keys, values, programs=4):
         name = "compact stash" if constexprs["STASH"] else "compact move"
         built.append(build_checked("(static)", name, config, fn, args, constexprs, warps, target))
-    positions = torch.empty(batch, heads, n, device="meta", dtype=torch.int64)
     accumulated = torch.empty(batch, heads, n, device="meta", dtype=torch.float32)
     for acc in (None, accumulated):   # the accumulators of accumulate_attention move too
         fn, _, args, constexprs, warps = fill_holes_launch(indices, keys, values, positions, acc)
@@ -228,6 +230,7 @@ def all_policies() -> Dict[str, dsl.Policy]:
     named["signal"] = dsl.sink(4) | dsl.top(dsl.signal("prior").normalize() - dsl.key_norm().normalize())
     named["tova (decode scores)"] = decode_scored(named["tova"])[0]   # StaticEvictingCache's decode form
     named["h2o (accumulated)"] = accumulation_scored_by_position(named["h2o"])[0]   # its accumulated H2O
+    named["h2o (ranked)"] = accumulation_ranked(named["h2o"])[0]   # ... as one clause (step_scores.py)
     named["chunk-max"] = dsl.as_policy(dsl.top(dsl.value_norm(), chunk=16, chunk_reduce="max", head_reduce="max"))
     return named
 

@@ -191,6 +191,16 @@ def attention_signal(logits: torch.Tensor, lse: torch.Tensor, group: int, how: s
     return _reduce(p.view(b, hq // group, group, n), how, dim=2)
 
 
+def recency_ranked(score: torch.Tensor, positions: torch.Tensor, newest: torch.Tensor, recent: int) -> torch.Tensor:
+    """``score`` [B, H, N] with +inf where ``positions`` [B, H, N] is above ``newest`` [B, H, 1]
+    minus ``recent``: the one-clause form of ``top(position(), count=recent) | top(score)``
+    (accumulated H2O) for rows that hold their ``recent`` newest positions, consecutive, up to
+    ``newest``: ``top(rank)`` then keeps the same tokens, the newest first and the rest by score
+    with the same ties. A cache that evicts that policy every step keeps that invariant
+    (integrations/step_scores.py)."""
+    return torch.where(positions > newest - recent, torch.full_like(score, float("inf")), score.float())
+
+
 def random(node: dsl.Random, shape, seed: int, device=None) -> torch.Tensor:
     """Uniform [0, 1) from Philox keyed by (seed, batch, head, token, stream); see philox.py."""
     b, h, n = shape

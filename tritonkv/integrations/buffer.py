@@ -108,6 +108,7 @@ class Storage:
         self.logits: Optional[torch.Tensor] = None
         self.lse: Optional[torch.Tensor] = None
         self.signal: Optional[torch.Tensor] = None
+        self.rank: Optional[torch.Tensor] = None   # accumulated H2O's one-clause ranking (step_scores.py)
         self.n_layers, self.batch, self.heads, self.capacity = n_layers, b, h, capacity
         for t in (self.keys, self.values, self.positions, self.lengths, self.starts):
             _mark_static(t)
@@ -127,10 +128,10 @@ class Storage:
             self.queries = torch.zeros(self.n_layers, b, hq, window, d, dtype=query.dtype, device=query.device)
             _mark_static(self.queries)
 
-    def allocate_scores(self, query: torch.Tensor) -> None:
-        """float32 logits [L, B, H_q, C], lse [L, B, H_q] and signal [L * B, H_kv, C] (see
-        integrations/decode_scores.py), once; a forward of the prompt allocates them, outside
-        any CUDA graph capture."""
+    def allocate_scores(self, query: torch.Tensor, rank: bool = False) -> None:
+        """float32 logits [L, B, H_q, C], lse [L, B, H_q], signal [L * B, H_kv, C] and (``rank``)
+        the signal's ranking [L * B, H_kv, C] (see integrations/decode_scores.py), once; a forward
+        of the prompt allocates them, outside any CUDA graph capture."""
         if self.logits is None:
             hq, device = query.shape[1], query.device
             self.logits = torch.zeros(self.n_layers, self.batch, hq, self.capacity, device=device)
@@ -138,13 +139,17 @@ class Storage:
             self.signal = torch.zeros(self.n_layers * self.batch, self.heads, self.capacity, device=device)
             for t in (self.logits, self.lse, self.signal):
                 _mark_static(t)
+        if rank and self.rank is None:
+            self.rank = torch.zeros_like(self.signal)
+            _mark_static(self.rank)
 
-    def scores(self, layers: Sequence[int]) -> List[torch.Tensor]:
-        """logits [len * B, H_q, C], lse [len * B, H_q] and signal [len * B, H_kv, C] of ``layers``
-        (consecutive), as the rows of an eviction call over them."""
+    def scores(self, layers: Sequence[int]) -> List[Optional[torch.Tensor]]:
+        """logits [len * B, H_q, C], lse [len * B, H_q], signal and rank [len * B, H_kv, C] (rank:
+        None unless allocated) of ``layers`` (consecutive), as the rows of an eviction call over them."""
         lo, hi = layers[0], layers[-1] + 1
         b = self.batch
-        return [self.logits[lo:hi].flatten(0, 1), self.lse[lo:hi].flatten(0, 1), self.signal[lo * b:hi * b]]
+        return [self.logits[lo:hi].flatten(0, 1), self.lse[lo:hi].flatten(0, 1), self.signal[lo * b:hi * b],
+                None if self.rank is None else self.rank[lo * b:hi * b]]
 
     # every layer's rows at once: the batch of an eviction call is (layer, row)
     def stacked(self, layers: Sequence[int]) -> List[torch.Tensor]:

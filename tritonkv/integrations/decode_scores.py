@@ -27,6 +27,7 @@ from dataclasses import replace
 from typing import Optional, Tuple
 
 from .. import dsl
+from ..budget import allocate
 from ..lowering import is_recency
 
 SIGNAL = "decode_attention"   # the signal's name in the rewritten policy
@@ -81,6 +82,30 @@ def accumulation_scored_by_position(policy: dsl.Policy) -> Optional[Tuple[dsl.Po
     swapped, how = scored
     clauses = tuple(replace(c, score=dsl.signal(POSITIONS)) if is_recency(c) else c for c in swapped.clauses)
     return replace(swapped, clauses=clauses), how
+
+
+def accumulation_ranked(policy: dsl.Policy) -> Optional[Tuple[dsl.Policy, str]]:
+    """``accumulation_scored_by_position`` as one clause, ``top(signal(SIGNAL))``, when that form
+    is exactly H2O's ``top(signal(POSITIONS), share=s) | top(signal(SIGNAL))`` (no windows, no
+    transforms): the signal is then ``reference.recency_ranked`` of the accumulators, +inf on the
+    recency half's ``recency_count`` newest positions (kernels/attention_signal.py writes it). It
+    keeps the same tokens where a row holds its newest positions consecutively, as a cache that
+    evicts every step by this policy does; else None."""
+    by_position = accumulation_scored_by_position(policy)
+    if by_position is None:
+        return None
+    swapped, how = by_position
+    clauses = swapped.clauses
+    if len(clauses) != 2 or not all(isinstance(c, dsl.Top) and not c.transformed for c in clauses) \
+            or clauses[0].score != dsl.signal(POSITIONS) or clauses[1].score != dsl.signal(SIGNAL) \
+            or clauses[1].share is not None:
+        return None
+    return dsl.as_policy(dsl.top(dsl.signal(SIGNAL))), how
+
+
+def recency_count(policy: dsl.Policy, n: int, budget: int) -> int:
+    """The tokens H2O's recency clause (the first) keeps when ``policy`` evicts n tokens to ``budget``."""
+    return allocate(policy, n, budget).clause_counts[0]
 
 
 def proxy_node(policy: dsl.Policy) -> dsl.ProxyAttention:

@@ -223,15 +223,16 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         layers in one call when stacked). ``run=False`` does only the host bookkeeping (a
         replayed CUDA graph did the device work)."""
         scored = self.scoring.take_scored()
+        due = [] if self.paused else [layer for layer in self.layers if layer.filled == layer.capacity]
         if self.accumulates and run:
+            # the one-clause ranking of H2O, for the layers that evict at the end of this step
+            recent = {layer.index: self.scoring.recent(layer.capacity, layer.budget) for layer in due
+                      if self.scoring.ranks}
             with self._timed():   # stacked, every layer's token went to the same slot
-                self.scoring.accumulate([(self._storage, range(self.n_layers), self.layers[0]._index)]
+                self.scoring.accumulate([(self._storage, range(self.n_layers), self.layers[0]._index, recent.get(0))]
                                         if self.stacked and len(scored) == self.n_layers else
                                         [(self.layers[i].buffer.storage, [self.layers[i].buffer.layer],
-                                          self.layers[i]._index) for i in sorted(scored)])
-        if self.paused:
-            return
-        due = [layer for layer in self.layers if layer.filled == layer.capacity]
+                                          self.layers[i]._index, recent.get(i)) for i in sorted(scored)])
         if not due:
             return
         decisions = [layer._decide(None, 0, evict=True) for layer in due]
@@ -295,7 +296,7 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
         ``positions`` move to the front of each row of slots. In token order (kernels/compact.py:
         each displaced row moves once, no scratch copy of the kept rows), or, when the cache
         ``fills_holes``, in any order (kernels/holes.py: only the kept rows past the budget move,
-        into the dropped slots). ``scores``: (logits, lse, signal) of the rows' decode step
+        into the dropped slots). ``scores``: (logits, lse, signal, rank) of the rows' decode step
         (``Storage.scores``), which the plan's decode form reads instead of the keys; in a cache
         that accumulates attention, ``signal`` holds the accumulators, ranked and moved with
         the rows."""

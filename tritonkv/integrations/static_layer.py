@@ -235,7 +235,7 @@ class StaticEvictingLayer(CacheLayerMixin):
         sources = torch.cat([buffer.positions[:, :, :self.filled], positions[:, None, :].expand(b, h, -1)], dim=2)
         queries = None
         if (cache.decode_scores or cache.accumulates) and decode_kernel_runs(module, key, kwargs, cache.attention):
-            buffer.storage.allocate_scores(query)   # before any CUDA graph captures a decode step
+            buffer.storage.allocate_scores(query, rank=cache.scoring.ranks)   # before any CUDA graph capture
         if cache.query_window:
             buffer.storage.allocate_queries(query, cache.query_window)
             queries = torch.cat([buffer.queries, query.detach()], dim=2)

@@ -15,6 +15,7 @@ several tokens, the accumulators' starting values (``seed``).
 
 from __future__ import annotations
 
+import os
 from typing import Set
 
 import torch
@@ -24,8 +25,8 @@ from ..kernels.attention_signal import attention_signal
 from ..kernels.common import interpreting
 from ..reference import proxy_attention
 from .attention import attention_scale, decode_kernel_runs
-from .decode_scores import (POSITIONS, SIGNAL, accumulation_scored, accumulation_scored_by_position, decode_scored,
-                            proxy_node)
+from .decode_scores import (POSITIONS, SIGNAL, accumulation_ranked, accumulation_scored,
+                            accumulation_scored_by_position, decode_scored, proxy_node, recency_count)
 from .schedule import EvictionPlan
 
 
@@ -57,11 +58,23 @@ class StepScores:
         # what the decode evictions rank: accumulated H2O ranks its recency half by true positions
         self.ranked = accumulation_scored_by_position(policy)[0] if accumulate else policy
         self._form = accumulation_scored
+        self.ranks = False   # whether decode evictions rank H2O in one clause (accumulation_ranked)
         self.scored: Set[int] = set()   # layers whose decode kernel wrote this step's scores
 
     def use_layout(self, fills_holes: bool) -> None:
-        """The cache's slot layout: out of position order, H2O's recency clause reads positions."""
+        """The cache's slot layout: out of position order, H2O's recency clause reads positions,
+        and (``TRITONKV_H2O_RANK=0``: not) the two clauses are ranked as one: the step's
+        accumulation writes +inf over the newest positions beside the accumulators, so a decode
+        eviction runs one selection, not one per clause. In position order the recency clause is
+        a window already, which costs no selection."""
         self._form = accumulation_scored_by_position if fills_holes and self.accumulates else accumulation_scored
+        self.ranks = (fills_holes and self.accumulates and accumulation_ranked(self.policy) is not None
+                      and os.environ.get("TRITONKV_H2O_RANK") != "0")
+
+    def recent(self, capacity: int, budget: int) -> int:
+        """The newest positions the one-clause ranking puts first when ``capacity`` slots are
+        evicted to ``budget``: the recency clause's count."""
+        return recency_count(self.ranked, capacity, budget)
 
     def buffers(self, layer, module, query, key, kwargs, paused: bool):
         """(logits, lse) views for ``layer``'s decode kernel to write in this step: where the step
@@ -77,7 +90,7 @@ class StepScores:
                 or attention_scale(query, kwargs) != query.shape[-1] ** -0.5:
             return None
         storage, index = layer.buffer.storage, layer.buffer.layer
-        storage.allocate_scores(query)
+        storage.allocate_scores(query, rank=self.ranks)
         self.scored.add(layer.index)
         return storage.logits[index], storage.lse[index]
 
@@ -87,14 +100,16 @@ class StepScores:
         return scored
 
     def accumulate(self, units) -> None:
-        """Add this step's attention to the accumulators: ``units`` are (storage, layers, slot)
-        triples, the slot the step's token was written to in those layers (a device index, the
-        same in every layer of stacked storage), which starts from 0; one launch each (all
-        layers of stacked storage in one unit)."""
-        for storage, layers, slot in units:
-            logits, lse, signal = storage.scores(layers)
+        """Add this step's attention to the accumulators: ``units`` are (storage, layers, slot,
+        recent), the slot the step's token was written to in those layers (a device index, the
+        same in every layer of stacked storage), which starts from 0, and (None: not in this
+        step) the ``recent`` count of the one-clause ranking, written for the eviction that ends
+        the step; one launch each (all layers of stacked storage in one unit)."""
+        for storage, layers, slot, recent in units:
+            logits, lse, signal, rank = storage.scores(layers)
+            ranked = dict(rank=rank, positions=storage.stacked(layers)[2], recent=recent) if recent is not None else {}
             attention_signal(logits, lse, logits.shape[1] // signal.shape[1], self.group_reduce, out=signal,
-                             accumulate=True, fresh=slot)
+                             accumulate=True, fresh=slot, **ranked)
 
     def seed(self, layer, device_index) -> None:
         """After a forward of several tokens, each held token's accumulator is the attention the
@@ -125,6 +140,10 @@ class StepScores:
         out of the buffer), as the Evictor's result; None where the plan's keys path serves (no
         scores; a plan without the proxy attention, as for too few rows for its window)."""
         if self.accumulates:
+            if self.ranks and accumulated is None and scores is not None:   # accumulate wrote the rank
+                form = plan.signal_form(accumulation_ranked, gather=gather)
+                if form is not None:
+                    return form[0](keys, values, seed=seed, signals={SIGNAL: scores[3]})
             signal = accumulated if accumulated is not None else (None if scores is None else scores[2])
             form = None if signal is None else plan.signal_form(self._form, gather=gather)
             if form is None:
@@ -137,7 +156,7 @@ class StepScores:
         if decode is None:
             return None
         indexer, how = decode
-        logits, lse, signal = scores
+        logits, lse, signal, _ = scores
         attention_signal(logits, lse, logits.shape[1] // signal.shape[1], how, out=signal)
         return indexer(keys, values, seed=seed, signals={SIGNAL: signal})
 
