@@ -29,7 +29,9 @@ tokens (batch 1) through the cache of each mode (``modes``):
                                 Static H2O ranks the attention every decoded token paid, summed by
                                 the decode kernel's steps (``accumulate_attention``, as the H2O
                                 paper runs it); ", keys": the last 64 queries' attention over the
-                                keys at every eviction instead (slots in order: H2O is not order-free)
+                                keys at every eviction instead (slots in order: H2O is not order-free);
+                                ", two clauses": its recency and heavy-hitter clauses selected apart
+                                (TRITONKV_H2O_RANK=0), not ranked as one
 
 Attention runs under ``--sdpa`` (default ``flash,efficient``: those backends, in that
 priority, through ``torch.nn.attention.sdpa_kernel``); every row records it as
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -130,7 +133,27 @@ def modes(n: int, steps: int, warmup: int = 16):
                                                     attention="triton", accumulate_attention=True)),
         ("static h2o 10%, every step, graphs, keys", dict(cache="static", graphs=True, policy=h2o, budget=k,
                                                           interval=1)),
+        # accumulated H2O ranking its two clauses apart (two selections), not as one (step_scores.py)
+        ("static h2o 10%, every step, graphs, two clauses", dict(cache="static", graphs=True, policy=h2o, budget=k,
+                                                                 interval=1, attention="triton",
+                                                                 accumulate_attention=True,
+                                                                 switches={"TRITONKV_H2O_RANK": "0"})),
     ]
+
+
+@contextlib.contextmanager
+def switches(settings: dict):
+    """Environment settings for the duration of the block (the previous values restored)."""
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def runs_here(options: dict, cuda: bool) -> bool:
@@ -205,7 +228,8 @@ def make_cache(model, n: int, options: dict, steps: int, warmup: int, clock: "Cl
                           use_cache=True)
             return out.logits[:, -1].argmax(-1, keepdim=True)
     elif kind == "static":   # graphs: every decode step one CUDA graph replay (no host timing inside)
-        cache = hf.StaticEvictingCache(model, timing=clock.cuda and not graphs, **options)
+        with switches(options.pop("switches", {})):   # TRITONKV_* settings the cache reads when made
+            cache = hf.StaticEvictingCache(model, timing=clock.cuda and not graphs, **options)
         if graphs:
             replay = hf.DecodeGraphs(model, cache)
 
