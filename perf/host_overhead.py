@@ -10,9 +10,10 @@ For each policy (every preset and composite; B=1, H_kv=8, D=128, bf16) and N, th
   wall_us   one call from an idle GPU until its work is done (CUDA events around the call,
             host launch included): what a caller waits;
   graph_us  the same kernels replayed from a CUDA graph: GPU time alone.
-for three ways to call: ``unplanned`` (validation + compiler.evict_compiled: the path every
-call took before plans), ``evict`` (tkv.evict, planned by signature) and ``evictor``
-(a tkv.Evictor held by the caller). Also: the per-layer host cost of evicting 32 layers'
+for the ways to call: ``unplanned`` (validation + compiler.evict_compiled: the path every
+call took before plans), ``evict`` (tkv.evict, planned by signature), ``evictor`` (a
+tkv.Evictor held by the caller) and, on CUDA, ``graphed`` (``Evictor.graph`` over the same
+tensors: one CUDA-graph launch per call; not AdaKV, which syncs). Also: the per-layer host cost of evicting 32 layers'
 caches back to back, and a cProfile of the planned call.
 """
 
@@ -72,9 +73,12 @@ def callers(policy, keys, values, queries, budget):
         return path(keys, values, kw["queries"], p, k, seed, named)
 
     evictor = tkv.Evictor(policy, budget)
-    return {"unplanned": unplanned,
+    ways = {"unplanned": unplanned,
             "evict": lambda: tkv.evict(keys, values, policy, budget, **kw),
             "evictor": lambda: evictor(keys, values, **kw)}
+    if keys.is_cuda and policy.heads != "adaptive":
+        ways["graphed"] = tkv.Evictor(policy, budget).graph(keys, values, **kw)
+    return ways
 
 
 def measure(names, ns, budgets):
@@ -93,8 +97,10 @@ def measure(names, ns, budgets):
                         row["graph_us"] = None if POLICIES[name].heads == "adaptive" else graph_seconds(fn, REPEATS["replays"]) * 1e6
                 rows.append(row)
                 print(f"{name:<14} N={n:<7} b={budget:<4} host us: unplanned {row['unplanned_host_us']:7.1f} "
-                      f"evict {row['evict_host_us']:6.1f} evictor {row['evictor_host_us']:6.1f} | wall us: "
-                      f"unplanned {row['unplanned_wall_us']:7.1f} evict {row['evict_wall_us']:7.1f} | graph "
+                      f"evict {row['evict_host_us']:6.1f} evictor {row['evictor_host_us']:6.1f} graphed "
+                      f"{row.get('graphed_host_us') or float('nan'):5.1f} | wall us: "
+                      f"unplanned {row['unplanned_wall_us']:7.1f} evict {row['evict_wall_us']:7.1f} graphed "
+                      f"{row.get('graphed_wall_us') or float('nan'):7.1f} | graph "
                       f"{row['graph_us'] or float('nan'):7.1f} | wall/graph "
                       f"{row['evict_wall_us'] / (row['graph_us'] or float('nan')):.2f}",
                       flush=True)
@@ -192,14 +198,14 @@ def markdown(result) -> str:
     f = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
     lines = [f"{result['gpu']}, torch {result['torch']}. Times in us; host = back-to-back calls, no sync; "
              "wall = one call from an idle GPU to its end; graph = CUDA-graph replay (kernels alone).", "",
-             "| policy | N | budget | host unplanned | host evict | host Evictor | wall unplanned | wall evict "
-             "| graph | wall / graph |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| policy | N | budget | host unplanned | host evict | host Evictor | host graphed | wall unplanned "
+             "| wall evict | wall graphed | graph | wall / graph |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["cases"]:
         ratio = r["evict_wall_us"] / r["graph_us"] if r["graph_us"] else None
         lines.append(f"| {r['policy']} | {r['N']} | {r['budget']} | {f(r['unplanned_host_us'])} | "
-                     f"{f(r['evict_host_us'])} | {f(r['evictor_host_us'])} | {f(r['unplanned_wall_us'])} | "
-                     f"{f(r['evict_wall_us'])} | {f(r['graph_us'])} | "
-                     f"{'-' if ratio is None else f'{ratio:.2f}'} |")
+                     f"{f(r['evict_host_us'])} | {f(r['evictor_host_us'])} | {f(r.get('graphed_host_us'))} | "
+                     f"{f(r['unplanned_wall_us'])} | {f(r['evict_wall_us'])} | {f(r.get('graphed_wall_us'))} | "
+                     f"{f(r['graph_us'])} | {'-' if ratio is None else f'{ratio:.2f}'} |")
     lines += ["", f"{result['layers'][0]['layers']} layers of N = {result['layers'][0]['N']}, budget "
               f"{result['layers'][0]['budget']}: a call per layer vs one call on the layers stacked as batch rows",
               "", "| policy | host us/layer, a call each | GPU us/layer | host us/layer, one call | GPU us/layer |",

@@ -113,6 +113,13 @@ class Evictor:
             return self._plan_and_run(signature, keys, values, queries, seed, signals, directions)
         return plan(keys, values, queries, seed, named)
 
+    def graph(self, keys, values, *, queries=None, seed: int = 0, signals=None, directions=None):
+        """This call over these CUDA tensors captured as a CUDA graph (graphed.EvictionGraph):
+        ``g = ev.graph(keys, values, ...)``, then ``g()`` evicts the tensors' current contents
+        with one graph launch of host work, into the same outputs every time."""
+        from .graphed import EvictionGraph
+        return EvictionGraph(self, keys, values, queries=queries, seed=seed, signals=signals, directions=directions)
+
     def _plan_and_run(self, signature, keys, values, queries, seed, signals, directions):
         """A call with no plan yet. Under the lock, so that threads making the same first call
         plan it once: those that waited find the plan made and run it."""
