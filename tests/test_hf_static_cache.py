@@ -668,9 +668,9 @@ def test_ranked_h2o_keeps_what_its_two_clauses_keep(model, monkeypatch, interval
             cache = hf.StaticEvictingCache(on, policies.h2o(), 20, interval=interval, window=8, attention="triton",
                                            accumulate_attention=True)
             assert cache.scoring.ranks == (rank == "1")
-            got[rank] = generate(on, ids, cache, mask=mask, max_new_tokens=24), [layer.positions() for layer in
+            got[rank] = generate(on, ids, cache, mask=mask, max_new_tokens=14), [layer.positions() for layer in
                                                                                  cache.layers]
-    assert sum(ranked) >= 24 // interval - 2   # the decode evictions after the rows line up
+    assert sum(ranked) >= 14 // interval - 2   # the decode evictions after the rows line up
     assert torch.equal(got["0"][0], got["1"][0])
     for a, b in zip(got["0"][1], got["1"][1]):
         assert torch.equal(a, b)
