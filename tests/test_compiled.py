@@ -235,6 +235,57 @@ def test_a_few_thousand_tokens(name):
     assert compare(keys, values, queries, preset(name), 0.1, seed=1)
 
 
+@given(cache=caches(max_n=200, head_dims=[64, 80], max_batch=2, max_heads=2), policy=policy_strategy(),
+       seed=st.integers(0, 2 ** 31))
+@settings(max_examples=examples(15))
+def test_a_budget_of_all_tokens_but_one_matches_reference(cache, policy, seed):
+    """Budget N - 1 (an every-step eviction): select finds the token each row drops in one pass
+    over the last clause (``drop_one``) instead of a radix select; the kept sets are the
+    reference's, ties included."""
+    keys, values, queries = cache
+    n = keys.shape[2]
+    assume(n >= 2)
+    valid_or_skip(keys, values, queries, policy, n - 1, seed)
+    compare(keys, values, queries, policy, n - 1, seed)
+
+
+@pytest.mark.parametrize("name", ["tova", "h2o", "ties"])
+def test_dropping_one_of_many_tokens(name):
+    """drop_one over rows long enough for several select programs per row on a GPU (their
+    lowest keys meet in an atomic max), taken only where every row drops exactly one token;
+    "ties": a signal of a few integer values, so the lowest key is shared by many tokens and
+    the highest-index one goes (ties are kept by the lower index)."""
+    import tritonkv.compiler as compiler
+    from tritonkv.kernels.select import _select_kernel
+    n = 20001 if DEVICE == "cuda" else 1501
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 2, n, 64, generator=g).bfloat16()
+    values = torch.randn(2, 2, n, 64, generator=g).bfloat16()
+    queries = torch.randn(2, 8, 8, 64, generator=g).bfloat16()
+    position = _select_kernel.arg_names.index("drop_one")
+    flags, launch = [], compiler.select_launch
+
+    def spy(*args, **kwargs):
+        out = launch(*args, **kwargs)
+        flags.append(out[1][position])
+        return out
+    compiler.select_launch = spy
+    try:
+        for budget in (n - 1, n - 2):
+            if name == "ties":
+                policy = tkv.sink(1) | tkv.recent(2) | tkv.top(tkv.signal("s"))
+                signals = {"s": torch.randint(0, 4, (2, 2, n), generator=g).float()}
+                k, v, sg = to_device(keys, values, signals["s"])
+                got = tkv.evict(k, v, policy, budget, signals={"s": sg}, backend="triton").indices.cpu()
+                want = tkv.evict(keys, values, policy, budget, signals=signals, backend="reference").indices
+                assert torch.equal(got, want), budget
+            else:
+                assert compare(keys, values, queries, preset(name), budget, seed=1)
+    finally:
+        compiler.select_launch = launch
+    assert flags == [1, 0]
+
+
 @given(cache=caches(max_n=200, head_dims=[64], max_batch=2, max_heads=3),
        budget=st.one_of(st.integers(1, 250), st.floats(0.05, 1.0)), floor=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
        score=st.sampled_from([-tkv.key_norm(), tkv.random(), tkv.position() * 0.0, tkv.position().pool(5)]),

@@ -69,3 +69,10 @@ def test_setting_ab_runs_at_toy_size(tmp_path):
     got = json.loads(out.read_text())
     assert got["setting"] == "TRITONKV_BLOCK_N" and [r["policy"] for r in got["rows"]] == ["knorm"]
     assert all(r["32 wall us"] > 0 and r["64 host us"] > 0 and r["peer wall us"] > 0 for r in got["rows"])
+
+
+def test_drop_one_ab_runs_at_toy_size(tmp_path):
+    out = tmp_path / "ab.json"
+    run([sys.executable, "perf/drop_one_ab.py", "--toy", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["policy"][:3] for r in rows] == ["tov", "h2o"] and all(r["drop_one_us"] > 0 for r in rows)

@@ -141,12 +141,12 @@ def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
     tl.store(dst_ptr + dst[:, None] * D + o_d[None, :], tl.load(p_src, mask=m), mask=m)
 
 
-@triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S",
+@triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S", "drop_one",
                                "count0", "count1", "count2", "count3", "mom0", "mom1", "mom2", "mom3"])
 def _select_kernel(
     prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, skip_ptr, ws_ptr, sq_ptr,
     k_ptr, v_ptr, out_k_ptr, out_v_ptr, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, H,
-    N, rows, n_kept, n_sink, n_recent, chunk, P, seed, mom_S,
+    N, rows, n_kept, n_sink, n_recent, chunk, P, seed, mom_S, drop_one,
     count0, count1, count2, count3,
     slot0, slot1, slot2, slot3, inv_t0, inv_t1, inv_t2, inv_t3, mom0, mom1, mom2, mom3,
     C: tl.constexpr, P_PAD: tl.constexpr, BLOCK: tl.constexpr,
@@ -165,7 +165,8 @@ def _select_kernel(
     dense copy. With SHARED, the H heads of a batch row rank the same priorities (every clause
     a head-reduced top, kernels/transform.py): program row i_row is batch row i_row, it ranks
     head 0's slots (row ``i_src``) once and writes the indices (and gathers the rows) of all H
-    heads."""
+    heads. With ``drop_one`` (nonzero: every row keeps all its tokens but one, which the last
+    clause drops) the last clause finds its lowest key in one pass instead of four digits."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
     i_src = i_row                # the row of the slots ranked
@@ -194,25 +195,40 @@ def _select_kernel(
         remaining = counts[j] + 0
         prefix = tl.full([], 0, tl.uint32)
         p_hist = hist_ptr + ((i_row * C + j) * 4) * 256
-        # ---- radix select: four digits of 8 bits, most significant first
-        for digit in tl.static_range(4):
-            shift = 24 - 8 * digit
-            local = tl.zeros([256], dtype=tl.int32)
+        lowest = (drop_one != 0) & (j == C - 1)   # the same in every program of the grid
+        if lowest:
+            # ---- the one token dropped: the lowest key (its ties below resolve which one). The
+            # row's max of ~key (>= 0, so the zeroed cell starts below every value) is ~ its min
+            low = tl.full([], 0xFFFFFFFF, tl.uint32)
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
                 cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
                                         views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
-                if digit > 0:
-                    cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-                local += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=cand)
-            tl.atomic_add(p_hist + digit * 256 + o_bin, local, mask=local > 0, sem="relaxed", scope="gpu")
-            row_barrier(bar, P * (j * 5 + digit + 1))
-            hist = tl.load(p_hist + digit * 256 + o_bin, cache_modifier=".cg")
-            suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist      # keys with this digit or above
-            b_star = tl.max(tl.where(suffix >= remaining, o_bin, -1), 0)
-            above = tl.sum(tl.where(o_bin == b_star, suffix - hist, 0), 0)
-            prefix = prefix | (b_star.to(tl.uint32) << shift)
-            remaining = remaining - above
+                low = tl.minimum(low, tl.min(tl.where(cand, key, 0xFFFFFFFF), 0))
+            p_low = p_hist.to(tl.pointer_type(tl.uint32))
+            tl.atomic_max(p_low, low ^ 0xFFFFFFFF, sem="relaxed", scope="gpu")
+            row_barrier(bar, P * (j * 5 + 1))
+            prefix = tl.load(p_low, cache_modifier=".cg") ^ 0xFFFFFFFF
+        else:
+            # ---- radix select: four digits of 8 bits, most significant first
+            for digit in tl.static_range(4):
+                shift = 24 - 8 * digit
+                local = tl.zeros([256], dtype=tl.int32)
+                for start in range(0, chunk, BLOCK):
+                    o_n = lo + start + o_blk
+                    cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
+                                            views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+                    if digit > 0:
+                        cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                    local += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=cand)
+                tl.atomic_add(p_hist + digit * 256 + o_bin, local, mask=local > 0, sem="relaxed", scope="gpu")
+                row_barrier(bar, P * (j * 5 + digit + 1))
+                hist = tl.load(p_hist + digit * 256 + o_bin, cache_modifier=".cg")
+                suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist      # keys with this digit or above
+                b_star = tl.max(tl.where(suffix >= remaining, o_bin, -1), 0)
+                above = tl.sum(tl.where(o_bin == b_star, suffix - hist, 0), 0)
+                prefix = prefix | (b_star.to(tl.uint32) << shift)
+                remaining = remaining - above
         # ---- ties: count mine and the keys above the threshold, then find my cut
         n_eq = tl.full([], 0, tl.int32)
         n_gt = tl.full([], 0, tl.int32)
@@ -225,8 +241,10 @@ def _select_kernel(
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
         tl.store(p_cnt + i_p, n_eq)
         tl.store(p_cnt + P + i_p, n_gt)
-        row_barrier(bar, P * (j * 5 + 5))
+        row_barrier(bar, P * (j * 5 + tl.where(lowest, 2, 5)))   # a lowest clause's second barrier
         eq_all = tl.load(p_cnt + o_p, mask=m_p, other=0, cache_modifier=".cg")
+        if lowest:   # the ties kept: all but one of the keys equal to the lowest
+            remaining = counts[j] - tl.sum(tl.load(p_cnt + P + o_p, mask=m_p, other=0, cache_modifier=".cg"), 0)
         need = remaining - tl.sum(tl.where(o_p < i_p, eq_all, 0), 0)   # ties still to keep, from my chunk on
         cut = tl.where(need >= n_eq, N, -1)
         if (need > 0) & (need < n_eq):
@@ -296,6 +314,12 @@ def _select_kernel(
 
 
 SELECT_SEED_ARG = _select_kernel.arg_names.index("seed")   # where select_launch passes the seed
+
+
+def drop_one_enabled() -> bool:
+    """Whether a select that drops one token per row finds it in one pass (``TRITONKV_DROP_ONE=0``:
+    the radix select of every clause, for A/B timing)."""
+    return os.environ.get("TRITONKV_DROP_ONE") != "0"
 
 
 def scan_block(n: int) -> int:
@@ -398,9 +422,13 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
         k, v, out_k, out_v = gather
         copy_args = [k, v, out_k, out_v, *k.stride(), *v.stride(), k.shape[1]]
         d, dv = k.shape[-1], v.shape[-1]
+    # every row drops one token, and by the last clause (the windows and the clauses fill n_kept;
+    # rows of a sequence table or with a skip mask take the general path)
+    drop_one = int(clauses > 0 and n_kept == n - 1 and n_sink + n_recent + sum(counts) == n_kept
+                   and skip is None and sequences is None and drop_one_enabled())
     args = [prio, out_i, hist, bar, cnt, state, prio if skip is None else skip, stats,
             prio if sequences is None else sequences, *copy_args, n, rows, n_kept,
-            n_sink, n_recent, chunk, p, seed, splits, *count_args, *key_values]
+            n_sink, n_recent, chunk, p, seed, splits, drop_one, *count_args, *key_values]
     constexprs = _constexprs(keys, n, d, dv, skip is not None, sequences is not None, shared)
     return (p, rows // heads if shared else rows), args, constexprs, out_i
 
