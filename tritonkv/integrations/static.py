@@ -113,7 +113,8 @@ class StaticEvictingCache(HeldTokens, Cache):   # pause / positions / tokens as 
             (the default), every eviction recomputes the last ``window`` queries' attention
             over the keys, a different score. Needs the decode kernel (``attention`` "triton" /
             "auto" on CUDA). Ranked by the accumulators, H2O is order-free (its recency half
-            ranks the slots' true positions), so its evictions fill the dropped slots too.
+            ranks the slots' true positions), so its evictions fill the dropped slots too, and
+            its two clauses are ranked as one (step_scores.py; ``TRITONKV_H2O_RANK=0``: apart).
 
     ``capacity`` (per layer) is ``budget + interval``. Beam search works (one host read per step
     to reorder the rows); strategies that change the batch size, cropping (assisted decoding) and
