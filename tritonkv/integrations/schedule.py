@@ -119,13 +119,21 @@ class EvictionPlan:
 
 class EvictionTimer:
     """CUDA events around every eviction call (``EvictingCache(..., timing=True)``); ``total_ms()``
-    synchronizes once and adds them up."""
+    synchronizes once and adds them up.
 
-    def __init__(self):
+    ``queue_ahead_cycles`` > 0: before each start event the stream first sleeps that many GPU
+    cycles (``torch.cuda._sleep``), so the eviction's launches are all queued when the start
+    event fires and the events time its kernels back to back, as a CUDA graph runs them, not
+    the host's launch gaps (eager decode steps are bound by the host)."""
+
+    def __init__(self, queue_ahead_cycles: int = 0):
         self.events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.calls = 0
+        self.queue_ahead_cycles = queue_ahead_cycles
 
     def start(self):
+        if self.queue_ahead_cycles:
+            torch.cuda._sleep(self.queue_ahead_cycles)
         self._start = torch.cuda.Event(enable_timing=True)
         self._start.record()
 
