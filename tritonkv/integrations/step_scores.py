@@ -140,7 +140,7 @@ class StepScores:
         out of the buffer), as the Evictor's result; None where the plan's keys path serves (no
         scores; a plan without the proxy attention, as for too few rows for its window)."""
         if self.accumulates:
-            if self.ranks and accumulated is None and scores is not None:   # accumulate wrote the rank
+            if self.ranks and accumulated is None and scores is not None and scores[3] is not None:   # written
                 form = plan.signal_form(accumulation_ranked, gather=gather)
                 if form is not None:
                     return form[0](keys, values, seed=seed, signals={SIGNAL: scores[3]})
