@@ -1,5 +1,7 @@
 """Where the time of one evict() goes: statistics + score kernels vs select + gather, next to
-the HBM floor. A tool for tuning, not part of the benchmark suite.
+the HBM floor. A tool for tuning, not part of the benchmark suite. Select runs as evict runs it:
+one row per batch row where the heads share their selection (TOVA). Until 2026-12-06 this tool
+timed a per-head select for TOVA, which evict no longer runs.
 
     python perf/breakdown.py [--n 131072] [--batch 1] [--peer]
 
@@ -24,7 +26,7 @@ from perf.test_evict import POLICIES, make_cache  # noqa: E402
 from tritonkv import compiler  # noqa: E402
 from tritonkv.budget import allocate, resolve_budget  # noqa: E402
 from tritonkv.kernels.gather import gather_rows  # noqa: E402
-from tritonkv.kernels.select import select_indices  # noqa: E402
+from tritonkv.kernels.select import launch_select, select_launch  # noqa: E402
 
 
 def bench(fn):
@@ -64,12 +66,21 @@ def main():
             score = bench(lambda: compiler.score(compiled, keys, values, q, 0))
             # every clause's priority stored (a sample clause's, as select computes it from its slot)
             prios = compiler.score(compiled, keys, values, q, 0, clauses=True)
-            rows = keys.shape[0] * keys.shape[1]
+            b, h = keys.shape[:2]
+            rows = b * h
             clauses = range(len(compiled.program.clause_keys))
-            select = bench(lambda: select_indices(prios, clauses, alloc.clause_counts,
-                                                  alloc.n_sink, alloc.n_recent, rows, n, alloc.total, keys.device))
-            idx = select_indices(prios, clauses, alloc.clause_counts, alloc.n_sink,
-                                 alloc.n_recent, rows, n, alloc.total, keys.device).view(*keys.shape[:2], -1)
+            # as evict selects: one row per batch row where the heads share the selection (TOVA)
+            shared = compiler.shared_selection(compiled.program)
+            programs = compiler.selection_programs(compiled.program, b, h, n, keys.device, shared=shared)
+
+            def selected():
+                grid, sargs, sconst, out = select_launch(prios, clauses, alloc.clause_counts, alloc.n_sink,
+                                                         alloc.n_recent, rows, n, alloc.total, keys.device, programs,
+                                                         heads=h, shared=shared)
+                launch_select(grid, sargs, sconst, keys.device)
+                return out
+            select = bench(selected)
+            idx = selected().view(b, h, -1)
             gather = bench(lambda: gather_rows(idx, keys, values))
             floor = floor_bytes(policy, keys, values, q, alloc.total) / bw
             print(f"{name:<15}{n:>8}{total * 1e3:>10.3f}{score * 1e3:>10.3f}{select * 1e3:>10.3f}"
