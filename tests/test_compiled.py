@@ -257,7 +257,7 @@ def test_dropping_one_of_many_tokens(name):
     the highest-index one goes (ties are kept by the lower index)."""
     import tritonkv.compiler as compiler
     from tritonkv.kernels.select import _select_kernel
-    n = 20001 if DEVICE == "cuda" else 1501
+    n = 20001 if DEVICE == "cuda" else 701   # the interpreter runs one program per row: any n
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 2, n, 64, generator=g).bfloat16()
     values = torch.randn(2, 2, n, 64, generator=g).bfloat16()
