@@ -76,3 +76,12 @@ def test_drop_one_ab_runs_at_toy_size(tmp_path):
     run([sys.executable, "perf/drop_one_ab.py", "--toy", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["policy"][:3] for r in rows] == ["tov", "h2o"] and all(r["drop_one_us"] > 0 for r in rows)
+
+
+def test_launches_runs_at_toy_size(tmp_path):
+    out = tmp_path / "launches.json"
+    run([sys.executable, "perf/launches.py", "--toy", "--policies", "tova,streaming_llm", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [[s["kernel"] for s in r["launches"]] for r in rows] == [
+        ["stats_0", "merge_0", "score", "transform", "select"], ["gather"]]
+    assert all(r["total_us"] > 0 and r["floor_us"] > 0 for r in rows)

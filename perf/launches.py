@@ -1,0 +1,86 @@
+"""Each kernel launch of one evict call, timed as evict runs it: the call's prepared launches
+(compiler.prepare), replayed from a CUDA graph as prefixes (the first k launches, k = 1, 2, ...),
+so a launch's time is its prefix's time minus the one before. A launch is never timed alone:
+select needs the counters the score kernel zeroes, and a stage reads what the one before wrote.
+Beside each: the bytes of K the whole call must read, as the floor of that read at the run's
+copy bandwidth. A tool for tuning (where a policy's time over its floor goes), not the suite.
+
+    python perf/launches.py --policies tova,snapkv --n 131072 --batch 4 --budget 0.1
+    python perf/launches.py --toy           # CPU, tiny sizes: checks the script
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perf.floor import copy_bandwidth, floor_bytes  # noqa: E402
+from perf.test_evict import POLICIES, make_cache  # noqa: E402
+from perf.timing import CUDA, graph_times  # noqa: E402
+from tritonkv import compiler  # noqa: E402
+from tritonkv.budget import allocate, resolve_budget  # noqa: E402
+
+
+def launch_name(step) -> str:
+    fn = getattr(step.fn, "fn", step.fn)
+    return getattr(fn, "__name__", str(fn)).strip("_").replace("_kernel", "")
+
+
+def prefix_us(launches, k: int, replays: int) -> float:
+    run = lambda: [step() for step in launches[:k]]   # noqa: E731
+    return statistics.median(graph_times(run, replays)) * 1e6
+
+
+def breakdown(name: str, n: int, batch: int, budget: float, replays: int, bandwidth: float) -> dict:
+    policy = POLICIES[name]
+    keys, values, queries = make_cache(batch, n)
+    q = queries if policy.needs_queries else None
+    k = resolve_budget(budget, n)
+    alloc = allocate(policy, n, k)
+    call = compiler.prepare(compiler.compile_policy(policy), alloc, keys, values, q, 0)
+    compiler.run(call)   # compile, and the select kernel's occupancy
+    launches = call.launches
+    prefixes = [prefix_us(launches, i + 1, replays) for i in range(len(launches))]
+    steps = [dict(kernel=launch_name(s), grid=list(s.grid), us=t - (prefixes[i - 1] if i else 0.0))
+             for i, (s, t) in enumerate(zip(launches, prefixes))]
+    return dict(policy=name, N=n, B=batch, budget=budget, total_us=prefixes[-1],
+                k_read_floor_us=keys.numel() * keys.element_size() / bandwidth * 1e6,
+                floor_us=floor_bytes(policy, keys, values, q, k) / bandwidth * 1e6, launches=steps)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", default="tova")
+    parser.add_argument("--n", type=int, nargs="+", default=[131072])
+    parser.add_argument("--batch", type=int, nargs="+", default=[4])
+    parser.add_argument("--budget", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--toy", action="store_true", help="tiny sizes (CPU: checks the script)")
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.n, args.batch, args.budget, args.replays = [64], [1], args.budget[:1], 1
+    bandwidth = copy_bandwidth()
+    print(f"{'GPU' if CUDA else 'CPU'}  copy bandwidth {bandwidth / 1e9:.0f} GB/s  (us, CUDA-graph replay of "
+          f"launch prefixes)")
+    rows = []
+    for name in args.policies.split(","):
+        for n in args.n:
+            for batch in args.batch:
+                for budget in args.budget:
+                    r = breakdown(name, n, batch, budget, args.replays, bandwidth)
+                    rows.append(r)
+                    print(f"-- {name} N={n} B={batch} budget={budget}: {r['total_us']:.1f} us, floor "
+                          f"{r['floor_us']:.1f} (K read {r['k_read_floor_us']:.1f})")
+                    for s in r["launches"]:
+                        print(f"   {s['kernel']:<24}{str(s['grid']):<18}{s['us']:>9.1f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
