@@ -652,27 +652,39 @@ def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack, ke
 
 def test_ranked_h2o_keeps_what_its_two_clauses_keep(model, monkeypatch):
     """Accumulated H2O's decode evictions rank one clause (+inf on the newest positions, then the
-    sums: step_scores.py) unless TRITONKV_H2O_RANK=0: a left-padded batch evicting every step
-    generates the same tokens and holds the same positions either way, over enough steps for the
-    recency half to turn over (budget 20: 10 newest)."""
+    sums: step_scores.py): in a left-padded batch evicting every step, each such eviction keeps
+    exactly what reference.select keeps for the two clauses (true positions, then the sums) on
+    the same slots, over enough steps for the recency half to turn over (budget 20: 10 newest).
+    TRITONKV_H2O_RANK=0 ranks the two clauses apart."""
+    from tritonkv.integrations.decode_scores import POSITIONS, SIGNAL, accumulation_scored_by_position
+
     ids, mask = padded()
     ids, mask = to_device(ids, mask)
-    got, ranked = {}, []
-    accumulate = step_scores.attention_signal
-    monkeypatch.setattr(step_scores, "attention_signal",
-                        lambda *a, **k: ranked.append(k.get("rank") is not None) or accumulate(*a, **k))
+    checked = []
+    indices = step_scores.StepScores.indices
+
+    def spy(self, plan, seed, keys, values, positions, scores=None, gather=False, accumulated=None):
+        out = indices(self, plan, seed, keys, values, positions, scores, gather, accumulated)
+        if accumulated is None and scores is not None and scores[3] is not None:   # the one-clause form
+            two = accumulation_scored_by_position(self.policy)[0]
+            inputs = reference.Inputs(keys.float(), keys.float(), None,
+                                      signals={SIGNAL: scores[2].float(), POSITIONS: positions})
+            want = reference.select(two, inputs, out.indices.shape[-1])
+            got = torch.zeros_like(want).scatter_(-1, out.indices, True)
+            checked.append(torch.equal(got, want))
+        return out
+
+    monkeypatch.setattr(step_scores.StepScores, "indices", spy)
     with on_device(model) as on:
-        for rank in ("0", "1"):
-            monkeypatch.setenv("TRITONKV_H2O_RANK", rank)
-            cache = hf.StaticEvictingCache(on, policies.h2o(), 20, interval=1, window=8, attention="triton",
-                                           accumulate_attention=True)
-            assert cache.scoring.ranks == (rank == "1")
-            got[rank] = generate(on, ids, cache, mask=mask, max_new_tokens=12), [layer.positions() for layer in
-                                                                                 cache.layers]
-    assert sum(ranked) >= 10   # the decode evictions after the rows line up
-    assert torch.equal(got["0"][0], got["1"][0])
-    for a, b in zip(got["0"][1], got["1"][1]):
-        assert torch.equal(a, b)
+        monkeypatch.setenv("TRITONKV_H2O_RANK", "0")
+        apart = hf.StaticEvictingCache(on, policies.h2o(), 20, interval=1, accumulate_attention=True)
+        assert not apart.scoring.ranks
+        monkeypatch.delenv("TRITONKV_H2O_RANK")
+        cache = hf.StaticEvictingCache(on, policies.h2o(), 20, interval=1, window=8, attention="triton",
+                                       accumulate_attention=True)
+        assert cache.scoring.ranks
+        generate(on, ids, cache, mask=mask, max_new_tokens=12)
+    assert len(checked) >= 10 and all(checked)   # the decode evictions after the rows line up
 
 
 def test_accumulate_attention_refuses_what_it_cannot_sum(model, monkeypatch):
