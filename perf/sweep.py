@@ -2,6 +2,7 @@
 
     python perf/sweep.py                       the default sweep, then the profiles
     python perf/sweep.py --policies snapkv --n 131072 --blocks 32 64 128 --warps 4 8 --stages 0 2 3 4 --flash
+    python perf/sweep.py --policies tova --batch 4 --blocks 64 128 256 --stages 0 3 4
 Prints, per policy and N: the score stage's time (ms) for each (BLOCK_N, num_warps, num_stages; 0 =
 Triton's default), then the GPU time of every kernel of one evict() from torch.profiler. --flash adds one
 SDPA pass (FlashAttention-2, PV included) of the same proxy queries over the keys: the yardstick of
@@ -29,8 +30,8 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def sweep(name, n, blocks, warps, stages=(0,)):
-    keys, values, queries = make_cache(1, n)
+def sweep(name, n, blocks, warps, stages=(0,), batch=1):
+    keys, values, queries = make_cache(batch, n)
     policy = POLICIES[name]
     q = queries if policy.needs_queries else None
     compiled = compiler.compile_policy(policy)
@@ -49,7 +50,7 @@ def sweep(name, n, blocks, warps, stages=(0,)):
     del os.environ["TRITONKV_BLOCK_N"], os.environ["TRITONKV_WARPS"]
     clear_geometry()
     best = min(row, key=lambda r: r[3] if r[3] == r[3] else 1e9)
-    print(f"{name:<14}{n:>8}  " + "  ".join(f"{b}/{w}/{s}:{t:.3f}" for b, w, s, t in row)
+    print(f"{name:<14}{n:>8} B={batch}  " + "  ".join(f"{b}/{w}/{s}:{t:.3f}" for b, w, s, t in row)
           + f"   best {best[0]}/{best[1]}/{best[2]}")
 
 
@@ -88,6 +89,7 @@ def main():
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[0])
+    parser.add_argument("--batch", type=int, default=1, help="batch rows of the swept cache (B x 8 heads)")
     parser.add_argument("--flash", action="store_true")
     args = parser.parse_args()
     if args.policies:
@@ -96,7 +98,7 @@ def main():
             if args.flash:
                 flash_pass(n)
             for name in args.policies:
-                sweep(name, n, args.blocks, args.warps, args.stages)
+                sweep(name, n, args.blocks, args.warps, args.stages, args.batch)
         return
     print("score stage ms for BLOCK_N/num_warps/num_stages")
     for n in (32768, 131072):
