@@ -459,7 +459,7 @@ def test_order_free_policies_fill_the_dropped_slots(model, monkeypatch, policy, 
     caches = {order: hf.StaticEvictingCache(model, policy, budget, interval=interval, keep_order=order,
                                             stack_layers=stack) for order in (True, False)}
     assert caches[False].fills_holes and not caches[True].fills_holes
-    out = {order: generate(model, ids, cache, max_new_tokens=12) for order, cache in caches.items()}
+    out = {order: generate(model, ids, cache, max_new_tokens=8) for order, cache in caches.items()}
     assert moved and torch.equal(out[True], out[False])
     assert not all(layer.ordered for layer in caches[False].layers)
     for a, b in zip(caches[True].layers, caches[False].layers):
@@ -470,7 +470,7 @@ def test_order_free_policies_fill_the_dropped_slots(model, monkeypatch, policy, 
         # last bits it changes grow through the layers (2.3e-4 at most in this model's third layer)
         torch.testing.assert_close(a.last.keys, b.last.keys, rtol=0, atol=1e-3)
     turn = torch.cat([ids, out[True], prompt(n=9, seed=5)], dim=1)
-    again = {order: generate(model, turn, cache, max_new_tokens=6) for order, cache in caches.items()}
+    again = {order: generate(model, turn, cache, max_new_tokens=4) for order, cache in caches.items()}
     assert torch.equal(again[True], again[False])
     for a, b in zip(caches[True].layers, caches[False].layers):
         assert torch.equal(a.positions(), b.positions())
