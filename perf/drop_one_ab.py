@@ -12,7 +12,6 @@ interleaved; ``TRITONKV_DROP_ONE=0`` is the radix select.
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tritonkv as tkv  # noqa: E402
+from perf.settings import switches  # noqa: E402
 from perf.timing import DEVICE, graph_seconds  # noqa: E402
 from tritonkv.runtime import Evictor  # noqa: E402
 
@@ -34,16 +34,14 @@ PROMPTS = (16384, 131072)
 
 
 def time_us(drop_one: bool, policy, slots: int, signals: dict, toy: bool) -> float:
-    os.environ["TRITONKV_DROP_ONE"] = "1" if drop_one else "0"
     rows, heads = signals["attention"].shape[:2]
     cache = torch.empty(rows, heads, slots, 1, device=DEVICE, dtype=torch.bfloat16)
-    ev = Evictor(policy, slots - 1, gather=False, backend="triton")
     signals = {name: t for name, t in signals.items() if name in policy.signals}
-    call = lambda: ev(cache, cache, signals=signals)   # noqa: E731
-    call()
-    if toy:
-        return 1.0
-    return graph_seconds(call, replays=50) * 1e6
+    with switches({"TRITONKV_DROP_ONE": "1" if drop_one else "0"}):   # read when the call plans
+        ev = Evictor(policy, slots - 1, gather=False, backend="triton")
+        call = lambda: ev(cache, cache, signals=signals)   # noqa: E731
+        call()
+        return 1.0 if toy else graph_seconds(call, replays=50) * 1e6
 
 
 def main(argv=None):
@@ -56,29 +54,22 @@ def main(argv=None):
     print(f"{gpu}  one token dropped per row, indices only; graph replay us")
     print(f"{'policy':<26}{'model':>6}{'slots':>8}{'radix':>10}{'drop one':>10}{'ratio':>8}")
     rows = []
-    before = os.environ.get("TRITONKV_DROP_ONE")
-    try:
-        for name, policy in POLICIES.items():
-            for model, (layers, heads) in (list(MODELS.items())[:1] if args.toy else MODELS.items()):
-                for prompt in ((300,) if args.toy else PROMPTS):
-                    slots = prompt // 10 + 1
-                    g = torch.Generator(device=DEVICE).manual_seed(0)
-                    signals = {"attention": torch.rand(layers, heads, slots, device=DEVICE, generator=g),
-                               "position": torch.randperm(slots, device=DEVICE, generator=g)
-                               .expand(layers, heads, slots).contiguous()}
-                    got = {True: [], False: []}
-                    for _ in range(1 if args.toy else args.repeats):
-                        for drop in (False, True):
-                            got[drop].append(time_us(drop, policy, slots, signals, args.toy))
-                    radix, drop = (statistics.median(got[d]) for d in (False, True))
-                    rows.append(dict(policy=name, model=model, slots=slots, radix_us=radix, drop_one_us=drop, gpu=gpu))
-                    print(f"{name:<26}{model:>6}{slots:>8}{radix:>10.1f}{drop:>10.1f}{radix / drop:>7.2f}x",
-                          flush=True)
-    finally:
-        if before is None:
-            os.environ.pop("TRITONKV_DROP_ONE", None)
-        else:
-            os.environ["TRITONKV_DROP_ONE"] = before
+    for name, policy in POLICIES.items():
+        for model, (layers, heads) in (list(MODELS.items())[:1] if args.toy else MODELS.items()):
+            for prompt in ((300,) if args.toy else PROMPTS):
+                slots = prompt // 10 + 1
+                g = torch.Generator(device=DEVICE).manual_seed(0)
+                signals = {"attention": torch.rand(layers, heads, slots, device=DEVICE, generator=g),
+                           "position": torch.randperm(slots, device=DEVICE, generator=g)
+                           .expand(layers, heads, slots).contiguous()}
+                got = {True: [], False: []}
+                for _ in range(1 if args.toy else args.repeats):
+                    for drop in (False, True):
+                        got[drop].append(time_us(drop, policy, slots, signals, args.toy))
+                radix, drop = (statistics.median(got[d]) for d in (False, True))
+                rows.append(dict(policy=name, model=model, slots=slots, radix_us=radix, drop_one_us=drop, gpu=gpu))
+                print(f"{name:<26}{model:>6}{slots:>8}{radix:>10.1f}{drop:>10.1f}{radix / drop:>7.2f}x",
+                      flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(rows=rows), indent=1))

@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import sys
 import time
@@ -146,21 +145,6 @@ def modes(n: int, steps: int, warmup: int = 16):
     ]
 
 
-@contextlib.contextmanager
-def switches(settings: dict):
-    """Environment settings for the duration of the block (the previous values restored)."""
-    before = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def runs_here(options: dict, cuda: bool) -> bool:
     """Whether a mode runs on this run's device: CUDA graphs (ours, and torch.compile's
     reduce-overhead) need a GPU; tritonkv's decode kernel (``attention="triton"``) runs on a GPU,
@@ -233,6 +217,7 @@ def make_cache(model, n: int, options: dict, steps: int, warmup: int, clock: "Cl
                           use_cache=True)
             return out.logits[:, -1].argmax(-1, keepdim=True)
     elif kind == "static":   # graphs: every decode step one CUDA graph replay (no host timing inside)
+        from perf.settings import switches
         with switches(options.pop("switches", {})):   # TRITONKV_* settings the cache reads when made
             cache = hf.StaticEvictingCache(model, timing=clock.cuda and not graphs, **options)
         if graphs:

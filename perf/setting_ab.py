@@ -15,7 +15,6 @@ window of 64).
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perf.baselines import peer_evict  # noqa: E402
 from perf.host_overhead import inputs  # noqa: E402
+from perf.settings import switches  # noqa: E402
 from perf.test_evict import POLICIES, make_cache  # noqa: E402
 from perf.timing import DEVICE, event_seconds, graph_seconds, host_times  # noqa: E402
 from tritonkv import geometry  # noqa: E402
@@ -42,9 +42,9 @@ def floats(text: str):
     return [float(x) for x in text.split(",")]
 
 
-def planned(setting: str, value: str, policy, k: int) -> Evictor:
-    """A fresh Evictor that plans under ``setting=value`` (geometry is cached per shape)."""
-    os.environ[setting] = value
+def planned(policy, k: int) -> Evictor:
+    """A fresh Evictor, which plans under the settings of the moment (geometry is cached per
+    shape, so it is forgotten first)."""
     geometry.clear_geometry()
     return Evictor(policy, k, backend="triton")
 
@@ -64,8 +64,9 @@ def case(setting, values, name, b, n, budget, repeats, replays) -> dict:
     runs = {v: [] for v in values}
     for _ in range(repeats):
         for value in values:
-            ev = planned(setting, value, policy, k)
-            runs[value].append(times_us(lambda: ev(keys, values_, **kw), replays))
+            with switches({setting: value}):   # the plan and every timed call under it
+                ev = planned(policy, k)
+                runs[value].append(times_us(lambda: ev(keys, values_, **kw), replays))
     peer = peer_evict(name)
     if peer is not None:
         named = {**(kw["signals"] or {}), **(kw["directions"] or {})} or None
@@ -110,7 +111,6 @@ def main(argv=None):
         args.b, args.n, args.budgets, args.repeats = [1], [300], [0.5], 1
     replays = 2 if args.toy else 20
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    before = os.environ.get(args.setting)
     print(f"{gpu}  {args.setting} in {args.values}; us: wall / graph / host", flush=True)
     rows = []
     try:
@@ -122,11 +122,7 @@ def main(argv=None):
                         rows.append(dict(row, gpu=gpu))
                         print(line(row, args.values), flush=True)
     finally:
-        if before is None:
-            os.environ.pop(args.setting, None)
-        else:
-            os.environ[args.setting] = before
-        geometry.clear_geometry()
+        geometry.clear_geometry()   # no geometry planned under a switched setting outlives the run
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(setting=args.setting, values=args.values, rows=rows), indent=1))

@@ -9,7 +9,6 @@ TRITONKV_SHARED_SELECT=0 turns the shared selection off for calls planned from t
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from perf.settings import switches  # noqa: E402
 from perf.timing import DEVICE, graph_seconds  # noqa: E402
 from tritonkv import policies  # noqa: E402
 from tritonkv.runtime import Evictor  # noqa: E402
@@ -30,10 +30,10 @@ CASES = [  # (name, rows, heads, slots, budget, gather)
 
 
 def time_us(shared: bool, keys, values, queries, budget, gather) -> float:
-    os.environ["TRITONKV_SHARED_SELECT"] = "1" if shared else "0"
-    ev = Evictor(policies.tova(), budget, gather=gather)     # a fresh plan under this setting
-    ev(keys, values, queries=queries)
-    return graph_seconds(lambda: ev(keys, values, queries=queries), replays=50) * 1e6
+    with switches({"TRITONKV_SHARED_SELECT": "1" if shared else "0"}):
+        ev = Evictor(policies.tova(), budget, gather=gather)     # a fresh plan under this setting
+        ev(keys, values, queries=queries)
+        return graph_seconds(lambda: ev(keys, values, queries=queries), replays=50) * 1e6
 
 
 def main():
@@ -55,7 +55,6 @@ def main():
                 times[shared].append(time_us(shared, keys, values, queries, budget, gather))
         a, b = (sorted(times[s])[len(times[s]) // 2] for s in (False, True))
         print(f"{name:<26}{a:>10.1f}{b:>10.1f}{a / b:>7.2f}x", flush=True)
-    os.environ.pop("TRITONKV_SHARED_SELECT")
 
 
 if __name__ == "__main__":
