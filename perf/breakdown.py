@@ -26,7 +26,7 @@ from perf.test_evict import POLICIES, make_cache  # noqa: E402
 from tritonkv import compiler  # noqa: E402
 from tritonkv.budget import allocate, resolve_budget  # noqa: E402
 from tritonkv.kernels.gather import gather_rows  # noqa: E402
-from tritonkv.kernels.select import launch_select, select_launch  # noqa: E402
+from tritonkv.kernels.select import select_indices  # noqa: E402
 
 
 def bench(fn):
@@ -71,14 +71,9 @@ def main():
             clauses = range(len(compiled.program.clause_keys))
             # as evict selects: one row per batch row where the heads share the selection (TOVA)
             shared = compiler.shared_selection(compiled.program)
-            programs = compiler.selection_programs(compiled.program, b, h, n, keys.device, shared=shared)
-
-            def selected():
-                grid, sargs, sconst, out = select_launch(prios, clauses, alloc.clause_counts, alloc.n_sink,
-                                                         alloc.n_recent, rows, n, alloc.total, keys.device, programs,
-                                                         heads=h, shared=shared)
-                launch_select(grid, sargs, sconst, keys.device)
-                return out
+            selected = lambda: select_indices(prios, clauses, alloc.clause_counts, alloc.n_sink,  # noqa: E731
+                                              alloc.n_recent, rows, n, alloc.total, keys.device, heads=h,
+                                              shared=shared)
             select = bench(selected)
             idx = selected().view(b, h, -1)
             gather = bench(lambda: gather_rows(idx, keys, values))

@@ -435,15 +435,16 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
 
 def select_indices(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
                    n_kept: int, device: torch.device, skip=None, heads: int = 1, seed: int = 0,
-                   moments=None) -> torch.Tensor:
+                   moments=None, shared: bool = False) -> torch.Tensor:
     """Per row, the ascending indices [rows, n_kept] of the tokens kept by the forced windows
     and by each clause's top ``counts[j]`` of its priority: ``priorities[keys[j]]`` (float32
     [n_slots, rows, N]) for a slot index, kernels/keys.py's priority for a ClauseKey; never a
-    token marked in ``skip`` (uint8 [rows, N]) by a clause."""
-    p = select_programs(rows, n, keys, device, skip=skip is not None)
+    token marked in ``skip`` (uint8 [rows, N]) by a clause. ``shared``: the ``heads`` rows of a
+    batch row rank the same priorities, selected once (see select_launch)."""
+    p = select_programs(rows // heads if shared else rows, n, keys, device, skip=skip is not None, shared=shared)
     grid, args, constexprs, out_i = select_launch(priorities, keys, counts, n_sink, n_recent, rows, n,
                                                   n_kept, device, p, skip=skip, heads=heads, seed=seed,
-                                                  moments=moments)
+                                                  moments=moments, shared=shared)
     if n_kept > 0:
         launch_select(grid, args, constexprs, device)
     return out_i
