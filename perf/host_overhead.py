@@ -77,7 +77,7 @@ def callers(policy, keys, values, queries, budget):
             "evict": lambda: tkv.evict(keys, values, policy, budget, **kw),
             "evictor": lambda: evictor(keys, values, **kw)}
     if keys.is_cuda and policy.heads != "adaptive":
-        ways["graphed"] = tkv.Evictor(policy, budget).graph(keys, values, **kw)
+        ways["graphed"] = evictor.graph(keys, values, **kw)
     return ways
 
 
