@@ -74,6 +74,25 @@ def test_inputs_are_left_alone_and_splits_follow_shapes_only():
     assert splits_for(4, 100, device) == 1      # a chunk is never under MIN_CHUNK slots
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_one_split_writes_the_output_without_a_merge(monkeypatch, splits):
+    """With one split the split kernel normalizes and writes the output (and lse) itself: one
+    launch instead of two, and the same result as the reference, as with the merge."""
+    from tritonkv.kernels import decode
+    monkeypatch.setattr(decode, "splits_for", lambda *_: splits)
+    q, k, v, start, length = inputs((2, 2, 3, 80, 64, 700, 650, [0, 301], 11), torch.float32)
+    c, hq = k.shape[2], q.shape[1]
+    logits, lse = torch.empty(2, hq, c, device=DEVICE), torch.empty(2, hq, device=DEVICE)
+    launches, _ = decode.decode_launches(q, k, v, start, length, 0.125, (logits, lse))
+    assert len(launches) == (1 if splits == 1 else 2)
+    got = decode_attention(q, k, v, start, length, 0.125, scores=(logits, lse))
+    want = reference.slot_attention(q, k, v, start, length, 0.125)
+    assert (got.double() - want).abs().max() <= tolerance(v, torch.float32).max()
+    seen = (torch.arange(c, device=DEVICE) >= start[:, None]) & (torch.arange(c, device=DEVICE) < length)
+    want_lse = torch.logsumexp(logits.double().masked_fill(~seen[:, None], float("-inf")) * math.log(2), -1)
+    assert torch.allclose(lse.double(), want_lse / math.log(2), rtol=0, atol=1e-4)
+
+
 def test_bad_shapes_are_refused():
     q, k, v, start, length = inputs((1, 2, 2, 64, 64, 10, 5, [0], 0), torch.float32)
     with pytest.raises(ValueError, match="query: expected one query per row"):

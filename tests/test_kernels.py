@@ -127,3 +127,34 @@ def test_fast_launcher_reuses_the_compiled_kernel():
     count = len(launcher.compiled)
     gather_rows(idx, keys.half(), keys.half())
     assert len(launcher.compiled) == count
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's helper fast path: CPU only")
+def test_interpreted_helpers_skip_repatching_with_the_same_results(monkeypatch):
+    """kernels/interpreted.py: helpers called from an interpreted kernel skip Triton's
+    re-patching of triton.language. A policy whose kernels call helpers in loops (SnapKV's
+    proxy attention, select, gather) and the decode kernel give the same bits both ways, and
+    the fast path is taken (fewer language patches)."""
+    import tritonkv as tkv
+    from triton.runtime import interpreter
+    from tritonkv.kernels import interpreted
+    from tritonkv.kernels.decode import decode_attention
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 2, 301, 64, generator=g), torch.randn(1, 2, 301, 64, generator=g)
+    queries = torch.randn(1, 4, 8, 64, generator=g)
+    start, length = torch.tensor([3]), torch.tensor(290)
+    patches = []
+    patch_lang = interpreter._patch_lang
+    monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: patches.append(fn) or patch_lang(fn))
+
+    def run():
+        patches.clear()
+        out = tkv.evict(keys, values, tkv.policies.snapkv(window=8), 0.3, queries=queries, backend="triton")
+        attention = decode_attention(queries[:, :, :1], keys, values, start, length, 0.125)
+        return (out.indices, out.keys, out.values, attention), len(patches)
+
+    fast, fast_patches = run()
+    monkeypatch.setattr(interpreted, "_fast_helpers_supported", lambda: False)
+    slow, slow_patches = run()
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    assert fast_patches < slow_patches

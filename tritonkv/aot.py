@@ -187,11 +187,16 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
     logits = torch.empty(batch, heads * group, n, device="meta", dtype=torch.float32)
     lse = torch.empty(batch, heads * group, device="meta", dtype=torch.float32)
     built = []
-    for scores in (None, (logits, lse)):   # plain, and writing the scores of decode_scores.py
-        launches, _ = decode_launches(query, keys, values, start, length, d ** -0.5, scores)
-        built += [build_checked("(decode)", fn.fn.__name__.strip("_").replace("_kernel", "")
-                                + ("+scores" if scores else ""), config, fn, args, constexprs, warps, target)
-                  for fn, _, args, constexprs, warps in launches]
+    # plain, and writing the scores of decode_scores.py; one split (the split kernel writes the
+    # output) and several (split partials, then the merge): off the GPU, 8 programs' worth
+    for rows, kv in ((batch, heads), (1, 1)):
+        q, k, v, hq = query[:rows, :kv * group], keys[:rows, :kv], values[:rows, :kv], kv * group
+        for scores in (None, (logits[:rows, :hq], lse[:rows, :hq])):
+            launches, _ = decode_launches(q, k, v, start[:rows], length, d ** -0.5, scores)
+            built += [build_checked("(decode)", fn.fn.__name__.strip("_").replace("_kernel", "")
+                                    + ("+scores" if scores else "") + (" 1 split" if len(launches) == 1 else ""),
+                                    config, fn, args, constexprs, warps, target)
+                      for fn, _, args, constexprs, warps in launches]
     signal = torch.empty(batch, heads, n, device="meta", dtype=torch.float32)
     fresh = torch.empty(1, device="meta", dtype=torch.int64)
     positions = torch.empty(batch, heads, n, device="meta", dtype=torch.int64)

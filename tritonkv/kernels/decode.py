@@ -9,9 +9,11 @@ B * H_q programs that each stream all C keys: on an H200 that is ~0.7 ms per lay
 takes one contiguous chunk of slots for all G query heads of its KV head (GQA packed:
 each key tile is read once for the group, and the [G, D] query tile feeds tensor cores),
 and keeps a float32 online softmax (max m, sum l of 2^(s - m), output acc). A second
-kernel merges the splits' partials by their maxima. The number of splits depends on the
-shapes only, never on ``length``: a CUDA graph replays the same launches every step, and
-chunks past ``length`` (or before ``start``) finish at once with an empty partial.
+kernel merges the splits' partials by their maxima; with one split (short buffers, or enough
+rows to fill the GPU) the split kernel normalizes and writes the output itself and the
+merge launch is left out. The number of splits depends on the shapes only, never on
+``length``: a CUDA graph replays the same launches every step, and chunks past ``length``
+(or before ``start``) finish at once with an empty partial.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ MIN_CHUNK = 256          # slots per split at least: shorter chunks cost more to
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, part_o_ptr, part_ml_ptr,
-                         sc_ptr, s_scb, s_sch, s_scn,
+                         sc_ptr, s_scb, s_sch, s_scn, out_ptr, s_ob, s_oh, s_od, lse_ptr, s_lb, s_lh,
                          s_qb, s_qh, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                          H, CHUNK, SPLITS,
                          D: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         QK_SCALE: tl.constexpr, IEEE: tl.constexpr, SCORES: tl.constexpr):
+                         QK_SCALE: tl.constexpr, IEEE: tl.constexpr, SCORES: tl.constexpr,
+                         DIRECT: tl.constexpr):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     lo = tl.maximum(tl.load(start_ptr + i_b).to(tl.int32), i_s * CHUNK)
@@ -73,10 +76,18 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, part_o_ptr,
             pv = tl.dot(p.to(b_v.dtype), b_v)
         acc = acc * alpha[:, None] + pv
         m = m_new
-    row = i_bh * SPLITS + i_s
-    tl.store(part_ml_ptr + (row * 2) * G_PAD + o_g, m)
-    tl.store(part_ml_ptr + (row * 2 + 1) * G_PAD + o_g, l)
-    tl.store(part_o_ptr + (row * G_PAD + o_g)[:, None] * BLOCK_DV + o_dv[None, :], acc)
+    if DIRECT:   # one split: this program holds the whole row; what the merge would write
+        p_o = out_ptr + i_b.to(tl.int64) * s_ob + (i_h * G + o_g).to(tl.int64)[:, None] * s_oh \
+            + o_dv[None, :] * s_od
+        tl.store(p_o, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=m_g[:, None] & (o_dv[None, :] < DV))
+        if SCORES:
+            p_l = lse_ptr + i_b.to(tl.int64) * s_lb + (i_h * G + o_g).to(tl.int64) * s_lh
+            tl.store(p_l, m + tl.log2(l), mask=m_g)
+    else:
+        row = i_bh * SPLITS + i_s
+        tl.store(part_ml_ptr + (row * 2) * G_PAD + o_g, m)
+        tl.store(part_ml_ptr + (row * 2 + 1) * G_PAD + o_g, l)
+        tl.store(part_o_ptr + (row * G_PAD + o_g)[:, None] * BLOCK_DV + o_dv[None, :], acc)
 
 
 @triton.jit
@@ -138,20 +149,28 @@ def decode_launches(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     device = keys.device
     splits = splits_for(b * h, c, device)
     chunk = cdiv(cdiv(c, splits), block_n) * block_n
-    part_o = torch.empty(b * h * splits, g_pad, block_dv, dtype=torch.float32, device=device)
-    part_ml = torch.empty(b * h * splits, 2, g_pad, dtype=torch.float32, device=device)
+    direct = splits == 1
     out = torch.empty(b, 1, hq, dv, dtype=query.dtype, device=device)
     q, o = query[:, :, 0], out[:, 0]
+    if direct:   # one split writes the output itself: its partials are placeholders it never touches
+        part_o = part_ml = out
+    else:
+        part_o = torch.empty(b * h * splits, g_pad, block_dv, dtype=torch.float32, device=device)
+        part_ml = torch.empty(b * h * splits, 2, g_pad, dtype=torch.float32, device=device)
     # without scores the pointers are placeholders the kernels never touch
-    logits, lse = scores if scores is not None else (part_ml, part_ml)
+    logits, lse = scores if scores is not None else (out, out)
     s_logits = logits.stride() if scores is not None else (0, 0, 0)
     s_lse = lse.stride() if scores is not None else (0, 0)
     split = (_decode_split_kernel, (b * h, splits),
              [q, keys, values, start, length, part_o, part_ml, logits, *s_logits,
+              o, o.stride(0), o.stride(1), o.stride(2), lse, *s_lse,
               q.stride(0), q.stride(1), q.stride(2), *keys.stride(), *values.stride(), h, chunk, splits],
              dict(D=d, DV=dv, G=group, G_PAD=g_pad, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                  QK_SCALE=scale * math.log2(math.e), IEEE=ieee_products(keys.dtype), SCORES=scores is not None),
+                  QK_SCALE=scale * math.log2(math.e), IEEE=ieee_products(keys.dtype), SCORES=scores is not None,
+                  DIRECT=direct),
              DECODE_WARPS)
+    if direct:
+        return [split], out
     merge = (_decode_merge_kernel, (b * h, group),
              [part_o, part_ml, o, o.stride(0), o.stride(1), o.stride(2), lse, *s_lse, h, splits],
              dict(G=group, G_PAD=g_pad, DV=dv, BLOCK_DV=block_dv, SCORES=scores is not None), DECODE_WARPS)

@@ -16,20 +16,19 @@ takes Triton's own path; otherwise the hooks are passed as None so the C launche
 Threads: on the GPU, launches from several threads need no lock (Triton's JIT cache and
 its on-disk cache tolerate concurrent compiles of one kernel; the caches here are filled
 with single dict operations, so a race costs one extra dispatch through Triton, never a
-wrong kernel). Triton's interpreter is not thread-safe (a launch patches triton.language
-and sets the program id in one global builder), so interpreted launches are serialized by
-one process-wide lock.
+wrong kernel). Triton's interpreter is not thread-safe, so interpreted launches are
+serialized (kernels/interpreted.py).
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Dict, Sequence
 
 import torch
 from triton import knobs
 
 from .common import interpreting
+from .interpreted import interpreted
 
 _I32_MIN, _I32_MAX = -2 ** 31, 2 ** 31 - 1
 
@@ -124,19 +123,12 @@ def _launcher(fn) -> Launcher:
     return launcher
 
 
-# Held around every interpreted launch: Triton 3.6's interpreter patches triton.language
-# for the duration of a launch and keeps the grid and program id in one global builder, so
-# two concurrent launches break each other ("Did you forget to add @triton.jit ?",
-# "y >= grid_dim[1]").
-INTERPRETER_LOCK = threading.Lock()
-
-
 def launch(fn, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
     """Launch ``fn`` (a @triton.jit kernel) on ``grid``; returns the compiled kernel. Every
     kernel launch of tritonkv goes through here (planned GPU calls replay kernels this
     launched), so this is where interpreted launches are serialized."""
     if interpreting():
-        with INTERPRETER_LOCK:
+        with interpreted(fn):
             return fn[grid](*args, **constexprs, num_warps=num_warps)
     return _launcher(fn)(grid, args, constexprs, num_warps, num_stages)
 
