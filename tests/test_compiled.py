@@ -1,7 +1,5 @@
 """The compiled path (generated Triton kernels; in the interpreter on CPU) against reference.py."""
 
-import math
-
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -17,7 +15,7 @@ from tritonkv.validate import named_inputs as named_inputs_of
 
 from .checks import assert_unchanged, check_evicted, snapshot
 from .devices import DEVICE, to_device
-from .strategies import caches, examples, named_inputs, scores
+from .strategies import caches, examples, named_inputs
 from .strategies import policies as policy_strategy
 from .tolerances import normalize_allowance, tolerance, transform_allowance
 
@@ -180,7 +178,6 @@ def test_long_window_and_odd_group():
 
 def test_second_call_compiles_nothing():
     from tritonkv import compiler
-    keys = torch.randn(1, 1, 64, 64)
     policy = tkv.sink(2) | tkv.top(-tkv.key_norm() + tkv.position())
     compiler.compile_policy(policy)
     before = dict(compiler._CACHE)
