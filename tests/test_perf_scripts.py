@@ -85,3 +85,8 @@ def test_launches_runs_at_toy_size(tmp_path):
     assert [[s["kernel"] for s in r["launches"]] for r in rows] == [
         ["stats_0", "merge_0", "score", "transform", "select"], ["gather"]]
     assert all(r["total_us"] > 0 and r["floor_us"] > 0 for r in rows)
+
+
+def test_ncu_probe_runs_at_toy_size():
+    out = run([sys.executable, "perf/ncu_probe.py", "--toy", "--policy", "snapkv"])
+    assert "snapkv N=256 B=1" in out.stdout
