@@ -90,3 +90,8 @@ def test_launches_runs_at_toy_size(tmp_path):
 def test_ncu_probe_runs_at_toy_size():
     out = run([sys.executable, "perf/ncu_probe.py", "--toy", "--policy", "snapkv"])
     assert "snapkv N=256 B=1" in out.stdout
+
+
+def test_l2_probe_runs_at_toy_size():
+    out = run([sys.executable, "perf/l2_probe.py", "--toy"])
+    assert "two launches ran" in out.stdout

@@ -1,0 +1,178 @@
+"""Can KeyDiff's second read of K come from L2? A probe for issue 20's item 2, not the library.
+
+KeyDiff scores a token by the cosine of its key to the row's anchor (the mean of the row's
+normalized keys), so it reads K twice: once for the anchor, once for the cosines. Between
+the two passes of one row sit the other rows' first passes, so at N = 128K (a row of K is
+33.5 MB at D = 128, bf16; H100's L2 is 50 MB) the second read comes from HBM.
+
+Three ways to compute the same scores, timed as CUDA-graph replays, L2 flushed before each:
+  - two launches: pass 1 for every row (anchor partials per split), then pass 2 (each program
+    merges its row's partials, then scores its split): what the compiled kernels do now;
+  - persistent: one program per SM walks the rows in order; for each row it runs pass 1 on its
+    split, adds its partial, waits at a per-row counter until every program has done so (all
+    programs are resident: one per SM), then scores its split, most recently read tiles first;
+    the row's keys were read by every SM an instant before, so pass 2 should hit L2;
+  - one pass: pass 1 alone (reads K once), the floor of any schedule.
+Prints ms and the ratios, and checks that both schedules give the same scores (the partials
+are merged in the same order, so bit for bit).
+
+    python perf/l2_probe.py --n 32768 131072 524288 --batch 1 4
+    python perf/l2_probe.py --toy      # CPU: checks the two-launch path in the interpreter
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perf.timing import CUDA, DEVICE, graph_seconds  # noqa: E402
+from tritonkv.kernels.common import multiprocessor_count  # noqa: E402
+
+
+@triton.jit
+def _anchor_part(k_ptr, row, split, N, TILES, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum of the normalized keys of one split's TILES tiles of one row, float32 [D]."""
+    o_d = tl.arange(0, D)
+    acc = tl.zeros([D], tl.float32)
+    base = k_ptr + row.to(tl.int64) * N * D
+    for t in range(0, TILES):
+        o_n = (split * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(base + o_n.to(tl.int64)[:, None] * D + o_d[None, :], mask=(o_n < N)[:, None], other=0.0)
+        k = k.to(tl.float32)
+        norm = tl.sqrt(tl.sum(k * k, 1))
+        acc += tl.sum(k * tl.where(norm > 0, 1.0 / norm, 0.0)[:, None], 0)
+    return acc
+
+
+@triton.jit
+def _score_split(k_ptr, part_ptr, out_ptr, row, split, N, S, TILES, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 REVERSE: tl.constexpr):
+    """The anchor of the row from its S partials (in split order), then the cosines of a split."""
+    o_d = tl.arange(0, D)
+    a = tl.zeros([D], tl.float32)
+    for s in range(0, S):
+        a += tl.load(part_ptr + (row * S + s).to(tl.int64) * D + o_d)
+    a = a / tl.sqrt(tl.sum(a * a, 0))
+    base = k_ptr + row.to(tl.int64) * N * D
+    for i in range(0, TILES):
+        t = TILES - 1 - i if REVERSE else i
+        o_n = (split * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = o_n < N
+        k = tl.load(base + o_n.to(tl.int64)[:, None] * D + o_d[None, :], mask=m[:, None], other=0.0)
+        k = k.to(tl.float32)
+        norm = tl.sqrt(tl.sum(k * k, 1))
+        cos = tl.sum(k * a[None, :], 1) * tl.where(norm > 0, 1.0 / norm, 0.0)
+        tl.store(out_ptr + row.to(tl.int64) * N + o_n, -cos, mask=m)
+
+
+@triton.jit
+def _pass1_kernel(k_ptr, part_ptr, N, S, TILES, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    split, row = tl.program_id(0), tl.program_id(1)
+    tl.store(part_ptr + (row * S + split).to(tl.int64) * D + tl.arange(0, D),
+             _anchor_part(k_ptr, row, split, N, TILES, D, BLOCK_N))
+
+
+@triton.jit
+def _pass2_kernel(k_ptr, part_ptr, out_ptr, N, S, TILES, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    split, row = tl.program_id(0), tl.program_id(1)
+    _score_split(k_ptr, part_ptr, out_ptr, row, split, N, S, TILES, D, BLOCK_N, False)
+
+
+@triton.jit
+def _persistent_kernel(k_ptr, part_ptr, count_ptr, out_ptr, N, ROWS, S, TILES, D: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)   # S programs, all resident: one per SM
+    for row in range(0, ROWS):
+        tl.store(part_ptr + (row * S + split).to(tl.int64) * D + tl.arange(0, D),
+                 _anchor_part(k_ptr, row, split, N, TILES, D, BLOCK_N))
+        tl.atomic_add(count_ptr + row, 1, sem="release", scope="gpu")
+        while tl.atomic_add(count_ptr + row, 0, sem="acquire", scope="gpu") < S:
+            pass
+        _score_split(k_ptr, part_ptr, out_ptr, row, split, N, S, TILES, D, BLOCK_N, True)
+
+
+def geometry(n, programs, block_n):
+    tiles = triton.cdiv(n, block_n)
+    return triton.cdiv(tiles, programs)   # tiles per split
+
+
+def two_launches(keys, splits, block_n, warps):
+    b, h, n, d = keys.shape
+    rows = b * h
+    tiles = geometry(n, splits, block_n)
+    part = torch.empty(rows * splits, d, dtype=torch.float32, device=keys.device)
+    out = torch.empty(rows, n, dtype=torch.float32, device=keys.device)
+
+    def run():
+        _pass1_kernel[(splits, rows)](keys, part, n, splits, tiles, D=d, BLOCK_N=block_n, num_warps=warps)
+        _pass2_kernel[(splits, rows)](keys, part, out, n, splits, tiles, D=d, BLOCK_N=block_n, num_warps=warps)
+        return out
+    return run
+
+
+def one_pass(keys, splits, block_n, warps):
+    b, h, n, d = keys.shape
+    tiles = geometry(n, splits, block_n)
+    part = torch.empty(b * h * splits, d, dtype=torch.float32, device=keys.device)
+    return lambda: _pass1_kernel[(splits, b * h)](keys, part, n, splits, tiles, D=d, BLOCK_N=block_n,
+                                                  num_warps=warps)
+
+
+def persistent(keys, block_n, warps):
+    b, h, n, d = keys.shape
+    rows, programs = b * h, multiprocessor_count(keys.device)
+    tiles = geometry(n, programs, block_n)
+    part = torch.empty(rows * programs, d, dtype=torch.float32, device=keys.device)
+    count = torch.zeros(rows, dtype=torch.int32, device=keys.device)
+    out = torch.empty(rows, n, dtype=torch.float32, device=keys.device)
+
+    def run():
+        count.zero_()
+        _persistent_kernel[(programs,)](keys, part, count, out, n, rows, programs, tiles, D=d, BLOCK_N=block_n,
+                                        num_warps=warps)
+        return out
+    return run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, nargs="+", default=[32768, 131072, 524288])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--block", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--toy", action="store_true")
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.n, args.batch, args.heads, args.block = [300], [1], 2, [64]
+    print(f"{torch.cuda.get_device_name() if CUDA else 'cpu'}: KeyDiff-like scores, ms (graph replay, L2 flushed)")
+    for n in args.n:
+        for b in args.batch:
+            keys = torch.randn(b, args.heads, n, args.dim, device=DEVICE).bfloat16()
+            gb = keys.numel() * keys.element_size() / 1e9
+            for block_n in args.block:
+                splits = multiprocessor_count(keys.device) if CUDA else 3
+                two = two_launches(keys, splits, block_n, args.warps)
+                want = two().clone()
+                row = f"N={n:>7} B={b} K={gb:.2f} GB BLOCK_N={block_n}:"
+                if not CUDA:   # the persistent kernel spins on other programs: the interpreter runs one at a time
+                    print(row, "two launches ran (scores", tuple(want.shape), ")")
+                    continue
+                first = persistent(keys, block_n, args.warps)
+                got = first()
+                torch.cuda.synchronize()
+                same = torch.equal(got, want)
+                t_two, t_one, t_per = (graph_seconds(fn, 20) * 1e3 for fn in
+                                       (two, one_pass(keys, splits, block_n, args.warps), first))
+                print(f"{row} one pass {t_one:.3f}  two launches {t_two:.3f} ({t_two / t_one:.2f}x)  "
+                      f"persistent {t_per:.3f} ({t_per / t_one:.2f}x)  same scores: {same}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
