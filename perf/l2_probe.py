@@ -123,9 +123,9 @@ def one_pass(keys, splits, block_n, warps):
                                                   num_warps=warps)
 
 
-def persistent(keys, block_n, warps):
+def persistent(keys, block_n, warps, per_sm=1):
     b, h, n, d = keys.shape
-    rows, programs = b * h, multiprocessor_count(keys.device)
+    rows, programs = b * h, per_sm * multiprocessor_count(keys.device)
     tiles = geometry(n, programs, block_n)
     part = torch.empty(rows * programs, d, dtype=torch.float32, device=keys.device)
     count = torch.zeros(rows, dtype=torch.int32, device=keys.device)
@@ -147,6 +147,7 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--block", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--per-sm", type=int, default=1, help="persistent programs per SM (all must be resident)")
     parser.add_argument("--toy", action="store_true")
     args = parser.parse_args(argv)
     if args.toy:
@@ -164,7 +165,7 @@ def main(argv=None):
                 if not CUDA:   # the persistent kernel spins on other programs: the interpreter runs one at a time
                     print(row, "two launches ran (scores", tuple(want.shape), ")")
                     continue
-                first = persistent(keys, block_n, args.warps)
+                first = persistent(keys, block_n, args.warps, args.per_sm)
                 got = first()
                 torch.cuda.synchronize()
                 same = torch.equal(got, want)
