@@ -109,14 +109,6 @@ def keeps_logits() -> bool:
     return os.environ.get("TRITONKV_PROXY_LOGITS", "1") != "0"
 
 
-def _keeps_logits(node, n: int, w_total: int, group: int, d: int, itemsize: int) -> bool:
-    """One query per head, all the group's heads in one chunk: the statistics pass keeps the
-    logits and the score pass reads them, not K."""
-    w = proxy_window(node, n, w_total)
-    w_pad, qb = proxy_tiling(w, group, d, itemsize)
-    return w == 1 and w_pad == 1 and max(group * w_pad, qb) == qb and keeps_logits()
-
-
 def _override(name: str, default):
     value = os.environ.get(name)
     return default if value is None else int(value)
@@ -152,12 +144,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     has_proxy = bool(program.proxies)
     group = q_shape[1] // h if q_shape is not None else 1
     w_total = q_shape[2] if q_shape is not None else 0
-    # a proxy attention that keeps its logits (one query per head, all heads in one chunk: TOVA)
-    # feeds tl.dot a one-row query: its K tiles take the K-reading kernels' size, not the proxy
-    # cap (256 tokens vs 64 at D = 128: 0.875-0.969x TOVA's time on an H100, perf/results/ab)
-    logits_only = has_proxy and all(_keeps_logits(program.globals[i], n, w_total, group, d, itemsize)
-                                    for i in program.proxies)
-    block_n = block_tokens(max(d, dv), program.halo, has_proxy and not logits_only, itemsize, program.reads_cache)
+    block_n = block_tokens(max(d, dv), program.halo, has_proxy, itemsize, program.reads_cache)
     if any(isinstance(g, dsl.AnchorSimilarity) for g in program.globals):
         # the anchor pass accumulates whole [BLOCK_N, BLOCK_D] tiles: keep them at 8K floats
         block_n = max(16, min(block_n, 8192 // next_power_of_2(d)))
@@ -189,7 +176,8 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
             nch = q_rows // qb
             part, final = nch * splits * 2 * qb, 2 * q_rows
             constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"], constexprs[f"QR_{i}"] = w_pad, qb, q_rows
-            constexprs[f"LG_{i}"] = keeps = _keeps_logits(node, n, w_total, group, d, itemsize)
+            # one query per head, all in one chunk: the score pass reads the logits, not K
+            constexprs[f"LG_{i}"] = keeps = w == 1 and w_pad == 1 and nch == 1 and keeps_logits()
             if keeps:
                 logits_regions.append((i, rows * group * n))
         elif isinstance(node, dsl.Normalize):
