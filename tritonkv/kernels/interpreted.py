@@ -29,13 +29,13 @@ import triton.language as tl
 LOCK = threading.Lock()
 
 _LANGS = (tl, tl.core)
-_langs_of: Dict[int, FrozenSet[int]] = {}   # id(function) -> ids of the language modules its globals hold
+_langs_of: Dict[object, FrozenSet[int]] = {}   # function -> ids of the language modules its globals hold
 
 
 def _langs(fn) -> FrozenSet[int]:
-    langs = _langs_of.get(id(fn))
+    langs = _langs_of.get(fn)
     if langs is None:
-        langs = _langs_of.setdefault(id(fn), frozenset(
+        langs = _langs_of.setdefault(fn, frozenset(
             id(value) for value in fn.__globals__.values() if inspect.ismodule(value) and value in _LANGS))
     return langs
 
