@@ -22,11 +22,7 @@ from perf.test_evict import POLICIES, make_cache  # noqa: E402
 from perf.timing import CUDA, graph_times  # noqa: E402
 from tritonkv import compiler  # noqa: E402
 from tritonkv.budget import allocate, resolve_budget  # noqa: E402
-
-
-def launch_name(step) -> str:
-    fn = getattr(step.fn, "fn", step.fn)
-    return getattr(fn, "__name__", str(fn)).strip("_").replace("_kernel", "")
+from tritonkv.kernels.launch import kernel_name  # noqa: E402
 
 
 def prefix_us(launches, k: int, replays: int) -> float:
@@ -44,7 +40,7 @@ def breakdown(name: str, n: int, batch: int, budget: float, replays: int, bandwi
     compiler.run(call)   # compile, and the select kernel's occupancy
     launches = call.launches
     prefixes = [prefix_us(launches, i + 1, replays) for i in range(len(launches))]
-    steps = [dict(kernel=launch_name(s), grid=list(s.grid), us=t - (prefixes[i - 1] if i else 0.0))
+    steps = [dict(kernel=kernel_name(s.fn), grid=list(s.grid), us=t - (prefixes[i - 1] if i else 0.0))
              for i, (s, t) in enumerate(zip(launches, prefixes))]
     return dict(policy=name, N=n, B=batch, budget=budget, total_us=prefixes[-1],
                 k_read_floor_us=keys.numel() * keys.element_size() / bandwidth * 1e6,

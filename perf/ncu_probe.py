@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tritonkv as tkv  # noqa: E402
-from perf.test_evict import POLICIES, make_cache, make_named  # noqa: E402
+from perf.host_overhead import inputs  # noqa: E402
+from perf.test_evict import POLICIES, make_cache  # noqa: E402
 from perf.timing import sync  # noqa: E402
 
 
@@ -33,10 +34,8 @@ def main(argv=None):
         args.n, args.batch, args.calls = 256, 1, 2
     keys, values, queries = make_cache(args.batch, args.n)
     policy = POLICIES[args.policy]
-    signals, directions = make_named(policy, args.batch, args.n)
     evictor = tkv.Evictor(policy, args.budget)
-    kwargs = dict(queries=queries if policy.needs_queries else None, signals=signals or None,
-                  directions=directions or None)
+    kwargs = inputs(policy, keys, values, queries)
     for _ in range(args.calls):
         out = evictor(keys, values, **kwargs)
     sync()

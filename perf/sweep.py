@@ -11,7 +11,6 @@ the proxy-attention policies' two passes.
 
 import argparse
 import itertools
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tritonkv as tkv  # noqa: E402
+from perf.settings import switches  # noqa: E402
 from perf.test_evict import POLICIES, make_cache  # noqa: E402
 from tritonkv import compiler  # noqa: E402
 from tritonkv.geometry import clear_geometry  # noqa: E402
@@ -37,17 +37,14 @@ def sweep(name, n, blocks, warps, stages=(0,), batch=1):
     compiled = compiler.compile_policy(policy)
     row = []
     for block_n, nw, ns in itertools.product(blocks, warps, stages):
-        os.environ["TRITONKV_BLOCK_N"], os.environ["TRITONKV_WARPS"] = str(block_n), str(nw)
-        if ns:
-            os.environ["TRITONKV_STAGES"] = str(ns)
-        clear_geometry()
-        try:
-            row.append((block_n, nw, ns, bench(lambda: compiler.score(compiled, keys, values, q, 0))))
-        except Exception as e:  # out of resources etc.
-            row.append((block_n, nw, ns, float("nan")))
-            print(f"  {name} BLOCK_N={block_n} warps={nw} stages={ns}: {type(e).__name__}", file=sys.stderr)
-        os.environ.pop("TRITONKV_STAGES", None)
-    del os.environ["TRITONKV_BLOCK_N"], os.environ["TRITONKV_WARPS"]
+        setting = {"TRITONKV_BLOCK_N": str(block_n), "TRITONKV_WARPS": str(nw)}
+        with switches(setting | ({"TRITONKV_STAGES": str(ns)} if ns else {})):
+            clear_geometry()
+            try:
+                row.append((block_n, nw, ns, bench(lambda: compiler.score(compiled, keys, values, q, 0))))
+            except Exception as e:  # out of resources etc.
+                row.append((block_n, nw, ns, float("nan")))
+                print(f"  {name} BLOCK_N={block_n} warps={nw} stages={ns}: {type(e).__name__}", file=sys.stderr)
     clear_geometry()
     best = min(row, key=lambda r: r[3] if r[3] == r[3] else 1e9)
     print(f"{name:<14}{n:>8} B={batch}  " + "  ".join(f"{b}/{w}/{s}:{t:.3f}" for b, w, s, t in row)

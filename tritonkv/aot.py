@@ -32,6 +32,7 @@ from .integrations.decode_scores import (POSITIONS, accumulation_ranked, accumul
                                          decode_scored)
 from .kernels.attention_signal import attention_signal_launch
 from .kernels.decode import decode_launches
+from .kernels.launch import kernel_name
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
 from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
@@ -137,7 +138,7 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
         if index in program.moment_slots:
             passes.append(moments_launch(priorities, workspace, 0, index, batch * heads, n, 8, 4))
         for fn, _, dargs, dconst in passes:
-            record(fn.fn.__name__.strip("_").replace("_kernel", ""), fn, dargs, dconst, DEFERRED_WARPS)
+            record(kernel_name(fn), fn, dargs, dconst, DEFERRED_WARPS)
         if slot.transformed:
             _, targs, tconst = transform_launch(priorities, index, batch, heads, n, slot.chunk, slot.chunk_reduce,
                                                 slot.head_reduce)
@@ -193,7 +194,7 @@ def build_decode(*, batch=2, heads=8, n=4096, d=128, dv=None, group=4, dtype=tor
         q, k, v, hq = query[:rows, :kv * group], keys[:rows, :kv], values[:rows, :kv], kv * group
         for scores in (None, (logits[:rows, :hq], lse[:rows, :hq])):
             launches, _ = decode_launches(q, k, v, start[:rows], length, d ** -0.5, scores)
-            built += [build_checked("(decode)", fn.fn.__name__.strip("_").replace("_kernel", "")
+            built += [build_checked("(decode)", kernel_name(fn)
                                     + ("+scores" if scores else "") + (" 1 split" if len(launches) == 1 else ""),
                                     config, fn, args, constexprs, warps, target)
                       for fn, _, args, constexprs, warps in launches]

@@ -123,6 +123,12 @@ def _launcher(fn) -> Launcher:
     return launcher
 
 
+def kernel_name(fn) -> str:
+    """A kernel's short name for reports: ``_decode_split_kernel`` -> ``decode_split``."""
+    fn = getattr(fn, "fn", fn)
+    return getattr(fn, "__name__", str(fn)).strip("_").replace("_kernel", "")
+
+
 def launch(fn, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
     """Launch ``fn`` (a @triton.jit kernel) on ``grid``; returns the compiled kernel. Every
     kernel launch of tritonkv goes through here (planned GPU calls replay kernels this
