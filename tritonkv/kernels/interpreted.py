@@ -19,6 +19,7 @@ Triton's own path. Results are unchanged (tests/test_kernels.py compares both wa
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 from typing import Dict, FrozenSet
@@ -40,6 +41,7 @@ def _langs(fn) -> FrozenSet[int]:
     return langs
 
 
+@functools.lru_cache(maxsize=None)
 def _fast_helpers_supported() -> bool:
     """The helper fast path replaces InterpretedFunction.__call__, whose body it repeats:
     only on the Triton it was written against (requirements pin it)."""
