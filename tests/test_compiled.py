@@ -375,3 +375,24 @@ def test_selection_is_per_head_otherwise():
                    tkv.top(tkv.key_norm(), head_reduce="mean") | tkv.top(tkv.value_norm()),
                    tkv.top(tkv.key_norm(), head_reduce="mean") | tkv.sample(tkv.key_norm())):
         assert not shared_selection(compile_policy(lower(policy, allocate(policy, 100, 30))[0]).program), policy
+
+
+def test_a_score_pass_of_kept_logits_runs_its_own_programs():
+    """A score kernel that reads no K or V (TOVA's: the kept logits and row statistics) runs its
+    own programs per row (geometry.score_splits: 5 off the GPU, against the statistics pass's
+    3); one that reads the cache (SnapKV, KeyDiff) runs the statistics pass's. The kept sets
+    stay the reference's."""
+    from tritonkv.compiler import compile_policy, prepare
+    g = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(2, 2, 1500, 64, generator=g), torch.randn(2, 2, 1500, 64, generator=g)
+    queries = torch.randn(2, 4, 32, 64, generator=g)
+    for name, own in (("tova", True), ("snapkv", False), ("keydiff", False)):
+        policy = preset(name)
+        assert compare(keys, values, queries, policy, 0.2)
+        lowered, alloc = lower(policy, allocate(policy, 1500, resolve_budget(0.2, 1500)))
+        call = prepare(compile_policy(lowered), alloc, *to_device(keys, values, queries), 0, (), True)
+        grids = {getattr(launch.fn, "fn", launch.fn).__name__: launch.grid for launch in call.launches}
+        if DEVICE == "cpu":
+            assert (grids["score"][0], grids["stats_0"][0]) == ((5, 3) if own else (3, 3)), (name, grids)
+        else:
+            assert (grids["score"][0] >= grids["stats_0"][0]) if own else (grids["score"] == grids["stats_0"][:2])

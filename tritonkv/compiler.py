@@ -250,7 +250,13 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
         out.append(Launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, geo.constexprs,
                           geo.num_warps, geo.num_stages, SEED_ARG))
         out.append(Launch(compiled.kernel(f"merge_{level}"), (geo.rows, nch), args, geo.constexprs, 4, None, SEED_ARG))
-    out.append(Launch(compiled.kernel("score"), (geo.splits, geo.rows), args, geo.constexprs, geo.num_warps,
+    score, score_args, score_splits = compiled.kernel("score"), args, geo.splits
+    if geo.score_tiling is not None:   # a score kernel that reads no K / V: its own programs per row
+        score_splits, tiles = geo.score_tiling
+        score_args = list(args)
+        score_args[score.arg_names.index("S")] = score_splits
+        score_args[score.arg_names.index("tiles_per_prog")] = tiles
+    out.append(Launch(score, (score_splits, geo.rows), score_args, geo.constexprs, geo.num_warps,
                       geo.num_stages, SEED_ARG))
     b, h, n = shape
     program = compiled.program

@@ -92,6 +92,8 @@ class Geometry:
     deferred_tiling: Tuple[int, int] = (1, 1)   # (programs per row, tiles per program) of those passes
     moments: Tuple[int, ...] = ()   # workspace offset of each Program.moment_slots slot's moment partials
     partials: int = 0               # float32 elements of statistics partials, from ``workspace`` on
+    score_tiling: Optional[Tuple[int, int]] = None   # the score kernel's (programs per row, tiles per
+    # program) where they differ from the statistics passes' (score_splits)
 
     def ranking_numel(self, slots: int) -> int:
         """float32 elements of the ranking scratch with ``slots`` elements of slots."""
@@ -107,6 +109,39 @@ def keeps_logits() -> bool:
     """Whether a one-query proxy attention keeps its statistics pass's logits for the score pass
     (``TRITONKV_PROXY_LOGITS=0``: both passes read K, for A/B timing)."""
     return os.environ.get("TRITONKV_PROXY_LOGITS", "1") != "0"
+
+
+def _keeps_logits(node, n: int, w_total: int, group: int, d: int, itemsize: int) -> bool:
+    """One query per head, all the group's heads in one chunk: the statistics pass keeps the
+    logits and the score pass reads them, not K."""
+    w = proxy_window(node, n, w_total)
+    w_pad, qb = proxy_tiling(w, group, d, itemsize)
+    return w == 1 and w_pad == 1 and max(group * w_pad, qb) == qb and keeps_logits()
+
+
+def score_splits(rows: int, n_tiles: int, device: torch.device) -> int:
+    """Programs per row for a score kernel that reads no K or V (only kept logits and row
+    statistics: TOVA): a few bytes per token and head each, so it needs many programs in flight
+    to hide its loads' latency. 16 per multiprocessor over all rows (two waves of 8 programs of
+    8 warps; ``TRITONKV_SCORE_PROGRAMS_PER_SM`` overrides it, 0 keeps the statistics passes'
+    programs); 5 off the GPU, so that tests run a count other than the statistics passes' 3."""
+    if interpreting() or device.type != "cuda":
+        return min(n_tiles, 5)
+    per_sm = _override("TRITONKV_SCORE_PROGRAMS_PER_SM", 16)
+    return max(1, min(n_tiles, cdiv(per_sm * multiprocessor_count(device), rows))) if per_sm else 0
+
+
+def _score_reads_cache(program: Program, constexprs: Dict) -> bool:
+    """Whether the score kernel loads K or V tiles: every proxy attention in a slot keeps its
+    logits (LG) and no other node reads the cache, or not."""
+    for slot in program.slots:
+        for node in dsl.walk(slot.stored):
+            if isinstance(node, dsl.ProxyAttention):
+                if not constexprs.get(f"LG_{program.globals.index(node)}", False):
+                    return True
+            elif isinstance(node, (dsl.AnchorSimilarity, dsl.KeyNorm, dsl.KeyDot, dsl.ValueNorm)):
+                return True
+    return False
 
 
 def _override(name: str, default):
@@ -144,7 +179,14 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     has_proxy = bool(program.proxies)
     group = q_shape[1] // h if q_shape is not None else 1
     w_total = q_shape[2] if q_shape is not None else 0
-    block_n = block_tokens(max(d, dv), program.halo, has_proxy, itemsize, program.reads_cache)
+    # a proxy attention that keeps its logits (one query per head, all heads in one chunk: TOVA)
+    # feeds tl.dot a one-row query: its K tiles take the K-reading kernels' size, not the proxy
+    # cap (256 tokens vs 64 at D = 128, bf16: 0.875-0.969x TOVA's time on an H100, perf/results/ab)
+    logits_only = has_proxy and all(_keeps_logits(program.globals[i], n, w_total, group, d, itemsize)
+                                    for i in program.proxies)
+    block_n = block_tokens(max(d, dv), program.halo, has_proxy and not logits_only, itemsize, program.reads_cache)
+    if logits_only:   # a key block of 64 KB at most (shared memory holds a few in flight)
+        block_n = max(16, min(block_n, 65536 // (next_power_of_2(d) * itemsize)))
     if any(isinstance(g, dsl.AnchorSimilarity) for g in program.globals):
         # the anchor pass accumulates whole [BLOCK_N, BLOCK_D] tiles: keep them at 8K floats
         block_n = max(16, min(block_n, 8192 // next_power_of_2(d)))
@@ -176,8 +218,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
             nch = q_rows // qb
             part, final = nch * splits * 2 * qb, 2 * q_rows
             constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"], constexprs[f"QR_{i}"] = w_pad, qb, q_rows
-            # one query per head, all in one chunk: the score pass reads the logits, not K
-            constexprs[f"LG_{i}"] = keeps = w == 1 and w_pad == 1 and nch == 1 and keeps_logits()
+            constexprs[f"LG_{i}"] = keeps = _keeps_logits(node, n, w_total, group, d, itemsize)
             if keeps:
                 logits_regions.append((i, rows * group * n))
         elif isinstance(node, dsl.Normalize):
@@ -206,6 +247,12 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     per_global = [v for part, final, window in placed for v in [workspace + part, final, *window]]
     warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
     stages = os.environ.get("TRITONKV_STAGES")
+    score_tiling = None
+    if fixed_splits is None and page == 0 and program.slots and not _score_reads_cache(program, constexprs):
+        programs = score_splits(rows, n_tiles, device)
+        if programs:
+            tiles = cdiv(n_tiles, programs)
+            score_tiling = (cdiv(n_tiles, tiles), tiles)
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
                     workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
-                    partials)
+                    partials, score_tiling)
