@@ -67,32 +67,33 @@ def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2, reads_ca
 
 
 def stats_splits(rows: int, n_tiles: int, device: torch.device) -> int:
-    """Programs per row for a statistics pass: enough to fill the GPU a few times over (4 per
-    multiprocessor over all rows; ``TRITONKV_SPLITS_PER_SM`` overrides the 4, for tuning), balanced
-    over the multiprocessors (``balanced_splits``; ``TRITONKV_SPLITS_BALANCE=0``: the plain
-    ceiling, for A/B timing)."""
+    """Programs per row for a statistics pass: about a wave of 4 per multiprocessor over all rows
+    (``TRITONKV_SPLITS_PER_SM`` overrides the 4, for tuning), chosen by ``balanced_splits``
+    (``TRITONKV_SPLITS_BALANCE=0``: the plain ceiling of before, for A/B timing)."""
     if interpreting() or device.type != "cuda":
         return min(n_tiles, 3)  # more than one, so partial merging is always exercised
-    sms = multiprocessor_count(device)
-    target = _override("TRITONKV_SPLITS_PER_SM", 4) * sms
+    wave = _override("TRITONKV_SPLITS_PER_SM", 4) * multiprocessor_count(device)
     if not _override("TRITONKV_SPLITS_BALANCE", 1):
-        return max(1, min(n_tiles, cdiv(target, rows)))
-    return balanced_splits(rows, n_tiles, target, sms)
+        return max(1, min(n_tiles, cdiv(wave, rows)))
+    return balanced_splits(rows, n_tiles, wave)
 
 
-def balanced_splits(rows: int, n_tiles: int, target: int, sms: int) -> int:
-    """Programs per row, between ``target // rows`` and twice ``cdiv(target, rows)``, that make the
-    busiest multiprocessor's share of tiles smallest: ``cdiv(rows * s, sms) * cdiv(n_tiles, s)``
-    (the fewest programs on a tie). The plain ceiling can overshoot a multiple of ``sms`` by a few
-    programs, so some multiprocessors run one program more than the rest: 544 programs of 31
-    tiles at B = 4, H_kv = 8 on 132 multiprocessors is a busiest share of 5 x 31 = 155 tiles
-    against 4 x 32 = 128 for 16 programs per row."""
-    low = max(1, min(n_tiles, target // rows))
-    high = max(low, min(n_tiles, 2 * cdiv(target, rows)))
+def balanced_splits(rows: int, n_tiles: int, wave: int) -> int:
+    """Programs per row, from ``wave // rows`` to twice ``cdiv(wave, rows)``, that make
+    ``waves x tiles per program`` smallest (the fewest programs on a tie), where a wave is
+    ``wave`` programs over all rows and a wave begun costs a whole one.
+
+    The plain ceiling ``cdiv(wave, rows)`` can overshoot a wave by a few programs that then run
+    as a tail: at B = 4, H_kv = 8 on 132 multiprocessors it gave 17 programs of 121 tiles per
+    row (544 programs against 528), where this gives 33 of 63 (two full waves). KeyDiff and
+    SnapKV ran 0.84-0.90x their graph time at B = 4 (128K, 512K; 10%, 50%) and no measured case
+    got slower (H100, perf/results/ab/balance-ab-abaebe4-H100.json)."""
+    low = max(1, min(n_tiles, wave // rows))
+    high = max(low, min(n_tiles, 2 * cdiv(wave, rows)))
 
     def cost(s: int):
         tiles = cdiv(n_tiles, s)
-        return cdiv(rows * cdiv(n_tiles, tiles), sms) * tiles, s   # the programs that really run
+        return cdiv(rows * cdiv(n_tiles, tiles), wave) * tiles, s   # the programs that really run
 
     return min(range(low, high + 1), key=cost)
 
