@@ -384,12 +384,13 @@ def test_a_score_pass_of_kept_logits_runs_its_own_programs():
     stay the reference's."""
     from tritonkv.compiler import compile_policy, prepare
     g = torch.Generator().manual_seed(5)
-    keys, values = torch.randn(2, 2, 1500, 64, generator=g), torch.randn(2, 2, 1500, 64, generator=g)
+    # 2560 tokens: TOVA's 10 tiles of 256 split 5 ways, the others' 40 tiles of 64 three ways
+    keys, values = torch.randn(2, 2, 2560, 64, generator=g), torch.randn(2, 2, 2560, 64, generator=g)
     queries = torch.randn(2, 4, 32, 64, generator=g)
     for name, own in (("tova", True), ("snapkv", False), ("keydiff", False)):
         policy = preset(name)
         assert compare(keys, values, queries, policy, 0.2)
-        lowered, alloc = lower(policy, allocate(policy, 1500, resolve_budget(0.2, 1500)))
+        lowered, alloc = lower(policy, allocate(policy, 2560, resolve_budget(0.2, 2560)))
         call = prepare(compile_policy(lowered), alloc, *to_device(keys, values, queries), 0, (), True)
         grids = {getattr(launch.fn, "fn", launch.fn).__name__: launch.grid for launch in call.launches}
         if DEVICE == "cpu":

@@ -85,9 +85,11 @@ def balanced_splits(rows: int, n_tiles: int, wave: int) -> int:
 
     The plain ceiling ``cdiv(wave, rows)`` can overshoot a wave by a few programs that then run
     as a tail: at B = 4, H_kv = 8 on 132 multiprocessors it gave 17 programs of 121 tiles per
-    row (544 programs against 528), where this gives 33 of 63 (two full waves). KeyDiff and
-    SnapKV ran 0.84-0.90x their graph time at B = 4 (128K, 512K; 10%, 50%) and no measured case
-    got slower (H100, perf/results/ab/balance-ab-abaebe4-H100.json)."""
+    row (544 programs against 528), where this gives 33 of 63 (two full waves): KeyDiff and
+    SnapKV ran 0.84-0.90x their graph time at B = 4 (128K, 512K; 10%, 50%), TOVA and KNorm
+    0.999-1.020x (H100, perf/results/ab/balance-ab-abaebe4-H100.json). At B = 1 this keeps the
+    ceiling's 64 programs of 32 tiles, one wave; a rule that evened out the busiest
+    multiprocessor's tiles instead took 82 and ran KeyDiff 1.03-1.12x slower there."""
     low = max(1, min(n_tiles, wave // rows))
     high = max(low, min(n_tiles, 2 * cdiv(wave, rows)))
 
