@@ -2,8 +2,9 @@
 
     python -m tritonkv.aot            # every preset and composite, for Hopper (sm_90)
 
-The arguments are the ones evict() would launch with, built on meta tensors, so what is
-compiled is exactly what runs. CI uses this to prove every generated kernel still builds
+The arguments are the ones evict() would launch with, built on meta tensors and specialized
+by Triton's own binder (``specialized``), so what is compiled is exactly what runs: the same
+vectorized, software-pipelined loads and the same shared memory. CI uses this to prove every generated kernel still builds
 for sm_90. Must run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled).
 """
 
@@ -18,7 +19,8 @@ from typing import Dict, List
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from . import dsl, policies
 from .budget import allocate
@@ -45,22 +47,22 @@ _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
           torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
 
 
-def signature(fn, args, constexprs) -> Dict[str, str]:
+def specialized(fn, args, constexprs, num_warps: int, target=HOPPER):
+    """(ASTSource, options) of ``fn`` as Triton's JIT would build it for these arguments on
+    ``target``: its own binder specializes them (pointers 16-byte aligned, ints divisible by 16
+    or equal to 1, unless the kernel says otherwise) and those attributes decide, among other
+    things, whether loads are vectorized and software-pipelined through shared memory (a
+    plain signature compiles neither, so its shared memory and instructions are not the
+    ones that run). Meta tensors count as aligned, as fresh CUDA allocations are."""
     runtime = [p.name for p in fn.params if not p.is_constexpr]
     if len(runtime) != len(args):
         raise ValueError(f"{fn.__name__}: {len(args)} arguments for {len(runtime)} parameters")
-    sig = {}
-    for name, value in zip(runtime, args):
-        if isinstance(value, torch.Tensor):
-            sig[name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            sig[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-        else:
-            sig[name] = "fp32"
-    sig.update({name: "constexpr" for name in constexprs})
-    return sig
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(num_warps=num_warps)
+    bound, specialization, options = binder(*args, **constexprs, **kwargs)
+    options, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(fn, sig, consts, attrs), options.__dict__
 
 
 @dataclass
@@ -72,11 +74,12 @@ class Built:
     shared_bytes: int
     ptx_lines: int
     wgmma: int = 0   # Hopper tensor-core instructions (wgmma.mma_async) in the PTX
+    async_copies: int = 0   # cp.async instructions: loads software-pipelined through shared memory
 
 
 def build(fn, args, constexprs, num_warps: int, target=HOPPER):
-    source = ASTSource(fn=fn, signature=signature(fn, args, constexprs), constexprs=constexprs)
-    return triton.compile(source, target=target, options={"num_warps": num_warps})
+    source, options = specialized(fn, args, constexprs, num_warps, target)
+    return triton.compile(source, target=target, options=options)
 
 
 def build_checked(policy: str, kernel: str, config: str, fn, args, constexprs, num_warps: int,
@@ -89,7 +92,7 @@ def build_checked(policy: str, kernel: str, config: str, fn, args, constexprs, n
                          f"more than sm_90's {HOPPER_SHARED_LIMIT}")
     ptx = c.asm["ptx"]
     return Built(policy, kernel, config, time.perf_counter() - start, c.metadata.shared, ptx.count("\n"),
-                 ptx.count("wgmma.mma_async"))
+                 ptx.count("wgmma.mma_async"), ptx.count("cp.async."))
 
 
 def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=128, dv=None, group=4,
@@ -267,10 +270,11 @@ def main(argv=None) -> int:
                 built += build_policy(name, policy, **cfg)
             except Exception as e:  # report every failure, then fail
                 failures.append((name, cfg, e))
-    print(f"{'policy':<16}{'kernel':<15}{'config':<34}{'s':>6}{'smem B':>8}{'ptx lines':>10}{'wgmma':>7}")
+    print(f"{'policy':<16}{'kernel':<15}{'config':<34}{'s':>6}{'smem B':>8}{'ptx lines':>10}{'wgmma':>7}"
+          f"{'cp.async':>9}")
     for b in built:
         print(f"{b.policy:<16}{b.kernel:<15}{b.config:<34}{b.seconds:>6.2f}{b.shared_bytes:>8}{b.ptx_lines:>10}"
-              f"{b.wgmma:>7}")
+              f"{b.wgmma:>7}{b.async_copies:>9}")
     for name, cfg, e in failures:
         print(f"FAILED {name} {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"{len(built)} kernels compiled for sm_{HOPPER.arch}, {len(failures)} failures")
