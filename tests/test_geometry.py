@@ -36,3 +36,18 @@ def test_balanced_splits_fill_whole_waves_on_an_h100():
     assert _running(8, 2048, balanced_splits(8, 2048, wave)) == (8 * 64, 32)
     # more rows than a wave: one program per row
     assert balanced_splits(4096, 512, wave) == 1
+
+
+def test_loop_stages_pipeline_only_the_loops_triton_leaves_alone(monkeypatch):
+    """geometry.loop_stages: None (Triton's default: the generated kernels compile exactly as a
+    plain ``range`` loop) unless ``TRITONKV_LOOP_STAGES`` asks for more; a proxy attention's
+    loops keep Triton's own pipelining; at most 64 KB of tiles in flight."""
+    from tritonkv.geometry import loop_stages
+    assert loop_stages(False, 16384) is None and loop_stages(True, 16384) is None
+    monkeypatch.setenv("TRITONKV_LOOP_STAGES", "3")
+    assert loop_stages(True, 16384) is None
+    assert loop_stages(False, 16384) == 3          # KeyDiff's [64, 128] bf16 tiles: two in flight
+    assert loop_stages(False, 65536) == 2          # KNorm's [256, 128] bf16 tiles: one
+    assert loop_stages(False, 131072) is None      # float32 [128, 256]: none fits
+    monkeypatch.setenv("TRITONKV_LOOP_STAGES", "1")
+    assert loop_stages(False, 16384) is None

@@ -31,7 +31,9 @@ RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_n
 POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr", "sq_ptr")
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
-CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE")
+CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES")
+# the tile loops: STAGES-deep software pipelining of their loads, None for Triton's default (geometry.loop_stages)
+TILE_LOOP = "    for it in tl.range(0, tiles_per_prog, num_stages=STAGES):"
 
 
 def is_global(node: dsl.Score) -> bool:
@@ -382,7 +384,7 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
             update.append(f"sm_m_{gi}, sm_l_{gi} = softmax_tile(sm_m_{gi}, sm_l_{gi}, {x}, {node.temperature!r}, m_val)")
             store.append(f"    softmax_store(ws_ptr, po_{gi}, i_row, i_s, S, sm_m_{gi}, sm_l_{gi}, i_c == 0)")
     tile = [TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO")]
-    lines = prologue + init + ["    for it in range(0, tiles_per_prog):"] + tile + body \
+    lines = prologue + init + [TILE_LOOP] + tile + body \
         + [" " * 8 + u for u in update] + store
     return _kernel(f"stats_{level}", program_globals, names, lines)
 
@@ -409,7 +411,7 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
     # (z_numel int32 at z_ptr), which saves a memset launch per evict call
     prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE,
                 "    zero_fill(z_ptr, z_numel, i_row * S + i_s, S * rows)"]
-    body: List[str] = ["    for it in range(0, tiles_per_prog):"]
+    body: List[str] = [TILE_LOOP]
     emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
     body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
     for index, slot in enumerate(slots):

@@ -169,6 +169,21 @@ def _score_reads_cache(program: Program, constexprs: Dict) -> bool:
     return False
 
 
+def loop_stages(has_proxy: bool, tile_bytes: int) -> Optional[int]:
+    """Software-pipelining depth of the generated kernels' tile loops (``tl.range(...,
+    num_stages=STAGES)``); None: Triton's default, which pipelines a loop's loads through shared
+    memory (cp.async) only where they feed tl.dot (a proxy attention's passes, at the kernel's
+    num_stages). The loops of the other K-reading passes (KeyDiff's anchor and cosines, norms,
+    key_dot) load K with no dot, so each load waits for HBM and only occupancy hides that.
+    ``TRITONKV_LOOP_STAGES=S`` (S >= 2; for A/B timing) pipelines those S deep, with at most
+    64 KB of tiles in flight (S - 1 buffers of ``tile_bytes``); proxy attention keeps its own."""
+    requested = _override("TRITONKV_LOOP_STAGES", 0)
+    if has_proxy or requested < 2:
+        return None
+    stages = min(requested, 1 + 65536 // max(tile_bytes, 1))
+    return stages if stages >= 2 else None
+
+
 def _override(name: str, default):
     value = os.environ.get(name)
     return default if value is None else int(value)
@@ -228,7 +243,8 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
-                      IEEE=ieee_products(dtype))
+                      IEEE=ieee_products(dtype),
+                      STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
     offset = partials = 0
     chunks = {}
