@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from . import dsl, policies
+from . import cubin, dsl, policies
 from .budget import allocate
 from .compiler import Layout, compile_policy, launch_args, shared_selection
 from .kernels.pages import compact_launch
@@ -34,6 +34,7 @@ from .integrations.decode_scores import (POSITIONS, accumulation_ranked, accumul
                                          decode_scored)
 from .kernels.attention_signal import attention_signal_launch
 from .kernels.decode import decode_launches
+from .kernels.common import blocks_per_sm
 from .kernels.launch import kernel_name
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
@@ -75,6 +76,8 @@ class Built:
     ptx_lines: int
     wgmma: int = 0   # Hopper tensor-core instructions (wgmma.mma_async) in the PTX
     async_copies: int = 0   # cp.async instructions: loads software-pipelined through shared memory
+    registers: int = 0      # per thread (the cubin's EIATTR_REGCOUNT)
+    per_sm: int = 0         # programs that fit on one multiprocessor (kernels.common.blocks_per_sm)
 
 
 def build(fn, args, constexprs, num_warps: int, target=HOPPER):
@@ -91,8 +94,10 @@ def build_checked(policy: str, kernel: str, config: str, fn, args, constexprs, n
         raise ValueError(f"{kernel} ({config}) needs {c.metadata.shared} B of shared memory, "
                          f"more than sm_90's {HOPPER_SHARED_LIMIT}")
     ptx = c.asm["ptx"]
+    regs = max(cubin.registers(c.asm["cubin"]).values(), default=0)
     return Built(policy, kernel, config, time.perf_counter() - start, c.metadata.shared, ptx.count("\n"),
-                 ptx.count("wgmma.mma_async"), ptx.count("cp.async."))
+                 ptx.count("wgmma.mma_async"), ptx.count("cp.async."), regs,
+                 blocks_per_sm(regs, c.metadata.shared, num_warps) if regs else 0)
 
 
 def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=128, dv=None, group=4,
@@ -271,10 +276,10 @@ def main(argv=None) -> int:
             except Exception as e:  # report every failure, then fail
                 failures.append((name, cfg, e))
     print(f"{'policy':<16}{'kernel':<15}{'config':<34}{'s':>6}{'smem B':>8}{'ptx lines':>10}{'wgmma':>7}"
-          f"{'cp.async':>9}")
+          f"{'cp.async':>9}{'regs':>6}{'per SM':>7}")
     for b in built:
         print(f"{b.policy:<16}{b.kernel:<15}{b.config:<34}{b.seconds:>6.2f}{b.shared_bytes:>8}{b.ptx_lines:>10}"
-              f"{b.wgmma:>7}{b.async_copies:>9}")
+              f"{b.wgmma:>7}{b.async_copies:>9}{b.registers:>6}{b.per_sm:>7}")
     for name, cfg, e in failures:
         print(f"FAILED {name} {cfg}: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"{len(built)} kernels compiled for sm_{HOPPER.arch}, {len(failures)} failures")

@@ -62,9 +62,16 @@ def record_occupancy(kernel, compiled, num_warps: int, constexprs) -> None:
         regs, shared = int(compiled.n_regs), int(compiled.metadata.shared)
     except (AttributeError, TypeError):
         return
-    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    _BLOCKS_PER_SM[key] = blocks_per_sm(regs, shared, num_warps)
+
+
+def blocks_per_sm(registers: int, shared: int, num_warps: int) -> int:
+    """Programs of a kernel that fit on one Hopper multiprocessor at once: registers are given
+    out per warp in units of 256 (64K per SM), shared memory per program plus 1 KB the driver
+    reserves (228 KB per SM), at most 64 warps and 32 programs."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
     per_sm = min(32, 64 // num_warps, 65536 // (regs_per_warp * num_warps), 233472 // (shared + 1024))
-    _BLOCKS_PER_SM[key] = max(1, per_sm)
+    return max(1, per_sm)
 
 
 def check_float32(name: str, t, shape, device) -> None:
