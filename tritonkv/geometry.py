@@ -130,18 +130,18 @@ class Geometry:
         return tuple(where.get(k.slot, 0) if k.normalized else 0 for k in program.clause_keys)
 
 
-def keeps_logits() -> bool:
-    """Whether a one-query proxy attention keeps its statistics pass's logits for the score pass
-    (``TRITONKV_PROXY_LOGITS=0``: both passes read K, for A/B timing)."""
+def _logits_allowed() -> bool:
+    """Whether a one-query proxy attention may keep its statistics pass's logits for the score
+    pass (``TRITONKV_PROXY_LOGITS=0``: both passes read K, for A/B timing)."""
     return os.environ.get("TRITONKV_PROXY_LOGITS", "1") != "0"
 
 
-def _keeps_logits(node, n: int, w_total: int, group: int, d: int, itemsize: int) -> bool:
+def keeps_logits(node, n: int, w_total: int, group: int, d: int, itemsize: int) -> bool:
     """One query per head, all the group's heads in one chunk: the statistics pass keeps the
     logits and the score pass reads them, not K."""
     w = proxy_window(node, n, w_total)
     w_pad, qb = proxy_tiling(w, group, d, itemsize)
-    return w == 1 and w_pad == 1 and max(group * w_pad, qb) == qb and keeps_logits()
+    return w == 1 and w_pad == 1 and max(group * w_pad, qb) == qb and _logits_allowed()
 
 
 def score_splits(rows: int, n_tiles: int, device: torch.device) -> int:
@@ -222,7 +222,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     # a proxy attention that keeps its logits (one query per head, all heads in one chunk: TOVA)
     # feeds tl.dot a one-row query: its K tiles take the K-reading kernels' size, not the proxy
     # cap (256 tokens vs 64 at D = 128, bf16: 0.875-0.969x TOVA's time on an H100, perf/results/ab)
-    logits_only = has_proxy and all(_keeps_logits(program.globals[i], n, w_total, group, d, itemsize)
+    logits_only = has_proxy and all(keeps_logits(program.globals[i], n, w_total, group, d, itemsize)
                                     for i in program.proxies)
     block_n = block_tokens(max(d, dv), program.halo, has_proxy and not logits_only, itemsize, program.reads_cache)
     if logits_only:   # a key block of 64 KB at most (shared memory holds a few in flight)
@@ -259,7 +259,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
             nch = q_rows // qb
             part, final = nch * splits * 2 * qb, 2 * q_rows
             constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"], constexprs[f"QR_{i}"] = w_pad, qb, q_rows
-            constexprs[f"LG_{i}"] = keeps = _keeps_logits(node, n, w_total, group, d, itemsize)
+            constexprs[f"LG_{i}"] = keeps = keeps_logits(node, n, w_total, group, d, itemsize)
             if keeps:
                 logits_regions.append((i, rows * group * n))
         elif isinstance(node, dsl.Normalize):
