@@ -4,8 +4,8 @@
 
 The arguments are the ones evict() would launch with, built on meta tensors and specialized
 by Triton's own binder (``specialized``), so what is compiled is exactly what runs: the same
-vectorized, software-pipelined loads and the same shared memory. CI uses this to prove every generated kernel still builds
-for sm_90. Must run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled).
+vectorized, software-pipelined loads and the same shared memory. CI uses this to prove every
+generated kernel still builds for sm_90. Must run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled).
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_lau
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_LIMIT = 232448   # bytes of shared memory one block may use on sm_90
 PAGE = 16                      # tokens per page of the paged variants (vLLM's default block size)
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-          torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
 
 
 def specialized(fn, args, constexprs, num_warps: int, target=HOPPER):

@@ -23,7 +23,7 @@ import torch
 
 from . import dsl
 from .codegen import Program, qk_scale
-from .kernels.common import cdiv, ieee_products, interpreting, multiprocessor_count, next_power_of_2
+from .kernels.common import cdiv, even_tiling, ieee_products, interpreting, multiprocessor_count, next_power_of_2
 from .kernels.deferred import deferred_tiling
 from .reference import proxy_window
 
@@ -94,8 +94,8 @@ def balanced_splits(rows: int, n_tiles: int, wave: int) -> int:
     high = max(low, min(n_tiles, 2 * cdiv(wave, rows)))
 
     def cost(s: int):
-        tiles = cdiv(n_tiles, s)
-        return cdiv(rows * cdiv(n_tiles, tiles), wave) * tiles, s   # the programs that really run
+        programs, tiles = even_tiling(n_tiles, s)   # the programs that really run
+        return cdiv(rows * programs, wave) * tiles, s
 
     return min(range(low, high + 1), key=cost)
 
@@ -235,9 +235,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_n = _override("TRITONKV_BLOCK_N", block_n)
     n_tiles = cdiv(n, block_n - 2 * program.halo)
     if fixed_splits is None:
-        splits = stats_splits(rows, n_tiles, device)
-        tiles_per_prog = cdiv(n_tiles, splits)
-        splits = cdiv(n_tiles, tiles_per_prog)
+        splits, tiles_per_prog = even_tiling(n_tiles, stats_splits(rows, n_tiles, device))
     else:
         splits, tiles_per_prog = fixed_splits, cdiv(n_tiles, fixed_splits)
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
@@ -292,8 +290,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     if fixed_splits is None and page == 0 and program.slots and not _score_reads_cache(program, constexprs):
         programs = score_splits(rows, n_tiles, device)
         if programs:
-            tiles = cdiv(n_tiles, programs)
-            score_tiling = (cdiv(n_tiles, tiles), tiles)
+            score_tiling = even_tiling(n_tiles, programs)
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
                     workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
                     partials, score_tiling)

@@ -88,5 +88,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def even_tiling(n_tiles: int, programs: int):
+    """(programs, tiles per program) that cover ``n_tiles`` tiles with at most ``programs``
+    programs of equal tile counts: the programs that really run, none of them empty."""
+    tiles = cdiv(n_tiles, programs)
+    return cdiv(n_tiles, tiles), tiles
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import cdiv
+from .common import cdiv, even_tiling
 from .primitives import standardize
 from .stats import moments_of_partials, moments_tile
 
@@ -58,9 +58,7 @@ def deferred_tiling(n: int, splits_for) -> tuple:
     """(programs per row, tiles per program) over N tokens in DEFERRED_BLOCK tiles;
     ``splits_for(n_tiles)`` is the programs-per-row rule of the statistics passes."""
     n_tiles = cdiv(n, DEFERRED_BLOCK)
-    splits = splits_for(n_tiles)
-    tiles = cdiv(n_tiles, splits)
-    return cdiv(n_tiles, tiles), tiles
+    return even_tiling(n_tiles, splits_for(n_tiles))
 
 
 def moments_launch(priorities, workspace, part: int, slot: int, rows: int, n: int, splits: int, tiles: int):
