@@ -380,9 +380,10 @@ def test_selection_is_per_head_otherwise():
 def test_a_score_pass_of_kept_logits_runs_its_own_programs():
     """A score kernel that reads no K or V (TOVA's: the kept logits and row statistics) runs its
     own programs per row (geometry.score_splits: 5 off the GPU, against the statistics pass's
-    3); one that reads the cache (SnapKV, KeyDiff) runs the statistics pass's. The kept sets
-    stay the reference's."""
-    from tritonkv.compiler import compile_policy, prepare
+    3); one that reads the cache (SnapKV, KeyDiff) runs the statistics pass's off the GPU, and
+    on the GPU, once a launch has taught its occupancy, its own whole waves
+    (compiler.score_programs). The kept sets stay the reference's."""
+    from tritonkv.compiler import compile_policy, prepare, score_programs
     g = torch.Generator().manual_seed(5)
     # 2560 tokens: TOVA's 10 tiles of 256 split 5 ways, the others' 40 tiles of 64 three ways
     keys, values = torch.randn(2, 2, 2560, 64, generator=g), torch.randn(2, 2, 2560, 64, generator=g)
@@ -391,9 +392,14 @@ def test_a_score_pass_of_kept_logits_runs_its_own_programs():
         policy = preset(name)
         assert compare(keys, values, queries, policy, 0.2)
         lowered, alloc = lower(policy, allocate(policy, 2560, resolve_budget(0.2, 2560)))
-        call = prepare(compile_policy(lowered), alloc, *to_device(keys, values, queries), 0, (), True)
+        compiled, inputs = compile_policy(lowered), to_device(keys, values, queries)
+        call = prepare(compiled, alloc, *inputs, 0, (), True)
         grids = {getattr(launch.fn, "fn", launch.fn).__name__: launch.grid for launch in call.launches}
         if DEVICE == "cpu":
             assert (grids["score"][0], grids["stats_0"][0]) == ((5, 3) if own else (3, 3)), (name, grids)
-        else:
-            assert (grids["score"][0] >= grids["stats_0"][0]) if own else (grids["score"] == grids["stats_0"][:2])
+            assert score_programs(compiled, *inputs) == (None if not own else (5, 2)), name
+        elif own:
+            assert grids["score"][0] >= grids["stats_0"][0], (name, grids)
+        else:   # compare() above launched it: the score kernel's own waves where they differ
+            waves = score_programs(compiled, *inputs)
+            assert grids["score"] == ((waves[0], grids["stats_0"][1]) if waves else grids["stats_0"][:2]), (name, grids)

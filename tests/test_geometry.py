@@ -51,3 +51,45 @@ def test_loop_stages_pipeline_only_the_loops_triton_leaves_alone(monkeypatch):
     assert loop_stages(False, 131072) is None      # float32 [128, 256]: none fits
     monkeypatch.setenv("TRITONKV_LOOP_STAGES", "1")
     assert loop_stages(False, 16384) is None
+
+
+def test_a_cache_reading_score_pass_fills_whole_waves_of_its_own():
+    from tritonkv.geometry import score_waves
+    # KeyDiff's cosine pass at B = 4, 128K (2048 tiles of 64) on an H100: 6 programs per SM fit
+    # (a wave is 792), so 49 programs per row of 42 tiles are two waves (1568 programs), where
+    # the anchor pass's 33 per row of 63 tiles would be 1.33 of them
+    assert score_waves(32, 2048, 6, 132) == (49, 42)
+    # at B = 1 (8 rows) the same rule gives 98 programs per row of 21 tiles, one wave
+    assert score_waves(8, 2048, 6, 132) == (98, 21)
+
+
+def test_the_score_launch_takes_its_waves_once_its_occupancy_is_learnt(monkeypatch):
+    """compiler.score_tiling's wiring, with the GPU's answers faked: the learnt occupancy of
+    KeyDiff's score kernel gives its own tiling; none learnt, the switch off or a paged
+    layout's fixed splits keep the statistics passes' (None)."""
+    import torch
+
+    from tritonkv import compiler, policies
+    from tritonkv.budget import allocate
+    from tritonkv.geometry import score_waves
+    from tritonkv.lowering import lower
+
+    policy = policies.keydiff()
+    lowered, _ = lower(policy, allocate(policy, 4096, 1024))
+    compiled = compiler.compile_policy(lowered)
+    keys = torch.zeros(4, 8, 4096, 128, dtype=torch.bfloat16)
+    geo = compiler._geometry_of(compiled, keys, compiler.Layout.dense(keys, keys), None)
+    assert geo.n_tiles == 4096 // 64 and geo.score_tiling is None
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(compiler, "interpreting", lambda: False)
+    monkeypatch.setattr(compiler, "multiprocessor_count", lambda device: 132)
+    monkeypatch.setattr(compiler, "learnt_occupancy", lambda *args: None)
+    assert compiler.score_tiling(compiled, geo, cuda) is None          # before the first launch
+    monkeypatch.setattr(compiler, "learnt_occupancy", lambda *args: 6)
+    assert compiler.score_tiling(compiled, geo, cuda) == score_waves(32, 64, 6, 132)
+    monkeypatch.setattr(compiler, "learnt_occupancy", lambda *args: 1)   # a proxy pass's 224 registers
+    assert compiler.score_tiling(compiled, geo, cuda) is None          # no more per SM than the waves count
+    monkeypatch.setattr(compiler, "learnt_occupancy", lambda *args: 6)
+    assert compiler.score_tiling(compiled, geo, torch.device("cpu")) is None
+    monkeypatch.setenv("TRITONKV_SCORE_WAVES", "0")
+    assert compiler.score_tiling(compiled, geo, cuda) is None

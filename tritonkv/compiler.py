@@ -40,8 +40,8 @@ import torch
 
 from . import dsl
 from .codegen import SEED_ARG, Program, generate
-from .geometry import Geometry, clear_geometry, geometry
-from .kernels.common import interpreting, record_occupancy
+from .geometry import Geometry, clear_geometry, geometry, score_waves, stats_per_sm
+from .kernels.common import interpreting, learnt_occupancy, multiprocessor_count, record_occupancy
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.launch import launch
 from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
@@ -251,8 +251,9 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
                           geo.num_warps, geo.num_stages, SEED_ARG))
         out.append(Launch(compiled.kernel(f"merge_{level}"), (geo.rows, nch), args, geo.constexprs, 4, None, SEED_ARG))
     score, score_args, score_splits = compiled.kernel("score"), args, geo.splits
-    if geo.score_tiling is not None:   # a score kernel that reads no K / V: its own programs per row
-        score_splits, tiles = geo.score_tiling
+    tiling = geo.score_tiling or score_tiling(compiled, geo, args[0].device)
+    if tiling is not None:   # the score kernel's own programs per row
+        score_splits, tiles = tiling
         score_args = list(args)
         score_args[score.arg_names.index("S")] = score_splits
         score_args[score.arg_names.index("tiles_per_prog")] = tiles
@@ -273,6 +274,31 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
                                            *geo.deferred_tiling), DEFERRED_WARPS))
         out += [Launch(fn, grid, pargs, pconst, warps) for fn, grid, pargs, pconst, warps in passes]
     return out
+
+
+def score_tiling(compiled: CompiledPolicy, geo: Geometry, device: torch.device) -> Optional[Tuple[int, int]]:
+    """A cache-reading score kernel's own (programs per row, tiles per program) in whole waves of
+    its occupancy, once a launch has taught it (geometry.score_waves), where it fits more
+    programs per multiprocessor than the statistics passes' waves count (KeyDiff's cosines: 6
+    against 4, 0.960-0.993x KeyDiff's graph time on an H100; the proxy attention's second pass
+    fits 1, and its own waves read 0.989-1.019x SnapKV's / H2O's). None: the statistics passes'
+    (off the GPU, on a paged layout, before the first launch, or with ``TRITONKV_SCORE_WAVES=0``,
+    for A/B timing)."""
+    if not geo.n_tiles or device.type != "cuda" or interpreting() or os.environ.get("TRITONKV_SCORE_WAVES") == "0":
+        return None
+    per_sm = learnt_occupancy(compiled.kernel("score"), geo.num_warps, geo.constexprs)
+    if per_sm is None or per_sm <= stats_per_sm():
+        return None
+    return score_waves(geo.rows, geo.n_tiles, per_sm, multiprocessor_count(device))
+
+
+def score_programs(compiled: CompiledPolicy, keys, values, queries) -> Optional[Tuple[int, int]]:
+    """The score kernel's own tiling that a dense call with these inputs would launch now
+    (planned.py plans again when a first call has changed it)."""
+    if not compiled.program.slots:
+        return None
+    geo = _geometry_of(compiled, keys, Layout.dense(keys, values), queries)
+    return geo.score_tiling or score_tiling(compiled, geo, keys.device)
 
 
 def _geometry_of(compiled: CompiledPolicy, keys, layout: Layout, queries) -> Geometry:
@@ -429,8 +455,8 @@ def run(call: Call) -> None:
     kernel's occupancy for later calls."""
     for step in call.launches:
         compiled = step()
-        if step.fn is _select_kernel and step.args[0].is_cuda:
-            record_occupancy(_select_kernel, compiled, SELECT_WARPS, step.constexprs)
+        if step.args[0].is_cuda and (step.fn is _select_kernel or getattr(step.fn, "__name__", "") == "score"):
+            record_occupancy(step.fn, compiled, step.num_warps, step.constexprs)
 
 
 def check_backend(keys) -> None:

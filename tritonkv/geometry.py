@@ -66,13 +66,19 @@ def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2, reads_ca
     return n
 
 
+def stats_per_sm() -> int:
+    """Programs per multiprocessor that a statistics pass's wave is counted in (4: KeyDiff's
+    anchor pass fits 4 on an H100, 58 registers; ``TRITONKV_SPLITS_PER_SM`` for tuning)."""
+    return _override("TRITONKV_SPLITS_PER_SM", 4)
+
+
 def stats_splits(rows: int, n_tiles: int, device: torch.device) -> int:
     """Programs per row for a statistics pass: about a wave of 4 per multiprocessor over all rows
     (``TRITONKV_SPLITS_PER_SM`` overrides the 4, for tuning), chosen by ``balanced_splits``
     (``TRITONKV_SPLITS_BALANCE=0``: the plain ceiling of before, for A/B timing)."""
     if interpreting() or device.type != "cuda":
         return min(n_tiles, 3)  # more than one, so partial merging is always exercised
-    wave = _override("TRITONKV_SPLITS_PER_SM", 4) * multiprocessor_count(device)
+    wave = stats_per_sm() * multiprocessor_count(device)
     if not _override("TRITONKV_SPLITS_BALANCE", 1):
         return max(1, min(n_tiles, cdiv(wave, rows)))
     return balanced_splits(rows, n_tiles, wave)
@@ -117,6 +123,7 @@ class Geometry:
     deferred_tiling: Tuple[int, int] = (1, 1)   # (programs per row, tiles per program) of those passes
     moments: Tuple[int, ...] = ()   # workspace offset of each Program.moment_slots slot's moment partials
     partials: int = 0               # float32 elements of statistics partials, from ``workspace`` on
+    n_tiles: int = 0                # tiles of a dense row (0 where the caller fixed the splits: paged)
     score_tiling: Optional[Tuple[int, int]] = None   # the score kernel's (programs per row, tiles per
     # program) where they differ from the statistics passes' (score_splits)
 
@@ -154,6 +161,16 @@ def score_splits(rows: int, n_tiles: int, device: torch.device) -> int:
         return min(n_tiles, 5)
     per_sm = _override("TRITONKV_SCORE_PROGRAMS_PER_SM", 16)
     return max(1, min(n_tiles, cdiv(per_sm * multiprocessor_count(device), rows))) if per_sm else 0
+
+
+def score_waves(rows: int, n_tiles: int, per_sm: int, sms: int) -> Tuple[int, int]:
+    """(programs per row, tiles per program) of a score kernel that reads the cache, in whole
+    waves of its own occupancy (``per_sm`` programs per multiprocessor, learnt from its first
+    launch), as ``balanced_splits`` gives the statistics passes theirs. The score kernel stores
+    each token's values alone, so its split changes no value. KeyDiff's cosine pass fits 6
+    programs per SM where its anchor pass fits 4 (Nsight Compute, H100): with the anchor pass's
+    33 programs per row at B = 4 it ran 1.33 of its waves, 432.5 us against 389.1 with 17."""
+    return even_tiling(n_tiles, balanced_splits(rows, n_tiles, per_sm * sms))
 
 
 def _score_reads_cache(program: Program, constexprs: Dict) -> bool:
@@ -293,4 +310,4 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
             score_tiling = even_tiling(n_tiles, programs)
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
                     workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
-                    partials, score_tiling)
+                    partials, n_tiles if fixed_splits is None and page == 0 else 0, score_tiling)

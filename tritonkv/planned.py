@@ -19,7 +19,7 @@ from . import dsl
 from .budget import allocate
 from .lowering import lower
 from .compiled import evict_compiled
-from .compiler import Call, check_backend, compile_policy, prepare, run, selection_programs
+from .compiler import Call, check_backend, compile_policy, prepare, run, score_programs, selection_programs
 from .kernels.common import interpreting
 from .kernels.launch import compiled_entry, hooks_installed, raw_stream
 from .results import Evicted
@@ -151,7 +151,8 @@ class _Compiled:
 
 def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, named=(), gather: bool = True):
     """(plan or None, result) of a first compiled call with this signature. None means: plan
-    on the next call (the select kernel's occupancy, which sets its grid, was learnt just now).
+    on the next call (the select or score kernel's occupancy, which sets its grid, was learnt
+    just now).
     ``gather=False``: the kept indices only (the results' keys and values are None)."""
     check_backend(keys)
     unplanned = _Compiled(policy, k, gather)
@@ -163,10 +164,12 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
     dims = (keys.shape[-1], values.shape[-1]) if gather else (0, 0)
     b, h = keys.shape[:2]
     programs = selection_programs(compiled.program, b, h, n, keys.device, dims)
+    scoring = score_programs(compiled, keys, values, queries)
     call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
     run(call)
     out = Evicted(call.keys, call.values, call.indices)
-    if selection_programs(compiled.program, b, h, n, keys.device, dims) != programs:
+    if selection_programs(compiled.program, b, h, n, keys.device, dims) != programs \
+            or score_programs(compiled, keys, values, queries) != scoring:
         return None, out
     plan = record(call, keys, values, queries, named)
     if plan is None:

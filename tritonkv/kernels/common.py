@@ -41,8 +41,9 @@ _BLOCKS_PER_SM = {}
 
 
 def _occupancy_key(kernel, num_warps, constexprs):
-    return (kernel.fn.__qualname__ if hasattr(kernel, "fn") else repr(kernel), num_warps,
-            tuple(sorted(constexprs.items())))
+    # the module too: every policy's generated module has a kernel named "score"
+    name = f"{kernel.fn.__module__}.{kernel.fn.__qualname__}" if hasattr(kernel, "fn") else repr(kernel)
+    return name, num_warps, tuple(sorted(constexprs.items()))
 
 
 def resident_programs(kernel, device: torch.device, num_warps: int, constexprs) -> int:
@@ -51,6 +52,11 @@ def resident_programs(kernel, device: torch.device, num_warps: int, constexprs) 
         return 1
     per_sm = _BLOCKS_PER_SM.get(_occupancy_key(kernel, num_warps, constexprs), 2)
     return per_sm * multiprocessor_count(device)
+
+
+def learnt_occupancy(kernel, num_warps: int, constexprs):
+    """Programs of ``kernel`` per multiprocessor as learnt from a launch (record_occupancy), or None."""
+    return _BLOCKS_PER_SM.get(_occupancy_key(kernel, num_warps, constexprs))
 
 
 def record_occupancy(kernel, compiled, num_warps: int, constexprs) -> None:
