@@ -395,11 +395,59 @@ def test_a_score_pass_of_kept_logits_runs_its_own_programs():
         compiled, inputs = compile_policy(lowered), to_device(keys, values, queries)
         call = prepare(compiled, alloc, *inputs, 0, (), True)
         grids = {getattr(launch.fn, "fn", launch.fn).__name__: launch.grid for launch in call.launches}
+        score = grids.get("score_heads", grids.get("score"))   # TOVA's heads are reduced in its score kernel
         if DEVICE == "cpu":
-            assert (grids["score"][0], grids["stats_0"][0]) == ((5, 3) if own else (3, 3)), (name, grids)
+            assert (score[0], grids["stats_0"][0]) == ((5, 3) if own else (3, 3)), (name, grids)
             assert score_programs(compiled, *inputs) == (None if not own else (5, 2)), name
         elif own:
-            assert grids["score"][0] >= grids["stats_0"][0], (name, grids)
+            assert score[0] >= grids["stats_0"][0], (name, grids)
         else:   # compare() above launched it: the score kernel's own waves where they differ
             waves = score_programs(compiled, *inputs)
-            assert grids["score"] == ((waves[0], grids["stats_0"][1]) if waves else grids["stats_0"][:2]), (name, grids)
+            assert score == ((waves[0], grids["stats_0"][1]) if waves else grids["stats_0"][:2]), (name, grids)
+
+
+def _score_launches(policy, keys, values, queries, named=()):
+    """(slots as the launches leave them, the kernels' names) of one prepared call."""
+    from tritonkv.compiler import compile_policy, prepare
+    from tritonkv.compiler import run as run_call
+    lowered, alloc = lower(policy, allocate(policy, keys.shape[2], max(1, keys.shape[2] // 3)))
+    call = prepare(compile_policy(lowered), alloc, keys, values, queries, 0, named, True)
+    launches = [step for step in call.launches if getattr(step.fn, "fn", step.fn).__name__ != "_select_kernel"]
+    call.launches = launches
+    run_call(call)
+    return call.priorities.clone(), [getattr(step.fn, "fn", step.fn).__name__ for step in launches]
+
+
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
+       n=st.sampled_from([3, 17, 301, 1024]), d=st.sampled_from([64, 80, 128, 256]),
+       reduce=st.sampled_from(["mean", "sum", "max"]), seed=st.integers(0, 2 ** 16))
+def test_heads_reduced_in_the_score_kernel_equal_the_transform(b, h, group, n, d, reduce, seed):
+    """A score that reads no cache and whose every slot is head-reduced (TOVA, a reduced signal)
+    runs ``score_heads``: one program row per batch row that reduces the heads itself, with no
+    transform launch. Its slots equal the score kernel's followed by the transform
+    (``TRITONKV_SCORE_HEADS=0``), bit for bit: the same float32 sums in the same head order
+    (NaN as -inf; a -0.0 may become +0.0, which select ranks the same). Rows of 3 tokens and
+    more: a budget that keeps every token ranks nothing."""
+    from tritonkv.geometry import clear_geometry
+    g = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    queries = torch.randn(b, h * group, 1, d, generator=g)
+    signal = torch.randn(b, h, n, generator=g)
+    signal[signal > 1.5] = float("nan")
+    score = tkv.proxy_attention(window=1, causal=False, reduce="mean", group_reduce="mean")
+    k, v, q, sg = to_device(keys, values, queries, signal)
+    cases = [(tkv.recent(1) | tkv.top(score, head_reduce=reduce), q, ()),
+             (tkv.dsl.as_policy(tkv.top(tkv.signal("s"), head_reduce=reduce)), None, (sg,))]
+    for policy, q_or_none, named in cases:
+        got = {}
+        for fused in ("1", "0"):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("TRITONKV_SCORE_HEADS", fused)
+                clear_geometry()
+                got[fused] = _score_launches(policy, k, v, q_or_none, named)
+        clear_geometry()
+        (fused_slots, fused_names), (plain_slots, plain_names) = got["1"], got["0"]
+        assert "score_heads" in fused_names and "_transform_kernel" not in fused_names, fused_names
+        assert "score" in plain_names and "_transform_kernel" in plain_names, plain_names
+        assert torch.equal(fused_slots + 0.0, plain_slots + 0.0), policy   # + 0.0: -0.0 as +0.0

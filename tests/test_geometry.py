@@ -40,17 +40,19 @@ def test_balanced_splits_fill_whole_waves_on_an_h100():
 
 def test_loop_stages_pipeline_only_the_loops_triton_leaves_alone(monkeypatch):
     """geometry.loop_stages: None (Triton's default: the generated kernels compile exactly as a
-    plain ``range`` loop) unless ``TRITONKV_LOOP_STAGES`` asks for more; a proxy attention's
-    loops keep Triton's own pipelining; at most 64 KB of tiles in flight."""
+    plain ``range`` loop) unless the program has a key-anchor similarity (2: KeyDiff's small
+    tiles) or ``TRITONKV_LOOP_STAGES`` asks for more; a proxy attention's loops keep Triton's own
+    pipelining; at most 64 KB of tiles in flight."""
     from tritonkv.geometry import loop_stages
     assert loop_stages(False, 16384) is None and loop_stages(True, 16384) is None
+    assert loop_stages(False, 16384, anchor=True) == 2 and loop_stages(False, 131072, anchor=True) is None
     monkeypatch.setenv("TRITONKV_LOOP_STAGES", "3")
     assert loop_stages(True, 16384) is None
     assert loop_stages(False, 16384) == 3          # KeyDiff's [64, 128] bf16 tiles: two in flight
     assert loop_stages(False, 65536) == 2          # KNorm's [256, 128] bf16 tiles: one
     assert loop_stages(False, 131072) is None      # float32 [128, 256]: none fits
     monkeypatch.setenv("TRITONKV_LOOP_STAGES", "1")
-    assert loop_stages(False, 16384) is None
+    assert loop_stages(False, 16384) is None and loop_stages(False, 16384, anchor=True) is None
 
 
 def test_a_cache_reading_score_pass_fills_whole_waves_of_its_own():

@@ -98,6 +98,7 @@ class Program:
     source: str
     signals: Tuple[str, ...] = ()              # sg_i: the policy's signal tensors, in order
     directions: Tuple[str, ...] = ()           # dr_i: its key_dot directions, in order
+    score_heads: bool = False                  # the module also has ``score_heads`` (heads_fusable)
 
     @property
     def proxies(self) -> Tuple[int, ...]:
@@ -420,6 +421,51 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
     return _kernel("score", program_globals, names, prologue + body)
 
 
+HEAD_REDUCE = {"mean": "acc_{k} + x_{k}", "sum": "acc_{k} + x_{k}", "max": "tl.maximum(acc_{k}, x_{k})"}
+HEAD_INIT = {"mean": "0.0", "sum": "0.0", "max": "float('-inf')"}
+
+
+def heads_fusable(slots: Sequence[Slot]) -> bool:
+    """Whether every slot is a head-reduced priority the score kernel could reduce itself
+    (``score_heads``): reduced over heads, not chunked, not normalized after the score kernel."""
+    return bool(slots) and all(s.head_reduce is not None and s.chunk == 1 and not s.deferred for s in slots)
+
+
+def _score_heads_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[str]:
+    """The score kernel with kernels/transform.py's head reduce folded in, for a score that reads
+    no K or V tile (the geometry launches it only then: each program evaluates a tile for every
+    head of its batch row, which re-reads the row statistics per head but no cache). Program
+    (i_s, i_bh): tiles i_s * tiles_per_prog .. of batch row i_bh; per tile, each slot's scores of
+    the H heads are reduced in head order (NaN as -inf, as the transform does) and the result is
+    stored in every head's row, which is what the score kernel and the transform leave there."""
+    per_row: List[str] = []
+    body: List[str] = []
+    emitter = TileEmitter(program_globals, per_row, body, " " * 12, names)
+    for index, slot in enumerate(slots):
+        x = emitter.value(slot.stored)
+        emitter.emit(f"x_{index} = tl.where({x} != {x}, float('-inf'), {x})")
+        emitter.emit(f"acc_{index} = " + HEAD_REDUCE[slot.head_reduce].format(k=index))
+    lines = ["    i_s = tl.program_id(0)", "    i_bh = tl.program_id(1)",
+             "    zero_fill(z_ptr, z_numel, i_bh * S + i_s, S * (rows // H))",
+             "    NS = N", "    i_b = i_bh", "    i_draw = i_b",
+             "    o_t = tl.arange(0, BLOCK_N)", "    o_d = tl.arange(0, BLOCK_D)", "    m_d = o_d < D",
+             "    o_dv = tl.arange(0, BLOCK_DV)", "    m_dv = o_dv < DV",
+             "    for it in range(0, tiles_per_prog):",
+             TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO")]
+    lines += [f"        acc_{k} = tl.full([BLOCK_N], {HEAD_INIT[slot.head_reduce]}, tl.float32)"
+              for k, slot in enumerate(slots)]
+    lines += ["        for j_h in range(0, H):", "            i_h = i_bh * 0 + j_h   # a tensor, as program ids are",
+              "            i_row = i_bh * H + i_h"]
+    lines += [" " * 8 + line for line in per_row] + body
+    for k, slot in enumerate(slots):
+        if slot.head_reduce == "mean":
+            lines.append(f"        acc_{k} = acc_{k} / H")
+        lines += ["        for j_h in range(0, H):",
+                  f"            tl.store(out_ptr + ({k} * rows + i_bh * H + j_h).to(tl.int64) * NS + o_n, acc_{k}, "
+                  "mask=m_val)"]
+    return _kernel("score_heads", program_globals, names, lines)
+
+
 def generate(policy: dsl.Policy) -> Program:
     """The generated module's source and the facts needed to launch it."""
     slots, clause_keys = plan_slots(policy)
@@ -435,9 +481,12 @@ def generate(policy: dsl.Policy) -> Program:
         lines += _merge_kernel(level, members, program_globals, names)
     if slots:
         lines += _score_kernel(slots, program_globals, names)
+    fusable = heads_fusable(slots)
+    if fusable:
+        lines += _score_heads_kernel(slots, program_globals, names)
     reads_cache = any(s.stored.needs_keys or s.stored.needs_values for s in slots)
     return Program(slots, clause_keys, reads_cache, program_globals, levels, max_halo, "\n".join(lines) + "\n",
-                   names.signals, names.directions)
+                   names.signals, names.directions, fusable)
 
 
 def qk_scale(d: int) -> float:

@@ -250,23 +250,26 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
         out.append(Launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, geo.constexprs,
                           geo.num_warps, geo.num_stages, SEED_ARG))
         out.append(Launch(compiled.kernel(f"merge_{level}"), (geo.rows, nch), args, geo.constexprs, 4, None, SEED_ARG))
-    score, score_args, score_splits = compiled.kernel("score"), args, geo.splits
+    b, h, n = shape
+    score, score_args, score_grid = compiled.kernel("score"), args, (geo.splits, geo.rows)
     tiling = geo.score_tiling or score_tiling(compiled, geo, args[0].device)
     if tiling is not None:   # the score kernel's own programs per row
-        score_splits, tiles = tiling
+        splits, tiles = tiling
+        if geo.score_heads:   # per batch row, the heads reduced in the kernel (codegen.heads_fusable)
+            score, score_grid = compiled.kernel("score_heads"), (splits, geo.rows // h)
+        else:
+            score_grid = (splits, geo.rows)
         score_args = list(args)
-        score_args[score.arg_names.index("S")] = score_splits
+        score_args[score.arg_names.index("S")] = splits
         score_args[score.arg_names.index("tiles_per_prog")] = tiles
-    out.append(Launch(score, (score_splits, geo.rows), score_args, geo.constexprs, geo.num_warps,
-                      geo.num_stages, SEED_ARG))
-    b, h, n = shape
+    out.append(Launch(score, score_grid, score_args, geo.constexprs, geo.num_warps, geo.num_stages, SEED_ARG))
     program = compiled.program
     deferred = iter(geo.deferred)
     moments = dict(zip(program.moment_slots, geo.moments))
     for index, slot in enumerate(program.slots):
         passes = [(*step, DEFERRED_WARPS) for step in deferred_launches(
             priorities, workspace, next(deferred), index, geo.rows, n, *geo.deferred_tiling)] if slot.deferred else []
-        if slot.transformed:
+        if slot.transformed and not geo.score_heads:
             passes.append((_transform_kernel, *transform_launch(priorities, index, b, h, n, slot.chunk,
                                                                 slot.chunk_reduce, slot.head_reduce), TRANSFORM_WARPS))
         if index in moments:

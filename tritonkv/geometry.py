@@ -125,7 +125,8 @@ class Geometry:
     partials: int = 0               # float32 elements of statistics partials, from ``workspace`` on
     n_tiles: int = 0                # tiles of a dense row (0 where the caller fixed the splits: paged)
     score_tiling: Optional[Tuple[int, int]] = None   # the score kernel's (programs per row, tiles per
-    # program) where they differ from the statistics passes' (score_splits)
+    # program) where they differ from the statistics passes' (score_splits); per batch row with score_heads
+    score_heads: bool = False       # launch ``score_heads`` (heads reduced in the score kernel), no transform
 
     def ranking_numel(self, slots: int) -> int:
         """float32 elements of the ranking scratch with ``slots`` elements of slots."""
@@ -186,15 +187,19 @@ def _score_reads_cache(program: Program, constexprs: Dict) -> bool:
     return False
 
 
-def loop_stages(has_proxy: bool, tile_bytes: int) -> Optional[int]:
+def loop_stages(has_proxy: bool, tile_bytes: int, anchor: bool = False) -> Optional[int]:
     """Software-pipelining depth of the generated kernels' tile loops (``tl.range(...,
     num_stages=STAGES)``); None: Triton's default, which pipelines a loop's loads through shared
     memory (cp.async) only where they feed tl.dot (a proxy attention's passes, at the kernel's
     num_stages). The loops of the other K-reading passes (KeyDiff's anchor and cosines, norms,
     key_dot) load K with no dot, so each load waits for HBM and only occupancy hides that.
-    ``TRITONKV_LOOP_STAGES=S`` (S >= 2; for A/B timing) pipelines those S deep, with at most
-    64 KB of tiles in flight (S - 1 buffers of ``tile_bytes``); proxy attention keeps its own."""
-    requested = _override("TRITONKV_LOOP_STAGES", 0)
+    A program with a key-anchor similarity pipelines them 2 deep: its tiles are capped at 8K
+    floats (64 tokens at D = 128), and with the next tile in flight KeyDiff took 0.862-0.922x its
+    graph time (3 deep: 0.840-0.927x; H200, perf/results/ab/loop-stages-ab-2edf25f-H200.log).
+    KNorm's and Q-Filters' larger tiles read 1.01-1.03x at B = 1, so they keep the default.
+    ``TRITONKV_LOOP_STAGES=S`` (for A/B timing) sets S for every such pass, 1 for none; at most
+    64 KB of tiles are in flight (S - 1 buffers of ``tile_bytes``); proxy attention keeps its own."""
+    requested = _override("TRITONKV_LOOP_STAGES", 2 if anchor else 0)
     if has_proxy or requested < 2:
         return None
     stages = min(requested, 1 + 65536 // max(tile_bytes, 1))
@@ -244,7 +249,8 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_n = block_tokens(max(d, dv), program.halo, has_proxy and not logits_only, itemsize, program.reads_cache)
     if logits_only:   # a key block of 64 KB at most (shared memory holds a few in flight)
         block_n = max(16, min(block_n, 65536 // (next_power_of_2(d) * itemsize)))
-    if any(isinstance(g, dsl.AnchorSimilarity) for g in program.globals):
+    anchored = any(isinstance(g, dsl.AnchorSimilarity) for g in program.globals)
+    if anchored:
         # the anchor pass accumulates whole [BLOCK_N, BLOCK_D] tiles: keep them at 8K floats
         block_n = max(16, min(block_n, 8192 // next_power_of_2(d)))
         while block_n <= 4 * program.halo:
@@ -259,7 +265,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
                       IEEE=ieee_products(dtype),
-                      STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize))
+                      STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize, anchored))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
     offset = partials = 0
     chunks = {}
@@ -303,11 +309,15 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     per_global = [v for part, final, window in placed for v in [workspace + part, final, *window]]
     warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
     stages = os.environ.get("TRITONKV_STAGES")
-    score_tiling = None
+    score_tiling, fused = None, False
     if fixed_splits is None and page == 0 and program.slots and not _score_reads_cache(program, constexprs):
-        programs = score_splits(rows, n_tiles, device)
+        # a score pass of a few bytes per token and head: its own programs, and where every slot
+        # is head-reduced, one program row per batch row that reduces the heads itself
+        fused = program.score_heads and os.environ.get("TRITONKV_SCORE_HEADS", "1") != "0"
+        programs = score_splits(rows // h if fused else rows, n_tiles, device)
         if programs:
             score_tiling = even_tiling(n_tiles, programs)
+        fused = fused and score_tiling is not None
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
                     workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
-                    partials, n_tiles if fixed_splits is None and page == 0 else 0, score_tiling)
+                    partials, n_tiles if fixed_splits is None and page == 0 else 0, score_tiling, fused)
