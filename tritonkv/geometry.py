@@ -194,9 +194,9 @@ def loop_stages(has_proxy: bool, tile_bytes: int, anchor: bool = False) -> Optio
     num_stages). The loops of the other K-reading passes (KeyDiff's anchor and cosines, norms,
     key_dot) load K with no dot, so each load waits for HBM and only occupancy hides that.
     A program with a key-anchor similarity pipelines them 2 deep: its tiles are capped at 8K
-    floats (64 tokens at D = 128), and with the next tile in flight KeyDiff took 0.862-0.922x its
+    floats (64 tokens at D = 128), and with the next tile in flight KeyDiff took 0.851-0.942x its
     graph time (3 deep: 0.840-0.927x; H200, perf/results/ab/loop-stages-ab-2edf25f-H200.log).
-    KNorm's and Q-Filters' larger tiles read 1.01-1.03x at B = 1, so they keep the default.
+    KNorm's and Q-Filters' larger tiles read up to 1.03x outside B = 4, 512K: they keep the default.
     ``TRITONKV_LOOP_STAGES=S`` (for A/B timing) sets S for every such pass, 1 for none; at most
     64 KB of tiles are in flight (S - 1 buffers of ``tile_bytes``); proxy attention keeps its own."""
     requested = _override("TRITONKV_LOOP_STAGES", 2 if anchor else 0)
