@@ -109,6 +109,10 @@ def test_every_kernel_compiles_for_hopper(config):
         # the cubin's register count (Nsight Compute read 58 on an H100 before the loop was pipelined):
         # KeyDiff's anchor pass, its K tiles loaded a tile ahead (geometry.loop_stages), 64 and 4 per SM
         assert rows["keydiff", "stats_0"][-3:] == ["12", "64", "4"], rows["keydiff", "stats_0"]
+        # the proxy score pass forms probabilities with no per-logit mask or division (kernels/proxy.py):
+        # SnapKV's and NACL's fit two programs per SM (224 and 203 registers, one, before)
+        assert rows["snapkv", "score"][-1] == "2" and rows["nacl", "score"][-1] == "2", (rows["snapkv", "score"],
+                                                                                       rows["nacl", "score"])
 
 
 def test_fast_launcher_reuses_the_compiled_kernel():

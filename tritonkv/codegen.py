@@ -245,7 +245,7 @@ class TileEmitter:
             self.keys()
             return self._assign(f"cosine_to(b_kf, {self.key_norm()}, b_anchor_{gi})")
         if isinstance(node, dsl.ProxyAttention):
-            chunk = f"b_q_{gi}, w_r_{gi}, m_r_{gi}, b_m_{gi}, b_l_{gi}"
+            chunk = f"b_q_{gi}, w_r_{gi}, m_r_{gi}, b_lse_{gi}"
             self.prologue.append(f"    p_stats_{gi} = ws_ptr + fo_{gi} + i_row * (2 * QR_{gi})")
             self.prologue.append(f"    p_lg_{gi} = ws_ptr + lo_{gi} + i_row.to(tl.int64) * G * NS")
             self.prologue.append(f"    {chunk} = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, i_b, i_h, "
@@ -360,7 +360,7 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
             init.append(f"    c_{gi} = tl.minimum(i_c, NCH_{gi} - 1)")
             init.append(f"    run_m_{gi} = tl.full([QB_{gi}], float('-inf'), tl.float32)")
             init.append(f"    run_l_{gi} = tl.zeros([QB_{gi}], dtype=tl.float32)")
-            init.append(f"    bs_q_{gi}, ws_r_{gi}, ms_r_{gi}, _, _ = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, ws_ptr, "
+            init.append(f"    bs_q_{gi}, ws_r_{gi}, ms_r_{gi}, _ = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, ws_ptr, "
                         f"i_b, i_h, W_total, w_{gi}, c_{gi}, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, False)")
             init.append(f"    p_lg_{gi} = ws_ptr + lo_{gi} + i_row.to(tl.int64) * G * NS")
             emitter.keys()

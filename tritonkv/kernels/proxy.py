@@ -9,8 +9,9 @@ rows past G * W_PAD are padding (masked, as rows w >= the window are).
 
 Softmax statistics per row (max m and sum l of 2^(s - m), s = q.k * log2(e) / sqrt(D)) come
 first, from ``proxy_stats_tile`` over all keys; ``proxy_attention_tile`` then forms the
-probabilities of a tile, reduces them over the window, pools per query head and reduces
-over the group.
+probabilities of a tile, 2^(s - lse) with lse = m + log2(l) per row (one subtraction and
+one exp2 per logit, no division), reduces them over the window, pools per query head and
+reduces over the group.
 
 With one query per head (``window=1``: TOVA) the statistics pass also stores its logits
 (LOGITS: G float32 per token and KV head, at ``lg_ptr + g * NS + n``) and the score pass reads
@@ -72,15 +73,16 @@ def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, 
                 D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                 QR: tl.constexpr, WITH_STATS: tl.constexpr):
     """Query rows of chunk c with their row index in the window, mask, and (if WITH_STATS)
-    their softmax statistics from stats_ptr (this row's final m [QR], then l [QR])."""
+    their log2-sum-exp2 lse = m + log2(l) from the softmax statistics at stats_ptr (this
+    row's final m [QR], then l [QR]): a probability is then 2^(s - lse). A padding row gets
+    +inf, so that its probabilities are 0 with no mask."""
     b_q, o_r, w_r, m_r = _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c, D, BLOCK_D, G, W_PAD, QB)
     if WITH_STATS:
-        b_m = tl.load(stats_ptr + o_r)
-        b_l = tl.load(stats_ptr + QR + o_r)
+        b_lse = (tl.load(stats_ptr + o_r, mask=m_r, other=float("inf"))
+                 + tl.log2(tl.load(stats_ptr + QR + o_r, mask=m_r, other=1.0)))
     else:
-        b_m = tl.zeros([QB], dtype=tl.float32)
-        b_l = tl.zeros([QB], dtype=tl.float32)
-    return b_q, w_r, m_r, b_m, b_l
+        b_lse = tl.zeros([QB], dtype=tl.float32)
+    return b_q, w_r, m_r, b_lse
 
 
 @triton.jit
@@ -143,27 +145,51 @@ def _logits_t(b_k, b_q, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_update(acc_grp, acc_win, c, s_t, w_r, m_r, b_m, b_l, o_t, o_n, m_n, N, w,
+def _pool_end(N, w, EXCLUDE: tl.constexpr):
+    """Where the pooling sees the sequence end: where the window starts with EXCLUDE."""
+    if EXCLUDE:
+        return N - w
+    else:
+        return N
+
+
+@triton.constexpr_function
+def _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
+    """Whether each query head is pooled before the group reduction: average pooling is linear
+    and commutes with a group sum or mean (SnapKV: one pool of [BLOCK_N] per tile instead of
+    one per query head), max pooling or a group max does not."""
+    return POOL > 1 and (POOL_MAX or GROUP_REDUCE == 2)
+
+
+@triton.jit
+def _chunk_update(acc_grp, acc_win, c, s_t, w_r, m_r, b_lse, o_t, o_n, m_n, N, w,
                   BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                   CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
                   GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr):
     """Add chunk c's probabilities for this tile of keys (its logits ``s_t`` [BLOCK_N, QB]) to
-    the window / group accumulators. With EXCLUDE the pooling sees the sequence as ending
-    where the window starts (N - w)."""
-    if EXCLUDE:
-        n_pool = N - w
-    else:
-        n_pool = N
-    vis = m_n[:, None] & m_r[None, :]
-    if CAUSAL:  # window row w_r sits at position N - w + w_r
-        vis = vis & (o_n[:, None] <= (N - w + w_r)[None, :])
-    p = tl.where(vis, tl.exp2(s_t - b_m[None, :]) / b_l[None, :], 0.0)
+    the window / group accumulators, each query head pooled first where the pooling does not
+    commute with the group reduction (``_pools_each_head``); otherwise ``proxy_attention_tile``
+    pools the group's sum once. With EXCLUDE the pooling sees the sequence as ending where the
+    window starts (N - w)."""
+    n_pool = _pool_end(N, w, EXCLUDE)
+    EACH: tl.constexpr = _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE)
+    # No mask per logit where none is needed: a padding query row's lse is +inf (probability
+    # 0), and a lane outside [0, N) holds a value in [0, 1] that no kept lane reads (the
+    # pooling pads there and the score is stored under the tile's mask). Window row w_r sits
+    # at position N - w + w_r; with EXCLUDE the keys it must not see (the window's own, at
+    # N - w and later) score 0 and the pooling pads there too (SnapKV), so only H2O's and
+    # other causal windows without EXCLUDE compare positions. A logit a row sees is at most
+    # its max m <= lse (up to the rounding of the other pass's dot product): the clamp at 0
+    # changes no such probability beyond that, and keeps the unmasked lanes finite.
+    p = tl.exp2(tl.minimum(s_t - b_lse[None, :], 0.0))
+    if CAUSAL and not EXCLUDE:
+        p = tl.where(o_n[:, None] <= (N - w + w_r)[None, :], p, 0.0)
     if W_PAD <= QB:   # whole query heads in this chunk
         HPC: tl.constexpr = QB // W_PAD
         win = _reduce(tl.reshape(p, [BLOCK_N, HPC, W_PAD]), 2, REDUCE)     # [BLOCK_N, HPC]
         if REDUCE == 0:
             win = win / w
-        if POOL > 1:
+        if EACH:
             win = pool_cols(win, o_t, o_n, n_pool, POOL, POOL_MAX, HPC, BLOCK_N)
         acc_grp = _combine(acc_grp, _reduce(win, 1, GROUP_REDUCE), GROUP_REDUCE)
     else:             # a part of one query head's window
@@ -173,7 +199,7 @@ def _chunk_update(acc_grp, acc_win, c, s_t, w_r, m_r, b_m, b_l, o_t, o_n, m_n, N
             head = acc_win
             if REDUCE == 0:
                 head = head / w
-            if POOL > 1:
+            if EACH:
                 head = pool(head, o_t, o_n, n_pool, POOL, POOL_MAX, BLOCK_N)
             acc_grp = _combine(acc_grp, head, GROUP_REDUCE)
             acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -181,7 +207,7 @@ def _chunk_update(acc_grp, acc_win, c, s_t, w_r, m_r, b_m, b_l, o_t, o_n, m_n, N
 
 
 @triton.jit
-def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, lg_ptr, NS,
+def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, lg_ptr, NS,
                          i_b, i_h, N, W_total, w, o_t, o_n, m_n, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                          QR: tl.constexpr, CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr,
@@ -190,7 +216,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s
                          IEEE: tl.constexpr, LOGITS: tl.constexpr):
     """reference.proxy_attention for one tile of keys.
 
-    b_q0 .. b_l0 are chunk 0 (proxy_chunk), loaded once per program: when all query rows fit
+    b_q0 .. b_lse0 are chunk 0 (proxy_chunk), loaded once per program: when all query rows fit
     one chunk (the common case: G * W_PAD <= QB) nothing is reloaded per tile. With LOGITS the
     chunk's logits come from the statistics pass (``lg_ptr``), and ``b_k`` is not read."""
     NCH: tl.constexpr = QR // QB
@@ -202,14 +228,16 @@ def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_m0, b_l0, q_ptr, s_qb, s_qh, s
                       other=0.0)
     else:
         s_t = _logits_t(b_k, b_q0, QK_SCALE, IEEE)
-    acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, w_r0, m_r0, b_m0, b_l0, o_t, o_n, m_n, N, w,
+    acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, w_r0, m_r0, b_lse0, o_t, o_n, m_n, N, w,
                                      BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
     for c in range(1, NCH):
-        b_q, w_r, m_r, b_m, b_l = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
-                                              D, BLOCK_D, G, W_PAD, QB, QR, True)
-        acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, m_r, b_m,
-                                         b_l, o_t, o_n, m_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
+        b_q, w_r, m_r, b_lse = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
+                                           D, BLOCK_D, G, W_PAD, QB, QR, True)
+        acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, m_r,
+                                         b_lse, o_t, o_n, m_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
                                          POOL_MAX, GROUP_REDUCE, EXCLUDE)
+    if POOL > 1 and not _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
+        acc_grp = pool(acc_grp, o_t, o_n, _pool_end(N, w, EXCLUDE), POOL, POOL_MAX, BLOCK_N)
     if GROUP_REDUCE == 0:
         acc_grp = acc_grp / G
     if EXCLUDE:   # the window's own keys score 0
