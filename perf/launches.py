@@ -36,9 +36,10 @@ def breakdown(name: str, n: int, batch: int, budget: float, replays: int, bandwi
     q = queries if policy.needs_queries else None
     k = resolve_budget(budget, n)
     alloc = allocate(policy, n, k)
-    call = compiler.prepare(compiler.compile_policy(policy), alloc, keys, values, q, 0)
-    compiler.run(call)   # compile, and the select kernel's occupancy
-    launches = call.launches
+    compiled = compiler.compile_policy(policy)
+    compiler.run(compiler.prepare(compiled, alloc, keys, values, q, 0))   # compile; the select and score
+    # kernels' occupancy, which the next call's geometry reads (score-waves, the select's programs)
+    launches = compiler.prepare(compiled, alloc, keys, values, q, 0).launches
     prefixes = [prefix_us(launches, i + 1, replays) for i in range(len(launches))]
     steps = [dict(kernel=kernel_name(s.fn), grid=list(s.grid), us=t - (prefixes[i - 1] if i else 0.0))
              for i, (s, t) in enumerate(zip(launches, prefixes))]
