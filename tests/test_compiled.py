@@ -147,6 +147,26 @@ def test_preset_matches_reference(name, dtype):
     assert any(exact), "random caches should have clear selection boundaries; the exact check never ran"
 
 
+@settings(max_examples=examples(12), deadline=None)
+@given(n=st.sampled_from([1, 37, 300]), window=st.sampled_from([1, 5, 16]), group=st.sampled_from([1, 2, 4]),
+       scale=st.sampled_from([1.0, 30.0, 300.0]), causal=st.booleans(), exclude=st.booleans(),
+       pool=st.sampled_from([1, 3]), seed=st.integers(0, 2 ** 16))
+def test_proxy_probabilities_hold_at_extreme_logits(n, window, group, scale, causal, exclude, pool, seed):
+    """The score pass forms each probability as 2^(s - lse) with no mask per logit
+    (kernels/proxy.py): padding query rows (a window short of its power of two), lanes outside
+    [0, N) and the window's own keys when excluded are left unmasked where no kept lane reads
+    them. Keys scaled up to 300x make the softmax one-hot and the unmasked lanes' exponents
+    overflow unless clamped; priorities stay the reference's."""
+    assume(window <= n and not (exclude and window >= n))
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, n, 64, generator=g) * scale
+    values = torch.randn(1, 2, n, 64, generator=g)
+    queries = torch.randn(1, 2 * group, window, 64, generator=g)
+    score = tkv.proxy_attention(window=window, causal=causal, reduce="mean", pool=pool, exclude_window=exclude,
+                                group_reduce="mean")
+    compare(keys, values, queries, tkv.dsl.as_policy(tkv.top(score)), 0.5, seed)
+
+
 @given(cache=caches(max_n=260), budget=st.one_of(st.integers(1, 300), st.floats(0.05, 1.0)),
        seed=st.integers(0, 2 ** 40), name=st.sampled_from(PRESET_NAMES))
 @settings(max_examples=examples(20))
