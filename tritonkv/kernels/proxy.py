@@ -180,8 +180,10 @@ def _chunk_update(acc_grp, acc_win, c, s_t, w_r, m_r, b_lse, o_t, o_n, m_n, N, w
     # N - w and later) score 0 and the pooling pads there too (SnapKV), so only H2O's and
     # other causal windows without EXCLUDE compare positions. A logit a row sees is at most
     # its max m <= lse (up to the rounding of the other pass's dot product): the clamp at 0
-    # changes no such probability beyond that, and keeps the unmasked lanes finite.
-    p = tl.exp2(tl.minimum(s_t - b_lse[None, :], 0.0))
+    # changes no such probability beyond that, and keeps the unmasked lanes finite. NaN (a NaN
+    # query or key) stays NaN, as the reference's softmax gives it (the GPU's plain min would
+    # return the 0).
+    p = tl.exp2(tl.minimum(s_t - b_lse[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL))
     if CAUSAL and not EXCLUDE:
         p = tl.where(o_n[:, None] <= (N - w + w_r)[None, :], p, 0.0)
     if W_PAD <= QB:   # whole query heads in this chunk
