@@ -95,3 +95,16 @@ def test_ncu_probe_runs_at_toy_size():
 def test_l2_probe_runs_at_toy_size():
     out = run([sys.executable, "perf/l2_probe.py", "--toy"])
     assert "two launches" in out.stdout   # on the CPU the two launches alone
+
+
+def test_every_environment_switch_is_documented():
+    """docs/performance.md's "Environment switches" table names every TRITONKV_* variable that
+    tritonkv/ reads, and no other."""
+    import re
+    read = set()
+    for path in (ROOT / "tritonkv").rglob("*.py"):
+        read |= set(re.findall(r"TRITONKV_[A-Z0-9_]+", path.read_text()))
+    docs = (ROOT / "docs" / "performance.md").read_text()
+    section = docs.split("## Environment switches", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(TRITONKV_[A-Z0-9_]+)`", section, re.M))
+    assert read == listed, (sorted(read - listed), sorted(listed - read))
