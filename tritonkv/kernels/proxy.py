@@ -162,7 +162,7 @@ def _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
 
 
 @triton.jit
-def _chunk_update(acc_grp, acc_win, c, s_t, w_r, m_r, b_lse, o_t, o_n, m_n, N, w,
+def _chunk_update(acc_grp, acc_win, c, s_t, w_r, b_lse, o_t, o_n, N, w,
                   BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                   CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
                   GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr):
@@ -230,13 +230,13 @@ def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw,
                       other=0.0)
     else:
         s_t = _logits_t(b_k, b_q0, QK_SCALE, IEEE)
-    acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, w_r0, m_r0, b_lse0, o_t, o_n, m_n, N, w,
+    acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, w_r0, b_lse0, o_t, o_n, N, w,
                                      BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
     for c in range(1, NCH):
-        b_q, w_r, m_r, b_lse = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
+        b_q, w_r, _, b_lse = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
                                            D, BLOCK_D, G, W_PAD, QB, QR, True)
-        acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, m_r,
-                                         b_lse, o_t, o_n, m_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
+        acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, b_lse,
+                                         o_t, o_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
                                          POOL_MAX, GROUP_REDUCE, EXCLUDE)
     if POOL > 1 and not _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
         acc_grp = pool(acc_grp, o_t, o_n, _pool_end(N, w, EXCLUDE), POOL, POOL_MAX, BLOCK_N)
