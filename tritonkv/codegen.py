@@ -245,10 +245,10 @@ class TileEmitter:
             self.keys()
             return self._assign(f"cosine_to(b_kf, {self.key_norm()}, b_anchor_{gi})")
         if isinstance(node, dsl.ProxyAttention):
-            chunk = f"b_q_{gi}, w_r_{gi}, m_r_{gi}, b_lse_{gi}"
+            chunk = f"b_q_{gi}, w_r_{gi}, b_lse_{gi}"   # chunk 0: queries, window rows, log-sum-exp
             self.prologue.append(f"    p_stats_{gi} = ws_ptr + fo_{gi} + i_row * (2 * QR_{gi})")
             self.prologue.append(f"    p_lg_{gi} = ws_ptr + lo_{gi} + i_row.to(tl.int64) * G * NS")
-            self.prologue.append(f"    {chunk} = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, i_b, i_h, "
+            self.prologue.append(f"    b_q_{gi}, w_r_{gi}, _, b_lse_{gi} = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, i_b, i_h, "
                                  f"W_total, w_{gi}, 0, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, True)")
             self.keys()
             return self._assign(
@@ -450,7 +450,7 @@ def _score_heads_kernel(slots: Sequence[Slot], program_globals, names: Names) ->
              "    NS = N", "    i_b = i_bh", "    i_draw = i_b",
              "    o_t = tl.arange(0, BLOCK_N)", "    o_d = tl.arange(0, BLOCK_D)", "    m_d = o_d < D",
              "    o_dv = tl.arange(0, BLOCK_DV)", "    m_dv = o_dv < DV",
-             "    for it in range(0, tiles_per_prog):",
+             TILE_LOOP,
              TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO")]
     lines += [f"        acc_{k} = tl.full([BLOCK_N], {HEAD_INIT[slot.head_reduce]}, tl.float32)"
               for k, slot in enumerate(slots)]

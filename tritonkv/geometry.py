@@ -309,8 +309,9 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     per_global = [v for part, final, window in placed for v in [workspace + part, final, *window]]
     warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
     stages = os.environ.get("TRITONKV_STAGES")
+    dense = fixed_splits is None and page == 0   # the splits are this module's to choose
     score_tiling, fused = None, False
-    if fixed_splits is None and page == 0 and program.slots and not _score_reads_cache(program, constexprs):
+    if dense and program.slots and not _score_reads_cache(program, constexprs):
         # a score pass of a few bytes per token and head: its own programs, and where every slot
         # is head-reduced, one program row per batch row that reduces the heads itself
         fused = program.score_heads and os.environ.get("TRITONKV_SCORE_HEADS", "1") != "0"
@@ -320,4 +321,4 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         fused = fused and score_tiling is not None
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
                     workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
-                    partials, n_tiles if fixed_splits is None and page == 0 else 0, score_tiling, fused)
+                    partials, n_tiles if dense else 0, score_tiling, fused)

@@ -209,7 +209,7 @@ def _chunk_update(acc_grp, acc_win, c, s_t, w_r, b_lse, o_t, o_n, N, w,
 
 
 @triton.jit
-def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, lg_ptr, NS,
+def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, lg_ptr, NS,
                          i_b, i_h, N, W_total, w, o_t, o_n, m_n, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                          QR: tl.constexpr, CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr,
@@ -218,9 +218,10 @@ def proxy_attention_tile(b_k, b_q0, w_r0, m_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw,
                          IEEE: tl.constexpr, LOGITS: tl.constexpr):
     """reference.proxy_attention for one tile of keys.
 
-    b_q0 .. b_lse0 are chunk 0 (proxy_chunk), loaded once per program: when all query rows fit
-    one chunk (the common case: G * W_PAD <= QB) nothing is reloaded per tile. With LOGITS the
-    chunk's logits come from the statistics pass (``lg_ptr``), and ``b_k`` is not read."""
+    b_q0, w_r0, b_lse0 are chunk 0 (proxy_chunk; no row mask: a padding row's lse is +inf),
+    loaded once per program: when all query rows fit one chunk (the common case: G * W_PAD <=
+    QB) nothing is reloaded per tile. With LOGITS the chunk's logits come from the statistics
+    pass (``lg_ptr``), and ``b_k`` is not read."""
     NCH: tl.constexpr = QR // QB
     acc_grp = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
