@@ -426,6 +426,22 @@ def test_a_score_pass_of_kept_logits_runs_its_own_programs():
             assert score == ((waves[0], grids["stats_0"][1]) if waves else grids["stats_0"][:2]), (name, grids)
 
 
+def test_window_rows_are_copied_whoever_holds_them():
+    """With the gather fused into select, the forced windows' rows are copied in equal shares
+    by a row's programs (kernels/select.py SPREAD_WINDOWS): H2O's recency half (half the kept
+    rows, all in the row's last chunk) and NACL's sinks and recent window. On the GPU a row of
+    4096 tokens has several select programs (one here, in the interpreter); the kept rows
+    stay the reference's, and the results' K / V rows are those the indices name."""
+    g = torch.Generator().manual_seed(11)
+    keys, values = torch.randn(1, 2, 4096, 64, generator=g), torch.randn(1, 2, 4096, 48, generator=g)
+    queries = torch.randn(1, 4, 16, 64, generator=g)
+    for policy in (policies.h2o(), policies.nacl(sinks=8, proxy_window=16)):
+        for spread in ("1", "0"):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("TRITONKV_SPREAD_WINDOWS", spread)
+                compare(keys, values, queries, policy, 0.3)
+
+
 def _score_launches(policy, keys, values, queries, named=()):
     """(slots as the launches leave them, the kernels' names) of one prepared call."""
     from tritonkv.compiler import compile_policy, prepare

@@ -153,7 +153,7 @@ def _select_kernel(
     GATHER: tl.constexpr, GATHER_T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
-    SHARED: tl.constexpr,
+    SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -166,7 +166,10 @@ def _select_kernel(
     a head-reduced top, kernels/transform.py): program row i_row is batch row i_row, it ranks
     head 0's slots (row ``i_src``) once and writes the indices (and gathers the rows) of all H
     heads. With ``drop_one`` (nonzero: every row keeps all its tokens but one, which the last
-    clause drops) the last clause finds its lowest key in one pass instead of four digits."""
+    clause drops) the last clause finds its lowest key in one pass instead of four digits.
+    With GATHER and SPREAD_WINDOWS the rows of the forced windows (sink and recent) are copied
+    in equal shares by the row's P programs, not by the programs whose chunks hold them: H2O's
+    recency half is half of a row's kept rows, all in its last chunk."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
     i_src = i_row                # the row of the slots ranked
@@ -297,11 +300,17 @@ def _select_kernel(
         n_here = tl.sum(kept.to(tl.int32), 0)
         if GATHER:
             # the block's kept rows, densely: read back the indices just written (a barrier
-            # makes every thread's stores visible to the whole program)
+            # makes every thread's stores visible to the whole program). Kept in token order,
+            # the block's sink tokens come first and its recent ones last: with SPREAD_WINDOWS
+            # only the selected ones between them are copied here
+            first, last = offset, offset + n_here
+            if SPREAD_WINDOWS:
+                first += tl.sum((kept & (o_n < n_sink)).to(tl.int32), 0)
+                last -= tl.sum((kept & (o_n >= N - n_recent)).to(tl.int32), 0)
             tl.debug_barrier()
-            for r in range(0, n_here, GATHER_T):
+            for r in range(first - offset, last - offset, GATHER_T):
                 o_j = offset + r + o_g
-                m_j = o_j < offset + n_here
+                m_j = o_j < last
                 idx = tl.load(out_row + o_j, mask=m_j, other=0)
                 for h in range(0, n_out):
                     row = g_row + h
@@ -311,9 +320,37 @@ def _select_kernel(
                     _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, row // H, row % H, idx, out_dst, m_j,
                                DV, BLOCK_DV)
         offset += n_here
+    if GATHER and SPREAD_WINDOWS:
+        # the windows' rows, this program's share: window token t < n_sink is token t, kept
+        # first; the others are the recent tokens, kept last (the row keeps ``total``)
+        total = tl.sum(tl.where(m_p, kept_per_chunk, 0), 0)
+        n_win = n_sink + n_recent
+        share = tl.cdiv(n_win, P)
+        w_lo = i_p * share
+        w_hi = tl.minimum(w_lo + share, n_win)
+        for r in range(w_lo, w_hi, GATHER_T):
+            t = r + o_g
+            m_t = t < w_hi
+            in_sink = t < n_sink
+            idx = tl.where(in_sink, t, N - n_recent + (t - n_sink))
+            slot = tl.where(in_sink, t, total - n_recent + (t - n_sink))
+            for h in range(0, n_out):
+                row = g_row + h
+                out_dst = row.to(tl.int64) * n_kept + slot
+                _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, row // H, row % H, idx, out_dst, m_t,
+                           D, BLOCK_D)
+                _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, row // H, row % H, idx, out_dst, m_t,
+                           DV, BLOCK_DV)
 
 
 SELECT_SEED_ARG = _select_kernel.arg_names.index("seed")   # where select_launch passes the seed
+
+
+def spread_windows() -> bool:
+    """Whether a gathering select copies the forced windows' rows in equal shares over a row's
+    programs (``TRITONKV_SPREAD_WINDOWS=0``: by the programs whose chunks hold them, for A/B
+    timing)."""
+    return os.environ.get("TRITONKV_SPREAD_WINDOWS") != "0"
 
 
 def drop_one_enabled() -> bool:
@@ -378,7 +415,8 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
     gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
-                HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, **key_args(keys, [0] * len(keys))[1])
+                HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
+                **key_args(keys, [0] * len(keys))[1])
 
 
 def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
