@@ -31,7 +31,10 @@ RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_n
 POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr", "sq_ptr")
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
-CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES")
+# STEP: tokens a score tile advances (its BLOCK_N - 2 * HALO); a statistics kernel of its own tiles
+# (``own_tiles``) may run at another BLOCK_N and finds its programs' token ranges from STEP
+CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "STEP", "IEEE", "QK_SCALE", "PAGE",
+                  "STAGES")
 # the tile loops: STAGES-deep software pipelining of their loads, None for Triton's default (geometry.loop_stages)
 TILE_LOOP = "    for it in tl.range(0, tiles_per_prog, num_stages=STAGES):"
 
@@ -58,6 +61,16 @@ def halo(node: dsl.Score) -> int:
     elif isinstance(node, dsl.ProxyAttention):
         own = node.pool_kernel // 2
     return own + max((halo(c) for c in node.children()), default=0)
+
+
+def own_tiles(node: dsl.Score) -> bool:
+    """Whether a statistic reads each token alone, so that its statistics pass may tile the
+    tokens without the score's halo (tiles that overlap by 2 * HALO, whose overlap counts once)
+    and at a tile size of its own: an anchor or a proxy attention's softmax statistics (its
+    pooling is the score's, not the statistics'), a normalize or softmax of a per-token value."""
+    if isinstance(node, (dsl.AnchorSimilarity, dsl.ProxyAttention)):
+        return True
+    return halo(node.operand) == 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,7 @@ class Program:
     globals: Tuple[dsl.Score, ...]            # index i names po_i / fo_i / w_i
     levels: Tuple[Tuple[int, ...], ...]       # global indices per statistics level
     halo: int
+    own_tiles: Tuple[bool, ...]               # per level: its statistics tile the tokens without halo
     source: str
     signals: Tuple[str, ...] = ()              # sg_i: the policy's signal tensors, in order
     directions: Tuple[str, ...] = ()           # dr_i: its key_dot directions, in order
@@ -306,6 +320,17 @@ PROLOGUE = SEQUENCE.format(tiles="tiles_per_prog = tl.where(i_s < seq_splits, se
 TILE_START = '''{ind}o_n = {base} + o_t
 {ind}m_n = (o_n >= 0) & (o_n < N)
 {ind}m_val = (o_t >= HALO) & (o_t < BLOCK_N - HALO) & m_n'''
+SCORE_TILE = "(i_s * tiles_per_prog + it) * STEP - HALO"
+
+# A statistics pass of its own tiles: program i_s reads the tokens of the score tiles it would
+# read (tiles_per_prog of STEP tokens from i_s * tiles_per_prog * STEP), BLOCK_N at a time with no
+# overlap, so every lane it loads counts (the halo's 2 * HALO of each tile are not recomputed)
+OWN_TILE_LOOP = '''    t_lo = i_s * tiles_per_prog * STEP
+    t_hi = tl.minimum(t_lo + tiles_per_prog * STEP, N)
+    for it in tl.range(0, tl.cdiv(tiles_per_prog * STEP, BLOCK_N), num_stages=STAGES):
+        o_n = t_lo + it * BLOCK_N + o_t
+        m_n = o_n < t_hi
+        m_val = m_n'''
 
 
 @dataclass(frozen=True)
@@ -384,9 +409,11 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
             x = emitter.value(node.operand)
             update.append(f"sm_m_{gi}, sm_l_{gi} = softmax_tile(sm_m_{gi}, sm_l_{gi}, {x}, {node.temperature!r}, m_val)")
             store.append(f"    softmax_store(ws_ptr, po_{gi}, i_row, i_s, S, sm_m_{gi}, sm_l_{gi}, i_c == 0)")
-    tile = [TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO")]
-    lines = prologue + init + [TILE_LOOP] + tile + body \
-        + [" " * 8 + u for u in update] + store
+    if all(own_tiles(program_globals[gi]) for gi in members):
+        loop = [OWN_TILE_LOOP]
+    else:
+        loop = [TILE_LOOP, TILE_START.format(ind=" " * 8, base=SCORE_TILE)]
+    lines = prologue + init + loop + body + [" " * 8 + u for u in update] + store
     return _kernel(f"stats_{level}", program_globals, names, lines)
 
 
@@ -414,7 +441,7 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
                 "    zero_fill(z_ptr, z_numel, i_row * S + i_s, S * rows)"]
     body: List[str] = [TILE_LOOP]
     emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
-    body.append(TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"))
+    body.append(TILE_START.format(ind=" " * 8, base=SCORE_TILE))
     for index, slot in enumerate(slots):
         x = emitter.value(slot.stored)
         emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * NS + o_n, {x}, mask=m_val)")
@@ -451,7 +478,7 @@ def _score_heads_kernel(slots: Sequence[Slot], program_globals, names: Names) ->
              "    o_t = tl.arange(0, BLOCK_N)", "    o_d = tl.arange(0, BLOCK_D)", "    m_d = o_d < D",
              "    o_dv = tl.arange(0, BLOCK_DV)", "    m_dv = o_dv < DV",
              TILE_LOOP,
-             TILE_START.format(ind=" " * 8, base="(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO")]
+             TILE_START.format(ind=" " * 8, base=SCORE_TILE)]
     lines += [f"        acc_{k} = tl.full([BLOCK_N], {HEAD_INIT[slot.head_reduce]}, tl.float32)"
               for k, slot in enumerate(slots)]
     lines += ["        for j_h in range(0, H):", "            i_h = i_bh * 0 + j_h   # a tensor, as program ids are",
@@ -485,7 +512,8 @@ def generate(policy: dsl.Policy) -> Program:
     if fusable:
         lines += _score_heads_kernel(slots, program_globals, names)
     reads_cache = any(s.stored.needs_keys or s.stored.needs_values for s in slots)
-    return Program(slots, clause_keys, reads_cache, program_globals, levels, max_halo, "\n".join(lines) + "\n",
+    own = tuple(all(own_tiles(program_globals[gi]) for gi in members) for members in levels)
+    return Program(slots, clause_keys, reads_cache, program_globals, levels, max_halo, own, "\n".join(lines) + "\n",
                    names.signals, names.directions, fusable)
 
 

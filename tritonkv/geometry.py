@@ -127,6 +127,7 @@ class Geometry:
     score_tiling: Optional[Tuple[int, int]] = None   # the score kernel's (programs per row, tiles per
     # program) where they differ from the statistics passes' (score_splits); per batch row with score_heads
     score_heads: bool = False       # launch ``score_heads`` (heads reduced in the score kernel), no transform
+    level_constexprs: Tuple[Dict, ...] = ()   # per statistics level, its stats / merge kernels' constexprs
 
     def ranking_numel(self, slots: int) -> int:
         """float32 elements of the ranking scratch with ``slots`` elements of slots."""
@@ -263,7 +264,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         splits, tiles_per_prog = fixed_splits, cdiv(n_tiles, fixed_splits)
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                      HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
+                      HALO=program.halo, STEP=block_n - 2 * program.halo, QK_SCALE=qk_scale(d), PAGE=page,
                       IEEE=ieee_products(dtype),
                       STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize, anchored))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
@@ -294,7 +295,10 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     for i, numel in logits_regions:
         placed[i][2][1] = offset
         offset += numel
-    chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
+    level_constexprs = tuple(_stats_constexprs(program, level, constexprs, d, itemsize)
+                             for level in range(len(program.levels)))
+    chunks_per_level = tuple(max(chunks[i] if f"QB_{i}" not in lc else lc[f"QR_{i}"] // lc[f"QB_{i}"] for i in members)
+                             for members, lc in zip(program.levels, level_constexprs))
     tiling = deferred_tiling(n, lambda tiles: stats_splits(rows, tiles, device))
     deferred = []
     for slot in program.slots:
@@ -321,4 +325,21 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         fused = fused and score_tiling is not None
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
                     workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
-                    partials, n_tiles if dense else 0, score_tiling, fused)
+                    partials, n_tiles if dense else 0, score_tiling, fused, level_constexprs)
+
+
+def _stats_constexprs(program: Program, level: int, constexprs: Dict, d: int, itemsize: int) -> Dict:
+    """The constexprs of a level's statistics and merge kernels: the score's, or where the level
+    tiles the tokens itself (``Program.own_tiles``) and ``TRITONKV_STATS_TILE=QB,BLOCK_N`` is
+    set (for A/B timing), its own tile: BLOCK_N tokens, and QB query rows per chunk of each proxy
+    attention that does not keep its logits (a power of two in [16, its rows]; the merge reads
+    the partials by the same QB, the final statistics are laid out by row whatever it is)."""
+    tile = os.environ.get("TRITONKV_STATS_TILE")
+    if not tile or not program.own_tiles[level]:
+        return constexprs
+    qb, block_n = (int(x) for x in tile.split(","))
+    out = dict(constexprs, BLOCK_N=block_n)
+    for i in program.levels[level]:
+        if f"QB_{i}" in constexprs and not constexprs[f"LG_{i}"]:
+            out[f"QB_{i}"] = max(16, min(qb, constexprs[f"QR_{i}"]))
+    return out
