@@ -442,34 +442,23 @@ def test_window_rows_are_copied_whoever_holds_them():
                 compare(keys, values, queries, policy, 0.3)
 
 
-STATS_TILES = [None, "16,16", "32,32", "64,128"]   # TRITONKV_STATS_TILE: QB, BLOCK_N of the statistics
 STATS_POLICIES = {"snapkv": lambda: policies.snapkv(window=1, kernel=5), "keydiff": policies.keydiff,
                   "keydiff_knorm": policies.keydiff_knorm, "h2o": policies.h2o, "tova": policies.tova,
                   "nacl": lambda: policies.nacl(sinks=2, proxy_window=0.01)}
 
 
 @settings(max_examples=16, deadline=None)
-@given(n=st.sampled_from([1, 31, 301]), d=st.sampled_from([64, 80, 128, 256]), group=st.sampled_from([1, 4]),
-       name=st.sampled_from(sorted(STATS_POLICIES)), tile=st.sampled_from(STATS_TILES), seed=st.integers(0, 2**16))
-def test_statistics_tile_the_tokens_without_halo(n, d, group, name, tile, seed):
+@given(n=st.sampled_from([1, 31, 301, 1030]), d=st.sampled_from([64, 80, 128, 256]),
+       group=st.sampled_from([1, 4]), name=st.sampled_from(sorted(STATS_POLICIES)), seed=st.integers(0, 2**16))
+def test_statistics_tile_the_tokens_without_halo(n, d, group, name, seed):
     """Statistics read each token alone (codegen.own_tiles), so their programs tile the tokens
-    of their score tiles without the halo's overlap, and may do so at a tile and a query chunk of
-    their own (``TRITONKV_STATS_TILE``): SnapKV's pooled score (halo 2) and the policies without a
-    halo keep the reference's kept sets whatever the statistics' tiles."""
+    of their score tiles without the halo's overlap: SnapKV's pooled score (halo 2), whose
+    statistics programs then end mid-tile, and the policies without a halo keep the
+    reference's kept sets."""
     g = torch.Generator().manual_seed(seed)
     keys, values = torch.randn(1, 2, n, d, generator=g), torch.randn(1, 2, n, d, generator=g)
     queries = torch.randn(1, 2 * group, 1 if n == 1 else 4, d, generator=g)
-    with pytest.MonkeyPatch.context() as patch:
-        if tile is None:
-            patch.delenv("TRITONKV_STATS_TILE", raising=False)
-        else:
-            patch.setenv("TRITONKV_STATS_TILE", tile)
-        from tritonkv.geometry import clear_geometry
-        clear_geometry()
-        try:
-            compare(keys, values, queries, STATS_POLICIES[name](), 0.3, seed)
-        finally:
-            clear_geometry()
+    compare(keys, values, queries, STATS_POLICIES[name](), 0.3, seed)
 
 
 def test_pooled_statistics_keep_the_score_tiles():

@@ -126,9 +126,8 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
     if program.slots:
         geo, largs = launch_args(compiled, keys, values, queries, 0, priorities, named=named)
         for level in range(len(program.levels)):
-            constexprs, warps, _ = geo.level_launch[level]
-            record(f"stats_{level}", compiled.kernel(f"stats_{level}"), largs, constexprs, warps)
-            record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, constexprs, 4)
+            record(f"stats_{level}", compiled.kernel(f"stats_{level}"), largs, geo.constexprs, geo.num_warps)
+            record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
         record("score", compiled.kernel("score"), largs, geo.constexprs, geo.num_warps)
         if geo.score_heads:   # what evict launches instead of score + transform here
             record("score_heads", compiled.kernel("score_heads"), largs, geo.constexprs, geo.num_warps)
@@ -137,9 +136,9 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                             sequences)
             geo, pargs = launch_args(compiled, keys, values, queries, 0, priorities, named=named, layout=layout)
             for level in range(len(program.levels)):
-                constexprs, warps, _ = geo.level_launch[level]
-                record(f"stats_{level} paged", compiled.kernel(f"stats_{level}"), pargs, constexprs, warps)
-                record(f"merge_{level} paged", compiled.kernel(f"merge_{level}"), pargs, constexprs, 4)
+                record(f"stats_{level} paged", compiled.kernel(f"stats_{level}"), pargs, geo.constexprs,
+                       geo.num_warps)
+                record(f"merge_{level} paged", compiled.kernel(f"merge_{level}"), pargs, geo.constexprs, 4)
             record("score paged", compiled.kernel("score"), pargs, geo.constexprs, geo.num_warps)
     workspace = torch.empty(1 << 20, device="meta", dtype=torch.float32)
     for index, slot in enumerate(program.slots):

@@ -31,10 +31,7 @@ RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_n
 POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr", "sq_ptr")
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
-# STEP: tokens a score tile advances (its BLOCK_N - 2 * HALO); a statistics kernel of its own tiles
-# (``own_tiles``) may run at another BLOCK_N and finds its programs' token ranges from STEP
-CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "STEP", "IEEE", "QK_SCALE", "PAGE",
-                  "STAGES")
+CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES")
 # the tile loops: STAGES-deep software pipelining of their loads, None for Triton's default (geometry.loop_stages)
 TILE_LOOP = "    for it in tl.range(0, tiles_per_prog, num_stages=STAGES):"
 
@@ -65,9 +62,9 @@ def halo(node: dsl.Score) -> int:
 
 def own_tiles(node: dsl.Score) -> bool:
     """Whether a statistic reads each token alone, so that its statistics pass may tile the
-    tokens without the score's halo (tiles that overlap by 2 * HALO, whose overlap counts once)
-    and at a tile size of its own: an anchor or a proxy attention's softmax statistics (its
-    pooling is the score's, not the statistics'), a normalize or softmax of a per-token value."""
+    tokens without the score's halo (tiles that overlap by 2 * HALO, whose overlap counts once):
+    an anchor or a proxy attention's softmax statistics (its pooling is the score's, not the
+    statistics'), a normalize or softmax of a per-token value."""
     if isinstance(node, (dsl.AnchorSimilarity, dsl.ProxyAttention)):
         return True
     return halo(node.operand) == 0
@@ -320,14 +317,15 @@ PROLOGUE = SEQUENCE.format(tiles="tiles_per_prog = tl.where(i_s < seq_splits, se
 TILE_START = '''{ind}o_n = {base} + o_t
 {ind}m_n = (o_n >= 0) & (o_n < N)
 {ind}m_val = (o_t >= HALO) & (o_t < BLOCK_N - HALO) & m_n'''
-SCORE_TILE = "(i_s * tiles_per_prog + it) * STEP - HALO"
+SCORE_TILE = "(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"
 
-# A statistics pass of its own tiles: program i_s reads the tokens of the score tiles it would
-# read (tiles_per_prog of STEP tokens from i_s * tiles_per_prog * STEP), BLOCK_N at a time with no
-# overlap, so every lane it loads counts (the halo's 2 * HALO of each tile are not recomputed)
-OWN_TILE_LOOP = '''    t_lo = i_s * tiles_per_prog * STEP
-    t_hi = tl.minimum(t_lo + tiles_per_prog * STEP, N)
-    for it in tl.range(0, tl.cdiv(tiles_per_prog * STEP, BLOCK_N), num_stages=STAGES):
+# A statistics pass of its own tiles (``own_tiles``): program i_s reads the tokens of the score
+# tiles it would read (tiles_per_prog tiles of BLOCK_N - 2 * HALO new tokens each), BLOCK_N at a
+# time with no overlap, so every lane it loads counts (SnapKV, HALO = 2: 60 of each 64 before)
+OWN_TILE_LOOP = '''    span = tiles_per_prog * (BLOCK_N - 2 * HALO)
+    t_lo = i_s * span
+    t_hi = tl.minimum(t_lo + span, N)
+    for it in tl.range(0, tl.cdiv(span, BLOCK_N), num_stages=STAGES):
         o_n = t_lo + it * BLOCK_N + o_t
         m_n = o_n < t_hi
         m_val = m_n'''

@@ -247,10 +247,9 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
     its transform and the moment partials a sample clause's key reads."""
     out = []
     for level, nch in enumerate(geo.chunks_per_level):
-        constexprs, warps, stages = geo.level_launch[level]
-        out.append(Launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, constexprs,
-                          warps, stages, SEED_ARG))
-        out.append(Launch(compiled.kernel(f"merge_{level}"), (geo.rows, nch), args, constexprs, 4, None, SEED_ARG))
+        out.append(Launch(compiled.kernel(f"stats_{level}"), (geo.splits, geo.rows, nch), args, geo.constexprs,
+                          geo.num_warps, geo.num_stages, SEED_ARG))
+        out.append(Launch(compiled.kernel(f"merge_{level}"), (geo.rows, nch), args, geo.constexprs, 4, None, SEED_ARG))
     b, h, n = shape
     score, score_args, score_grid = compiled.kernel("score"), args, (geo.splits, geo.rows)
     tiling = geo.score_tiling or score_tiling(compiled, geo, args[0].device)

@@ -127,8 +127,6 @@ class Geometry:
     score_tiling: Optional[Tuple[int, int]] = None   # the score kernel's (programs per row, tiles per
     # program) where they differ from the statistics passes' (score_splits); per batch row with score_heads
     score_heads: bool = False       # launch ``score_heads`` (heads reduced in the score kernel), no transform
-    # per statistics level, (constexprs, num_warps, num_stages) of its stats kernel (merge: the constexprs)
-    level_launch: Tuple[Tuple[Dict, int, Optional[int]], ...] = ()
 
     def ranking_numel(self, slots: int) -> int:
         """float32 elements of the ranking scratch with ``slots`` elements of slots."""
@@ -265,7 +263,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         splits, tiles_per_prog = fixed_splits, cdiv(n_tiles, fixed_splits)
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                      HALO=program.halo, STEP=block_n - 2 * program.halo, QK_SCALE=qk_scale(d), PAGE=page,
+                      HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
                       IEEE=ieee_products(dtype),
                       STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize, anchored))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
@@ -296,6 +294,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     for i, numel in logits_regions:
         placed[i][2][1] = offset
         offset += numel
+    chunks_per_level = tuple(max(chunks[i] for i in members) for members in program.levels)
     tiling = deferred_tiling(n, lambda tiles: stats_splits(rows, tiles, device))
     deferred = []
     for slot in program.slots:
@@ -310,11 +309,6 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     per_global = [v for part, final, window in placed for v in [workspace + part, final, *window]]
     warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
     stages = os.environ.get("TRITONKV_STAGES")
-    stages = int(stages) if stages else None
-    level_launch = tuple(_stats_launch(program, level, constexprs, warps, stages)
-                         for level in range(len(program.levels)))
-    chunks_per_level = tuple(max(lc[f"QR_{i}"] // lc[f"QB_{i}"] if f"QB_{i}" in lc else chunks[i] for i in members)
-                             for members, (lc, _, _) in zip(program.levels, level_launch))
     dense = fixed_splits is None and page == 0   # the splits are this module's to choose
     score_tiling, fused = None, False
     if dense and program.slots and not _score_reads_cache(program, constexprs):
@@ -326,25 +320,5 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
             score_tiling = even_tiling(n_tiles, programs)
         fused = fused and score_tiling is not None
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
-                    workspace, warps, stages, tuple(deferred), tiling, tuple(moments),
-                    partials, n_tiles if dense else 0, score_tiling, fused, level_launch)
-
-
-def _stats_launch(program: Program, level: int, constexprs: Dict, warps: int,
-                  stages: Optional[int]) -> Tuple[Dict, int, Optional[int]]:
-    """(constexprs, num_warps, num_stages) of a level's statistics kernel (its merge takes the
-    constexprs too): the score's, or where the level tiles the tokens itself
-    (``Program.own_tiles``) and ``TRITONKV_STATS_TILE=QB,BLOCK_N[,WARPS[,STAGES]]`` is set (for
-    A/B timing), its own: BLOCK_N tokens per tile, QB query rows per chunk of each proxy attention
-    that does not keep its logits (clamped to [16, its rows]; the merge reads the partials by the
-    same QB, and the final statistics are laid out by row whatever it is), and its warps and
-    pipelining depth."""
-    tile = os.environ.get("TRITONKV_STATS_TILE")
-    if not tile or not program.own_tiles[level]:
-        return constexprs, warps, stages
-    qb, block_n, *launch = (int(x) for x in tile.split(","))
-    out = dict(constexprs, BLOCK_N=block_n)
-    for i in program.levels[level]:
-        if f"QB_{i}" in constexprs and not constexprs[f"LG_{i}"]:
-            out[f"QB_{i}"] = max(16, min(qb, constexprs[f"QR_{i}"]))
-    return out, launch[0] if launch else warps, launch[1] if len(launch) > 1 else stages
+                    workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
+                    partials, n_tiles if dense else 0, score_tiling, fused)
