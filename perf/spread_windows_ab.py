@@ -1,5 +1,5 @@
 """A/B of how a gathering select copies the forced windows' rows (tritonkv/kernels/select.py,
-for patches/spread-windows.patch): by the programs whose chunks hold them
+landed in 9df257c; H100 results in perf/results/gpu-checks/): by the programs whose chunks hold them
 (TRITONKV_SPREAD_WINDOWS=0, as before) against equal shares over a row's programs, for the
 presets with a large window (H2O's recency half, NACL's sinks and recent window) and two
 with a small one (SnapKV's 64, TOVA's 1), wall / graph / host beside the peer.
