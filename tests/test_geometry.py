@@ -95,3 +95,32 @@ def test_the_score_launch_takes_its_waves_once_its_occupancy_is_learnt(monkeypat
     assert compiler.score_tiling(compiled, geo, torch.device("cpu")) is None
     monkeypatch.setenv("TRITONKV_SCORE_WAVES", "0")
     assert compiler.score_tiling(compiled, geo, cuda) is None
+
+
+def test_the_score_launch_carries_its_register_cap(monkeypatch):
+    """``TRITONKV_SCORE_MAXNREG`` reaches the score launch (and only it) as Triton's ``maxnreg``;
+    unset or 0, no launch has a cap (the interpreter takes none: what a cap does to the build is
+    the GPU's to show)."""
+    import torch
+
+    from tritonkv import compiler, geometry, policies
+    from tritonkv.budget import allocate
+    from tritonkv.kernels.launch import _options
+    from tritonkv.lowering import lower
+
+    policy = policies.h2o()
+    lowered, alloc = lower(policy, allocate(policy, 300, 90))
+    compiled = compiler.compile_policy(lowered)
+    keys, queries = torch.randn(1, 2, 300, 64), torch.randn(1, 8, 4, 64)
+    for cap, expected in ((None, None), ("0", None), ("128", 128)):
+        if cap is None:
+            monkeypatch.delenv("TRITONKV_SCORE_MAXNREG", raising=False)
+        else:
+            monkeypatch.setenv("TRITONKV_SCORE_MAXNREG", cap)
+        geometry.clear_geometry()
+        call = compiler.prepare(compiled, alloc, keys, keys, queries, 0)
+        caps = {getattr(step.fn, "__name__", "") or step.fn.fn.__name__: step.maxnreg for step in call.launches}
+        assert caps.pop("score") == expected and set(caps.values()) == {None}
+    geometry.clear_geometry()
+    assert _options(8, None, 128) == {"num_warps": 8, "maxnreg": 128}
+    assert _options(4, 3, None) == {"num_warps": 4, "num_stages": 3}

@@ -97,11 +97,6 @@ def test_l2_probe_runs_at_toy_size():
     assert "two launches" in out.stdout   # on the CPU the two launches alone
 
 
-def test_maxnreg_probe_runs_at_toy_size():
-    out = run([sys.executable, "perf/maxnreg_probe.py", "--toy"])
-    assert "h2o      B=1 N=300: score grid" in out.stdout and "snapkv   B=1 N=300: score grid" in out.stdout
-
-
 def test_every_environment_switch_is_documented():
     """docs/performance.md's "Environment switches" table names every TRITONKV_* variable that
     tritonkv/ reads, and no other."""

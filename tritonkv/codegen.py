@@ -383,12 +383,12 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
             init.append(f"    c_{gi} = tl.minimum(i_c, NCH_{gi} - 1)")
             init.append(f"    run_m_{gi} = tl.full([QB_{gi}], float('-inf'), tl.float32)")
             init.append(f"    run_l_{gi} = tl.zeros([QB_{gi}], dtype=tl.float32)")
-            init.append(f"    bs_q_{gi}, ws_r_{gi}, ms_r_{gi}, _ = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, ws_ptr, "
+            init.append(f"    bs_q_{gi}, ws_r_{gi}, _, _ = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, ws_ptr, "
                         f"i_b, i_h, W_total, w_{gi}, c_{gi}, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, False)")
             init.append(f"    p_lg_{gi} = ws_ptr + lo_{gi} + i_row.to(tl.int64) * G * NS")
             emitter.keys()
             update.append(f"run_m_{gi}, run_l_{gi} = proxy_stats_tile(run_m_{gi}, run_l_{gi}, b_k, bs_q_{gi}, "
-                          f"ws_r_{gi}, ms_r_{gi}, N, w_{gi}, o_n, m_val, p_lg_{gi}, NS, i_c < NCH_{gi}, "
+                          f"ws_r_{gi}, N, w_{gi}, o_n, m_val, p_lg_{gi}, NS, i_c < NCH_{gi}, "
                           f"{node.causal}, QK_SCALE, IEEE, G, QB_{gi}, LG_{gi})")
             store.append(f"    o_q_{gi} = tl.arange(0, QB_{gi})")
             store.append(f"    p_part_{gi} = ws_ptr + po_{gi} + ((i_row * NCH_{gi} + i_c) * S + i_s) * (2 * QB_{gi})")

@@ -237,9 +237,10 @@ class Launch:
     num_warps: int = 4
     num_stages: Optional[int] = None
     seed_arg: Optional[int] = None
+    maxnreg: Optional[int] = None   # registers per thread the build may use (None: as ptxas likes)
 
     def __call__(self):
-        return launch(self.fn, self.grid, self.args, self.constexprs, self.num_warps, self.num_stages)
+        return launch(self.fn, self.grid, self.args, self.constexprs, self.num_warps, self.num_stages, self.maxnreg)
 
 
 def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, workspace, shape) -> List[Launch]:
@@ -262,7 +263,8 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
         score_args = list(args)
         score_args[score.arg_names.index("S")] = splits
         score_args[score.arg_names.index("tiles_per_prog")] = tiles
-    out.append(Launch(score, score_grid, score_args, geo.constexprs, geo.num_warps, geo.num_stages, SEED_ARG))
+    out.append(Launch(score, score_grid, score_args, geo.constexprs, geo.num_warps, geo.num_stages, SEED_ARG,
+                      geo.score_maxnreg))
     program = compiled.program
     deferred = iter(geo.deferred)
     moments = dict(zip(program.moment_slots, geo.moments))

@@ -127,6 +127,7 @@ class Geometry:
     score_tiling: Optional[Tuple[int, int]] = None   # the score kernel's (programs per row, tiles per
     # program) where they differ from the statistics passes' (score_splits); per batch row with score_heads
     score_heads: bool = False       # launch ``score_heads`` (heads reduced in the score kernel), no transform
+    score_maxnreg: Optional[int] = None   # the score kernel's register cap (score_register_cap)
 
     def ranking_numel(self, slots: int) -> int:
         """float32 elements of the ranking scratch with ``slots`` elements of slots."""
@@ -321,4 +322,13 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         fused = fused and score_tiling is not None
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
                     workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
-                    partials, n_tiles if dense else 0, score_tiling, fused)
+                    partials, n_tiles if dense else 0, score_tiling, fused, score_register_cap())
+
+
+def score_register_cap() -> Optional[int]:
+    """Registers per thread the score kernel may use (Triton's ``maxnreg``; ptxas spills past it),
+    None for no cap. ``TRITONKV_SCORE_MAXNREG=128`` (for A/B timing) fits two 8-warp programs per SM
+    where the build takes more: H2O's score pass builds to 156 (its causal compare holds each query's
+    position through the tile loop), SnapKV's to 117. No cap by default: not yet timed."""
+    cap = _override("TRITONKV_SCORE_MAXNREG", 0)
+    return cap if cap > 0 else None

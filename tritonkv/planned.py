@@ -118,7 +118,8 @@ def record(call: Call, keys, values, queries, named=()) -> Optional[Plan]:
                                          (OUT_KEYS, call.keys), (OUT_VALUES, call.values)) if t is not None]
     steps = []
     for launch in call.launches:
-        entry = compiled_entry(launch.fn, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)
+        entry = compiled_entry(launch.fn, launch.args, launch.constexprs, launch.num_warps, launch.num_stages,
+                               launch.maxnreg)
         if entry is None:
             return None
         kernel, constexpr_values = entry

@@ -77,9 +77,9 @@ class Launcher:
     def fast_path_ok(self, args: Sequence) -> bool:
         return not _hooks_installed() and self.trailing_constexprs and len(args) == self.n_runtime
 
-    def __call__(self, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
-        options = (num_warps, num_stages)
-        kw = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    def __call__(self, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None, maxnreg=None):
+        options = (num_warps, num_stages, maxnreg)
+        kw = _options(num_warps, num_stages, maxnreg)
         if not self.fast_path_ok(args):
             return self.fn[grid](*args, **constexprs, **kw)
         if self.tensors is None:
@@ -101,16 +101,26 @@ class Launcher:
                    None, None, *args, *constexpr_values)
         return kernel
 
-    def entry(self, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
+    def entry(self, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None, maxnreg=None):
         """(compiled kernel, constexpr values) that a launch with these arguments used, or None
         where launches take Triton's own path."""
         if self.tensors is None or not self.fast_path_ok(args):
             return None
         try:
-            key = self._key(args, constexprs, (num_warps, num_stages))
+            key = self._key(args, constexprs, (num_warps, num_stages, maxnreg))
         except (AttributeError, TypeError):
             return None
         return self.compiled.get((torch.cuda.current_device(), key))
+
+
+def _options(num_warps: int, num_stages, maxnreg) -> dict:
+    """Triton's launch options: ``maxnreg`` caps the registers per thread (ptxas spills beyond)."""
+    kw = {"num_warps": num_warps}
+    if num_stages is not None:
+        kw["num_stages"] = num_stages
+    if maxnreg is not None:
+        kw["maxnreg"] = maxnreg
+    return kw
 
 
 _LAUNCHERS: Dict[int, Launcher] = {}
@@ -129,22 +139,22 @@ def kernel_name(fn) -> str:
     return getattr(fn, "__name__", str(fn)).strip("_").replace("_kernel", "")
 
 
-def launch(fn, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
+def launch(fn, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None, maxnreg=None):
     """Launch ``fn`` (a @triton.jit kernel) on ``grid``; returns the compiled kernel. Every
     kernel launch of tritonkv goes through here (planned GPU calls replay kernels this
     launched), so this is where interpreted launches are serialized."""
     if interpreting():
         with interpreted(fn):
             return fn[grid](*args, **constexprs, num_warps=num_warps)
-    return _launcher(fn)(grid, args, constexprs, num_warps, num_stages)
+    return _launcher(fn)(grid, args, constexprs, num_warps, num_stages, maxnreg)
 
 
-def compiled_entry(fn, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None):
+def compiled_entry(fn, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None, maxnreg=None):
     """(compiled kernel, constexpr values) of an earlier launch of ``fn`` with arguments like
     these (same specialization), for callers that launch it directly; None if unknown."""
     if interpreting():
         return None
-    return _launcher(fn).entry(args, constexprs, num_warps, num_stages)
+    return _launcher(fn).entry(args, constexprs, num_warps, num_stages, maxnreg)
 
 
 def hooks_installed() -> bool:

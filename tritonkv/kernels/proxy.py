@@ -45,27 +45,35 @@ def _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c,
 
 
 @triton.jit
-def _logits(b_q, b_k, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
-    """q . k * QK_SCALE (= log2(e) / sqrt(D)), float32 [QB, BLOCK_N]; float32 caches use
-    full-precision products rather than TF32.
+def _products(b_q, b_k, IEEE: tl.constexpr):
+    """q . k, float32 [QB, BLOCK_N] (a logit is this times QK_SCALE = log2(e) / sqrt(D)); float32
+    caches use full-precision products rather than TF32.
 
     IEEE is also set for bfloat16 in Triton's CPU interpreter, whose bfloat16 tl.dot returns
     garbage (Triton 3.6); the operands are then upcast, which is exact."""
     if IEEE:
         b_q = b_q.to(tl.float32)
         b_k = b_k.to(tl.float32)
-        s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        return tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     else:
-        s = tl.dot(b_q, tl.trans(b_k))
-    return s * QK_SCALE
+        return tl.dot(b_q, tl.trans(b_k))
 
 
 @triton.jit
-def _visible(m_r, w_r, o_n, m_val, N, w, CAUSAL: tl.constexpr):
-    vis = m_r[:, None] & m_val[None, :]
-    if CAUSAL:  # window row w_r sits at position N - w + w_r
-        vis = vis & (o_n[None, :] <= (N - w + w_r)[:, None])
-    return vis
+def _logits(b_q, b_k, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
+    """q . k * QK_SCALE, float32 [QB, BLOCK_N] (the decode kernel's logits)."""
+    return _products(b_q, b_k, IEEE) * QK_SCALE
+
+
+@triton.jit
+def _visible(w_r, o_n, m_val, N, w, CAUSAL: tl.constexpr):
+    """The keys a query row sees: the tile's counted lanes, and with CAUSAL those at or before
+    the row's own position N - w + w_r. Padding rows are not masked: their statistics are
+    never read (proxy_chunk gives them lse = +inf)."""
+    if CAUSAL:
+        return m_val[None, :] & (o_n[None, :] <= (N - w + w_r)[:, None])
+    else:
+        return m_val[None, :]
 
 
 @triton.jit
@@ -86,20 +94,23 @@ def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, 
 
 
 @triton.jit
-def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, m_r, N, w, o_n, m_val, lg_ptr, NS, store,
+def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, N, w, o_n, m_val, lg_ptr, NS, store,
                      CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr, G: tl.constexpr,
                      QB: tl.constexpr, LOGITS: tl.constexpr):
     """Online softmax statistics of one chunk's query rows [QB] over this tile's visible keys;
     with LOGITS (one chunk whose row g is query head g) also the tile's logits of the G heads,
-    where ``store`` (the tile's own tokens, m_val, once each)."""
-    s = tl.where(_visible(m_r, w_r, o_n, m_val, N, w, CAUSAL), _logits(b_q, b_k, QK_SCALE, IEEE), float("-inf"))
+    where ``store`` (the tile's own tokens, m_val, once each).
+
+    The row max is taken over the unscaled products (QK_SCALE > 0: the same key wins, and the
+    scaled max rounds as before), so each exponent is one fused multiply-add, q.k * QK_SCALE - m."""
+    x = tl.where(_visible(w_r, o_n, m_val, N, w, CAUSAL), _products(b_q, b_k, IEEE), float("-inf"))
     if LOGITS:
         o_r = tl.arange(0, QB)
-        tl.store(lg_ptr + o_r.to(tl.int64)[:, None] * NS + o_n[None, :], s,
+        tl.store(lg_ptr + o_r.to(tl.int64)[:, None] * NS + o_n[None, :], x * QK_SCALE,
                  mask=(o_r < G)[:, None] & m_val[None, :] & store)
-    t_m = tl.max(s, 1)
+    t_m = tl.max(x, 1) * QK_SCALE
     t_safe = tl.where(t_m == float("-inf"), 0.0, t_m)
-    t_l = tl.sum(tl.exp2(s - t_safe[:, None]), 1)
+    t_l = tl.sum(tl.exp2(x * QK_SCALE - t_safe[:, None]), 1)
     return online_softmax_merge(run_m, run_l, t_m, t_l, True)
 
 
