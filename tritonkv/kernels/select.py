@@ -141,6 +141,19 @@ def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
     tl.store(dst_ptr + dst[:, None] * D + o_d[None, :], tl.load(p_src, mask=m), mask=m)
 
 
+@triton.jit
+def _copy_kv_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, v_ptr, s_vb, s_vh, s_vn, s_vd, out_k_ptr, out_v_ptr, g_row, n_out,
+                  H, n_kept, idx, slot, m, D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_DV: tl.constexpr):
+    """The K and V rows of tokens ``idx`` into output slots ``slot`` of rows g_row .. g_row + n_out - 1
+    (every head of a shared selection, or the one row), for the lanes in ``m``."""
+    for h in range(0, n_out):
+        row = g_row + h
+        out_dst = row.to(tl.int64) * n_kept + slot
+        _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, row // H, row % H, idx, out_dst, m, D, BLOCK_D)
+        _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, row // H, row % H, idx, out_dst, m, DV, BLOCK_DV)
+
+
 @triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S", "drop_one",
                                "count0", "count1", "count2", "count3", "mom0", "mom1", "mom2", "mom3"])
 def _select_kernel(
@@ -312,13 +325,8 @@ def _select_kernel(
                 o_j = offset + r + o_g
                 m_j = o_j < last
                 idx = tl.load(out_row + o_j, mask=m_j, other=0)
-                for h in range(0, n_out):
-                    row = g_row + h
-                    out_dst = row.to(tl.int64) * n_kept + o_j
-                    _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, row // H, row % H, idx, out_dst, m_j,
-                               D, BLOCK_D)
-                    _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, row // H, row % H, idx, out_dst, m_j,
-                               DV, BLOCK_DV)
+                _copy_kv_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, v_ptr, s_vb, s_vh, s_vn, s_vd, out_k_ptr, out_v_ptr,
+                              g_row, n_out, H, n_kept, idx, o_j, m_j, D, BLOCK_D, DV, BLOCK_DV)
         offset += n_here
     if GATHER and SPREAD_WINDOWS:
         # the windows' rows, this program's share: window token t < n_sink is token t, kept
@@ -334,13 +342,8 @@ def _select_kernel(
             in_sink = t < n_sink
             idx = tl.where(in_sink, t, N - n_recent + (t - n_sink))
             slot = tl.where(in_sink, t, total - n_recent + (t - n_sink))
-            for h in range(0, n_out):
-                row = g_row + h
-                out_dst = row.to(tl.int64) * n_kept + slot
-                _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, row // H, row % H, idx, out_dst, m_t,
-                           D, BLOCK_D)
-                _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, row // H, row % H, idx, out_dst, m_t,
-                           DV, BLOCK_DV)
+            _copy_kv_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, v_ptr, s_vb, s_vh, s_vn, s_vd, out_k_ptr, out_v_ptr,
+                          g_row, n_out, H, n_kept, idx, slot, m_t, D, BLOCK_D, DV, BLOCK_DV)
 
 
 SELECT_SEED_ARG = _select_kernel.arg_names.index("seed")   # where select_launch passes the seed
