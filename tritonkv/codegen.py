@@ -329,6 +329,20 @@ OWN_TILE_LOOP = '''    span = tiles_per_prog * (BLOCK_N - 2 * HALO)
         o_n = t_lo + it * BLOCK_N + o_t
         m_n = o_n < t_hi
         m_val = m_n'''
+# with a proxy attention: first the range's whole tiles before ``free`` (where the causal windows'
+# keys start), with no mask, then the rest with masks (at most the last tile and the window's)
+SPLIT_TILE_LOOP = '''    span = tiles_per_prog * (BLOCK_N - 2 * HALO)
+    t_lo = i_s * span
+    t_hi = tl.minimum(t_lo + span, N)
+    n_whole = tl.maximum(tl.minimum(t_hi, {free}) - t_lo, 0) // BLOCK_N
+    for it in tl.range(0, n_whole, num_stages=STAGES):
+        o_n = t_lo + it * BLOCK_N + o_t
+        m_n = o_t >= 0
+        m_val = m_n'''
+MASKED_TILE_LOOP = '''    for it in tl.range(n_whole, tl.cdiv(t_hi - t_lo, BLOCK_N), num_stages=1):
+        o_n = t_lo + it * BLOCK_N + o_t
+        m_n = o_n < t_hi
+        m_val = m_n'''
 
 
 @dataclass(frozen=True)
@@ -365,9 +379,10 @@ def _kernel(name: str, program_globals, names: Names, lines: List[str]) -> List[
     return [f"@triton.jit(do_not_specialize={no_spec!r})", f"def {name}({params}):", *lines, ""]
 
 
-def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Names) -> List[str]:
-    prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", "    i_c = tl.program_id(2)",
-                PROLOGUE]
+def _stats_parts(members: Sequence[int], program_globals, names: Names, prologue: List[str], full: bool):
+    """(init, tile, store) lines of a level's statistics kernel; ``tile`` evaluates one tile at an
+    indent of 8 (its emitter adds what it needs once per program to ``prologue``). ``full``: every
+    lane of the tile counts, so a proxy attention's statistics mask none (proxy_stats_tile's FULL)."""
     body: List[str] = []
     emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
     init, update, store = [], [], []
@@ -389,7 +404,7 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
             emitter.keys()
             update.append(f"run_m_{gi}, run_l_{gi} = proxy_stats_tile(run_m_{gi}, run_l_{gi}, b_k, bs_q_{gi}, "
                           f"ws_r_{gi}, N, w_{gi}, o_n, m_val, p_lg_{gi}, NS, i_c < NCH_{gi}, "
-                          f"{node.causal}, QK_SCALE, IEEE, G, QB_{gi}, LG_{gi})")
+                          f"{node.causal}, QK_SCALE, IEEE, G, QB_{gi}, LG_{gi}, {full})")
             store.append(f"    o_q_{gi} = tl.arange(0, QB_{gi})")
             store.append(f"    p_part_{gi} = ws_ptr + po_{gi} + ((i_row * NCH_{gi} + i_c) * S + i_s) * (2 * QB_{gi})")
             store.append(f"    tl.store(p_part_{gi} + o_q_{gi}, run_m_{gi}, mask=(o_q_{gi} >= 0) & (i_c < NCH_{gi}))")
@@ -407,11 +422,37 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
             x = emitter.value(node.operand)
             update.append(f"sm_m_{gi}, sm_l_{gi} = softmax_tile(sm_m_{gi}, sm_l_{gi}, {x}, {node.temperature!r}, m_val)")
             store.append(f"    softmax_store(ws_ptr, po_{gi}, i_row, i_s, S, sm_m_{gi}, sm_l_{gi}, i_c == 0)")
-    if all(own_tiles(program_globals[gi]) for gi in members):
-        loop = [OWN_TILE_LOOP]
+    return init, body + [" " * 8 + u for u in update], store
+
+
+def _max_of(names: Sequence[str]) -> str:
+    """tl.maximum over the names, two at a time."""
+    expr = names[0]
+    for name in names[1:]:
+        expr = f"tl.maximum({expr}, {name})"
+    return expr
+
+
+def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Names) -> List[str]:
+    prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", "    i_c = tl.program_id(2)",
+                PROLOGUE]
+    own = all(own_tiles(program_globals[gi]) for gi in members)
+    proxies = [gi for gi in members if isinstance(program_globals[gi], dsl.ProxyAttention)]
+    if own and proxies:
+        # whole tiles that no row's causal window reaches need no mask per logit (proxy_stats_tile's
+        # FULL); the rest of the range (a partial last tile, the window's keys) is masked
+        causal = [f"w_{gi}" for gi in proxies if program_globals[gi].causal]
+        free = f"N - {_max_of(causal)}" if causal else "N"
+        init, whole, store = _stats_parts(members, program_globals, names, prologue, True)
+        _, masked, _ = _stats_parts(members, program_globals, names, prologue, False)
+        lines = (list(dict.fromkeys(prologue)) + init + [SPLIT_TILE_LOOP.format(free=free)] + whole
+                 + [MASKED_TILE_LOOP] + masked + store)
+    elif own:
+        init, tile, store = _stats_parts(members, program_globals, names, prologue, False)
+        lines = prologue + init + [OWN_TILE_LOOP] + tile + store
     else:
-        loop = [TILE_LOOP, TILE_START.format(ind=" " * 8, base=SCORE_TILE)]
-    lines = prologue + init + loop + body + [" " * 8 + u for u in update] + store
+        init, tile, store = _stats_parts(members, program_globals, names, prologue, False)
+        lines = prologue + init + [TILE_LOOP, TILE_START.format(ind=" " * 8, base=SCORE_TILE)] + tile + store
     return _kernel(f"stats_{level}", program_globals, names, lines)
 
 

@@ -96,14 +96,17 @@ def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, 
 @triton.jit
 def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, N, w, o_n, m_val, lg_ptr, NS, store,
                      CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr, G: tl.constexpr,
-                     QB: tl.constexpr, LOGITS: tl.constexpr):
+                     QB: tl.constexpr, LOGITS: tl.constexpr, FULL: tl.constexpr):
     """Online softmax statistics of one chunk's query rows [QB] over this tile's visible keys;
     with LOGITS (one chunk whose row g is query head g) also the tile's logits of the G heads,
-    where ``store`` (the tile's own tokens, m_val, once each).
+    where ``store`` (the tile's own tokens, m_val, once each). With FULL (a tile whose lanes all
+    count, before any causal window's keys) no logit is masked.
 
     The row max is taken over the unscaled products (QK_SCALE > 0: the same key wins, and the
     scaled max rounds as before), so each exponent is one fused multiply-add, q.k * QK_SCALE - m."""
-    x = tl.where(_visible(w_r, o_n, m_val, N, w, CAUSAL), _products(b_q, b_k, IEEE), float("-inf"))
+    x = _products(b_q, b_k, IEEE)
+    if not FULL:   # FULL: every lane counts and every row sees every key (codegen.SPLIT_TILE_LOOP)
+        x = tl.where(_visible(w_r, o_n, m_val, N, w, CAUSAL), x, float("-inf"))
     if LOGITS:
         o_r = tl.arange(0, QB)
         tl.store(lg_ptr + o_r.to(tl.int64)[:, None] * NS + o_n[None, :], x * QK_SCALE,
