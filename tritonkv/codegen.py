@@ -156,9 +156,10 @@ class TileEmitter:
     """Emits the lines that evaluate score nodes on the current tile."""
 
     def __init__(self, program_globals: Tuple[dsl.Score, ...], prologue: List[str], body: List[str], indent: str,
-                 names: "Names"):
+                 names: "Names", causal: bool = True):
         self.globals = program_globals
         self.names = names
+        self.causal = causal   # False: the tile is before every causal window's keys (no compare)
         self.prologue = prologue
         self.body = body
         self.indent = indent
@@ -265,7 +266,8 @@ class TileEmitter:
             return self._assign(
                 f"proxy_attention_tile(b_k, {chunk}, q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, p_lg_{gi}, NS, "
                 f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, "
-                f"{node.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, {node.pool_mode == 'max'}, "
+                f"{node.causal and self.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, "
+                f"{node.pool_mode == 'max'}, "
                 f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE, LG_{gi})")
         if isinstance(node, dsl.Normalize):
             self.prologue.append(f"    mean_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
@@ -473,18 +475,48 @@ def _merge_kernel(level: int, members: Sequence[int], program_globals, names: Na
     return _kernel(f"merge_{level}", program_globals, names, lines)
 
 
+def causal_windows(program_globals) -> List[str]:
+    """The windows (w_i) of the proxy attentions whose rows must not see the keys after their own
+    position (causal, the window's own keys not excluded: H2O); only the last w keys are hidden."""
+    return [f"w_{i}" for i, g in enumerate(program_globals)
+            if isinstance(g, dsl.ProxyAttention) and g.causal and not g.exclude_window]
+
+
+# With causal windows, each score program first evaluates its tiles whose lanes (halo included) are
+# all before ``free``, where the windows' keys start, with no causal compare, then the rest with it
+SCORE_SPLIT = '''    free = N - {windows}
+    x_free = free + HALO - BLOCK_N   # a tile g is before ``free`` where g * (BLOCK_N - 2 * HALO) <= x_free
+    n_free = tl.where(x_free >= 0, x_free // (BLOCK_N - 2 * HALO) + 1, 0) - i_s * tiles_per_prog
+    n_free = tl.minimum(tl.maximum(n_free, 0), tiles_per_prog)'''
+CAUSAL_LOOP = "    for it in tl.range(n_free, tiles_per_prog, num_stages=1):"
+
+
+def _score_body(slots: Sequence[Slot], program_globals, names: Names, prologue: List[str], causal: bool) -> List[str]:
+    body: List[str] = [TILE_START.format(ind=" " * 8, base=SCORE_TILE)]
+    emitter = TileEmitter(program_globals, prologue, body, " " * 8, names, causal)
+    for index, slot in enumerate(slots):
+        x = emitter.value(slot.stored)
+        emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * NS + o_n, {x}, mask=m_val)")
+    return body
+
+
 def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[str]:
+    """Per tile, every slot's score. With causal windows (H2O) the tiles before the windows' keys
+    drop the causal compare, whose per-query positions held through the loop cost registers and
+    two instructions a logit; the program's remaining tiles (at most the last w + HALO keys) keep it."""
     # the score kernel also zeroes the select kernel's histograms and barrier counters
     # (z_numel int32 at z_ptr), which saves a memset launch per evict call
     prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", PROLOGUE,
                 "    zero_fill(z_ptr, z_numel, i_row * S + i_s, S * rows)"]
-    body: List[str] = [TILE_LOOP]
-    emitter = TileEmitter(program_globals, prologue, body, " " * 8, names)
-    body.append(TILE_START.format(ind=" " * 8, base=SCORE_TILE))
-    for index, slot in enumerate(slots):
-        x = emitter.value(slot.stored)
-        emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * NS + o_n, {x}, mask=m_val)")
-    return _kernel("score", program_globals, names, prologue + body)
+    windows = causal_windows(program_globals)
+    if not windows:
+        body = _score_body(slots, program_globals, names, prologue, True)   # adds to the prologue
+        return _kernel("score", program_globals, names, prologue + [TILE_LOOP] + body)
+    free = _score_body(slots, program_globals, names, prologue, False)
+    masked = _score_body(slots, program_globals, names, prologue, True)
+    lines = (list(dict.fromkeys(prologue)) + [SCORE_SPLIT.format(windows=_max_of(windows))]
+             + [TILE_LOOP.replace("tiles_per_prog", "n_free", 1)] + free + [CAUSAL_LOOP] + masked)
+    return _kernel("score", program_globals, names, lines)
 
 
 HEAD_REDUCE = {"mean": "acc_{k} + x_{k}", "sum": "acc_{k} + x_{k}", "max": "tl.maximum(acc_{k}, x_{k})"}
