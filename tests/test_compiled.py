@@ -461,16 +461,17 @@ def test_statistics_tile_the_tokens_without_halo(n, d, group, name, seed):
     compare(keys, values, queries, STATS_POLICIES[name](), 0.3, seed)
 
 
-@pytest.mark.parametrize("name", ["snapkv", "h2o"])
-def test_query_rows_over_several_chunks(name):
-    """SnapKV with a window of 164 (four query heads of 256 padded rows of bf16 D = 128: four
-    chunks) and a causal H2O window as long: the score pass reloads chunks 1.. per tile in its
-    unpipelined loop (kernels/proxy.py, for sm_90's shared memory); the kept set is the reference's."""
+@pytest.mark.parametrize("name,window", [("snapkv", 164), ("h2o", 164), ("snapkv", 100), ("h2o", 100)])
+def test_query_rows_over_several_chunks(name, window):
+    """Windows whose query rows (G = 4, bf16 D = 128) span several chunks, one head's window per
+    chunk (geometry.proxy_tiling): 164 rows pad to 256 (four 64 KB chunks, reloaded per tile in an
+    unpipelined loop, kernels/proxy.py), 100 to 128; SnapKV and a causal H2O window as long keep the
+    reference's kept sets."""
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(1, 2, 301, 128, generator=g).to(torch.bfloat16)
     values = torch.randn(1, 2, 301, 64, generator=g).to(torch.bfloat16)
-    queries = torch.randn(1, 8, 164, 128, generator=g).to(torch.bfloat16)
-    policy = policies.snapkv(window=164) if name == "snapkv" else policies.h2o()
+    queries = torch.randn(1, 8, window, 128, generator=g).to(torch.bfloat16)
+    policy = policies.snapkv(window=window) if name == "snapkv" else policies.h2o()
     compare(keys, values, queries, policy, 0.3)
 
 

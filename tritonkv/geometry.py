@@ -39,13 +39,19 @@ def proxy_tiling(window: int, group: int, d: int, itemsize: int) -> Tuple[int, i
     key tile rather than 16 per head. Otherwise the window is padded to a power of two >= 16
     and a chunk holds whole query heads (a power-of-two divisor of the group) while the query
     block stays within 64 KB (QUERY_CHUNK rows of bf16 at D = 128), so that typical windows
-    (G * W <= 256) are one chunk, loaded once per program."""
+    (G * W <= 256) are one chunk, loaded once per program; a group that needs several chunks has
+    one head's window per chunk."""
     if group * next_power_of_2(window) <= 16:
         return next_power_of_2(window), 16
     limit = max(16, min(QUERY_CHUNK, 65536 // (next_power_of_2(d) * itemsize)))
     w_pad = max(16, next_power_of_2(window))
     if w_pad >= limit:
         return w_pad, limit
+    if group * w_pad > limit:
+        # the group's rows span several chunks (reloaded per tile): one head's window per chunk, which
+        # needs no regrouping of the probabilities by head (two heads of 128 rows in a bf16 D = 128 chunk
+        # built to 312,320 B of shared memory on sm_90, one to 147,968)
+        return w_pad, w_pad
     heads = 1
     pow2_of_group = group & -group
     while heads * 2 <= pow2_of_group and w_pad * heads * 2 <= limit:
