@@ -324,18 +324,17 @@ SCORE_TILE = "(i_s * tiles_per_prog + it) * (BLOCK_N - 2 * HALO) - HALO"
 # A statistics pass of its own tiles (``own_tiles``): program i_s reads the tokens of the score
 # tiles it would read (tiles_per_prog tiles of BLOCK_N - 2 * HALO new tokens each), BLOCK_N at a
 # time with no overlap, so every lane it loads counts (SnapKV, HALO = 2: 60 of each 64 before)
-OWN_TILE_LOOP = '''    span = tiles_per_prog * (BLOCK_N - 2 * HALO)
+TOKEN_RANGE = '''    span = tiles_per_prog * (BLOCK_N - 2 * HALO)
     t_lo = i_s * span
-    t_hi = tl.minimum(t_lo + span, N)
+    t_hi = tl.minimum(t_lo + span, N)'''
+OWN_TILE_LOOP = TOKEN_RANGE + '''
     for it in tl.range(0, tl.cdiv(span, BLOCK_N), num_stages=STAGES):
         o_n = t_lo + it * BLOCK_N + o_t
         m_n = o_n < t_hi
         m_val = m_n'''
 # with a proxy attention: first the range's whole tiles before ``free`` (where the causal windows'
 # keys start), with no mask, then the rest with masks (at most the last tile and the window's)
-SPLIT_TILE_LOOP = '''    span = tiles_per_prog * (BLOCK_N - 2 * HALO)
-    t_lo = i_s * span
-    t_hi = tl.minimum(t_lo + span, N)
+SPLIT_TILE_LOOP = TOKEN_RANGE + '''
     n_whole = tl.maximum(tl.minimum(t_hi, {free}) - t_lo, 0) // BLOCK_N
     for it in tl.range(0, n_whole, num_stages=STAGES):
         o_n = t_lo + it * BLOCK_N + o_t
@@ -435,10 +434,10 @@ def _max_of(names: Sequence[str]) -> str:
     return expr
 
 
-def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Names) -> List[str]:
+def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Names, own: bool) -> List[str]:
+    """``own``: the level's statistics tile the tokens themselves (``own_tiles``)."""
     prologue = ["    i_s = tl.program_id(0)", "    i_row = tl.program_id(1)", "    i_c = tl.program_id(2)",
                 PROLOGUE]
-    own = all(own_tiles(program_globals[gi]) for gi in members)
     proxies = [gi for gi in members if isinstance(program_globals[gi], dsl.ProxyAttention)]
     if own and proxies:
         # whole tiles that no row's causal window reaches need no mask per logit (proxy_stats_tile's
@@ -446,9 +445,8 @@ def _stats_kernel(level: int, members: Sequence[int], program_globals, names: Na
         causal = [f"w_{gi}" for gi in proxies if program_globals[gi].causal]
         free = f"N - {_max_of(causal)}" if causal else "N"
         init, whole, store = _stats_parts(members, program_globals, names, prologue, True)
-        _, masked, _ = _stats_parts(members, program_globals, names, prologue, False)
-        lines = (list(dict.fromkeys(prologue)) + init + [SPLIT_TILE_LOOP.format(free=free)] + whole
-                 + [MASKED_TILE_LOOP] + masked + store)
+        _, masked, _ = _stats_parts(members, program_globals, names, [], False)   # the same prologue lines
+        lines = prologue + init + [SPLIT_TILE_LOOP.format(free=free)] + whole + [MASKED_TILE_LOOP] + masked + store
     elif own:
         init, tile, store = _stats_parts(members, program_globals, names, prologue, False)
         lines = prologue + init + [OWN_TILE_LOOP] + tile + store
@@ -513,8 +511,8 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
         body = _score_body(slots, program_globals, names, prologue, True)   # adds to the prologue
         return _kernel("score", program_globals, names, prologue + [TILE_LOOP] + body)
     free = _score_body(slots, program_globals, names, prologue, False)
-    masked = _score_body(slots, program_globals, names, prologue, True)
-    lines = (list(dict.fromkeys(prologue)) + [SCORE_SPLIT.format(windows=_max_of(windows))]
+    masked = _score_body(slots, program_globals, names, [], True)   # the same prologue lines
+    lines = (prologue + [SCORE_SPLIT.format(windows=_max_of(windows))]
              + [TILE_LOOP.replace("tiles_per_prog", "n_free", 1)] + free + [CAUSAL_LOOP] + masked)
     return _kernel("score", program_globals, names, lines)
 
@@ -574,8 +572,9 @@ def generate(policy: dsl.Policy) -> Program:
     max_halo = max((halo(s.score) for s in slots), default=0)
     names = Names(policy.signals, policy.directions)
     lines = [HEADER.format(policy=repr(policy).replace("\n", " "))]
+    own = tuple(all(own_tiles(program_globals[gi]) for gi in members) for members in levels)
     for level, members in enumerate(levels):
-        lines += _stats_kernel(level, members, program_globals, names)
+        lines += _stats_kernel(level, members, program_globals, names, own[level])
         lines += _merge_kernel(level, members, program_globals, names)
     if slots:
         lines += _score_kernel(slots, program_globals, names)
@@ -583,7 +582,6 @@ def generate(policy: dsl.Policy) -> Program:
     if fusable:
         lines += _score_heads_kernel(slots, program_globals, names)
     reads_cache = any(s.stored.needs_keys or s.stored.needs_values for s in slots)
-    own = tuple(all(own_tiles(program_globals[gi]) for gi in members) for members in levels)
     return Program(slots, clause_keys, reads_cache, program_globals, levels, max_halo, own, "\n".join(lines) + "\n",
                    names.signals, names.directions, fusable)
 

@@ -223,19 +223,6 @@ def _chunk_update(acc_grp, acc_win, c, s_t, w_r, b_lse, o_t, o_n, N, w,
 
 
 @triton.jit
-def _later_chunk(acc_grp, acc_win, c, b_k, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, N, W_total, w, o_t, o_n,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
-                 W_PAD: tl.constexpr, QB: tl.constexpr, QR: tl.constexpr, CAUSAL: tl.constexpr,
-                 REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr, GROUP_REDUCE: tl.constexpr,
-                 EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr):
-    """Chunk c >= 1 of the query rows (loaded per tile) added to the accumulators."""
-    b_q, w_r, _, b_lse = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
-                                     D, BLOCK_D, G, W_PAD, QB, QR, True)
-    return _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, b_lse, o_t, o_n, N, w,
-                         BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
-
-
-@triton.jit
 def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, lg_ptr, NS,
                          i_b, i_h, N, W_total, w, o_t, o_n, m_n, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
@@ -260,16 +247,14 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
         s_t = _logits_t(b_k, b_q0, QK_SCALE, IEEE)
     acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, w_r0, b_lse0, o_t, o_n, N, w,
                                      BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
-    if QB * BLOCK_D >= 32768:   # chunks of 64 KB in bf16: pipelined 3 deep they overflow sm_90's shared memory
-        for c in tl.range(1, NCH, num_stages=1):
-            acc_grp, acc_win = _later_chunk(acc_grp, acc_win, c, b_k, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b,
-                                            i_h, N, W_total, w, o_t, o_n, D, BLOCK_D, BLOCK_N, G, W_PAD, QB, QR, CAUSAL,
-                                            REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE, QK_SCALE, IEEE)
-    else:
-        for c in range(1, NCH):
-            acc_grp, acc_win = _later_chunk(acc_grp, acc_win, c, b_k, q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b,
-                                            i_h, N, W_total, w, o_t, o_n, D, BLOCK_D, BLOCK_N, G, W_PAD, QB, QR, CAUSAL,
-                                            REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE, QK_SCALE, IEEE)
+    # chunks of 64 KB in bf16 reloaded per tile: pipelined 3 deep they overflow sm_90's shared memory
+    CHUNK_STAGES: tl.constexpr = 1 if QB * BLOCK_D >= 32768 else None
+    for c in tl.range(1, NCH, num_stages=CHUNK_STAGES):
+        b_q, w_r, _, b_lse = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
+                                         D, BLOCK_D, G, W_PAD, QB, QR, True)
+        acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, b_lse,
+                                         o_t, o_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
+                                         POOL_MAX, GROUP_REDUCE, EXCLUDE)
     if POOL > 1 and not _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
         acc_grp = pool(acc_grp, o_t, o_n, _pool_end(N, w, EXCLUDE), POOL, POOL_MAX, BLOCK_N)
     if GROUP_REDUCE == 0:
