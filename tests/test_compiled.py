@@ -442,6 +442,37 @@ def test_window_rows_are_copied_whoever_holds_them():
                 compare(keys, values, queries, policy, 0.3)
 
 
+@pytest.mark.parametrize("policy", [
+    policies.nacl(sinks=8, proxy_window=16),
+    tkv.sink(4) | tkv.top(-tkv.key_norm(), share=0.5) | tkv.top(tkv.value_norm()),
+    tkv.recent(8) | tkv.sample(-tkv.key_norm().normalize(), temperature=0.5),
+    tkv.sink(1) | tkv.sample(tkv.value_norm(), temperature=2.0),
+], ids=["nacl", "two-tops", "sample-normalized", "sample-only"])
+def test_last_clause_keys_are_drawn_once(policy, monkeypatch):
+    """Select stores its last clause's keys in the clause's slot in its first pass and reads them
+    in the passes after it and in the compaction (kernels/select.py cached_clause): a sample
+    clause's noise is drawn once, not in each of its six passes. The kept sets are the
+    reference's with the keys stored and without (TRITONKV_CACHE_KEYS=0), on rows long enough
+    for several select programs per row on a GPU; the launch stores the last clause's keys."""
+    import tritonkv.compiler as compiler
+    g = torch.Generator().manual_seed(5)
+    n = 12289 if DEVICE == "cuda" else 1029
+    keys, values = torch.randn(2, 2, n, 64, generator=g), torch.randn(2, 2, n, 32, generator=g)
+    queries = torch.randn(2, 4, 16, 64, generator=g)
+    cached, launch = [], compiler.select_launch
+
+    def spy(*args, **kwargs):
+        out = launch(*args, **kwargs)
+        cached.append(out[2]["CACHED"])
+        return out
+    monkeypatch.setattr(compiler, "select_launch", spy)
+    clauses = len(lower(policy, allocate(policy, n, n // 3))[0].selective)
+    for setting in ("1", "0"):
+        monkeypatch.setenv("TRITONKV_CACHE_KEYS", setting)
+        compare(keys, values, queries, policy, n // 3, seed=7)
+    assert cached == [clauses - 1, -1]
+
+
 STATS_POLICIES = {"snapkv": lambda: policies.snapkv(window=1, kernel=5), "keydiff": policies.keydiff,
                   "keydiff_knorm": policies.keydiff_knorm, "h2o": policies.h2o, "tova": policies.tova,
                   "nacl": lambda: policies.nacl(sinks=2, proxy_window=0.01)}

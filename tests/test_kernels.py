@@ -46,17 +46,18 @@ def adversarial_priorities(draw):
 
 
 @pytest.mark.parametrize("d", [64, 80, 128])  # parameters, not drawn: xdist spreads them over the cores
+@pytest.mark.parametrize("own_slots", [False, True])   # True: the last clause's keys are stored in its slot
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d):
+def test_select_and_gather_are_exact(case, d, own_slots):
     prios, alloc = case
     rows, n = prios.shape[1:]
     keys = torch.randn(1, rows, n, d).to(torch.float16)
     values = torch.randn(1, rows, n, 32).to(torch.float16)
     clauses = len(alloc.clause_counts)
     slots = list(range(clauses))
-    out_i = select_indices(prios.to(DEVICE), slots, alloc.clause_counts, alloc.n_sink, alloc.n_recent, rows, n,
-                           alloc.total, torch.device(DEVICE)).view(1, rows, alloc.total)
+    out_i = select_indices(prios.clone().to(DEVICE), slots, alloc.clause_counts, alloc.n_sink, alloc.n_recent, rows,
+                           n, alloc.total, torch.device(DEVICE), own_slots=own_slots).view(1, rows, alloc.total)
     out_k, out_v = gather_rows(out_i, keys.to(DEVICE), values.to(DEVICE))
     kept = reference.select_by_priority(alloc, [prios[j].view(1, rows, n) for j in range(clauses)], (1, rows, n))
     want = reference.kept_indices(kept)

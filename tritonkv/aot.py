@@ -156,13 +156,13 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                                                  alloc.n_sink, alloc.n_recent, batch * heads, n, alloc.total,
                                                  torch.device("meta"), programs=16, heads=heads,
                                                  moments=(workspace, [0] * len(program.clause_keys), 8),
-                                                 shared=shared_selection(program))
+                                                 shared=shared_selection(program), own_slots=True)
     record("select", _select_kernel, args, constexprs, SELECT_WARPS)
     if paged and program.clause_keys:   # the select of a batched paged call (tritonkv.paged_plan)
         _, args, constexprs, _ = select_launch(priorities, program.clause_keys, [0] * len(program.clause_keys), 0,
                                                0, batch * heads, n, alloc.total, torch.device("meta"), programs=16,
                                                heads=heads, moments=(workspace, [0] * len(program.clause_keys), 8),
-                                               sequences=sequences)
+                                               sequences=sequences, own_slots=True)
         record("select paged", _select_kernel, args, constexprs, SELECT_WARPS)
     if policy.heads == "adaptive":   # AdaKV's second select, over each row's H * N priorities
         skip = torch.empty(batch, heads * n, device="meta", dtype=torch.uint8)

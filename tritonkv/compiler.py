@@ -415,7 +415,7 @@ def selection_programs(program, b: int, h: int, n: int, device, gather_dims=(0, 
     if shared is None:
         shared = not per_seq and shared_selection(program)
     return select_programs(b if shared else b * h, n, program.clause_keys, device, *gather_dims, per_seq=per_seq,
-                           shared=shared)
+                           shared=shared, own_slots=True)
 
 
 def _ranking(compiled: CompiledPolicy, keys, values, queries, seed: int, named, layout: Layout, gather_dims,
@@ -451,7 +451,7 @@ def _select(compiled: CompiledPolicy, call: Call, counts, n_sink: int, n_recent:
     grid, sargs, sconst, _ = select_launch(call.priorities, program.clause_keys, counts, n_sink, n_recent, rows, n,
                                            n_kept, call.priorities.device, programs, select_ws, out_i,
                                            moments=(workspace, geo.clause_moments(program), geo.deferred_tiling[0]),
-                                           shared=shared, **options)
+                                           shared=shared, own_slots=True, **options)
     return Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS, None, SELECT_SEED_ARG)
 
 

@@ -48,6 +48,10 @@ SHORT_ROW = 32768        # for more resident programs, so short rows get twice t
                          # H200, 64 rows of 1,639 / 13,108 tokens: 84 -> 68 / 302 -> 277 us per evict)
 BARRIERS_PER_CLAUSE = N_DIGITS + 1
 MAX_PROGRAMS_PER_ROW = 256   # P_PAD of the kernel
+# what a clause whose keys are stored (CACHED) leaves in its slot for a token that is no candidate;
+# a candidate's key is at least orderable_key(-inf) = 0x007FFFFF
+STORED_KEPT: tl.constexpr = tl.constexpr(0)   # kept by the forced windows or an earlier clause
+STORED_OUT: tl.constexpr = tl.constexpr(1)    # skipped, or past the row's end
 SELECT_WARPS = 4
 
 
@@ -106,9 +110,7 @@ def _kept_before(j: tl.constexpr, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n,
     picked = o_n < 0
     for i in tl.static_range(j):
         key = _clause_key(i, prio_ptr, views, seed, i_row, rows, at, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
-        t = tl.load(state_ptr + 3 * i).to(tl.uint32, bitcast=True)
-        cut = tl.load(state_ptr + 3 * i + 1)
-        picked = picked | (key > t) | ((key == t) & (o_n <= cut))
+        picked = picked | _picked_by(i, key, state_ptr, o_n)
     if HAS_SKIP:
         if j > 0:   # with no clause before, nothing is picked: no mask to load
             picked = picked & ~_skipped(skip_ptr, i_row, at[0], o_n, m_n, HAS_SKIP)
@@ -117,17 +119,43 @@ def _kept_before(j: tl.constexpr, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n,
 
 
 @triton.jit
+def _picked_by(i: tl.constexpr, key, state_ptr, o_n):
+    """Tokens kept by clause i (resolved): keys above its threshold, and its ties up to its cut."""
+    t = tl.load(state_ptr + 3 * i).to(tl.uint32, bitcast=True)
+    cut = tl.load(state_ptr + 3 * i + 1)
+    return (key > t) | ((key == t) & (o_n <= cut))
+
+
+@triton.jit
+def _stored_keys(prio_ptr, views, j: tl.constexpr, rows, i_row, NS):
+    """Clause j's slot row, read as the uint32 keys that a CACHE = 1 pass stores there."""
+    slot = views[j][0]
+    return (prio_ptr + (slot * rows + i_row).to(tl.int64) * NS).to(tl.pointer_type(tl.uint32))
+
+
+@triton.jit
 def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent,
                 views, seed, at, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr,
-                STREAM_BASE: tl.constexpr):
+                STREAM_BASE: tl.constexpr, CACHE: tl.constexpr = 0):
     """(candidate mask, key) of clause j for the tokens o_n: in range, not kept by the forced
-    windows or an earlier clause, not skipped."""
+    windows or an earlier clause, not skipped. CACHE = 0 computes them; 1 also stores them in
+    clause j's slot, one uint32 per token: a candidate's key (>= 0x007FFFFF, orderable_key's
+    smallest), else STORED_KEPT for a token kept already, STORED_OUT for one never kept (skipped);
+    2 reads what 1 stored (one load, not every clause's priority and noise again)."""
     m_n = o_n < hi
-    cand = m_n & ~_kept_before(j, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n, n_sink, n_recent,
-                               views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+    if CACHE == 2:
+        stored = tl.load(_stored_keys(prio_ptr, views, j, rows, i_row, at[0]) + o_n, mask=m_n, other=STORED_OUT)
+        return m_n & (stored > STORED_OUT), stored
+    kept = _kept_before(j, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n, n_sink, n_recent,
+                        views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+    cand = m_n & ~kept
     if HAS_SKIP:
         cand = cand & ~_skipped(skip_ptr, i_row, at[0], o_n, m_n, HAS_SKIP)
-    return cand, _clause_key(j, prio_ptr, views, seed, i_row, rows, at, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
+    key = _clause_key(j, prio_ptr, views, seed, i_row, rows, at, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
+    if CACHE == 1:
+        stored = tl.where(cand, key, tl.where(kept, STORED_KEPT, STORED_OUT).to(tl.uint32))
+        tl.store(_stored_keys(prio_ptr, views, j, rows, i_row, at[0]) + o_n, stored, mask=m_n)
+    return cand, key
 
 
 @triton.jit
@@ -166,7 +194,7 @@ def _select_kernel(
     GATHER: tl.constexpr, GATHER_T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
-    SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr,
+    SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -182,7 +210,10 @@ def _select_kernel(
     clause drops) the last clause finds its lowest key in one pass instead of four digits.
     With GATHER and SPREAD_WINDOWS the rows of the forced windows (sink and recent) are copied
     in equal shares by the row's P programs, not by the programs whose chunks hold them: H2O's
-    recency half is half of a row's kept rows, all in its last chunk."""
+    recency half is half of a row's kept rows, all in its last chunk. CACHED (the last clause, or
+    -1): that clause's first pass stores its candidates' keys in its slot (kernels/select.py
+    _candidates), and its later passes and the compaction read them: its priorities, the noise
+    of a sample clause and the earlier clauses' keys are computed once, not in every pass."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
     i_src = i_row                # the row of the slots ranked
@@ -219,7 +250,8 @@ def _select_kernel(
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
                 cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
-                                        views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+                                        views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
+                                        (j == CACHED) * 1)   # a stored clause's first pass stores its keys
                 low = tl.minimum(low, tl.min(tl.where(cand, key, 0xFFFFFFFF), 0))
             p_low = p_hist.to(tl.pointer_type(tl.uint32))
             tl.atomic_max(p_low, low ^ 0xFFFFFFFF, sem="relaxed", scope="gpu")
@@ -233,7 +265,8 @@ def _select_kernel(
                 for start in range(0, chunk, BLOCK):
                     o_n = lo + start + o_blk
                     cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
-                                            views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+                                            views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
+                                            (j == CACHED) * (1 + (digit > 0)))   # stored, then read
                     if digit > 0:
                         cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
                     local += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=cand)
@@ -251,7 +284,8 @@ def _select_kernel(
         for start in range(0, chunk, BLOCK):
             o_n = lo + start + o_blk
             cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
-                                    views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+                                    views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
+                                    (j == CACHED) * 2)
             n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
             n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
@@ -268,7 +302,8 @@ def _select_kernel(
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
                 cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
-                                        views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+                                        views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
+                                        (j == CACHED) * 2)
                 eq = (cand & (key == prefix)).to(tl.int32)
                 rank = seen + tl.cumsum(eq, 0)
                 cut = tl.maximum(cut, tl.max(tl.where((eq > 0) & (rank == need), o_n, -1), 0))
@@ -305,8 +340,14 @@ def _select_kernel(
     for start in range(0, chunk, BLOCK):
         o_n = lo + start + o_blk
         m_n = o_n < hi
-        kept = _kept_before(C, prio_ptr, my_state, i_src, rows, N, o_n, m_n, n_sink, n_recent,
-                            views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
+        if CACHED >= 0:   # kept already before the stored clause, or by it
+            stored = tl.load(_stored_keys(prio_ptr, views, CACHED, rows, i_src, at[0]) + o_n, mask=m_n,
+                             other=STORED_OUT)
+            kept = m_n & ((stored == STORED_KEPT)
+                          | ((stored > STORED_OUT) & _picked_by(CACHED, stored, my_state, o_n)))
+        else:
+            kept = _kept_before(C, prio_ptr, my_state, i_src, rows, N, o_n, m_n, n_sink, n_recent,
+                                views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
         dst = offset + tl.cumsum(kept.to(tl.int32), 0) - 1
         for h in range(0, n_out):
             tl.store(out_row + h * n_kept + dst, o_n.to(tl.int64), mask=kept)
@@ -362,6 +403,19 @@ def drop_one_enabled() -> bool:
     return os.environ.get("TRITONKV_DROP_ONE") != "0"
 
 
+def cached_clause(keys, own_slots: bool) -> int:
+    """The clause whose keys select stores in its slot after its first pass, or -1 for none:
+    the last clause, where finding its candidates again costs more than a load (a sample
+    clause's noise or a normalized clause's moments; the earlier clauses' keys), and only in
+    slots that are the call's own scratch (``own_slots``), which nothing reads after select.
+    ``TRITONKV_CACHE_KEYS=0``: none (A/B timing)."""
+    keys = clause_keys(keys)
+    if not own_slots or not keys or os.environ.get("TRITONKV_CACHE_KEYS") == "0":
+        return -1
+    last = keys[-1]
+    return len(keys) - 1 if len(keys) > 1 or last.sampled or last.normalized else -1
+
+
 def scan_block(n: int) -> int:
     """Tokens per step of select's passes over rows of ``n`` tokens (and the unit of its chunks);
     ``TRITONKV_SELECT_BLOCK`` overrides it (tuning)."""
@@ -400,32 +454,33 @@ def chunking(n: int, programs: int):
 
 
 def select_programs(rows: int, n: int, keys, device: torch.device, d: int = 0, dv: int = 0,
-                    skip: bool = False, per_seq: bool = False, shared: bool = False) -> int:
+                    skip: bool = False, per_seq: bool = False, shared: bool = False, own_slots: bool = False) -> int:
     """Programs per row that select_launch will use on ``device`` (occupancy learnt so far);
     keys: the clauses (kernels/keys.py ClauseKeys, or slot indices); d, dv: head dims of a
     fused gather, 0 for none; ``rows``: the rows selected (batch rows when ``shared``)."""
     resident = resident_programs(_select_kernel, device, SELECT_WARPS,
-                                 _constexprs(clause_keys(keys), n, d, dv, skip, per_seq, shared))
+                                 _constexprs(clause_keys(keys), n, d, dv, skip, per_seq, shared, own_slots))
     return chunking(n, programs_per_row(rows, n, device, resident))[1]
 
 
 def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_seq: bool = False,
-                shared: bool = False):
+                shared: bool = False, own_slots: bool = False):
     """The kernel's constexprs for rows of ``n`` tokens; d > 0 fuses the gather of K / V rows (head dims d, dv); skip:
     a uint8 mask of tokens that are not candidates; per_seq: rows read a sequence table; shared: the heads of a
-    batch row share one selection."""
+    batch row share one selection; own_slots: see cached_clause."""
     # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
     gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
+                CACHED=cached_clause(keys, own_slots),
                 **key_args(keys, [0] * len(keys))[1])
 
 
 def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
                   n_kept: int, device: torch.device, programs: int = 1, workspace=None, out_i=None,
                   gather=None, skip=None, heads: int = 1, seed: int = 0, moments=None, sequences=None,
-                  shared: bool = False):
+                  shared: bool = False, own_slots: bool = False):
     """(grid, args, constexprs, indices) of one select call; see select_indices. ``workspace``
     (int32, ``sum(workspace_sizes(...))`` elements, the first ``zeroed_numel`` of them zero) and
     ``out_i`` (int64 [rows, n_kept]) are allocated here when not given. ``gather = (keys,
@@ -438,7 +493,8 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     (``n``: the longest sequence; ``out_i`` rows of ``n_kept``, one per (sequence index, head)).
     ``shared``: every clause ranks a head-reduced priority (the same in each of the ``heads``
     rows of a batch row), so one program row per batch row ranks it and writes every head's
-    indices (``programs``: per batch row)."""
+    indices (``programs``: per batch row). ``own_slots``: ``priorities`` is the call's own scratch,
+    read by nothing after select, which may then store a clause's keys in it (cached_clause)."""
     if shared and (skip is not None or sequences is not None or rows % heads):
         raise ValueError("shared: one selection per batch row takes dense rows of whole batch rows, "
                          "without a skip mask or a sequence table")
@@ -470,22 +526,24 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     args = [prio, out_i, hist, bar, cnt, state, prio if skip is None else skip, stats,
             prio if sequences is None else sequences, *copy_args, n, rows, n_kept,
             n_sink, n_recent, chunk, p, seed, splits, drop_one, *count_args, *key_values]
-    constexprs = _constexprs(keys, n, d, dv, skip is not None, sequences is not None, shared)
+    constexprs = _constexprs(keys, n, d, dv, skip is not None, sequences is not None, shared, own_slots)
     return (p, rows // heads if shared else rows), args, constexprs, out_i
 
 
 def select_indices(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
                    n_kept: int, device: torch.device, skip=None, heads: int = 1, seed: int = 0,
-                   moments=None, shared: bool = False) -> torch.Tensor:
+                   moments=None, shared: bool = False, own_slots: bool = False) -> torch.Tensor:
     """Per row, the ascending indices [rows, n_kept] of the tokens kept by the forced windows
     and by each clause's top ``counts[j]`` of its priority: ``priorities[keys[j]]`` (float32
     [n_slots, rows, N]) for a slot index, kernels/keys.py's priority for a ClauseKey; never a
     token marked in ``skip`` (uint8 [rows, N]) by a clause. ``shared``: the ``heads`` rows of a
-    batch row rank the same priorities, selected once (see select_launch)."""
-    p = select_programs(rows // heads if shared else rows, n, keys, device, skip=skip is not None, shared=shared)
+    batch row rank the same priorities, selected once (see select_launch). ``own_slots``: select
+    may overwrite ``priorities`` (cached_clause)."""
+    p = select_programs(rows // heads if shared else rows, n, keys, device, skip=skip is not None, shared=shared,
+                        own_slots=own_slots)
     grid, args, constexprs, out_i = select_launch(priorities, keys, counts, n_sink, n_recent, rows, n,
                                                   n_kept, device, p, skip=skip, heads=heads, seed=seed,
-                                                  moments=moments, shared=shared)
+                                                  moments=moments, shared=shared, own_slots=own_slots)
     if n_kept > 0:
         launch_select(grid, args, constexprs, device)
     return out_i
