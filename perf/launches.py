@@ -6,6 +6,7 @@ Beside each: the bytes of K the whole call must read, as the floor of that read 
 copy bandwidth. A tool for tuning (where a policy's time over its floor goes), not the suite.
 
     python perf/launches.py --policies tova,snapkv --n 131072 --batch 4 --budget 0.1
+    python perf/launches.py --policies snapkv --gather both   # select with and without the copy of the kept rows
     python perf/launches.py --toy           # CPU, tiny sizes: checks the script
 """
 
@@ -30,20 +31,23 @@ def prefix_us(launches, k: int, replays: int) -> float:
     return statistics.median(graph_times(run, replays)) * 1e6
 
 
-def breakdown(name: str, n: int, batch: int, budget: float, replays: int, bandwidth: float) -> dict:
+def breakdown(name: str, n: int, batch: int, budget: float, replays: int, bandwidth: float,
+              gather: bool = True) -> dict:
+    """``gather=False``: select writes the kept indices only (its time then excludes the copy
+    of the kept K / V rows)."""
     policy = POLICIES[name]
     keys, values, queries = make_cache(batch, n)
     q = queries if policy.needs_queries else None
     k = resolve_budget(budget, n)
     alloc = allocate(policy, n, k)
     compiled = compiler.compile_policy(policy)
-    compiler.run(compiler.prepare(compiled, alloc, keys, values, q, 0))   # compile; the select and score
-    # kernels' occupancy, which the next call's geometry reads (score-waves, the select's programs)
-    launches = compiler.prepare(compiled, alloc, keys, values, q, 0).launches
+    compiler.run(compiler.prepare(compiled, alloc, keys, values, q, 0, gather=gather))   # compile; the select
+    # and score kernels' occupancy, which the next call's geometry reads (score-waves, the select's programs)
+    launches = compiler.prepare(compiled, alloc, keys, values, q, 0, gather=gather).launches
     prefixes = [prefix_us(launches, i + 1, replays) for i in range(len(launches))]
     steps = [dict(kernel=kernel_name(s.fn), grid=list(s.grid), us=t - (prefixes[i - 1] if i else 0.0))
              for i, (s, t) in enumerate(zip(launches, prefixes))]
-    return dict(policy=name, N=n, B=batch, budget=budget, total_us=prefixes[-1],
+    return dict(policy=name, N=n, B=batch, budget=budget, gather=gather, total_us=prefixes[-1],
                 k_read_floor_us=keys.numel() * keys.element_size() / bandwidth * 1e6,
                 floor_us=floor_bytes(policy, keys, values, q, k) / bandwidth * 1e6, launches=steps)
 
@@ -55,6 +59,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[4])
     parser.add_argument("--budget", type=float, nargs="+", default=[0.1])
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--gather", choices=["1", "0", "both"], default="1",
+                        help="0: select writes the indices only, without copying the kept rows; both: each case twice")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--toy", action="store_true", help="tiny sizes (CPU: checks the script)")
     args = parser.parse_args(argv)
@@ -68,12 +74,13 @@ def main(argv=None):
         for n in args.n:
             for batch in args.batch:
                 for budget in args.budget:
-                    r = breakdown(name, n, batch, budget, args.replays, bandwidth)
-                    rows.append(r)
-                    print(f"-- {name} N={n} B={batch} budget={budget}: {r['total_us']:.1f} us, floor "
-                          f"{r['floor_us']:.1f} (K read {r['k_read_floor_us']:.1f})")
-                    for s in r["launches"]:
-                        print(f"   {s['kernel']:<24}{str(s['grid']):<18}{s['us']:>9.1f}")
+                    for gather in {"1": [True], "0": [False], "both": [True, False]}[args.gather]:
+                        r = breakdown(name, n, batch, budget, args.replays, bandwidth, gather)
+                        rows.append(r)
+                        print(f"-- {name} N={n} B={batch} budget={budget}{'' if gather else ' indices only'}: "
+                              f"{r['total_us']:.1f} us, floor {r['floor_us']:.1f} (K read {r['k_read_floor_us']:.1f})")
+                        for s in r["launches"]:
+                            print(f"   {s['kernel']:<24}{str(s['grid']):<18}{s['us']:>9.1f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(rows=rows), indent=1))
