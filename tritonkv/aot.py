@@ -46,7 +46,7 @@ HOPPER_SHARED_LIMIT = 232448   # bytes of shared memory one block may use on sm_
 PAGE = 16                      # tokens per page of the paged variants (vLLM's default block size)
 
 
-def specialized(fn, args, constexprs, num_warps: int, target=HOPPER):
+def specialized(fn, args, constexprs, num_warps: int, target=HOPPER, maxnreg=None):
     """(ASTSource, options) of ``fn`` as Triton's JIT would build it for these arguments on
     ``target``: its own binder specializes them (pointers 16-byte aligned, ints divisible by 16
     or equal to 1, unless the kernel says otherwise) and those attributes decide, among other
@@ -58,7 +58,7 @@ def specialized(fn, args, constexprs, num_warps: int, target=HOPPER):
         raise ValueError(f"{fn.__name__}: {len(args)} arguments for {len(runtime)} parameters")
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kwargs = dict(num_warps=num_warps)
+    kwargs = dict(num_warps=num_warps) if maxnreg is None else dict(num_warps=num_warps, maxnreg=maxnreg)
     bound, specialization, options = binder(*args, **constexprs, **kwargs)
     options, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return ASTSource(fn, sig, consts, attrs), options.__dict__
@@ -78,16 +78,16 @@ class Built:
     per_sm: int = 0         # programs that fit on one multiprocessor (kernels.common.blocks_per_sm)
 
 
-def build(fn, args, constexprs, num_warps: int, target=HOPPER):
-    source, options = specialized(fn, args, constexprs, num_warps, target)
+def build(fn, args, constexprs, num_warps: int, target=HOPPER, maxnreg=None):
+    source, options = specialized(fn, args, constexprs, num_warps, target, maxnreg)
     return triton.compile(source, target=target, options=options)
 
 
 def build_checked(policy: str, kernel: str, config: str, fn, args, constexprs, num_warps: int,
-                  target=HOPPER) -> Built:
+                  target=HOPPER, maxnreg=None) -> Built:
     """``build``, refusing a kernel that needs more shared memory than one sm_90 block has."""
     start = time.perf_counter()
-    c = build(fn, args, constexprs, num_warps, target)
+    c = build(fn, args, constexprs, num_warps, target, maxnreg)
     if c.metadata.shared > HOPPER_SHARED_LIMIT:
         raise ValueError(f"{kernel} ({config}) needs {c.metadata.shared} B of shared memory, "
                          f"more than sm_90's {HOPPER_SHARED_LIMIT}")
@@ -114,8 +114,8 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
     config = f"{str(dtype).split('.')[-1]} D={d} Dv={dv} G={group} W={window}"
     out: List[Built] = []
 
-    def record(kernel_name, fn, args, constexprs, warps):
-        out.append(build_checked(name, kernel_name, config, fn, args, constexprs, warps, target))
+    def record(kernel_name, fn, args, constexprs, warps, maxnreg=None):
+        out.append(build_checked(name, kernel_name, config, fn, args, constexprs, warps, target, maxnreg))
 
     priorities = torch.empty(max(1, len(program.slots)), batch * heads, n, device="meta", dtype=torch.float32)
     table = torch.empty(batch, -(-n // PAGE), device="meta", dtype=torch.int32)
@@ -128,7 +128,7 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
         for level in range(len(program.levels)):
             record(f"stats_{level}", compiled.kernel(f"stats_{level}"), largs, geo.constexprs, geo.num_warps)
             record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
-        record("score", compiled.kernel("score"), largs, geo.constexprs, geo.num_warps)
+        record("score", compiled.kernel("score"), largs, geo.constexprs, geo.num_warps, geo.score_maxnreg)
         if geo.score_heads:   # what evict launches instead of score + transform here
             record("score_heads", compiled.kernel("score_heads"), largs, geo.constexprs, geo.num_warps)
         if paged and program.reads_cache:   # the same kernels reading a paged cache (tritonkv.paged)

@@ -326,15 +326,25 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         if programs:
             score_tiling = even_tiling(n_tiles, programs)
         fused = fused and score_tiling is not None
+    one_chunk = has_proxy and not logits_only and all(chunks[i] == 1 for i in program.proxies)
+    cap = score_register_cap(dense and one_chunk and itemsize == 2 and block_d <= 128 and warps == 8
+                             and stages is None and score_tiling is None)
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
                     workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
-                    partials, n_tiles if dense else 0, score_tiling, fused, score_register_cap())
+                    partials, n_tiles if dense else 0, score_tiling, fused, cap)
 
 
-def score_register_cap() -> Optional[int]:
+SCORE_REGISTER_CAP = 128   # registers per thread of two 8-warp programs per multiprocessor
+
+
+def score_register_cap(two_fit: bool) -> Optional[int]:
     """Registers per thread the score kernel may use (Triton's ``maxnreg``; ptxas spills past it),
-    None for no cap. ``TRITONKV_SCORE_MAXNREG=128`` (for A/B timing) fits two 8-warp programs per SM
-    where the build takes more: H2O's score pass builds to 156 (its causal compare holds each query's
-    position through the tile loop), SnapKV's to 117. No cap by default: not yet timed."""
-    cap = _override("TRITONKV_SCORE_MAXNREG", 0)
+    None for no cap. ``two_fit``: the kernel is one whose shared memory holds two programs per SM,
+    a proxy attention's score pass over 16-bit keys of at most 128 dims with its query rows in one
+    chunk (8 warps, K tiles 3 deep: 115,710 B each on sm_90). There a cap of 128 fits two programs
+    where the build takes more: H2O's score pass builds to 162 registers (its causal compare), and
+    capped it runs 0.859-0.865x the graph time (H100, 0fd0438); SnapKV's and NACL's build under 128,
+    which the cap leaves as they are. ``TRITONKV_SCORE_MAXNREG``: another cap for every score kernel
+    (0: none; A/B timing)."""
+    cap = _override("TRITONKV_SCORE_MAXNREG", SCORE_REGISTER_CAP if two_fit else 0)
     return cap if cap > 0 else None
