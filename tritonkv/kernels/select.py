@@ -468,8 +468,10 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
     """The kernel's constexprs for rows of ``n`` tokens; d > 0 fuses the gather of K / V rows (head dims d, dv); skip:
     a uint8 mask of tokens that are not candidates; per_seq: rows read a sequence table; shared: the heads of a
     batch row share one selection; own_slots: see cached_clause."""
-    # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
-    gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
+    # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py);
+    # TRITONKV_SELECT_GATHER_ROWS for A/B timing (32 at D = 128: 123 -> 80 registers, 4 -> 6 per SM)
+    gather_t = int(os.environ.get("TRITONKV_SELECT_GATHER_ROWS", 0)) \
+        or max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
