@@ -47,16 +47,9 @@ def adversarial_priorities(draw):
 
 @pytest.mark.parametrize("d", [64, 80, 128])  # parameters, not drawn: xdist spreads them over the cores
 @pytest.mark.parametrize("own_slots", [False, True])   # True: the last clause's keys are stored in its slot
-@pytest.mark.parametrize("ties_pass", ["1", "0"])      # "0": ties counted from the digit histograms
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d, own_slots, ties_pass):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITONKV_TIES_PASS", ties_pass)
-        check_select_and_gather(case, d, own_slots)
-
-
-def check_select_and_gather(case, d, own_slots):
+def test_select_and_gather_are_exact(case, d, own_slots):
     prios, alloc = case
     rows, n = prios.shape[1:]
     keys = torch.randn(1, rows, n, d).to(torch.float16)

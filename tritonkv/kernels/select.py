@@ -14,10 +14,8 @@ How one clause is selected, exactly and without a sort:
      over the keys that match the digits found so far locates the digit of the count-th
      largest key. After four digits that key is the threshold t, and r says how many of
      the keys equal to t are kept;
-  3. the keys equal to t are kept in token order: each program counts its ties (and its keys
-     above t), and the program where the r-th tie falls finds its index (the "cut"). With
-     TIES_PASS off a program takes those counts from its own histograms of the four digits
-     instead of a pass over its chunk.
+  3. the keys equal to t are kept in token order: each program counts its ties, and the
+     program where the r-th tie falls finds its index (the "cut").
 Compaction: every program counts what it keeps, so each knows how many kept tokens come
 before its chunk; it then writes the kept indices in token order. kernels/gather.py copies
 the K and V rows they name.
@@ -161,22 +159,6 @@ def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n
 
 
 @triton.jit
-def _count_ties(j: tl.constexpr, t, lo, hi, chunk, o_blk, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent,
-                views, seed, at, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr,
-                STREAM_BASE: tl.constexpr, BLOCK: tl.constexpr, CACHE: tl.constexpr):
-    """(candidates equal to t, candidates above t) of clause j in the chunk [lo, hi)."""
-    n_eq = tl.full([], 0, tl.int32)
-    n_gt = tl.full([], 0, tl.int32)
-    for start in range(0, chunk, BLOCK):
-        o_n = lo + start + o_blk
-        cand, key = _candidates(j, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent,
-                                views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE, CACHE)
-        n_eq += tl.sum((cand & (key == t)).to(tl.int32), 0)
-        n_gt += tl.sum((cand & (key > t)).to(tl.int32), 0)
-    return n_eq, n_gt
-
-
-@triton.jit
 def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
                D: tl.constexpr, BLOCK_D: tl.constexpr):
     """dst_ptr[dst] = src[i_b, i_h, o_n] for the lanes in ``kept`` (rows of D contiguous outputs)."""
@@ -212,7 +194,7 @@ def _select_kernel(
     GATHER: tl.constexpr, GATHER_T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
-    SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr, TIES_PASS: tl.constexpr,
+    SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -231,9 +213,7 @@ def _select_kernel(
     recency half is half of a row's kept rows, all in its last chunk. CACHED (the last clause, or
     -1): that clause's first pass stores its candidates' keys in its slot (kernels/select.py
     _candidates), and its later passes and the compaction read them: its priorities, the noise
-    of a sample clause and the earlier clauses' keys are computed once, not in every pass.
-    TIES_PASS: a radix-selected clause counts each program's ties and keys above the threshold in
-    a pass of their own (else from the program's four digit histograms, one pass fewer)."""
+    of a sample clause and the earlier clauses' keys are computed once, not in every pass."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
     i_src = i_row                # the row of the slots ranked
@@ -263,8 +243,6 @@ def _select_kernel(
         prefix = tl.full([], 0, tl.uint32)
         p_hist = hist_ptr + ((i_row * C + j) * 4) * 256
         lowest = (drop_one != 0) & (j == C - 1)   # the same in every program of the grid
-        n_eq = tl.full([], 0, tl.int32)   # my candidates equal to the threshold,
-        n_gt = tl.full([], 0, tl.int32)   # and above it
         if lowest:
             # ---- the one token dropped: the lowest key (its ties below resolve which one). The
             # row's max of ~key (>= 0, so the zeroed cell starts below every value) is ~ its min
@@ -279,9 +257,6 @@ def _select_kernel(
             tl.atomic_max(p_low, low ^ 0xFFFFFFFF, sem="relaxed", scope="gpu")
             row_barrier(bar, P * (j * 5 + 1))
             prefix = tl.load(p_low, cache_modifier=".cg") ^ 0xFFFFFFFF
-            n_eq, n_gt = _count_ties(j, prefix, lo, hi, chunk, o_blk, prio_ptr, my_state, i_src, rows, N, n_sink,
-                                     n_recent, views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
-                                     BLOCK, (j == CACHED) * 2)
         else:
             # ---- radix select: four digits of 8 bits, most significant first
             for digit in tl.static_range(4):
@@ -303,17 +278,16 @@ def _select_kernel(
                 above = tl.sum(tl.where(o_bin == b_star, suffix - hist, 0), 0)
                 prefix = prefix | (b_star.to(tl.uint32) << shift)
                 remaining = remaining - above
-                if not TIES_PASS:
-                    # my own counts, from my histogram: a key above the threshold has a digit above
-                    # b_star where its higher digits match; the ties match all four
-                    n_gt += tl.sum(tl.where(o_bin > b_star, local, 0), 0)
-                    if digit == 3:
-                        n_eq = tl.sum(tl.where(o_bin == b_star, local, 0), 0)
-            if TIES_PASS:
-                n_eq, n_gt = _count_ties(j, prefix, lo, hi, chunk, o_blk, prio_ptr, my_state, i_src, rows, N,
-                                         n_sink, n_recent, views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED,
-                                         STREAM_BASE, BLOCK, (j == CACHED) * 2)
-        # ---- ties: share my counts, then find my cut
+        # ---- ties: count mine and the keys above the threshold, then find my cut
+        n_eq = tl.full([], 0, tl.int32)
+        n_gt = tl.full([], 0, tl.int32)
+        for start in range(0, chunk, BLOCK):
+            o_n = lo + start + o_blk
+            cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
+                                    views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
+                                    (j == CACHED) * 2)
+            n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
+            n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
         tl.store(p_cnt + i_p, n_eq)
         tl.store(p_cnt + P + i_p, n_gt)
@@ -442,12 +416,6 @@ def cached_clause(keys, own_slots: bool) -> int:
     return len(keys) - 1 if len(keys) > 1 or last.sampled or last.normalized else -1
 
 
-def ties_pass() -> bool:
-    """Whether a radix-selected clause counts ties in a pass of their own (``TRITONKV_TIES_PASS=0``:
-    from the digit histograms, one pass fewer; A/B timing)."""
-    return os.environ.get("TRITONKV_TIES_PASS") != "0"
-
-
 def scan_block(n: int) -> int:
     """Tokens per step of select's passes over rows of ``n`` tokens (and the unit of its chunks);
     ``TRITONKV_SELECT_BLOCK`` overrides it (tuning)."""
@@ -500,14 +468,12 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
     """The kernel's constexprs for rows of ``n`` tokens; d > 0 fuses the gather of K / V rows (head dims d, dv); skip:
     a uint8 mask of tokens that are not candidates; per_seq: rows read a sequence table; shared: the heads of a
     batch row share one selection; own_slots: see cached_clause."""
-    # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py);
-    # TRITONKV_SELECT_GATHER_ROWS for A/B timing (32 at D = 128: 123 -> 80 registers, 4 -> 6 per SM)
-    gather_t = int(os.environ.get("TRITONKV_SELECT_GATHER_ROWS", 0)) \
-        or max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
+    # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
+    gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
-                CACHED=cached_clause(keys, own_slots), TIES_PASS=ties_pass(),
+                CACHED=cached_clause(keys, own_slots),
                 **key_args(keys, [0] * len(keys))[1])
 
 
