@@ -47,9 +47,16 @@ def adversarial_priorities(draw):
 
 @pytest.mark.parametrize("d", [64, 80, 128])  # parameters, not drawn: xdist spreads them over the cores
 @pytest.mark.parametrize("own_slots", [False, True])   # True: the last clause's keys are stored in its slot
+@pytest.mark.parametrize("sparse", ["64", "0", "100000"])   # blocks counted by atomics: when few match, never, always
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d, own_slots):
+def test_select_and_gather_are_exact(case, d, own_slots, sparse):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITONKV_SPARSE_BINS", sparse)
+        check_select_and_gather(case, d, own_slots)
+
+
+def check_select_and_gather(case, d, own_slots):
     prios, alloc = case
     rows, n = prios.shape[1:]
     keys = torch.randn(1, rows, n, d).to(torch.float16)

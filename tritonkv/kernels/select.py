@@ -47,6 +47,7 @@ SHORT_SCAN_BLOCK = 512   # and over a row of at most SHORT_ROW tokens: its small
 SHORT_ROW = 32768        # for more resident programs, so short rows get twice the programs (on an
                          # H200, 64 rows of 1,639 / 13,108 tokens: 84 -> 68 / 302 -> 277 us per evict)
 BARRIERS_PER_CLAUSE = N_DIGITS + 1
+SPARSE_BINS = 64         # see _select_kernel's SPARSE_BINS
 MAX_PROGRAMS_PER_ROW = 256   # P_PAD of the kernel
 # what a clause whose keys are stored (CACHED) leaves in its slot for a token that is no candidate;
 # a candidate's key is at least orderable_key(-inf) = 0x007FFFFF
@@ -194,7 +195,7 @@ def _select_kernel(
     GATHER: tl.constexpr, GATHER_T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
-    SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr,
+    SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr, SPARSE_BINS: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -213,7 +214,10 @@ def _select_kernel(
     recency half is half of a row's kept rows, all in its last chunk. CACHED (the last clause, or
     -1): that clause's first pass stores its candidates' keys in its slot (kernels/select.py
     _candidates), and its later passes and the compaction read them: its priorities, the noise
-    of a sample clause and the earlier clauses' keys are computed once, not in every pass."""
+    of a sample clause and the earlier clauses' keys are computed once, not in every pass.
+    SPARSE_BINS: in the digit passes after the first, a block of keys of which at most this many
+    still match the digits found so far counts them by an atomic add each instead of a 256-bin
+    histogram (ballots over every lane of the block): after the first digit most blocks hold few."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
     i_src = i_row                # the row of the slots ranked
@@ -267,9 +271,16 @@ def _select_kernel(
                     cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
                                             views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
                                             (j == CACHED) * (1 + (digit > 0)))   # stored, then read
+                    bins = ((key >> shift) & 0xFF).to(tl.int32)
                     if digit > 0:
                         cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-                    local += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=cand)
+                    if (digit == 0) | (SPARSE_BINS == 0):
+                        local += tl.histogram(bins, 256, mask=cand)
+                    else:
+                        if tl.sum(cand.to(tl.int32), 0) > SPARSE_BINS:
+                            local += tl.histogram(bins, 256, mask=cand)
+                        else:   # a few keys still match: an atomic each, no 256-bin histogram
+                            tl.atomic_add(p_hist + digit * 256 + bins, 1, mask=cand, sem="relaxed", scope="gpu")
                 tl.atomic_add(p_hist + digit * 256 + o_bin, local, mask=local > 0, sem="relaxed", scope="gpu")
                 row_barrier(bar, P * (j * 5 + digit + 1))
                 hist = tl.load(p_hist + digit * 256 + o_bin, cache_modifier=".cg")
@@ -416,6 +427,12 @@ def cached_clause(keys, own_slots: bool) -> int:
     return len(keys) - 1 if len(keys) > 1 or last.sampled or last.normalized else -1
 
 
+def sparse_bins() -> int:
+    """Matching keys per block up to which a digit pass counts by atomics (kernels' SPARSE_BINS);
+    ``TRITONKV_SPARSE_BINS`` overrides (0: every block by histogram, for A/B timing)."""
+    return int(os.environ.get("TRITONKV_SPARSE_BINS", SPARSE_BINS))
+
+
 def scan_block(n: int) -> int:
     """Tokens per step of select's passes over rows of ``n`` tokens (and the unit of its chunks);
     ``TRITONKV_SELECT_BLOCK`` overrides it (tuning)."""
@@ -473,7 +490,7 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
-                CACHED=cached_clause(keys, own_slots),
+                CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(),
                 **key_args(keys, [0] * len(keys))[1])
 
 
