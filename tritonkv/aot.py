@@ -35,7 +35,7 @@ from .integrations.decode_scores import (POSITIONS, accumulation_ranked, accumul
 from .kernels.attention_signal import attention_signal_launch
 from .kernels.decode import decode_launches
 from .kernels.common import blocks_per_sm
-from .kernels.launch import kernel_name
+from .kernels.launch import kernel_name, launch_options
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
 from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
@@ -58,7 +58,7 @@ def specialized(fn, args, constexprs, num_warps: int, target=HOPPER, maxnreg=Non
         raise ValueError(f"{fn.__name__}: {len(args)} arguments for {len(runtime)} parameters")
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kwargs = dict(num_warps=num_warps) if maxnreg is None else dict(num_warps=num_warps, maxnreg=maxnreg)
+    kwargs = launch_options(num_warps, maxnreg=maxnreg)
     bound, specialization, options = binder(*args, **constexprs, **kwargs)
     options, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return ASTSource(fn, sig, consts, attrs), options.__dict__

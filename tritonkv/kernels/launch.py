@@ -79,7 +79,7 @@ class Launcher:
 
     def __call__(self, grid, args: Sequence, constexprs: dict, num_warps: int = 4, num_stages=None, maxnreg=None):
         options = (num_warps, num_stages, maxnreg)
-        kw = _options(num_warps, num_stages, maxnreg)
+        kw = launch_options(num_warps, num_stages, maxnreg)
         if not self.fast_path_ok(args):
             return self.fn[grid](*args, **constexprs, **kw)
         if self.tensors is None:
@@ -113,7 +113,7 @@ class Launcher:
         return self.compiled.get((torch.cuda.current_device(), key))
 
 
-def _options(num_warps: int, num_stages, maxnreg) -> dict:
+def launch_options(num_warps: int, num_stages=None, maxnreg=None) -> dict:
     """Triton's launch options: ``maxnreg`` caps the registers per thread (ptxas spills beyond)."""
     kw = {"num_warps": num_warps}
     if num_stages is not None:

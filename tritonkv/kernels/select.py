@@ -135,6 +135,12 @@ def _stored_keys(prio_ptr, views, j: tl.constexpr, rows, i_row, NS):
 
 
 @triton.jit
+def _load_stored(prio_ptr, views, j: tl.constexpr, rows, i_row, NS, o_n, m_n):
+    """What a CACHE = 1 pass stored for tokens o_n (STORED_OUT past the row's end)."""
+    return tl.load(_stored_keys(prio_ptr, views, j, rows, i_row, NS) + o_n, mask=m_n, other=STORED_OUT)
+
+
+@triton.jit
 def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent,
                 views, seed, at, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr,
                 STREAM_BASE: tl.constexpr, CACHE: tl.constexpr = 0):
@@ -145,7 +151,7 @@ def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n
     2 reads what 1 stored (one load, not every clause's priority and noise again)."""
     m_n = o_n < hi
     if CACHE == 2:
-        stored = tl.load(_stored_keys(prio_ptr, views, j, rows, i_row, at[0]) + o_n, mask=m_n, other=STORED_OUT)
+        stored = _load_stored(prio_ptr, views, j, rows, i_row, at[0], o_n, m_n)
         return m_n & (stored > STORED_OUT), stored
     kept = _kept_before(j, prio_ptr, state_ptr, i_row, rows, N, o_n, m_n, n_sink, n_recent,
                         views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
@@ -352,8 +358,7 @@ def _select_kernel(
         o_n = lo + start + o_blk
         m_n = o_n < hi
         if CACHED >= 0:   # kept already before the stored clause, or by it
-            stored = tl.load(_stored_keys(prio_ptr, views, CACHED, rows, i_src, at[0]) + o_n, mask=m_n,
-                             other=STORED_OUT)
+            stored = _load_stored(prio_ptr, views, CACHED, rows, i_src, at[0], o_n, m_n)
             kept = m_n & ((stored == STORED_KEPT)
                           | ((stored > STORED_OUT) & _picked_by(CACHED, stored, my_state, o_n)))
         else:
