@@ -105,7 +105,7 @@ def test_the_score_launch_carries_its_register_cap(monkeypatch):
 
     from tritonkv import compiler, geometry, policies
     from tritonkv.budget import allocate
-    from tritonkv.kernels.launch import _options
+    from tritonkv.kernels.launch import launch_options
     from tritonkv.lowering import lower
 
     policy = policies.h2o()
@@ -122,5 +122,5 @@ def test_the_score_launch_carries_its_register_cap(monkeypatch):
         caps = {getattr(step.fn, "__name__", "") or step.fn.fn.__name__: step.maxnreg for step in call.launches}
         assert caps.pop("score") == expected and set(caps.values()) == {None}
     geometry.clear_geometry()
-    assert _options(8, None, 128) == {"num_warps": 8, "maxnreg": 128}
-    assert _options(4, 3, None) == {"num_warps": 4, "num_stages": 3}
+    assert launch_options(8, None, 128) == {"num_warps": 8, "maxnreg": 128}
+    assert launch_options(4, 3, None) == {"num_warps": 4, "num_stages": 3}
