@@ -103,7 +103,7 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                  long_rows: bool = True) -> List[Built]:
     """Compile the stats, merge, score and select kernels of one policy for ``target``; with
     ``paged`` also the kernels that read a paged cache (tritonkv.paged); with ``long_rows`` also
-    the select of rows over SHORT_ROW tokens (its scan block differs)."""
+    the select of rows over SHORT_ROW tokens (its scan block and candidate list differ)."""
     dv = dv or d
     meta = dict(device="meta", dtype=dtype)
     keys = torch.empty(batch, heads, n, d, **meta)
