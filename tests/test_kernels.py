@@ -46,38 +46,15 @@ def adversarial_priorities(draw):
 
 
 # parameters, not drawn: xdist spreads them over the cores. own_slots: the last clause's keys are stored in its
-# slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never;
-# listed (TRITONKV_SELECT_CANDIDATES): a clause resolved from a list of its last candidates once at most this many
-# are left (these rows are short: by default they never are), "0" never
-@pytest.mark.parametrize("d, own_slots, sparse, listed", [(64, False, "64", "64"), (80, False, "64", "0"),
-                                                          (128, False, "64", "1024"), (64, True, "64", "256"),
-                                                          (80, True, "100000", "0"), (128, True, "0", "64")])
+# slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never
+@pytest.mark.parametrize("d, own_slots, sparse", [(64, False, "64"), (80, False, "64"), (128, False, "64"),
+                                                  (64, True, "64"), (80, True, "100000"), (128, True, "0")])
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed):
+def test_select_and_gather_are_exact(case, d, own_slots, sparse):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SPARSE_BINS", sparse)
-        patch.setenv("TRITONKV_SELECT_CANDIDATES", listed)
         check_select_and_gather(case, d, own_slots)
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
-@pytest.mark.parametrize("listed", [None, "64"])
-@pytest.mark.parametrize("n, levels", [(40001, 0), (131072, 0), (70001, 50)])
-def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed):
-    """Rows over SHORT_ROW, many programs each: clauses resolved from their candidate list
-    (default), or by every digit where the list would overflow (64 entries); ``levels``:
-    priorities of few distinct values (ties over many programs' chunks), 0 for floats."""
-    g = torch.Generator().manual_seed(n)
-    rows, counts = 6, (n // 10, n // 7, 1)
-    prios = torch.rand(len(counts), rows, n, generator=g)
-    if levels:
-        prios = (prios * levels).floor()
-    alloc = Allocation(5, 64, counts)
-    with pytest.MonkeyPatch.context() as patch:
-        if listed:
-            patch.setenv("TRITONKV_SELECT_CANDIDATES", listed)
-        check_select_and_gather((prios, alloc), 64, own_slots=bool(levels))
 
 
 def check_select_and_gather(case, d, own_slots):

@@ -37,7 +37,7 @@ from .kernels.decode import decode_launches
 from .kernels.common import blocks_per_sm
 from .kernels.launch import kernel_name, launch_options
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
-from .kernels.select import SELECT_WARPS, SHORT_ROW, _select_kernel, select_launch
+from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
 from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
 
@@ -99,11 +99,9 @@ def build_checked(policy: str, kernel: str, config: str, fn, args, constexprs, n
 
 
 def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=128, dv=None, group=4,
-                 window=64, dtype=torch.bfloat16, target=HOPPER, paged: bool = True,
-                 long_rows: bool = True) -> List[Built]:
+                 window=64, dtype=torch.bfloat16, target=HOPPER, paged: bool = True) -> List[Built]:
     """Compile the stats, merge, score and select kernels of one policy for ``target``; with
-    ``paged`` also the kernels that read a paged cache (tritonkv.paged); with ``long_rows`` also
-    the select of rows over SHORT_ROW tokens (its scan block and candidate list differ)."""
+    ``paged`` also the kernels that read a paged cache (tritonkv.paged)."""
     dv = dv or d
     meta = dict(device="meta", dtype=dtype)
     keys = torch.empty(batch, heads, n, d, **meta)
@@ -160,15 +158,6 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                                                  moments=(workspace, [0] * len(program.clause_keys), 8),
                                                  shared=shared_selection(program), own_slots=True)
     record("select", _select_kernel, args, constexprs, SELECT_WARPS)
-    if long_rows and program.clause_keys:   # the constexprs of rows over SHORT_ROW (their n only)
-        long_n = 2 * SHORT_ROW
-        _, args, constexprs, _ = select_launch(priorities.new_empty(priorities.shape[:2] + (long_n,)), program.clause_keys,
-                                               allocate(policy, long_n, long_n // 4).clause_counts, 0, 0,
-                                               batch * heads, long_n, long_n // 4, torch.device("meta"),
-                                               programs=16, heads=heads,
-                                               moments=(workspace, [0] * len(program.clause_keys), 8),
-                                               shared=shared_selection(program), own_slots=True)
-        record("select long", _select_kernel, args, constexprs, SELECT_WARPS)
     if paged and program.clause_keys:   # the select of a batched paged call (tritonkv.paged_plan)
         _, args, constexprs, _ = select_launch(priorities, program.clause_keys, [0] * len(program.clause_keys), 0,
                                                0, batch * heads, n, alloc.total, torch.device("meta"), programs=16,
@@ -262,9 +251,9 @@ def all_policies() -> Dict[str, dsl.Policy]:
 
 # dtype / head dims / GQA / window configurations; the paged variants differ from the dense ones
 # only in how they address K / V, so two configurations (the default and the largest tiles) check them
-CONFIGS = [dict(), dict(dtype=torch.float16, d=80, dv=64, group=1, window=7, paged=False, long_rows=False),
-           dict(dtype=torch.float32, d=256, group=8, window=200, long_rows=False),
-           dict(dtype=torch.bfloat16, d=64, group=3, window=1, paged=False)]
+CONFIGS = [dict(), dict(dtype=torch.float16, d=80, dv=64, group=1, window=7, paged=False),
+           dict(dtype=torch.float32, d=256, group=8, window=200), dict(dtype=torch.bfloat16, d=64, group=3, window=1,
+                                                                       paged=False)]
 
 
 def main(argv=None) -> int:

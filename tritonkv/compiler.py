@@ -429,7 +429,7 @@ def _ranking(compiled: CompiledPolicy, keys, values, queries, seed: int, named, 
     shared = not per_seq and shared_selection(program)   # one decision for the programs and the launch
     programs = selection_programs(program, b, h, n, device, gather_dims, per_seq, shared)
     slots = len(program.slots) * rows * n
-    sizes = [_align(geo.ranking_numel(slots)), _align(sum(workspace_sizes(rows, programs, clauses, n)))]
+    sizes = [_align(geo.ranking_numel(slots)), _align(sum(workspace_sizes(rows, programs, clauses)))]
     scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
     workspace, select_ws = scratch.split(sizes)
     priorities = workspace[geo.workspace: geo.workspace + slots].view(-1, rows, n)
