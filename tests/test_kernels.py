@@ -57,6 +57,20 @@ def test_select_and_gather_are_exact(case, d, own_slots, sparse):
         check_select_and_gather(case, d, own_slots)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
+@pytest.mark.parametrize("n, levels", [(131072, 0), (70001, 50), (40001, 0)])
+def test_select_of_long_rows_is_exact_on_the_gpu(n, levels):
+    """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
+    interpreter runs one per row); ``levels``: priorities of few distinct values, so ties span
+    many programs' chunks (with the last clause's keys stored), 0 for floats."""
+    g = torch.Generator().manual_seed(n)
+    rows, counts = 6, (n // 10, n // 7, 1)
+    prios = torch.rand(len(counts), rows, n, generator=g)
+    if levels:
+        prios = (prios * levels).floor()
+    check_select_and_gather((prios, Allocation(5, 64, counts)), 64, own_slots=bool(levels))
+
+
 def check_select_and_gather(case, d, own_slots):
     prios, alloc = case
     rows, n = prios.shape[1:]
