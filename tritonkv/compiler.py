@@ -355,6 +355,12 @@ class Call:
     select_inputs: Optional[tuple] = None
 
 
+def fused_gather() -> bool:
+    """Whether select copies the kept K / V rows itself (``TRITONKV_FUSED_GATHER=0``: a gather
+    launch after select, with its own grid; A/B timing)."""
+    return os.environ.get("TRITONKV_FUSED_GATHER") != "0"
+
+
 def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=(), gather: bool = True) -> Call:
     """Allocate an evict call's buffers and list its launches: statistics, score (which also
     zeroes select's counters), select (which also gathers the kept rows, unless ``gather`` is
@@ -372,6 +378,11 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, n
         call = _ranking(compiled, keys, values, queries, seed, named, Layout.dense(keys, values), (0, 0), out_i)
         call.launches.append(_select(compiled, call, alloc.clause_counts, alloc.n_sink, alloc.n_recent, total,
                                      out_i.view(b * h, total), heads=h, seed=seed))
+        return call
+    if not fused_gather():   # select writes the indices, then a gather launch copies the rows
+        call = prepare(compiled, alloc, keys, values, queries, seed, named, gather=False)
+        grid, args, constexprs, (call.keys, call.values) = gather_launch(call.indices, keys, values)
+        call.launches.append(Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS))
         return call
     out_k = torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
     out_v = torch.empty(b, h, total, dv, dtype=values.dtype, device=device)
