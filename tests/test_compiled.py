@@ -442,6 +442,28 @@ def test_window_rows_are_copied_whoever_holds_them():
                 compare(keys, values, queries, policy, 0.3)
 
 
+@pytest.mark.parametrize("name", ["keydiff", "tova", "snapkv"])
+def test_rows_gathered_after_select(name, monkeypatch):
+    """TRITONKV_FUSED_GATHER=0 (A/B timing): select writes the indices only and a gather launch
+    copies the rows. Its kept sets and rows are the reference's, the same as the fused path's,
+    and an Evictor (planned on a GPU, from its second call) returns them too."""
+    from tritonkv.runtime import Evictor
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 2, 1031, 64, generator=g), torch.randn(2, 2, 1031, 48, generator=g)
+    queries = torch.randn(2, 8, 64, 64, generator=g)
+    policy = policies.PRESETS[name]()
+    k = 300
+    dev = to_device(keys, values, queries if policy.needs_queries else None)
+    fused = evict_compiled(*dev, policy, k, 0)
+    monkeypatch.setenv("TRITONKV_FUSED_GATHER", "0")
+    compare(keys, values, queries if policy.needs_queries else None, policy, k)
+    evictor = Evictor(policy, k, backend="triton")
+    for _ in range(2):
+        out = evictor(dev[0], dev[1], queries=dev[2])
+        for got, want in zip((out.indices, out.keys, out.values), (fused.indices, fused.keys, fused.values)):
+            assert torch.equal(got.cpu(), want.cpu()), name
+
+
 @pytest.mark.parametrize("policy", [
     policies.nacl(sinks=8, proxy_window=16),
     tkv.sink(4) | tkv.top(-tkv.key_norm(), share=0.5) | tkv.top(tkv.value_norm()),
