@@ -46,29 +46,37 @@ def adversarial_priorities(draw):
 
 
 # parameters, not drawn: xdist spreads them over the cores. own_slots: the last clause's keys are stored in its
-# slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never
-@pytest.mark.parametrize("d, own_slots, sparse", [(64, False, "64"), (80, False, "64"), (128, False, "64"),
-                                                  (64, True, "64"), (80, True, "100000"), (128, True, "0")])
+# slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never;
+# listed (TRITONKV_SELECT_LIST): a clause resolved from a list of its last candidates once at most this many are
+# left ("511": as many as the list holds), "0" never (the default)
+@pytest.mark.parametrize("d, own_slots, sparse, listed", [(64, False, "64", "511"), (80, False, "64", "0"),
+                                                          (128, False, "64", "40"), (64, True, "64", "511"),
+                                                          (80, True, "100000", "0"), (128, True, "0", "200")])
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d, own_slots, sparse):
+def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SPARSE_BINS", sparse)
+        patch.setenv("TRITONKV_SELECT_LIST", listed)
         check_select_and_gather(case, d, own_slots)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
+@pytest.mark.parametrize("listed", ["0", "511"])
 @pytest.mark.parametrize("n, levels", [(131072, 0), (70001, 50), (40001, 0)])
-def test_select_of_long_rows_is_exact_on_the_gpu(n, levels):
+def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
-    interpreter runs one per row); ``levels``: priorities of few distinct values, so ties span
-    many programs' chunks (with the last clause's keys stored), 0 for floats."""
+    interpreter runs one per row), with and without candidate lists; ``levels``: priorities of
+    few distinct values, so ties span many programs' chunks (with the last clause's keys
+    stored), 0 for floats."""
     g = torch.Generator().manual_seed(n)
     rows, counts = 6, (n // 10, n // 7, 1)
     prios = torch.rand(len(counts), rows, n, generator=g)
     if levels:
         prios = (prios * levels).floor()
-    check_select_and_gather((prios, Allocation(5, 64, counts)), 64, own_slots=bool(levels))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITONKV_SELECT_LIST", listed)
+        check_select_and_gather((prios, Allocation(5, 64, counts)), 64, own_slots=bool(levels))
 
 
 def check_select_and_gather(case, d, own_slots):

@@ -16,6 +16,12 @@ How one clause is selected, exactly and without a sort:
      the keys equal to t are kept;
   3. the keys equal to t are kept in token order: each program counts its ties, and the
      program where the r-th tie falls finds its index (the "cut").
+  With TRITONKV_SELECT_LIST (off by default until timed; list_entries): once a digit leaves few
+  keys matching the digits found so far (at most 511 after the first or second digit, 255 after
+  the third: what the histograms of the digits left hold), one more pass appends their indices
+  to a list in those histograms, and every program loads the list into registers and finds t
+  and the cut there (digit histograms of the listed keys, then of their ties' indices): the
+  later digit passes, the tie pass and their row barriers are skipped.
 Compaction: every program counts what it keeps, so each knows how many kept tokens come
 before its chunk; it then writes the kept indices in token order. kernels/gather.py copies
 the K and V rows they name.
@@ -46,8 +52,9 @@ SCAN_BLOCK = 1024        # tokens per step of the passes over a long row's prior
 SHORT_SCAN_BLOCK = 512   # and over a row of at most SHORT_ROW tokens: its smaller tiles leave room
 SHORT_ROW = 32768        # for more resident programs, so short rows get twice the programs (on an
                          # H200, 64 rows of 1,639 / 13,108 tokens: 84 -> 68 / 302 -> 277 us per evict)
-BARRIERS_PER_CLAUSE = N_DIGITS + 1
 SPARSE_BINS = 64         # see _select_kernel's SPARSE_BINS
+LIST_ENTRIES = 0         # see list_entries: off until timed (TRITONKV_SELECT_LIST=511 turns it on)
+LIST_MAX: tl.constexpr = tl.constexpr(512)   # list entries held in registers (511 in the histograms after digit 1)
 MAX_PROGRAMS_PER_ROW = 256   # P_PAD of the kernel
 # what a clause whose keys are stored (CACHED) leaves in its slot for a token that is no candidate;
 # a candidate's key is at least orderable_key(-inf) = 0x007FFFFF
@@ -166,6 +173,15 @@ def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n
 
 
 @triton.jit
+def _key_at(j: tl.constexpr, o_n, m_n, prio_ptr, views, seed, i_row, rows, at, SAMPLED: tl.constexpr,
+            NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, CACHED: tl.constexpr):
+    """Clause j's key of the candidates o_n (where m_n): what its CACHED pass stored, else computed."""
+    if j == CACHED:
+        return _load_stored(prio_ptr, views, j, rows, i_row, at[0], o_n, m_n)
+    return _clause_key(j, prio_ptr, views, seed, i_row, rows, at, o_n, m_n, SAMPLED, NORMED, STREAM_BASE)
+
+
+@triton.jit
 def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
                D: tl.constexpr, BLOCK_D: tl.constexpr):
     """dst_ptr[dst] = src[i_b, i_h, o_n] for the lanes in ``kept`` (rows of D contiguous outputs)."""
@@ -189,10 +205,68 @@ def _copy_kv_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, v_ptr, s_vb, s_vh, s_vn, s_vd, 
         _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, row // H, row % H, idx, out_dst, m, DV, BLOCK_DV)
 
 
-@triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S", "drop_one",
+@triton.jit
+def _list_candidates(j: tl.constexpr, lo, hi, chunk, o_blk, prefix, shift: tl.constexpr, prio_ptr, state_ptr, i_row,
+                     rows, N, n_sink, n_recent, views, seed, at, skip_ptr, p_count, p_list, list_len,
+                     HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr,
+                     CACHE: tl.constexpr, BLOCK: tl.constexpr):
+    """Append the indices of my chunk's candidates whose key matches ``prefix`` above bit
+    ``shift`` (the digits found so far) to the row's list (``p_count`` counts them); returns how
+    many of my candidates are above that prefix (all of them kept)."""
+    above = tl.full([], 0, tl.int32)
+    for start in range(0, chunk, BLOCK):
+        o_n = lo + start + o_blk
+        cand, key = _candidates(j, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent, views, seed, at,
+                                skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE, CACHE)
+        high = key >> shift
+        match = cand & (high == (prefix >> shift))
+        above += tl.sum((cand & (high > (prefix >> shift))).to(tl.int32), 0)
+        base = tl.atomic_add(p_count, tl.sum(match.to(tl.int32), 0), sem="relaxed", scope="gpu")
+        pos = base + tl.cumsum(match.to(tl.int32), 0) - 1
+        # all of them fit: the histogram counted at most list_len
+        tl.store(p_list + pos, o_n, mask=match & (pos < list_len))
+    return above
+
+
+@triton.jit
+def _resolve_list(j: tl.constexpr, p_count, p_list, remaining, chunk, prio_ptr, views, seed, i_row, rows, at,
+                  SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, CACHED: tl.constexpr,
+                  P_PAD: tl.constexpr):
+    """(threshold, cut, kept per chunk) of clause j's listed candidates (at most LIST_MAX), of
+    which the ``remaining`` (>= 1) highest keys are kept, ties to the lower index. The list and
+    its keys are loaded once into registers; eight digit histograms of them follow, with no
+    memory access: four of the keys find the threshold (the remaining-th largest), four of
+    0x7FFFFFFF - index over the keys equal to it find the cut (the index of the last tie kept)."""
+    o_c = tl.arange(0, LIST_MAX)
+    m_c = o_c < tl.load(p_count, cache_modifier=".cg")
+    idx = tl.load(p_list + o_c, mask=m_c, other=0, cache_modifier=".cg")
+    key = _key_at(j, idx, m_c, prio_ptr, views, seed, i_row, rows, at, SAMPLED, NORMED, STREAM_BASE, CACHED)
+    o_bin = tl.arange(0, 256)
+    threshold = tl.full([], 0, tl.uint32)
+    prefix = tl.full([], 0, tl.uint32)
+    for step in range(8):
+        ties = step >= 4
+        shift = (tl.full([], 24, tl.int32) - 8 * (step % 4)).to(tl.uint32)
+        values = tl.where(ties, (0x7FFFFFFF - idx).to(tl.uint32), key)
+        found = values.to(tl.uint64) >> (shift + 8).to(tl.uint64)   # the digits found so far (none: 0 = 0)
+        match = m_c & (~ties | (key == threshold)) & (found == (prefix.to(tl.uint64) >> (shift + 8).to(tl.uint64)))
+        hist = tl.histogram(((values >> shift) & 0xFF).to(tl.int32), 256, mask=match)
+        suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist      # values with this digit or above
+        b_star = tl.max(tl.where(suffix >= remaining, o_bin, -1), 0)
+        remaining -= tl.sum(tl.where(o_bin == b_star, suffix - hist, 0), 0)
+        prefix = prefix | (b_star.to(tl.uint32) << shift)
+        if step == 3:   # the threshold found; ``remaining`` of its ties are kept, the lowest indices
+            threshold = prefix
+            prefix = tl.full([], 0, tl.uint32)
+    cut = 0x7FFFFFFF - prefix.to(tl.int32)
+    kept = m_c & ((key > threshold) | ((key == threshold) & (idx <= cut)))
+    return threshold, cut, tl.histogram(idx // chunk, P_PAD, mask=kept)
+
+
+@triton.jit(do_not_specialize=["list_len", "N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S", "drop_one",
                                "count0", "count1", "count2", "count3", "mom0", "mom1", "mom2", "mom3"])
 def _select_kernel(
-    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, skip_ptr, ws_ptr, sq_ptr,
+    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, list_len, skip_ptr, ws_ptr, sq_ptr,
     k_ptr, v_ptr, out_k_ptr, out_v_ptr, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, H,
     N, rows, n_kept, n_sink, n_recent, chunk, P, seed, mom_S, drop_one,
     count0, count1, count2, count3,
@@ -202,6 +276,7 @@ def _select_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
     SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr, SPARSE_BINS: tl.constexpr,
+    LISTS: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -223,7 +298,11 @@ def _select_kernel(
     of a sample clause and the earlier clauses' keys are computed once, not in every pass.
     SPARSE_BINS: in the digit passes after the first, a block of keys of which at most this many
     still match the digits found so far counts them by an atomic add each instead of a 256-bin
-    histogram (ballots over every lane of the block): after the first digit most blocks hold few."""
+    histogram (ballots over every lane of the block): after the first digit most blocks hold few.
+    LISTS: once few enough keys of a row still match the digits found (at most ``list_len``,
+    LIST_MAX and what the digit histograms left unused hold: 511 after the first or second
+    digit, 255 after the third), their indices are listed there and every program resolves the
+    clause from the list (module docstring)."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
     i_src = i_row                # the row of the slots ranked
@@ -247,12 +326,17 @@ def _select_kernel(
     views = clause_views(ws_ptr, mom_S, i_src, slot0, slot1, slot2, slot3, inv_t0, inv_t1, inv_t2, inv_t3,
                          mom0, mom1, mom2, mom3, C, NORMED)
     counts = (count0, count1, count2, count3)
+    passed = tl.full([], 0, tl.int32)                 # row barriers passed (the same in every program)
+    listed_kept = tl.zeros([P_PAD], dtype=tl.int32)  # per chunk, kept entries of the clauses resolved by list
 
     for j in tl.static_range(C):
         remaining = counts[j] + 0
         prefix = tl.full([], 0, tl.uint32)
+        cut = tl.full([], -1, tl.int32)
         p_hist = hist_ptr + ((i_row * C + j) * 4) * 256
+        p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
         lowest = (drop_one != 0) & (j == C - 1)   # the same in every program of the grid
+        listed = lowest & ~lowest                 # resolved from the list: decided after a digit, as one
         if lowest:
             # ---- the one token dropped: the lowest key (its ties below resolve which one). The
             # row's max of ~key (>= 0, so the zeroed cell starts below every value) is ~ its min
@@ -265,66 +349,93 @@ def _select_kernel(
                 low = tl.minimum(low, tl.min(tl.where(cand, key, 0xFFFFFFFF), 0))
             p_low = p_hist.to(tl.pointer_type(tl.uint32))
             tl.atomic_max(p_low, low ^ 0xFFFFFFFF, sem="relaxed", scope="gpu")
-            row_barrier(bar, P * (j * 5 + 1))
+            passed += 1
+            row_barrier(bar, P * passed)
             prefix = tl.load(p_low, cache_modifier=".cg") ^ 0xFFFFFFFF
         else:
             # ---- radix select: four digits of 8 bits, most significant first
             for digit in tl.static_range(4):
-                shift = 24 - 8 * digit
-                local = tl.zeros([256], dtype=tl.int32)
-                for start in range(0, chunk, BLOCK):
-                    o_n = lo + start + o_blk
-                    cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
-                                            views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
-                                            (j == CACHED) * (1 + (digit > 0)))   # stored, then read
-                    bins = ((key >> shift) & 0xFF).to(tl.int32)
-                    if digit > 0:
-                        cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-                    if (digit == 0) | (SPARSE_BINS == 0):
-                        local += tl.histogram(bins, 256, mask=cand)
-                    else:
-                        if tl.sum(cand.to(tl.int32), 0) > SPARSE_BINS:
+                if not listed:
+                    shift = 24 - 8 * digit
+                    local = tl.zeros([256], dtype=tl.int32)
+                    for start in range(0, chunk, BLOCK):
+                        o_n = lo + start + o_blk
+                        cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
+                                                views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
+                                                (j == CACHED) * (1 + (digit > 0)))   # stored, then read
+                        bins = ((key >> shift) & 0xFF).to(tl.int32)
+                        if digit > 0:
+                            cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                        if (digit == 0) | (SPARSE_BINS == 0):
                             local += tl.histogram(bins, 256, mask=cand)
-                        else:   # a few keys still match: an atomic each, no 256-bin histogram
-                            tl.atomic_add(p_hist + digit * 256 + bins, 1, mask=cand, sem="relaxed", scope="gpu")
-                tl.atomic_add(p_hist + digit * 256 + o_bin, local, mask=local > 0, sem="relaxed", scope="gpu")
-                row_barrier(bar, P * (j * 5 + digit + 1))
-                hist = tl.load(p_hist + digit * 256 + o_bin, cache_modifier=".cg")
-                suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist      # keys with this digit or above
-                b_star = tl.max(tl.where(suffix >= remaining, o_bin, -1), 0)
-                above = tl.sum(tl.where(o_bin == b_star, suffix - hist, 0), 0)
-                prefix = prefix | (b_star.to(tl.uint32) << shift)
-                remaining = remaining - above
-        # ---- ties: count mine and the keys above the threshold, then find my cut
-        n_eq = tl.full([], 0, tl.int32)
-        n_gt = tl.full([], 0, tl.int32)
-        for start in range(0, chunk, BLOCK):
-            o_n = lo + start + o_blk
-            cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
-                                    views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
-                                    (j == CACHED) * 2)
-            n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
-            n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
-        p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
-        tl.store(p_cnt + i_p, n_eq)
-        tl.store(p_cnt + P + i_p, n_gt)
-        row_barrier(bar, P * (j * 5 + tl.where(lowest, 2, 5)))   # a lowest clause's second barrier
-        eq_all = tl.load(p_cnt + o_p, mask=m_p, other=0, cache_modifier=".cg")
-        if lowest:   # the ties kept: all but one of the keys equal to the lowest
-            remaining = counts[j] - tl.sum(tl.load(p_cnt + P + o_p, mask=m_p, other=0, cache_modifier=".cg"), 0)
-        need = remaining - tl.sum(tl.where(o_p < i_p, eq_all, 0), 0)   # ties still to keep, from my chunk on
-        cut = tl.where(need >= n_eq, N, -1)
-        if (need > 0) & (need < n_eq):
-            seen = tl.full([], 0, tl.int32)
+                        else:
+                            if tl.sum(cand.to(tl.int32), 0) > SPARSE_BINS:
+                                local += tl.histogram(bins, 256, mask=cand)
+                            else:   # a few keys still match: an atomic each, no 256-bin histogram
+                                tl.atomic_add(p_hist + digit * 256 + bins, 1, mask=cand, sem="relaxed", scope="gpu")
+                    tl.atomic_add(p_hist + digit * 256 + o_bin, local, mask=local > 0, sem="relaxed", scope="gpu")
+                    passed += 1
+                    row_barrier(bar, P * passed)
+                    hist = tl.load(p_hist + digit * 256 + o_bin, cache_modifier=".cg")
+                    suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist      # keys with this digit or above
+                    b_star = tl.max(tl.where(suffix >= remaining, o_bin, -1), 0)
+                    above = tl.sum(tl.where(o_bin == b_star, suffix - hist, 0), 0)
+                    prefix = prefix | (b_star.to(tl.uint32) << shift)
+                    remaining = remaining - above
+                    if LISTS & (digit < 3):
+                        matching = tl.sum(tl.where(o_bin == b_star, hist, 0), 0)
+                        space = tl.minimum(tl.minimum(list_len, (3 - digit) * 256 - 1), LIST_MAX)
+                        if (matching <= space) & (remaining > 0) & (b_star >= 0):
+                            # list them in the histograms of the digits left (zero, unused from here
+                            # on; their last int counts the list), then every program resolves the
+                            # clause from the list
+                            p_list = p_hist + (digit + 1) * 256
+                            p_count = p_hist + 4 * 256 - 1
+                            mine_above = _list_candidates(j, lo, hi, chunk, o_blk, prefix, shift, prio_ptr, my_state,
+                                                          i_src, rows, N, n_sink, n_recent, views, seed, at, skip_ptr,
+                                                          p_count, p_list, space, HAS_SKIP, SAMPLED, NORMED,
+                                                          STREAM_BASE, (j == CACHED) * 2, BLOCK)
+                            tl.store(p_cnt + i_p, 0)               # compaction: no ties of a listed clause,
+                            tl.store(p_cnt + P + i_p, mine_above)  # the keys above the list in my chunk
+                            passed += 1
+                            row_barrier(bar, P * passed)
+                            prefix, cut, kept_listed = _resolve_list(j, p_count, p_list, remaining, chunk, prio_ptr,
+                                                                     views, seed, i_src, rows, at, SAMPLED, NORMED,
+                                                                     STREAM_BASE, CACHED, P_PAD)
+                            listed_kept += kept_listed
+                            remaining = remaining * 0
+                            listed = ~listed
+        if not listed:
+            # ---- ties: count mine and the keys above the threshold, then find my cut
+            n_eq = tl.full([], 0, tl.int32)
+            n_gt = tl.full([], 0, tl.int32)
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
                 cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
                                         views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
                                         (j == CACHED) * 2)
-                eq = (cand & (key == prefix)).to(tl.int32)
-                rank = seen + tl.cumsum(eq, 0)
-                cut = tl.maximum(cut, tl.max(tl.where((eq > 0) & (rank == need), o_n, -1), 0))
-                seen += tl.sum(eq, 0)
+                n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
+                n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
+            tl.store(p_cnt + i_p, n_eq)
+            tl.store(p_cnt + P + i_p, n_gt)
+            passed += 1
+            row_barrier(bar, P * passed)   # a lowest clause's second barrier
+            eq_all = tl.load(p_cnt + o_p, mask=m_p, other=0, cache_modifier=".cg")
+            if lowest:   # the ties kept: all but one of the keys equal to the lowest
+                remaining = counts[j] - tl.sum(tl.load(p_cnt + P + o_p, mask=m_p, other=0, cache_modifier=".cg"), 0)
+            need = remaining - tl.sum(tl.where(o_p < i_p, eq_all, 0), 0)   # ties still to keep, from my chunk on
+            cut = tl.where(need >= n_eq, N, -1)
+            if (need > 0) & (need < n_eq):
+                seen = tl.full([], 0, tl.int32)
+                for start in range(0, chunk, BLOCK):
+                    o_n = lo + start + o_blk
+                    cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
+                                            views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
+                                            (j == CACHED) * 2)
+                    eq = (cand & (key == prefix)).to(tl.int32)
+                    rank = seen + tl.cumsum(eq, 0)
+                    cut = tl.maximum(cut, tl.max(tl.where((eq > 0) & (rank == need), o_n, -1), 0))
+                    seen += tl.sum(eq, 0)
         tl.store(my_state + 3 * j, prefix.to(tl.int32, bitcast=True))
         tl.store(my_state + 3 * j + 1, cut)
         tl.store(my_state + 3 * j + 2, remaining)
@@ -334,7 +445,7 @@ def _select_kernel(
     c_lo = o_p * chunk
     c_hi = tl.minimum(c_lo + chunk, N)
     kept_per_chunk = tl.maximum(tl.minimum(c_hi, n_sink) - c_lo, 0) \
-        + tl.maximum(c_hi - tl.maximum(c_lo, N - n_recent), 0)
+        + tl.maximum(c_hi - tl.maximum(c_lo, N - n_recent), 0) + listed_kept
     for j in tl.static_range(C):
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
         eq_all = tl.load(p_cnt + o_p, mask=m_p, other=0, cache_modifier=".cg")
@@ -438,6 +549,16 @@ def sparse_bins() -> int:
     return int(os.environ.get("TRITONKV_SPARSE_BINS", SPARSE_BINS))
 
 
+def list_entries() -> int:
+    """The most entries of select's candidate list (the kernel's ``list_len``; it also holds no
+    more than LIST_MAX and the unused digit histograms: 511 or 255). Off (0: every clause by its
+    four digits and a tie pass) until an A/B times it; ``TRITONKV_SELECT_LIST=511`` turns it on."""
+    override = os.environ.get("TRITONKV_SELECT_LIST", str(LIST_ENTRIES))
+    if not override.isdigit():
+        raise ValueError(f"TRITONKV_SELECT_LIST: expected a count of entries, got {override!r}")
+    return int(override)
+
+
 def scan_block(n: int) -> int:
     """Tokens per step of select's passes over rows of ``n`` tokens (and the unit of its chunks);
     ``TRITONKV_SELECT_BLOCK`` overrides it (tuning)."""
@@ -457,8 +578,9 @@ def programs_per_row(rows: int, n: int, device: torch.device, resident: int) -> 
 
 
 def workspace_sizes(rows: int, programs: int, clauses: int):
-    """int32 elements of select's workspace: histograms, barrier counters (these two first:
-    they must start at zero), per-program tie counts, per-program clause states."""
+    """int32 elements of select's workspace: histograms (with the candidate lists), barrier
+    counters (these two first: they must start at zero), per-program tie counts, per-program
+    clause states."""
     c = max(clauses, 1)
     return [rows * c * N_DIGITS * N_BINS, rows, rows * c * 2 * programs, rows * programs * 3 * c]
 
@@ -495,7 +617,7 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
-                CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(),
+                CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(), LISTS=list_entries() > 0,
                 **key_args(keys, [0] * len(keys))[1])
 
 
@@ -545,7 +667,7 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     # rows of a sequence table or with a skip mask take the general path)
     drop_one = int(clauses > 0 and n_kept == n - 1 and n_sink + n_recent + sum(counts) == n_kept
                    and skip is None and sequences is None and drop_one_enabled())
-    args = [prio, out_i, hist, bar, cnt, state, prio if skip is None else skip, stats,
+    args = [prio, out_i, hist, bar, cnt, state, list_entries(), prio if skip is None else skip, stats,
             prio if sequences is None else sequences, *copy_args, n, rows, n_kept,
             n_sink, n_recent, chunk, p, seed, splits, drop_one, *count_args, *key_values]
     constexprs = _constexprs(keys, n, d, dv, skip is not None, sequences is not None, shared, own_slots)
