@@ -2,7 +2,7 @@
 
 Each statistic is accumulated per program over a range of tiles (``*_tile``), written as
 a partial, and the partials of a row are merged by a finalize kernel (``*_merge``) in a
-fixed order, so results never depend on scheduling. Only lanes in ``m_val`` count: tiles
+fixed order (a block of partials at a time), so results never depend on scheduling. Only lanes in ``m_val`` count: tiles
 overlap by their halo, and each token must be counted once.
 """
 
@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 
 from .primitives import NORM_EPS
+
+PARTIALS_BLOCK: tl.constexpr = tl.constexpr(64)   # scalar partials a merge reads per step (not one: a chain of loads)
 
 
 # ---------------------------------------------------------------------------- anchor
@@ -31,11 +33,16 @@ def anchor_store(ws_ptr, part, i_row, i_s, S, acc, active, BLOCK_D: tl.constexpr
 
 @triton.jit
 def anchor_merge(ws_ptr, part, final, i_row, S, N, BLOCK_D: tl.constexpr):
-    """final[row] = normalize(sum of partials / N): the unit anchor."""
+    """final[row] = normalize(sum of partials / N): the unit anchor. The partials are read SB
+    at a time (a tile of 2048 values; merges read their S partials in blocks, not as a chain
+    of S dependent steps)."""
+    SB: tl.constexpr = max(1, 2048 // BLOCK_D)
     o_d = tl.arange(0, BLOCK_D)
+    o_s = tl.arange(0, SB)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(ws_ptr + part + (i_row * S + s) * BLOCK_D + o_d)
+    for s0 in range(0, S, SB):
+        rows = (i_row * S + s0 + o_s)[:, None] * BLOCK_D
+        acc += tl.sum(tl.load(ws_ptr + part + rows + o_d[None, :], mask=(s0 + o_s < S)[:, None], other=0.0), 0)
     mean = acc / N
     unit = mean / tl.maximum(tl.sqrt(tl.sum(mean * mean, 0)), NORM_EPS)
     tl.store(ws_ptr + final + i_row * BLOCK_D + o_d, unit)
@@ -70,13 +77,23 @@ def moments_store(ws_ptr, part, i_row, i_s, S, n, mean, m2, active):
 
 @triton.jit
 def moments_of_partials(ws_ptr, part, i_row, S):
-    """(mean, population std) of a row from its S (count, mean, M2) partials, merged in order."""
+    """(mean, population std) of a row from its S (count, mean, M2) partials, a block of
+    PARTIALS_BLOCK at a time (Chan et al.'s merge of a block: its count, its count-weighted mean,
+    its M2 with each partial's deviation from that mean), blocks merged in order."""
+    o_s = tl.arange(0, PARTIALS_BLOCK)
     n = tl.full([], 0.0, tl.float32)
     mean = tl.full([], 0.0, tl.float32)
     m2 = tl.full([], 0.0, tl.float32)
-    for s in range(0, S):
-        base = ws_ptr + part + (i_row * S + s) * 3
-        n, mean, m2 = welford_merge(n, mean, m2, tl.load(base), tl.load(base + 1), tl.load(base + 2))
+    for s0 in range(0, S, PARTIALS_BLOCK):
+        m_s = s0 + o_s < S
+        base = ws_ptr + part + (i_row * S + s0 + o_s) * 3
+        b_n = tl.load(base, mask=m_s, other=0.0)
+        b_mean = tl.load(base + 1, mask=m_s, other=0.0)
+        t_n = tl.sum(b_n, 0)
+        t_mean = tl.sum(b_n * b_mean, 0) / tl.maximum(t_n, 1.0)
+        dev = b_mean - t_mean
+        t_m2 = tl.sum(tl.load(base + 2, mask=m_s, other=0.0) + b_n * dev * dev, 0)
+        n, mean, m2 = welford_merge(n, mean, m2, t_n, t_mean, t_m2)
     return mean, tl.sqrt(m2 / tl.maximum(n, 1.0))
 
 
@@ -118,11 +135,16 @@ def softmax_store(ws_ptr, part, i_row, i_s, S, run_m, run_l, active):
 
 @triton.jit
 def softmax_merge(ws_ptr, part, final, i_row, S, active):
-    """final[row] = (max, sum of exp(x / t - max))."""
+    """final[row] = (max, sum of exp(x / t - max)), from a block of PARTIALS_BLOCK partials at a time."""
+    o_s = tl.arange(0, PARTIALS_BLOCK)
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.full([], 0.0, tl.float32)
-    for s in range(0, S):
-        base = ws_ptr + part + (i_row * S + s) * 2
-        m, l = online_softmax_merge(m, l, tl.load(base), tl.load(base + 1), False)
+    for s0 in range(0, S, PARTIALS_BLOCK):
+        m_s = s0 + o_s < S
+        base = ws_ptr + part + (i_row * S + s0 + o_s) * 2
+        b_m = tl.load(base, mask=m_s, other=float("-inf"))
+        t_m = tl.max(b_m, 0)
+        t_l = tl.sum(tl.load(base + 1, mask=m_s, other=0.0) * tl.exp(b_m - tl.where(t_m == float("-inf"), 0.0, t_m)), 0)
+        m, l = online_softmax_merge(m, l, t_m, t_l, False)
     tl.store(ws_ptr + final + i_row * 2, m, mask=active)
     tl.store(ws_ptr + final + i_row * 2 + 1, l, mask=active)
