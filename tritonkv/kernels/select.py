@@ -17,8 +17,8 @@ How one clause is selected, exactly and without a sort:
   3. the keys equal to t are kept in token order: each program counts its ties, and the
      program where the r-th tie falls finds its index (the "cut").
   With TRITONKV_SELECT_LIST (off by default until timed; list_entries): once a digit leaves few
-  keys matching the digits found so far (at most 511 after the first or second digit, 255 after
-  the third: what the histograms of the digits left hold), one more pass appends their indices
+  keys matching the digits found so far (at most 512 after the first digit, 511 after the
+  second, 255 after the third: what registers and the histograms of the digits left hold), one more pass appends their indices
   to a list in those histograms, and every program loads the list into registers and finds t
   and the cut there (digit histograms of the listed keys, then of their ties' indices): the
   later digit passes, the tie pass and their row barriers are skipped.
@@ -300,8 +300,8 @@ def _select_kernel(
     still match the digits found so far counts them by an atomic add each instead of a 256-bin
     histogram (ballots over every lane of the block): after the first digit most blocks hold few.
     LISTS: once few enough keys of a row still match the digits found (at most ``list_len``,
-    LIST_MAX and what the digit histograms left unused hold: 511 after the first or second
-    digit, 255 after the third), their indices are listed there and every program resolves the
+    LIST_MAX and what the digit histograms left unused hold: 512, 511 or 255 after the first,
+    second or third digit), their indices are listed there and every program resolves the
     clause from the list (module docstring)."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
@@ -551,7 +551,7 @@ def sparse_bins() -> int:
 
 def list_entries() -> int:
     """The most entries of select's candidate list (the kernel's ``list_len``; it also holds no
-    more than LIST_MAX and the unused digit histograms: 511 or 255). Off (0: every clause by its
+    more than LIST_MAX and the unused digit histograms: 512, 511 or 255). Off (0: every clause by its
     four digits and a tie pass) until an A/B times it; ``TRITONKV_SELECT_LIST=511`` turns it on."""
     override = os.environ.get("TRITONKV_SELECT_LIST", str(LIST_ENTRIES))
     if not override.isdigit():
