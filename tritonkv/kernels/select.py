@@ -18,10 +18,11 @@ How one clause is selected, exactly and without a sort:
      program where the r-th tie falls finds its index (the "cut").
   With TRITONKV_SELECT_LIST (off by default until timed; list_entries): once a digit leaves few
   keys matching the digits found so far (at most 512 after the first digit, 511 after the
-  second, 255 after the third: what registers and the histograms of the digits left hold), one more pass appends their indices
-  to a list in those histograms, and every program loads the list into registers and finds t
-  and the cut there (digit histograms of the listed keys, then of their ties' indices): the
-  later digit passes, the tie pass and their row barriers are skipped.
+  second, 255 after the third: what registers and the histograms of the digits left hold),
+  one more pass appends their indices to a list in those histograms, and every program loads
+  the list into registers and finds t and the cut there (digit histograms of the listed keys,
+  then of their ties' indices): the later digit passes, the tie pass and their row barriers
+  are skipped.
 Compaction: every program counts what it keeps, so each knows how many kept tokens come
 before its chunk; it then writes the kept indices in token order. kernels/gather.py copies
 the K and V rows they name.
@@ -263,8 +264,8 @@ def _resolve_list(j: tl.constexpr, p_count, p_list, remaining, chunk, prio_ptr, 
     return threshold, cut, tl.histogram(idx // chunk, P_PAD, mask=kept)
 
 
-@triton.jit(do_not_specialize=["list_len", "N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S", "drop_one",
-                               "count0", "count1", "count2", "count3", "mom0", "mom1", "mom2", "mom3"])
+@triton.jit(do_not_specialize=["list_len", "N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S",
+                               "drop_one", "count0", "count1", "count2", "count3", "mom0", "mom1", "mom2", "mom3"])
 def _select_kernel(
     prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, list_len, skip_ptr, ws_ptr, sq_ptr,
     k_ptr, v_ptr, out_k_ptr, out_v_ptr, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, H,
@@ -336,7 +337,7 @@ def _select_kernel(
         p_hist = hist_ptr + ((i_row * C + j) * 4) * 256
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
         lowest = (drop_one != 0) & (j == C - 1)   # the same in every program of the grid
-        listed = lowest & ~lowest                 # resolved from the list: decided after a digit, as one
+        listed = tl.full([], 0, tl.int1)          # resolved from the list: decided after a digit, as one
         if lowest:
             # ---- the one token dropped: the lowest key (its ties below resolve which one). The
             # row's max of ~key (>= 0, so the zeroed cell starts below every value) is ~ its min

@@ -2,8 +2,9 @@
 
 Each statistic is accumulated per program over a range of tiles (``*_tile``), written as
 a partial, and the partials of a row are merged by a finalize kernel (``*_merge``) in a
-fixed order (a block of partials at a time), so results never depend on scheduling. Only lanes in ``m_val`` count: tiles
-overlap by their halo, and each token must be counted once.
+fixed order, a block of partials at a time (one per loop step made a chain of dependent
+loads), so results never depend on scheduling. Only lanes in ``m_val`` count: tiles overlap
+by their halo, and each token must be counted once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import triton.language as tl
 
 from .primitives import NORM_EPS
 
-PARTIALS_BLOCK: tl.constexpr = tl.constexpr(64)   # scalar partials a merge reads per step (not one: a chain of loads)
+PARTIALS_BLOCK: tl.constexpr = tl.constexpr(64)   # scalar partials a merge reads per step
+MERGE_TILE: tl.constexpr = tl.constexpr(2048)      # values per step of a merge of vector partials
 
 
 # ---------------------------------------------------------------------------- anchor
@@ -33,10 +35,8 @@ def anchor_store(ws_ptr, part, i_row, i_s, S, acc, active, BLOCK_D: tl.constexpr
 
 @triton.jit
 def anchor_merge(ws_ptr, part, final, i_row, S, N, BLOCK_D: tl.constexpr):
-    """final[row] = normalize(sum of partials / N): the unit anchor. The partials are read SB
-    at a time (a tile of 2048 values; merges read their S partials in blocks, not as a chain
-    of S dependent steps)."""
-    SB: tl.constexpr = max(1, 2048 // BLOCK_D)
+    """final[row] = normalize(sum of partials / N): the unit anchor (partials read SB at a time)."""
+    SB: tl.constexpr = max(1, MERGE_TILE // BLOCK_D)
     o_d = tl.arange(0, BLOCK_D)
     o_s = tl.arange(0, SB)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -118,6 +118,18 @@ def online_softmax_merge(m_a, l_a, m_b, l_b, USE_EXP2: tl.constexpr):
 
 
 @triton.jit
+def softmax_of_partials(b_m, b_l, USE_EXP2: tl.constexpr):
+    """(max, sum of exp(x - max)) over axis 0 of a block of partials (max, sum) (-inf, 0 where
+    empty), as one partial to merge in order (online_softmax_merge)."""
+    t_m = tl.max(b_m, 0)
+    shifted = b_m - tl.expand_dims(tl.where(t_m == float("-inf"), 0.0, t_m), 0)
+    if USE_EXP2:
+        return t_m, tl.sum(b_l * tl.exp2(shifted), 0)
+    else:
+        return t_m, tl.sum(b_l * tl.exp(shifted), 0)
+
+
+@triton.jit
 def softmax_tile(run_m, run_l, x, temperature, m_val):
     y = tl.where(m_val, x / temperature, float("-inf"))
     t_m = tl.max(y, 0)
@@ -142,9 +154,8 @@ def softmax_merge(ws_ptr, part, final, i_row, S, active):
     for s0 in range(0, S, PARTIALS_BLOCK):
         m_s = s0 + o_s < S
         base = ws_ptr + part + (i_row * S + s0 + o_s) * 2
-        b_m = tl.load(base, mask=m_s, other=float("-inf"))
-        t_m = tl.max(b_m, 0)
-        t_l = tl.sum(tl.load(base + 1, mask=m_s, other=0.0) * tl.exp(b_m - tl.where(t_m == float("-inf"), 0.0, t_m)), 0)
+        t_m, t_l = softmax_of_partials(tl.load(base, mask=m_s, other=float("-inf")),
+                                       tl.load(base + 1, mask=m_s, other=0.0), False)
         m, l = online_softmax_merge(m, l, t_m, t_l, False)
     tl.store(ws_ptr + final + i_row * 2, m, mask=active)
     tl.store(ws_ptr + final + i_row * 2 + 1, l, mask=active)
