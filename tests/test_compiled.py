@@ -464,23 +464,6 @@ def test_rows_gathered_after_select(name, monkeypatch):
             assert torch.equal(got.cpu(), want.cpu()), name
 
 
-@pytest.mark.parametrize("name", ["snapkv", "h2o", "tova", "chunkkv"])
-def test_half_precision_exponents(name, monkeypatch):
-    """TRITONKV_PROXY_EXP=f16: the proxy-attention passes take their exponents in float16 (the
-    interpreter emulates the roundings). Priorities within tests/tolerances.py's EXP_F16_RTOL of
-    the reference, the select kernel's choice on them exact, and the kept set the reference's
-    where no boundary is within that tolerance. Sample clauses (NACL, snapkv+sample) are left out:
-    their priorities add noise to score / temperature, so the bound is not relative to them."""
-    from . import tolerances
-    g = torch.Generator().manual_seed(5)
-    keys, values = torch.randn(1, 2, 777, 80, generator=g), torch.randn(1, 2, 777, 80, generator=g)
-    queries = torch.randn(1, 8, 64, 80, generator=g)
-    monkeypatch.setenv("TRITONKV_PROXY_EXP", "f16")
-    monkeypatch.setattr(tolerances, "RTOL", tolerances.EXP_F16_RTOL)
-    for dtype in (torch.bfloat16, torch.float16):
-        compare(keys.to(dtype), values.to(dtype), queries.to(dtype), preset(name), 0.2)
-
-
 @pytest.mark.parametrize("policy", [
     policies.nacl(sinks=8, proxy_window=16),
     tkv.sink(4) | tkv.top(-tkv.key_norm(), share=0.5) | tkv.top(tkv.value_norm()),

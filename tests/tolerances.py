@@ -18,17 +18,6 @@ the tolerance of the next candidate.
 
 RTOL = 1e-4
 ATOL = 1e-5
-# TRITONKV_PROXY_EXP=f16 (kernels/proxy.py _exp2): each softmax exponent 2^x (x <= 0) is taken of
-# x rounded to float16 (relative 2^-11: the result off by ln2 |x| 2^-11) and returns a float16
-# (PTX ex2.approx.f16x2: relative 2^-9.9 at most; 2^-11 where the interpreter rounds exactly).
-# The statistics pass's sum l carries the same error per term, i.e. at most 2^-9.9 + ln2 2^-11
-# X, X the probability-weighted mean of |x|, at most log2(N) (an entropy in bits); it reaches
-# every probability of its row through lse. A probability of at least 2^-14 (a normal float16)
-# thus errs by at most 2 * 2^-9.9 + ln2 2^-11 (14 + log2 N) relative: 1.06e-2 for N <= 2048
-# (these tests). Smaller ones are float16 subnormals, off by 2^-25 absolute, and a score sums at
-# most 64 window rows of them (4e-6 < ATOL). Pooling, means and sums over rows, heads and chunks
-# are of non-negative terms: the relative bound holds for them too. Measured: ~4e-4.
-EXP_F16_RTOL = 1.1e-2
 # normalize() divides rounding noise by the row's spread: an operand computed to a relative
 # error d (both paths, different summation orders) comes out with an absolute error near
 # d * max|x| / std. The condition number kappa = max|x| / std of each normalize operand is
