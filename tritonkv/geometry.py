@@ -25,7 +25,6 @@ from . import dsl
 from .codegen import Program, qk_scale
 from .kernels.common import cdiv, even_tiling, ieee_products, interpreting, multiprocessor_count, next_power_of_2
 from .kernels.deferred import deferred_tiling
-from .kernels.proxy import EXP_F16_EMULATED, EXP_F16X2, EXP_F32
 from .reference import proxy_window
 
 QUERY_CHUNK = 256  # most proxy query rows per tl.dot
@@ -144,15 +143,6 @@ class Geometry:
         """Per clause, the workspace offset of its slot's moment partials (0 where unused)."""
         where = dict(zip(program.moment_slots, self.moments))
         return tuple(where.get(k.slot, 0) if k.normalized else 0 for k in program.clause_keys)
-
-
-def exp_mode(dtype: torch.dtype) -> int:
-    """The EXP constexpr of the proxy-attention passes (kernels/proxy.py ``_exp2``): float32
-    exponents, or with ``TRITONKV_PROXY_EXP=f16`` packed half-precision ones for 16-bit caches
-    (emulated in the interpreter). float32 caches keep float32 exponents."""
-    if os.environ.get("TRITONKV_PROXY_EXP", "f32") != "f16" or dtype == torch.float32:
-        return EXP_F32
-    return EXP_F16_EMULATED if interpreting() else EXP_F16X2
 
 
 def _logits_allowed() -> bool:
@@ -281,7 +271,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
-                      IEEE=ieee_products(dtype), EXP=exp_mode(dtype),
+                      IEEE=ieee_products(dtype),
                       STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize, anchored))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
     offset = partials = 0

@@ -28,24 +28,6 @@ from .primitives import pool, pool_cols
 from .stats import MERGE_TILE, online_softmax_merge, softmax_of_partials
 
 REDUCE_CODES = {"mean": 0, "sum": 1, "max": 2}  # the REDUCE / GROUP_REDUCE constexprs
-# the EXP constexpr (geometry.exp_mode): how a softmax exponent 2^x is taken
-EXP_F32, EXP_F16X2, EXP_F16_EMULATED = 0, 1, 2
-
-
-@triton.jit
-def _exp2(x, EXP: tl.constexpr):
-    """2^x of float32 x, as float32. EXP_F32: one MUFU.EX2 per element. EXP_F16X2: x rounded to
-    float16, two exponents per instruction (PTX ex2.approx.f16x2), the result a float16 (relative
-    error ~2^-11 of the result plus |x| ln2 2^-11 of the rounded input). EXP_F16_EMULATED: the same
-    roundings around a float32 exp2 (Triton's interpreter runs no PTX)."""
-    if EXP == 1:
-        h = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
-                                      is_pure=True, pack=2)
-        return h.to(tl.float32)
-    elif EXP == 2:
-        return tl.exp2(x.to(tl.float16).to(tl.float32)).to(tl.float16).to(tl.float32)
-    else:
-        return tl.exp2(x)
 
 
 @triton.jit
@@ -114,7 +96,7 @@ def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, 
 @triton.jit
 def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, N, w, o_n, m_val, lg_ptr, NS, store,
                      CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr, G: tl.constexpr,
-                     QB: tl.constexpr, LOGITS: tl.constexpr, FULL: tl.constexpr, EXP: tl.constexpr):
+                     QB: tl.constexpr, LOGITS: tl.constexpr, FULL: tl.constexpr):
     """Online softmax statistics of one chunk's query rows [QB] over this tile's visible keys;
     with LOGITS (one chunk whose row g is query head g) also the tile's logits of the G heads,
     where ``store`` (the tile's own tokens, m_val, once each). With FULL (a tile whose lanes all
@@ -131,7 +113,7 @@ def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, N, w, o_n, m_val, lg_ptr, NS, 
                  mask=(o_r < G)[:, None] & m_val[None, :] & store)
     t_m = tl.max(x, 1) * QK_SCALE
     t_safe = tl.where(t_m == float("-inf"), 0.0, t_m)
-    t_l = tl.sum(_exp2(x * QK_SCALE - t_safe[:, None], EXP), 1)
+    t_l = tl.sum(tl.exp2(x * QK_SCALE - t_safe[:, None]), 1)
     return online_softmax_merge(run_m, run_l, t_m, t_l, True)
 
 
@@ -204,7 +186,7 @@ def _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
 def _chunk_update(acc_grp, acc_win, c, s_t, w_r, b_lse, o_t, o_n, N, w,
                   BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                   CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
-                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, EXP: tl.constexpr):
+                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr):
     """Add chunk c's probabilities for this tile of keys (its logits ``s_t`` [BLOCK_N, QB]) to
     the window / group accumulators, each query head pooled first where the pooling does not
     commute with the group reduction (``_pools_each_head``); otherwise ``proxy_attention_tile``
@@ -222,7 +204,7 @@ def _chunk_update(acc_grp, acc_win, c, s_t, w_r, b_lse, o_t, o_n, N, w,
     # changes no such probability beyond that, and keeps the unmasked lanes finite. NaN (a NaN
     # query or key) stays NaN, as the reference's softmax gives it (the GPU's plain min would
     # return the 0).
-    p = _exp2(tl.minimum(s_t - b_lse[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL), EXP)
+    p = tl.exp2(tl.minimum(s_t - b_lse[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL))
     if CAUSAL and not EXCLUDE:
         p = tl.where(o_n[:, None] <= (N - w + w_r)[None, :], p, 0.0)
     if W_PAD <= QB:   # whole query heads in this chunk
@@ -254,7 +236,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
                          QR: tl.constexpr, CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr,
                          POOL_MAX: tl.constexpr,
                          GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr,
-                         IEEE: tl.constexpr, LOGITS: tl.constexpr, EXP: tl.constexpr):
+                         IEEE: tl.constexpr, LOGITS: tl.constexpr):
     """reference.proxy_attention for one tile of keys.
 
     b_q0, w_r0, b_lse0 are chunk 0 (proxy_chunk; no row mask: a padding row's lse is +inf),
@@ -271,7 +253,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
     else:
         s_t = _logits_t(b_k, b_q0, QK_SCALE, IEEE)
     acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, w_r0, b_lse0, o_t, o_n, N, w,
-                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE, EXP)
+                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
     # chunks of 64 KB in bf16 reloaded per tile: pipelined 3 deep they overflow sm_90's shared memory
     CHUNK_STAGES: tl.constexpr = 1 if QB * BLOCK_D >= 32768 else None
     for c in tl.range(1, NCH, num_stages=CHUNK_STAGES):
@@ -279,7 +261,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
                                          D, BLOCK_D, G, W_PAD, QB, QR, True)
         acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, b_lse,
                                          o_t, o_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
-                                         POOL_MAX, GROUP_REDUCE, EXCLUDE, EXP)
+                                         POOL_MAX, GROUP_REDUCE, EXCLUDE)
     if POOL > 1 and not _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
         acc_grp = pool(acc_grp, o_t, o_n, _pool_end(N, w, EXCLUDE), POOL, POOL_MAX, BLOCK_N)
     if GROUP_REDUCE == 0:
