@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Whether the proxy-attention passes are bound by their softmax exponentials (MUFU.EX2): per
-# launch (perf/launches.py) with float32 exponents, with packed half-precision ones
-# (TRITONKV_PROXY_EXP=f16), and, on a throwaway copy of the tree, with no exponent at all (2^x
-# replaced by x: wrong priorities, the time without the exponentials' cost: a bound on what any
-# cheaper exponent could save); then the f32 / f16 A/B of whole calls beside the peer.
+# What the proxy-attention passes' softmax exponentials cost: per-launch times (perf/launches.py)
+# of this tree, then of a throwaway copy whose statistics and score passes take no exponent
+# (2^x replaced by x: wrong priorities; the time the exponent unit adds, i.e. the most that any
+# cheaper exponent could save). ptxas for sm_90 issues two MUFU.EX2.F16 per ex2.approx.f16x2, so
+# half-precision exponents do not halve that unit's work (a2a491e).
 #   perf/exp_probe.sh OUT_DIR [presets] [batches]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,25 +11,18 @@ out=${1:?OUT_DIR}; presets=${2:-snapkv,h2o}; batches=${3:-1 4}
 mkdir -p "$out"
 PY=${PYTHON:-python3}
 export PYTHONPATH=.
-for mode in f32 f16; do
-    TRITONKV_PROXY_EXP=$mode $PY perf/launches.py --policies "$presets" --n 131072 --batch $batches --budget 0.1 \
-        --json "$out/launches-exp-$mode.json" 2>&1 | tee "$out/launches-exp-$mode.log"
-done
+$PY perf/launches.py --policies "$presets" --n 131072 --batch $batches --budget 0.1 \
+    --json "$out/launches-exp.json" 2>&1 | tee "$out/launches-exp.log"
 copy=$(mktemp -d)/tree
 cp -r . "$copy"
 (cd "$copy" && $PY - <<'PY'
 from pathlib import Path
 p = Path("tritonkv/kernels/proxy.py"); s = p.read_text()
-t = s.replace("    elif EXP == 2:\n", "    elif EXP == 3:\n        return x\n    elif EXP == 2:\n", 1)
-assert t != s, "proxy.py's _exp2 changed: update this probe"
-p.write_text(t)
-p = Path("tritonkv/geometry.py"); s = p.read_text()
-t = s.replace("return EXP_F16_EMULATED if interpreting() else EXP_F16X2", "return 3", 1)
-assert t != s, "geometry.exp_mode changed: update this probe"
-p.write_text(t)
+for exp in ("tl.exp2(x * QK_SCALE - t_safe[:, None])", "p = tl.exp2(tl.minimum("):
+    assert exp in s, f"kernels/proxy.py has no {exp!r}: update this probe"
+    s = s.replace(exp, exp.replace("tl.exp2", ""), 1)
+p.write_text(s)
 PY
- TRITONKV_PROXY_EXP=f16 $PY perf/launches.py --policies "$presets" --n 131072 --batch $batches --budget 0.1 \
-     --json "$out/launches-exp-none.json") 2>&1 | tee "$out/launches-exp-none.log"
+ $PY perf/launches.py --policies "$presets" --n 131072 --batch $batches --budget 0.1 \
+     --json "$out/launches-no-exp.json") 2>&1 | tee "$out/launches-no-exp.log"
 rm -rf "$copy"
-$PY perf/setting_ab.py TRITONKV_PROXY_EXP f32 f16 --presets "$presets,nacl" --b "${batches// /,}" --n 131072 \
-    --budgets 0.1,0.5 --repeats 2 --json "$out/exp-ab.json" 2>&1 | tee "$out/exp-ab.log"
