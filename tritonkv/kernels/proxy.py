@@ -21,6 +21,8 @@ read again (16 for G = 4, against 256 for a bf16 key of 128).
 
 from __future__ import annotations
 
+import struct
+
 import triton
 import triton.language as tl
 
@@ -28,6 +30,72 @@ from .primitives import pool, pool_cols
 from .stats import MERGE_TILE, online_softmax_merge, softmax_of_partials
 
 REDUCE_CODES = {"mean": 0, "sum": 1, "max": 2}  # the REDUCE / GROUP_REDUCE constexprs
+
+# 2^f on [-1/2, 1/2], degree 5, fitted for relative error: 2.3e-7 at most in float32 Horner steps
+# (the exponent unit's MUFU.EX2 approximation: ~2^-22)
+EXP2_COEFFS = (1.0000001192092896, 0.6931469440460205, 0.24022120237350464, 0.05550713092088699,
+               0.009675541892647743, 0.001327647129073739)
+ROUNDER = 12582912.0   # 1.5 * 2^23: x + ROUNDER rounds x to an integer, held in the low mantissa bits
+LOWEST = -125.0        # 2^x below 2^LOWEST is taken as 0 (the exponent bits would wrap)
+EXP2_C0, EXP2_C1, EXP2_C2, EXP2_C3, EXP2_C4, EXP2_C5 = (tl.constexpr(c) for c in EXP2_COEFFS)
+ROUNDER_C, LOWEST_C = tl.constexpr(ROUNDER), tl.constexpr(LOWEST)
+
+
+def _f32(x: float) -> str:
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _exp2_ptx(n: int) -> str:
+    """PTX of one asm call over n packed float32 (operands $n .. $2n-1, results $0 .. $n-1): the
+    first n - 1 by the exponent unit (ex2.approx.f32), the last as ``exp2_fma`` computes it."""
+    c = [_f32(v) for v in EXP2_COEFFS]
+    x, y = f"${2 * n - 1}", f"${n - 1}"
+    lines = [f"ex2.approx.ftz.f32 ${i}, ${n + i};" for i in range(n - 1)]
+    lines += [".reg .f32 t, j, f, p;", ".reg .b32 tb, pb;", ".reg .pred low, nan;",
+              f"add.rn.f32 t, {x}, {_f32(ROUNDER)};", f"sub.rn.f32 j, t, {_f32(ROUNDER)};", f"sub.rn.f32 f, {x}, j;",
+              f"mov.f32 p, {c[5]};"]
+    lines += [f"fma.rn.f32 p, p, f, {c[k]};" for k in (4, 3, 2, 1, 0)]
+    lines += ["mov.b32 pb, p;", "mov.b32 tb, t;", "shl.b32 tb, tb, 23;", "add.s32 pb, pb, tb;",
+              f"setp.lt.f32 low, {x}, {_f32(LOWEST)};", "selp.b32 pb, 0, pb, low;",
+              f"setp.nan.f32 nan, {x}, {x};", "selp.b32 pb, 0x7FFFFFFF, pb, nan;", f"mov.b32 {y}, pb;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+EXP2_PTX_2, EXP2_PTX_4 = tl.constexpr(_exp2_ptx(2)), tl.constexpr(_exp2_ptx(4))
+
+
+@triton.jit
+def exp2_fma(x):
+    """2^x for x <= 0 on the FMA units instead of the exponent unit (MUFU: 16 results per clock
+    and SM on Hopper, against 128 FMAs): 2^j * 2^f with j = round(x), f = x - j, 2^f a
+    polynomial, j added to the exponent bits. Results under 2^LOWEST are 0 (as -inf gives); NaN
+    stays NaN. ``_exp2_ptx`` is the same arithmetic in PTX."""
+    t = x + ROUNDER_C
+    f = x - (t - ROUNDER_C)
+    p = EXP2_C5 * f + EXP2_C4
+    p = p * f + EXP2_C3
+    p = p * f + EXP2_C2
+    p = p * f + EXP2_C1
+    p = p * f + EXP2_C0
+    y = (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, tl.where(x < LOWEST_C, 0.0, y))
+
+
+@triton.jit
+def exp2_mixed(z, FMA_SHARE: tl.constexpr):
+    """2^z (z <= 0), of each FMA_SHARE (2 or 4) neighbouring elements of a thread one by
+    ``exp2_fma``'s polynomial and the rest by the exponent unit (inline PTX over packed registers:
+    no layout changes); 0: all by the exponent unit; 1 (the interpreter, which runs no PTX): all by
+    ``exp2_fma``."""
+    if FMA_SHARE == 2:
+        return tl.inline_asm_elementwise(EXP2_PTX_2, "=r,=r,r,r", [z], dtype=tl.float32, is_pure=True, pack=2)
+    elif FMA_SHARE == 4:
+        return tl.inline_asm_elementwise(EXP2_PTX_4, "=r,=r,=r,=r,r,r,r,r", [z], dtype=tl.float32, is_pure=True,
+                                         pack=4)
+    elif FMA_SHARE == 1:
+        return exp2_fma(z)
+    else:
+        return tl.exp2(z)
 
 
 @triton.jit
@@ -96,7 +164,7 @@ def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, 
 @triton.jit
 def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, N, w, o_n, m_val, lg_ptr, NS, store,
                      CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr, G: tl.constexpr,
-                     QB: tl.constexpr, LOGITS: tl.constexpr, FULL: tl.constexpr):
+                     QB: tl.constexpr, LOGITS: tl.constexpr, FULL: tl.constexpr, FMA_SHARE: tl.constexpr):
     """Online softmax statistics of one chunk's query rows [QB] over this tile's visible keys;
     with LOGITS (one chunk whose row g is query head g) also the tile's logits of the G heads,
     where ``store`` (the tile's own tokens, m_val, once each). With FULL (a tile whose lanes all
@@ -113,7 +181,7 @@ def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, N, w, o_n, m_val, lg_ptr, NS, 
                  mask=(o_r < G)[:, None] & m_val[None, :] & store)
     t_m = tl.max(x, 1) * QK_SCALE
     t_safe = tl.where(t_m == float("-inf"), 0.0, t_m)
-    t_l = tl.sum(tl.exp2(x * QK_SCALE - t_safe[:, None]), 1)
+    t_l = tl.sum(exp2_mixed(x * QK_SCALE - t_safe[:, None], FMA_SHARE), 1)
     return online_softmax_merge(run_m, run_l, t_m, t_l, True)
 
 
