@@ -466,8 +466,8 @@ def test_rows_gathered_after_select(name, monkeypatch):
 
 @pytest.mark.parametrize("share", ["2", "4"] if CUDA else ["4"])   # the interpreter: one path
 @pytest.mark.parametrize("name", ["snapkv", "h2o", "tova", "nacl"])
-def test_statistics_exponents_on_the_fma_units(name, share, monkeypatch):
-    """TRITONKV_EXP_FMA_SHARE: the proxy statistics pass takes one exponent in 2 / 4 by a
+def test_proxy_exponents_on_the_fma_units(name, share, monkeypatch):
+    """TRITONKV_EXP_FMA_SHARE: the proxy-attention passes take one exponent in 2 / 4 by a
     polynomial on the FMA units (kernels/proxy.py exp2_mixed; in the interpreter all of them).
     Priorities and kept sets as the reference's, at the usual tolerance: the polynomial's error
     (2.3e-7 relative) is the exponent unit's."""

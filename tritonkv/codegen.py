@@ -268,7 +268,7 @@ class TileEmitter:
                 f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, "
                 f"{node.causal and self.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, "
                 f"{node.pool_mode == 'max'}, "
-                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE, LG_{gi})")
+                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE, LG_{gi}, FMA_SHARE)")
         if isinstance(node, dsl.Normalize):
             self.prologue.append(f"    mean_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
             self.prologue.append(f"    std_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2 + 1)")

@@ -146,8 +146,8 @@ class Geometry:
 
 
 def fma_share() -> int:
-    """The FMA_SHARE constexpr: one softmax exponent in this many of a proxy statistics pass is
-    taken on the FMA units (kernels/proxy.py ``exp2_mixed``; ``TRITONKV_EXP_FMA_SHARE``, 0: none;
+    """The FMA_SHARE constexpr: one softmax exponent in this many of the proxy-attention passes
+    (statistics and score) is taken on the FMA units (kernels/proxy.py ``exp2_mixed``; ``TRITONKV_EXP_FMA_SHARE``, 0: none;
     in the interpreter, which runs no PTX, every exponent of a switched-on pass)."""
     share = int(os.environ.get("TRITONKV_EXP_FMA_SHARE", "0"))
     if share not in (0, 2, 4):

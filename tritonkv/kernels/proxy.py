@@ -254,7 +254,7 @@ def _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
 def _chunk_update(acc_grp, acc_win, c, s_t, w_r, b_lse, o_t, o_n, N, w,
                   BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                   CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
-                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr):
+                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, FMA_SHARE: tl.constexpr):
     """Add chunk c's probabilities for this tile of keys (its logits ``s_t`` [BLOCK_N, QB]) to
     the window / group accumulators, each query head pooled first where the pooling does not
     commute with the group reduction (``_pools_each_head``); otherwise ``proxy_attention_tile``
@@ -272,7 +272,7 @@ def _chunk_update(acc_grp, acc_win, c, s_t, w_r, b_lse, o_t, o_n, N, w,
     # changes no such probability beyond that, and keeps the unmasked lanes finite. NaN (a NaN
     # query or key) stays NaN, as the reference's softmax gives it (the GPU's plain min would
     # return the 0).
-    p = tl.exp2(tl.minimum(s_t - b_lse[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL))
+    p = exp2_mixed(tl.minimum(s_t - b_lse[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL), FMA_SHARE)
     if CAUSAL and not EXCLUDE:
         p = tl.where(o_n[:, None] <= (N - w + w_r)[None, :], p, 0.0)
     if W_PAD <= QB:   # whole query heads in this chunk
@@ -304,7 +304,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
                          QR: tl.constexpr, CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr,
                          POOL_MAX: tl.constexpr,
                          GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr,
-                         IEEE: tl.constexpr, LOGITS: tl.constexpr):
+                         IEEE: tl.constexpr, LOGITS: tl.constexpr, FMA_SHARE: tl.constexpr):
     """reference.proxy_attention for one tile of keys.
 
     b_q0, w_r0, b_lse0 are chunk 0 (proxy_chunk; no row mask: a padding row's lse is +inf),
@@ -321,7 +321,8 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
     else:
         s_t = _logits_t(b_k, b_q0, QK_SCALE, IEEE)
     acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, w_r0, b_lse0, o_t, o_n, N, w,
-                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
+                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE,
+                                     FMA_SHARE)
     # chunks of 64 KB in bf16 reloaded per tile: pipelined 3 deep they overflow sm_90's shared memory
     CHUNK_STAGES: tl.constexpr = 1 if QB * BLOCK_D >= 32768 else None
     for c in tl.range(1, NCH, num_stages=CHUNK_STAGES):
@@ -329,7 +330,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
                                          D, BLOCK_D, G, W_PAD, QB, QR, True)
         acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, b_lse,
                                          o_t, o_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
-                                         POOL_MAX, GROUP_REDUCE, EXCLUDE)
+                                         POOL_MAX, GROUP_REDUCE, EXCLUDE, FMA_SHARE)
     if POOL > 1 and not _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
         acc_grp = pool(acc_grp, o_t, o_n, _pool_end(N, w, EXCLUDE), POOL, POOL_MAX, BLOCK_N)
     if GROUP_REDUCE == 0:
