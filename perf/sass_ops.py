@@ -2,9 +2,10 @@
 
 Each of the policy's statistics and score kernels is compiled as evict() would launch it
 (tritonkv.aot: Triton's own binder on meta tensors) and disassembled with the cuobjdump Triton
-ships; the opcodes are counted, the exponent unit's (MUFU) by variant. A kernel's loop appears
-once in the listing, so the counts are per loop body plus the code around it: compare two
-builds' counts (a switch, a code change), not a count with a time.
+ships; the opcodes are counted, the exponent unit's (MUFU) by variant, over the whole listing
+(each loop once: compare two builds, a switch or a code change, not a count with a time) and over
+the body of the hottest loop ("stats_0 loop": one iteration's instructions per warp, what
+docs/performance.md sets against the pipes' rates).
 
     python perf/sass_ops.py --policies snapkv,h2o      # TRITON_INTERPRET unset
     TRITONKV_BLOCK_N=128 python perf/sass_ops.py --policies snapkv
@@ -37,15 +38,22 @@ def cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def opcodes(cubin: bytes) -> collections.Counter:
-    """Opcode (first dotted part) -> count, and 'MUFU.<variant>' -> count, of a cubin's SASS."""
+INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+BACK_BRANCH = re.compile(r"BRA\s+0x([0-9a-f]+)")
+
+
+def sass(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def count(instructions) -> collections.Counter:
+    """Opcode (first dotted part) -> count, and 'MUFU.<variant>' -> count."""
     ops = collections.Counter()
-    for line in sass.splitlines():
-        m = OPCODE.match(line)
+    for text in instructions:
+        m = OPCODE.match("/*0000*/ " + text)
         if m:
             op = m.group(1)
             ops[op.split(".")[0]] += 1
@@ -54,9 +62,37 @@ def opcodes(cubin: bytes) -> collections.Counter:
     return ops
 
 
-def policy_ops(name: str, n: int = 4096, d: int = 128, batch: int = 1, heads: int = 8, group: int = 4,
+def opcodes(cubin: bytes) -> collections.Counter:
+    """Opcode counts of a cubin's whole SASS listing."""
+    return count(m.group(2) for m in map(INSTRUCTION.match, sass(cubin).splitlines()) if m)
+
+
+def hottest_loop(cubin: bytes) -> collections.Counter:
+    """Opcode counts of the body of the hottest loop (a backward branch and the code from its target,
+    chosen by ``rank``): a tile loop's work per iteration and warp."""
+    listing = [(int(m.group(1), 16), m.group(2)) for m in map(INSTRUCTION.match, sass(cubin).splitlines()) if m]
+    best = None
+    for address, text in listing:
+        b = BACK_BRANCH.search(text)
+        if b and int(b.group(1), 16) <= address:
+            body = count(t for a, t in listing if int(b.group(1), 16) <= a <= address)
+            if best is None or rank(body) > rank(best):
+                best = body
+    return best or collections.Counter()
+
+
+def rank(body: collections.Counter):
+    """Loops with tensor-core instructions first; among those with as many, the shortest body (the
+    unmasked loop over whole tiles, where codegen splits off the masked tail: the one most
+    iterations run); without any, the longest."""
+    size = sum(v for k, v in body.items() if "." not in k)
+    return body["HGMMA"], -size if body["HGMMA"] else size
+
+
+def policy_ops(name: str, n: int = 131072, d: int = 128, batch: int = 1, heads: int = 8, group: int = 4,
                window: int = 64) -> dict:
-    """{kernel: opcode counts} of one preset's statistics and score kernels (bf16)."""
+    """{kernel: opcode counts, 'kernel loop': those of its hottest loop's body} of one preset's
+    statistics and score kernels (bf16)."""
     policy = policies.PRESETS[name]()
     meta = dict(device="meta", dtype=torch.bfloat16)
     keys, values = torch.empty(batch, heads, n, d, **meta), torch.empty(batch, heads, n, d, **meta)
@@ -69,7 +105,8 @@ def policy_ops(name: str, n: int = 4096, d: int = 128, batch: int = 1, heads: in
     for level in range(len(compiled.program.levels)):
         out[f"stats_{level}"] = aot.build(compiled.kernel(f"stats_{level}"), args, geo.constexprs, geo.num_warps)
     out["score"] = aot.build(compiled.kernel("score"), args, geo.constexprs, geo.num_warps, maxnreg=geo.score_maxnreg)
-    return {kernel: dict(opcodes(c.asm["cubin"])) for kernel, c in out.items()}
+    return {kernel: dict(opcodes(c.asm["cubin"])) for kernel, c in out.items()} | \
+        {f"{kernel} loop": dict(hottest_loop(c.asm["cubin"])) for kernel, c in out.items()}
 
 
 def main(argv=None):
@@ -85,7 +122,7 @@ def main(argv=None):
         for kernel, ops in results[name].items():
             total = sum(v for k, v in ops.items() if "." not in k)
             mufu = {k: v for k, v in sorted(ops.items()) if k.startswith("MUFU.")}
-            print(f"{name:10s} {kernel:8s} total {total:5d}  " + " ".join(f"{op} {ops.get(op, 0)}" for op in SHOWN)
+            print(f"{name:10s} {kernel:13s} total {total:5d}  " + " ".join(f"{op} {ops.get(op, 0)}" for op in SHOWN)
                   + f"  {mufu}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
