@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterable, List, Tuple
 
 import torch
 
@@ -28,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tritonkv import aot, policies  # noqa: E402
 from tritonkv.compiler import compile_policy, launch_args  # noqa: E402
 
-OPCODE = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
-SHOWN = ("HGMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "F2FP", "HADD2", "LEA", "IMAD", "FSEL", "SHFL", "LDS", "STS", "LDG", "LDGSTS", "STG",
-         "BAR", "SYNCS")
+INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+([^;]*);")   # a listing line: address, instruction
+OPCODE = re.compile(r"(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")      # an instruction's opcode, past its predicate
+BACK_BRANCH = re.compile(r"BRA\s+0x([0-9a-f]+)")
+SHOWN = ("HGMMA", "MUFU", "FFMA", "FADD", "FMUL", "FMNMX", "F2FP", "HADD2", "LEA", "IMAD", "FSEL", "SHFL", "LDS",
+         "STS", "LDG", "LDGSTS", "STG", "BAR", "SYNCS")
 
 
 def cuobjdump() -> str:
@@ -38,44 +41,36 @@ def cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+([^;]*);")
-BACK_BRANCH = re.compile(r"BRA\s+0x([0-9a-f]+)")
-
-
-def sass(cubin: bytes) -> str:
+def listing(cubin: bytes) -> List[Tuple[int, str]]:
+    """(address, instruction) of a cubin's SASS, in order."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return [(int(m.group(1), 16), m.group(2)) for m in map(INSTRUCTION.match, text.splitlines()) if m]
 
 
-def count(instructions) -> collections.Counter:
-    """Opcode (first dotted part) -> count, and 'MUFU.<variant>' -> count."""
+def count(instructions: Iterable[str]) -> collections.Counter:
+    """Opcode (first dotted part) -> count, and 'MUFU.<function>[.<type>]' -> count."""
     ops = collections.Counter()
     for text in instructions:
-        m = OPCODE.match("/*0000*/ " + text)
+        m = OPCODE.match(text)
         if m:
             op = m.group(1)
             ops[op.split(".")[0]] += 1
             if op.startswith("MUFU."):
-                ops[".".join(op.split(".")[:2] + ([op.split(".")[2]] if op.count(".") > 1 else []))] += 1
+                ops[".".join(op.split(".")[:3])] += 1
     return ops
 
 
-def opcodes(cubin: bytes) -> collections.Counter:
-    """Opcode counts of a cubin's whole SASS listing."""
-    return count(m.group(2) for m in map(INSTRUCTION.match, sass(cubin).splitlines()) if m)
-
-
-def hottest_loop(cubin: bytes) -> collections.Counter:
+def hottest_loop(code: List[Tuple[int, str]]) -> collections.Counter:
     """Opcode counts of the body of the hottest loop (a backward branch and the code from its target,
     chosen by ``rank``): a tile loop's work per iteration and warp."""
-    listing = [(int(m.group(1), 16), m.group(2)) for m in map(INSTRUCTION.match, sass(cubin).splitlines()) if m]
     best = None
-    for address, text in listing:
+    for address, text in code:
         b = BACK_BRANCH.search(text)
         if b and int(b.group(1), 16) <= address:
-            body = count(t for a, t in listing if int(b.group(1), 16) <= a <= address)
+            body = count(t for a, t in code if int(b.group(1), 16) <= a <= address)
             if best is None or rank(body) > rank(best):
                 best = body
     return best or collections.Counter()
@@ -105,8 +100,12 @@ def policy_ops(name: str, n: int = 131072, d: int = 128, batch: int = 1, heads: 
     for level in range(len(compiled.program.levels)):
         out[f"stats_{level}"] = aot.build(compiled.kernel(f"stats_{level}"), args, geo.constexprs, geo.num_warps)
     out["score"] = aot.build(compiled.kernel("score"), args, geo.constexprs, geo.num_warps, maxnreg=geo.score_maxnreg)
-    return {kernel: dict(opcodes(c.asm["cubin"])) for kernel, c in out.items()} | \
-        {f"{kernel} loop": dict(hottest_loop(c.asm["cubin"])) for kernel, c in out.items()}
+    ops = {}
+    for kernel, c in out.items():
+        code = listing(c.asm["cubin"])
+        ops[kernel] = dict(count(text for _, text in code))
+        ops[f"{kernel} loop"] = dict(hottest_loop(code))
+    return ops
 
 
 def main(argv=None):

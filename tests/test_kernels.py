@@ -1,6 +1,7 @@
 """Hand-written kernels against their references: exact selection, bit-exact random streams,
 and every generated kernel compiling for Hopper."""
 
+import json
 import os
 import subprocess
 import sys
@@ -175,19 +176,19 @@ def test_every_kernel_compiles_for_hopper(config):
 
 
 @pytest.mark.parametrize("share", [2, 4])
-def test_exponents_on_the_fma_units_compile_for_hopper(share):
+def test_exponents_on_the_fma_units_compile_for_hopper(share, tmp_path):
     """The inline PTX of TRITONKV_EXP_FMA_SHARE (kernels/proxy.py exp2_mixed) passes ptxas for
     sm_90 in SnapKV's statistics kernel (CI has no GPU to run it), and takes one exponent in
     ``share`` off the exponent unit there: the MUFU.EX2 count (perf/sass_ops.py) falls by that share."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     counts = {}
     for setting in ("0", str(share)):
-        out = subprocess.run([sys.executable, "perf/sass_ops.py", "--policies", "snapkv"], capture_output=True,
-                             text=True, timeout=600, env=dict(env, TRITONKV_EXP_FMA_SHARE=setting),
+        report = tmp_path / f"ops-{setting}.json"
+        out = subprocess.run([sys.executable, "perf/sass_ops.py", "--policies", "snapkv", "--json", str(report)],
+                             capture_output=True, text=True, timeout=600, env=dict(env, TRITONKV_EXP_FMA_SHARE=setting),
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert out.returncode == 0, out.stderr[-3000:]
-        line = next(line for line in out.stdout.splitlines() if "stats_0" in line)
-        counts[setting] = int(line.split("'MUFU.EX2': ")[1].split(",")[0].split("}")[0])
+        counts[setting] = json.loads(report.read_text())["snapkv"]["stats_0"]["MUFU.EX2"]
     loop = counts["0"] - 16   # the MUFU.EX2 outside the tile loops (the online softmax merges)
     assert counts[str(share)] == 16 + loop - loop // share, counts
 

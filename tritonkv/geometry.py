@@ -147,8 +147,9 @@ class Geometry:
 
 def fma_share() -> int:
     """The FMA_SHARE constexpr: one softmax exponent in this many of the proxy-attention passes
-    (statistics and score) is taken on the FMA units (kernels/proxy.py ``exp2_mixed``; ``TRITONKV_EXP_FMA_SHARE``, 0: none;
-    in the interpreter, which runs no PTX, every exponent of a switched-on pass)."""
+    (statistics and score) is taken on the FMA units (kernels/proxy.py ``exp2_mixed``;
+    ``TRITONKV_EXP_FMA_SHARE``, 0: none). In the interpreter, which runs no PTX: 1, every exponent
+    of a switched-on pass."""
     share = int(os.environ.get("TRITONKV_EXP_FMA_SHARE", "0"))
     if share not in (0, 2, 4):
         raise ValueError(f"TRITONKV_EXP_FMA_SHARE: expected 0, 2 or 4, got {share}")
