@@ -97,6 +97,22 @@ def test_l2_probe_runs_at_toy_size():
     assert "two launches" in out.stdout   # on the CPU the two launches alone
 
 
+def test_exp_probe_edits_the_current_kernel_source(tmp_path):
+    """perf/exp_probe.sh times a copy of the tree with its exponentials removed, an edit of
+    kernels/proxy.py by text: applied to this tree's source it finds its target and leaves no
+    exponent-unit case in exp2_mixed (the probe's first version matched code that later moved)."""
+    script = (ROOT / "perf" / "exp_probe.sh").read_text()
+    edit = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    (tmp_path / "tritonkv" / "kernels").mkdir(parents=True)
+    source = tmp_path / "tritonkv" / "kernels" / "proxy.py"
+    source.write_text((ROOT / "tritonkv" / "kernels" / "proxy.py").read_text())
+    subprocess.run([sys.executable, "-c", edit], cwd=tmp_path, check=True, timeout=60)
+    edited = source.read_text()
+    mixed = edited.split("def exp2_mixed", 1)[1].split("@triton.jit", 1)[0]
+    assert "tl.exp2(" not in mixed and "return z\n" in mixed
+    assert edited.count("\n") == (ROOT / "tritonkv" / "kernels" / "proxy.py").read_text().count("\n")
+
+
 def test_every_environment_switch_is_documented():
     """docs/performance.md's "Environment switches" table names every TRITONKV_* variable that
     tritonkv/ reads, and no other."""
