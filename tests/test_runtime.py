@@ -7,6 +7,7 @@ import torch
 import tritonkv as tkv
 from tritonkv import planned, policies, runtime
 from tritonkv.compiled import evict_compiled
+from tritonkv.kernels import batch_launch
 
 from tritonkv.validate import named_inputs
 
@@ -141,6 +142,8 @@ def test_planned_calls_equal_unplanned_ones(name):
     plans = list(ev._plans.values())
     if policy.heads != "adaptive":
         assert any(isinstance(p, planned.Plan) for p in plans), plans
+        if batch_launch.module() is not None:   # the launches went through one call into C each
+            assert all(p.late[0] is not planned._launch for p in plans if isinstance(p, planned.Plan)), plans
 
 
 def ev_budget(policy, keys):

@@ -20,6 +20,7 @@ from .budget import allocate
 from .lowering import lower
 from .compiled import evict_compiled
 from .compiler import Call, check_backend, compile_policy, prepare, run, score_programs, selection_programs
+from .kernels import batch_launch
 from .kernels.common import interpreting
 from .kernels.launch import compiled_entry, hooks_installed, raw_stream
 from .results import Evicted
@@ -32,9 +33,10 @@ KEYS, VALUES, QUERIES, SCRATCH, INDICES, OUT_KEYS, OUT_VALUES, SEED, NAMED = ran
 class Step:
     """One recorded launch: ``launcher(*grid, stream, function, metadata, None, None, None, *args)``."""
 
-    __slots__ = ("launcher", "grid", "head", "template", "patches")
+    __slots__ = ("kernel", "launcher", "grid", "head", "template", "patches")
 
     def __init__(self, kernel, grid, template: list, patches: Sequence[Tuple[int, int, int]]):
+        self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.launcher, self.head = _launcher_of(kernel)
         self.template = template
@@ -57,12 +59,14 @@ def _launcher_of(kernel):
 class Plan:
     """Replays a recorded compiled call on new tensors of the same signature. The outputs are
     allocated after the launches that do not write them (statistics, score) are queued, so
-    the GPU starts while the host still allocates."""
+    the GPU starts while the host still allocates. Each group of launches is one call into C
+    (kernels/batch_launch.py) where every kernel allows it, else a call of Triton's launcher
+    per kernel."""
 
     def __init__(self, steps: List[Step], device: torch.device, shapes, scratch_numel: int):
         late = next((i for i, step in enumerate(steps)
                      if any(role in (INDICES, OUT_KEYS, OUT_VALUES) for _, role, _ in step.patches)), len(steps))
-        self.early, self.late = steps[:late], steps[late:]
+        self.early, self.late = _launcher(steps[:late], device), _launcher(steps[late:], device)
         self.device = device
         self.device_index = device.index
         self.indices_shape, self.keys_shape, self.values_shape = shapes
@@ -79,7 +83,8 @@ class Plan:
                      0 if scratch is None else scratch.data_ptr(), 0, 0, 0, seed]
         if named:
             values_of += [t.data_ptr() for t in named]
-        _launch(self.early, values_of, stream)
+        launch, steps = self.early
+        launch(steps, stream, values_of)
         indices = torch.empty(self.indices_shape, dtype=torch.int64, device=device)
         values_of[INDICES] = indices.data_ptr()
         out_k = out_v = None
@@ -87,11 +92,20 @@ class Plan:
             out_k = torch.empty(self.keys_shape, dtype=keys.dtype, device=device)
             out_v = torch.empty(self.values_shape, dtype=values.dtype, device=device)
             values_of[OUT_KEYS:OUT_VALUES + 1] = out_k.data_ptr(), out_v.data_ptr()
-        _launch(self.late, values_of, stream)
+        launch, steps = self.late
+        launch(steps, stream, values_of)
         return Evicted(out_k, out_v, indices)
 
 
-def _launch(steps: List[Step], values_of, stream: int) -> None:
+def _launcher(steps: List[Step], device: torch.device):
+    """(launch, steps) with ``launch(steps, stream, values_of)`` running the steps in order:
+    one batched call into C, or Triton's launcher per step."""
+    roles = 1 + max((role for step in steps for _, role, _ in step.patches), default=-1)
+    batched = batch_launch.batch([(s.kernel, s.grid, s.template, s.patches) for s in steps], device.index, roles)
+    return (_launch, steps) if batched is None else batched
+
+
+def _launch(steps: List[Step], stream: int, values_of) -> None:
     for step in steps:
         args = step.template.copy()
         for position, role, offset in step.patches:

@@ -1,0 +1,107 @@
+"""kernels/batch_launch: a planned call's launches packed once and launched from one call into C.
+On CPU: the parameter packing against Triton's launcher's types, the C module's patching, and
+every preset's real launches (their sm_90 signatures) packing; on a GPU the planned-call tests
+(test_runtime.py, test_threads.py) run through it."""
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from tritonkv.kernels import batch_launch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_CC = shutil.which("gcc") is not None or shutil.which("cc") is not None
+
+
+def words(slots: bytes):
+    return struct.unpack(f"<{len(slots) // 8}Q", slots)
+
+
+def test_parameters_pack_as_tritons_launcher_reads_them():
+    """Constexprs take no slot; floats their storage type's bits (bf16: float32's upper half, as
+    Triton's pack_bf16); negative ints two's complement (the driver reads the low bytes); None
+    pointers null; the two scratch pointers last; patches move from argument positions to slots."""
+    signature = ["*bf16", "i32", "constexpr", "fp32", "i64", "bf16", "fp16", "*fp32", "u64", "i1"]
+    template = [None, -2, 64, 1.5, -3, 1.0, 0.5, None, 2 ** 64 - 1, True]
+    slots, patches = batch_launch.pack(signature, template, [(0, 0, 16), (7, 3, 0), (4, 7, 0)])
+    assert words(slots) == (0, 2 ** 64 - 2, 0x3FC00000, 2 ** 64 - 3, 0x3F80, 0x3800, 0, 2 ** 64 - 1, 1, 0, 0)
+    assert patches == ((0, 0, 16), (6, 3, 0), (3, 7, 0))
+
+
+def test_packing_refusals():
+    with pytest.raises(ValueError, match="2 arguments for a signature of 3"):
+        batch_launch.pack(["i32", "i32", "i32"], [1, 2], [])
+    with pytest.raises(TypeError, match="no parameter packing for Triton type 'nvTmaDesc'"):
+        batch_launch.pack(["nvTmaDesc"], [object()], [])
+
+
+@pytest.mark.skipif(not HAS_CC, reason="the C module needs a C compiler")
+def test_the_module_patches_pointers_and_the_seed():
+    """values[role] + offset lands in each patched slot (a 64-bit seed kept whole), the other
+    slots keep their packed values, and the batch is unchanged by a call (threads share it)."""
+    mod = batch_launch.module()
+    assert mod is not None
+    first, p1 = batch_launch.pack(["*bf16", "i32", "*fp32"], [None, 9, None], [(0, 0, 0), (2, 1, 4096)])
+    second, p2 = batch_launch.pack(["*i64", "i64"], [None, None], [(0, 2, 8), (1, 3, 0)])
+    handle = mod.build(0, 4, [(1, 2, 1, 1, 128, 0, False, False, first, p1),
+                              (2, 1, 1, 1, 256, 1024, False, False, second, p2)])
+    seed = 2 ** 63 + 5
+    for base in (0x7F0000000000, 0x7F0000100000):
+        got = [words(s) for s in mod.patched(handle, [base, base + 256, base + 512, seed])]
+        assert got == [(base, 9, base + 256 + 4096, 0, 0), (base + 512 + 8, seed, 0, 0)]
+    with pytest.raises(TypeError, match="at least 4 ints"):
+        mod.patched(handle, [1, 2, 3])
+    with pytest.raises(ValueError, match="patch 0 out of range"):
+        mod.build(0, 1, [(1, 1, 1, 1, 32, 0, False, False, first, ((0, 1, 0),))])
+
+
+def test_batching_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("TRITONKV_BATCH_LAUNCH", "0")
+    assert batch_launch.batch([object()], 0, 1) is None
+
+
+_PACK_EVERY_PRESET = """
+import torch
+from tritonkv import dsl
+from tritonkv.aot import all_policies, specialized
+from tritonkv.budget import allocate
+from tritonkv.compiler import compile_policy, prepare
+from tritonkv.kernels.batch_launch import pack
+from tritonkv.lowering import lower
+
+meta = dict(device="meta", dtype=torch.bfloat16)
+keys, queries = torch.empty(2, 8, 4096, 128, **meta), torch.empty(2, 32, 64, 128, **meta)
+checked = 0
+for name, policy in all_policies().items():
+    if policy.signals or policy.directions or policy.heads == "adaptive":
+        continue
+    policy, alloc = lower(policy, allocate(policy, 4096, 409))
+    for launch in prepare(compile_policy(policy), alloc, keys, keys, queries, 5, ()).launches:
+        source, _ = specialized(launch.fn, launch.args, launch.constexprs, launch.num_warps)
+        constexprs = [launch.constexprs[p.name] for p in launch.fn.params if p.is_constexpr]
+        template = [None if isinstance(a, torch.Tensor) else a for a in launch.args] + constexprs
+        tensors = [i for i, a in enumerate(launch.args) if isinstance(a, torch.Tensor)]
+        signature = list(source.signature.values())
+        slots, patches = pack(signature, template, [(i, 0, 0) for i in tensors])
+        params = [i for i, ty in enumerate(signature) if ty != "constexpr"]
+        assert len(slots) == 8 * (len(params) + 2), (name, launch.fn)
+        assert all(signature[i].startswith("*") for i in tensors), (name, launch.fn, signature)
+        assert [slot for slot, _, _ in patches] == [params.index(i) for i in tensors], (name, launch.fn)
+        checked += 1
+print(checked)
+"""
+
+
+def test_every_presets_launches_pack_against_their_hopper_signatures():
+    """The argument lists evict() launches with line up with the signatures Triton's JIT builds
+    for them on sm_90 (its own binder, tritonkv.aot.specialized): each tensor is a pointer
+    parameter, and each launch packs into one slot per parameter plus the two scratch pointers."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _PACK_EVERY_PRESET], capture_output=True, text=True, timeout=600,
+                         env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) >= 30, out.stdout
