@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tritonkv as tkv  # noqa: E402
 from perf.test_evict import POLICIES as BENCHMARKED, make_cache, make_named  # noqa: E402
+from perf.settings import switches  # noqa: E402
 from perf.timing import CUDA, event_seconds, graph_seconds, host_times, sync  # noqa: E402
 from tritonkv.compiled import evict_compiled  # noqa: E402
 from tritonkv.eager import evict_reference  # noqa: E402
@@ -145,15 +146,25 @@ def primitives():
     from tritonkv.results import Evicted
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     keys, values, _ = make_cache(1, 8192)
-    ev = tkv.Evictor(tkv.sink(4) | tkv.recent(), 0.25)
-    ev(keys, values)
-    ev(keys, values)
-    plan = next(iter(ev._plans.values()))
-    step = plan.late[0]
+    windows = tkv.sink(4) | tkv.recent()
+
+    def late_launch(batched: str):
+        """(planned Evictor, its output-writing launch group) planned with TRITONKV_BATCH_LAUNCH=batched"""
+        with switches({"TRITONKV_BATCH_LAUNCH": batched}):
+            ev = tkv.Evictor(windows, 0.25)
+            ev(keys, values)
+            ev(keys, values)
+        return ev, next(iter(ev._plans.values())).late
+
+    ev, (_, steps) = late_launch("0")
+    step = steps[0]
     args = [0 if a is None else a for a in step.template]
     out = ev(keys, values)   # buffers for the launch to write into
+    roles = [keys.data_ptr(), values.data_ptr(), 0, 0, out.indices.data_ptr(), out.keys.data_ptr(),
+             out.values.data_ptr(), 0]
     for position, role, offset in step.patches:
-        args[position] = (keys, values, None, None, out.indices, out.keys, out.values)[role].data_ptr() + offset
+        args[position] = roles[role] + offset
+    batched_ev, (batch_launch, handle) = late_launch("1")
     stream = raw_stream(0)
     pieces = {
         "torch.empty": lambda: torch.empty(1 << 16, device=dev),
@@ -170,7 +181,9 @@ def primitives():
         "signature tuple": lambda: (keys.shape, keys.stride(), keys.dtype, keys.device, keys.data_ptr() & 15,
                                     values.shape, values.stride(), values.dtype, values.device),
         "one launch (C launcher, args ready)": lambda: step.launcher(*step.grid, stream, *step.head, *args),
-        "planned streaming_llm call (1 launch)": lambda: ev(keys, values),
+        "one launch (batched, values ready)": lambda: batch_launch(handle, stream, roles),
+        "planned streaming_llm call (1 launch, Triton's launcher)": lambda: ev(keys, values),
+        "planned streaming_llm call (1 launch, batched)": lambda: batched_ev(keys, values),
     }
     out = {}
     for name, fn in pieces.items():

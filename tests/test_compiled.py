@@ -14,7 +14,7 @@ from tritonkv.results import pack_varlen
 from tritonkv.validate import named_inputs as named_inputs_of
 
 from .checks import assert_unchanged, check_evicted, snapshot
-from .devices import CUDA, DEVICE, to_device
+from .devices import DEVICE, to_device
 from .strategies import caches, examples, named_inputs
 from .strategies import policies as policy_strategy
 from .tolerances import normalize_allowance, tolerance, transform_allowance
@@ -462,21 +462,6 @@ def test_rows_gathered_after_select(name, monkeypatch):
         out = evictor(dev[0], dev[1], queries=dev[2])
         for got, want in zip((out.indices, out.keys, out.values), (fused.indices, fused.keys, fused.values)):
             assert torch.equal(got.cpu(), want.cpu()), name
-
-
-@pytest.mark.parametrize("share", ["2", "4"] if CUDA else ["4"])   # the interpreter: one path
-@pytest.mark.parametrize("name", ["snapkv", "h2o", "tova", "nacl"] if CUDA else ["h2o", "nacl"])   # CPU time
-def test_proxy_exponents_on_the_fma_units(name, share, monkeypatch):
-    """TRITONKV_EXP_FMA_SHARE: the proxy-attention passes take one exponent in 2 / 4 by a
-    polynomial on the FMA units (kernels/proxy.py exp2_mixed; in the interpreter all of them).
-    Priorities and kept sets as the reference's, at the usual tolerance: the polynomial's error
-    (2.3e-7 relative) is the exponent unit's."""
-    g = torch.Generator().manual_seed(11)
-    keys, values = torch.randn(2, 2, 613, 80, generator=g), torch.randn(2, 2, 613, 80, generator=g)
-    queries = torch.randn(2, 8, 64, 80, generator=g)
-    monkeypatch.setenv("TRITONKV_EXP_FMA_SHARE", share)
-    for dtype in (torch.bfloat16, torch.float32) if CUDA else (torch.bfloat16,):
-        compare(keys.to(dtype), values.to(dtype), queries.to(dtype), preset(name), 0.25)
 
 
 @pytest.mark.parametrize("policy", [

@@ -1,7 +1,6 @@
 """Hand-written kernels against their references: exact selection, bit-exact random streams,
 and every generated kernel compiling for Hopper."""
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from tritonkv import philox, reference
 from tritonkv.budget import Allocation
 from tritonkv.kernels.primitives import uniform
 from tritonkv.kernels.gather import gather_rows
-from tritonkv.kernels.proxy import exp2_mixed
 from tritonkv.kernels.select import select_indices
 
 from .devices import DEVICE
@@ -104,33 +102,6 @@ def check_select_and_gather(case, d, own_slots):
 
 
 @triton.jit
-def _exp2_kernel(x_ptr, out_ptr, n, SHARE: tl.constexpr, BLOCK: tl.constexpr):
-    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + o, exp2_mixed(tl.load(x_ptr + o, mask=o < n, other=0.0), SHARE), mask=o < n)
-
-
-@pytest.mark.parametrize("share", [1, 2, 4])
-def test_exponents_on_the_fma_units(share):
-    """kernels/proxy.py exp2_mixed: 2^x for x <= 0 with some or all exponents by the polynomial
-    (share 1: all, Triton ops, what the interpreter runs; 2 / 4: one in two / four, inline PTX,
-    GPU only) within 4e-7 relative of float64 (the polynomial's 2.3e-7 plus the rounding of j and
-    f; MUFU.EX2's ~2^-22); 0 under 2^-125 and for -inf, NaN kept."""
-    if share > 1 and DEVICE != "cuda":
-        pytest.skip("inline PTX runs on a GPU only")
-    g = torch.Generator().manual_seed(0)
-    x = torch.cat([-torch.rand(20000, generator=g) * 130, -torch.rand(1000, generator=g),
-                   torch.tensor([0.0, -0.0, -1e-30, -0.5, 0.5 - 1, -124.99, -125.0, -125.01, -200.0, -3e38,
-                                 float("-inf"), float("nan")])])
-    out = torch.empty_like(x, device=DEVICE)
-    _exp2_kernel[(triton.cdiv(x.numel(), 1024),)](x.to(DEVICE), out, x.numel(), SHARE=share, BLOCK=1024)
-    got, want = out.cpu().double(), torch.exp2(x.double())
-    normal = x >= -125.0
-    assert (((got - want).abs() / want)[normal & (want >= 2.0 ** -126)] <= 4e-7).all()
-    assert (got[x < -125.0] == 0).all()   # below 2^-125: 0 (the exponent unit flushes its subnormals too)
-    assert got[-1].isnan()
-
-
-@triton.jit
 def _uniform_kernel(out_ptr, seed, i_b, i_h, n, STREAM: tl.constexpr, BLOCK: tl.constexpr):
     o_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     zero = o_n * 0
@@ -173,24 +144,6 @@ def test_every_kernel_compiles_for_hopper(config):
         # SnapKV's and NACL's fit two programs per SM (224 and 203 registers, one, before)
         assert rows["snapkv", "score"][-1] == "2" and rows["nacl", "score"][-1] == "2", (rows["snapkv", "score"],
                                                                                        rows["nacl", "score"])
-
-
-@pytest.mark.parametrize("share", [2, 4])
-def test_exponents_on_the_fma_units_compile_for_hopper(share, tmp_path):
-    """The inline PTX of TRITONKV_EXP_FMA_SHARE (kernels/proxy.py exp2_mixed) passes ptxas for
-    sm_90 in SnapKV's statistics kernel (CI has no GPU to run it), and takes one exponent in
-    ``share`` off the exponent unit there: the MUFU.EX2 count (perf/sass_ops.py) falls by that share."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    counts = {}
-    for setting in ("0", str(share)):
-        report = tmp_path / f"ops-{setting}.json"
-        out = subprocess.run([sys.executable, "perf/sass_ops.py", "--policies", "snapkv", "--json", str(report)],
-                             capture_output=True, text=True, timeout=600, env=dict(env, TRITONKV_EXP_FMA_SHARE=setting),
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        assert out.returncode == 0, out.stderr[-3000:]
-        counts[setting] = json.loads(report.read_text())["snapkv"]["stats_0"]["MUFU.EX2"]
-    loop = counts["0"] - 16   # the MUFU.EX2 outside the tile loops (the online softmax merges)
-    assert counts[str(share)] == 16 + loop - loop // share, counts
 
 
 def _score_builds(cases: str) -> subprocess.CompletedProcess:

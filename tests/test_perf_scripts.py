@@ -100,7 +100,7 @@ def test_l2_probe_runs_at_toy_size():
 def test_exp_probe_edits_the_current_kernel_source(tmp_path):
     """perf/exp_probe.sh times a copy of the tree with its exponentials removed, an edit of
     kernels/proxy.py by text: applied to this tree's source it finds its target and leaves no
-    exponent-unit case in exp2_mixed (the probe's first version matched code that later moved)."""
+    exponent in softmax_exp2 (the probe's first version matched code that later moved)."""
     script = (ROOT / "perf" / "exp_probe.sh").read_text()
     edit = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
     (tmp_path / "tritonkv" / "kernels").mkdir(parents=True)
@@ -108,8 +108,8 @@ def test_exp_probe_edits_the_current_kernel_source(tmp_path):
     source.write_text((ROOT / "tritonkv" / "kernels" / "proxy.py").read_text())
     subprocess.run([sys.executable, "-c", edit], cwd=tmp_path, check=True, timeout=60)
     edited = source.read_text()
-    mixed = edited.split("def exp2_mixed", 1)[1].split("@triton.jit", 1)[0]
-    assert "tl.exp2(" not in mixed and "return z\n" in mixed
+    body = edited.split("def softmax_exp2", 1)[1].split("@triton.jit", 1)[0]
+    assert "tl.exp2(" not in body and "return z\n" in body
     assert edited.count("\n") == (ROOT / "tritonkv" / "kernels" / "proxy.py").read_text().count("\n")
 
 
@@ -124,3 +124,17 @@ def test_every_environment_switch_is_documented():
     section = docs.split("## Environment switches", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"^\| `(TRITONKV_[A-Z0-9_]+)`", section, re.M))
     assert read == listed, (sorted(read - listed), sorted(listed - read))
+
+
+def test_sass_ops_counts_snapkvs_hopper_instructions(tmp_path):
+    """perf/sass_ops.py builds SnapKV's statistics and score kernels for sm_90 (no GPU) and counts
+    their SASS: both passes multiply on the tensor cores (HGMMA, Hopper's warpgroup MMA) and take
+    their exponents on the exponent unit (MUFU.EX2), in the whole listing and in the hottest loop."""
+    report = tmp_path / "ops.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "perf/sass_ops.py", "--policies", "snapkv", "--json", str(report)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**env, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(report.read_text())["snapkv"]
+    for kernel in ("stats_0", "score", "stats_0 loop"):
+        assert counts[kernel]["HGMMA"] > 0 and counts[kernel]["MUFU.EX2"] > 0, (kernel, counts[kernel])

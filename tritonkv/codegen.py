@@ -31,8 +31,7 @@ RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_n
 POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr", "sq_ptr")
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
-CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES",
-                  "FMA_SHARE")
+CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES")
 # the tile loops: STAGES-deep software pipelining of their loads, None for Triton's default (geometry.loop_stages)
 TILE_LOOP = "    for it in tl.range(0, tiles_per_prog, num_stages=STAGES):"
 
@@ -269,7 +268,7 @@ class TileEmitter:
                 f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, "
                 f"{node.causal and self.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, "
                 f"{node.pool_mode == 'max'}, "
-                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE, LG_{gi}, FMA_SHARE)")
+                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE, LG_{gi})")
         if isinstance(node, dsl.Normalize):
             self.prologue.append(f"    mean_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
             self.prologue.append(f"    std_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2 + 1)")
@@ -406,7 +405,7 @@ def _stats_parts(members: Sequence[int], program_globals, names: Names, prologue
             emitter.keys()
             update.append(f"run_m_{gi}, run_l_{gi} = proxy_stats_tile(run_m_{gi}, run_l_{gi}, b_k, bs_q_{gi}, "
                           f"ws_r_{gi}, N, w_{gi}, o_n, m_val, p_lg_{gi}, NS, i_c < NCH_{gi}, "
-                          f"{node.causal}, QK_SCALE, IEEE, G, QB_{gi}, LG_{gi}, {full}, FMA_SHARE)")
+                          f"{node.causal}, QK_SCALE, IEEE, G, QB_{gi}, LG_{gi}, {full})")
             store.append(f"    o_q_{gi} = tl.arange(0, QB_{gi})")
             store.append(f"    p_part_{gi} = ws_ptr + po_{gi} + ((i_row * NCH_{gi} + i_c) * S + i_s) * (2 * QB_{gi})")
             store.append(f"    tl.store(p_part_{gi} + o_q_{gi}, run_m_{gi}, mask=(o_q_{gi} >= 0) & (i_c < NCH_{gi}))")

@@ -145,17 +145,6 @@ class Geometry:
         return tuple(where.get(k.slot, 0) if k.normalized else 0 for k in program.clause_keys)
 
 
-def fma_share() -> int:
-    """The FMA_SHARE constexpr: one softmax exponent in this many of the proxy-attention passes
-    (statistics and score) is taken on the FMA units (kernels/proxy.py ``exp2_mixed``;
-    ``TRITONKV_EXP_FMA_SHARE``, 0: none). In the interpreter, which runs no PTX: 1, every exponent
-    of a switched-on pass."""
-    share = int(os.environ.get("TRITONKV_EXP_FMA_SHARE", "0"))
-    if share not in (0, 2, 4):
-        raise ValueError(f"TRITONKV_EXP_FMA_SHARE: expected 0, 2 or 4, got {share}")
-    return 1 if share and interpreting() else share
-
-
 def _logits_allowed() -> bool:
     """Whether a one-query proxy attention may keep its statistics pass's logits for the score
     pass (``TRITONKV_PROXY_LOGITS=0``: both passes read K, for A/B timing)."""
@@ -282,7 +271,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
-                      IEEE=ieee_products(dtype), FMA_SHARE=fma_share(),
+                      IEEE=ieee_products(dtype),
                       STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize, anchored))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
     offset = partials = 0

@@ -21,8 +21,6 @@ read again (16 for G = 4, against 256 for a bf16 key of 128).
 
 from __future__ import annotations
 
-import struct
-
 import triton
 import triton.language as tl
 
@@ -31,71 +29,14 @@ from .stats import MERGE_TILE, online_softmax_merge, softmax_of_partials
 
 REDUCE_CODES = {"mean": 0, "sum": 1, "max": 2}  # the REDUCE / GROUP_REDUCE constexprs
 
-# 2^f on [-1/2, 1/2], degree 5, fitted for relative error: 2.3e-7 at most in float32 Horner steps
-# (the exponent unit's MUFU.EX2 approximation: ~2^-22)
-EXP2_COEFFS = (1.0000001192092896, 0.6931469440460205, 0.24022120237350464, 0.05550713092088699,
-               0.009675541892647743, 0.001327647129073739)
-ROUNDER = 12582912.0   # 1.5 * 2^23: x + ROUNDER rounds x to an integer, held in the low mantissa bits
-LOWEST = -125.0        # 2^x below 2^LOWEST is taken as 0 (the exponent bits would wrap)
-EXP2_C0, EXP2_C1, EXP2_C2, EXP2_C3, EXP2_C4, EXP2_C5 = (tl.constexpr(c) for c in EXP2_COEFFS)
-ROUNDER_C, LOWEST_C = tl.constexpr(ROUNDER), tl.constexpr(LOWEST)
-
-
-def _f32(x: float) -> str:
-    return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
-
-
-def _exp2_ptx(n: int) -> str:
-    """PTX of one asm call over n packed float32 (operands $n .. $2n-1, results $0 .. $n-1): the
-    first n - 1 by the exponent unit (ex2.approx.f32), the last as ``exp2_fma`` computes it."""
-    c = [_f32(v) for v in EXP2_COEFFS]
-    x, y = f"${2 * n - 1}", f"${n - 1}"
-    lines = [f"ex2.approx.ftz.f32 ${i}, ${n + i};" for i in range(n - 1)]
-    lines += [".reg .f32 t, j, f, p;", ".reg .b32 tb, pb;", ".reg .pred low, nan;",
-              f"add.rn.f32 t, {x}, {_f32(ROUNDER)};", f"sub.rn.f32 j, t, {_f32(ROUNDER)};", f"sub.rn.f32 f, {x}, j;",
-              f"mov.f32 p, {c[5]};"]
-    lines += [f"fma.rn.f32 p, p, f, {c[k]};" for k in (4, 3, 2, 1, 0)]
-    lines += ["mov.b32 pb, p;", "mov.b32 tb, t;", "shl.b32 tb, tb, 23;", "add.s32 pb, pb, tb;",
-              f"setp.lt.f32 low, {x}, {_f32(LOWEST)};", "selp.b32 pb, 0, pb, low;",
-              f"setp.nan.f32 nan, {x}, {x};", "selp.b32 pb, 0x7FFFFFFF, pb, nan;", f"mov.b32 {y}, pb;"]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-EXP2_PTX_2, EXP2_PTX_4 = tl.constexpr(_exp2_ptx(2)), tl.constexpr(_exp2_ptx(4))
-
 
 @triton.jit
-def exp2_fma(x):
-    """2^x for x <= 0 on the FMA units instead of the exponent unit (MUFU: 16 results per clock
-    and SM on Hopper, against 128 FMAs): 2^j * 2^f with j = round(x), f = x - j, 2^f a
-    polynomial, j added to the exponent bits. Results under 2^LOWEST are 0 (as -inf gives); NaN
-    stays NaN. ``_exp2_ptx`` is the same arithmetic in PTX."""
-    t = x + ROUNDER_C
-    f = x - (t - ROUNDER_C)
-    p = EXP2_C5 * f + EXP2_C4
-    p = p * f + EXP2_C3
-    p = p * f + EXP2_C2
-    p = p * f + EXP2_C1
-    p = p * f + EXP2_C0
-    y = (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, tl.where(x < LOWEST_C, 0.0, y))
-
-
-@triton.jit
-def exp2_mixed(z, FMA_SHARE: tl.constexpr):
-    """2^z (z <= 0), of each FMA_SHARE (2 or 4) neighbouring elements of a thread one by
-    ``exp2_fma``'s polynomial and the rest by the exponent unit (inline PTX over packed registers:
-    no layout changes); 0: all by the exponent unit; 1 (the interpreter, which runs no PTX): all by
-    ``exp2_fma``."""
-    if FMA_SHARE == 2:
-        return tl.inline_asm_elementwise(EXP2_PTX_2, "=r,=r,r,r", [z], dtype=tl.float32, is_pure=True, pack=2)
-    elif FMA_SHARE == 4:
-        return tl.inline_asm_elementwise(EXP2_PTX_4, "=r,=r,=r,=r,r,r,r,r", [z], dtype=tl.float32, is_pure=True,
-                                         pack=4)
-    elif FMA_SHARE == 1:
-        return exp2_fma(z)
-    else:
-        return tl.exp2(z)
+def softmax_exp2(z):
+    """The passes' one exponent per logit, 2^z (z <= 0), on the exponent unit (MUFU.EX2). Tried and
+    measured slower on an H100 (docs/performance.md, "The proxy passes' exponentials"): half-precision
+    ex2 (ptxas splits it, no fewer MUFU), one in 2 or 4 by a degree-5 polynomial on the FMA units
+    (1.01-1.28x slower graph time). perf/exp_probe.sh times the passes with this returning z."""
+    return tl.exp2(z)
 
 
 @triton.jit
@@ -164,7 +105,7 @@ def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, 
 @triton.jit
 def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, N, w, o_n, m_val, lg_ptr, NS, store,
                      CAUSAL: tl.constexpr, QK_SCALE: tl.constexpr, IEEE: tl.constexpr, G: tl.constexpr,
-                     QB: tl.constexpr, LOGITS: tl.constexpr, FULL: tl.constexpr, FMA_SHARE: tl.constexpr):
+                     QB: tl.constexpr, LOGITS: tl.constexpr, FULL: tl.constexpr):
     """Online softmax statistics of one chunk's query rows [QB] over this tile's visible keys;
     with LOGITS (one chunk whose row g is query head g) also the tile's logits of the G heads,
     where ``store`` (the tile's own tokens, m_val, once each). With FULL (a tile whose lanes all
@@ -181,7 +122,7 @@ def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, N, w, o_n, m_val, lg_ptr, NS, 
                  mask=(o_r < G)[:, None] & m_val[None, :] & store)
     t_m = tl.max(x, 1) * QK_SCALE
     t_safe = tl.where(t_m == float("-inf"), 0.0, t_m)
-    t_l = tl.sum(exp2_mixed(x * QK_SCALE - t_safe[:, None], FMA_SHARE), 1)
+    t_l = tl.sum(softmax_exp2(x * QK_SCALE - t_safe[:, None]), 1)
     return online_softmax_merge(run_m, run_l, t_m, t_l, True)
 
 
@@ -254,7 +195,7 @@ def _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
 def _chunk_update(acc_grp, acc_win, c, s_t, w_r, b_lse, o_t, o_n, N, w,
                   BLOCK_N: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                   CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr, POOL_MAX: tl.constexpr,
-                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, FMA_SHARE: tl.constexpr):
+                  GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr):
     """Add chunk c's probabilities for this tile of keys (its logits ``s_t`` [BLOCK_N, QB]) to
     the window / group accumulators, each query head pooled first where the pooling does not
     commute with the group reduction (``_pools_each_head``); otherwise ``proxy_attention_tile``
@@ -272,7 +213,7 @@ def _chunk_update(acc_grp, acc_win, c, s_t, w_r, b_lse, o_t, o_n, N, w,
     # changes no such probability beyond that, and keeps the unmasked lanes finite. NaN (a NaN
     # query or key) stays NaN, as the reference's softmax gives it (the GPU's plain min would
     # return the 0).
-    p = exp2_mixed(tl.minimum(s_t - b_lse[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL), FMA_SHARE)
+    p = softmax_exp2(tl.minimum(s_t - b_lse[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL))
     if CAUSAL and not EXCLUDE:
         p = tl.where(o_n[:, None] <= (N - w + w_r)[None, :], p, 0.0)
     if W_PAD <= QB:   # whole query heads in this chunk
@@ -304,7 +245,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
                          QR: tl.constexpr, CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr,
                          POOL_MAX: tl.constexpr,
                          GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr,
-                         IEEE: tl.constexpr, LOGITS: tl.constexpr, FMA_SHARE: tl.constexpr):
+                         IEEE: tl.constexpr, LOGITS: tl.constexpr):
     """reference.proxy_attention for one tile of keys.
 
     b_q0, w_r0, b_lse0 are chunk 0 (proxy_chunk; no row mask: a padding row's lse is +inf),
@@ -321,8 +262,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
     else:
         s_t = _logits_t(b_k, b_q0, QK_SCALE, IEEE)
     acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, w_r0, b_lse0, o_t, o_n, N, w,
-                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE,
-                                     FMA_SHARE)
+                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
     # chunks of 64 KB in bf16 reloaded per tile: pipelined 3 deep they overflow sm_90's shared memory
     CHUNK_STAGES: tl.constexpr = 1 if QB * BLOCK_D >= 32768 else None
     for c in tl.range(1, NCH, num_stages=CHUNK_STAGES):
@@ -330,7 +270,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
                                          D, BLOCK_D, G, W_PAD, QB, QR, True)
         acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, b_lse,
                                          o_t, o_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
-                                         POOL_MAX, GROUP_REDUCE, EXCLUDE, FMA_SHARE)
+                                         POOL_MAX, GROUP_REDUCE, EXCLUDE)
     if POOL > 1 and not _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
         acc_grp = pool(acc_grp, o_t, o_n, _pool_end(N, w, EXCLUDE), POOL, POOL_MAX, BLOCK_N)
     if GROUP_REDUCE == 0:
