@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from typing import Callable, Iterator, Optional, Tuple, Union
 
 __all__ = [
@@ -557,15 +558,16 @@ class Policy:
             return replace(self, clauses=self.clauses + other.clauses)
         return NotImplemented
 
-    @property
+    # cached: a policy is frozen, and a planned evict call reads its named inputs' names per call
+    @cached_property
     def forced(self) -> Tuple[Clause, ...]:
         return tuple(c for c in self.clauses if c.forced)
 
-    @property
+    @cached_property
     def selective(self) -> Tuple[Clause, ...]:
         return tuple(c for c in self.clauses if not c.forced)
 
-    @property
+    @cached_property
     def scores(self) -> Tuple[Score, ...]:
         """The distinct score expressions of the selective clauses, in first-use order."""
         out = []
@@ -586,12 +588,12 @@ class Policy:
     def needs_values(self) -> bool:
         return any(s.needs_values for s in self.scores)
 
-    @property
+    @cached_property
     def signals(self) -> Tuple[str, ...]:
         """Names of the outside scores the policy reads (``signals=`` of evict)."""
         return tuple(dict.fromkeys(name for s in self.scores for name in s.signals))
 
-    @property
+    @cached_property
     def directions(self) -> Tuple[str, ...]:
         """Names of the per-head directions the policy reads (``directions=`` of evict)."""
         return tuple(dict.fromkeys(name for s in self.scores for name in s.directions))

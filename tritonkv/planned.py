@@ -89,8 +89,8 @@ class Plan:
         values_of[INDICES] = indices.data_ptr()
         out_k = out_v = None
         if self.keys_shape is not None:   # None: a call without gather, the indices only
-            out_k = torch.empty(self.keys_shape, dtype=keys.dtype, device=device)
-            out_v = torch.empty(self.values_shape, dtype=values.dtype, device=device)
+            out_k = keys.new_empty(self.keys_shape)   # keys' dtype and device (the signature's)
+            out_v = values.new_empty(self.values_shape)
             values_of[OUT_KEYS:OUT_VALUES + 1] = out_k.data_ptr(), out_v.data_ptr()
         launch, steps = self.late
         launch(steps, stream, values_of)

@@ -44,7 +44,7 @@ def _signature(keys, values, queries, seed, named) -> Tuple:
     arguments that are not tensors: those take the validating path)."""
     q = None if queries is None else (queries.shape, queries.stride(), queries.dtype, queries.device,
                                       queries.data_ptr() & 15, queries is keys, queries is values)
-    extra = tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in named) if named else ()
+    extra = tuple([(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in named]) if named else ()
     return (keys.shape, keys.stride(), keys.dtype, keys.device, keys.data_ptr() & 15,
             values.shape, values.stride(), values.dtype, values.device, values.data_ptr() & 15,
             keys is values, q, seed > _I32_MAX, seed > _I64_MAX,
@@ -54,10 +54,11 @@ def _signature(keys, values, queries, seed, named) -> Tuple:
 def _ordered(policy: dsl.Policy, signals, directions):
     """The named tensors in the policy's order, or None when the dicts do not hold exactly
     the names the policy reads (the validating path then says what is wrong)."""
+    names, directions_names = policy.signals, policy.directions   # cached on the (frozen) policy
     try:
-        if len(signals or ()) != len(policy.signals) or len(directions or ()) != len(policy.directions):
+        if len(signals or ()) != len(names) or len(directions or ()) != len(directions_names):
             return None
-        return named_inputs(policy, signals, directions)
+        return tuple([signals[n] for n in names] + [directions[n] for n in directions_names])
     except (KeyError, TypeError):
         return None
 
