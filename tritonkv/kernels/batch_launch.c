@@ -4,8 +4,7 @@
  * launch attributes, and its parameters in 8-byte slots (the driver reads each parameter's
  * own size from its slot; values are stored little-endian, so the low bytes are the value).
  * launch(batch, stream, values) copies each step's slots, writes values[role] + offset into
- * the patched ones (data pointers, the seed), and calls cuLaunchKernel (cuLaunchKernelEx where a
- * launch has attributes: PDL, cooperative grids): one Python call,
+ * the patched ones (data pointers, the seed), and calls cuLaunchKernelEx: one Python call,
  * no argument parsing per launch. A batch is read-only after build, so threads may launch
  * it at once; the GIL is released around the driver calls.
  *
@@ -43,8 +42,6 @@ typedef struct {
 } Batch;
 
 typedef CUresult (*launch_ex_t)(const CUlaunchConfig *, CUfunction, void **, void **);
-typedef CUresult (*launch_t)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream,
-                             void **, void **);
 typedef CUresult (*error_string_t)(CUresult, const char **);
 typedef CUresult (*ctx_get_t)(CUcontext *);
 typedef CUresult (*ctx_set_t)(CUcontext);
@@ -52,7 +49,6 @@ typedef CUresult (*device_get_t)(CUdevice *, int);
 typedef CUresult (*retain_t)(CUcontext *, CUdevice);
 
 static launch_ex_t launch_ex;
-static launch_t launch_plain;
 static error_string_t error_string;
 static ctx_get_t ctx_get;
 static ctx_set_t ctx_set;
@@ -71,9 +67,8 @@ static int load_driver(void) {
   ctx_set = (ctx_set_t)dlsym(lib, "cuCtxSetCurrent");
   device_get = (device_get_t)dlsym(lib, "cuDeviceGet");
   primary_retain = (retain_t)dlsym(lib, "cuDevicePrimaryCtxRetain");
-  launch_plain = (launch_t)dlsym(lib, "cuLaunchKernel");
   launch_ex_t found = (launch_ex_t)dlsym(lib, "cuLaunchKernelEx");
-  if (!(error_string && ctx_get && ctx_set && device_get && primary_retain && launch_plain && found)) {
+  if (!(error_string && ctx_get && ctx_set && device_get && primary_retain && found)) {
     PyErr_SetString(PyExc_RuntimeError, "batch_launch: libcuda.so.1 lacks a driver function it needs");
     return 0;
   }
@@ -244,13 +239,7 @@ static PyObject *launch(PyObject *self, PyObject *args) {
     config.hStream = (CUstream)(uintptr_t)stream;
     config.attrs = attrs;
     config.numAttrs = n_attrs;
-    if (!(step->grid[0] && step->grid[1] && step->grid[2]))
-      ;   /* an empty grid launches nothing, as in Triton */
-    else if (n_attrs)
-      status = launch_ex(&config, step->function, params, NULL);
-    else   /* no launch attributes: the plain entry point, the driver's shortest path */
-      status = launch_plain(step->function, step->grid[0], step->grid[1], step->grid[2], step->block, 1, 1,
-                            step->shared, config.hStream, params, NULL);
+    if (step->grid[0] && step->grid[1] && step->grid[2]) status = launch_ex(&config, step->function, params, NULL);
     failed = i;
   }
   Py_END_ALLOW_THREADS;
