@@ -105,3 +105,42 @@ def test_every_presets_launches_pack_against_their_hopper_signatures():
                          env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.split()[-1]) >= 30, out.stdout
+
+
+class _Kernel:
+    """What planned.Step and batch_launch read of a compiled Triton kernel."""
+
+    def __init__(self, signature, function):
+        from types import SimpleNamespace
+        self.src = SimpleNamespace(signature=dict(enumerate(signature)))
+        self.function = function
+        self.packed_metadata = (4, 1, 0)
+        self.run = SimpleNamespace(global_scratch_size=0, profile_scratch_size=0, num_ctas=1, launch_pdl=False,
+                                   launch_cooperative_grid=False, launch=lambda *args: None)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="the C module needs a C compiler")
+def test_a_plan_batches_each_launch_group(monkeypatch):
+    """planned.Plan splits its steps where the outputs are first written (statistics / score,
+    then select) and packs each group as one batch; each batch patches the call's values by role
+    (keys, scratch and seed early; scratch, indices and kept keys late). Off, it keeps Triton's
+    launcher per step."""
+    import torch
+
+    from tritonkv import planned
+    score = planned.Step(_Kernel(["*bf16", "*fp32", "i32", "constexpr", "u64"], 11), (3, 2),
+                         [None, None, 4096, 128, None], [(0, planned.KEYS, 0), (1, planned.SCRATCH, 64),
+                                                         (4, planned.SEED, 0)])
+    select = planned.Step(_Kernel(["*fp32", "*i64", "*bf16", "i32"], 12), (5,), [None, None, None, 7],
+                          [(0, planned.SCRATCH, 0), (1, planned.INDICES, 0), (2, planned.OUT_KEYS, 256)])
+    device = torch.device("cuda", 0)   # only its index is read: nothing runs
+    plan = planned.Plan([score, select], device, ((1, 2, 3), (1, 2, 3, 4), (1, 2, 3, 4)), 100)
+    mod = batch_launch.module()
+    (launch_early, early), (launch_late, late) = plan.early, plan.late
+    assert launch_early is mod.launch and launch_late is mod.launch
+    values = [1000, 2000, 0, 3000, 4000, 5000, 6000, 2 ** 40 + 1]
+    assert [words(s) for s in mod.patched(early, values)] == [(1000, 3064, 4096, 2 ** 40 + 1, 0, 0)]
+    assert [words(s) for s in mod.patched(late, values)] == [(3000, 4000, 5256, 7, 0, 0)]
+    monkeypatch.setenv("TRITONKV_BATCH_LAUNCH", "0")
+    plan = planned.Plan([score, select], device, ((1, 2, 3), (1, 2, 3, 4), (1, 2, 3, 4)), 100)
+    assert plan.early == (planned._launch, [score]) and plan.late == (planned._launch, [select])
