@@ -54,11 +54,10 @@ def _signature(keys, values, queries, seed, named) -> Tuple:
 def _ordered(policy: dsl.Policy, signals, directions):
     """The named tensors in the policy's order, or None when the dicts do not hold exactly
     the names the policy reads (the validating path then says what is wrong)."""
-    names, directions_names = policy.signals, policy.directions   # cached on the (frozen) policy
-    try:
-        if len(signals or ()) != len(names) or len(directions or ()) != len(directions_names):
+    try:   # the names are cached on the (frozen) policy
+        if len(signals or ()) != len(policy.signals) or len(directions or ()) != len(policy.directions):
             return None
-        return tuple([signals[n] for n in names] + [directions[n] for n in directions_names])
+        return named_inputs(policy, signals, directions)
     except (KeyError, TypeError):
         return None
 

@@ -91,7 +91,7 @@ def check_directions(directions, policy: dsl.Policy, keys) -> None:
 def named_inputs(policy: dsl.Policy, signals, directions) -> tuple:
     """The tensors of the policy's signals, then of its directions, in the policy's order
     (the order in which the generated kernels take them)."""
-    return tuple(signals[n] for n in policy.signals) + tuple(directions[n] for n in policy.directions)
+    return tuple([signals[n] for n in policy.signals] + [directions[n] for n in policy.directions])
 
 
 def split_named(policy: dsl.Policy, named: tuple):
