@@ -5,7 +5,7 @@
     keys.copy_(new_keys); queries.copy_(new_queries)  # update the bound inputs in place
     out = graph()                                      # one graph launch: the eviction of the new contents
 
-A planned call (runtime.py) costs the host about 22 us plus ~5 us per kernel launch (2-6 of
+A planned call (runtime.py) costs the host about 16.5 us plus ~3.3 us per kernel launch (1-6 of
 them; docs/performance.md, "Where a planned call's host time goes"), which is most of a 10%
 eviction's wall time at short N. A caller that evicts the same buffers again and again (its
 own fixed-capacity cache, updated in place) can pay one graph launch instead, whatever the
