@@ -138,3 +138,15 @@ def test_sass_ops_counts_snapkvs_hopper_instructions(tmp_path):
     counts = json.loads(report.read_text())["snapkv"]
     for kernel in ("stats_0", "score", "stats_0 loop"):
         assert counts[kernel]["HGMMA"] > 0 and counts[kernel]["MUFU.EX2"] > 0, (kernel, counts[kernel])
+
+
+def test_waiting_patches_apply_to_this_tree():
+    """patches/*.patch wait for a GPU run (perf/gpu_session pending patches applies each to a copy
+    of the tree): each must still apply to the tree as it is now."""
+    import shutil
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    for patch in sorted((ROOT / "patches").glob("*.patch")):
+        done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, (patch.name, done.stderr)
