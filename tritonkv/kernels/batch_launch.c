@@ -76,15 +76,20 @@ static int load_driver(void) {
   return 1;
 }
 
-static void free_batch(PyObject *capsule) {
-  Batch *batch = (Batch *)PyCapsule_GetPointer(capsule, "tritonkv.batch");
-  if (!batch) return;
-  for (uint32_t i = 0; i < batch->n_steps; i++) {
+/* Frees a batch and the buffers of its first ``steps`` steps (zeroed when allocated: a step
+ * left half-built by a failed build() frees what it holds). */
+static void destroy(Batch *batch, Py_ssize_t steps) {
+  for (Py_ssize_t i = 0; i < steps; i++) {
     PyMem_Free(batch->steps[i].slots);
     PyMem_Free(batch->steps[i].patches);
   }
   PyMem_Free(batch->steps);
   PyMem_Free(batch);
+}
+
+static void free_batch(PyObject *capsule) {
+  Batch *batch = (Batch *)PyCapsule_GetPointer(capsule, "tritonkv.batch");
+  if (batch) destroy(batch, batch->n_steps);
 }
 
 /* build(device, n_roles, steps): steps is a sequence of
@@ -160,13 +165,7 @@ static PyObject *build(PyObject *self, PyObject *args) {
 fail:
   Py_DECREF(steps);
 fail_freed:
-  batch->n_steps += batch->n_steps < (uint32_t)n_steps;   /* the step being read may hold buffers */
-  for (uint32_t i = 0; i < batch->n_steps; i++) {
-    PyMem_Free(batch->steps[i].slots);
-    PyMem_Free(batch->steps[i].patches);
-  }
-  PyMem_Free(batch->steps);
-  PyMem_Free(batch);
+  destroy(batch, n_steps);
   return NULL;
 }
 

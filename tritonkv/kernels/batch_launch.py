@@ -14,40 +14,31 @@ batched). ``TRITONKV_BATCH_LAUNCH=0`` turns it off (Triton's launchers, one call
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
-import threading
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 _SOURCE = Path(__file__).with_name("batch_launch.c")
 _MASK = (1 << 64) - 1
-_MODULE = None
-_BUILT = False
-_LOCK = threading.Lock()
 
 
 def enabled() -> bool:
     return os.environ.get("TRITONKV_BATCH_LAUNCH", "1") != "0"
 
 
+@functools.lru_cache(maxsize=None)
 def module():
     """The compiled C module (built once per machine into Triton's cache), or None where it
     cannot be built (no C compiler): planned calls then use Triton's launchers."""
-    global _MODULE, _BUILT
-    if _BUILT:
-        return _MODULE
-    with _LOCK:
-        if not _BUILT:
-            try:
-                from triton.backends.nvidia.driver import include_dirs
-                from triton.runtime.build import compile_module_from_src
-                _MODULE = compile_module_from_src(src=_SOURCE.read_text(), name="tritonkv_batch_launch",
-                                                  include_dirs=list(include_dirs))
-            except Exception:   # noqa: BLE001 - any build failure means: launch the slower way
-                _MODULE = None
-            _BUILT = True
-    return _MODULE
+    try:
+        from triton.backends.nvidia.driver import include_dirs
+        from triton.runtime.build import compile_module_from_src
+        return compile_module_from_src(src=_SOURCE.read_text(), name="tritonkv_batch_launch",
+                                       include_dirs=list(include_dirs))
+    except Exception:   # noqa: BLE001 - any build failure means: launch the slower way
+        return None
 
 
 def slot(ty: str, value) -> int:
