@@ -85,6 +85,9 @@ def _pack_kernel(mask_ptr, counts_ptr, packed_ptr, k_ptr, v_ptr, out_k_ptr, out_
         offset += tl.sum(kept.to(tl.int64), 0)
 
 
+PACK_KERNELS = (_count_kernel, _pack_kernel)
+
+
 def pack_chunks(rows: int, n: int, device: torch.device) -> int:
     """Chunks per row of the two pack launches: about PROGRAMS_PER_SM programs per multiprocessor
     over all rows, none shorter than MIN_CHUNK tokens; off the GPU (the interpreter, tests), up to
