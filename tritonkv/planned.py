@@ -78,21 +78,22 @@ class Plan:
     def __call__(self, keys, values, queries, seed, named=()):
         if hooks_installed():   # a profiler wants to see Triton's launches
             return self.fallback(keys, values, queries, seed, named)
-        device = self.device
         stream = raw_stream(self.device_index)
-        scratch = torch.empty(self.scratch_numel, dtype=torch.float32, device=device) if self.scratch_numel else None
+        # allocations from keys (its device) with unpacked sizes: ~0.6-1.4 us less each than
+        # torch.empty(shape, device=...) on this path's argument parsing (CPU timing)
+        scratch = keys.new_empty(self.scratch_numel, dtype=torch.float32) if self.scratch_numel else None
         values_of = [keys.data_ptr(), values.data_ptr(), 0 if queries is None else queries.data_ptr(),
                      0 if scratch is None else scratch.data_ptr(), 0, 0, 0, seed]
         if named:
             values_of += [t.data_ptr() for t in named]
         launch, steps = self.early
         launch(steps, stream, values_of)
-        indices = torch.empty(self.indices_shape, dtype=torch.int64, device=device)
+        indices = keys.new_empty(*self.indices_shape, dtype=torch.int64)
         values_of[INDICES] = indices.data_ptr()
         out_k = out_v = None
         if self.keys_shape is not None:   # None: a call without gather, the indices only
-            out_k = keys.new_empty(self.keys_shape)   # keys' dtype and device (the signature's)
-            out_v = values.new_empty(self.values_shape)
+            out_k = keys.new_empty(*self.keys_shape)   # keys' dtype and device (the signature's)
+            out_v = values.new_empty(*self.values_shape)
             values_of[OUT_KEYS:OUT_VALUES + 1] = out_k.data_ptr(), out_v.data_ptr()
         launch, steps = self.late
         launch(steps, stream, values_of)
