@@ -3,7 +3,7 @@
 One call's launches (a compiler.Call, so tritonkv.planned records and replays it like any
 other policy's): the statistics and score passes (the score kernel also zeroes the selects'
 counters and the kept-token mask); a radix select per head that keeps the forced windows and
-each head's floor and marks them in the mask; a second radix select over each batch row's
+each head's floor and marks them in the mask (no indices written); a second radix select over each batch row's
 H * N priorities, the marked tokens skipped, that takes the rest of the row's budget (ties to
 the lower head, then token) and marks its tokens too; then kernels/pack.py packs the marked
 tokens head by head. Every size is known on the host (the row's budget is B * H * k tokens
@@ -59,11 +59,10 @@ def prepare_adaptive(compiled: CompiledPolicy, policy: dsl.Policy, alloc, keys, 
     slots = len(compiled.program.slots) * rows * n
     ws1, ws2 = sum(workspace_sizes(rows, p1, 1)), sum(workspace_sizes(b, p2, 1))
     mask_words = cdiv(rows * n, 4)
-    # float32 elements: ranking | zeroed by the score kernel: select 1, select 2, mask | counts | kept 1, kept 2
-    sizes = [_align(geo.ranking_numel(slots)), _align(ws1), _align(ws2), _align(mask_words), _align(rows * chunks),
-             _align(2 * rows * own), _align(2 * b * pooled)]
+    # float32 elements: ranking | zeroed by the score kernel: select 1, select 2, mask | the pack's counts
+    sizes = [_align(geo.ranking_numel(slots)), _align(ws1), _align(ws2), _align(mask_words), _align(rows * chunks)]
     scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
-    workspace, zeroed, counts, kept1, kept2 = scratch.split([sizes[0], sum(sizes[1:4]), *sizes[4:]])
+    workspace, zeroed, counts = scratch.split([sizes[0], sum(sizes[1:4]), sizes[4]])
     zeroed = zeroed.view(torch.int32)
     select1, select2 = zeroed[:ws1], zeroed[sizes[1]: sizes[1] + ws2]
     mask = zeroed[sizes[1] + sizes[2]:].view(torch.uint8)[: rows * n].view(rows, n)
@@ -73,14 +72,12 @@ def prepare_adaptive(compiled: CompiledPolicy, policy: dsl.Policy, alloc, keys, 
     if own:
         grid, sargs, sconst, _ = select_launch(priorities, STAGE, (own - alloc.n_sink - alloc.n_recent,),
                                                alloc.n_sink, alloc.n_recent, rows, n, own, device, p1, select1,
-                                               kept1.view(torch.int64)[: rows * own].view(rows, own), mark=mask)
+                                               mark=mask)
         launches.append(Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS, None, SELECT_SEED_ARG))
     if pooled:
         flat = mask.view(b, h * n)
         grid, sargs, sconst, _ = select_launch(priorities.view(1, b, h * n), STAGE, (pooled,), 0, 0, b, h * n,
-                                               pooled, device, p2, select2,
-                                               kept2.view(torch.int64)[: b * pooled].view(b, pooled),
-                                               skip=flat, mark=flat)
+                                               pooled, device, p2, select2, skip=flat, mark=flat)
         launches.append(Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS, None, SELECT_SEED_ARG))
     packed = torch.empty(total + rows, dtype=torch.int64, device=device)
     out_k = keys.new_empty(total, d)

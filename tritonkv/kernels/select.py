@@ -303,9 +303,10 @@ def _select_kernel(
     LISTS: once few enough keys of a row still match the digits found (at most ``list_len``,
     LIST_MAX and what the digit histograms left unused hold: 512, 511 or 255 after the first,
     second or third digit), their indices are listed there and every program resolves the
-    clause from the list (module docstring). MARK: the compaction also sets the kept tokens' bytes
-    of the uint8 mask ``skip_ptr`` [rows, N] to 1 (AdaKV's stages, tritonkv/adaptive.py: the first
-    stage's kept tokens are the second's skip mask, and both stages' are what the pack reads)."""
+    clause from the list (module docstring). MARK: instead of writing indices, the compaction sets
+    the kept tokens' bytes of the uint8 mask ``skip_ptr`` [rows, N] to 1 (AdaKV's stages,
+    tritonkv/adaptive.py: the first stage's kept tokens are the second's skip mask, and both
+    stages' are what kernels/pack.py packs)."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
     i_src = i_row                # the row of the slots ranked
@@ -481,8 +482,9 @@ def _select_kernel(
         dst = offset + tl.cumsum(kept.to(tl.int32), 0) - 1
         if MARK:   # a skip mask is read above, for these tokens only, before this store
             tl.store(skip_ptr + i_row.to(tl.int64) * at[0] + o_n, kept.to(tl.uint8), mask=kept)
-        for h in range(0, n_out):
-            tl.store(out_row + h * n_kept + dst, o_n.to(tl.int64), mask=kept)
+        else:
+            for h in range(0, n_out):
+                tl.store(out_row + h * n_kept + dst, o_n.to(tl.int64), mask=kept)
         n_here = tl.sum(kept.to(tl.int32), 0)
         if GATHER:
             # the block's kept rows, densely: read back the indices just written (a barrier
@@ -645,18 +647,21 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     rows of a batch row), so one program row per batch row ranks it and writes every head's
     indices (``programs``: per batch row). ``own_slots``: ``priorities`` is the call's own scratch,
     read by nothing after select, which may then store a clause's keys in it (cached_clause).
-    ``mark``: a uint8 [rows, N] mask (``skip`` itself, if given) in which the kept tokens are set to 1."""
+    ``mark``: a uint8 [rows, N] mask (``skip`` itself, if given) in which the kept tokens are set to 1
+    instead of writing their indices (``out_i`` is then the mask, and no gather is allowed)."""
     if shared and (skip is not None or sequences is not None or rows % heads):
         raise ValueError("shared: one selection per batch row takes dense rows of whole batch rows, "
                          "without a skip mask or a sequence table")
-    if mark is not None and (shared or sequences is not None or (skip is not None and skip is not mark)):
-        raise ValueError("mark: a dense per-row selection's mask, the skip mask itself if it has one")
+    if mark is not None and (shared or sequences is not None or gather is not None or out_i is not None
+                             or (skip is not None and skip is not mark)):
+        raise ValueError("mark: a dense per-row selection's mask, the skip mask itself if it has one, "
+                         "without indices or a gather")
     keys = clause_keys(keys)
     clauses = len(keys)
     if clauses > MAX_CLAUSES:
         raise ValueError(f"policy: at most {MAX_CLAUSES} selective clauses are supported, got {clauses}")
     if out_i is None:
-        out_i = torch.empty(rows, n_kept, dtype=torch.int64, device=device)
+        out_i = mark if mark is not None else torch.empty(rows, n_kept, dtype=torch.int64, device=device)
     chunk, p = chunking(n, programs)
     sizes = workspace_sizes(rows, p, clauses)
     if workspace is None:
