@@ -13,7 +13,7 @@ For each policy (every preset and composite; B=1, H_kv=8, D=128, bf16) and N, th
 for the ways to call: ``unplanned`` (validation + compiler.evict_compiled: the path every
 call took before plans), ``evict`` (tkv.evict, planned by signature), ``evictor`` (a
 tkv.Evictor held by the caller) and, on CUDA, ``graphed`` (``Evictor.graph`` over the same
-tensors: one CUDA-graph launch per call; not AdaKV, which syncs). Also: the per-layer host cost of evicting 32 layers'
+tensors: one CUDA-graph launch per call). Also: the per-layer host cost of evicting 32 layers'
 caches back to back, and a cProfile of the planned call.
 """
 
@@ -77,7 +77,7 @@ def callers(policy, keys, values, queries, budget):
     ways = {"unplanned": unplanned,
             "evict": lambda: tkv.evict(keys, values, policy, budget, **kw),
             "evictor": lambda: evictor(keys, values, **kw)}
-    if keys.is_cuda and policy.heads != "adaptive":
+    if keys.is_cuda:
         ways["graphed"] = evictor.graph(keys, values, **kw)
     return ways
 
@@ -94,8 +94,8 @@ def measure(names, ns, budgets):
                     fn()   # a plan made after the select kernel's occupancy is known
                     row[f"{how}_host_us"] = host_us(fn)
                     row[f"{how}_wall_us"] = wall_us(fn)
-                    if how == "evict":   # AdaKV's PyTorch selection synchronizes: not capturable
-                        row["graph_us"] = None if POLICIES[name].heads == "adaptive" else graph_seconds(fn, REPEATS["replays"]) * 1e6
+                    if how == "evict":
+                        row["graph_us"] = graph_seconds(fn, REPEATS["replays"]) * 1e6
                 rows.append(row)
                 print(f"{name:<14} N={n:<7} b={budget:<4} host us: unplanned {row['unplanned_host_us']:7.1f} "
                       f"evict {row['evict_host_us']:6.1f} evictor {row['evictor_host_us']:6.1f} graphed "
@@ -124,13 +124,13 @@ def layers(names, n=8192, n_layers=32, budget=0.25):
         all_layers()
         all_layers()
         per_layer = host_us(all_layers, calls=max(1, REPEATS["host"] // 10)) / n_layers
-        gpu = None if policy.heads == "adaptive" else graph_seconds(all_layers, REPEATS["replays"]) * 1e6 / n_layers
+        gpu = graph_seconds(all_layers, REPEATS["replays"]) * 1e6 / n_layers
         stacked_kw = inputs(policy, *stacked)
         one_call = lambda: tkv.evict(stacked[0], stacked[1], policy, budget, **stacked_kw)  # noqa: E731
         one_call()
         one_call()
         stacked_host = host_us(one_call, calls=max(1, REPEATS["host"] // 4)) / n_layers
-        stacked_gpu = None if policy.heads == "adaptive" else graph_seconds(one_call, REPEATS["replays"]) * 1e6 / n_layers
+        stacked_gpu = graph_seconds(one_call, REPEATS["replays"]) * 1e6 / n_layers
         out.append(dict(policy=name, N=n, layers=n_layers, budget=budget, host_us_per_layer=per_layer,
                         graph_us_per_layer=gpu, stacked_host_us_per_layer=stacked_host,
                         stacked_graph_us_per_layer=stacked_gpu))

@@ -67,6 +67,7 @@ def test_batching_can_be_turned_off(monkeypatch):
 _PACK_EVERY_PRESET = """
 import torch
 from tritonkv import dsl
+from tritonkv.adaptive import prepare_adaptive
 from tritonkv.aot import all_policies, specialized
 from tritonkv.budget import allocate
 from tritonkv.compiler import compile_policy, prepare
@@ -77,10 +78,13 @@ meta = dict(device="meta", dtype=torch.bfloat16)
 keys, queries = torch.empty(2, 8, 4096, 128, **meta), torch.empty(2, 32, 64, 128, **meta)
 checked = 0
 for name, policy in all_policies().items():
-    if policy.signals or policy.directions or policy.heads == "adaptive":
+    if policy.signals or policy.directions:
         continue
     policy, alloc = lower(policy, allocate(policy, 4096, 409))
-    for launch in prepare(compile_policy(policy), alloc, keys, keys, queries, 5, ()).launches:
+    compiled = compile_policy(policy)
+    call = prepare_adaptive(compiled, policy, alloc, keys, keys, queries, 5) if policy.heads == "adaptive" \
+        else prepare(compiled, alloc, keys, keys, queries, 5, ())
+    for launch in call.launches:
         source, _ = specialized(launch.fn, launch.args, launch.constexprs, launch.num_warps)
         constexprs = [launch.constexprs[p.name] for p in launch.fn.params if p.is_constexpr]
         template = [None if isinstance(a, torch.Tensor) else a for a in launch.args] + constexprs

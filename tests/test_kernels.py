@@ -18,7 +18,7 @@ from tritonkv.kernels.primitives import uniform
 from tritonkv.kernels.gather import gather_rows
 from tritonkv.kernels.select import select_indices
 
-from .devices import DEVICE
+from .devices import DEVICE, to_device
 from .strategies import examples
 
 
@@ -99,6 +99,45 @@ def check_select_and_gather(case, d, own_slots):
                     f"want {want[0, row, first]}")
     assert torch.equal(out_k.cpu(), reference.gather_rows(keys, want))
     assert torch.equal(out_v.cpu(), reference.gather_rows(values, want))
+
+
+@pytest.mark.parametrize("d, dv", [(64, 64), (80, 32), (128, 128), (256, 64)])
+@given(rows=st.integers(1, 5), heads=st.sampled_from([1, 2, 4]), n=st.one_of(st.just(1), st.integers(2, 3000)),
+       density=st.sampled_from([0.0, 0.03, 0.5, 1.0]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       chunks=st.integers(1, 4), seed=st.integers(0, 2 ** 31))
+@settings(max_examples=examples(4), deadline=None)
+def test_pack_is_the_masked_rows_head_major(d, dv, rows, heads, n, density, dtype, chunks, seed):
+    """kernels/pack.py (AdaKV's output): the tokens set in a mask, head after head in token order,
+    with their K / V rows and each head's count, equal to results.pack_varlen (a boolean-mask
+    index in PyTorch); empty and full rows, N = 1 and one to four chunks per row included.
+    Copies of rows: exact."""
+    from tritonkv.kernels.launch import launch
+    from tritonkv.kernels.pack import pack_launches
+    from tritonkv.results import pack_varlen, varlen_from
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(rows, heads, n, d, generator=g).to(dtype)
+    values = torch.randn(rows, heads, n, dv, generator=g).to(dtype)
+    kept = torch.rand(rows, heads, n, generator=g) < density
+    want = pack_varlen(keys, values, kept)
+    total = int(kept.sum())
+    k, v, mask = to_device(keys, values, kept.to(torch.uint8).view(rows * heads, n))
+    packed = torch.full((total + rows * heads,), -1, dtype=torch.int64, device=DEVICE)
+    out_k, out_v = k.new_empty(total, d), v.new_empty(total, dv)
+    counts = torch.full((rows * heads * chunks,), -7, dtype=torch.int32, device=DEVICE)   # no zeroing needed
+    for fn, grid, args, constexprs, warps in pack_launches(mask, counts, packed, k, v, out_k, out_v, chunks):
+        launch(fn, grid, args, constexprs, warps)
+    got = varlen_from(out_k, out_v, packed, heads)
+    assert torch.equal(got.lengths.cpu(), want.lengths) and torch.equal(got.indices.cpu(), want.indices)
+    assert torch.equal(got.keys.cpu(), want.keys) and torch.equal(got.values.cpu(), want.values)
+
+
+def test_pack_refuses_a_short_counts_buffer():
+    from tritonkv.kernels.pack import pack_launches
+    mask = torch.zeros(4, 10, dtype=torch.uint8)
+    keys = torch.zeros(2, 2, 10, 8)
+    with pytest.raises(ValueError, match="counts: expected at least 12 int32"):
+        pack_launches(mask, torch.zeros(11, dtype=torch.int32), torch.zeros(4, dtype=torch.int64), keys, keys,
+                      keys[0, 0, :0], keys[0, 0, :0], 3)
 
 
 @triton.jit

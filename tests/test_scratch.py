@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tritonkv import geometry, policies
+from tritonkv.adaptive import prepare_adaptive
 from tritonkv.budget import allocate
 from tritonkv.compiler import compile_policy, prepare
 from tritonkv.kernels import select
@@ -21,7 +22,7 @@ H_Q, WINDOW = 32, 64                 # perf/test_evict.py's proxy queries: 4 per
 LIMIT = 4.1                          # bytes per token and head
 GPU_SMS, GPU_SELECT_PER_SM = 132, 2  # an H200, and the select launcher's occupancy before it learns one
 
-NAMES = sorted(set(policies.PRESETS) - {"adakv"}) + sorted(policies.COMPOSITES)   # AdaKV makes no Call
+NAMES = sorted(set(policies.PRESETS) - {"adakv"}) + sorted(policies.COMPOSITES)   # AdaKV: its own test below
 
 
 def logits_kept(policy) -> float:
@@ -44,7 +45,9 @@ def scratch_per_token_head(policy, budget: float) -> float:
     queries = torch.empty(B, H_Q, WINDOW, D, dtype=torch.bfloat16)
     policy, alloc = lower(policy, allocate(policy, N, int(budget * N)))
     named = [torch.empty(H_KV, D) for _ in policy.directions]
-    call = prepare(compile_policy(policy), alloc, keys, keys, queries, 0, named)
+    compiled = compile_policy(policy)
+    call = prepare_adaptive(compiled, policy, alloc, keys, keys, queries, 0, named) if policy.heads == "adaptive" \
+        else prepare(compiled, alloc, keys, keys, queries, 0, named)
     scratch = 0 if call.scratch is None else call.scratch.numel() * call.scratch.element_size()
     return scratch / (B * H_KV * N)
 
@@ -70,6 +73,14 @@ def test_scratch_is_about_one_float_per_token_and_head(name, launch_rules):
         used = scratch_per_token_head(policy, budget)
         limit = LIMIT + logits_kept(policy)
         assert used <= limit, f"{name} at budget {budget} ({launch_rules}): {used:.4f} B per token and head"
+
+
+def test_adakv_adds_one_byte_of_mask(launch_rules):
+    """AdaKV (tritonkv/adaptive.py): the slot, both selects' state, and a uint8 mask of the kept
+    tokens (its two selects mark it instead of writing indices; the pack reads it)."""
+    for budget in (0.1, 0.5):
+        used = scratch_per_token_head(policies.adakv(), budget)
+        assert used <= LIMIT + 1.0, f"adakv at budget {budget} ({launch_rules}): {used:.4f} B per token and head"
 
 
 def test_tova_keeps_its_logits_and_nothing_more(monkeypatch):

@@ -23,6 +23,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from . import cubin, dsl, policies
+from .adaptive import prepare_adaptive
 from .budget import allocate
 from .compiler import Layout, compile_policy, launch_args, shared_selection
 from .kernels.pages import compact_launch
@@ -37,6 +38,7 @@ from .kernels.decode import decode_launches
 from .kernels.common import blocks_per_sm
 from .kernels.launch import kernel_name, launch_options
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
+from .kernels.pack import PACK_KERNELS
 from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
 from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
@@ -164,11 +166,14 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                                                heads=heads, moments=(workspace, [0] * len(program.clause_keys), 8),
                                                sequences=sequences, own_slots=True)
         record("select paged", _select_kernel, args, constexprs, SELECT_WARPS)
-    if policy.heads == "adaptive":   # AdaKV's second select, over each row's H * N priorities
-        skip = torch.empty(batch, heads * n, device="meta", dtype=torch.uint8)
-        _, args, constexprs, _ = select_launch(priorities.view(1, batch, heads * n), (0,), (n // 8,), 0, 0, batch,
-                                               heads * n, n // 8, torch.device("meta"), programs=16, skip=skip)
-        record("select skip", _select_kernel, args, constexprs, SELECT_WARPS)
+    if policy.heads == "adaptive":   # AdaKV's two selects (marking the kept tokens) and its pack
+        call = prepare_adaptive(compiled, policy, alloc, keys, values, queries, 0, named)
+        stages = iter(["select stage 1", "select stage 2"])
+        for step in call.launches:
+            if step.fn is _select_kernel:
+                record(next(stages), step.fn, step.args, step.constexprs, step.num_warps)
+            elif step.fn in PACK_KERNELS:
+                record(kernel_name(step.fn), step.fn, step.args, step.constexprs, step.num_warps)
     _, args, constexprs, _ = gather_launch(indices.view(batch, heads, -1), keys, values)
     record("gather", _gather_kernel, args, constexprs, GATHER_WARPS)
     if not paged:

@@ -429,26 +429,38 @@ def selection_programs(program, b: int, h: int, n: int, device, gather_dims=(0, 
                            shared=shared, own_slots=True)
 
 
+def scored(compiled: CompiledPolicy, keys, values, queries, seed: int, named, layout: Layout, regions, zeroed: int):
+    """The scratch and score launches of a ranking call: one float32 buffer holding the ranking
+    workspace (slots, statistics), then ``regions`` (int32 element counts, each starting 16-byte
+    aligned), of which the score kernel zeroes the first ``zeroed`` elements. Returns (geometry,
+    launches, scratch, workspace, priorities, the regions as int32 views)."""
+    b, h, n, _ = layout.k_shape
+    geo = _geometry_of(compiled, keys, layout, queries)
+    slots = len(compiled.program.slots) * b * h * n
+    sizes = [_align(geo.ranking_numel(slots))] + [_align(size) for size in regions]
+    scratch = torch.empty(sum(sizes), dtype=torch.float32, device=keys.device)
+    workspace, *views = scratch.split(sizes)
+    priorities = workspace[geo.workspace: geo.workspace + slots].view(-1, b * h, n)
+    tail = scratch[sizes[0]:].view(torch.int32)
+    geo, args = launch_args(compiled, keys, values, queries, seed, priorities, workspace, zeroed=tail[:zeroed],
+                            named=named, layout=layout)
+    launches = _score_launches(compiled, geo, args, priorities, workspace, (b, h, n))
+    return geo, launches, scratch, workspace, priorities, [view.view(torch.int32) for view in views]
+
+
 def _ranking(compiled: CompiledPolicy, keys, values, queries, seed: int, named, layout: Layout, gather_dims,
              out_i, per_seq: bool = False) -> Call:
     """A Call with the scratch (slots, statistics, select's workspace) and the statistics and
     score launches of ``layout``'s rows; ``gather_dims``: head dims select copies, (0, 0) for none."""
     b, h, n, _ = layout.k_shape
-    rows, device, program = b * h, keys.device, compiled.program
-    geo = _geometry_of(compiled, keys, layout, queries)
+    rows, program = b * h, compiled.program
     clauses = len(program.clause_keys)
     shared = not per_seq and shared_selection(program)   # one decision for the programs and the launch
-    programs = selection_programs(program, b, h, n, device, gather_dims, per_seq, shared)
-    slots = len(program.slots) * rows * n
-    sizes = [_align(geo.ranking_numel(slots)), _align(sum(workspace_sizes(rows, programs, clauses)))]
-    scratch = torch.empty(sum(sizes), dtype=torch.float32, device=device)
-    workspace, select_ws = scratch.split(sizes)
-    priorities = workspace[geo.workspace: geo.workspace + slots].view(-1, rows, n)
-    select_ws = select_ws.view(torch.int32)
-    geo, args = launch_args(compiled, keys, values, queries, seed, priorities, workspace,
-                            zeroed=select_ws[: zeroed_numel(rows, clauses)], named=named, layout=layout)
-    call = Call(_score_launches(compiled, geo, args, priorities, workspace, (b, h, n)), scratch, priorities, out_i,
-                None, None)
+    programs = selection_programs(program, b, h, n, keys.device, gather_dims, per_seq, shared)
+    geo, launches, scratch, workspace, priorities, (select_ws,) = scored(
+        compiled, keys, values, queries, seed, named, layout, [sum(workspace_sizes(rows, programs, clauses))],
+        zeroed_numel(rows, clauses))
+    call = Call(launches, scratch, priorities, out_i, None, None)
     call.select_inputs = (programs, shared, select_ws, workspace, geo)
     return call
 

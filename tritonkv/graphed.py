@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .results import Evicted
+from typing import Union
+
+from .results import Evicted, EvictedVarlen
 
 
 class EvictionGraph:
@@ -32,9 +34,6 @@ class EvictionGraph:
         if evictor.backend == "reference":
             raise ValueError("backend: the reference backend runs PyTorch ops with host syncs; a graph needs "
                              "'triton' or 'auto'")
-        if evictor.policy.heads == "adaptive":
-            raise ValueError("policy: AdaKV's cross-head budgets are sized on the host (a sync per call), which "
-                             "a CUDA graph cannot capture; call the Evictor instead")
         self.evictor = evictor
         self.inputs = dict(queries=queries, seed=seed, signals=signals, directions=directions)
         self.keys, self.values = keys, values     # held: the graph reads their memory
@@ -46,10 +45,10 @@ class EvictionGraph:
             call()
         torch.cuda.current_stream(keys.device).wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self.out: Evicted = call()
+        with torch.cuda.graph(self._graph):   # AdaKV too: its packed output's size is known on the host
+            self.out: Union[Evicted, EvictedVarlen] = call()
 
-    def __call__(self) -> Evicted:
+    def __call__(self) -> Union[Evicted, EvictedVarlen]:
         """Replay on the current stream: the eviction of the bound inputs' current contents, into
         the same output tensors as every replay."""
         self._graph.replay()

@@ -18,12 +18,13 @@ import torch
 from . import dsl
 from .budget import allocate
 from .lowering import lower
+from .adaptive import adaptive_programs, prepare_adaptive
 from .compiled import evict_compiled
 from .compiler import Call, check_backend, compile_policy, prepare, run, score_programs, selection_programs
 from .kernels import batch_launch
 from .kernels.common import interpreting
 from .kernels.launch import compiled_entry, hooks_installed, raw_stream
-from .results import Evicted
+from .results import Evicted, varlen_from
 
 # roles of per-call values, in the order Plan.__call__ lists them; the named inputs (signals,
 # directions) follow as NAMED, NAMED + 1, ...
@@ -63,7 +64,7 @@ class Plan:
     (kernels/batch_launch.py) where every kernel allows it, else a call of Triton's launcher
     per kernel."""
 
-    def __init__(self, steps: List[Step], device: torch.device, shapes, scratch_numel: int):
+    def __init__(self, steps: List[Step], device: torch.device, shapes, scratch_numel: int, packed_heads: int = 0):
         late = next((i for i, step in enumerate(steps)
                      if any(role in (INDICES, OUT_KEYS, OUT_VALUES) for _, role, _ in step.patches)), len(steps))
         self.early, self.late = _launcher(steps[:late], device), _launcher(steps[late:], device)
@@ -71,6 +72,7 @@ class Plan:
         self.device_index = device.index
         self.indices_shape, self.keys_shape, self.values_shape = shapes
         self.scratch_numel = scratch_numel
+        self.packed_heads = packed_heads   # AdaKV: KV heads of its packed result (indices hold the lengths too)
         self.fallback = None   # set by plan_compiled: the unplanned call, for launch hooks
 
     def __call__(self, keys, values, queries, seed, named=()):
@@ -95,6 +97,8 @@ class Plan:
             values_of[OUT_KEYS:OUT_VALUES + 1] = out_k.data_ptr(), out_v.data_ptr()
         launch, steps = self.late
         launch(steps, stream, values_of)
+        if self.packed_heads:
+            return varlen_from(out_k, out_v, indices, self.packed_heads)
         return Evicted(out_k, out_v, indices)
 
 
@@ -126,7 +130,7 @@ def _role(arg: torch.Tensor, inputs, buffers) -> Optional[Tuple[int, int]]:
     return None
 
 
-def record(call: Call, keys, values, queries, named=()) -> Optional[Plan]:
+def record(call: Call, keys, values, queries, named=(), packed_heads: int = 0) -> Optional[Plan]:
     """A Plan replaying ``call`` (already run), or None if some launch cannot be replayed."""
     inputs = [(KEYS, keys), (VALUES, values), (QUERIES, queries)] + [(NAMED + i, t) for i, t in enumerate(named)]
     buffers = [(role, t) for role, t in ((SCRATCH, call.scratch), (INDICES, call.indices),
@@ -152,11 +156,11 @@ def record(call: Call, keys, values, queries, named=()) -> Optional[Plan]:
         steps.append(Step(kernel, launch.grid, template, patches))
     scratch_numel = 0 if call.scratch is None else call.scratch.numel()
     shapes = [None if t is None else tuple(t.shape) for t in (call.indices, call.keys, call.values)]
-    return Plan(steps, keys.device, shapes, scratch_numel)
+    return Plan(steps, keys.device, shapes, scratch_numel, packed_heads)
 
 
 class _Compiled:
-    """An unplanned compiled call (interpreter, AdaKV, launch hooks)."""
+    """An unplanned compiled call (interpreter, launch hooks)."""
 
     def __init__(self, policy: dsl.Policy, k: int, gather: bool = True):
         self.policy, self.k, self.gather = policy, k, gather
@@ -172,22 +176,31 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
     ``gather=False``: the kept indices only (the results' keys and values are None)."""
     check_backend(keys)
     unplanned = _Compiled(policy, k, gather)
-    if interpreting() or not keys.is_cuda or policy.heads == "adaptive" or hooks_installed():
+    if interpreting() or not keys.is_cuda or hooks_installed():
         return unplanned, unplanned(keys, values, queries, seed, named)
-    n = keys.shape[2]
+    b, h, n = keys.shape[:3]
     policy, alloc = lower(policy, allocate(policy, n, k))
     compiled = compile_policy(policy)
+    adaptive = policy.heads == "adaptive"
     dims = (keys.shape[-1], values.shape[-1]) if gather else (0, 0)
-    b, h = keys.shape[:2]
-    programs = selection_programs(compiled.program, b, h, n, keys.device, dims)
-    scoring = score_programs(compiled, keys, values, queries)
-    call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
-    run(call)
-    out = Evicted(call.keys, call.values, call.indices)
-    if selection_programs(compiled.program, b, h, n, keys.device, dims) != programs \
-            or score_programs(compiled, keys, values, queries) != scoring:
+
+    def grids():   # what the launches' grids depend on, learnt by the first launches
+        selects = adaptive_programs(keys) if adaptive \
+            else selection_programs(compiled.program, b, h, n, keys.device, dims)
+        return selects, score_programs(compiled, keys, values, queries)
+
+    before = grids()
+    if adaptive:
+        call = prepare_adaptive(compiled, policy, alloc, keys, values, queries, seed, named)
+        run(call)
+        out = varlen_from(call.keys, call.values, call.indices, h)
+    else:
+        call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
+        run(call)
+        out = Evicted(call.keys, call.values, call.indices)
+    if grids() != before:
         return None, out
-    plan = record(call, keys, values, queries, named)
+    plan = record(call, keys, values, queries, named, h if adaptive else 0)
     if plan is None:
         return unplanned, out
     plan.fallback = unplanned

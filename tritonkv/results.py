@@ -53,6 +53,14 @@ class EvictedVarlen:
         return self.keys[start:end], self.values[start:end], self.indices[start:end]
 
 
+def varlen_from(keys, values, packed: torch.Tensor, heads: int) -> EvictedVarlen:
+    """The EvictedVarlen of packed rows ``keys`` [total, D] / ``values`` and ``packed``: int64
+    [total + B * heads], the kept indices followed by each head's count (one allocation for
+    both: adaptive.prepare_adaptive's layout)."""
+    total = keys.shape[0]
+    return EvictedVarlen(keys, values, packed[:total], packed[total:].view(-1, heads))
+
+
 def pack_varlen(keys, values, kept: torch.Tensor) -> EvictedVarlen:
     """Pack the kept rows of every head one after another (head-major, ascending tokens)."""
     b, h, n = kept.shape

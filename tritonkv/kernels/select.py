@@ -277,7 +277,7 @@ def _select_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
     SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr, SPARSE_BINS: tl.constexpr,
-    LISTS: tl.constexpr,
+    LISTS: tl.constexpr, MARK: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -303,7 +303,10 @@ def _select_kernel(
     LISTS: once few enough keys of a row still match the digits found (at most ``list_len``,
     LIST_MAX and what the digit histograms left unused hold: 512, 511 or 255 after the first,
     second or third digit), their indices are listed there and every program resolves the
-    clause from the list (module docstring)."""
+    clause from the list (module docstring). MARK: instead of writing indices, the compaction sets
+    the kept tokens' bytes of the uint8 mask ``skip_ptr`` [rows, N] to 1 (AdaKV's stages,
+    tritonkv/adaptive.py: the first stage's kept tokens are the second's skip mask, and both
+    stages' are what kernels/pack.py packs)."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
     i_src = i_row                # the row of the slots ranked
@@ -477,8 +480,11 @@ def _select_kernel(
             kept = _kept_before(C, prio_ptr, my_state, i_src, rows, N, o_n, m_n, n_sink, n_recent,
                                 views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
         dst = offset + tl.cumsum(kept.to(tl.int32), 0) - 1
-        for h in range(0, n_out):
-            tl.store(out_row + h * n_kept + dst, o_n.to(tl.int64), mask=kept)
+        if MARK:   # a skip mask is read above, for these tokens only, before this store
+            tl.store(skip_ptr + i_row.to(tl.int64) * at[0] + o_n, kept.to(tl.uint8), mask=kept)
+        else:
+            for h in range(0, n_out):
+                tl.store(out_row + h * n_kept + dst, o_n.to(tl.int64), mask=kept)
         n_here = tl.sum(kept.to(tl.int32), 0)
         if GATHER:
             # the block's kept rows, densely: read back the indices just written (a barrier
@@ -599,33 +605,34 @@ def chunking(n: int, programs: int):
 
 
 def select_programs(rows: int, n: int, keys, device: torch.device, d: int = 0, dv: int = 0,
-                    skip: bool = False, per_seq: bool = False, shared: bool = False, own_slots: bool = False) -> int:
+                    skip: bool = False, per_seq: bool = False, shared: bool = False, own_slots: bool = False,
+                    mark: bool = False) -> int:
     """Programs per row that select_launch will use on ``device`` (occupancy learnt so far);
     keys: the clauses (kernels/keys.py ClauseKeys, or slot indices); d, dv: head dims of a
     fused gather, 0 for none; ``rows``: the rows selected (batch rows when ``shared``)."""
     resident = resident_programs(_select_kernel, device, SELECT_WARPS,
-                                 _constexprs(clause_keys(keys), n, d, dv, skip, per_seq, shared, own_slots))
+                                 _constexprs(clause_keys(keys), n, d, dv, skip, per_seq, shared, own_slots, mark))
     return chunking(n, programs_per_row(rows, n, device, resident))[1]
 
 
 def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_seq: bool = False,
-                shared: bool = False, own_slots: bool = False):
+                shared: bool = False, own_slots: bool = False, mark: bool = False):
     """The kernel's constexprs for rows of ``n`` tokens; d > 0 fuses the gather of K / V rows (head dims d, dv); skip:
     a uint8 mask of tokens that are not candidates; per_seq: rows read a sequence table; shared: the heads of a
-    batch row share one selection; own_slots: see cached_clause."""
+    batch row share one selection; own_slots: see cached_clause; mark: set the kept tokens in a uint8 mask."""
     # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
     gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
-                CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(), LISTS=list_entries() > 0,
+                CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(), LISTS=list_entries() > 0, MARK=mark,
                 **key_args(keys, [0] * len(keys))[1])
 
 
 def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent: int, rows: int, n: int,
                   n_kept: int, device: torch.device, programs: int = 1, workspace=None, out_i=None,
                   gather=None, skip=None, heads: int = 1, seed: int = 0, moments=None, sequences=None,
-                  shared: bool = False, own_slots: bool = False):
+                  shared: bool = False, own_slots: bool = False, mark=None):
     """(grid, args, constexprs, indices) of one select call; see select_indices. ``workspace``
     (int32, ``sum(workspace_sizes(...))`` elements, the first ``zeroed_numel`` of them zero) and
     ``out_i`` (int64 [rows, n_kept]) are allocated here when not given. ``gather = (keys,
@@ -639,16 +646,22 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     ``shared``: every clause ranks a head-reduced priority (the same in each of the ``heads``
     rows of a batch row), so one program row per batch row ranks it and writes every head's
     indices (``programs``: per batch row). ``own_slots``: ``priorities`` is the call's own scratch,
-    read by nothing after select, which may then store a clause's keys in it (cached_clause)."""
+    read by nothing after select, which may then store a clause's keys in it (cached_clause).
+    ``mark``: a uint8 [rows, N] mask (``skip`` itself, if given) in which the kept tokens are set to 1
+    instead of writing their indices (``out_i`` is then the mask, and no gather is allowed)."""
     if shared and (skip is not None or sequences is not None or rows % heads):
         raise ValueError("shared: one selection per batch row takes dense rows of whole batch rows, "
                          "without a skip mask or a sequence table")
+    if mark is not None and (shared or sequences is not None or gather is not None or out_i is not None
+                             or (skip is not None and skip is not mark)):
+        raise ValueError("mark: a dense per-row selection's mask, the skip mask itself if it has one, "
+                         "without indices or a gather")
     keys = clause_keys(keys)
     clauses = len(keys)
     if clauses > MAX_CLAUSES:
         raise ValueError(f"policy: at most {MAX_CLAUSES} selective clauses are supported, got {clauses}")
     if out_i is None:
-        out_i = torch.empty(rows, n_kept, dtype=torch.int64, device=device)
+        out_i = mark if mark is not None else torch.empty(rows, n_kept, dtype=torch.int64, device=device)
     chunk, p = chunking(n, programs)
     sizes = workspace_sizes(rows, p, clauses)
     if workspace is None:
@@ -668,10 +681,12 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     # rows of a sequence table or with a skip mask take the general path)
     drop_one = int(clauses > 0 and n_kept == n - 1 and n_sink + n_recent + sum(counts) == n_kept
                    and skip is None and sequences is None and drop_one_enabled())
-    args = [prio, out_i, hist, bar, cnt, state, list_entries(), prio if skip is None else skip, stats,
+    mask = skip if mark is None else mark
+    args = [prio, out_i, hist, bar, cnt, state, list_entries(), prio if mask is None else mask, stats,
             prio if sequences is None else sequences, *copy_args, n, rows, n_kept,
             n_sink, n_recent, chunk, p, seed, splits, drop_one, *count_args, *key_values]
-    constexprs = _constexprs(keys, n, d, dv, skip is not None, sequences is not None, shared, own_slots)
+    constexprs = _constexprs(keys, n, d, dv, skip is not None, sequences is not None, shared, own_slots,
+                             mark is not None)
     return (p, rows // heads if shared else rows), args, constexprs, out_i
 
 
