@@ -141,33 +141,8 @@ def test_planned_calls_equal_unplanned_ones(name):
         assert same(got, want), (name, seed)
     plans = list(ev._plans.values())
     assert any(isinstance(p, planned.Plan) for p in plans), plans   # AdaKV too (tritonkv/adaptive.py)
-    mod = batch_launch.module()
-    if mod is not None:   # the launches went through one call into C, as one re-pointed CUDA graph
-        assert all(p.whole is not None and mod.graph_state(p.whole[1]) == 1
-                   for p in plans if isinstance(p, planned.Plan)), plans
-
-
-@needs_gpu
-@pytest.mark.parametrize("name", ["snapkv", "adakv", "windows"])
-def test_graph_launches_equal_plain_ones(name, monkeypatch):
-    """A plan launching its kernels as a re-pointed CUDA graph gives, call after call on new
-    tensors, what the same plan gives through plain launches (TRITONKV_GRAPH_LAUNCH=0)."""
-    policy = every_policy()[name]
-    monkeypatch.setenv("TRITONKV_GRAPH_LAUNCH", "0")
-    plain = tkv.Evictor(policy, 0.25)
-    monkeypatch.delenv("TRITONKV_GRAPH_LAUNCH")
-    graphed = tkv.Evictor(policy, 0.25)
-    outs = []
-    for i in range(4):
-        keys, values, queries = make(seed=i)
-        q = queries if policy.needs_queries else None
-        outs.append((graphed(keys, values, queries=q, seed=i), plain(keys, values, queries=q, seed=i)))
-        del keys, values, queries   # freed: later calls may get the same addresses, or others
-    torch.cuda.synchronize()
-    assert all(same(a, b) for a, b in outs)
-    plans = [p for ev in (graphed, plain) for p in ev._plans.values()]
-    assert all(isinstance(p, planned.Plan) for p in plans), plans
-    assert [p.whole is not None for p in plans] == [True, False]
+    if batch_launch.module() is not None:   # the launches went through one call into C each
+        assert all(p.late[0] is not planned._launch for p in plans if isinstance(p, planned.Plan)), plans
 
 
 def ev_budget(policy, keys):
