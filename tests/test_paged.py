@@ -164,7 +164,7 @@ def test_block_table_entries_are_checked_before_any_kernel():
     bad[1, 0] = bad[0, 2]
     with pytest.raises(ValueError, match=r"block_table\[1, 0\] = .*already used by block_table\[0, 2\]"):
         paged.evict(pool.k, pool.v, bad, [40, 20], policies.knorm(), 8)
-    with pytest.raises(ValueError, match="v_pages: expected the pages"):
+    with pytest.raises(ValueError, match=r"v_pages: expected \[num_pages, page_size, H_kv\] = .* like k_pages"):
         paged.evict(pool.k, pool.v[:, :8], pool.table, [40, 20], policies.knorm(), 8)
     with pytest.raises(TypeError, match="v_pages: dtype"):
         paged.evict(pool.k, pool.v.half(), pool.table, [40, 20], policies.knorm(), 8)

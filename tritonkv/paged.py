@@ -29,7 +29,7 @@ from typing import List, Mapping, NamedTuple, Optional, Sequence
 import torch
 
 from . import dsl
-from .validate import BACKENDS, SUPPORTED_DTYPES, check_evict_args, check_seed, named_inputs
+from .validate import BACKENDS, SUPPORTED_DTYPES, check_evict_args, check_like, check_seed, named_inputs
 
 LAYOUTS = ("NHD", "HND")
 
@@ -121,13 +121,7 @@ def _check_pools(k_pages, v_pages, layout: str):
             raise ValueError(f"{name}: expected 4 dims {shape} (layout={layout!r}), got shape {list(x.shape)}")
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}: dtype {x.dtype} is not supported; expected float16, bfloat16 or float32")
-    if v_pages.shape[:3] != k_pages.shape[:3]:
-        raise ValueError(f"v_pages: expected the pages, page size and heads of k_pages {list(k_pages.shape[:3])}, "
-                         f"got {list(v_pages.shape[:3])}")
-    if v_pages.dtype != k_pages.dtype:
-        raise TypeError(f"v_pages: dtype {v_pages.dtype} differs from k_pages' {k_pages.dtype}")
-    if v_pages.device != k_pages.device:
-        raise ValueError(f"v_pages: on {v_pages.device}, k_pages on {k_pages.device}; expected one device")
+    check_like("v_pages", v_pages, "k_pages", k_pages, shape[:-4] + "]")
     if k_pages.data_ptr() == v_pages.data_ptr() and k_pages.numel():
         raise ValueError("v_pages: shares k_pages' memory; compaction in place needs two pools")
     return _Pool.of(k_pages, layout), _Pool.of(v_pages, layout)

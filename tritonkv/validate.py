@@ -100,19 +100,25 @@ def split_named(policy: dsl.Policy, named: tuple):
     return dict(zip(policy.signals, named[:cut])), dict(zip(policy.directions, named[cut:]))
 
 
+def check_like(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, leading: str) -> None:
+    """``x`` (the second tensor of a pair, e.g. values beside keys) has ``ref``'s first three
+    dims (``leading`` names them), dtype and device."""
+    if x.shape[:3] != ref.shape[:3]:
+        raise ValueError(f"{name}: expected {leading} = {list(ref.shape[:3])} like {ref_name}, "
+                         f"got {list(x.shape[:3])}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: dtype {x.dtype} differs from {ref_name}' {ref.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: on {x.device}, {ref_name} on {ref.device}; expected one device")
+
+
 def check_evict_args(keys, values, policy, budget, queries, seed, backend, signals=None, directions=None):
     """Validate everything; return (policy, kept tokens per head, seed)."""
     policy = dsl.as_policy(policy)
     _check_tensor("keys", keys, "[B, H_kv, N, D]")
     _check_tensor("values", values, "[B, H_kv, N, D_v]")
     b, h, n, d = keys.shape
-    if values.shape[:3] != keys.shape[:3]:
-        raise ValueError(f"values: expected [B, H_kv, N] = {tuple(keys.shape[:3])} like keys, "
-                         f"got {tuple(values.shape[:3])}")
-    if values.dtype != keys.dtype:
-        raise TypeError(f"values: dtype {values.dtype} differs from keys' {keys.dtype}")
-    if values.device != keys.device:
-        raise ValueError(f"values: on {values.device}, keys on {keys.device}; expected one device")
+    check_like("values", values, "keys", keys, "[B, H_kv, N]")
     if b < 1 or h < 1:
         raise ValueError(f"keys: batch and head dims must be >= 1, got shape {tuple(keys.shape)}")
     if n < 1:
