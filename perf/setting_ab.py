@@ -108,7 +108,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"--presets: unknown {unknown}; expected names from {sorted(POLICIES)}")
     if args.toy:
-        args.b, args.n, args.budgets, args.repeats = [1], [300], [0.5], 1
+        args.b, args.n, args.budgets, args.repeats = [1], [128], [0.5], 1
     replays = 2 if args.toy else 20
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"{gpu}  {args.setting} in {args.values}; us: wall / graph / host", flush=True)

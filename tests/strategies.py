@@ -10,9 +10,13 @@ import tritonkv as tkv
 THOROUGH = os.environ.get("TKV_PROFILE") == "thorough"
 
 
-def examples(n: int) -> int:
-    """A test's example count in the CI profile, x100 in the thorough one."""
-    return n * 100 if THOROUGH else n
+def examples(n: int, cpu: int = None) -> int:
+    """A test's example count in the CI profile, x100 in the thorough one; ``cpu``: the CI
+    count where the kernels run in the interpreter (no GPU), for tests whose examples take
+    seconds there."""
+    if THOROUGH:
+        return n * 100
+    return n if cpu is None or torch.cuda.is_available() else cpu
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

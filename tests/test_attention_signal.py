@@ -2,6 +2,7 @@
 (the decode kernel's scores reduced) against reference.proxy_attention(window=1): TOVA's
 score from the logits of the decode step, equal to the one a proxy-attention pass computes."""
 
+import functools
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from tritonkv import dsl, reference
 from tritonkv.kernels.attention_signal import attention_signal
 from tritonkv.kernels.decode import decode_attention
 
-from .devices import DEVICE
+from .devices import CUDA, DEVICE
 from .strategies import GQA_RATIOS, HEAD_DIMS, examples
 
 HOWS = ["mean", "sum", "max"]
@@ -93,6 +94,24 @@ def test_a_strided_output_is_filled_in_place():
     assert torch.allclose(big[:, :, :33], reference.attention_signal(logits, lse, 4, "mean"), rtol=RTOL)
 
 
+@functools.lru_cache(maxsize=None)
+def _decoded(d, dtype):
+    """(query, keys, decode's logits and lse) of one decode launch per (D, dtype), shared by the
+    three reductions below (the launch does not depend on them; the tests only read these)."""
+    g = torch.Generator().manual_seed(d)
+    # slots over two splits of the decode kernel (decode.splits_for; off the GPU: C > 256), the
+    # last tile partly filled; the interpreter a shorter buffer
+    b, h, group, c = 2, 2, 4, 777 if CUDA else 333
+    q = torch.randn(b, h * group, 1, d, generator=g).to(dtype).to(DEVICE)
+    k = torch.randn(b, h, c, d, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(b, h, c, d, generator=g).to(dtype).to(DEVICE)
+    logits = torch.empty(b, h * group, c, device=DEVICE)
+    lse = torch.empty(b, h * group, device=DEVICE)
+    decode_attention(q, k, v, torch.zeros(b, dtype=torch.int64, device=DEVICE),
+                     torch.tensor(c, device=DEVICE), d ** -0.5, scores=(logits, lse))
+    return q, k, logits, lse
+
+
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("how", HOWS)
@@ -101,15 +120,8 @@ def test_decode_scores_give_the_last_query_attention(d, dtype, how):
     attention of the same query (window 1) to the same keys. The reference rounds the bf16
     logits' float32 sums differently: 1e-5 relative covers (D + 2) 2^-24 per logit
     times |logit| <= ~10 in the exponent."""
-    g = torch.Generator().manual_seed(d)
-    b, h, group, c = 2, 2, 4, 777
-    q = torch.randn(b, h * group, 1, d, generator=g).to(dtype).to(DEVICE)
-    k = torch.randn(b, h, c, d, generator=g).to(dtype).to(DEVICE)
-    v = torch.randn(b, h, c, d, generator=g).to(dtype).to(DEVICE)
-    logits = torch.empty(b, h * group, c, device=DEVICE)
-    lse = torch.empty(b, h * group, device=DEVICE)
-    decode_attention(q, k, v, torch.zeros(b, dtype=torch.int64, device=DEVICE),
-                     torch.tensor(c, device=DEVICE), d ** -0.5, scores=(logits, lse))
+    q, k, logits, lse = _decoded(d, dtype)
+    group = q.shape[1] // k.shape[1]
     got = attention_signal(logits, lse, group, how)
     node = dsl.proxy_attention(window=1, group_reduce=how)
     want = reference.proxy_attention(node, k.float(), q.float())

@@ -14,7 +14,7 @@ from tritonkv.results import pack_varlen
 from tritonkv.validate import named_inputs as named_inputs_of
 
 from .checks import assert_unchanged, check_evicted, snapshot
-from .devices import DEVICE, to_device
+from .devices import CUDA, DEVICE, to_device
 from .strategies import caches, examples, named_inputs
 from .strategies import policies as policy_strategy
 from .tolerances import normalize_allowance, tolerance, transform_allowance
@@ -137,7 +137,8 @@ def test_preset_matches_reference(name, dtype):
     exact = []
     for attempt in range(3):   # a near-tie at a boundary skips the exact comparison; retry until one runs
         g = torch.Generator().manual_seed(1000 * attempt + sum(map(ord, name + str(dtype))))
-        b, h, group, n, d = 2, 2, 2, 301, 128   # odd N over two 256-token tiles
+        b, h, group, n, d = 2 if CUDA else 1, 2, 2, 301, 128   # odd N over two 256-token tiles (one row of
+        # the batch in the interpreter: test_presets_across_shapes draws batches)
         keys = torch.randn(b, h, n, d, generator=g).to(dtype)
         values = torch.randn(b, h, n, 96, generator=g).to(dtype)
         queries = torch.randn(b, h * group, 64, d, generator=g).to(dtype)
@@ -147,8 +148,8 @@ def test_preset_matches_reference(name, dtype):
     assert any(exact), "random caches should have clear selection boundaries; the exact check never ran"
 
 
-@settings(max_examples=examples(12), deadline=None)
-@given(n=st.sampled_from([1, 37, 300]), window=st.sampled_from([1, 5, 16]), group=st.sampled_from([1, 2, 4]),
+@settings(max_examples=examples(12, cpu=6), deadline=None)
+@given(n=st.sampled_from([1, 37, 300 if CUDA else 130]), window=st.sampled_from([1, 5, 16]), group=st.sampled_from([1, 2, 4]),
        scale=st.sampled_from([1.0, 30.0, 300.0]), causal=st.booleans(), exclude=st.booleans(),
        pool=st.sampled_from([1, 3]), seed=st.integers(0, 2 ** 16))
 def test_proxy_probabilities_hold_at_extreme_logits(n, window, group, scale, causal, exclude, pool, seed):
@@ -169,7 +170,7 @@ def test_proxy_probabilities_hold_at_extreme_logits(n, window, group, scale, cau
 
 @given(cache=caches(max_n=260), budget=st.one_of(st.integers(1, 300), st.floats(0.05, 1.0)),
        seed=st.integers(0, 2 ** 40), name=st.sampled_from(PRESET_NAMES))
-@settings(max_examples=examples(20))
+@settings(max_examples=examples(20, cpu=10))
 def test_presets_across_shapes(cache, budget, seed, name):
     keys, values, queries = cache
     policy = preset(name)
@@ -179,7 +180,7 @@ def test_presets_across_shapes(cache, budget, seed, name):
 
 @given(cache=caches(max_n=200, head_dims=[64, 80], max_batch=2, max_heads=2),
        policy=policy_strategy(), budget=st.floats(0.05, 0.9), seed=st.integers(0, 2 ** 31))
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(25, cpu=12))
 def test_random_policies_match_reference(cache, policy, budget, seed):
     keys, values, queries = cache
     valid_or_skip(keys, values, queries, policy, budget, seed)
@@ -189,7 +190,7 @@ def test_random_policies_match_reference(cache, policy, budget, seed):
 def test_long_window_and_odd_group():
     """Windows longer than one query chunk, a GQA ratio that is not a power of two."""
     g = torch.Generator().manual_seed(1)
-    keys = torch.randn(1, 2, 700, 64, generator=g)
+    keys = torch.randn(1, 2, 700 if CUDA else 401, 64, generator=g)   # the interpreter: fewer key tiles
     queries = torch.randn(1, 6, 300, 64, generator=g)
     for node in (tkv.proxy_attention(window=300, causal=True, reduce="max", pool=3, pool_mode="max"),
                  tkv.proxy_attention(window=200, reduce="sum", group_reduce="max", pool=5)):
@@ -254,7 +255,7 @@ def test_a_few_thousand_tokens(name):
 
 @given(cache=caches(max_n=200, head_dims=[64, 80], max_batch=2, max_heads=2), policy=policy_strategy(),
        seed=st.integers(0, 2 ** 31))
-@settings(max_examples=examples(15))
+@settings(max_examples=examples(15, cpu=8))
 def test_a_budget_of_all_tokens_but_one_matches_reference(cache, policy, seed):
     """Budget N - 1 (an every-step eviction): select finds the token each row drops in one pass
     over the last clause (``drop_one``) instead of a radix select; the kept sets are the
@@ -274,7 +275,7 @@ def test_dropping_one_of_many_tokens(name, monkeypatch):
     the highest-index one goes (ties are kept by the lower index)."""
     import tritonkv.compiler as compiler
     from tritonkv.kernels.select import _select_kernel
-    n = 20001 if DEVICE == "cuda" else 701   # the interpreter runs one program per row: any n
+    n = 20001 if DEVICE == "cuda" else 301   # the interpreter runs one program per row: any n
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 2, n, 64, generator=g).bfloat16()
     values = torch.randn(2, 2, n, 64, generator=g).bfloat16()
@@ -304,7 +305,7 @@ def test_dropping_one_of_many_tokens(name, monkeypatch):
        budget=st.one_of(st.integers(1, 250), st.floats(0.05, 1.0)), floor=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
        score=st.sampled_from([-tkv.key_norm(), tkv.random(), tkv.position() * 0.0, tkv.position().pool(5)]),
        windows=st.booleans(), seed=st.integers(0, 2 ** 31))
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(25, cpu=12))
 def test_adaptive_selection_is_the_reference_selection(cache, budget, floor, score, windows, seed):
     """AdaKV's two radix selects (per head, then over each row's H * N priorities) keep exactly
     what reference.select_adaptive_by_priority keeps on the same priorities: ties (an all-equal
@@ -326,7 +327,7 @@ def test_adaptive_selection_is_the_reference_selection(cache, budget, floor, sco
 
 
 @pytest.mark.parametrize("d", [64, 80, 128, 256])
-@given(group=st.sampled_from([1, 2, 4, 8, 16, 32]), n=st.one_of(st.just(1), st.integers(2, 300)),
+@given(group=st.sampled_from([1, 2, 4, 8, 16, 32]), n=st.one_of(st.just(1), st.integers(2, 300 if CUDA else 130)),
        causal=st.booleans(), pool=st.sampled_from([1, 3]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        seed=st.integers(0, 2 ** 31))
 @settings(max_examples=examples(4), deadline=None)
@@ -406,8 +407,9 @@ def test_a_score_pass_of_kept_logits_runs_its_own_programs():
     from tritonkv.compiler import compile_policy, prepare, score_programs
     g = torch.Generator().manual_seed(5)
     # 2560 tokens: TOVA's 10 tiles of 256 split 5 ways, the others' 40 tiles of 64 three ways
-    keys, values = torch.randn(2, 2, 2560, 64, generator=g), torch.randn(2, 2, 2560, 64, generator=g)
-    queries = torch.randn(2, 4, 32, 64, generator=g)
+    b = 2 if CUDA else 1   # the interpreter: programs per row do not depend on the rows
+    keys, values = torch.randn(b, 2, 2560, 64, generator=g), torch.randn(b, 2, 2560, 64, generator=g)
+    queries = torch.randn(b, 4, 32, 64, generator=g)
     for name, own in (("tova", True), ("snapkv", False), ("keydiff", False)):
         policy = preset(name)
         assert compare(keys, values, queries, policy, 0.2)
@@ -433,7 +435,8 @@ def test_window_rows_are_copied_whoever_holds_them():
     4096 tokens has several select programs (one here, in the interpreter); the kept rows
     stay the reference's, and the results' K / V rows are those the indices name."""
     g = torch.Generator().manual_seed(11)
-    keys, values = torch.randn(1, 2, 4096, 64, generator=g), torch.randn(1, 2, 4096, 48, generator=g)
+    n = 4096 if CUDA else 1031   # one select program per row in the interpreter at any length
+    keys, values = torch.randn(1, 2, n, 64, generator=g), torch.randn(1, 2, n, 48, generator=g)
     queries = torch.randn(1, 4, 16, 64, generator=g)
     for policy in (policies.h2o(), policies.nacl(sinks=8, proxy_window=16)):
         for spread in ("1", "0"):
@@ -449,10 +452,11 @@ def test_rows_gathered_after_select(name, monkeypatch):
     and an Evictor (planned on a GPU, from its second call) returns them too."""
     from tritonkv.runtime import Evictor
     g = torch.Generator().manual_seed(3)
-    keys, values = torch.randn(2, 2, 1031, 64, generator=g), torch.randn(2, 2, 1031, 48, generator=g)
-    queries = torch.randn(2, 8, 64, 64, generator=g)
+    # the interpreter: fewer tiles and rows (a select program per row), the same launches
+    b, n, k = (2, 1031, 300) if CUDA else (1, 401, 120)
+    keys, values = torch.randn(b, 2, n, 64, generator=g), torch.randn(b, 2, n, 48, generator=g)
+    queries = torch.randn(b, 8, 64, 64, generator=g)
     policy = policies.PRESETS[name]()
-    k = 300
     dev = to_device(keys, values, queries if policy.needs_queries else None)
     fused = evict_compiled(*dev, policy, k, 0)
     monkeypatch.setenv("TRITONKV_FUSED_GATHER", "0")
@@ -478,9 +482,10 @@ def test_last_clause_keys_are_drawn_once(policy, monkeypatch):
     for several select programs per row on a GPU; the launch stores the last clause's keys."""
     import tritonkv.compiler as compiler
     g = torch.Generator().manual_seed(5)
-    n = 12289 if DEVICE == "cuda" else 1029
-    keys, values = torch.randn(2, 2, n, 64, generator=g), torch.randn(2, 2, n, 32, generator=g)
-    queries = torch.randn(2, 4, 16, 64, generator=g)
+    # the interpreter: rows past a 512-token scan block, fewer tiles, one batch row (a select program per row)
+    b, n = (2, 12289) if DEVICE == "cuda" else (1, 771)
+    keys, values = torch.randn(b, 2, n, 64, generator=g), torch.randn(b, 2, n, 32, generator=g)
+    queries = torch.randn(b, 4, 16, 64, generator=g)
     cached, launch = [], compiler.select_launch
 
     def spy(*args, **kwargs):
@@ -506,9 +511,10 @@ def test_clauses_resolved_from_candidate_lists(policy, monkeypatch):
     sample clause's noise, a normalized clause's moments) when the keys are not stored. The kept
     sets stay the reference's either way."""
     g = torch.Generator().manual_seed(9)
-    n = 12289 if DEVICE == "cuda" else 1029
-    keys, values = torch.randn(2, 2, n, 64, generator=g), torch.randn(2, 2, n, 32, generator=g)
-    queries = torch.randn(2, 4, 16, 64, generator=g)
+    # the interpreter: rows past a 512-token scan block, fewer tiles, one batch row (a select program per row)
+    b, n = (2, 12289) if DEVICE == "cuda" else (1, 771)
+    keys, values = torch.randn(b, 2, n, 64, generator=g), torch.randn(b, 2, n, 32, generator=g)
+    queries = torch.randn(b, 4, 16, 64, generator=g)
     monkeypatch.setenv("TRITONKV_SELECT_LIST", "511")
     for stored in ("1", "0"):
         monkeypatch.setenv("TRITONKV_CACHE_KEYS", stored)
@@ -521,7 +527,7 @@ STATS_POLICIES = {"snapkv": lambda: policies.snapkv(window=1, kernel=5), "keydif
 
 
 @settings(max_examples=16, deadline=None)
-@given(n=st.sampled_from([1, 31, 301, 1030]), d=st.sampled_from([64, 80, 128, 256]),
+@given(n=st.sampled_from([1, 31, 301, 1030 if CUDA else 700]), d=st.sampled_from([64, 80, 128, 256]),
        group=st.sampled_from([1, 4]), name=st.sampled_from(sorted(STATS_POLICIES)), seed=st.integers(0, 2**16))
 def test_statistics_tile_the_tokens_without_halo(n, d, group, name, seed):
     """Statistics read each token alone (codegen.own_tiles), so their programs tile the tokens
@@ -574,7 +580,7 @@ def _score_launches(policy, keys, values, queries, named=()):
 
 @settings(max_examples=12, deadline=None)
 @given(b=st.integers(1, 3), h=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
-       n=st.sampled_from([3, 17, 301, 1024]), d=st.sampled_from([64, 80, 128, 256]),
+       n=st.sampled_from([3, 17, 301, 1024 if CUDA else 700]), d=st.sampled_from([64, 80, 128, 256]),
        reduce=st.sampled_from(["mean", "sum", "max"]), seed=st.integers(0, 2 ** 16))
 def test_heads_reduced_in_the_score_kernel_equal_the_transform(b, h, group, n, d, reduce, seed):
     """A score that reads no cache and whose every slot is head-reduced (TOVA, a reduced signal)

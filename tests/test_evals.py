@@ -88,7 +88,7 @@ def test_every_step_eval_runs_and_renders(tmp_path):
     from evals import every_step
     name = "h2o (accumulated attention)"
     checkpoint = Path(__file__).resolve().parents[1] / "evals" / "checkpoint"
-    results = every_step.run(checkpoint, samples=1, length=48, batch=1, seed=0, seeds=1, generated=3,
+    results = every_step.run(checkpoint, samples=1, length=48, batch=1, seed=0, seeds=1, generated=1,
                              out=tmp_path / "r.json", only=[name], budgets=(0.25,))
     rows = results["rows"]
     assert [(r["policy"], r["task"]) for r in rows] == [(name, t) for t in tasks.TASKS]

@@ -17,7 +17,7 @@ from tritonkv.integrations import static as static_module  # noqa: E402
 from tritonkv.integrations import step_scores  # noqa: E402
 from tritonkv.integrations.buffer import copy_slots  # noqa: E402
 from tritonkv.runtime import Evictor  # noqa: E402
-from .devices import DEVICE, to_device  # noqa: E402
+from .devices import CUDA, DEVICE, to_device  # noqa: E402
 from .tiny_llama import tiny_llama, tokens  # noqa: E402
 
 
@@ -37,6 +37,11 @@ def on_device(model):
 
 def prompt(b=2, n=120, seed=1):
     return tokens(b, n, seed, low=1)
+
+
+# rows of the equal-length prompt of tests whose point holds per row (one in the interpreter,
+# where every row costs its programs in every decode step; the left-padded batches keep three)
+ROWS = 2 if CUDA else 1
 
 
 LENGTHS = [90, 60, 20]   # a left-padded batch: real tokens per row
@@ -93,11 +98,13 @@ IDS = ["keydiff", "snapkv", "tova-every-step", "streaming", "pyramid", "qfilters
 def test_same_tokens_as_the_growing_cache(model, policy, budget, kwargs):
     """Prompt >= budget, int budget, deterministic policy: the same evictions at the same steps
     as EvictingCache, so the same kept positions in every layer and the same tokens."""
-    ids = prompt(n=100)
+    ids = prompt(b=ROWS, n=100)
     dynamic = hf.EvictingCache(model, policy, budget, **kwargs)
     static = hf.StaticEvictingCache(model, policy, budget, **kwargs)
-    want = generate(model, ids, dynamic, max_new_tokens=13)
-    got = generate(model, ids, static, max_new_tokens=13)
+    # the interpreter: fewer decode steps (two evictions or more: the prompt's, then every interval)
+    new = 13 if CUDA else (9 if kwargs["interval"] > 1 else 7)
+    want = generate(model, ids, dynamic, max_new_tokens=new)
+    got = generate(model, ids, static, max_new_tokens=new)
     assert torch.equal(got, want)
     for a, b in zip(dynamic.layers, static.layers):
         assert a.evictions == b.evictions >= 2
@@ -106,12 +113,13 @@ def test_same_tokens_as_the_growing_cache(model, policy, budget, kwargs):
 
 @pytest.mark.parametrize("budget, interval, chunk", [(16, 1, None), (33, 8, None), (50, 2, 40), (20, 16, 25)])
 def test_budgets_and_intervals(model, budget, interval, chunk):
-    ids = prompt(n=80, seed=budget)
+    ids = prompt(b=ROWS, n=80, seed=budget)
     policy = tkv.sink(2) | tkv.recent(3) | tkv.top(-tkv.anchor_similarity())
     dynamic = hf.EvictingCache(model, policy, budget, interval=interval)
     static = hf.StaticEvictingCache(model, policy, budget, interval=interval)
-    want = generate(model, ids, dynamic, max_new_tokens=12, prefill_chunk_size=chunk)
-    got = generate(model, ids, static, max_new_tokens=12, prefill_chunk_size=chunk)
+    new = 12 if CUDA or interval > 1 else 7   # the interpreter: fewer every-step evictions
+    want = generate(model, ids, dynamic, max_new_tokens=new, prefill_chunk_size=chunk)
+    got = generate(model, ids, static, max_new_tokens=new, prefill_chunk_size=chunk)
     assert torch.equal(got, want)
     assert static.layers[0].held == dynamic.layers[0].held <= budget + interval
     assert torch.equal(static.layers[2].positions(), dynamic.layers[2].positions())
@@ -141,7 +149,7 @@ def test_padded_rows_keep_their_own_budget(model, policy, budget, interval):
 def test_shapes_never_change_while_decoding(model, monkeypatch, attention):
     """Decode attention (SDPA with its mask, or the decode kernel with its fill tensors) sees
     one key shape at every decode step; the buffers keep their storage."""
-    ids = to_device(prompt(n=60))[0]
+    ids = to_device(prompt(b=ROWS, n=60))[0]
     lengths, pointers = set(), set()
     from tritonkv.integrations import attention as module
     name = "sdpa_attention_forward" if attention == "sdpa" else "decode_attention"
@@ -157,11 +165,11 @@ def test_shapes_never_change_while_decoding(model, monkeypatch, attention):
     monkeypatch.setattr(module, name, spy)
     with on_device(model) as on:
         cache = hf.StaticEvictingCache(on, policies.keydiff(sinks=2), 24, interval=5, attention=attention)
-        generate(on, ids, cache, max_new_tokens=17)
+        generate(on, ids, cache, max_new_tokens=17 if CUDA else 12)   # the interpreter: fewer decode steps
     # SDPA's mask [B, 1, 1, C]; the kernel's first occupied slot per row [B]
-    assert lengths == {((2, 2, 29, 16), (2, 1, 1, 29) if attention == "sdpa" else (2,))}
+    assert lengths == {((ROWS, 2, 29, 16), (ROWS, 1, 1, 29) if attention == "sdpa" else (ROWS,))}
     assert pointers == {layer.buffer.keys.data_ptr() for layer in cache.layers}
-    assert sum(layer.evictions for layer in cache.layers) == 3 * 4   # the prompt, then every 5 tokens
+    assert sum(layer.evictions for layer in cache.layers) == 3 * (4 if CUDA else 3)   # the prompt, then every 5 tokens
 
 
 class _NoHostReads:
@@ -304,7 +312,7 @@ def test_decode_kernel_generates_what_sdpa_does(model, pad, monkeypatch):
     "sdpa" (a mask over every slot) decode the same tokens and keep the same positions, through
     evictions and with empty leading slots (left padding). float32: the kernel's products are
     IEEE, its error ~1e-6 relative, far below the gaps between the tiny model's logits."""
-    ids, mask = padded() if pad else (prompt(), None)
+    ids, mask = padded() if pad else (prompt(b=ROWS), None)
     ids, mask = to_device(ids, mask)
     from tritonkv.integrations import attention
     calls = []
@@ -313,8 +321,9 @@ def test_decode_kernel_generates_what_sdpa_does(model, pad, monkeypatch):
     with on_device(model) as on:
         caches = {a: hf.StaticEvictingCache(on, policies.snapkv(window=8), 32, interval=4, attention=a)
                   for a in ("sdpa", "triton")}
-        out = {a: generate(on, ids, c, mask=mask, max_new_tokens=12) for a, c in caches.items()}
-    assert len(calls) == 3 * 11   # every layer of every decode step after the first token
+        new = 12 if CUDA else 9   # the interpreter: fewer decode steps (two evictions among them)
+        out = {a: generate(on, ids, c, mask=mask, max_new_tokens=new) for a, c in caches.items()}
+    assert len(calls) == 3 * (new - 1)   # every layer of every decode step after the first token
     assert torch.equal(out["triton"], out["sdpa"])
     for a, b in zip(caches["sdpa"].layers, caches["triton"].layers):
         assert torch.equal(a.positions(), b.positions())
@@ -428,11 +437,12 @@ def test_decode_evictions_compact_the_buffer_in_place(model, monkeypatch, stack)
         return original(indices, keys, values, programs)
 
     monkeypatch.setattr(static_module, "compact_in_place", spy)
-    ids = prompt(n=60)
+    ids = prompt(b=ROWS, n=60)
     policy = policies.tova()
-    want = generate(model, ids, hf.EvictingCache(model, policy, 24, interval=1), max_new_tokens=6)
+    new = 6 if CUDA else 4   # the interpreter: fewer every-step evictions
+    want = generate(model, ids, hf.EvictingCache(model, policy, 24, interval=1), max_new_tokens=new)
     cache = hf.StaticEvictingCache(model, policy, 24, interval=1, stack_layers=stack, keep_order=True)
-    got = generate(model, ids, cache, max_new_tokens=6)
+    got = generate(model, ids, cache, max_new_tokens=new)
     assert torch.equal(got, want)
     buffers = {layer.buffer.keys.data_ptr() for layer in cache.layers}
     assert moved and set(moved) <= buffers   # stacked: layer 0's address starts every layer's slots
@@ -455,11 +465,12 @@ def test_order_free_policies_fill_the_dropped_slots(model, monkeypatch, policy, 
     moved = []
     original = static_module.fill_holes
     monkeypatch.setattr(static_module, "fill_holes", lambda i, k, v, p, a=None: moved.append(i.shape) or original(i, k, v, p, a))
-    ids = prompt(n=60)
+    ids = prompt(b=ROWS, n=60)
     caches = {order: hf.StaticEvictingCache(model, policy, budget, interval=interval, keep_order=order,
                                             stack_layers=stack) for order in (True, False)}
     assert caches[False].fills_holes and not caches[True].fills_holes
-    out = {order: generate(model, ids, cache, max_new_tokens=8) for order, cache in caches.items()}
+    new = 8 if CUDA or interval > 1 else 5   # the interpreter: fewer every-step evictions
+    out = {order: generate(model, ids, cache, max_new_tokens=new) for order, cache in caches.items()}
     assert moved and torch.equal(out[True], out[False])
     assert not all(layer.ordered for layer in caches[False].layers)
     for a, b in zip(caches[True].layers, caches[False].layers):
@@ -469,8 +480,9 @@ def test_order_free_policies_fill_the_dropped_slots(model, monkeypatch, policy, 
         # the same rows, up to float32 rounding: attention sums the slots in another order, and the
         # last bits it changes grow through the layers (2.3e-4 at most in this model's third layer)
         torch.testing.assert_close(a.last.keys, b.last.keys, rtol=0, atol=1e-3)
-    turn = torch.cat([ids, out[True], prompt(n=9, seed=5)], dim=1)
-    again = {order: generate(model, turn, cache, max_new_tokens=4) for order, cache in caches.items()}
+    turn = torch.cat([ids, out[True], prompt(b=ROWS, n=9, seed=5)], dim=1)
+    again = {order: generate(model, turn, cache, max_new_tokens=4 if CUDA or interval > 1 else 2)
+             for order, cache in caches.items()}
     assert torch.equal(again[True], again[False])
     for a, b in zip(caches[True].layers, caches[False].layers):
         assert torch.equal(a.positions(), b.positions())
@@ -557,17 +569,18 @@ def test_decode_scores_keep_what_the_keys_give(model, monkeypatch, policy, budge
     original = step_scores.attention_signal
     monkeypatch.setattr(step_scores, "attention_signal",
                         lambda *a, **k: signals.append(a[0].shape) or original(*a, **k))
-    ids = to_device(prompt(n=60))[0]
+    ids = to_device(prompt(b=ROWS, n=60))[0]
+    steps = 6 if CUDA else 3   # decode steps (the interpreter: fewer)
     with on_device(model) as on:
         caches = {fused: hf.StaticEvictingCache(on, policy, budget, interval=1, attention="triton",
                                                 decode_scores=fused, stack_layers=stack) for fused in (True, False)}
-        out = {fused: generate(on, ids, cache, max_new_tokens=7) for fused, cache in caches.items()}
+        out = {fused: generate(on, ids, cache, max_new_tokens=steps + 1) for fused, cache in caches.items()}
     assert caches[True].decode_scores and not caches[False].decode_scores
     calls = 1 if caches[True].stacked else model.config.num_hidden_layers
-    assert len(signals) == 6 * calls   # every decode step's eviction (the prompt's reads the keys)
+    assert len(signals) == steps * calls   # every decode step's eviction (the prompt's reads the keys)
     assert torch.equal(out[True], out[False])
     for a, b in zip(caches[True].layers, caches[False].layers):
-        assert a.evictions == b.evictions >= 6
+        assert a.evictions == b.evictions >= steps
         assert torch.equal(a.positions(), b.positions())
 
 
@@ -600,6 +613,7 @@ def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack, ke
                                                      proxy_node)
 
     policy, budget, window = policies.h2o(), 24, 16
+    decoded = 7 if CUDA else 4   # decode steps (the interpreter: fewer)
     steps = []
     original = static_module.StaticEvictingCache.end_of_decode_step
 
@@ -617,7 +631,7 @@ def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack, ke
     accumulate = step_scores.attention_signal
     monkeypatch.setattr(step_scores, "attention_signal",
                         lambda *a, **k: ranked.append(k.get("rank") is not None) or accumulate(*a, **k))
-    ids = to_device(prompt(n=60))[0]
+    ids = to_device(prompt(b=ROWS, n=60))[0]
     with on_device(model) as on:
         cache = hf.StaticEvictingCache(on, policy, budget, interval=1, window=window, attention="triton",
                                        accumulate_attention=True, stack_layers=stack)
@@ -630,10 +644,10 @@ def test_accumulated_attention_is_h2o_step_by_step(model, monkeypatch, stack, ke
             assert torch.allclose(buffer.accumulated[:, :, :budget], want, rtol=1e-4, atol=1e-6)
         cache = hf.StaticEvictingCache(on, policy, budget, interval=1, window=window, attention="triton",
                                        accumulate_attention=True, stack_layers=stack, keep_order=keep_order)
-        generate(on, ids, cache, max_new_tokens=8)
-    assert cache.accumulates and cache.fills_holes == (not keep_order) and len(steps) == 7
+        generate(on, ids, cache, max_new_tokens=decoded + 1)
+    assert cache.accumulates and cache.fills_holes == (not keep_order) and len(steps) == decoded
     layers = 1 if stack else model.config.num_hidden_layers
-    assert cache.scoring.ranks == (not keep_order) and ranked == [not keep_order] * (7 * layers)
+    assert cache.scoring.ranks == (not keep_order) and ranked == [not keep_order] * (decoded * layers)
     swapped = accumulation_scored_by_position(cache.policy)[0]
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     scale = (model.config.hidden_size // model.config.num_attention_heads) ** -0.5
@@ -654,12 +668,15 @@ def test_ranked_h2o_keeps_what_its_two_clauses_keep(model, monkeypatch):
     """Accumulated H2O's decode evictions rank one clause (+inf on the newest positions, then the
     sums: step_scores.py): in a left-padded batch evicting every step, each such eviction keeps
     exactly what reference.select keeps for the two clauses (true positions, then the sums) on
-    the same slots, over enough steps for the recency half to turn over (budget 20: 10 newest).
-    TRITONKV_H2O_RANK=0 ranks the two clauses apart."""
+    the same slots, over enough steps for the recency half to turn over (budget 20: 10 newest; in
+    the interpreter budget 12: 6 newest, over fewer steps). TRITONKV_H2O_RANK=0 ranks the two
+    clauses apart."""
     from tritonkv.integrations.decode_scores import POSITIONS, SIGNAL, accumulation_scored_by_position
 
     ids, mask = padded()
     ids, mask = to_device(ids, mask)
+    budget = 20 if CUDA else 12
+    recent = budget // 2   # H2O's recency half: decode evictions past it turn it over
     checked = []
     indices = step_scores.StepScores.indices
 
@@ -677,14 +694,14 @@ def test_ranked_h2o_keeps_what_its_two_clauses_keep(model, monkeypatch):
     monkeypatch.setattr(step_scores.StepScores, "indices", spy)
     with on_device(model) as on:
         monkeypatch.setenv("TRITONKV_H2O_RANK", "0")
-        apart = hf.StaticEvictingCache(on, policies.h2o(), 20, interval=1, accumulate_attention=True)
+        apart = hf.StaticEvictingCache(on, policies.h2o(), budget, interval=1, accumulate_attention=True)
         assert not apart.scoring.ranks
         monkeypatch.delenv("TRITONKV_H2O_RANK")
-        cache = hf.StaticEvictingCache(on, policies.h2o(), 20, interval=1, window=8, attention="triton",
+        cache = hf.StaticEvictingCache(on, policies.h2o(), budget, interval=1, window=8, attention="triton",
                                        accumulate_attention=True)
         assert cache.scoring.ranks
-        generate(on, ids, cache, mask=mask, max_new_tokens=12)
-    assert len(checked) >= 10 and all(checked)   # the decode evictions after the rows line up
+        generate(on, ids, cache, mask=mask, max_new_tokens=recent + 2)
+    assert len(checked) >= recent and all(checked)   # the decode evictions after the rows line up
 
 
 def test_accumulate_attention_refuses_what_it_cannot_sum(model, monkeypatch):
@@ -706,11 +723,12 @@ def test_accumulating_cache_that_keeps_everything_generates_like_transformers(mo
     reordered by beam search) generates what plain generate does, left padding included."""
     ids, mask = padded()
     ids, mask = to_device(ids, mask)
+    new = 4 if CUDA else 3   # the interpreter: fewer decode steps (beams reordered in each)
     with on_device(model) as on:
-        want = generate(on, ids, mask=mask, max_new_tokens=4, **kwargs)
+        want = generate(on, ids, mask=mask, max_new_tokens=new, **kwargs)
         cache = hf.StaticEvictingCache(on, policies.h2o(), 200, interval=3, window=8, attention="triton",
                                        accumulate_attention=True)
-        assert torch.equal(generate(on, ids, cache, mask=mask, max_new_tokens=4, **kwargs), want)
+        assert torch.equal(generate(on, ids, cache, mask=mask, max_new_tokens=new, **kwargs), want)
     assert cache.layers[0].buffer.accumulated is not None
 
 
@@ -722,10 +740,11 @@ def test_accumulating_padded_rows_keep_what_they_keep_alone(model):
     kwargs = dict(interval=2, window=8, attention="triton", accumulate_attention=True)
     with on_device(model) as on:
         cache = hf.StaticEvictingCache(on, policies.h2o(), 30, **kwargs)
-        batch = generate(on, ids, cache, mask=mask, max_new_tokens=8)
+        new = 8 if CUDA else 5   # the interpreter: fewer decode steps (two evictions of the longer rows)
+        batch = generate(on, ids, cache, mask=mask, max_new_tokens=new)
         for b, real in enumerate(LENGTHS):
             alone = hf.StaticEvictingCache(on, policies.h2o(), 30, **kwargs)
-            assert torch.equal(generate(on, ids[b:b + 1, ids.shape[1] - real:], alone, max_new_tokens=8)[0],
+            assert torch.equal(generate(on, ids[b:b + 1, ids.shape[1] - real:], alone, max_new_tokens=new)[0],
                                batch[b])
             for layer, single in zip(cache.layers, alone.layers):
                 positions = layer.positions()[b]

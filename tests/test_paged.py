@@ -280,7 +280,9 @@ def test_a_batch_launches_as_many_kernels_as_one_sequence(name, monkeypatch):
     monkeypatch.setattr(paged, "evict", counted_evict)
     for lengths in ([100], [64, 70, 100, 129, 160, 7, 81, 5]):
         lengths = [max(n, WINDOW) for n in lengths] if policy.needs_queries else lengths
-        pool = Pool(lengths, 16, seed=len(lengths))
+        # the interpreter: one KV head (a select program per sequence and head; the launches per call do
+        # not depend on the heads, test_paged_evict_keeps_what_dense_evict_keeps runs two)
+        pool = Pool(lengths, 16, heads=2 if CUDA else 1, seed=len(lengths))
         before_k, before_v = pool.k.clone(), pool.v.clone()
         got, want = run_both(pool, policy, 8 if policy.needs_queries else 0.4, "triton")
         check(pool, got, want, before_k, before_v)

@@ -71,7 +71,7 @@ def test_evictor_checks_each_new_signature():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_evictor_equals_evict_and_keeps_inputs(backend, name):
     policy = every_policy()[name]
-    keys, values, queries = make(n=150, dtype=torch.float32)
+    keys, values, queries = make(h=4 if CUDA else 2, n=150, dtype=torch.float32)   # the interpreter: fewer rows
     q = queries if policy.needs_queries else None
     ev = tkv.Evictor(policy, 0.3, backend=backend)
     named = named_kwargs(policy, keys, 5)
@@ -88,7 +88,7 @@ def test_evictor_equals_evict_and_keeps_inputs(backend, name):
 def test_evictor_without_gather_returns_the_same_indices(backend, name, budget):
     """gather=False: the indices evict returns, no rows (first call and planned repeat)."""
     policy = every_policy()[name]
-    keys, values, queries = make(n=150, dtype=torch.bfloat16)
+    keys, values, queries = make(h=4 if CUDA else 2, n=150, dtype=torch.bfloat16)   # the interpreter: fewer rows
     q = queries if policy.needs_queries else None
     named = named_kwargs(policy, keys, 5)
     ev = tkv.Evictor(policy, budget, backend=backend, gather=False)
