@@ -148,15 +148,16 @@ def primitives():
     keys, values, _ = make_cache(1, 8192)
     windows = tkv.sink(4) | tkv.recent()
 
-    def late_launch(batched: str):
-        """(planned Evictor, its output-writing launch group) planned with TRITONKV_BATCH_LAUNCH=batched"""
-        with switches({"TRITONKV_BATCH_LAUNCH": batched}):
+    def planned(batched: str, graphs: str = "0"):
+        """(planned Evictor, its Plan) with TRITONKV_BATCH_LAUNCH=batched, TRITONKV_GRAPH_LAUNCH=graphs"""
+        with switches({"TRITONKV_BATCH_LAUNCH": batched, "TRITONKV_GRAPH_LAUNCH": graphs}):
             ev = tkv.Evictor(windows, 0.25)
             ev(keys, values)
             ev(keys, values)
-        return ev, next(iter(ev._plans.values())).late
+        return ev, next(iter(ev._plans.values()))
 
-    ev, (_, steps) = late_launch("0")
+    ev, plan = planned("0")
+    _, steps = plan.late
     step = steps[0]
     args = [0 if a is None else a for a in step.template]
     out = ev(keys, values)   # buffers for the launch to write into
@@ -164,7 +165,10 @@ def primitives():
              out.values.data_ptr(), 0]
     for position, role, offset in step.patches:
         args[position] = roles[role] + offset
-    batched_ev, (batch_launch, handle) = late_launch("1")
+    batched_ev, plan = planned("1")
+    batch_launch, handle = plan.late
+    graphed_ev, plan = planned("1", "1")
+    graph_launch, graph = plan.whole
     stream = raw_stream(0)
     pieces = {
         "torch.empty": lambda: torch.empty(1 << 16, device=dev),
@@ -183,7 +187,9 @@ def primitives():
         "one launch (C launcher, args ready)": lambda: step.launcher(*step.grid, stream, *step.head, *args),
         "one launch (batched, values ready)": lambda: batch_launch(handle, stream, roles),
         "planned streaming_llm call (1 launch, Triton's launcher)": lambda: ev(keys, values),
+        "one graph launch (1 node re-pointed, values ready)": lambda: graph_launch(graph, stream, roles),
         "planned streaming_llm call (1 launch, batched)": lambda: batched_ev(keys, values),
+        "planned streaming_llm call (1 node, re-pointed graph)": lambda: graphed_ev(keys, values),
     }
     out = {}
     for name, fn in pieces.items():

@@ -50,8 +50,14 @@ def planned(policy, k: int) -> Evictor:
 
 
 def times_us(fn, replays: int) -> dict:
-    fn()
-    return dict(wall=event_seconds(fn) * 1e6,
+    """The first calls of a fresh Evictor plan and launch its plan for the first time (building
+    its CUDA graph, TRITONKV_GRAPH_LAUNCH): they are run first, untimed, and the wall is the median
+    of five samples (one sample, one call after planning, timed the graph's construction: H100,
+    perf/results/ab/graph-launch-H100-30ba9dc)."""
+    for _ in range(3 if DEVICE == "cuda" else 1):
+        fn()
+    samples = 5 if DEVICE == "cuda" else 1
+    return dict(wall=statistics.median(event_seconds(fn) for _ in range(samples)) * 1e6,
                 graph=graph_seconds(fn, replays=replays) * 1e6 if DEVICE == "cuda" else float("nan"),
                 host=statistics.mean(host_times(fn, calls=100 if DEVICE == "cuda" else 2, block=25)) * 1e6)
 

@@ -124,11 +124,11 @@ class _Kernel:
 
 
 @pytest.mark.skipif(not HAS_CC, reason="the C module needs a C compiler")
-def test_a_plan_batches_each_launch_group(monkeypatch):
-    """planned.Plan splits its steps where the outputs are first written (statistics / score,
-    then select) and packs each group as one batch; each batch patches the call's values by role
-    (keys, scratch and seed early; scratch, indices and kept keys late). Off, it keeps Triton's
-    launcher per step."""
+def test_a_plan_batches_its_launches(monkeypatch):
+    """planned.Plan packs its steps as one graphed batch (a CUDA graph built on the first
+    launch); each step patches the call's values by role (keys, scratch and seed for the score;
+    scratch, indices and kept keys for select). Without graphs it splits them where the outputs
+    are first written and packs each group as one batch; off, it keeps Triton's launcher per step."""
     import torch
 
     from tritonkv import planned
@@ -138,13 +138,38 @@ def test_a_plan_batches_each_launch_group(monkeypatch):
     select = planned.Step(_Kernel(["*fp32", "*i64", "*bf16", "i32"], 12), (5,), [None, None, None, 7],
                           [(0, planned.SCRATCH, 0), (1, planned.INDICES, 0), (2, planned.OUT_KEYS, 256)])
     device = torch.device("cuda", 0)   # only its index is read: nothing runs
-    plan = planned.Plan([score, select], device, ((1, 2, 3), (1, 2, 3, 4), (1, 2, 3, 4)), 100)
+    shapes = ((1, 2, 3), (1, 2, 3, 4), (1, 2, 3, 4))
     mod = batch_launch.module()
+    values = [1000, 2000, 0, 3000, 4000, 5000, 6000, 2 ** 40 + 1]
+    want_score, want_select = (1000, 3064, 4096, 2 ** 40 + 1, 0, 0), (3000, 4000, 5256, 7, 0, 0)
+    plan = planned.Plan([score, select], device, shapes, 100)
+    launch, whole = plan.whole
+    assert launch is mod.launch and mod.graph_state(whole) == 0   # built on its first launch
+    assert [words(s) for s in mod.patched(whole, values)] == [want_score, want_select]
+    monkeypatch.setenv("TRITONKV_GRAPH_LAUNCH", "0")
+    plan = planned.Plan([score, select], device, shapes, 100)
+    assert plan.whole is None
     (launch_early, early), (launch_late, late) = plan.early, plan.late
     assert launch_early is mod.launch and launch_late is mod.launch
-    values = [1000, 2000, 0, 3000, 4000, 5000, 6000, 2 ** 40 + 1]
-    assert [words(s) for s in mod.patched(early, values)] == [(1000, 3064, 4096, 2 ** 40 + 1, 0, 0)]
-    assert [words(s) for s in mod.patched(late, values)] == [(3000, 4000, 5256, 7, 0, 0)]
+    assert mod.graph_state(early) == mod.graph_state(late) == -1
+    assert [words(s) for s in mod.patched(early, values)] == [want_score]
+    assert [words(s) for s in mod.patched(late, values)] == [want_select]
     monkeypatch.setenv("TRITONKV_BATCH_LAUNCH", "0")
-    plan = planned.Plan([score, select], device, ((1, 2, 3), (1, 2, 3, 4), (1, 2, 3, 4)), 100)
+    monkeypatch.delenv("TRITONKV_GRAPH_LAUNCH")
+    plan = planned.Plan([score, select], device, shapes, 100)
+    assert plan.whole is None
     assert plan.early == (planned._launch, [score]) and plan.late == (planned._launch, [select])
+
+
+@pytest.mark.skipif(not HAS_CC, reason="the C module needs a C compiler")
+def test_launch_attributes_keep_a_batch_off_graphs():
+    """A step with a launch attribute (programmatic serialization, cooperative) has no plain
+    kernel node: its batch launches plainly."""
+    mod = batch_launch.module()
+    slots, patches = batch_launch.pack(["*fp32"], [None], [(0, 0, 0)])
+    plain = (1, 1, 1, 1, 32, 0, False, False, slots, patches)
+    assert mod.graph_state(mod.build(0, 1, [plain], True)) == 0
+    assert mod.graph_state(mod.build(0, 1, [plain])) == -1
+    for pdl, cooperative in ((True, False), (False, True)):
+        attributed = (1, 1, 1, 1, 32, 0, pdl, cooperative, slots, patches)
+        assert mod.graph_state(mod.build(0, 1, [plain, attributed], True)) == -1

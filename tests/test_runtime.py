@@ -141,8 +141,37 @@ def test_planned_calls_equal_unplanned_ones(name):
         assert same(got, want), (name, seed)
     plans = list(ev._plans.values())
     assert any(isinstance(p, planned.Plan) for p in plans), plans   # AdaKV too (tritonkv/adaptive.py)
-    if batch_launch.module() is not None:   # the launches went through one call into C each
-        assert all(p.late[0] is not planned._launch for p in plans if isinstance(p, planned.Plan)), plans
+    mod = batch_launch.module()
+    if mod is not None:   # the launches went through one call into C, as one re-pointed CUDA graph
+        states = [(p.whole is not None) and (mod.graph_state(p.whole[1]), mod.graph_error(p.whole[1]))
+                  for p in plans if isinstance(p, planned.Plan)]
+        # a plan launched at least once is on its graph (1); one recorded by the last call of its
+        # signature (the seed above 2**31 changes the seed's type) has not launched yet (0)
+        assert all(s and s[0] in (0, 1) and s[1][0] == 0 for s in states), (states, mod.graphs_found())
+        assert any(s[0] == 1 for s in states), (states, mod.graphs_found())
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "windows"])
+def test_graph_launches_equal_plain_ones(name, monkeypatch):
+    """A plan launching its kernels as a re-pointed CUDA graph gives, call after call on new
+    tensors, what the same plan gives through plain launches (TRITONKV_GRAPH_LAUNCH=0)."""
+    policy = every_policy()[name]
+    graphed, plain = tkv.Evictor(policy, 0.25), tkv.Evictor(policy, 0.25)
+    outs = []
+    for i in range(4):
+        keys, values, queries = make(seed=i)
+        q = queries if policy.needs_queries else None
+        got = graphed(keys, values, queries=q, seed=i)
+        monkeypatch.setenv("TRITONKV_GRAPH_LAUNCH", "0")   # read where a plan is built (the second call)
+        outs.append((got, plain(keys, values, queries=q, seed=i)))
+        monkeypatch.delenv("TRITONKV_GRAPH_LAUNCH")
+        del keys, values, queries   # freed: later calls may get the same addresses, or others
+    torch.cuda.synchronize()
+    assert all(same(a, b) for a, b in outs)
+    plans = [p for ev in (graphed, plain) for p in ev._plans.values()]
+    assert all(isinstance(p, planned.Plan) for p in plans), plans
+    assert [p.whole is not None for p in plans] == [True, False]
 
 
 def ev_budget(policy, keys):

@@ -58,16 +58,22 @@ def _launcher_of(kernel):
 
 
 class Plan:
-    """Replays a recorded compiled call on new tensors of the same signature. The outputs are
-    allocated after the launches that do not write them (statistics, score) are queued, so
-    the GPU starts while the host still allocates. Each group of launches is one call into C
-    (kernels/batch_launch.py) where every kernel allows it, else a call of Triton's launcher
-    per kernel."""
+    """Replays a recorded compiled call on new tensors of the same signature, in one call into C
+    (kernels/batch_launch.py) where every kernel allows it, else a call of Triton's launcher per
+    kernel. Through C the launches are one CUDA graph whose kernel nodes each call re-points
+    (H100: a node update and one graph launch cost less than a launch each); without graphs
+    (``TRITONKV_GRAPH_LAUNCH=0``, or no C module) the outputs are allocated after the launches
+    that do not write them (statistics, score) are queued, so the GPU starts while the host
+    still allocates."""
 
     def __init__(self, steps: List[Step], device: torch.device, shapes, scratch_numel: int, packed_heads: int = 0):
-        late = next((i for i, step in enumerate(steps)
-                     if any(role in (INDICES, OUT_KEYS, OUT_VALUES) for _, role, _ in step.patches)), len(steps))
-        self.early, self.late = _launcher(steps[:late], device), _launcher(steps[late:], device)
+        self.steps = steps   # what the launchers below were built from (diagnostics: perf/graph_launch_diag.py)
+        self.whole = _launcher(steps, device, graphed=True) if batch_launch.graphs_enabled() else None
+        if self.whole is None or self.whole[0] is _launch:   # no graph: two groups of launches
+            self.whole = None
+            late = next((i for i, step in enumerate(steps)
+                         if any(role in (INDICES, OUT_KEYS, OUT_VALUES) for _, role, _ in step.patches)), len(steps))
+            self.early, self.late = _launcher(steps[:late], device), _launcher(steps[late:], device)
         self.device = device
         self.device_index = device.index
         self.indices_shape, self.keys_shape, self.values_shape = shapes
@@ -86,8 +92,9 @@ class Plan:
                      0 if scratch is None else scratch.data_ptr(), 0, 0, 0, seed]
         if named:
             values_of += [t.data_ptr() for t in named]
-        launch, steps = self.early
-        launch(steps, stream, values_of)
+        if self.whole is None:
+            launch, steps = self.early
+            launch(steps, stream, values_of)
         indices = keys.new_empty(*self.indices_shape, dtype=torch.int64)
         values_of[INDICES] = indices.data_ptr()
         out_k = out_v = None
@@ -95,18 +102,20 @@ class Plan:
             out_k = keys.new_empty(*self.keys_shape)   # keys' dtype and device (the signature's)
             out_v = values.new_empty(*self.values_shape)
             values_of[OUT_KEYS:OUT_VALUES + 1] = out_k.data_ptr(), out_v.data_ptr()
-        launch, steps = self.late
+        launch, steps = self.late if self.whole is None else self.whole
         launch(steps, stream, values_of)
         if self.packed_heads:
             return varlen_from(out_k, out_v, indices, self.packed_heads)
         return Evicted(out_k, out_v, indices)
 
 
-def _launcher(steps: List[Step], device: torch.device):
+def _launcher(steps: List[Step], device: torch.device, graphed: bool = False):
     """(launch, steps) with ``launch(steps, stream, values_of)`` running the steps in order:
-    one batched call into C, or Triton's launcher per step."""
+    one batched call into C (``graphed``: as a re-pointed CUDA graph), or Triton's launcher
+    per step."""
     roles = 1 + max((role for step in steps for _, role, _ in step.patches), default=-1)
-    batched = batch_launch.batch([(s.kernel, s.grid, s.template, s.patches) for s in steps], device.index, roles)
+    batched = batch_launch.batch([(s.kernel, s.grid, s.template, s.patches) for s in steps], device.index, roles,
+                                 graphed)
     return (_launch, steps) if batched is None else batched
 
 

@@ -8,11 +8,21 @@
  * no argument parsing per launch. A batch is read-only after build, so threads may launch
  * it at once; the GIL is released around the driver calls.
  *
+ * A batch built with graphed=1 launches its steps as one CUDA graph instead: a chain of kernel
+ * nodes, instantiated on the first launch, whose parameters each launch re-points
+ * (cuGraphExecKernelNodeSetParams, which copies them: a launch's values never reach another's)
+ * before one cuGraphLaunch. A node update costs a fraction of a kernel launch (H100:
+ * perf/graph_update_probe.py). The update and the launch hold the batch's mutex, so threads
+ * sharing a batch launch whole, self-consistent graphs. A stream that is capturing (a caller's
+ * own CUDA graph) gets plain launches, and so does every later launch once building or
+ * updating the graph failed (graph_state() tells which path a batch is on).
+ *
  * libcuda is opened with dlopen on the first launch, so the module builds and its packing
  * can be checked (patched()) on a machine without CUDA.
  */
 #include "cuda.h"
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #define PY_SSIZE_T_CLEAN
@@ -35,10 +45,20 @@ typedef struct {
   Patch *patches;
 } Step;
 
+enum { GRAPH_OFF = -1, GRAPH_UNBUILT = 0, GRAPH_READY = 1 };
+
 typedef struct {
   int device;
   uint32_t n_steps, n_roles;
   Step *steps;
+  int graph_state;      /* GRAPH_OFF: plain launches; the graph is built on the first launch */
+  CUresult graph_error; /* what dropped the graph (building or updating it), else CUDA_SUCCESS */
+  int graph_step;       /* the step whose node failed; n_steps: instantiating the graph */
+  uint64_t last[MAX_VALUES];   /* the values the graph's nodes hold (set by the last launch) */
+  CUgraph graph;
+  CUgraphExec exec;
+  CUgraphNode *nodes;   /* per step; NULL for a step with an empty grid (never launched) */
+  pthread_mutex_t lock;
 } Batch;
 
 typedef CUresult (*launch_ex_t)(const CUlaunchConfig *, CUfunction, void **, void **);
@@ -47,6 +67,15 @@ typedef CUresult (*ctx_get_t)(CUcontext *);
 typedef CUresult (*ctx_set_t)(CUcontext);
 typedef CUresult (*device_get_t)(CUdevice *, int);
 typedef CUresult (*retain_t)(CUcontext *, CUdevice);
+typedef CUresult (*is_capturing_t)(CUstream, CUstreamCaptureStatus *);
+typedef CUresult (*graph_create_t)(CUgraph *, unsigned);
+typedef CUresult (*add_kernel_node_t)(CUgraphNode *, CUgraph, const CUgraphNode *, size_t,
+                                      const CUDA_KERNEL_NODE_PARAMS_v2 *);
+typedef CUresult (*instantiate_t)(CUgraphExec *, CUgraph, unsigned long long);
+typedef CUresult (*set_params_t)(CUgraphExec, CUgraphNode, const CUDA_KERNEL_NODE_PARAMS_v2 *);
+typedef CUresult (*graph_launch_t)(CUgraphExec, CUstream);
+typedef CUresult (*exec_destroy_t)(CUgraphExec);
+typedef CUresult (*graph_destroy_t)(CUgraph);
 
 static launch_ex_t launch_ex;
 static error_string_t error_string;
@@ -54,6 +83,16 @@ static ctx_get_t ctx_get;
 static ctx_set_t ctx_set;
 static device_get_t device_get;
 static retain_t primary_retain;
+/* CUDA graphs: all found, or graphed batches launch plainly */
+static int have_graphs;
+static is_capturing_t is_capturing;
+static graph_create_t graph_create;
+static add_kernel_node_t add_kernel_node;
+static instantiate_t instantiate;
+static set_params_t set_params;
+static graph_launch_t graph_launch;
+static exec_destroy_t exec_destroy;
+static graph_destroy_t graph_destroy;
 
 static int load_driver(void) {
   if (launch_ex) return 1;
@@ -67,6 +106,16 @@ static int load_driver(void) {
   ctx_set = (ctx_set_t)dlsym(lib, "cuCtxSetCurrent");
   device_get = (device_get_t)dlsym(lib, "cuDeviceGet");
   primary_retain = (retain_t)dlsym(lib, "cuDevicePrimaryCtxRetain");
+  is_capturing = (is_capturing_t)dlsym(lib, "cuStreamIsCapturing");
+  graph_create = (graph_create_t)dlsym(lib, "cuGraphCreate");
+  add_kernel_node = (add_kernel_node_t)dlsym(lib, "cuGraphAddKernelNode_v2");
+  instantiate = (instantiate_t)dlsym(lib, "cuGraphInstantiateWithFlags");
+  set_params = (set_params_t)dlsym(lib, "cuGraphExecKernelNodeSetParams_v2");
+  graph_launch = (graph_launch_t)dlsym(lib, "cuGraphLaunch");
+  exec_destroy = (exec_destroy_t)dlsym(lib, "cuGraphExecDestroy");
+  graph_destroy = (graph_destroy_t)dlsym(lib, "cuGraphDestroy");
+  have_graphs = is_capturing && graph_create && add_kernel_node && instantiate && set_params && graph_launch &&
+                exec_destroy && graph_destroy;
   launch_ex_t found = (launch_ex_t)dlsym(lib, "cuLaunchKernelEx");
   if (!(error_string && ctx_get && ctx_set && device_get && primary_retain && found)) {
     PyErr_SetString(PyExc_RuntimeError, "batch_launch: libcuda.so.1 lacks a driver function it needs");
@@ -76,9 +125,23 @@ static int load_driver(void) {
   return 1;
 }
 
+/* A graphed batch's graph, destroyed: plain launches from then on. */
+static void drop_graph(Batch *batch) {
+  if (batch->exec) exec_destroy(batch->exec);   /* errors ignored: a context torn down at exit */
+  if (batch->graph) graph_destroy(batch->graph);
+  batch->exec = NULL;
+  batch->graph = NULL;
+  batch->graph_state = GRAPH_OFF;
+}
+
 /* Frees a batch and the buffers of its first ``steps`` steps (zeroed when allocated: a step
  * left half-built by a failed build() frees what it holds). */
 static void destroy(Batch *batch, Py_ssize_t steps) {
+  if (batch->nodes) {   /* a graphed batch: its mutex was initialised first */
+    drop_graph(batch);
+    pthread_mutex_destroy(&batch->lock);
+    PyMem_Free(batch->nodes);
+  }
   for (Py_ssize_t i = 0; i < steps; i++) {
     PyMem_Free(batch->steps[i].slots);
     PyMem_Free(batch->steps[i].patches);
@@ -92,14 +155,14 @@ static void free_batch(PyObject *capsule) {
   if (batch) destroy(batch, batch->n_steps);
 }
 
-/* build(device, n_roles, steps): steps is a sequence of
+/* build(device, n_roles, steps, graphed=False): steps is a sequence of
  * (function, grid_x, grid_y, grid_z, block, shared, pdl, cooperative, slots: bytes, patches)
  * with patches a sequence of (slot, role, offset). */
 static PyObject *build(PyObject *self, PyObject *args) {
-  int device;
+  int device, graphed = 0;
   unsigned n_roles;
   PyObject *steps_obj;
-  if (!PyArg_ParseTuple(args, "iIO", &device, &n_roles, &steps_obj)) return NULL;
+  if (!PyArg_ParseTuple(args, "iIO|p", &device, &n_roles, &steps_obj, &graphed)) return NULL;
   if (n_roles > MAX_VALUES) {
     PyErr_Format(PyExc_ValueError, "batch_launch: at most %d roles, got %u", MAX_VALUES, n_roles);
     return NULL;
@@ -116,6 +179,7 @@ static PyObject *build(PyObject *self, PyObject *args) {
   }
   batch->device = device;
   batch->n_roles = n_roles;
+  batch->graph_state = GRAPH_OFF;
   for (Py_ssize_t i = 0; i < n_steps; i++, batch->n_steps++) {
     Step *step = &batch->steps[i];
     unsigned long long function;
@@ -159,6 +223,21 @@ static PyObject *build(PyObject *self, PyObject *args) {
     Py_DECREF(patches);
   }
   Py_DECREF(steps);
+  for (uint32_t i = 0; graphed && i < batch->n_steps; i++)   /* launch attributes: no graph */
+    graphed = !batch->steps[i].pdl && !batch->steps[i].cooperative;
+  if (graphed) {
+    if (pthread_mutex_init(&batch->lock, NULL)) {
+      PyErr_SetString(PyExc_RuntimeError, "batch_launch: pthread_mutex_init failed");
+      goto fail_freed;
+    }
+    batch->nodes = PyMem_Calloc(n_steps ? n_steps : 1, sizeof(CUgraphNode));
+    if (!batch->nodes) {
+      pthread_mutex_destroy(&batch->lock);
+      PyErr_NoMemory();
+      goto fail_freed;
+    }
+    batch->graph_state = GRAPH_UNBUILT;
+  }
   PyObject *capsule = PyCapsule_New(batch, "tritonkv.batch", free_batch);
   if (!capsule) goto fail_freed;
   return capsule;
@@ -193,27 +272,27 @@ static void fill(const Step *step, const uint64_t *values, uint64_t *slots, void
   for (uint32_t s = 0; s < step->n_slots; s++) params[s] = &slots[s];
 }
 
-/* launch(batch, stream, values): every step, in order, on the stream. */
-static PyObject *launch(PyObject *self, PyObject *args) {
-  PyObject *capsule, *values_obj;
-  unsigned long long stream;
-  uint64_t values[MAX_VALUES];
-  if (!PyArg_ParseTuple(args, "OKO", &capsule, &stream, &values_obj)) return NULL;
-  Batch *batch = unpack(capsule, values_obj, values);
-  if (!batch || !load_driver()) return NULL;
-  CUresult status = CUDA_SUCCESS;
-  uint32_t failed = 0;
-  Py_BEGIN_ALLOW_THREADS;
-  CUcontext context = NULL;
-  status = ctx_get(&context);
-  if (status == CUDA_SUCCESS && !context) {   /* a thread that has not used CUDA yet */
-    CUdevice device;
-    status = device_get(&device, batch->device);
-    if (status == CUDA_SUCCESS) status = primary_retain(&context, device);
-    if (status == CUDA_SUCCESS) status = ctx_set(context);
-  }
+static int grid_empty(const Step *step) { return !(step->grid[0] && step->grid[1] && step->grid[2]); }
+
+static CUDA_KERNEL_NODE_PARAMS_v2 node_params(const Step *step, void **params) {
+  CUDA_KERNEL_NODE_PARAMS_v2 p = {0};
+  p.func = step->function;
+  p.gridDimX = step->grid[0];
+  p.gridDimY = step->grid[1];
+  p.gridDimZ = step->grid[2];
+  p.blockDimX = step->block;
+  p.blockDimY = 1;
+  p.blockDimZ = 1;
+  p.sharedMemBytes = step->shared;
+  p.kernelParams = params;
+  return p;
+}
+
+/* Every step as plain launches, in order; *failed: the step that failed. */
+static CUresult launch_steps(const Batch *batch, CUstream stream, const uint64_t *values, uint32_t *failed) {
   uint64_t slots[MAX_PARAMS];
   void *params[MAX_PARAMS];
+  CUresult status = CUDA_SUCCESS;
   for (uint32_t i = 0; status == CUDA_SUCCESS && i < batch->n_steps; i++) {
     const Step *step = &batch->steps[i];
     fill(step, values, slots, params);
@@ -235,21 +314,130 @@ static PyObject *launch(PyObject *self, PyObject *args) {
     config.blockDimY = 1;
     config.blockDimZ = 1;
     config.sharedMemBytes = step->shared;
-    config.hStream = (CUstream)(uintptr_t)stream;
+    config.hStream = stream;
     config.attrs = attrs;
     config.numAttrs = n_attrs;
-    if (step->grid[0] && step->grid[1] && step->grid[2]) status = launch_ex(&config, step->function, params, NULL);
-    failed = i;
+    if (!grid_empty(step)) status = launch_ex(&config, step->function, params, NULL);
+    *failed = i;
   }
+  return status;
+}
+
+/* The chain of kernel nodes, with these values, instantiated (the batch's lock held). */
+static CUresult build_graph(Batch *batch, const uint64_t *values) {
+  uint64_t slots[MAX_PARAMS];
+  void *params[MAX_PARAMS];
+  CUresult status = graph_create(&batch->graph, 0);
+  CUgraphNode last = NULL;
+  for (uint32_t i = 0; status == CUDA_SUCCESS && i < batch->n_steps; i++) {
+    const Step *step = &batch->steps[i];
+    if (grid_empty(step)) continue;
+    fill(step, values, slots, params);
+    CUDA_KERNEL_NODE_PARAMS_v2 p = node_params(step, params);
+    status = add_kernel_node(&batch->nodes[i], batch->graph, last ? &last : NULL, last ? 1 : 0, &p);
+    last = batch->nodes[i];
+    batch->graph_step = (int)i;
+  }
+  if (status == CUDA_SUCCESS) {
+    batch->graph_step = (int)batch->n_steps;
+    status = instantiate(&batch->exec, batch->graph, 0);
+  }
+  return status;
+}
+
+/* Re-points the nodes whose patched values changed since the last launch (the batch's lock held):
+ * an updated node is uploaded again before the graph runs, which delays its start (H100: wall
+ * time 1.1-1.5x of plain launches when every node was updated on every call), so calls whose
+ * tensors come back at the same addresses (the caching allocator's usual case) update none. */
+static CUresult update_graph(Batch *batch, const uint64_t *values) {
+  uint64_t slots[MAX_PARAMS];
+  void *params[MAX_PARAMS];
+  CUresult status = CUDA_SUCCESS;
+  for (uint32_t i = 0; status == CUDA_SUCCESS && i < batch->n_steps; i++) {
+    const Step *step = &batch->steps[i];
+    if (!batch->nodes[i]) continue;
+    int changed = 0;
+    for (uint32_t j = 0; j < step->n_patches && !changed; j++)
+      changed = values[step->patches[j].role] != batch->last[step->patches[j].role];
+    if (!changed) continue;
+    fill(step, values, slots, params);
+    CUDA_KERNEL_NODE_PARAMS_v2 p = node_params(step, params);
+    status = set_params(batch->exec, batch->nodes[i], &p);
+    batch->graph_step = (int)i;
+  }
+  return status;
+}
+
+/* The steps as one graph launch; returns 0 where the caller must launch them plainly (no
+ * graphs, a capturing stream, or building / updating the graph failed: then never again). */
+static int launch_graph(Batch *batch, CUstream stream, const uint64_t *values, CUresult *status) {
+  CUstreamCaptureStatus capture;
+  if (!have_graphs || is_capturing(stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE)
+    return 0;
+  pthread_mutex_lock(&batch->lock);
+  int done = 0;
+  if (batch->graph_state != GRAPH_OFF) {
+    CUresult ready = batch->graph_state == GRAPH_READY ? update_graph(batch, values) : build_graph(batch, values);
+    if (ready == CUDA_SUCCESS) {
+      memcpy(batch->last, values, batch->n_roles * sizeof(uint64_t));
+      batch->graph_state = GRAPH_READY;
+      *status = graph_launch(batch->exec, stream);
+      done = 1;
+    } else {
+      batch->graph_error = ready;
+      drop_graph(batch);
+    }
+  }
+  pthread_mutex_unlock(&batch->lock);
+  return done;
+}
+
+/* launch(batch, stream, values): every step, in order, on the stream. */
+static PyObject *launch(PyObject *self, PyObject *args) {
+  PyObject *capsule, *values_obj;
+  unsigned long long stream;
+  uint64_t values[MAX_VALUES];
+  if (!PyArg_ParseTuple(args, "OKO", &capsule, &stream, &values_obj)) return NULL;
+  Batch *batch = unpack(capsule, values_obj, values);
+  if (!batch || !load_driver()) return NULL;
+  CUresult status = CUDA_SUCCESS;
+  uint32_t failed = 0;
+  int graphed = 0;
+  Py_BEGIN_ALLOW_THREADS;
+  CUcontext context = NULL;
+  status = ctx_get(&context);
+  if (status == CUDA_SUCCESS && !context) {   /* a thread that has not used CUDA yet */
+    CUdevice device;
+    status = device_get(&device, batch->device);
+    if (status == CUDA_SUCCESS) status = primary_retain(&context, device);
+    if (status == CUDA_SUCCESS) status = ctx_set(context);
+  }
+  CUstream cu_stream = (CUstream)(uintptr_t)stream;
+  if (status == CUDA_SUCCESS && batch->graph_state != GRAPH_OFF)
+    graphed = launch_graph(batch, cu_stream, values, &status);
+  if (status == CUDA_SUCCESS && !graphed) status = launch_steps(batch, cu_stream, values, &failed);
   Py_END_ALLOW_THREADS;
   if (status != CUDA_SUCCESS) {
     const char *text = NULL;
     error_string(status, &text);
-    PyErr_Format(PyExc_RuntimeError, "batch_launch: step %u: CUDA error %d (%s)", failed, (int)status,
-                 text ? text : "unknown");
+    if (graphed)
+      PyErr_Format(PyExc_RuntimeError, "batch_launch: graph launch: CUDA error %d (%s)", (int)status,
+                   text ? text : "unknown");
+    else
+      PyErr_Format(PyExc_RuntimeError, "batch_launch: step %u: CUDA error %d (%s)", failed, (int)status,
+                   text ? text : "unknown");
     return NULL;
   }
   Py_RETURN_NONE;
+}
+
+/* graph_state(batch): -1 plain launches, 0 a graph not built yet, 1 launching as a graph. */
+static PyObject *graph_state(PyObject *self, PyObject *args) {
+  PyObject *capsule;
+  if (!PyArg_ParseTuple(args, "O", &capsule)) return NULL;
+  Batch *batch = (Batch *)PyCapsule_GetPointer(capsule, "tritonkv.batch");
+  if (!batch) return NULL;
+  return PyLong_FromLong(batch->graph_state);
 }
 
 /* patched(batch, values): each step's parameter slots as launch() would pass them (bytes), for tests. */
@@ -272,10 +460,29 @@ static PyObject *patched(PyObject *self, PyObject *args) {
   return out;
 }
 
+/* graph_error(batch): (CUresult, step) that dropped the batch's graph: (0, _) none; step n_steps:
+ * instantiating it. */
+static PyObject *graph_error(PyObject *self, PyObject *args) {
+  PyObject *capsule;
+  if (!PyArg_ParseTuple(args, "O", &capsule)) return NULL;
+  Batch *batch = (Batch *)PyCapsule_GetPointer(capsule, "tritonkv.batch");
+  if (!batch) return NULL;
+  return Py_BuildValue("(ii)", (int)batch->graph_error, batch->graph_step);
+}
+
+/* graphs_found(): whether libcuda has every graph function a graphed batch calls (loads it). */
+static PyObject *graphs_found(PyObject *self, PyObject *args) {
+  if (!load_driver()) return NULL;
+  return PyBool_FromLong(have_graphs);
+}
+
 static PyMethodDef methods[] = {
     {"build", build, METH_VARARGS, "Pack recorded launches into a batch."},
     {"launch", launch, METH_VARARGS, "Launch a batch's steps on a stream."},
     {"patched", patched, METH_VARARGS, "A batch's parameter slots with values patched in."},
+    {"graph_state", graph_state, METH_VARARGS, "-1: plain launches, 0: graph not built yet, 1: graph."},
+    {"graph_error", graph_error, METH_VARARGS, "(CUresult, step) that dropped a batch's graph (0: none)."},
+    {"graphs_found", graphs_found, METH_NOARGS, "Whether libcuda has the graph functions (loads it)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,6 +10,10 @@ The parameters mirror Triton 3.6's launcher (backends/nvidia/driver.py, ``make_l
 the kernel's non-constexpr arguments in signature order, floats in their storage type, then
 the global and profile scratch pointers (null: kernels that need scratch memory are not
 batched). ``TRITONKV_BATCH_LAUNCH=0`` turns it off (Triton's launchers, one call each).
+
+A graphed batch launches its kernels as one CUDA graph whose kernel nodes each call re-points
+(batch_launch.c says how, and when it falls back to plain launches); ``TRITONKV_GRAPH_LAUNCH=0``
+turns graphs off (plain launches from C).
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ _MASK = (1 << 64) - 1
 
 def enabled() -> bool:
     return os.environ.get("TRITONKV_BATCH_LAUNCH", "1") != "0"
+
+
+def graphs_enabled() -> bool:
+    """Whether batches built from now on may launch as re-pointed CUDA graphs."""
+    return enabled() and os.environ.get("TRITONKV_GRAPH_LAUNCH", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,11 +99,11 @@ def signature_of(kernel) -> Optional[Tuple[str, ...]]:
     return types
 
 
-def batch(launches, device_index: int, n_roles: int):
+def batch(launches, device_index: int, n_roles: int, graphed: bool = False):
     """(launch, handle) for ``launch(handle, stream, values)`` to run ``launches`` ((compiled
     kernel, grid, template, patches) each) in order, ``values[role]`` patched in where a patch
     names ``role``; None where batching is off, the module cannot be built or some kernel
-    cannot be batched."""
+    cannot be batched. ``graphed``: as one re-pointed CUDA graph per launch."""
     if not enabled() or not launches:
         return None
     mod = module()
@@ -114,4 +123,4 @@ def batch(launches, device_index: int, n_roles: int):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         steps.append((kernel.function, *grid, 32 * num_warps, shared, bool(run.launch_pdl),
                       bool(run.launch_cooperative_grid), slots, by_slot))
-    return mod.launch, mod.build(device_index, n_roles, steps)
+    return mod.launch, mod.build(device_index, n_roles, steps, graphed)
