@@ -274,16 +274,23 @@ static void fill(const Step *step, const uint64_t *values, uint64_t *slots, void
 
 static int grid_empty(const Step *step) { return !(step->grid[0] && step->grid[1] && step->grid[2]); }
 
+/* A step's grid, block and shared memory into a launch config or a kernel node's parameters
+ * (two driver structs with these fields in common). */
+#define SET_SHAPE(s, step)                                                  \
+  do {                                                                      \
+    (s).gridDimX = (step)->grid[0];                                         \
+    (s).gridDimY = (step)->grid[1];                                         \
+    (s).gridDimZ = (step)->grid[2];                                         \
+    (s).blockDimX = (step)->block;                                          \
+    (s).blockDimY = 1;                                                      \
+    (s).blockDimZ = 1;                                                      \
+    (s).sharedMemBytes = (step)->shared;                                    \
+  } while (0)
+
 static CUDA_KERNEL_NODE_PARAMS_v2 node_params(const Step *step, void **params) {
   CUDA_KERNEL_NODE_PARAMS_v2 p = {0};
   p.func = step->function;
-  p.gridDimX = step->grid[0];
-  p.gridDimY = step->grid[1];
-  p.gridDimZ = step->grid[2];
-  p.blockDimX = step->block;
-  p.blockDimY = 1;
-  p.blockDimZ = 1;
-  p.sharedMemBytes = step->shared;
+  SET_SHAPE(p, step);
   p.kernelParams = params;
   return p;
 }
@@ -307,13 +314,7 @@ static CUresult launch_steps(const Batch *batch, CUstream stream, const uint64_t
       attrs[n_attrs++].value.cooperative = 1;
     }
     CUlaunchConfig config = {0};
-    config.gridDimX = step->grid[0];
-    config.gridDimY = step->grid[1];
-    config.gridDimZ = step->grid[2];
-    config.blockDimX = step->block;
-    config.blockDimY = 1;
-    config.blockDimZ = 1;
-    config.sharedMemBytes = step->shared;
+    SET_SHAPE(config, step);
     config.hStream = stream;
     config.attrs = attrs;
     config.numAttrs = n_attrs;
