@@ -173,3 +173,43 @@ def test_launch_attributes_keep_a_batch_off_graphs():
     for pdl, cooperative in ((True, False), (False, True)):
         attributed = (1, 1, 1, 1, 32, 0, pdl, cooperative, slots, patches)
         assert mod.graph_state(mod.build(0, 1, [plain, attributed], True)) == -1
+
+
+@pytest.mark.skipif(not HAS_CC, reason="the C module needs a C compiler")
+def test_graph_path_against_a_stub_driver(tmp_path):
+    """A graphed batch's path through the driver, on any machine: the C module against a stub
+    libcuda that records its calls (tests/stub_libcuda). The graph is built and instantiated on the
+    first launch; later launches re-point only the nodes whose patched values changed since the
+    graph last ran; a capturing stream gets plain launches and leaves the graph as it was; a failed
+    update or build drops the graph for good (its CUresult and step kept), that call launching
+    plainly; a batch built without ``graphed`` never builds one."""
+    import json
+
+    stub = tmp_path / "libcuda.so.1"
+    cc = shutil.which("gcc") or shutil.which("cc")
+    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub),
+                    os.path.join(ROOT, "tests", "stub_libcuda", "libcuda.c")], check=True)
+    env = dict(os.environ, LD_LIBRARY_PATH=str(tmp_path), PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "stub_libcuda", "run_graph_path.py"),
+                           str(stub)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert rows[0] == dict(label="found", found=True)
+    seen = {row["label"]: row for row in rows[1:]}
+
+    def check(label, state, error, **counts):
+        row = seen[label]
+        assert (row["state"], row["error"][0]) == (state, error), row
+        assert {k: row[k] for k in counts} == counts, row
+
+    check("first", 1, 0, launches=0, nodes_added=2, instantiations=1, node_updates=0, graph_launches=1,
+          last_param0=20)
+    check("same", 1, 0, launches=0, node_updates=0, graph_launches=2)
+    check("second changed", 1, 0, node_updates=1, graph_launches=3, last_param0=21)
+    check("capturing", 1, 0, launches=2, node_updates=1, graph_launches=3, last_param0=21)
+    check("after capture", 1, 0, launches=2, node_updates=2, graph_launches=4, last_param0=11)
+    check("update fails", -1, 700, launches=4, node_updates=2, graph_launches=4, last_param0=21)
+    assert seen["update fails"]["error"][1] == 0   # the first node's update failed
+    check("after failure", -1, 700, launches=6, graph_launches=4, last_param0=22)
+    check("build fails", -1, 999, launches=8, nodes_added=2, instantiations=1, graph_launches=4, last_param0=40)
+    check("not graphed", -1, 0, launches=10, nodes_added=2, graph_launches=4, last_param0=60)
