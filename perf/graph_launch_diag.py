@@ -41,16 +41,12 @@ def main():
                 bad += not state or state[0] != 1 or state[1][0] != 0
                 print(name, "whole" if whole else "split", state, flush=True)
                 if state and state[1][0]:
-                    for i, step in enumerate(plan_steps(plan)):
+                    for i, step in enumerate(plan.steps):
                         k = step.kernel
                         print("   step", i, getattr(k, "name", "?"), "grid", step.grid, "warps/ctas/shared",
                               k.packed_metadata, "pdl", k.run.launch_pdl, "coop", k.run.launch_cooperative_grid,
                               flush=True)
     sys.exit(1 if bad else 0)
-
-
-def plan_steps(plan):
-    return plan.steps
 
 
 if __name__ == "__main__":

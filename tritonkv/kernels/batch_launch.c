@@ -432,13 +432,17 @@ static PyObject *launch(PyObject *self, PyObject *args) {
   Py_RETURN_NONE;
 }
 
-/* graph_state(batch): -1 plain launches, 0 a graph not built yet, 1 launching as a graph. */
-static PyObject *graph_state(PyObject *self, PyObject *args) {
+/* The batch that is a function's one argument (NULL with the exception set). */
+static Batch *batch_arg(PyObject *args) {
   PyObject *capsule;
   if (!PyArg_ParseTuple(args, "O", &capsule)) return NULL;
-  Batch *batch = (Batch *)PyCapsule_GetPointer(capsule, "tritonkv.batch");
-  if (!batch) return NULL;
-  return PyLong_FromLong(batch->graph_state);
+  return (Batch *)PyCapsule_GetPointer(capsule, "tritonkv.batch");
+}
+
+/* graph_state(batch): -1 plain launches, 0 a graph not built yet, 1 launching as a graph. */
+static PyObject *graph_state(PyObject *self, PyObject *args) {
+  Batch *batch = batch_arg(args);
+  return batch ? PyLong_FromLong(batch->graph_state) : NULL;
 }
 
 /* patched(batch, values): each step's parameter slots as launch() would pass them (bytes), for tests. */
@@ -464,11 +468,8 @@ static PyObject *patched(PyObject *self, PyObject *args) {
 /* graph_error(batch): (CUresult, step) that dropped the batch's graph: (0, _) none; step n_steps:
  * instantiating it. */
 static PyObject *graph_error(PyObject *self, PyObject *args) {
-  PyObject *capsule;
-  if (!PyArg_ParseTuple(args, "O", &capsule)) return NULL;
-  Batch *batch = (Batch *)PyCapsule_GetPointer(capsule, "tritonkv.batch");
-  if (!batch) return NULL;
-  return Py_BuildValue("(ii)", (int)batch->graph_error, batch->graph_step);
+  Batch *batch = batch_arg(args);
+  return batch ? Py_BuildValue("(ii)", (int)batch->graph_error, batch->graph_step) : NULL;
 }
 
 /* graphs_found(): whether libcuda has every graph function a graphed batch calls (loads it). */
