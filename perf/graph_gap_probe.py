@@ -4,8 +4,8 @@ below its wall (H100, b26ea67: KeyDiff 128K B = 4 10% 1.101 ms in the suite agai
 
 In one process, per case, the steps of a perf-suite case in its order, with the GPU's clocks, power and
 temperature (nvidia-smi) beside each measure:
-  graph (tkv.evict)  -> wall -> graph (held Evictor) -> peak_extra_bytes -> eager and peer baselines as the
-  suite runs them -> graph (tkv.evict) again -> wall again -> graph after a 5 s rest.
+  graph (tkv.evict) -> wall and queued (perf/timing.py) -> graph (held Evictor) -> peak_extra_bytes ->
+  eager and peer baselines as the suite runs them -> graph (tkv.evict) again -> wall and queued again -> graph after a 5 s rest.
 If the graph time rises after the baselines and falls after the rest, the suite times tritonkv on a GPU
 the baselines have heated (clocks or power capped); if it is high from the start, the capture is.
 
@@ -22,7 +22,7 @@ import torch
 import tritonkv as tkv
 from perf.baselines import eager_evict, peer_evict
 from perf.test_evict import POLICIES, make_cache, make_named
-from perf.timing import event_seconds, graph_times, peak_extra_bytes
+from perf.timing import event_seconds, graph_times, peak_extra_bytes, queued_seconds
 from tritonkv.budget import resolve_budget
 
 CASES = "keydiff:131072:4:0.1,streaming_llm:524288:4:0.5,tova:524288:4:0.1"
@@ -59,13 +59,14 @@ def probe(name, n, batch, budget):
 
     def graph(label, fn=run):
         times = graph_times(fn, replays=10)
-        print(f"  {label:<34} graph {statistics.median(times) * 1e6:8.1f} us (min {min(times) * 1e6:8.1f})"
+        print(f"  {label:<34} graph  {statistics.median(times) * 1e6:8.1f} us (min {min(times) * 1e6:8.1f})"
               f"  [{gpu_state()}]", flush=True)
 
     def wall(label):
-        times = [event_seconds(run) for _ in range(10)]
-        print(f"  {label:<34} wall  {statistics.median(times) * 1e6:8.1f} us (min {min(times) * 1e6:8.1f})"
-              f"  [{gpu_state()}]", flush=True)
+        for kind, measure in (("wall", event_seconds), ("queued", queued_seconds)):
+            times = [measure(run) for _ in range(10)]
+            print(f"  {label:<34} {kind:<6} {statistics.median(times) * 1e6:8.1f} us (min {min(times) * 1e6:8.1f})"
+                  f"  [{gpu_state()}]", flush=True)
 
     print(f"{name} N={n} B={batch} {budget:.0%}", flush=True)
     graph("fresh, tkv.evict")

@@ -6,7 +6,9 @@ Run (README): ``perf/run`` — one JSON per run under perf/results/.
 Each case's extra_info holds: policy, N, B, budget; three times of tritonkv: time_ms (wall of
 one call, host launch included), gpu_ms / gpu_min_ms (CUDA-graph replay, median / min),
 host_us / host_min_us (host time per call of back-to-back calls without sync, mean / best
-block of 50); floor_ms, x_floor; eager_ms, compile_ms, peer_ms, peer_compile_ms and
+block of 50); queued_ms (one eager call's kernels, its launch hidden behind a GPU sleep: where
+the caching allocator puts the outputs, unlike a graph replay; perf/timing.py); floor_ms,
+x_floor, x_floor_gpu, x_floor_queued; eager_ms, compile_ms, peer_ms, peer_compile_ms and
 speedup_vs_{eager,compile,peer,peer_compile} (baseline wall / tritonkv wall);
 kept_mismatch_vs_{eager,peer}; {compile,peer_compile}_skipped (why, where it did not run) and
 {compile,peer_compile}_first_call_s (compilation included); extra_memory_bytes, and more.
@@ -26,7 +28,8 @@ from tritonkv.budget import resolve_budget
 
 from .baselines import CompileBudgetExceeded, compile_within, compiled_evict, eager_evict, peer_evict
 from .floor import floor_bytes
-from .timing import DEVICE, flush_l2, graph_times, host_times, median_seconds, peak_extra_bytes, sync
+from .timing import (DEVICE, flush_l2, graph_times, host_times, median_seconds, peak_extra_bytes, queued_seconds,
+                     sync)
 
 HEADS, GROUP, WINDOW, DIM = 8, 4, 64, 128
 DTYPE = torch.bfloat16
@@ -194,18 +197,21 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
     # three times: time_ms, one call until its GPU work is done, launch overhead included (what
     # a caller waits); gpu_ms, the same kernels replayed from a CUDA graph, without launch gaps
     # (what the kernels cost); host_us, CPU time per call of back-to-back calls (what the host
-    # costs). Minima beside them let the dashboard tell noise from change.
+    # costs). Minima beside them let the dashboard tell noise from change. queued_ms: the kernels
+    # of an eager call (a graph replay's outputs sit in the graph's pool, which timed 1.10-1.16x
+    # slower for some captures: perf/graph_gap_probe.py)
     replays = graph_times(run, replays=ROUNDS)
     gpu_seconds = statistics.median(replays)
+    queued = statistics.median(queued_seconds(run) for _ in range(ROUNDS))
     hosts = host_times(run, calls=HOST_CALLS, block=HOST_BLOCK)
     benchmark.pedantic(run, setup=flush_l2, rounds=rounds, warmup_rounds=min(2, rounds))
     seconds = benchmark.stats.stats.median
     floor = floor_bytes(policy, keys, values, queries, n_kept, tuple(named.values()))
     floor_s = floor / bandwidth
-    info.update(time_ms=seconds * 1e3, gpu_ms=gpu_seconds * 1e3, gpu_min_ms=min(replays) * 1e3,
+    info.update(time_ms=seconds * 1e3, gpu_ms=gpu_seconds * 1e3, gpu_min_ms=min(replays) * 1e3, queued_ms=queued * 1e3,
                 host_us=statistics.mean(hosts) * 1e6, host_min_us=min(hosts) * 1e6, floor_bytes=floor,
                 bandwidth_GBps=bandwidth / 1e9, floor_ms=floor_s * 1e3, x_floor=seconds / floor_s,
-                x_floor_gpu=gpu_seconds / floor_s)
+                x_floor_gpu=gpu_seconds / floor_s, x_floor_queued=queued / floor_s)
     if BASELINES:
         for baseline in ("eager", "compile", "peer", "peer_compile"):
             base_ms = info[f"{baseline}_ms"]
@@ -227,7 +233,7 @@ def record_case(info, benchmark):
     fmt = lambda x, digits=2: "-" if x is None else f"{x:.{digits}f}"  # noqa: E731
     print(f"\n{info['policy']:<14} N={info['N']:<7} B={info['B']} budget={info['budget']:<4} "
           f"{info['time_ms']:.3f} ms (gpu {info['gpu_ms']:.3f}) = {info['x_floor']:.2f}x floor "
-          f"(gpu {info['x_floor_gpu']:.2f}x), host {info['host_us']:.1f} us; "
+          f"(gpu {info['x_floor_gpu']:.2f}x, queued {info['x_floor_queued']:.2f}x), host {info['host_us']:.1f} us; "
           f"vs eager {fmt(info.get('speedup_vs_eager'))}x, compile {fmt(info.get('speedup_vs_compile'))}x, "
           f"peer {fmt(info.get('speedup_vs_peer'))}x, peer compile {fmt(info.get('speedup_vs_peer_compile'))}x, "
           f"peer mismatch {fmt(info.get('kept_mismatch_vs_peer'), 4)}", flush=True)

@@ -2,6 +2,10 @@
 - wall: one call until its GPU work is done, host launch included, with the L2 cache flushed
   before it (so a 16 MB cache does not sit in the 50 MB L2): what a caller waits;
 - graph replay: the same GPU work replayed from a CUDA graph, without launch gaps: the kernels;
+- queued: one eager call whose launch the GPU does not wait for (it sleeps while the host enqueues
+  the call): the kernels back to back, writing where the caching allocator puts the outputs (a
+  graph replay writes into the graph's own pool, and after the perf suite's baselines such a
+  replay read 1.10-1.13x the same call's eager kernels on an H100: perf/graph_gap_probe.py);
 - host: CPU time per call of back-to-back calls that do not synchronize: the Python and
   launch cost, what bounds a loop of per-layer evictions once the GPU keeps up.
 
@@ -68,6 +72,29 @@ def peak_extra_bytes(fn, output_bytes):
     peak = torch.cuda.max_memory_allocated()
     del out
     return max(0, peak - base - output_bytes)
+
+
+def queued_seconds(fn, lead_s: float = 1e-3) -> float:
+    """Seconds of fn's GPU work from an idle device (L2 flushed), its host launch hidden: the GPU
+    sleeps ``lead_s`` (at up to 2 GHz) while the host enqueues fn, then CUDA events time fn's
+    kernels. Where the host took longer than the sleep the lead doubles and it is timed again.
+    On the CPU: event_seconds."""
+    if not CUDA:
+        return event_seconds(fn)
+    while True:
+        flush_l2()
+        sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(lead_s * 2e9))
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host = time.perf_counter() - t0
+        end.record()
+        end.synchronize()
+        if host < 0.5 * lead_s:   # the sleep (>= lead_s at clocks up to 2 GHz) outlasted the launch
+            return start.elapsed_time(end) / 1e3
+        lead_s *= 2
 
 
 def graph_seconds(fn, replays: int = 10) -> float:

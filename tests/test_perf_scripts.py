@@ -34,6 +34,8 @@ def test_perf_suite_runs_at_toy_size(tmp_path):
     (result,) = tmp_path.glob("*.json")
     benchmarks = json.loads(result.read_text())["benchmarks"]
     assert benchmarks and all(b["stats"]["mean"] > 0 for b in benchmarks)
+    # the four times of each case, the queued kernels among them
+    assert all(b["extra_info"]["queued_ms"] > 0 and b["extra_info"]["x_floor_queued"] > 0 for b in benchmarks)
 
 
 def test_host_overhead_measures_every_preset_at_toy_size(tmp_path):
@@ -90,6 +92,13 @@ def test_launches_runs_at_toy_size(tmp_path):
 def test_ncu_probe_runs_at_toy_size():
     out = run([sys.executable, "perf/ncu_probe.py", "--toy", "--policy", "snapkv"])
     assert "snapkv N=256 B=1" in out.stdout
+
+
+def test_graph_gap_probe_runs_at_toy_size():
+    out = run([sys.executable, "perf/graph_gap_probe.py", "--cases", "keydiff:128:1:0.5,streaming_llm:100:1:0.1"])
+    for step in ("fresh, tkv.evict", "after the baselines", "after a 5 s rest"):
+        assert out.stdout.count(step) >= 2, out.stdout   # both cases ran every step
+    assert out.stdout.count("queued") == 6
 
 
 def test_l2_probe_runs_at_toy_size():
