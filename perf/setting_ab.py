@@ -2,9 +2,11 @@
 tritonkv.geometry reads when it plans a launch), in one process, beside the peer (kvpress'
 formulation: scores in the cache's dtype, topk, gather).
 
-For each case and each value of the setting, a fresh planned Evictor; three times of one call:
-wall (from an idle GPU, host launch included), graph (CUDA-graph replay: kernels alone) and host
-(back-to-back calls); the values interleaved, medians over ``--repeats``. The caches are those
+For each case and each value of the setting, a fresh planned Evictor; four times of one call:
+wall (from an idle GPU, host launch included), graph (CUDA-graph replay: kernels alone), queued
+(the kernels of an eager call, its launch hidden: perf/timing.py's queued_seconds; a graph replay's
+outputs sit in the graph's own pool, 1.10-1.16x slower for some captures) and host (back-to-back
+calls); the values interleaved, medians over ``--repeats``. The caches are those
 of the perf suite (perf/test_evict.py: B x 8 KV heads x N x 128, bf16, 32 query heads with a
 window of 64).
 
@@ -27,11 +29,11 @@ from perf.baselines import peer_evict  # noqa: E402
 from perf.host_overhead import inputs  # noqa: E402
 from perf.settings import switches  # noqa: E402
 from perf.test_evict import POLICIES, make_cache  # noqa: E402
-from perf.timing import DEVICE, event_seconds, graph_seconds, host_times  # noqa: E402
+from perf.timing import DEVICE, event_seconds, graph_seconds, host_times, queued_seconds  # noqa: E402
 from tritonkv import geometry  # noqa: E402
 from tritonkv.runtime import Evictor  # noqa: E402
 
-KINDS = ("wall", "graph", "host")
+KINDS = ("wall", "graph", "queued", "host")
 
 
 def ints(text: str):
@@ -59,6 +61,7 @@ def times_us(fn, replays: int) -> dict:
     samples = 5 if DEVICE == "cuda" else 1
     return dict(wall=statistics.median(event_seconds(fn) for _ in range(samples)) * 1e6,
                 graph=graph_seconds(fn, replays=replays) * 1e6 if DEVICE == "cuda" else float("nan"),
+                queued=statistics.median(queued_seconds(fn) for _ in range(samples)) * 1e6,
                 host=statistics.mean(host_times(fn, calls=100 if DEVICE == "cuda" else 2, block=25)) * 1e6)
 
 
@@ -89,7 +92,8 @@ def line(row, values) -> str:
     a, b = values[0], values[-1]
     times = " | ".join(f"{v}: " + " ".join(f"{us(v, k):8.1f}" for k in KINDS) for v in values)
     text = (f"{row['policy']:<14} B={row['B']} N={row['N']:>6} {row['budget']:.0%}  {times} | "
-            f"{b} / {a} graph {us(b, 'graph') / us(a, 'graph'):.3f} wall {us(b, 'wall') / us(a, 'wall'):.3f}")
+            f"{b} / {a} graph {us(b, 'graph') / us(a, 'graph'):.3f} queued {us(b, 'queued') / us(a, 'queued'):.3f} "
+            f"wall {us(b, 'wall') / us(a, 'wall'):.3f}")
     if "peer wall us" in row:
         text += f" | peer / {b} wall {us('peer', 'wall') / us(b, 'wall'):.2f}x"
     return text
@@ -117,7 +121,7 @@ def main(argv=None):
         args.b, args.n, args.budgets, args.repeats = [1], [128], [0.5], 1
     replays = 2 if args.toy else 20
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    print(f"{gpu}  {args.setting} in {args.values}; us: wall / graph / host", flush=True)
+    print(f"{gpu}  {args.setting} in {args.values}; us: wall / graph / queued / host", flush=True)
     rows = []
     try:
         for name in names:
