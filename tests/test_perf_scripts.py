@@ -101,6 +101,11 @@ def test_graph_gap_probe_runs_at_toy_size():
     assert out.stdout.count("queued") == 6
 
 
+def test_host_noise_probe_runs_at_toy_size():
+    out = run([sys.executable, "perf/host_noise_probe.py", "--toy", "--presets", "streaming_llm,keydiff"])
+    assert "process on CPU" in out.stdout and out.stdout.count("thread CPU") == 2, out.stdout
+
+
 def test_l2_probe_runs_at_toy_size():
     out = run([sys.executable, "perf/l2_probe.py", "--toy"])
     assert "two launches" in out.stdout   # on the CPU the two launches alone
