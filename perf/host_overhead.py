@@ -45,11 +45,10 @@ POLICIES = dict(BENCHMARKED, adakv=tkv.policies.adakv(), pyramidkv=tkv.policies.
 REPEATS = dict(host=200, wall=20, replays=10)
 
 
-def host_us(fn, calls=None, block: int = 25) -> float:
-    """CPU time per call of back-to-back calls (the GPU queue absorbs the work): the median of
-    blocks of 25 calls, 40 ms apart (perf/timing.py's host_times)."""
+def host_us(fn, calls=None) -> float:
+    """CPU time per call of back-to-back calls (the GPU queue absorbs the work)."""
     calls = calls or REPEATS["host"]
-    return statistics.median(host_times(fn, calls=calls, block=min(block, calls))) * 1e6
+    return statistics.mean(host_times(fn, calls=calls, block=min(50, calls))) * 1e6
 
 
 def wall_us(fn) -> float:
@@ -194,7 +193,7 @@ def primitives():
     }
     out = {}
     for name, fn in pieces.items():
-        out[name] = host_us(fn, calls=2000, block=250)
+        out[name] = host_us(fn, calls=2000)
         print(f"{name:<45} {out[name]:7.2f} us", flush=True)
     return out
 

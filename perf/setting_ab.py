@@ -62,7 +62,7 @@ def times_us(fn, replays: int) -> dict:
     return dict(wall=statistics.median(event_seconds(fn) for _ in range(samples)) * 1e6,
                 graph=graph_seconds(fn, replays=replays) * 1e6 if DEVICE == "cuda" else float("nan"),
                 queued=statistics.median(queued_seconds(fn) for _ in range(samples)) * 1e6,
-                host=statistics.median(host_times(fn, calls=100 if DEVICE == "cuda" else 2, block=25)) * 1e6)
+                host=statistics.mean(host_times(fn, calls=100 if DEVICE == "cuda" else 2, block=25)) * 1e6)
 
 
 def case(setting, values, name, b, n, budget, repeats, replays) -> dict:

@@ -5,8 +5,8 @@ the most used eviction library's formulation (cache dtype, topk, gather) where i
 Run (README): ``perf/run`` — one JSON per run under perf/results/.
 Each case's extra_info holds: policy, N, B, budget; three times of tritonkv: time_ms (wall of
 one call, host launch included), gpu_ms / gpu_min_ms (CUDA-graph replay, median / min),
-host_us / host_min_us (host time per call of back-to-back calls without sync, median / best of
-8 blocks of 25, 40 ms apart: perf/timing.py's host_times); queued_ms (one eager call's kernels, its launch hidden behind a GPU sleep: where
+host_us / host_min_us (host time per call of back-to-back calls without sync, mean / best
+block of 50); queued_ms (one eager call's kernels, its launch hidden behind a GPU sleep: where
 the caching allocator puts the outputs, unlike a graph replay; perf/timing.py); floor_ms,
 x_floor, x_floor_gpu, x_floor_queued; eager_ms, compile_ms, peer_ms, peer_compile_ms and
 speedup_vs_{eager,compile,peer,peer_compile} (baseline wall / tritonkv wall);
@@ -56,7 +56,7 @@ NAMES = _env("TKV_BENCH_POLICIES", ",".join(ORDER)).split(",")
 BASELINES = _env("TKV_BENCH_BASELINES", "1") == "1"
 # TKV_BENCH_TOY=1 (CPU, tests/test_perf_scripts.py): every step of a case, each timed twice
 TOY = _env("TKV_BENCH_TOY") == "1"
-ROUNDS, HOST_CALLS, HOST_BLOCK = (2, 4, 2) if TOY else (10, 200, 25)
+ROUNDS, HOST_CALLS, HOST_BLOCK = (2, 4, 2) if TOY else (10, 200, 50)
 
 
 def make_cache(batch, n, seed=0):
@@ -209,7 +209,7 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
     floor = floor_bytes(policy, keys, values, queries, n_kept, tuple(named.values()))
     floor_s = floor / bandwidth
     info.update(time_ms=seconds * 1e3, gpu_ms=gpu_seconds * 1e3, gpu_min_ms=min(replays) * 1e3, queued_ms=queued * 1e3,
-                host_us=statistics.median(hosts) * 1e6, host_min_us=min(hosts) * 1e6, floor_bytes=floor,
+                host_us=statistics.mean(hosts) * 1e6, host_min_us=min(hosts) * 1e6, floor_bytes=floor,
                 bandwidth_GBps=bandwidth / 1e9, floor_ms=floor_s * 1e3, x_floor=seconds / floor_s,
                 x_floor_gpu=gpu_seconds / floor_s, x_floor_queued=queued / floor_s)
     if BASELINES:

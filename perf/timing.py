@@ -123,25 +123,16 @@ def graph_times(fn, replays: int = 10) -> list:
     return times
 
 
-HOST_GAP_S = 0.04 if CUDA else 0.0
-
-
-def host_times(fn, calls: int = 200, block: int = 25, gap_s: float = HOST_GAP_S) -> list:
+def host_times(fn, calls: int = 200, block: int = 50) -> list:
     """Host (CPU) seconds per call of back-to-back calls without synchronizing: the mean of
     each block of ``block`` calls, ``calls`` in all. Between blocks the GPU catches up, so the
     launch queue never fills (a full queue would make the host wait for the GPU and time the
-    kernels instead); within a block nothing waits for the GPU unless fn itself syncs.
-    Blocks are ``gap_s`` apart: on the H100 machines the CPU runs the same calls 1.5-2.6x slower
-    for spells longer than a block (the thread's CPU time moves with the wall clock, no steal:
-    perf/host_noise_probe.py), so blocks back to back can all land in one spell. Take the
-    median of the blocks as the typical time and the minimum as the best."""
+    kernels instead); within a block nothing waits for the GPU unless fn itself syncs."""
     for _ in range(3):
         fn()
     sync()
     means = []
     for done in range(0, calls, block):
-        if done and gap_s:
-            time.sleep(gap_s)
         m = min(block, calls - done)
         start = time.perf_counter()
         for _ in range(m):

@@ -3,16 +3,14 @@
 - kernel side: the CUDA-graph replay time (``gpu_ms``, and ``gpu_min_ms`` where recorded),
   which a slower or busier host machine does not move;
 - host side: the host time per call of back-to-back calls (``host_us``, and ``host_min_us``
-  where recorded), which kernel changes do not move while the host is the bottleneck. Runs
-  since 0da1184 take the median and best of blocks 40 ms apart: earlier ones took the mean of
-  blocks back to back, which a spell of slow CPU (1.5-2.6x on the H100 machines) could fill,
-  so two runs of one commit differed by 0.40-1.74x per case (b26ea67 / 822a50a).
+  where recorded), which kernel changes do not move while the host is the bottleneck.
 
 Rule (noise-aware), per side: a case regressed when both its typical time (replay median;
 host mean) and its best time (replay min; best block of host calls) grew by more than the
 side's threshold against the baseline run on the same GPU; a noisy run inflates the typical
 time but rarely the best. Thresholds: 10% for kernels (replay times of one commit agree
-within a few %), 25% for the host. Where a run recorded no best time, the typical time alone
+within a few %), 25% for the host (two runs of one commit on one H100 machine differed by
+up to 11% in host time per call). Where a run recorded no best time, the typical time alone
 decides. A side is not judged where either run lacks its fields (older runs have no
 ``host_us``). Only where neither run has replay times does the wall time (``median_s`` /
 ``min_s``, host launch included) stand in for the kernel side, reported as the "wall" side.
