@@ -127,7 +127,11 @@ def host_times(fn, calls: int = 200, block: int = 50) -> list:
     """Host (CPU) seconds per call of back-to-back calls without synchronizing: the mean of
     each block of ``block`` calls, ``calls`` in all. Between blocks the GPU catches up, so the
     launch queue never fills (a full queue would make the host wait for the GPU and time the
-    kernels instead); within a block nothing waits for the GPU unless fn itself syncs."""
+    kernels instead); within a block nothing waits for the GPU unless fn itself syncs.
+    On the H100 machines the CPU runs the same calls 1.5-2.6x slower in spells of seconds (the
+    thread's CPU time moves with the wall clock, no steal: perf/host_noise_probe.py); blocks 40 ms
+    apart did not help (perf/results/ab/host-spaced-6947b62-H100/). Compare host times of one
+    process, interleaved, as ratios."""
     for _ in range(3):
         fn()
     sync()

@@ -9,8 +9,11 @@ Rule (noise-aware), per side: a case regressed when both its typical time (repla
 host mean) and its best time (replay min; best block of host calls) grew by more than the
 side's threshold against the baseline run on the same GPU; a noisy run inflates the typical
 time but rarely the best. Thresholds: 10% for kernels (replay times of one commit agree
-within a few %), 25% for the host (two runs of one commit on one H100 machine differed by
-up to 11% in host time per call). Where a run recorded no best time, the typical time alone
+within a few %), 25% for the host. The host side is advisory across machines: the H100
+machines' CPUs run the same calls 1.5-2.6x slower in spells of seconds (thread CPU time moves
+with the wall clock, no steal: perf/host_noise_probe.py), so two runs of one commit differed
+by 0.40-1.74x per case (b26ea67 / 822a50a); compare host time within one process instead
+(perf/setting_ab.py). Where a run recorded no best time, the typical time alone
 decides. A side is not judged where either run lacks its fields (older runs have no
 ``host_us``). Only where neither run has replay times does the wall time (``median_s`` /
 ``min_s``, host launch included) stand in for the kernel side, reported as the "wall" side.
