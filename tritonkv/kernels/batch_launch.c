@@ -83,8 +83,7 @@ static ctx_get_t ctx_get;
 static ctx_set_t ctx_set;
 static device_get_t device_get;
 static retain_t primary_retain;
-/* CUDA graphs: all found, or graphed batches launch plainly */
-static int have_graphs;
+static int have_graphs;   /* every function of graph_symbols found */
 static is_capturing_t is_capturing;
 static graph_create_t graph_create;
 static add_kernel_node_t add_kernel_node;
@@ -94,6 +93,39 @@ static graph_launch_t graph_launch;
 static exec_destroy_t exec_destroy;
 static graph_destroy_t graph_destroy;
 
+/* Where each driver function goes, by its name in libcuda: those every launch needs, and those
+   of CUDA graphs (all found, or graphed batches launch plainly). */
+typedef struct {
+  void **slot;
+  const char *name;
+} Symbol;
+
+static const Symbol required[] = {
+    {(void **)&error_string, "cuGetErrorString"},  {(void **)&ctx_get, "cuCtxGetCurrent"},
+    {(void **)&ctx_set, "cuCtxSetCurrent"},        {(void **)&device_get, "cuDeviceGet"},
+    {(void **)&primary_retain, "cuDevicePrimaryCtxRetain"},
+};
+static const Symbol graph_symbols[] = {
+    {(void **)&is_capturing, "cuStreamIsCapturing"},
+    {(void **)&graph_create, "cuGraphCreate"},
+    {(void **)&add_kernel_node, "cuGraphAddKernelNode_v2"},
+    {(void **)&instantiate, "cuGraphInstantiateWithFlags"},
+    {(void **)&set_params, "cuGraphExecKernelNodeSetParams_v2"},
+    {(void **)&graph_launch, "cuGraphLaunch"},
+    {(void **)&exec_destroy, "cuGraphExecDestroy"},
+    {(void **)&graph_destroy, "cuGraphDestroy"},
+};
+
+/* Looks up every symbol of a table (POSIX: a function pointer stored through void **); 1 if all were found. */
+static int load_symbols(void *lib, const Symbol *symbols, size_t count) {
+  int all = 1;
+  for (size_t i = 0; i < count; i++) {
+    *symbols[i].slot = dlsym(lib, symbols[i].name);
+    all &= *symbols[i].slot != NULL;
+  }
+  return all;
+}
+
 static int load_driver(void) {
   if (launch_ex) return 1;
   void *lib = dlopen("libcuda.so.1", RTLD_LAZY);
@@ -101,23 +133,11 @@ static int load_driver(void) {
     PyErr_SetString(PyExc_RuntimeError, "batch_launch: cannot open libcuda.so.1");
     return 0;
   }
-  error_string = (error_string_t)dlsym(lib, "cuGetErrorString");
-  ctx_get = (ctx_get_t)dlsym(lib, "cuCtxGetCurrent");
-  ctx_set = (ctx_set_t)dlsym(lib, "cuCtxSetCurrent");
-  device_get = (device_get_t)dlsym(lib, "cuDeviceGet");
-  primary_retain = (retain_t)dlsym(lib, "cuDevicePrimaryCtxRetain");
-  is_capturing = (is_capturing_t)dlsym(lib, "cuStreamIsCapturing");
-  graph_create = (graph_create_t)dlsym(lib, "cuGraphCreate");
-  add_kernel_node = (add_kernel_node_t)dlsym(lib, "cuGraphAddKernelNode_v2");
-  instantiate = (instantiate_t)dlsym(lib, "cuGraphInstantiateWithFlags");
-  set_params = (set_params_t)dlsym(lib, "cuGraphExecKernelNodeSetParams_v2");
-  graph_launch = (graph_launch_t)dlsym(lib, "cuGraphLaunch");
-  exec_destroy = (exec_destroy_t)dlsym(lib, "cuGraphExecDestroy");
-  graph_destroy = (graph_destroy_t)dlsym(lib, "cuGraphDestroy");
-  have_graphs = is_capturing && graph_create && add_kernel_node && instantiate && set_params && graph_launch &&
-                exec_destroy && graph_destroy;
-  launch_ex_t found = (launch_ex_t)dlsym(lib, "cuLaunchKernelEx");
-  if (!(error_string && ctx_get && ctx_set && device_get && primary_retain && found)) {
+  int found_all = load_symbols(lib, required, sizeof required / sizeof *required);
+  have_graphs = load_symbols(lib, graph_symbols, sizeof graph_symbols / sizeof *graph_symbols);
+  launch_ex_t found;
+  *(void **)&found = dlsym(lib, "cuLaunchKernelEx");
+  if (!(found_all && found)) {
     PyErr_SetString(PyExc_RuntimeError, "batch_launch: libcuda.so.1 lacks a driver function it needs");
     return 0;
   }
