@@ -36,10 +36,9 @@ def main():
         torch.cuda.synchronize()
         for plan in ev._plans.values():
             if isinstance(plan, planned.Plan):
-                whole = plan.whole
-                state = whole and (mod.graph_state(whole[1]), mod.graph_error(whole[1]))
+                state = plan.graph_status()
                 bad += not state or state[0] != 1 or state[1][0] != 0
-                print(name, "whole" if whole else "split", state, flush=True)
+                print(name, "whole" if state else "split", state, flush=True)
                 if state and state[1][0]:
                     for i, step in enumerate(plan.steps):
                         k = step.kernel

@@ -143,8 +143,7 @@ def test_planned_calls_equal_unplanned_ones(name):
     assert any(isinstance(p, planned.Plan) for p in plans), plans   # AdaKV too (tritonkv/adaptive.py)
     mod = batch_launch.module()
     if mod is not None:   # the launches went through one call into C, as one re-pointed CUDA graph
-        states = [(p.whole is not None) and (mod.graph_state(p.whole[1]), mod.graph_error(p.whole[1]))
-                  for p in plans if isinstance(p, planned.Plan)]
+        states = [p.graph_status() for p in plans if isinstance(p, planned.Plan)]
         # a plan launched at least once is on its graph (1); one recorded by the last call of its
         # signature (the seed above 2**31 changes the seed's type) has not launched yet (0)
         assert all(s and s[0] in (0, 1) and s[1][0] == 0 for s in states), (states, mod.graphs_found())

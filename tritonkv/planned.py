@@ -82,6 +82,15 @@ class Plan:
         self.packed_heads = packed_heads   # AdaKV: KV heads of its packed result (indices hold the lengths too)
         self.fallback = None   # set by plan_compiled: the unplanned call, for launch hooks
 
+    def graph_status(self):
+        """(graph state, (CUresult, step)) of this plan's CUDA graph, as kernels/batch_launch.c
+        reports them (state 0: not launched yet, 1: on its graph; a CUresult other than 0 says
+        why the graph was dropped and at which step); None where the plan launches plainly."""
+        if self.whole is None:
+            return None
+        mod, handle = batch_launch.module(), self.whole[1]
+        return mod.graph_state(handle), mod.graph_error(handle)
+
     def __call__(self, keys, values, queries, seed, named=()):
         if hooks_installed():   # a profiler wants to see Triton's launches
             return self.fallback(keys, values, queries, seed, named)
