@@ -43,11 +43,12 @@ def rotating_wall(presets=("streaming_llm", "keydiff", "snapkv", "tova"), ns=(32
     every call gets the tensors at the addresses of the last one ("same": the outputs freed and
     handed back by the caching allocator) and where calls alternate between two caches ("rotating":
     every pointer changes, so every graph node is re-pointed)."""
+    import itertools
     import statistics
-    import time
 
     import tritonkv as tkv
     from perf.test_evict import POLICIES, make_cache
+    from perf.timing import counter_seconds, host_times
     for name in presets:
         policy = POLICIES[name]
         for n in ns:
@@ -61,23 +62,15 @@ def rotating_wall(presets=("streaming_llm", "keydiff", "snapkv", "tova"), ns=(32
                 for i in range(6):
                     ev(*args[i % 2][:2], queries=args[i % 2][2])
                 for mode, order in (("same", (0,)), ("rotating", (0, 1))):
-                    times = []
-                    for i in range(40):
-                        k, v, q = args[order[i % len(order)]]
-                        torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        out = ev(k, v, queries=q)
-                        torch.cuda.synchronize()
-                        times.append(time.perf_counter() - t0)
-                        del out
-                    walls[value, mode] = statistics.median(times) * 1e6
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for i in range(100):
-                        k, v, q = args[order[i % len(order)]]
+                    turn = itertools.cycle(args[i] for i in order)
+
+                    def call():
+                        k, v, q = next(turn)
                         ev(k, v, queries=q)
-                    walls[value, mode, "host"] = (time.perf_counter() - t0) / 100 * 1e6
-                    torch.cuda.synchronize()
+
+                    walls[value, mode] = statistics.median(counter_seconds(call, flush=False)
+                                                           for _ in range(40)) * 1e6
+                    walls[value, mode, "host"] = statistics.mean(host_times(call, calls=100, block=100)) * 1e6
             os.environ.pop("TRITONKV_GRAPH_LAUNCH", None)
             for mode in ("same", "rotating"):
                 line += (f" | {mode}: wall {walls['0', mode]:7.1f} / {walls['1', mode]:7.1f} us "

@@ -3,13 +3,10 @@
 does not: both measures, with and without the flush, 20 samples each, per value."""
 import os
 import statistics
-import time
-
-import torch
 
 import tritonkv as tkv
 from perf.test_evict import POLICIES, make_cache
-from perf.timing import event_seconds, flush_l2
+from perf.timing import counter_seconds, event_seconds
 
 
 def main():
@@ -22,30 +19,11 @@ def main():
             fn = lambda: ev(keys, values, queries=q)  # noqa: E731
             for _ in range(5):
                 fn()
-            events = statistics.median(event_seconds(fn) for _ in range(20)) * 1e6
-            counter = []
-            for flush in (True, False):
-                times = []
-                for _ in range(20):
-                    if flush:
-                        flush_l2()
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    fn()
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                counter.append(statistics.median(times) * 1e6)
-            ev_noflush = []
-            for _ in range(20):
-                torch.cuda.synchronize()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                e.synchronize()
-                ev_noflush.append(s.elapsed_time(e) * 1e3)
-            print(f"{name:14s} {value}: events+flush {events:7.1f}  events {statistics.median(ev_noflush):7.1f}  "
-                  f"counter+flush {counter[0]:7.1f}  counter {counter[1]:7.1f} us", flush=True)
+            events, ev_noflush, counter, counter_noflush = (
+                statistics.median(measure(fn, flush=flush) for _ in range(20)) * 1e6
+                for measure in (event_seconds, counter_seconds) for flush in (True, False))
+            print(f"{name:14s} {value}: events+flush {events:7.1f}  events {ev_noflush:7.1f}  "
+                  f"counter+flush {counter:7.1f}  counter {counter_noflush:7.1f} us", flush=True)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,18 @@ def peak_extra_bytes(fn, output_bytes):
     return max(0, peak - base - output_bytes)
 
 
+def counter_seconds(fn, flush: bool = True) -> float:
+    """Seconds of one call as the host sees it: perf_counter around synchronize / the call /
+    synchronize (the L2 flushed first unless ``flush`` is False)."""
+    if flush:
+        flush_l2()
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def queued_seconds(fn, lead_s: float = 1e-3) -> float:
     """Seconds of fn's GPU work from an idle device (L2 flushed), its host launch hidden: the GPU
     sleeps ``lead_s`` (at up to 2 GHz) while the host enqueues fn, then CUDA events time fn's
@@ -146,10 +158,11 @@ def host_times(fn, calls: int = 200, block: int = 50) -> list:
     return means
 
 
-def event_seconds(fn) -> float:
-    """Seconds of one call from an idle device (L2 flushed) to the end of its work: CUDA events
-    around the call on a GPU, perf_counter on the CPU."""
-    flush_l2()
+def event_seconds(fn, flush: bool = True) -> float:
+    """Seconds of one call from an idle device (L2 flushed unless ``flush`` is False) to the end
+    of its work: CUDA events around the call on a GPU, perf_counter on the CPU."""
+    if flush:
+        flush_l2()
     sync()
     if not CUDA:
         start = time.perf_counter()
