@@ -12,9 +12,13 @@ Three ways to compute the same scores, timed as CUDA-graph replays, L2 flushed b
     split, adds its partial, waits at a per-row counter until every program has done so (all
     programs are resident: one per SM), then scores its split, most recently read tiles first;
     the row's keys were read by every SM an instant before, so pass 2 should hit L2;
+  - rows in turn: for each group of rows whose keys fit in 40 MB (one row at 128K), a pass-1
+    launch over the group with 4 programs per SM, then a pass-2 launch over the same group, so
+    pass 2 re-reads what pass 1 read an instant before, with the whole GPU on it (the persistent
+    schedule has one program per SM, too few loads in flight to stream from HBM);
   - one pass: pass 1 alone (reads K once), the floor of any schedule.
-Prints ms and the ratios, and checks that both schedules give the same scores (the partials
-are merged in the same order, so bit for bit).
+Prints ms and the ratios, and checks that the persistent schedule gives the two launches' scores
+bit for bit (the partials are merged in the same order) and rows in turn within 1e-5 (other splits).
 
     python perf/l2_probe.py --n 32768 131072 524288 --batch 1 4
     python perf/l2_probe.py --toy      # CPU: checks the two-launch path in the interpreter
@@ -71,15 +75,15 @@ def _score_split(k_ptr, part_ptr, out_ptr, row, split, N, S, TILES, D: tl.conste
 
 
 @triton.jit
-def _pass1_kernel(k_ptr, part_ptr, N, S, TILES, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    split, row = tl.program_id(0), tl.program_id(1)
+def _pass1_kernel(k_ptr, part_ptr, N, S, TILES, ROW0, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    split, row = tl.program_id(0), ROW0 + tl.program_id(1)
     tl.store(part_ptr + (row * S + split).to(tl.int64) * D + tl.arange(0, D),
              _anchor_part(k_ptr, row, split, N, TILES, D, BLOCK_N))
 
 
 @triton.jit
-def _pass2_kernel(k_ptr, part_ptr, out_ptr, N, S, TILES, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    split, row = tl.program_id(0), tl.program_id(1)
+def _pass2_kernel(k_ptr, part_ptr, out_ptr, N, S, TILES, ROW0, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    split, row = tl.program_id(0), ROW0 + tl.program_id(1)
     _score_split(k_ptr, part_ptr, out_ptr, row, split, N, S, TILES, D, BLOCK_N, False)
 
 
@@ -109,8 +113,29 @@ def two_launches(keys, splits, block_n, warps):
     out = torch.empty(rows, n, dtype=torch.float32, device=keys.device)
 
     def run():
-        _pass1_kernel[(splits, rows)](keys, part, n, splits, tiles, D=d, BLOCK_N=block_n, num_warps=warps)
-        _pass2_kernel[(splits, rows)](keys, part, out, n, splits, tiles, D=d, BLOCK_N=block_n, num_warps=warps)
+        _pass1_kernel[(splits, rows)](keys, part, n, splits, tiles, 0, D=d, BLOCK_N=block_n, num_warps=warps)
+        _pass2_kernel[(splits, rows)](keys, part, out, n, splits, tiles, 0, D=d, BLOCK_N=block_n, num_warps=warps)
+        return out
+    return run
+
+
+def rows_in_turn(keys, programs, block_n, warps, group_bytes=40e6):
+    """Pass 1 then pass 2 over each group of rows whose keys fit in ``group_bytes``, ``programs``
+    programs per group (at least one row a group)."""
+    b, h, n, d = keys.shape
+    rows = b * h
+    group = max(1, min(rows, int(group_bytes // (n * d * keys.element_size()))))
+    splits = max(1, programs // group)
+    tiles = geometry(n, splits, block_n)
+    part = torch.empty(rows * splits, d, dtype=torch.float32, device=keys.device)
+    out = torch.empty(rows, n, dtype=torch.float32, device=keys.device)
+
+    def run():
+        for row0 in range(0, rows, group):
+            g = min(group, rows - row0)
+            _pass1_kernel[(splits, g)](keys, part, n, splits, tiles, row0, D=d, BLOCK_N=block_n, num_warps=warps)
+            _pass2_kernel[(splits, g)](keys, part, out, n, splits, tiles, row0, D=d, BLOCK_N=block_n,
+                                       num_warps=warps)
         return out
     return run
 
@@ -119,7 +144,7 @@ def one_pass(keys, splits, block_n, warps):
     b, h, n, d = keys.shape
     tiles = geometry(n, splits, block_n)
     part = torch.empty(b * h * splits, d, dtype=torch.float32, device=keys.device)
-    return lambda: _pass1_kernel[(splits, b * h)](keys, part, n, splits, tiles, D=d, BLOCK_N=block_n,
+    return lambda: _pass1_kernel[(splits, b * h)](keys, part, n, splits, tiles, 0, D=d, BLOCK_N=block_n,
                                                   num_warps=warps)
 
 
@@ -162,17 +187,21 @@ def main(argv=None):
                 two = two_launches(keys, splits, block_n, args.warps)
                 want = two().clone()
                 row = f"N={n:>7} B={b} K={gb:.2f} GB BLOCK_N={block_n}:"
+                turns = rows_in_turn(keys, 4 * splits if CUDA else 3, block_n, args.warps,
+                                     group_bytes=40e6 if CUDA else 1)   # CPU: a launch pair per row
+                close = torch.allclose(turns(), want, rtol=1e-5, atol=1e-5)
                 if not CUDA:   # the persistent kernel spins on other programs: the interpreter runs one at a time
-                    print(row, "two launches ran (scores", tuple(want.shape), ")")
+                    print(row, "two launches ran (scores", tuple(want.shape), "), rows in turn close:", close)
                     continue
                 first = persistent(keys, block_n, args.warps, args.per_sm)
                 got = first()
                 torch.cuda.synchronize()
                 same = torch.equal(got, want)
-                t_two, t_one, t_per = (graph_seconds(fn, 20) * 1e3 for fn in
-                                       (two, one_pass(keys, splits, block_n, args.warps), first))
+                t_two, t_one, t_per, t_turn = (graph_seconds(fn, 20) * 1e3 for fn in
+                                               (two, one_pass(keys, splits, block_n, args.warps), first, turns))
                 print(f"{row} one pass {t_one:.3f}  two launches {t_two:.3f} ({t_two / t_one:.2f}x)  "
-                      f"persistent {t_per:.3f} ({t_per / t_one:.2f}x)  same scores: {same}", flush=True)
+                      f"persistent {t_per:.3f} ({t_per / t_one:.2f}x)  rows in turn {t_turn:.3f} "
+                      f"({t_turn / t_one:.2f}x)  same scores: {same}, rows in turn close: {close}", flush=True)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def test_host_noise_probe_runs_at_toy_size():
 def test_l2_probe_runs_at_toy_size():
     out = run([sys.executable, "perf/l2_probe.py", "--toy"])
     assert "two launches" in out.stdout   # on the CPU the two launches alone
+    assert "rows in turn close: True" in out.stdout   # and rows in turn, a launch pair per row
 
 
 def test_exp_probe_edits_the_current_kernel_source(tmp_path):
