@@ -3,7 +3,7 @@
 the most used eviction library's formulation (cache dtype, topk, gather) where it exists.
 
 Run (README): ``perf/run`` — one JSON per run under perf/results/.
-Each case's extra_info holds: policy, N, B, budget; three times of tritonkv: time_ms (wall of
+Each case's extra_info holds: policy, N, B, budget; four times of tritonkv: time_ms (wall of
 one call, host launch included), gpu_ms / gpu_min_ms (CUDA-graph replay, median / min),
 host_us / host_min_us (host time per call of back-to-back calls without sync, mean / best
 block of 50); queued_ms (one eager call's kernels, its launch hidden behind a GPU sleep: where
@@ -199,7 +199,7 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
     extra = info["extra_memory_bytes"]
     info["extra_bytes_per_token_head"] = None if extra is None else extra / (batch * HEADS * n)
 
-    # three times: time_ms, one call until its GPU work is done, launch overhead included (what
+    # four times: time_ms, one call until its GPU work is done, launch overhead included (what
     # a caller waits); gpu_ms, the same kernels replayed from a CUDA graph, without launch gaps
     # (what the kernels cost); host_us, CPU time per call of back-to-back calls (what the host
     # costs). Minima beside them let the dashboard tell noise from change. queued_ms: the kernels

@@ -89,23 +89,21 @@ def counter_seconds(fn, flush: bool = True) -> float:
 def queued_seconds(fn, lead_s: float = 1e-3) -> float:
     """Seconds of fn's GPU work from an idle device (L2 flushed), its host launch hidden: the GPU
     sleeps ``lead_s`` (at up to 2 GHz) while the host enqueues fn, then CUDA events time fn's
-    kernels. Where the host took longer than the sleep the lead doubles and it is timed again.
-    On the CPU: event_seconds."""
+    kernels (event_seconds). Where the host took longer than the sleep the lead doubles and it
+    is timed again. On the CPU: event_seconds."""
     if not CUDA:
         return event_seconds(fn)
     while True:
-        flush_l2()
-        sync()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(lead_s * 2e9))
-        start.record()
-        t0 = time.perf_counter()
-        fn()
-        host = time.perf_counter() - t0
-        end.record()
-        end.synchronize()
-        if host < 0.5 * lead_s:   # the sleep (>= lead_s at clocks up to 2 GHz) outlasted the launch
-            return start.elapsed_time(end) / 1e3
+        host = []
+
+        def timed():
+            start = time.perf_counter()
+            fn()
+            host.append(time.perf_counter() - start)
+
+        seconds = event_seconds(timed, lead_s=lead_s)
+        if host[0] < 0.5 * lead_s:   # the sleep (>= lead_s at clocks up to 2 GHz) outlasted the launch
+            return seconds
         lead_s *= 2
 
 
@@ -158,9 +156,10 @@ def host_times(fn, calls: int = 200, block: int = 50) -> list:
     return means
 
 
-def event_seconds(fn, flush: bool = True) -> float:
+def event_seconds(fn, flush: bool = True, lead_s: float = 0.0) -> float:
     """Seconds of one call from an idle device (L2 flushed unless ``flush`` is False) to the end
-    of its work: CUDA events around the call on a GPU, perf_counter on the CPU."""
+    of its work: CUDA events around the call on a GPU (after a GPU sleep of ``lead_s`` at up to
+    2 GHz, where given: queued_seconds), perf_counter on the CPU."""
     if flush:
         flush_l2()
     sync()
@@ -169,6 +168,8 @@ def event_seconds(fn, flush: bool = True) -> float:
         fn()
         return time.perf_counter() - start
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if lead_s:
+        torch.cuda._sleep(int(lead_s * 2e9))
     start.record()
     fn()
     end.record()
