@@ -106,25 +106,17 @@ def geometry(n, programs, block_n):
 
 
 def two_launches(keys, splits, block_n, warps):
-    b, h, n, d = keys.shape
-    rows = b * h
-    tiles = geometry(n, splits, block_n)
-    part = torch.empty(rows * splits, d, dtype=torch.float32, device=keys.device)
-    out = torch.empty(rows, n, dtype=torch.float32, device=keys.device)
-
-    def run():
-        _pass1_kernel[(splits, rows)](keys, part, n, splits, tiles, 0, D=d, BLOCK_N=block_n, num_warps=warps)
-        _pass2_kernel[(splits, rows)](keys, part, out, n, splits, tiles, 0, D=d, BLOCK_N=block_n, num_warps=warps)
-        return out
-    return run
+    """Pass 1 over every row, then pass 2 over every row: ``splits`` programs per row."""
+    b, h = keys.shape[:2]
+    return rows_in_turn(keys, splits * b * h, block_n, warps, group_bytes=None)
 
 
 def rows_in_turn(keys, programs, block_n, warps, group_bytes=40e6):
-    """Pass 1 then pass 2 over each group of rows whose keys fit in ``group_bytes``, ``programs``
-    programs per group (at least one row a group)."""
+    """Pass 1 then pass 2 over each group of rows whose keys fit in ``group_bytes`` (None: all
+    rows in one group), ``programs`` programs per group (at least one row a group)."""
     b, h, n, d = keys.shape
     rows = b * h
-    group = max(1, min(rows, int(group_bytes // (n * d * keys.element_size()))))
+    group = rows if group_bytes is None else max(1, min(rows, int(group_bytes // (n * d * keys.element_size()))))
     splits = max(1, programs // group)
     tiles = geometry(n, splits, block_n)
     part = torch.empty(rows * splits, d, dtype=torch.float32, device=keys.device)
