@@ -106,6 +106,15 @@ def test_host_noise_probe_runs_at_toy_size():
     assert "process on CPU" in out.stdout and out.stdout.count("thread CPU") == 2, out.stdout
 
 
+def test_host_goal_times_every_case_each_round_at_toy_size(tmp_path):
+    out = tmp_path / "goal.json"
+    run([sys.executable, "perf/host_goal.py", "--toy", "--policies", "streaming_llm,keydiff", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["policy"] for r in result["cases"]] == ["streaming_llm", "keydiff"]
+    assert all(len(r["rounds_us"]) == 2 and r["best_us"] <= r["median_us"] for r in result["cases"])
+    assert len(result["reference_us"]) == 2
+
+
 def test_l2_probe_runs_at_toy_size():
     out = run([sys.executable, "perf/l2_probe.py", "--toy"])
     assert "two launches" in out.stdout   # on the CPU the two launches alone
