@@ -15,7 +15,10 @@ Three ways to compute the same scores, timed as CUDA-graph replays, L2 flushed b
   - rows in turn: for each group of rows whose keys fit in 40 MB (one row at 128K), a pass-1
     launch over the group with 4 programs per SM, then a pass-2 launch over the same group, so
     pass 2 re-reads what pass 1 read an instant before, with the whole GPU on it (the persistent
-    schedule has one program per SM, too few loads in flight to stream from HBM);
+    schedule has one program per SM, too few loads in flight to stream from HBM); each pass-2
+    program sums its row's 4 x SMs partials itself (~270 KB of L2 reads a program at D = 128);
+  - rows in turn, merged: the same with a launch of one program per row between the passes that
+    merges the partials into the row's anchor, which pass 2 then loads (3 launches a group);
   - one pass: pass 1 alone (reads K once), the floor of any schedule.
 Prints ms and the ratios, and checks that the persistent schedule gives the two launches' scores
 bit for bit (the partials are merged in the same order) and rows in turn within 1e-5 (other splits).
@@ -54,14 +57,20 @@ def _anchor_part(k_ptr, row, split, N, TILES, D: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _score_split(k_ptr, part_ptr, out_ptr, row, split, N, S, TILES, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 REVERSE: tl.constexpr):
-    """The anchor of the row from its S partials (in split order), then the cosines of a split."""
+def _anchor_of(part_ptr, row, S, D: tl.constexpr):
+    """The unit anchor of a row from its S partials, summed in split order."""
     o_d = tl.arange(0, D)
     a = tl.zeros([D], tl.float32)
     for s in range(0, S):
         a += tl.load(part_ptr + (row * S + s).to(tl.int64) * D + o_d)
-    a = a / tl.sqrt(tl.sum(a * a, 0))
+    return a / tl.sqrt(tl.sum(a * a, 0))
+
+
+@triton.jit
+def _score_split(k_ptr, a, out_ptr, row, split, N, TILES, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 REVERSE: tl.constexpr):
+    """The cosines of a split's keys to the row's unit anchor ``a``."""
+    o_d = tl.arange(0, D)
     base = k_ptr + row.to(tl.int64) * N * D
     for i in range(0, TILES):
         t = TILES - 1 - i if REVERSE else i
@@ -84,7 +93,20 @@ def _pass1_kernel(k_ptr, part_ptr, N, S, TILES, ROW0, D: tl.constexpr, BLOCK_N: 
 @triton.jit
 def _pass2_kernel(k_ptr, part_ptr, out_ptr, N, S, TILES, ROW0, D: tl.constexpr, BLOCK_N: tl.constexpr):
     split, row = tl.program_id(0), ROW0 + tl.program_id(1)
-    _score_split(k_ptr, part_ptr, out_ptr, row, split, N, S, TILES, D, BLOCK_N, False)
+    _score_split(k_ptr, _anchor_of(part_ptr, row, S, D), out_ptr, row, split, N, TILES, D, BLOCK_N, False)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, anchor_ptr, S, ROW0, D: tl.constexpr):
+    row = ROW0 + tl.program_id(0)
+    tl.store(anchor_ptr + row.to(tl.int64) * D + tl.arange(0, D), _anchor_of(part_ptr, row, S, D))
+
+
+@triton.jit
+def _pass2_merged_kernel(k_ptr, anchor_ptr, out_ptr, N, TILES, ROW0, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    split, row = tl.program_id(0), ROW0 + tl.program_id(1)
+    a = tl.load(anchor_ptr + row.to(tl.int64) * D + tl.arange(0, D))
+    _score_split(k_ptr, a, out_ptr, row, split, N, TILES, D, BLOCK_N, False)
 
 
 @triton.jit
@@ -97,7 +119,7 @@ def _persistent_kernel(k_ptr, part_ptr, count_ptr, out_ptr, N, ROWS, S, TILES, D
         tl.atomic_add(count_ptr + row, 1, sem="release", scope="gpu")
         while tl.atomic_add(count_ptr + row, 0, sem="acquire", scope="gpu") < S:
             pass
-        _score_split(k_ptr, part_ptr, out_ptr, row, split, N, S, TILES, D, BLOCK_N, True)
+        _score_split(k_ptr, _anchor_of(part_ptr, row, S, D), out_ptr, row, split, N, TILES, D, BLOCK_N, True)
 
 
 def geometry(n, programs, block_n):
@@ -111,9 +133,11 @@ def two_launches(keys, splits, block_n, warps):
     return rows_in_turn(keys, splits * b * h, block_n, warps, group_bytes=None)
 
 
-def rows_in_turn(keys, programs, block_n, warps, group_bytes=40e6):
+def rows_in_turn(keys, programs, block_n, warps, group_bytes=40e6, merged=False):
     """Pass 1 then pass 2 over each group of rows whose keys fit in ``group_bytes`` (None: all
-    rows in one group), ``programs`` programs per group (at least one row a group)."""
+    rows in one group), ``programs`` programs per group (at least one row a group). ``merged``:
+    a launch of one program per row merges the row's partials into its anchor between the two
+    (else every pass-2 program sums all of its row's partials itself)."""
     b, h, n, d = keys.shape
     rows = b * h
     group = rows if group_bytes is None else max(1, min(rows, int(group_bytes // (n * d * keys.element_size()))))
@@ -121,11 +145,17 @@ def rows_in_turn(keys, programs, block_n, warps, group_bytes=40e6):
     tiles = geometry(n, splits, block_n)
     part = torch.empty(rows * splits, d, dtype=torch.float32, device=keys.device)
     out = torch.empty(rows, n, dtype=torch.float32, device=keys.device)
+    anchor = torch.empty(rows, d, dtype=torch.float32, device=keys.device)
 
     def run():
         for row0 in range(0, rows, group):
             g = min(group, rows - row0)
             _pass1_kernel[(splits, g)](keys, part, n, splits, tiles, row0, D=d, BLOCK_N=block_n, num_warps=warps)
+            if merged:
+                _merge_kernel[(g,)](part, anchor, splits, row0, D=d)
+                _pass2_merged_kernel[(splits, g)](keys, anchor, out, n, tiles, row0, D=d, BLOCK_N=block_n,
+                                                  num_warps=warps)
+                continue
             _pass2_kernel[(splits, g)](keys, part, out, n, splits, tiles, row0, D=d, BLOCK_N=block_n,
                                        num_warps=warps)
         return out
@@ -182,6 +212,9 @@ def main(argv=None):
                 turns = rows_in_turn(keys, 4 * splits if CUDA else 3, block_n, args.warps,
                                      group_bytes=40e6 if CUDA else 1)   # CPU: a launch pair per row
                 close = torch.allclose(turns(), want, rtol=1e-5, atol=1e-5)
+                merged = rows_in_turn(keys, 4 * splits if CUDA else 3, block_n, args.warps,
+                                      group_bytes=40e6 if CUDA else 1, merged=True)
+                close = close and torch.allclose(merged(), want, rtol=1e-5, atol=1e-5)
                 if not CUDA:   # the persistent kernel spins on other programs: the interpreter runs one at a time
                     print(row, "two launches ran (scores", tuple(want.shape), "), rows in turn close:", close)
                     continue
@@ -189,11 +222,12 @@ def main(argv=None):
                 got = first()
                 torch.cuda.synchronize()
                 same = torch.equal(got, want)
-                t_two, t_one, t_per, t_turn = (graph_seconds(fn, 20) * 1e3 for fn in
-                                               (two, one_pass(keys, splits, block_n, args.warps), first, turns))
+                t_two, t_one, t_per, t_turn, t_merged = (
+                    graph_seconds(fn, 20) * 1e3 for fn in
+                    (two, one_pass(keys, splits, block_n, args.warps), first, turns, merged))
                 print(f"{row} one pass {t_one:.3f}  two launches {t_two:.3f} ({t_two / t_one:.2f}x)  "
                       f"persistent {t_per:.3f} ({t_per / t_one:.2f}x)  rows in turn {t_turn:.3f} "
-                      f"({t_turn / t_one:.2f}x)  same scores: {same}, rows in turn close: {close}", flush=True)
+                      f"({t_turn / t_one:.2f}x)  merged {t_merged:.3f} ({t_merged / t_one:.2f}x)  same scores: {same}, rows in turn close: {close}", flush=True)
 
 
 if __name__ == "__main__":
