@@ -29,7 +29,7 @@ from tritonkv.budget import resolve_budget
 from .baselines import CompileBudgetExceeded, compile_within, compiled_evict, eager_evict, peer_evict
 from .floor import floor_bytes
 from .timing import (DEVICE, flush_l2, graph_times, host_times, median_seconds, peak_extra_bytes, queued_seconds,
-                     sync)
+                     settle, sync)
 
 HEADS, GROUP, WINDOW, DIM = 8, 4, 64, 128
 DTYPE = torch.bfloat16
@@ -139,11 +139,9 @@ def _compiled_baseline(label, name, fn, rounds, info):
 @pytest.mark.parametrize("name", NAMES)
 def test_evict(benchmark, bandwidth, name, n, batch, budget):
     policy = POLICIES[name]
-    if DEVICE == "cuda":
-        # each case on memory fresh from the driver, not on blocks the earlier cases left cached: in
-        # the H100 run at 822a50a the B = 1, 128K cases (each policy's first) read 1.02-1.13x their
-        # time in a fresh process (KeyDiff 10% queued 2.43x against 2.15x the floor). Untimed since.
-        torch.cuda.empty_cache()
+    # each case on memory fresh from the driver, after the driver's work on what the earlier cases
+    # freed (perf/timing.settle: kernels ran 1.13-1.16x slower for ~50 ms after a large free)
+    settle()
     keys, values, queries = make_cache(batch, n)
     queries = queries if policy.needs_queries else None
     k = resolve_budget(budget, n)
@@ -205,6 +203,7 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
     # costs). Minima beside them let the dashboard tell noise from change. queued_ms: the kernels
     # of an eager call (a graph replay's outputs sit in the graph's pool, which timed 1.10-1.16x
     # slower for some captures: perf/graph_gap_probe.py)
+    settle()   # the baselines' memory freed, its background work done before tritonkv is timed
     replays = graph_times(run, replays=ROUNDS)
     gpu_seconds = statistics.median(replays)
     queued = statistics.median(queued_seconds(run) for _ in range(ROUNDS))

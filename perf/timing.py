@@ -41,6 +41,22 @@ def flush_l2(device=DEVICE) -> None:
     _FLUSH[device].zero_()
 
 
+SETTLE_S = 0.2
+
+
+def settle(seconds: float = SETTLE_S) -> None:
+    """Return the allocator's cached blocks to the driver, then leave the GPU idle for ``seconds``.
+    After a large free the driver works in the background for tens of milliseconds: on an H100, a
+    KeyDiff call at 128K, B = 4 ran 1.13x slower (its K-reading kernels 1.13-1.16x) for every call
+    in the first ~50 ms after 30 GiB were freed, and at its usual time after 0.1 s more of an idle
+    GPU (perf/placement_probe.py --churn). The perf suite settles before each case's timings."""
+    if not CUDA:
+        return
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    time.sleep(seconds)
+
+
 def cuda_clock() -> float:
     """A pytest-benchmark timer: perf_counter after the GPU has finished what was queued."""
     sync()
