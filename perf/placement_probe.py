@@ -3,14 +3,21 @@
 In the perf suite's run at c556b12 (H100), KeyDiff at 512K, B = 4, 10% had a queued time (one eager
 call's kernels, its launch hidden) of 4.30 ms, the same as its graph replay, while its wall time (host
 launch included) was 3.80 ms and the run before had queued 3.77: the same kernels on the same inputs
-take 1.13x longer on some calls. What differs between calls is where the caching allocator puts the
-outputs (and the scratch). Two measurements:
+took 1.13x longer on some calls. Three measurements:
 
   - calls: ``--calls`` held-Evictor calls whose results are all kept (so each lands on fresh
-    memory), each timed as queued (perf/timing.queued_seconds), with the outputs' addresses:
-    whether slow calls share an address pattern;
+    memory), each timed as queued (perf/timing.queued_seconds), with the outputs' and the scratch's
+    addresses (the allocator's trace): whether slow calls share an address pattern;
   - copies: one copy of the kept rows' size from K into a pool at byte offsets 0 .. 2 MiB + x:
-    whether the destination's offset alone moves a copy's bandwidth.
+    whether the destination's offset alone moves a copy's bandwidth;
+  - ``--churn GIB``: calls before and after allocating GIB GiB, after freeing it (empty_cache), after
+    0.1 s and 1 s of an idle GPU, each phase's kernels under the profiler.
+
+Found on an H100 (perf/results/ab/placement-c50b8fa-H100/): not the addresses (24 calls each, scratch and
+outputs at many addresses, all within 1%; copies at every offset within 3%), but a large free: for ~50 ms
+after 30 GiB went back to the driver, KeyDiff at 128K, B = 4, 10% took 1.097 ms against 0.970 (its anchor
+pass 416 against 358 us, which reads only K), TOVA 0.697 against 0.623; after 0.1 s of an idle GPU, back to
+0.971. The perf suite now settles (perf/timing.settle) before its timings.
 
     PYTHONPATH=. python perf/placement_probe.py [--policies keydiff,streaming_llm] [--n 524288] [--batch 4]
     PYTHONPATH=. python perf/placement_probe.py --churn 20 --n 131072   # calls around a 20 GiB allocation

@@ -3,9 +3,10 @@
   before it (so a 16 MB cache does not sit in the 50 MB L2): what a caller waits;
 - graph replay: the same GPU work replayed from a CUDA graph, without launch gaps: the kernels;
 - queued: one eager call whose launch the GPU does not wait for (it sleeps while the host enqueues
-  the call): the kernels back to back, writing where the caching allocator puts the outputs (a
-  graph replay writes into the graph's own pool, and after the perf suite's baselines such a
-  replay read 1.10-1.13x the same call's eager kernels on an H100: perf/graph_gap_probe.py);
+  the call): the kernels back to back, writing where the caching allocator puts the outputs (after
+  the perf suite's baselines a graph replay read 1.10-1.13x the same call's eager kernels on an
+  H100, perf/graph_gap_probe.py; the cause was the driver's work after a large free, which slows
+  every kernel that reads K for ~50 ms, perf/placement_probe.py: ``settle`` waits it out);
 - host: CPU time per call of back-to-back calls that do not synchronize: the Python and
   launch cost, what bounds a loop of per-layer evictions once the GPU keeps up.
 

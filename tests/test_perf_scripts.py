@@ -115,6 +115,13 @@ def test_host_goal_times_every_case_each_round_at_toy_size(tmp_path):
     assert len(result["reference_us"]) == 2
 
 
+def test_placement_probe_runs_both_measurements_at_toy_size():
+    out = run([sys.executable, "perf/placement_probe.py", "--toy", "--policies", "streaming_llm"])
+    assert "2 calls, queued ms" in out.stdout and "copy of" in out.stdout, out.stdout
+    out = run([sys.executable, "perf/placement_probe.py", "--toy", "--policies", "streaming_llm", "--churn", "0.01"])
+    assert "after freeing + empty_cache" in out.stdout and "after 200 zeroings" in out.stdout, out.stdout
+
+
 def test_l2_probe_runs_at_toy_size():
     out = run([sys.executable, "perf/l2_probe.py", "--toy"])
     assert "two launches" in out.stdout   # on the CPU the two launches alone
