@@ -540,6 +540,26 @@ def test_statistics_tile_the_tokens_without_halo(n, d, group, name, seed):
     compare(keys, values, queries, STATS_POLICIES[name](), 0.3, seed)
 
 
+@settings(max_examples=12, deadline=None)
+@given(n=st.sampled_from([1, 31, 301, 700]), d=st.sampled_from([64, 80, 128, 256]), fold=st.sampled_from([2, 4, 8]),
+       name=st.sampled_from(["keydiff", "keydiff_knorm"]), dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       seed=st.integers(0, 2**16))
+def test_anchor_accumulator_folded(n, d, fold, name, dtype, seed):
+    """TRITONKV_ANCHOR_FOLD sums groups of a tile's rows before they reach the anchor's accumulator
+    (kernels/stats.anchor_tile): the anchor's float32 sums change order, the priorities stay within
+    the reference's tolerance and the kept sets equal the reference's where no boundary is close."""
+    from tritonkv.geometry import clear_geometry
+    g = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(1, 2, n, d, generator=g).to(dtype), torch.randn(1, 2, n, d, generator=g).to(dtype)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITONKV_ANCHOR_FOLD", str(fold))
+        clear_geometry()
+        try:
+            compare(keys, values, None, STATS_POLICIES[name](), 0.3, seed)
+        finally:
+            clear_geometry()
+
+
 @pytest.mark.parametrize("name,window", [("snapkv", 164), ("h2o", 164), ("snapkv", 100), ("h2o", 100)])
 def test_query_rows_over_several_chunks(name, window):
     """Windows whose query rows (G = 4, bf16 D = 128) span several chunks, one head's window per

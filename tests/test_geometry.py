@@ -1,6 +1,7 @@
 """Launch geometry that only a GPU uses, checked as plain arithmetic: how the statistics passes
 split a row over programs."""
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -124,3 +125,14 @@ def test_the_score_launch_carries_its_register_cap(monkeypatch):
     geometry.clear_geometry()
     assert launch_options(8, None, 128) == {"num_warps": 8, "maxnreg": 128}
     assert launch_options(4, 3, None) == {"num_warps": 4, "num_stages": 3}
+
+
+def test_anchor_fold_is_a_power_of_two_at_most_the_tile(monkeypatch):
+    from tritonkv.geometry import anchor_fold
+    assert anchor_fold(64) == 1   # the default: an accumulator the tile's size
+    monkeypatch.setenv("TRITONKV_ANCHOR_FOLD", "4")
+    assert anchor_fold(64) == 4 and anchor_fold(2) == 2
+    for bad in ("0", "3", "-2"):
+        monkeypatch.setenv("TRITONKV_ANCHOR_FOLD", bad)
+        with pytest.raises(ValueError, match="TRITONKV_ANCHOR_FOLD"):
+            anchor_fold(64)

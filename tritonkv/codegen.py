@@ -31,7 +31,8 @@ RUNTIME_ARGS = ("N", "H", "W_total", "seed", "rows", "S", "tiles_per_prog", "z_n
 POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr", "sq_ptr")
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
-CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES")
+CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES",
+                  "ANCHOR_FOLD")
 # the tile loops: STAGES-deep software pipelining of their loads, None for Triton's default (geometry.loop_stages)
 TILE_LOOP = "    for it in tl.range(0, tiles_per_prog, num_stages=STAGES):"
 
@@ -390,7 +391,7 @@ def _stats_parts(members: Sequence[int], program_globals, names: Names, prologue
     for gi in members:
         node = program_globals[gi]
         if isinstance(node, dsl.AnchorSimilarity):
-            init.append(f"    acc_{gi} = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)")
+            init.append(f"    acc_{gi} = tl.zeros([BLOCK_N // ANCHOR_FOLD, BLOCK_D], dtype=tl.float32)")
             emitter.keys()
             update.append(f"acc_{gi} = anchor_tile(acc_{gi}, b_kf, {emitter.key_norm()}, m_val)")
             store.append(f"    anchor_store(ws_ptr, po_{gi}, i_row, i_s, S, acc_{gi}, i_c == 0, BLOCK_D)")

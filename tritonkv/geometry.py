@@ -213,6 +213,16 @@ def loop_stages(has_proxy: bool, tile_bytes: int, anchor: bool = False) -> Optio
     return stages if stages >= 2 else None
 
 
+def anchor_fold(block_n: int) -> int:
+    """Tile rows the anchor pass sums into one row of its accumulator (kernels/stats.anchor_tile):
+    ``TRITONKV_ANCHOR_FOLD`` (1, the default: an accumulator the tile's size; 2, 4, ...: a half, a
+    quarter, fewer registers per program), at most ``block_n``."""
+    fold = _override("TRITONKV_ANCHOR_FOLD", 1)
+    if fold < 1 or fold & (fold - 1):
+        raise ValueError(f"TRITONKV_ANCHOR_FOLD: expected a power of two >= 1, got {fold}")
+    return min(fold, block_n)
+
+
 def _override(name: str, default):
     value = os.environ.get(name)
     return default if value is None else int(value)
@@ -258,11 +268,13 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         block_n = max(16, min(block_n, 65536 // (next_power_of_2(d) * itemsize)))
     anchored = any(isinstance(g, dsl.AnchorSimilarity) for g in program.globals)
     if anchored:
-        # the anchor pass accumulates whole [BLOCK_N, BLOCK_D] tiles: keep them at 8K floats
+        # the anchor pass holds a [BLOCK_N, BLOCK_D] tile in float32 and its accumulator in
+        # registers: keep the tiles at 8K floats
         block_n = max(16, min(block_n, 8192 // next_power_of_2(d)))
         while block_n <= 4 * program.halo:
             block_n *= 2
     block_n = _override("TRITONKV_BLOCK_N", block_n)
+    fold = anchor_fold(block_n) if anchored else 1
     n_tiles = cdiv(n, block_n - 2 * program.halo)
     if fixed_splits is None:
         splits, tiles_per_prog = even_tiling(n_tiles, stats_splits(rows, n_tiles, device))
@@ -270,7 +282,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         splits, tiles_per_prog = fixed_splits, cdiv(n_tiles, fixed_splits)
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                      HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page,
+                      HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page, ANCHOR_FOLD=fold,
                       IEEE=ieee_products(dtype),
                       STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize, anchored))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)

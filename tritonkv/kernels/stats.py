@@ -21,10 +21,15 @@ MERGE_TILE: tl.constexpr = tl.constexpr(2048)      # values per step of a merge 
 # ---------------------------------------------------------------------------- anchor
 @triton.jit
 def anchor_tile(acc, b_kf, b_knorm, m_val):
-    """acc [BLOCK_N, BLOCK_D] += the tile's L2-normalized keys; summed over tokens only once,
-    in anchor_store, so no tile pays a reduction across warps."""
-    unit = b_kf / tl.maximum(b_knorm, NORM_EPS)[:, None]
-    return acc + tl.where(m_val[:, None], unit, 0.0)
+    """acc [R, BLOCK_D] += the tile's L2-normalized keys, its rows r, r + R, r + 2R, ... summed into
+    accumulator row r (R = BLOCK_N // ANCHOR_FOLD: geometry.anchor_fold). In a tile's blocked layout
+    the rows folded together sit in one thread, so folding is additions in registers and the
+    accumulator shrinks (sm_90, KeyDiff at D = 64-256 with a fold of 4: 64 -> 48 registers per
+    thread, the tile loop's instructions unchanged: perf/sass_ops.py). The accumulator is summed
+    over its rows only once, in anchor_store, so no tile pays a reduction across warps."""
+    unit = tl.where(m_val[:, None], b_kf / tl.maximum(b_knorm, NORM_EPS)[:, None], 0.0)
+    R: tl.constexpr = acc.shape[0]
+    return acc + tl.sum(tl.reshape(unit, [unit.shape[0] // R, R, unit.shape[1]]), 0)
 
 
 @triton.jit
