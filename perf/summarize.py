@@ -49,14 +49,15 @@ def table(path: Path):
           "bf16, proxy attention with H_q=32 and a 64-query window. Four times of tritonkv: `ms` is one call "
           "until its GPU work is done (launch overhead included); `GPU ms` replays the same kernels from a CUDA "
           "graph; `host µs` is the host time per call of back-to-back calls without synchronizing; `x floor "
-          "(queued)` times one eager call's kernels, its launch hidden behind a GPU sleep (the outputs where the "
-          "caching allocator puts them; a graph replay's sit in the graph's own pool, which read 1.10-1.16x slower "
-          "for some captures: perf/graph_gap_probe.py). The floor "
+          "(queued)` times one eager call's kernels, its launch hidden behind a GPU sleep (where the caching "
+          "allocator puts the outputs; since the suite settles before its timings, perf/timing.settle, the two "
+          "agree within a few percent). The floor "
           "is the HBM traffic no implementation avoids, at the copy bandwidth measured in the run "
           f"({fmt(next(iter(run.cases.values())).get('bandwidth_GBps'), 0)} GB/s). Speedups are a baseline's "
           "wall time over tritonkv's: `eager` / `compile` do the same policy in float32 (same kept tokens); "
           "`peer` / `peer compiled` are the most used eviction library's formulation (scores in bf16, topk, "
           "gather; perf/baselines.py), `peer mismatch` the fraction of kept tokens where it keeps others.\n")
+    summary(run)
     print("| policy | N | B | budget | ms | GPU ms | host µs | floor ms | x floor | x floor (GPU) | x floor (queued) | vs eager "
           "| vs compile | vs peer | vs peer compiled | peer mismatch | extra B/token/head |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -73,6 +74,32 @@ def table(path: Path):
                if c.get(f"{b}_skipped")}
     for policy, why in sorted(skipped):
         print(f"\n{policy}: a torch.compile baseline did not run: {why}")
+    print()
+
+
+def span(values, digits=2) -> str:
+    """'lo-hi' of the values that exist ('-' where none does; one value where they agree)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    lo, hi = fmt(min(values), digits), fmt(max(values), digits)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def summary(run):
+    """One row per policy: the ranges over its cases, by budget, of x floor (graph replay, queued) and
+    of the speedup over the peer (wall)."""
+    budgets = sorted({c.budget for c in run.cases.values()}, reverse=True)
+    head = " | ".join(f"x floor (GPU / queued), {b:g}" for b in budgets)
+    print("By policy, over the run's N and B: ranges of the multiple of the floor and of the speedup over the peer.\n")
+    print(f"| policy | {head} | vs peer (wall) |")
+    print("|---|" + "---|" * len(budgets) + "---|")
+    for policy, cases in run.by_policy().items():
+        cells = []
+        for b in budgets:
+            at = [c for c in cases if c.budget == b]
+            cells.append(f"{span(c.get('x_floor_gpu') for c in at)} / {span(c.get('x_floor_queued') for c in at)}")
+        print(f"| {policy} | " + " | ".join(cells) + f" | {span((c.get('speedup_vs_peer') for c in cases), 1)} |")
     print()
 
 

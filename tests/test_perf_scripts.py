@@ -122,6 +122,15 @@ def test_placement_probe_runs_both_measurements_at_toy_size():
     assert "after freeing + empty_cache" in out.stdout and "after 200 zeroings" in out.stdout, out.stdout
 
 
+def test_summarize_gives_a_row_per_policy_and_the_cases():
+    run_json = "perf/results/20261207T101214-NVIDIA_H100_80GB_HBM3-c50b8fa.json"
+    out = run([sys.executable, "perf/summarize.py", run_json]).stdout
+    summary = out[out.index("By policy"):out.index("| policy | N |")]
+    assert summary.count("\n| ") == 1 + 13, summary   # the header and one row per benchmarked policy
+    assert "| keydiff | 1.41-1.58 / 1.40-1.56 | 1.87-2.19 / 1.86-2.16 | 6.1-11.1 |" in summary
+    assert out.count("| keydiff | ") == 1 + 8   # its summary row and its 8 cases
+
+
 def test_l2_probe_runs_at_toy_size():
     out = run([sys.executable, "perf/l2_probe.py", "--toy"])
     assert "two launches" in out.stdout   # on the CPU the two launches alone
