@@ -65,15 +65,10 @@ def cuda_clock() -> float:
 
 
 def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
+    """Median of ``rounds`` counter_seconds of fn (L2 flushed before each), after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(rounds):
-        flush_l2()
-        start = cuda_clock()
-        fn()
-        times.append(cuda_clock() - start)
-    return statistics.median(times)
+    return statistics.median(counter_seconds(fn) for _ in range(rounds))
 
 
 def peak_extra_bytes(fn, output_bytes):
