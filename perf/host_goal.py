@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-import tritonkv as tkv
-from perf.host_overhead import POLICIES, inputs
+from perf.host_overhead import POLICIES, held_call
 from perf.test_evict import DIM, DTYPE, HEADS, make_cache
 from perf.timing import CUDA, DEVICE, host_times
 
@@ -53,8 +52,7 @@ def cases(names, ns, budgets):
         keys, values, queries = make_cache(1, n)
         for name in names:
             for budget in budgets:
-                evictor, kw = tkv.Evictor(POLICIES[name], budget), inputs(POLICIES[name], keys, values, queries)
-                call = lambda e=evictor, k=keys, v=values, kw=kw: e(k, v, **kw)  # noqa: E731
+                _, call = held_call(POLICIES[name], budget, keys, values, queries)
                 call()
                 call()
                 out[(name, n, budget)] = call

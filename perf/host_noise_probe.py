@@ -17,8 +17,7 @@ import os
 import statistics
 import time
 
-import tritonkv as tkv
-from perf.host_overhead import inputs
+from perf.host_overhead import held_call
 from perf.test_evict import POLICIES, make_cache
 from perf.timing import sync
 
@@ -65,9 +64,7 @@ def main():
     keys, values, queries = make_cache(1, n)
     fns = {}
     for name in args.presets.split(","):
-        evictor = tkv.Evictor(POLICIES[name], 0.1)
-        kw = inputs(POLICIES[name], keys, values, queries)
-        fns[name] = (lambda ev, kw: lambda: ev(keys, values, **kw))(evictor, kw)
+        _, fns[name] = held_call(POLICIES[name], 0.1, keys, values, queries)
         for _ in range(3):
             fns[name]()
     seen = {name: [] for name in fns}

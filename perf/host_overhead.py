@@ -63,6 +63,13 @@ def inputs(policy, keys, values, queries):
                 directions=directions or None)
 
 
+def held_call(policy, budget, keys, values, queries):
+    """(Evictor, call): a held tkv.Evictor and a call of it on these tensors with the policy's inputs."""
+    evictor = tkv.Evictor(policy, budget)
+    kw = inputs(policy, keys, values, queries)
+    return evictor, lambda: evictor(keys, values, **kw)
+
+
 def callers(policy, keys, values, queries, budget):
     kw = inputs(policy, keys, values, queries)
     path = evict_compiled if keys.is_cuda else evict_reference   # what backend="auto" runs there

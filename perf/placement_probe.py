@@ -32,7 +32,7 @@ import time
 
 import torch
 
-import tritonkv as tkv
+from perf.host_overhead import held_call
 from perf.test_evict import POLICIES, make_cache
 from perf.timing import CUDA, DEVICE, event_seconds, queued_seconds
 
@@ -40,10 +40,9 @@ MIB = 1 << 20
 
 
 def calls(policy, keys, values, queries, budget, count):
-    ev = tkv.Evictor(POLICIES[policy], budget)
-    kw = dict(queries=queries) if POLICIES[policy].needs_queries else {}
-    ev(keys, values, **kw)
-    ev(keys, values, **kw)
+    ev, call = held_call(POLICIES[policy], budget, keys, values, queries)
+    call()
+    call()
     kept, rows = [], []
     plan = next(iter(ev._plans.values()))
     scratch_bytes = 4 * getattr(plan, "scratch_numel", 0)
@@ -51,7 +50,7 @@ def calls(policy, keys, values, queries, budget, count):
         torch.cuda.memory._record_memory_history(max_entries=100000)
     for _ in range(count):
         out = []
-        seconds = queued_seconds(lambda: out.append(ev(keys, values, **kw)))
+        seconds = queued_seconds(lambda: out.append(call()))
         kept.append(out[0])
         k, v, i = (t.data_ptr() for t in (out[0].keys, out[0].values, out[0].indices))
         rows.append((seconds * 1e3, k, v, i))
@@ -61,7 +60,7 @@ def calls(policy, keys, values, queries, budget, count):
         scratches = [e["addr"] for e in trace if e["action"] == "alloc" and e["size"] >= scratch_bytes > 0
                      and e["size"] - scratch_bytes < 2 * MIB]
         torch.cuda.memory._record_memory_history(enabled=None)
-    scratches = (scratches + [0] * count)[:count] if len(scratches) >= count else [0] * count
+    scratches = scratches[:count] if len(scratches) >= count else [0] * count
     rows = [row + (scratch,) for row, scratch in zip(rows, scratches)]
     fastest = min(r[0] for r in rows)
     print(f"{policy} N={keys.shape[2]} B={keys.shape[0]} {budget}: {count} calls, queued ms "
@@ -77,18 +76,17 @@ def churn(policy, keys, values, queries, budget, gib, count):
     """Whether fresh memory slows the kernels that run after it is taken: queued times of ``count``
     calls (results dropped) before and after a ``gib`` GiB allocation, then after it is freed and
     returned to the driver, each with its seconds since that event."""
-    ev = tkv.Evictor(POLICIES[policy], budget)
-    kw = dict(queries=queries) if POLICIES[policy].needs_queries else {}
-    ev(keys, values, **kw)
+    _, call = held_call(POLICIES[policy], budget, keys, values, queries)
+    call()
 
     def timed(label, since):
         times = []
         for _ in range(count):
-            times.append((time.perf_counter() - since, queued_seconds(lambda: ev(keys, values, **kw)) * 1e3))
+            times.append((time.perf_counter() - since, queued_seconds(call) * 1e3))
         print(f"  {label}: " + " ".join(f"{t:.2f}s:{ms:.3f}" for t, ms in times))
         if CUDA:   # one more call under the profiler: its kernels' times
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                ev(keys, values, **kw)
+                call()
                 torch.cuda.synchronize()
             print("    kernels (us): " + ", ".join(f"{e.key[:28]} {e.device_time_total:.1f}"
                                                   for e in prof.key_averages() if e.device_time_total > 0))
@@ -100,11 +98,12 @@ def churn(policy, keys, values, queries, budget, gib, count):
     block = torch.empty(int(gib * (1 << 30)), dtype=torch.uint8, device=keys.device)
     timed("after allocating", start)
     del block
-    torch.cuda.empty_cache() if CUDA else None
+    if CUDA:
+        torch.cuda.empty_cache()
     timed("after freeing + empty_cache", time.perf_counter())
-    ev = tkv.Evictor(POLICIES[policy], budget)   # a new plan (and CUDA graph) made now
-    ev(keys, values, **kw)
-    ev(keys, values, **kw)
+    _, call = held_call(POLICIES[policy], budget, keys, values, queries)   # a new plan (and CUDA graph) made now
+    call()
+    call()
     timed("a new Evictor after that", time.perf_counter())
     for pause in (0.1, 1.0):
         time.sleep(pause)
