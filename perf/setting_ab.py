@@ -4,8 +4,7 @@ formulation: scores in the cache's dtype, topk, gather).
 
 For each case and each value of the setting, a fresh planned Evictor; four times of one call:
 wall (from an idle GPU, host launch included), graph (CUDA-graph replay: kernels alone), queued
-(the kernels of an eager call, its launch hidden: perf/timing.py's queued_seconds; a graph replay's
-outputs sit in the graph's own pool, 1.10-1.16x slower for some captures) and host (back-to-back
+(the kernels of an eager call, its launch hidden: perf/timing.py's queued_seconds) and host (back-to-back
 calls); the values interleaved, medians over ``--repeats``. The caches are those
 of the perf suite (perf/test_evict.py: B x 8 KV heads x N x 128, bf16, 32 query heads with a
 window of 64).

@@ -6,8 +6,8 @@ Run (README): ``perf/run`` — one JSON per run under perf/results/.
 Each case's extra_info holds: policy, N, B, budget; four times of tritonkv: time_ms (wall of
 one call, host launch included), gpu_ms / gpu_min_ms (CUDA-graph replay, median / min),
 host_us / host_min_us (host time per call of back-to-back calls without sync, mean / best
-block of 50); queued_ms (one eager call's kernels, its launch hidden behind a GPU sleep: where
-the caching allocator puts the outputs, unlike a graph replay; perf/timing.py); floor_ms,
+block of 50); queued_ms (one eager call's kernels, its launch hidden behind a GPU sleep:
+perf/timing.py); floor_ms,
 x_floor, x_floor_gpu, x_floor_queued; eager_ms, compile_ms, peer_ms, peer_compile_ms and
 speedup_vs_{eager,compile,peer,peer_compile} (baseline wall / tritonkv wall);
 kept_mismatch_vs_{eager,peer}; {compile,peer_compile}_skipped (why, where it did not run) and
@@ -201,8 +201,8 @@ def test_evict(benchmark, bandwidth, name, n, batch, budget):
     # a caller waits); gpu_ms, the same kernels replayed from a CUDA graph, without launch gaps
     # (what the kernels cost); host_us, CPU time per call of back-to-back calls (what the host
     # costs). Minima beside them let the dashboard tell noise from change. queued_ms: the kernels
-    # of an eager call (a graph replay's outputs sit in the graph's pool, which timed 1.10-1.16x
-    # slower for some captures: perf/graph_gap_probe.py)
+    # of an eager call (before the suite settled, some graph replays read 1.10-1.16x it: the driver's
+    # work after a large free, perf/placement_probe.py)
     settle()   # the baselines' memory freed, its background work done before tritonkv is timed
     replays = graph_times(run, replays=ROUNDS)
     gpu_seconds = statistics.median(replays)
