@@ -48,27 +48,62 @@ def adversarial_priorities(draw):
 # parameters, not drawn: xdist spreads them over the cores. own_slots: the last clause's keys are stored in its
 # slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never;
 # listed (TRITONKV_SELECT_LIST): a clause resolved from a list of its last candidates once at most this many are
-# left ("511": as many as the list holds), "0" never (the default)
-@pytest.mark.parametrize("d, own_slots, sparse, listed", [(64, False, "64", "511"), (80, False, "64", "0"),
-                                                          (128, False, "64", "40"), (64, True, "64", "511"),
-                                                          (80, True, "100000", "0"), (128, True, "0", "200")])
+# left ("511": as many as the list holds), "0" never (the default); sampled (TRITONKV_SELECT_SAMPLE): each clause
+# first bracketed from this many sampled keys per row, "0" never (the default)
+@pytest.mark.parametrize("d, own_slots, sparse, listed, sampled", [
+    (64, False, "64", "511", "0"), (80, False, "64", "0", "0"), (128, False, "64", "40", "0"),
+    (64, True, "64", "511", "0"), (80, True, "100000", "0", "0"), (128, True, "0", "200", "0"),
+    (64, False, "64", "0", "1024"), (80, True, "64", "511", "256"), (128, True, "0", "0", "4096")])
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed):
+def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed, sampled):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SPARSE_BINS", sparse)
         patch.setenv("TRITONKV_SELECT_LIST", listed)
+        patch.setenv("TRITONKV_SELECT_SAMPLE", sampled)
         check_select_and_gather(case, d, own_slots)
 
 
+@pytest.mark.parametrize("levels, bracketed", [(0, True), (3, False)])
+def test_sampled_bracket_resolves_a_clause_or_falls_back(levels, bracketed):
+    """TRITONKV_SELECT_SAMPLE: with distinct priorities the count-th key falls inside the
+    bracket the sample gives, in a bucket of at most 512 keys, so the clause is resolved from the
+    list of that bucket and no digit histogram is counted; with three values the bucket of the
+    count-th key holds a third of the row, so the clause falls back to its digits. The kept sets
+    are the reference's either way (check_select_and_gather)."""
+    from tritonkv.kernels.select import hist_words, launch_select, select_launch, workspace_sizes
+    g = torch.Generator().manual_seed(levels)
+    rows, n, counts = 3, 3001, (900, 300)
+    prios = torch.rand(len(counts), rows, n, generator=g)
+    if levels:
+        prios = (prios * levels).floor()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITONKV_SELECT_SAMPLE", "1024")
+        check_select_and_gather((prios, Allocation(5, 64, counts)), 64, own_slots=True)
+        sizes = workspace_sizes(rows, 1, len(counts))
+        workspace = torch.zeros(sum(sizes), dtype=torch.int32, device=DEVICE)
+        launch_select(*select_launch(prios.clone().to(DEVICE), list(range(len(counts))), counts, 5, 64, rows, n,
+                                     69 + sum(counts), torch.device(DEVICE), 1, workspace=workspace)[:3],
+                      torch.device(DEVICE))
+        hists = workspace[:sizes[0]].view(rows, len(counts), hist_words()).cpu()
+    first_digit = hists[..., :256]         # the first digit's histogram (the list, if any, is past it)
+    bucket_counts = hists[..., 1024:1280]  # the bracket's buckets
+    assert (bucket_counts.sum(-1) > 0).all()
+    if bracketed:
+        assert (first_digit == 0).all(), "a bracketed clause counts no digit"
+        assert ((hists[..., 1023] > 0) & (hists[..., 1023] <= 512)).all(), "its bucket is listed"
+    else:
+        assert (first_digit.sum(-1) > 0).all(), "a clause whose bucket is too full counts its digits"
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
-@pytest.mark.parametrize("listed", ["0", "511"])
+@pytest.mark.parametrize("listed, sampled", [("0", "0"), ("511", "0"), ("0", "1024")])
 @pytest.mark.parametrize("n, levels", [(131072, 0), (70001, 50), (40001, 0)])
-def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed):
+def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed, sampled):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
-    interpreter runs one per row), with and without candidate lists; ``levels``: priorities of
-    few distinct values, so ties span many programs' chunks (with the last clause's keys
-    stored), 0 for floats."""
+    interpreter runs one per row), with and without candidate lists and sampled brackets;
+    ``levels``: priorities of few distinct values, so ties span many programs' chunks (with the
+    last clause's keys stored), 0 for floats."""
     g = torch.Generator().manual_seed(n)
     rows, counts = 6, (n // 10, n // 7, 1)
     prios = torch.rand(len(counts), rows, n, generator=g)
@@ -76,6 +111,7 @@ def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed):
         prios = (prios * levels).floor()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SELECT_LIST", listed)
+        patch.setenv("TRITONKV_SELECT_SAMPLE", sampled)
         check_select_and_gather((prios, Allocation(5, 64, counts)), 64, own_slots=bool(levels))
 
 
