@@ -233,7 +233,7 @@ def _bucket(key, lo_key, hi_key, shift):
 def _list_candidates(j: tl.constexpr, lo, hi, chunk, o_blk, prefix, shift, prio_ptr, state_ptr, i_row,
                      rows, N, n_sink, n_recent, views, seed, at, skip_ptr, p_count, p_list, list_len,
                      HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr,
-                     CACHE: tl.constexpr, BLOCK: tl.constexpr, bracket=(0, 0), BRACKET: tl.constexpr = False):
+                     CACHE: tl.constexpr, BLOCK: tl.constexpr, bracket, BRACKET: tl.constexpr):
     """Append the indices of my chunk's candidates whose key matches ``prefix`` above bit
     ``shift`` (the digits found so far) to the row's list (``p_count`` counts them); returns how
     many of my candidates are above that prefix (all of them kept). With BRACKET, those whose
@@ -527,7 +527,7 @@ def _select_kernel(
                             mine_above = _list_candidates(j, lo, hi, chunk, o_blk, prefix, shift, prio_ptr, my_state,
                                                           i_src, rows, N, n_sink, n_recent, views, seed, at, skip_ptr,
                                                           p_count, p_list, space, HAS_SKIP, SAMPLED, NORMED,
-                                                          STREAM_BASE, (j == CACHED) * 2, BLOCK)
+                                                          STREAM_BASE, (j == CACHED) * 2, BLOCK, (prefix, prefix), False)
                             tl.store(p_cnt + i_p, 0)               # compaction: no ties of a listed clause,
                             tl.store(p_cnt + P + i_p, mine_above)  # the keys above the list in my chunk
                             passed += 1
