@@ -221,6 +221,36 @@ def test_every_kernel_compiles_for_hopper(config):
                                                                                        rows["nacl", "score"])
 
 
+def test_select_switches_compile_for_hopper():
+    """sm_90 builds of select with its untimed switches on (the candidate list and the sampled
+    bracket, which CI's builds of every policy leave off), per head with the fused copy (KeyDiff)
+    and once per batch row (TOVA): a path the interpreter runs may still fail Triton's compiler
+    (a tuple default of ints did)."""
+    code = ("import torch, tritonkv.aot as aot, tritonkv.policies as P\n"
+            "from tritonkv.budget import allocate\n"
+            "from tritonkv.compiler import compile_policy, shared_selection\n"
+            "from tritonkv.kernels.select import select_launch, _select_kernel, SELECT_WARPS\n"
+            "meta = dict(device='meta', dtype=torch.bfloat16)\n"
+            "b, h, n, d = 1, 8, 131072, 128\n"
+            "for name in ('keydiff', 'tova'):\n"
+            "    policy = getattr(P, name)()\n"
+            "    program = compile_policy(policy).program\n"
+            "    alloc = allocate(policy, n, n // 10)\n"
+            "    kv = [torch.empty(b, h, m, d, **meta) for m in (n, n, alloc.total, alloc.total)]\n"
+            "    slots = torch.empty(1, b * h, n, device='meta', dtype=torch.float32)\n"
+            "    _, args, constexprs, _ = select_launch(slots, program.clause_keys, alloc.clause_counts, alloc.n_sink,\n"
+            "        alloc.n_recent, b * h, n, alloc.total, torch.device('meta'), programs=16, heads=h,\n"
+            "        moments=(slots, [0], 8), shared=shared_selection(program), own_slots=True, gather=tuple(kv))\n"
+            "    built = aot.build_checked(name, 'select', '', _select_kernel, args, constexprs, SELECT_WARPS)\n"
+            "    print(name, constexprs['LISTS'], constexprs['SAMPLE_ROW'], built.registers)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITONKV_SELECT_LIST="511", TRITONKV_SELECT_SAMPLE="1024")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [line.split()[:3] for line in result.stdout.splitlines()] == [["keydiff", "True", "1024"],
+                                                                         ["tova", "True", "1024"]], result.stdout
+
+
 def _score_builds(cases: str) -> subprocess.CompletedProcess:
     """sm_90 builds (tritonkv.aot.build_checked, which refuses a kernel over the shared-memory limit)
     of the score kernels of ``cases``, a Python tuple of (name, policy expression, N, query rows) at
