@@ -27,7 +27,8 @@ How one clause is selected, exactly and without a sort:
   program stores the keys of a few tokens spread over its chunk (1024 per row), every program sorts
   the row's sample and takes the keys ranked 4 standard deviations above and below the count-th
   (scaled to the sample) as a bracket [lo, hi]; one pass counts the keys above hi and histograms
-  the keys inside by (key - lo) >> s, 256 buckets across the bracket. Where the count-th key falls
+  the keys inside in 256 buckets of equal width in the priority's value (of the key's bits where
+  an end is not finite: values, not bits, where the bracket spans zero). Where the count-th key falls
   inside and its bucket holds at most 512 keys, one more pass lists them and the list resolves the
   clause as above: three passes with a 256-bin histogram in one of them, where the digits take two
   or three histogram passes and a tie pass. Otherwise (a misleading sample, many ties) the clause
@@ -222,11 +223,20 @@ def _copy_kv_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, v_ptr, s_vb, s_vh, s_vn, s_vd, 
 
 
 @triton.jit
-def _bucket(key, lo_key, hi_key, shift):
-    """A key's bucket in the bracket [lo_key, hi_key]: (key - lo_key) >> shift (0 .. 255) inside
-    it, 256 above it, -1 below it."""
-    inside = (key >= lo_key) & (key <= hi_key)
-    return tl.where(key > hi_key, 256, tl.where(inside, ((key - lo_key) >> shift).to(tl.int32), -1))
+def _key_value(key):
+    """The float32 whose orderable_key is ``key``."""
+    return tl.where((key >> 31) != 0, key ^ 0x80000000, key ^ 0xFFFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bucket(key, bracket, shift):
+    """A key's bucket in ``bracket`` = (lo_key, hi_key, lo_value, scale): 256 above it, -1 below
+    it, and inside it 0 .. 255, equal steps of the priority's value where ``scale`` > 0 (a
+    finite bracket), else of the key's bits, (key - lo_key) >> shift. Either grows with the key."""
+    lo_key, hi_key, lo_value, scale = bracket
+    by_value = tl.minimum((_key_value(key) - lo_value) * scale, 255.0).to(tl.int32)
+    inside = tl.where(scale > 0, by_value, ((key - lo_key) >> shift).to(tl.int32))
+    return tl.where(key > hi_key, 256, tl.where(key >= lo_key, inside, -1))
 
 
 @triton.jit
@@ -237,14 +247,14 @@ def _list_candidates(j: tl.constexpr, lo, hi, chunk, o_blk, prefix, shift, prio_
     """Append the indices of my chunk's candidates whose key matches ``prefix`` above bit
     ``shift`` (the digits found so far) to the row's list (``p_count`` counts them); returns how
     many of my candidates are above that prefix (all of them kept). With BRACKET, those whose
-    bucket in ``bracket`` = (lo_key, hi_key) (_bucket, ``shift``) is ``prefix``, and above it."""
+    bucket in ``bracket`` (_bucket, ``shift``) is ``prefix``, and above it."""
     above = tl.full([], 0, tl.int32)
     for start in range(0, chunk, BLOCK):
         o_n = lo + start + o_blk
         cand, key = _candidates(j, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent, views, seed, at,
                                 skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE, CACHE)
         if BRACKET:
-            value = _bucket(key, bracket[0], bracket[1], shift)
+            value = _bucket(key, bracket, shift)
             target = prefix
         else:
             value = key >> shift
@@ -273,10 +283,11 @@ def _store_samples(j: tl.constexpr, lo, hi, n_per, p_out, prio_ptr, state_ptr, i
 
 @triton.jit
 def _bracket_of(p_smp, count, remaining, N, SAMPLE_ROW: tl.constexpr):
-    """(lo_key, hi_key, shift) from the row's ``count`` sampled keys: the keys ranked
-    BRACKET_SIGMAS standard deviations of the sampled rank below and above the ``remaining``-th
-    largest candidate key's rank scaled to the sample (the whole range where the sample runs
-    out), and the shift that makes (hi_key - lo_key) >> shift at most 255."""
+    """((lo_key, hi_key, lo_value, scale), shift) from the row's ``count`` sampled keys: the keys
+    ranked BRACKET_SIGMAS standard deviations of the sampled rank below and above the
+    ``remaining``-th largest candidate key's rank scaled to the sample (the whole range where the
+    sample runs out); _bucket's steps: 256 of the value where both ends are finite and apart,
+    else of the bits, with the shift that makes (hi_key - lo_key) >> shift at most 255."""
     o = tl.arange(0, SAMPLE_ROW)
     ranked = tl.sort(tl.load(p_smp + o, mask=o < count, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True),
                      descending=True)
@@ -292,7 +303,10 @@ def _bracket_of(p_smp, count, remaining, N, SAMPLE_ROW: tl.constexpr):
     shift = tl.full([], 0, tl.uint32)
     for b in tl.static_range(24):
         shift += ((width >> (b + 8)) != 0).to(tl.uint32)
-    return lo_key, hi_key, shift
+    lo_value, hi_value = _key_value(lo_key), _key_value(hi_key)
+    span = hi_value - lo_value   # NaN or inf where an end is not finite (0xFFFFFFFF is a NaN's key)
+    scale = tl.where((span > 0) & (span < float("inf")), 255.99 / span, 0.0)
+    return (lo_key, hi_key, lo_value, scale), shift
 
 
 @triton.jit
@@ -306,7 +320,7 @@ def _bracket_counts(j: tl.constexpr, lo, hi, chunk, o_blk, bracket, shift, prio_
         o_n = lo + start + o_blk
         cand, key = _candidates(j, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent, views, seed, at,
                                 skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE, CACHE)
-        bucket = _bucket(key, bracket[0], bracket[1], shift)
+        bucket = _bucket(key, bracket, shift)
         above += tl.sum((cand & (bucket > 255)).to(tl.int32), 0)
         inside = cand & (bucket >= 0) & (bucket < 256)
         local += tl.histogram(tl.where(inside, bucket, 0), 256, mask=inside)
@@ -452,8 +466,8 @@ def _select_kernel(
                                STREAM_BASE, SAMPLE_ROW)
                 passed += 1
                 row_barrier(bar, P * passed)
-                lo_key, hi_key, b_shift = _bracket_of(p_rng + RANGE_WORDS, P * n_per, remaining, N, SAMPLE_ROW)
-                local, above = _bracket_counts(j, lo, hi, chunk, o_blk, (lo_key, hi_key), b_shift, prio_ptr, my_state,
+                bracket, b_shift = _bracket_of(p_rng + RANGE_WORDS, P * n_per, remaining, N, SAMPLE_ROW)
+                local, above = _bracket_counts(j, lo, hi, chunk, o_blk, bracket, b_shift, prio_ptr, my_state,
                                                i_src, rows, N, n_sink, n_recent, views, seed, at, skip_ptr, HAS_SKIP,
                                                SAMPLED, NORMED, STREAM_BASE, (j == CACHED) * 1, BLOCK)
                 tl.atomic_add(p_rng + o_bin, local, mask=local > 0, sem="relaxed", scope="gpu")
@@ -473,7 +487,7 @@ def _select_kernel(
                     mine_above = _list_candidates(j, lo, hi, chunk, o_blk, b_star, b_shift, prio_ptr, my_state, i_src,
                                                   rows, N, n_sink, n_recent, views, seed, at, skip_ptr, p_count,
                                                   p_list, LIST_MAX, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
-                                                  (j == CACHED) * 2, BLOCK, (lo_key, hi_key), True)
+                                                  (j == CACHED) * 2, BLOCK, bracket, True)
                     tl.store(p_cnt + i_p, 0)
                     tl.store(p_cnt + P + i_p, mine_above)
                     passed += 1
@@ -527,7 +541,9 @@ def _select_kernel(
                             mine_above = _list_candidates(j, lo, hi, chunk, o_blk, prefix, shift, prio_ptr, my_state,
                                                           i_src, rows, N, n_sink, n_recent, views, seed, at, skip_ptr,
                                                           p_count, p_list, space, HAS_SKIP, SAMPLED, NORMED,
-                                                          STREAM_BASE, (j == CACHED) * 2, BLOCK, (prefix, prefix), False)
+                                                          STREAM_BASE, (j == CACHED) * 2, BLOCK,
+                                                          (prefix, prefix, tl.full([], 0.0, tl.float32),
+                                                           tl.full([], 0.0, tl.float32)), False)
                             tl.store(p_cnt + i_p, 0)               # compaction: no ties of a listed clause,
                             tl.store(p_cnt + P + i_p, mine_above)  # the keys above the list in my chunk
                             passed += 1
