@@ -48,62 +48,27 @@ def adversarial_priorities(draw):
 # parameters, not drawn: xdist spreads them over the cores. own_slots: the last clause's keys are stored in its
 # slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never;
 # listed (TRITONKV_SELECT_LIST): a clause resolved from a list of its last candidates once at most this many are
-# left ("511": as many as the list holds), "0" never (the default); sampled (TRITONKV_SELECT_SAMPLE): each clause
-# first bracketed from this many sampled keys per row, "0" never (the default)
-@pytest.mark.parametrize("d, own_slots, sparse, listed, sampled", [
-    (64, False, "64", "511", "0"), (80, False, "64", "0", "0"), (128, False, "64", "40", "0"),
-    (64, True, "64", "511", "0"), (80, True, "100000", "0", "0"), (128, True, "0", "200", "0"),
-    (64, False, "64", "0", "1024"), (80, True, "64", "511", "256"), (128, True, "0", "0", "4096")])
+# left ("511": as many as the list holds), "0" never (the default)
+@pytest.mark.parametrize("d, own_slots, sparse, listed", [(64, False, "64", "511"), (80, False, "64", "0"),
+                                                          (128, False, "64", "40"), (64, True, "64", "511"),
+                                                          (80, True, "100000", "0"), (128, True, "0", "200")])
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed, sampled):
+def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SPARSE_BINS", sparse)
         patch.setenv("TRITONKV_SELECT_LIST", listed)
-        patch.setenv("TRITONKV_SELECT_SAMPLE", sampled)
         check_select_and_gather(case, d, own_slots)
 
 
-@pytest.mark.parametrize("levels, bracketed", [(0, True), (3, False)])
-def test_sampled_bracket_resolves_a_clause_or_falls_back(levels, bracketed):
-    """TRITONKV_SELECT_SAMPLE: with distinct priorities the count-th key falls inside the
-    bracket the sample gives, in a bucket of at most 512 keys, so the clause is resolved from the
-    list of that bucket and no digit histogram is counted; with three values the bucket of the
-    count-th key holds a third of the row, so the clause falls back to its digits. The kept sets
-    are the reference's either way (check_select_and_gather)."""
-    from tritonkv.kernels.select import hist_words, launch_select, select_launch, workspace_sizes
-    g = torch.Generator().manual_seed(levels)
-    rows, n, counts = 3, 3001, (900, 300)
-    prios = torch.rand(len(counts), rows, n, generator=g)
-    if levels:
-        prios = (prios * levels).floor()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITONKV_SELECT_SAMPLE", "1024")
-        check_select_and_gather((prios, Allocation(5, 64, counts)), 64, own_slots=True)
-        sizes = workspace_sizes(rows, 1, len(counts))
-        workspace = torch.zeros(sum(sizes), dtype=torch.int32, device=DEVICE)
-        launch_select(*select_launch(prios.clone().to(DEVICE), list(range(len(counts))), counts, 5, 64, rows, n,
-                                     69 + sum(counts), torch.device(DEVICE), 1, workspace=workspace)[:3],
-                      torch.device(DEVICE))
-        hists = workspace[:sizes[0]].view(rows, len(counts), hist_words()).cpu()
-    first_digit = hists[..., :256]         # the first digit's histogram (the list, if any, is past it)
-    bucket_counts = hists[..., 1024:1280]  # the bracket's buckets
-    assert (bucket_counts.sum(-1) > 0).all()
-    if bracketed:
-        assert (first_digit == 0).all(), "a bracketed clause counts no digit"
-        assert ((hists[..., 1023] > 0) & (hists[..., 1023] <= 512)).all(), "its bucket is listed"
-    else:
-        assert (first_digit.sum(-1) > 0).all(), "a clause whose bucket is too full counts its digits"
-
-
 @pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
-@pytest.mark.parametrize("listed, sampled", [("0", "0"), ("511", "0"), ("0", "1024")])
+@pytest.mark.parametrize("listed", ["0", "511"])
 @pytest.mark.parametrize("n, levels", [(131072, 0), (70001, 50), (40001, 0)])
-def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed, sampled):
+def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
-    interpreter runs one per row), with and without candidate lists and sampled brackets;
-    ``levels``: priorities of few distinct values, so ties span many programs' chunks (with the
-    last clause's keys stored), 0 for floats."""
+    interpreter runs one per row), with and without candidate lists; ``levels``: priorities of
+    few distinct values, so ties span many programs' chunks (with the last clause's keys
+    stored), 0 for floats."""
     g = torch.Generator().manual_seed(n)
     rows, counts = 6, (n // 10, n // 7, 1)
     prios = torch.rand(len(counts), rows, n, generator=g)
@@ -111,7 +76,6 @@ def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed, sampled):
         prios = (prios * levels).floor()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SELECT_LIST", listed)
-        patch.setenv("TRITONKV_SELECT_SAMPLE", sampled)
         check_select_and_gather((prios, Allocation(5, 64, counts)), 64, own_slots=bool(levels))
 
 
@@ -222,10 +186,10 @@ def test_every_kernel_compiles_for_hopper(config):
 
 
 def test_select_switches_compile_for_hopper():
-    """sm_90 builds of select with its untimed switches on (the candidate list and the sampled
-    bracket, which CI's builds of every policy leave off), per head with the fused copy (KeyDiff)
-    and once per batch row (TOVA): a path the interpreter runs may still fail Triton's compiler
-    (a tuple default of ints did)."""
+    """sm_90 builds of select with its untimed candidate list on (CI's builds of every policy
+    leave it off), per head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
+    the interpreter runs may still fail Triton's compiler (a jit helper's tuple default of ints
+    did, in a version of the list that took a bracket)."""
     code = ("import torch, tritonkv.aot as aot, tritonkv.policies as P\n"
             "from tritonkv.budget import allocate\n"
             "from tritonkv.compiler import compile_policy, shared_selection\n"
@@ -242,13 +206,13 @@ def test_select_switches_compile_for_hopper():
             "        alloc.n_recent, b * h, n, alloc.total, torch.device('meta'), programs=16, heads=h,\n"
             "        moments=(slots, [0], 8), shared=shared_selection(program), own_slots=True, gather=tuple(kv))\n"
             "    built = aot.build_checked(name, 'select', '', _select_kernel, args, constexprs, SELECT_WARPS)\n"
-            "    print(name, constexprs['LISTS'], constexprs['SAMPLE_ROW'], built.registers)\n")
+            "    print(name, constexprs['LISTS'], built.registers)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITONKV_SELECT_LIST="511", TRITONKV_SELECT_SAMPLE="1024")
+    env.update(TRITONKV_SELECT_LIST="511")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert [line.split()[:3] for line in result.stdout.splitlines()] == [["keydiff", "True", "1024"],
-                                                                         ["tova", "True", "1024"]], result.stdout
+    assert [line.split()[:2] for line in result.stdout.splitlines()] == [["keydiff", "True"], ["tova", "True"]], \
+        result.stdout
 
 
 def _score_builds(cases: str) -> subprocess.CompletedProcess:

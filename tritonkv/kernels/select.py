@@ -23,16 +23,6 @@ How one clause is selected, exactly and without a sort:
   the list into registers and finds t and the cut there (digit histograms of the listed keys,
   then of their ties' indices): the later digit passes, the tie pass and their row barriers
   are skipped.
-  With TRITONKV_SELECT_SAMPLE (off by default until timed; sample_entries): before the digits, each
-  program stores the keys of a few tokens spread over its chunk (1024 per row), every program sorts
-  the row's sample and takes the keys ranked 4 standard deviations above and below the count-th
-  (scaled to the sample) as a bracket [lo, hi]; one pass counts the keys above hi and histograms
-  the keys inside in 256 buckets of equal width in the priority's value (of the key's bits where
-  an end is not finite: values, not bits, where the bracket spans zero). Where the count-th key falls
-  inside and its bucket holds at most 512 keys, one more pass lists them and the list resolves the
-  clause as above: three passes with a 256-bin histogram in one of them, where the digits take two
-  or three histogram passes and a tie pass. Otherwise (a misleading sample, many ties) the clause
-  falls back to its four digits.
 Compaction: every program counts what it keeps, so each knows how many kept tokens come
 before its chunk; it then writes the kept indices in token order. kernels/gather.py copies
 the K and V rows they name.
@@ -66,12 +56,6 @@ SHORT_ROW = 32768        # for more resident programs, so short rows get twice t
 SPARSE_BINS = 64         # see _select_kernel's SPARSE_BINS
 LIST_ENTRIES = 0         # see list_entries: off until timed (TRITONKV_SELECT_LIST=511 turns it on)
 LIST_MAX: tl.constexpr = tl.constexpr(512)   # list entries held in registers (511 in the histograms after digit 1)
-SAMPLES = 0              # see sample_entries: off until timed (TRITONKV_SELECT_SAMPLE=1024 turns it on)
-# with samples, a clause's histogram words hold after its four digits' the bracket's 256 buckets, the
-# count above the bracket (and padding), then the row's samples
-RANGE_AT: tl.constexpr = tl.constexpr(N_DIGITS * N_BINS)
-RANGE_WORDS: tl.constexpr = tl.constexpr(N_BINS + 32)
-BRACKET_SIGMAS: tl.constexpr = tl.constexpr(4.0)   # the bracket's half-width, in standard deviations of the sampled rank
 MAX_PROGRAMS_PER_ROW = 256   # P_PAD of the kernel
 # what a clause whose keys are stored (CACHED) leaves in its slot for a token that is no candidate;
 # a candidate's key is at least orderable_key(-inf) = 0x007FFFFF
@@ -223,108 +207,26 @@ def _copy_kv_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, v_ptr, s_vb, s_vh, s_vn, s_vd, 
 
 
 @triton.jit
-def _key_value(key):
-    """The float32 whose orderable_key is ``key``."""
-    return tl.where((key >> 31) != 0, key ^ 0x80000000, key ^ 0xFFFFFFFF).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _bucket(key, bracket, shift):
-    """A key's bucket in ``bracket`` = (lo_key, hi_key, lo_value, scale): 256 above it, -1 below
-    it, and inside it 0 .. 255, equal steps of the priority's value where ``scale`` > 0 (a
-    finite bracket), else of the key's bits, (key - lo_key) >> shift. Either grows with the key."""
-    lo_key, hi_key, lo_value, scale = bracket
-    by_value = tl.minimum((_key_value(key) - lo_value) * scale, 255.0).to(tl.int32)
-    inside = tl.where(scale > 0, by_value, ((key - lo_key) >> shift).to(tl.int32))
-    return tl.where(key > hi_key, 256, tl.where(key >= lo_key, inside, -1))
-
-
-@triton.jit
-def _list_candidates(j: tl.constexpr, lo, hi, chunk, o_blk, prefix, shift, prio_ptr, state_ptr, i_row,
+def _list_candidates(j: tl.constexpr, lo, hi, chunk, o_blk, prefix, shift: tl.constexpr, prio_ptr, state_ptr, i_row,
                      rows, N, n_sink, n_recent, views, seed, at, skip_ptr, p_count, p_list, list_len,
                      HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr,
-                     CACHE: tl.constexpr, BLOCK: tl.constexpr, bracket, BRACKET: tl.constexpr):
+                     CACHE: tl.constexpr, BLOCK: tl.constexpr):
     """Append the indices of my chunk's candidates whose key matches ``prefix`` above bit
     ``shift`` (the digits found so far) to the row's list (``p_count`` counts them); returns how
-    many of my candidates are above that prefix (all of them kept). With BRACKET, those whose
-    bucket in ``bracket`` (_bucket, ``shift``) is ``prefix``, and above it."""
+    many of my candidates are above that prefix (all of them kept)."""
     above = tl.full([], 0, tl.int32)
     for start in range(0, chunk, BLOCK):
         o_n = lo + start + o_blk
         cand, key = _candidates(j, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent, views, seed, at,
                                 skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE, CACHE)
-        if BRACKET:
-            value = _bucket(key, bracket, shift)
-            target = prefix
-        else:
-            value = key >> shift
-            target = prefix >> shift
-        match = cand & (value == target)
-        above += tl.sum((cand & (value > target)).to(tl.int32), 0)
+        high = key >> shift
+        match = cand & (high == (prefix >> shift))
+        above += tl.sum((cand & (high > (prefix >> shift))).to(tl.int32), 0)
         base = tl.atomic_add(p_count, tl.sum(match.to(tl.int32), 0), sem="relaxed", scope="gpu")
         pos = base + tl.cumsum(match.to(tl.int32), 0) - 1
         # all of them fit: the histogram counted at most list_len
         tl.store(p_list + pos, o_n, mask=match & (pos < list_len))
     return above
-
-
-@triton.jit
-def _store_samples(j: tl.constexpr, lo, hi, n_per, p_out, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent,
-                   views, seed, at, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr,
-                   STREAM_BASE: tl.constexpr, SAMPLE_ROW: tl.constexpr):
-    """Store at ``p_out`` the keys of ``n_per`` tokens spread evenly over my chunk [lo, hi), 0 for
-    a token that is no candidate (a candidate's key is at least orderable_key(-inf) > 0)."""
-    o_s = tl.arange(0, SAMPLE_ROW)
-    o_n = lo + o_s * tl.maximum((hi - lo) // n_per, 1)
-    cand, key = _candidates(j, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent, views, seed, at,
-                            skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE)
-    tl.store(p_out + o_s, tl.where(cand, key, 0).to(tl.int32, bitcast=True), mask=o_s < n_per)
-
-
-@triton.jit
-def _bracket_of(p_smp, count, remaining, N, SAMPLE_ROW: tl.constexpr):
-    """((lo_key, hi_key, lo_value, scale), shift) from the row's ``count`` sampled keys: the keys
-    ranked BRACKET_SIGMAS standard deviations of the sampled rank below and above the
-    ``remaining``-th largest candidate key's rank scaled to the sample (the whole range where the
-    sample runs out); _bucket's steps: 256 of the value where both ends are finite and apart,
-    else of the bits, with the shift that makes (hi_key - lo_key) >> shift at most 255."""
-    o = tl.arange(0, SAMPLE_ROW)
-    ranked = tl.sort(tl.load(p_smp + o, mask=o < count, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True),
-                     descending=True)
-    m = tl.maximum(tl.sum((ranked != 0).to(tl.int32), 0), 1).to(tl.float32)   # candidates sampled
-    r = remaining.to(tl.float32) * count.to(tl.float32) / N.to(tl.float32)
-    spread = BRACKET_SIGMAS * tl.sqrt(r * tl.maximum(1.0 - r / m, 0.0)) + 2.0
-    r_hi = tl.floor(r - spread).to(tl.int32)   # 1-based ranks in the sample
-    r_lo = tl.ceil(r + spread).to(tl.int32)
-    hi_key = tl.where(r_hi >= 1, tl.max(tl.where(o == r_hi - 1, ranked, 0), 0), tl.full([], 0xFFFFFFFF, tl.uint32))
-    lo_key = tl.where(r_lo <= m.to(tl.int32), tl.max(tl.where(o == r_lo - 1, ranked, 0), 0),
-                      tl.full([], 0, tl.uint32))
-    width = hi_key - lo_key
-    shift = tl.full([], 0, tl.uint32)
-    for b in tl.static_range(24):
-        shift += ((width >> (b + 8)) != 0).to(tl.uint32)
-    lo_value, hi_value = _key_value(lo_key), _key_value(hi_key)
-    span = hi_value - lo_value   # NaN or inf where an end is not finite (0xFFFFFFFF is a NaN's key)
-    scale = tl.where((span > 0) & (span < float("inf")), 255.99 / span, 0.0)
-    return (lo_key, hi_key, lo_value, scale), shift
-
-
-@triton.jit
-def _bracket_counts(j: tl.constexpr, lo, hi, chunk, o_blk, bracket, shift, prio_ptr, state_ptr, i_row, rows, N,
-                    n_sink, n_recent, views, seed, at, skip_ptr, HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr,
-                    NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, CACHE: tl.constexpr, BLOCK: tl.constexpr):
-    """(histogram of my candidates' buckets inside ``bracket``, how many of them are above it)."""
-    local = tl.zeros([256], dtype=tl.int32)
-    above = tl.full([], 0, tl.int32)
-    for start in range(0, chunk, BLOCK):
-        o_n = lo + start + o_blk
-        cand, key = _candidates(j, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent, views, seed, at,
-                                skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE, CACHE)
-        bucket = _bucket(key, bracket, shift)
-        above += tl.sum((cand & (bucket > 255)).to(tl.int32), 0)
-        inside = cand & (bucket >= 0) & (bucket < 256)
-        local += tl.histogram(tl.where(inside, bucket, 0), 256, mask=inside)
-    return local, above
 
 
 @triton.jit
@@ -375,7 +277,7 @@ def _select_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
     SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr, SPARSE_BINS: tl.constexpr,
-    LISTS: tl.constexpr, MARK: tl.constexpr, SAMPLE_ROW: tl.constexpr, HIST_WORDS: tl.constexpr,
+    LISTS: tl.constexpr, MARK: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -404,8 +306,7 @@ def _select_kernel(
     clause from the list (module docstring). MARK: instead of writing indices, the compaction sets
     the kept tokens' bytes of the uint8 mask ``skip_ptr`` [rows, N] to 1 (AdaKV's stages,
     tritonkv/adaptive.py: the first stage's kept tokens are the second's skip mask, and both
-    stages' are what kernels/pack.py packs). SAMPLE_ROW: samples per row of a clause's bracket
-    (0: none; module docstring); HIST_WORDS: a clause's histogram words (sample_entries)."""
+    stages' are what kernels/pack.py packs)."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
     i_src = i_row                # the row of the slots ranked
@@ -436,7 +337,7 @@ def _select_kernel(
         remaining = counts[j] + 0
         prefix = tl.full([], 0, tl.uint32)
         cut = tl.full([], -1, tl.int32)
-        p_hist = hist_ptr + (i_row * C + j) * HIST_WORDS
+        p_hist = hist_ptr + ((i_row * C + j) * 4) * 256
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
         lowest = (drop_one != 0) & (j == C - 1)   # the same in every program of the grid
         listed = tl.full([], 0, tl.int1)          # resolved from the list: decided after a digit, as one
@@ -456,51 +357,7 @@ def _select_kernel(
             row_barrier(bar, P * passed)
             prefix = tl.load(p_low, cache_modifier=".cg") ^ 0xFFFFFFFF
         else:
-            if SAMPLE_ROW > 0:
-                # ---- a bracket from a sample of the row; one pass counts the keys above it and
-                # histograms its buckets, one lists the bucket of the count-th key, if it fits
-                p_rng = p_hist + RANGE_AT
-                n_per = SAMPLE_ROW // P
-                _store_samples(j, lo, hi, n_per, p_rng + RANGE_WORDS + i_p * n_per, prio_ptr, my_state, i_src, rows,
-                               N, n_sink, n_recent, views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED,
-                               STREAM_BASE, SAMPLE_ROW)
-                passed += 1
-                row_barrier(bar, P * passed)
-                bracket, b_shift = _bracket_of(p_rng + RANGE_WORDS, P * n_per, remaining, N, SAMPLE_ROW)
-                local, above = _bracket_counts(j, lo, hi, chunk, o_blk, bracket, b_shift, prio_ptr, my_state,
-                                               i_src, rows, N, n_sink, n_recent, views, seed, at, skip_ptr, HAS_SKIP,
-                                               SAMPLED, NORMED, STREAM_BASE, (j == CACHED) * 1, BLOCK)
-                tl.atomic_add(p_rng + o_bin, local, mask=local > 0, sem="relaxed", scope="gpu")
-                tl.atomic_add(p_rng + 256, above, sem="relaxed", scope="gpu")
-                passed += 1
-                row_barrier(bar, P * passed)
-                hist = tl.load(p_rng + o_bin, cache_modifier=".cg")
-                need = remaining - tl.load(p_rng + 256, cache_modifier=".cg")   # of the keys inside
-                inside = tl.sum(hist, 0)
-                suffix = inside - tl.cumsum(hist, 0) + hist
-                b_star = tl.max(tl.where(suffix >= need, o_bin, -1), 0)
-                matching = tl.sum(tl.where(o_bin == b_star, hist, 0), 0)
-                if (need >= 1) & (need <= inside) & (matching <= LIST_MAX):
-                    # the digits' histograms are unused: the list goes where a first digit's would
-                    p_list = p_hist + 256
-                    p_count = p_hist + 4 * 256 - 1
-                    mine_above = _list_candidates(j, lo, hi, chunk, o_blk, b_star, b_shift, prio_ptr, my_state, i_src,
-                                                  rows, N, n_sink, n_recent, views, seed, at, skip_ptr, p_count,
-                                                  p_list, LIST_MAX, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
-                                                  (j == CACHED) * 2, BLOCK, bracket, True)
-                    tl.store(p_cnt + i_p, 0)
-                    tl.store(p_cnt + P + i_p, mine_above)
-                    passed += 1
-                    row_barrier(bar, P * passed)
-                    prefix, cut, kept_listed = _resolve_list(j, p_count, p_list,
-                                                             need - tl.sum(tl.where(o_bin == b_star, suffix - hist, 0), 0),
-                                                             chunk, prio_ptr, views, seed, i_src, rows, at, SAMPLED,
-                                                             NORMED, STREAM_BASE, CACHED, P_PAD)
-                    listed_kept += kept_listed
-                    remaining = remaining * 0
-                    listed = ~listed
-            # ---- radix select: four digits of 8 bits, most significant first (with a bracket, the
-            # keys were stored by its pass)
+            # ---- radix select: four digits of 8 bits, most significant first
             for digit in tl.static_range(4):
                 if not listed:
                     shift = 24 - 8 * digit
@@ -509,7 +366,7 @@ def _select_kernel(
                         o_n = lo + start + o_blk
                         cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
                                                 views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
-                                                (j == CACHED) * (1 + ((digit > 0) | (SAMPLE_ROW > 0))))
+                                                (j == CACHED) * (1 + (digit > 0)))   # stored, then read
                         bins = ((key >> shift) & 0xFF).to(tl.int32)
                         if digit > 0:
                             cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
@@ -541,9 +398,7 @@ def _select_kernel(
                             mine_above = _list_candidates(j, lo, hi, chunk, o_blk, prefix, shift, prio_ptr, my_state,
                                                           i_src, rows, N, n_sink, n_recent, views, seed, at, skip_ptr,
                                                           p_count, p_list, space, HAS_SKIP, SAMPLED, NORMED,
-                                                          STREAM_BASE, (j == CACHED) * 2, BLOCK,
-                                                          (prefix, prefix, tl.full([], 0.0, tl.float32),
-                                                           tl.full([], 0.0, tl.float32)), False)
+                                                          STREAM_BASE, (j == CACHED) * 2, BLOCK)
                             tl.store(p_cnt + i_p, 0)               # compaction: no ties of a listed clause,
                             tl.store(p_cnt + P + i_p, mine_above)  # the keys above the list in my chunk
                             passed += 1
@@ -711,23 +566,6 @@ def list_entries() -> int:
     return int(override)
 
 
-def sample_entries() -> int:
-    """Samples per row of a clause's bracket (the kernel's SAMPLE_ROW; 0: none, every clause by its
-    digits). Off until an A/B times it; ``TRITONKV_SELECT_SAMPLE=1024`` turns it on (a power of
-    two from 256, so each of at most MAX_PROGRAMS_PER_ROW programs samples a token, to 4096)."""
-    value = os.environ.get("TRITONKV_SELECT_SAMPLE", str(SAMPLES))
-    if not value.isdigit() or (int(value) and (int(value) & (int(value) - 1) or not 256 <= int(value) <= 4096)):
-        raise ValueError(f"TRITONKV_SELECT_SAMPLE: expected 0 or a power of two from 256 to 4096, got {value!r}")
-    return int(value)
-
-
-def hist_words() -> int:
-    """int32 words of select's histograms per row and clause: four digits', and with samples the
-    bracket's buckets, its count above and the samples."""
-    samples = sample_entries()
-    return N_DIGITS * N_BINS + (RANGE_WORDS.value + samples if samples else 0)
-
-
 def scan_block(n: int) -> int:
     """Tokens per step of select's passes over rows of ``n`` tokens (and the unit of its chunks);
     ``TRITONKV_SELECT_BLOCK`` overrides it (tuning)."""
@@ -751,7 +589,7 @@ def workspace_sizes(rows: int, programs: int, clauses: int):
     counters (these two first: they must start at zero), per-program tie counts, per-program
     clause states."""
     c = max(clauses, 1)
-    return [rows * c * hist_words(), rows, rows * c * 2 * programs, rows * programs * 3 * c]
+    return [rows * c * N_DIGITS * N_BINS, rows, rows * c * 2 * programs, rows * programs * 3 * c]
 
 
 def zeroed_numel(rows: int, clauses: int) -> int:
@@ -788,7 +626,6 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
                 CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(), LISTS=list_entries() > 0, MARK=mark,
-                SAMPLE_ROW=sample_entries(), HIST_WORDS=hist_words(),
                 **key_args(keys, [0] * len(keys))[1])
 
 
