@@ -12,6 +12,12 @@ window of 64).
     python perf/setting_ab.py TRITONKV_PROXY_LOGITS 0 1 --presets tova
     python perf/setting_ab.py TRITONKV_BLOCK_N 32 64 --presets keydiff,snapkv --n 32768,131072
     python perf/setting_ab.py TRITONKV_BLOCK_N 32 64 --presets keydiff --toy   # CPU: checks the script
+
+A value holding ``=`` sets several switches together (comma-separated NAME=VALUE, the setting then
+only names the A/B; a value without one sets the setting alone), so a combination is timed against
+the defaults in the same process:
+
+    python perf/setting_ab.py TRITONKV_BLOCK_N 64 TRITONKV_BLOCK_N=32,TRITONKV_ANCHOR_FOLD=4 --presets keydiff
 """
 
 import argparse
@@ -64,6 +70,18 @@ def times_us(fn, replays: int) -> dict:
                 host=statistics.mean(host_times(fn, calls=100 if DEVICE == "cuda" else 2, block=25)) * 1e6)
 
 
+def assignments(setting: str, value: str) -> dict:
+    """The environment one value of the A/B sets: ``{setting: value}``, or for a value holding ``=``
+    its comma-separated NAME=VALUE pairs (each a TRITONKV_* switch)."""
+    if "=" not in value:
+        return {setting: value}
+    pairs = dict(part.split("=", 1) for part in value.split(","))
+    wrong = [name for name in pairs if not name.startswith("TRITONKV_")]
+    if wrong or any("=" in v for v in pairs.values()):
+        raise ValueError(f"value {value!r}: expected comma-separated TRITONKV_*=VALUE pairs")
+    return pairs
+
+
 def case(setting, values, name, b, n, budget, repeats, replays) -> dict:
     policy = POLICIES[name]
     keys, values_, queries = make_cache(b, n)
@@ -72,7 +90,7 @@ def case(setting, values, name, b, n, budget, repeats, replays) -> dict:
     runs = {v: [] for v in values}
     for _ in range(repeats):
         for value in values:
-            with switches({setting: value}):   # the plan and every timed call under it
+            with switches(assignments(setting, value)):   # the plan and every timed call under it
                 ev = planned(policy, k)
                 runs[value].append(times_us(lambda: ev(keys, values_, **kw), replays))
     peer = peer_evict(name)
@@ -101,7 +119,8 @@ def line(row, values) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("setting", help="the environment variable, e.g. TRITONKV_PROXY_LOGITS")
-    parser.add_argument("values", nargs="+", help="its values; ratios are the last against the first")
+    parser.add_argument("values", nargs="+", help="its values (or NAME=VALUE,... sets of switches); ratios are "
+                                                  "the last against the first")
     parser.add_argument("--presets", default="tova", help="comma-separated names of perf/test_evict.py's POLICIES")
     parser.add_argument("--b", type=ints, default=[1, 4])
     parser.add_argument("--n", type=ints, default=[131072, 524288])
@@ -112,6 +131,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.setting.startswith("TRITONKV_"):
         parser.error(f"setting: expected a TRITONKV_* environment variable, got {args.setting!r}")
+    try:
+        [assignments(args.setting, value) for value in args.values]
+    except ValueError as e:
+        parser.error(str(e))
     names = args.presets.split(",")
     unknown = [name for name in names if name not in POLICIES]
     if unknown:

@@ -73,6 +73,17 @@ def test_setting_ab_runs_at_toy_size(tmp_path):
     assert all(r["32 wall us"] > 0 and r["64 host us"] > 0 and r["peer wall us"] > 0 for r in got["rows"])
 
 
+def test_setting_ab_values_set_switches_together():
+    """A value of ``NAME=VALUE,...`` pairs sets those switches together; a plain value sets the
+    A/B's setting; pairs must name TRITONKV_* switches."""
+    from perf.setting_ab import assignments
+    assert assignments("TRITONKV_BLOCK_N", "64") == {"TRITONKV_BLOCK_N": "64"}
+    assert assignments("TRITONKV_BLOCK_N", "TRITONKV_BLOCK_N=32,TRITONKV_ANCHOR_FOLD=4") == {
+        "TRITONKV_BLOCK_N": "32", "TRITONKV_ANCHOR_FOLD": "4"}
+    with pytest.raises(ValueError, match="TRITONKV_"):
+        assignments("TRITONKV_BLOCK_N", "BLOCK_N=32")
+
+
 def test_drop_one_ab_runs_at_toy_size(tmp_path):
     out = tmp_path / "ab.json"
     run([sys.executable, "perf/drop_one_ab.py", "--toy", "--json", str(out)])
