@@ -74,7 +74,7 @@ def block_tokens(d: int, halo: int, has_proxy: bool, itemsize: int = 2, reads_ca
 
 def stats_per_sm() -> int:
     """Programs per multiprocessor that a statistics pass's wave is counted in (4: KeyDiff's
-    anchor pass fits 4 on an H100, 58 registers; ``TRITONKV_SPLITS_PER_SM`` for tuning)."""
+    anchor pass fits 4 on an H100, 64 registers; ``TRITONKV_SPLITS_PER_SM`` for tuning)."""
     return _override("TRITONKV_SPLITS_PER_SM", 4)
 
 
