@@ -171,14 +171,12 @@ def host_times(fn, calls: int = 200, block: int = 50) -> list:
 def event_seconds(fn, flush: bool = True, lead_s: float = 0.0) -> float:
     """Seconds of one call from an idle device (L2 flushed unless ``flush`` is False) to the end
     of its work: CUDA events around the call on a GPU (after a GPU sleep of ``lead_s`` at up to
-    2 GHz, where given: queued_seconds), perf_counter on the CPU."""
+    2 GHz, where given: queued_seconds), counter_seconds on the CPU."""
+    if not CUDA:
+        return counter_seconds(fn, flush)
     if flush:
         flush_l2()
     sync()
-    if not CUDA:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     if lead_s:
         torch.cuda._sleep(int(lead_s * 2e9))
