@@ -19,10 +19,10 @@ How one clause is selected, exactly and without a sort:
   With TRITONKV_SELECT_LIST (off by default until timed; list_entries): once a digit leaves few
   keys matching the digits found so far (at most 512 after the first digit, 511 after the
   second, 255 after the third: what registers and the histograms of the digits left hold),
-  one more pass appends their indices to a list in those histograms, and every program loads
-  the list into registers and finds t and the cut there (digit histograms of the listed keys,
-  then of their ties' indices): the later digit passes, the tie pass and their row barriers
-  are skipped.
+  one more pass appends their indices to a list in those histograms; every program ranks a
+  share of the list against the whole list (key descending, index ascending), counts the kept
+  ones per chunk and the last kept one publishes t and the cut: the later digit passes and the
+  tie pass are skipped, for one pass and a short ranking between two row barriers.
 Compaction: every program counts what it keeps, so each knows how many kept tokens come
 before its chunk; it then writes the kept indices in token order. kernels/gather.py copies
 the K and V rows they name.
@@ -56,6 +56,7 @@ SHORT_ROW = 32768        # for more resident programs, so short rows get twice t
 SPARSE_BINS = 64         # see _select_kernel's SPARSE_BINS
 LIST_ENTRIES = 0         # see list_entries: off until timed (TRITONKV_SELECT_LIST=511 turns it on)
 LIST_MAX: tl.constexpr = tl.constexpr(512)   # list entries held in registers (511 in the histograms after digit 1)
+RANK_BLOCK: tl.constexpr = tl.constexpr(8)   # listed entries a program ranks per step (_rank_list)
 MAX_PROGRAMS_PER_ROW = 256   # P_PAD of the kernel
 # what a clause whose keys are stored (CACHED) leaves in its slot for a token that is no candidate;
 # a candidate's key is at least orderable_key(-inf) = 0x007FFFFF
@@ -230,38 +231,37 @@ def _list_candidates(j: tl.constexpr, lo, hi, chunk, o_blk, prefix, shift: tl.co
 
 
 @triton.jit
-def _resolve_list(j: tl.constexpr, p_count, p_list, remaining, chunk, prio_ptr, views, seed, i_row, rows, at,
-                  SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, CACHED: tl.constexpr,
-                  P_PAD: tl.constexpr):
-    """(threshold, cut, kept per chunk) of clause j's listed candidates (at most LIST_MAX), of
-    which the ``remaining`` (>= 1) highest keys are kept, ties to the lower index. The list and
-    its keys are loaded once into registers; eight digit histograms of them follow, with no
-    memory access: four of the keys find the threshold (the remaining-th largest), four of
-    0x7FFFFFFF - index over the keys equal to it find the cut (the index of the last tie kept)."""
+def _rank_list(j: tl.constexpr, p_count, p_list, remaining, chunk, i_p, P, p_kept, p_last, prio_ptr, views, seed,
+               i_row, rows, at, SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr,
+               CACHED: tl.constexpr):
+    """Program i_p's share of clause j's listed candidates (at most LIST_MAX; the row's P programs
+    share the list by position), each ranked against the whole list by (key descending, index
+    ascending): the ``remaining`` (>= 1) first are kept. Each kept entry adds one to its chunk's
+    count at ``p_kept`` (zeroed per program before the list's barrier), and the last one kept
+    stores its key and index at ``p_last``: the clause's threshold and cut. So a program compares
+    its share (a few entries) with the list, where finding the threshold by digits took every
+    program eight histograms of the whole list."""
     o_c = tl.arange(0, LIST_MAX)
-    m_c = o_c < tl.load(p_count, cache_modifier=".cg")
+    n_list = tl.load(p_count, cache_modifier=".cg")
+    m_c = o_c < n_list
     idx = tl.load(p_list + o_c, mask=m_c, other=0, cache_modifier=".cg")
     key = _key_at(j, idx, m_c, prio_ptr, views, seed, i_row, rows, at, SAMPLED, NORMED, STREAM_BASE, CACHED)
-    o_bin = tl.arange(0, 256)
-    threshold = tl.full([], 0, tl.uint32)
-    prefix = tl.full([], 0, tl.uint32)
-    for step in range(8):
-        ties = step >= 4
-        shift = (tl.full([], 24, tl.int32) - 8 * (step % 4)).to(tl.uint32)
-        values = tl.where(ties, (0x7FFFFFFF - idx).to(tl.uint32), key)
-        found = values.to(tl.uint64) >> (shift + 8).to(tl.uint64)   # the digits found so far (none: 0 = 0)
-        match = m_c & (~ties | (key == threshold)) & (found == (prefix.to(tl.uint64) >> (shift + 8).to(tl.uint64)))
-        hist = tl.histogram(((values >> shift) & 0xFF).to(tl.int32), 256, mask=match)
-        suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist      # values with this digit or above
-        b_star = tl.max(tl.where(suffix >= remaining, o_bin, -1), 0)
-        remaining -= tl.sum(tl.where(o_bin == b_star, suffix - hist, 0), 0)
-        prefix = prefix | (b_star.to(tl.uint32) << shift)
-        if step == 3:   # the threshold found; ``remaining`` of its ties are kept, the lowest indices
-            threshold = prefix
-            prefix = tl.full([], 0, tl.uint32)
-    cut = 0x7FFFFFFF - prefix.to(tl.int32)
-    kept = m_c & ((key > threshold) | ((key == threshold) & (idx <= cut)))
-    return threshold, cut, tl.histogram(idx // chunk, P_PAD, mask=kept)
+    share = tl.cdiv(n_list, P)
+    first = i_p * share
+    end = tl.minimum(first + share, n_list)
+    o_r = tl.arange(0, RANK_BLOCK)
+    for e0 in range(first, end, RANK_BLOCK):
+        o_e = e0 + o_r
+        m_e = o_e < end
+        idx_e = tl.load(p_list + o_e, mask=m_e, other=0, cache_modifier=".cg")
+        key_e = _key_at(j, idx_e, m_e, prio_ptr, views, seed, i_row, rows, at, SAMPLED, NORMED, STREAM_BASE, CACHED)
+        ahead = m_c[None, :] & ((key[None, :] > key_e[:, None])
+                                | ((key[None, :] == key_e[:, None]) & (idx[None, :] < idx_e[:, None])))
+        rank = tl.sum(ahead.to(tl.int32), 1)
+        tl.atomic_add(p_kept + idx_e // chunk, 1, mask=m_e & (rank < remaining), sem="relaxed", scope="gpu")
+        last = m_e & (rank == remaining - 1)
+        tl.store(p_last + o_r * 0, key_e.to(tl.int32, bitcast=True), mask=last)
+        tl.store(p_last + 1 + o_r * 0, idx_e, mask=last)
 
 
 @triton.jit(do_not_specialize=["list_len", "N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S",
@@ -302,8 +302,8 @@ def _select_kernel(
     histogram (ballots over every lane of the block): after the first digit most blocks hold few.
     LISTS: once few enough keys of a row still match the digits found (at most ``list_len``,
     LIST_MAX and what the digit histograms left unused hold: 512, 511 or 255 after the first,
-    second or third digit), their indices are listed there and every program resolves the
-    clause from the list (module docstring). MARK: instead of writing indices, the compaction sets
+    second or third digit), their indices are listed there and the programs resolve the clause
+    by ranking the list, a share each (module docstring, _rank_list). MARK: instead of writing indices, the compaction sets
     the kept tokens' bytes of the uint8 mask ``skip_ptr`` [rows, N] to 1 (AdaKV's stages,
     tritonkv/adaptive.py: the first stage's kept tokens are the second's skip mask, and both
     stages' are what kernels/pack.py packs)."""
@@ -331,7 +331,6 @@ def _select_kernel(
                          mom0, mom1, mom2, mom3, C, NORMED)
     counts = (count0, count1, count2, count3)
     passed = tl.full([], 0, tl.int32)                 # row barriers passed (the same in every program)
-    listed_kept = tl.zeros([P_PAD], dtype=tl.int32)  # per chunk, kept entries of the clauses resolved by list
 
     for j in tl.static_range(C):
         remaining = counts[j] + 0
@@ -399,15 +398,21 @@ def _select_kernel(
                                                           i_src, rows, N, n_sink, n_recent, views, seed, at, skip_ptr,
                                                           p_count, p_list, space, HAS_SKIP, SAMPLED, NORMED,
                                                           STREAM_BASE, (j == CACHED) * 2, BLOCK)
-                            tl.store(p_cnt + i_p, 0)               # compaction: no ties of a listed clause,
-                            tl.store(p_cnt + P + i_p, mine_above)  # the keys above the list in my chunk
+                            # compaction reads a listed clause's kept entries per chunk where ties are
+                            # counted (all ``remaining`` of them kept), and the keys above the list
+                            tl.store(p_cnt + i_p, 0)
+                            tl.store(p_cnt + P + i_p, mine_above)
                             passed += 1
                             row_barrier(bar, P * passed)
-                            prefix, cut, kept_listed = _resolve_list(j, p_count, p_list, remaining, chunk, prio_ptr,
-                                                                     views, seed, i_src, rows, at, SAMPLED, NORMED,
-                                                                     STREAM_BASE, CACHED, P_PAD)
-                            listed_kept += kept_listed
-                            remaining = remaining * 0
+                            # this digit's histogram, read by every program before that barrier, holds
+                            # the threshold and the cut
+                            p_last = p_hist + digit * 256
+                            _rank_list(j, p_count, p_list, remaining, chunk, i_p, P, p_cnt, p_last, prio_ptr, views,
+                                       seed, i_src, rows, at, SAMPLED, NORMED, STREAM_BASE, CACHED)
+                            passed += 1
+                            row_barrier(bar, P * passed)
+                            prefix = tl.load(p_last, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+                            cut = tl.load(p_last + 1, cache_modifier=".cg")
                             listed = ~listed
         if not listed:
             # ---- ties: count mine and the keys above the threshold, then find my cut
@@ -449,7 +454,7 @@ def _select_kernel(
     c_lo = o_p * chunk
     c_hi = tl.minimum(c_lo + chunk, N)
     kept_per_chunk = tl.maximum(tl.minimum(c_hi, n_sink) - c_lo, 0) \
-        + tl.maximum(c_hi - tl.maximum(c_lo, N - n_recent), 0) + listed_kept
+        + tl.maximum(c_hi - tl.maximum(c_lo, N - n_recent), 0)
     for j in tl.static_range(C):
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
         eq_all = tl.load(p_cnt + o_p, mask=m_p, other=0, cache_modifier=".cg")
