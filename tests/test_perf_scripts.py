@@ -100,6 +100,24 @@ def test_launches_runs_at_toy_size(tmp_path):
     assert all(r["total_us"] > 0 and r["floor_us"] > 0 for r in rows)
 
 
+def test_ncu_lines_sums_stall_samples_per_source_line(tmp_path, capsys):
+    """perf/ncu_lines.py on a source page as Nsight Compute writes it (a section per file; the SASS
+    rows of a line summed into it), lines ordered by their stall samples."""
+    sys.path.insert(0, str(ROOT))
+    from perf import ncu_lines
+    header = ["Line No", "Source", "Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed"]
+    rows = [["File Path", "/x/select.py"], ["Function Name", "k"], header,
+            ["10", "x = load()", "", "", "30", "5"], ["11", "h = histogram(x)", "", "", "60", "90"],
+            ["File Path", "/y/standard.py"], header, ["10", "return a + b", "", "", "10", "5"]]
+    path = tmp_path / "source.csv"
+    path.write_text("\n".join(",".join(f'"{c}"' for c in row) for row in rows) + "\n")
+    ncu_lines.main([str(path), "--top", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert "select.py 90.0%" in out[1] and "standard.py 10.0%" in out[1]
+    assert "60.0%" in out[3] and "90.0%" in out[3] and "select.py:11" in out[3]
+    assert "select.py:10" in out[4] and len(out) == 5
+
+
 def test_ncu_probe_runs_at_toy_size():
     out = run([sys.executable, "perf/ncu_probe.py", "--toy", "--policy", "snapkv"])
     assert "snapkv N=256 B=1" in out.stdout
