@@ -366,6 +366,20 @@ HEAD_REDUCED = {
 }
 
 
+@pytest.mark.parametrize("policy", [policies.keydiff(), policies.tova(), HEAD_REDUCED["two head-reduced tops"]],
+                         ids=["keydiff", "tova", "two-head-reduced-tops"])
+def test_paired_copy_gathers_the_reference_rows(policy, monkeypatch):
+    """TRITONKV_COPY_PAIRED=1: select's fused copy loads a kept row's K and V tiles before storing
+    either, per head (KeyDiff) and for every head of a shared selection (TOVA, two head-reduced
+    clauses); the kept sets and the copied rows stay the reference's."""
+    monkeypatch.setenv("TRITONKV_COPY_PAIRED", "1")
+    g = torch.Generator().manual_seed(5)
+    b, heads, n = 2, 3, 301
+    keys, values = torch.randn(b, heads, n, 80, generator=g), torch.randn(b, heads, n, 64, generator=g)
+    queries = torch.randn(b, heads * 2, 8, 80, generator=g)
+    assert compare(keys, values, queries, policy, 0.3)
+
+
 @pytest.mark.parametrize("name", sorted(HEAD_REDUCED))
 @pytest.mark.parametrize("heads", [1, 3])
 def test_head_reduced_policies_select_once_per_batch_row(name, heads):

@@ -184,27 +184,44 @@ def _key_at(j: tl.constexpr, o_n, m_n, prio_ptr, views, seed, i_row, rows, at, S
 
 
 @triton.jit
-def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
-               D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dst_ptr[dst] = src[i_b, i_h, o_n] for the lanes in ``kept`` (rows of D contiguous outputs)."""
+def _row_tile(src_ptr, s_b, s_h, s_n, s_d, i_b, i_h, o_n, kept, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(pointers, mask) of src[i_b, i_h, o_n] for the lanes in ``kept``: a [rows, BLOCK_D] tile."""
     o_d = tl.arange(0, BLOCK_D)
     m = kept[:, None] & (o_d[None, :] < D)
     p_src = src_ptr + i_b.to(tl.int64) * s_b + i_h.to(tl.int64) * s_h + o_n.to(tl.int64)[:, None] * s_n \
         + o_d[None, :] * s_d
-    tl.store(dst_ptr + dst[:, None] * D + o_d[None, :], tl.load(p_src, mask=m), mask=m)
+    return p_src, m
+
+
+@triton.jit
+def _copy_rows(src_ptr, s_b, s_h, s_n, s_d, dst_ptr, i_b, i_h, o_n, dst, kept,
+               D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dst_ptr[dst] = src[i_b, i_h, o_n] for the lanes in ``kept`` (rows of D contiguous outputs)."""
+    p_src, m = _row_tile(src_ptr, s_b, s_h, s_n, s_d, i_b, i_h, o_n, kept, D, BLOCK_D)
+    tl.store(dst_ptr + dst[:, None] * D + tl.arange(0, BLOCK_D)[None, :], tl.load(p_src, mask=m), mask=m)
 
 
 @triton.jit
 def _copy_kv_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, v_ptr, s_vb, s_vh, s_vn, s_vd, out_k_ptr, out_v_ptr, g_row, n_out,
                   H, n_kept, idx, slot, m, D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
-                  BLOCK_DV: tl.constexpr):
+                  BLOCK_DV: tl.constexpr, PAIRED: tl.constexpr):
     """The K and V rows of tokens ``idx`` into output slots ``slot`` of rows g_row .. g_row + n_out - 1
-    (every head of a shared selection, or the one row), for the lanes in ``m``."""
+    (every head of a shared selection, or the one row), for the lanes in ``m``. PAIRED: a row's K
+    and V tiles are both loaded before either is stored (two loads in flight: the compiler keeps a
+    load after a store it cannot prove apart), else K's copy, then V's."""
     for h in range(0, n_out):
         row = g_row + h
         out_dst = row.to(tl.int64) * n_kept + slot
-        _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, row // H, row % H, idx, out_dst, m, D, BLOCK_D)
-        _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, row // H, row % H, idx, out_dst, m, DV, BLOCK_DV)
+        if PAIRED:
+            p_k, m_k = _row_tile(k_ptr, s_kb, s_kh, s_kn, s_kd, row // H, row % H, idx, m, D, BLOCK_D)
+            p_v, m_v = _row_tile(v_ptr, s_vb, s_vh, s_vn, s_vd, row // H, row % H, idx, m, DV, BLOCK_DV)
+            k_tile = tl.load(p_k, mask=m_k)
+            v_tile = tl.load(p_v, mask=m_v)
+            tl.store(out_k_ptr + out_dst[:, None] * D + tl.arange(0, BLOCK_D)[None, :], k_tile, mask=m_k)
+            tl.store(out_v_ptr + out_dst[:, None] * DV + tl.arange(0, BLOCK_DV)[None, :], v_tile, mask=m_v)
+        else:
+            _copy_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, out_k_ptr, row // H, row % H, idx, out_dst, m, D, BLOCK_D)
+            _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, row // H, row % H, idx, out_dst, m, DV, BLOCK_DV)
 
 
 @triton.jit
@@ -277,7 +294,7 @@ def _select_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
     SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr, SPARSE_BINS: tl.constexpr,
-    LISTS: tl.constexpr, MARK: tl.constexpr,
+    LISTS: tl.constexpr, MARK: tl.constexpr, PAIRED: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -506,7 +523,7 @@ def _select_kernel(
                 m_j = o_j < last
                 idx = tl.load(out_row + o_j, mask=m_j, other=0)
                 _copy_kv_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, v_ptr, s_vb, s_vh, s_vn, s_vd, out_k_ptr, out_v_ptr,
-                              g_row, n_out, H, n_kept, idx, o_j, m_j, D, BLOCK_D, DV, BLOCK_DV)
+                              g_row, n_out, H, n_kept, idx, o_j, m_j, D, BLOCK_D, DV, BLOCK_DV, PAIRED)
         offset += n_here
     if GATHER and SPREAD_WINDOWS:
         # the windows' rows, this program's share: window token t < n_sink is token t, kept
@@ -523,7 +540,7 @@ def _select_kernel(
             idx = tl.where(in_sink, t, N - n_recent + (t - n_sink))
             slot = tl.where(in_sink, t, total - n_recent + (t - n_sink))
             _copy_kv_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, v_ptr, s_vb, s_vh, s_vn, s_vd, out_k_ptr, out_v_ptr,
-                          g_row, n_out, H, n_kept, idx, slot, m_t, D, BLOCK_D, DV, BLOCK_DV)
+                          g_row, n_out, H, n_kept, idx, slot, m_t, D, BLOCK_D, DV, BLOCK_DV, PAIRED)
 
 
 SELECT_SEED_ARG = _select_kernel.arg_names.index("seed")   # where select_launch passes the seed
@@ -553,6 +570,13 @@ def cached_clause(keys, own_slots: bool) -> int:
         return -1
     last = keys[-1]
     return len(keys) - 1 if len(keys) > 1 or last.sampled or last.normalized else -1
+
+
+def paired_copy() -> bool:
+    """Whether a gathering select loads a row's K and V tiles before storing either
+    (``TRITONKV_COPY_PAIRED=1``; off until timed): two loads in flight per copy step where the
+    copy is latency-bound (few programs per SM, as a shared selection's 8 heads per program)."""
+    return os.environ.get("TRITONKV_COPY_PAIRED", "0") == "1"
 
 
 def sparse_bins() -> int:
@@ -631,6 +655,7 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
                 CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(), LISTS=list_entries() > 0, MARK=mark,
+                PAIRED=paired_copy() and d > 0,
                 **key_args(keys, [0] * len(keys))[1])
 
 
