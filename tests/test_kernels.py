@@ -62,13 +62,14 @@ def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
-@pytest.mark.parametrize("listed", ["0", "511"])
+@pytest.mark.parametrize("listed, chunk", [("0", ""), ("511", ""), ("0", "16")])
 @pytest.mark.parametrize("n, levels", [(131072, 0), (70001, 50), (40001, 0)])
-def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed):
+def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed, chunk):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
-    interpreter runs one per row), with and without candidate lists; ``levels``: priorities of
-    few distinct values, so ties span many programs' chunks (with the last clause's keys
-    stored), 0 for floats."""
+    interpreter runs one per row), with and without candidate lists, and with chunks of any
+    multiple of 16 tokens (TRITONKV_SELECT_CHUNK: chunks that end inside a scan block);
+    ``levels``: priorities of few distinct values, so ties span many programs' chunks (with the
+    last clause's keys stored), 0 for floats."""
     g = torch.Generator().manual_seed(n)
     rows, counts = 6, (n // 10, n // 7, 1)
     prios = torch.rand(len(counts), rows, n, generator=g)
@@ -76,7 +77,26 @@ def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed):
         prios = (prios * levels).floor()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SELECT_LIST", listed)
+        if chunk:
+            patch.setenv("TRITONKV_SELECT_CHUNK", chunk)
         check_select_and_gather((prios, Allocation(5, 64, counts)), 64, own_slots=bool(levels))
+
+
+def test_select_chunks_of_a_finer_unit(monkeypatch):
+    """TRITONKV_SELECT_CHUNK: chunks are multiples of it instead of the scan block, so the programs
+    that fit are used (TOVA's 4 shared rows at 128K with 99 resident per row: 64 programs of
+    2,048 tokens by blocks, 86 of 1,536 by 256, 99 of 1,328 by 16), and a row gets more programs
+    than blocks; a unit that is not a positive multiple of 16 is refused by name."""
+    from tritonkv.kernels.select import chunking, chunk_unit
+    assert chunking(131072, 99) == (2048, 64)
+    for unit, want in (("256", (1536, 86)), ("16", (1328, 99)), ("512", (1536, 86))):
+        monkeypatch.setenv("TRITONKV_SELECT_CHUNK", unit)
+        assert chunk_unit(131072) == int(unit) and chunking(131072, 99) == want
+    assert chunking(131072, 256) == (512, 256)   # 256 programs for 128 scan blocks
+    for bad in ("0", "100", "x"):
+        monkeypatch.setenv("TRITONKV_SELECT_CHUNK", bad)
+        with pytest.raises(ValueError, match="TRITONKV_SELECT_CHUNK: expected a positive multiple of 16"):
+            chunk_unit(131072)
 
 
 def check_select_and_gather(case, d, own_slots):

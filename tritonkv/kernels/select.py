@@ -604,13 +604,27 @@ def scan_block(n: int) -> int:
     return SHORT_SCAN_BLOCK if n <= SHORT_ROW else SCAN_BLOCK
 
 
+def chunk_unit(n: int) -> int:
+    """Tokens that a program's chunk of a row of ``n`` is a multiple of: the scan block, or
+    ``TRITONKV_SELECT_CHUNK`` (a multiple of 16; off until timed). A finer unit lets the
+    programs that fit be used where rounding chunks to whole blocks leaves some out (TOVA at
+    B = 4, 128K: 99 fit, 64 run with chunks of 2,048) and gives a short row more programs than
+    blocks (a chunk's last block is then partly masked)."""
+    override = os.environ.get("TRITONKV_SELECT_CHUNK")
+    if not override:
+        return scan_block(n)
+    if not override.isdigit() or int(override) % 16 or int(override) == 0:
+        raise ValueError(f"TRITONKV_SELECT_CHUNK: expected a positive multiple of 16 tokens, got {override!r}")
+    return int(override)
+
+
 def programs_per_row(rows: int, n: int, device: torch.device, resident: int) -> int:
     """How many programs share a row: enough to fill the GPU, no more than can be resident
     at once (``resident`` programs of the grid; the row barriers need that), one in the
     interpreter."""
     if interpreting() or device.type != "cuda":
         return 1
-    return max(1, min(resident // rows, cdiv(n, scan_block(n)), MAX_PROGRAMS_PER_ROW))
+    return max(1, min(resident // rows, cdiv(n, chunk_unit(n)), MAX_PROGRAMS_PER_ROW))
 
 
 def workspace_sizes(rows: int, programs: int, clauses: int):
@@ -628,8 +642,8 @@ def zeroed_numel(rows: int, clauses: int) -> int:
 
 def chunking(n: int, programs: int):
     """(tokens per program, programs) for ``programs`` requested per row."""
-    block = scan_block(n)
-    chunk = cdiv(cdiv(n, programs), block) * block
+    unit = chunk_unit(n)
+    chunk = cdiv(cdiv(n, programs), unit) * unit
     return chunk, cdiv(n, chunk)
 
 
