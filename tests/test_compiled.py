@@ -366,18 +366,32 @@ HEAD_REDUCED = {
 }
 
 
+@pytest.mark.parametrize("switches", [{"TRITONKV_COPY_PAIRED": "1"}, {"TRITONKV_SELECT_COPY_ROWS": "16"}],
+                         ids=["paired", "16-rows"])
 @pytest.mark.parametrize("policy", [policies.keydiff(), policies.tova(), HEAD_REDUCED["two head-reduced tops"]],
                          ids=["keydiff", "tova", "two-head-reduced-tops"])
-def test_paired_copy_gathers_the_reference_rows(policy, monkeypatch):
-    """TRITONKV_COPY_PAIRED=1: select's fused copy loads a kept row's K and V tiles before storing
-    either, per head (KeyDiff) and for every head of a shared selection (TOVA, two head-reduced
-    clauses); the kept sets and the copied rows stay the reference's."""
-    monkeypatch.setenv("TRITONKV_COPY_PAIRED", "1")
+def test_select_copy_switches_gather_the_reference_rows(policy, switches, monkeypatch):
+    """Select's fused copy with a row's K and V tiles loaded before either is stored
+    (TRITONKV_COPY_PAIRED=1), or 16 kept rows a step (TRITONKV_SELECT_COPY_ROWS), per head
+    (KeyDiff) and for every head of a shared selection (TOVA, two head-reduced clauses): the kept
+    sets and the copied rows stay the reference's."""
+    for name, value in switches.items():
+        monkeypatch.setenv(name, value)
     g = torch.Generator().manual_seed(5)
     b, heads, n = 2, 3, 301
     keys, values = torch.randn(b, heads, n, 80, generator=g), torch.randn(b, heads, n, 64, generator=g)
     queries = torch.randn(b, heads * 2, 8, 80, generator=g)
     assert compare(keys, values, queries, policy, 0.3)
+
+
+def test_select_copy_rows_refuses_other_counts(monkeypatch):
+    from tritonkv.kernels.select import copy_rows
+    assert copy_rows(128, 128) == 64 and copy_rows(256, 64) == 32
+    monkeypatch.setenv("TRITONKV_SELECT_COPY_ROWS", "16")
+    assert copy_rows(128, 128) == 16 and copy_rows(512, 512) == 16
+    monkeypatch.setenv("TRITONKV_SELECT_COPY_ROWS", "48")
+    with pytest.raises(ValueError, match="TRITONKV_SELECT_COPY_ROWS: expected 16, 32 or 64 rows"):
+        copy_rows(128, 128)
 
 
 @pytest.mark.parametrize("name", sorted(HEAD_REDUCED))

@@ -206,8 +206,8 @@ def test_every_kernel_compiles_for_hopper(config):
 
 
 def test_select_switches_compile_for_hopper():
-    """sm_90 builds of select with its untimed candidate list and paired K / V copy on (CI's builds
-    of every policy leave them off), per head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
+    """sm_90 builds of select with its untimed candidate list, paired K / V copy and 32-row copy steps
+    on (CI's builds of every policy leave them off), per head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
     the interpreter runs may still fail Triton's compiler (a jit helper's tuple default of ints
     did, in a version of the list that took a bracket)."""
     code = ("import torch, tritonkv.aot as aot, tritonkv.policies as P\n"
@@ -228,7 +228,7 @@ def test_select_switches_compile_for_hopper():
             "    built = aot.build_checked(name, 'select', '', _select_kernel, args, constexprs, SELECT_WARPS)\n"
             "    print(name, constexprs['LISTS'], constexprs['PAIRED'], built.registers)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITONKV_SELECT_LIST="511", TRITONKV_COPY_PAIRED="1")
+    env.update(TRITONKV_SELECT_LIST="511", TRITONKV_COPY_PAIRED="1", TRITONKV_SELECT_COPY_ROWS="32")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [line.split()[:3] for line in result.stdout.splitlines()] == [["keydiff", "True", "True"],

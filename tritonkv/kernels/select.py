@@ -579,6 +579,19 @@ def paired_copy() -> bool:
     return os.environ.get("TRITONKV_COPY_PAIRED", "0") == "1"
 
 
+def copy_rows(d: int, dv: int) -> int:
+    """Kept rows a gathering select copies per step: a [rows, head dim] tile within 8K elements
+    (as kernels/gather.py), 16 to 64; ``TRITONKV_SELECT_COPY_ROWS`` (a power of two, 16 to 64;
+    off until timed) sets fewer, whose smaller tile frees registers for more programs per SM."""
+    rows = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
+    override = os.environ.get("TRITONKV_SELECT_COPY_ROWS")
+    if override:
+        if override not in ("16", "32", "64"):
+            raise ValueError(f"TRITONKV_SELECT_COPY_ROWS: expected 16, 32 or 64 rows, got {override!r}")
+        rows = min(rows, int(override))
+    return rows
+
+
 def sparse_bins() -> int:
     """Matching keys per block up to which a digit pass counts by atomics (kernels' SPARSE_BINS);
     ``TRITONKV_SPARSE_BINS`` overrides (0: every block by histogram, for A/B timing)."""
@@ -664,7 +677,7 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
     a uint8 mask of tokens that are not candidates; per_seq: rows read a sequence table; shared: the heads of a
     batch row share one selection; own_slots: see cached_clause; mark: set the kept tokens in a uint8 mask."""
     # rows copied per step: a [GATHER_T, BLOCK_D] tile within 8K elements (as kernels/gather.py)
-    gather_t = max(16, min(64, 8192 // next_power_of_2(max(d, dv, 1))))
+    gather_t = copy_rows(d, dv)
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
