@@ -366,13 +366,14 @@ HEAD_REDUCED = {
 }
 
 
-@pytest.mark.parametrize("switches", [{"TRITONKV_COPY_PAIRED": "1"}, {"TRITONKV_SELECT_COPY_ROWS": "16"}],
-                         ids=["paired", "16-rows"])
+@pytest.mark.parametrize("switches", [{"TRITONKV_COPY_PAIRED": "1"}, {"TRITONKV_SELECT_COPY_ROWS": "16"},
+                                      {"TRITONKV_SELECT_WARPS": "8"}], ids=["paired", "16-rows", "8-warps"])
 @pytest.mark.parametrize("policy", [policies.keydiff(), policies.tova(), HEAD_REDUCED["two head-reduced tops"]],
                          ids=["keydiff", "tova", "two-head-reduced-tops"])
 def test_select_copy_switches_gather_the_reference_rows(policy, switches, monkeypatch):
     """Select's fused copy with a row's K and V tiles loaded before either is stored
-    (TRITONKV_COPY_PAIRED=1), or 16 kept rows a step (TRITONKV_SELECT_COPY_ROWS), per head
+    (TRITONKV_COPY_PAIRED=1), or 16 kept rows a step (TRITONKV_SELECT_COPY_ROWS), and select in
+    programs of 8 warps (TRITONKV_SELECT_WARPS), per head
     (KeyDiff) and for every head of a shared selection (TOVA, two head-reduced clauses): the kept
     sets and the copied rows stay the reference's."""
     for name, value in switches.items():
@@ -384,14 +385,18 @@ def test_select_copy_switches_gather_the_reference_rows(policy, switches, monkey
     assert compare(keys, values, queries, policy, 0.3)
 
 
-def test_select_copy_rows_refuses_other_counts(monkeypatch):
-    from tritonkv.kernels.select import copy_rows
+def test_select_copy_rows_and_warps_refuse_other_counts(monkeypatch):
+    from tritonkv.kernels.select import copy_rows, select_warps
     assert copy_rows(128, 128) == 64 and copy_rows(256, 64) == 32
     monkeypatch.setenv("TRITONKV_SELECT_COPY_ROWS", "16")
     assert copy_rows(128, 128) == 16 and copy_rows(512, 512) == 16
     monkeypatch.setenv("TRITONKV_SELECT_COPY_ROWS", "48")
     with pytest.raises(ValueError, match="TRITONKV_SELECT_COPY_ROWS: expected 16, 32 or 64 rows"):
         copy_rows(128, 128)
+    assert select_warps() == 4
+    monkeypatch.setenv("TRITONKV_SELECT_WARPS", "16")
+    with pytest.raises(ValueError, match="TRITONKV_SELECT_WARPS: expected 4 or 8"):
+        select_warps()
 
 
 @pytest.mark.parametrize("name", sorted(HEAD_REDUCED))

@@ -62,23 +62,23 @@ def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
-@pytest.mark.parametrize("listed, chunk", [("0", ""), ("511", ""), ("0", "16")])
+@pytest.mark.parametrize("switches", [{}, {"TRITONKV_SELECT_LIST": "511"}, {"TRITONKV_SELECT_CHUNK": "16"},
+                                      {"TRITONKV_SELECT_WARPS": "8"}], ids=["default", "list", "chunk-16", "8-warps"])
 @pytest.mark.parametrize("n, levels", [(131072, 0), (70001, 50), (40001, 0)])
-def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, listed, chunk):
+def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, switches):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
-    interpreter runs one per row), with and without candidate lists, and with chunks of any
-    multiple of 16 tokens (TRITONKV_SELECT_CHUNK: chunks that end inside a scan block);
-    ``levels``: priorities of few distinct values, so ties span many programs' chunks (with the
-    last clause's keys stored), 0 for floats."""
+    interpreter runs one per row), with and without candidate lists, with chunks of any
+    multiple of 16 tokens (TRITONKV_SELECT_CHUNK: chunks that end inside a scan block) and in
+    programs of 8 warps; ``levels``: priorities of few distinct values, so ties span many
+    programs' chunks (with the last clause's keys stored), 0 for floats."""
     g = torch.Generator().manual_seed(n)
     rows, counts = 6, (n // 10, n // 7, 1)
     prios = torch.rand(len(counts), rows, n, generator=g)
     if levels:
         prios = (prios * levels).floor()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITONKV_SELECT_LIST", listed)
-        if chunk:
-            patch.setenv("TRITONKV_SELECT_CHUNK", chunk)
+        for name, value in switches.items():
+            patch.setenv(name, value)
         check_select_and_gather((prios, Allocation(5, 64, counts)), 64, own_slots=bool(levels))
 
 
@@ -206,14 +206,14 @@ def test_every_kernel_compiles_for_hopper(config):
 
 
 def test_select_switches_compile_for_hopper():
-    """sm_90 builds of select with its untimed candidate list, paired K / V copy and 32-row copy steps
-    on (CI's builds of every policy leave them off), per head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
+    """sm_90 builds of select with its untimed switches on (candidate list, paired K / V copy, 32-row
+    copy steps, 8 warps; CI's builds of every policy leave them off), per head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
     the interpreter runs may still fail Triton's compiler (a jit helper's tuple default of ints
     did, in a version of the list that took a bracket)."""
     code = ("import torch, tritonkv.aot as aot, tritonkv.policies as P\n"
             "from tritonkv.budget import allocate\n"
             "from tritonkv.compiler import compile_policy, shared_selection\n"
-            "from tritonkv.kernels.select import select_launch, _select_kernel, SELECT_WARPS\n"
+            "from tritonkv.kernels.select import select_launch, _select_kernel, select_warps\n"
             "meta = dict(device='meta', dtype=torch.bfloat16)\n"
             "b, h, n, d = 1, 8, 131072, 128\n"
             "for name in ('keydiff', 'tova'):\n"
@@ -225,10 +225,11 @@ def test_select_switches_compile_for_hopper():
             "    _, args, constexprs, _ = select_launch(slots, program.clause_keys, alloc.clause_counts, alloc.n_sink,\n"
             "        alloc.n_recent, b * h, n, alloc.total, torch.device('meta'), programs=16, heads=h,\n"
             "        moments=(slots, [0], 8), shared=shared_selection(program), own_slots=True, gather=tuple(kv))\n"
-            "    built = aot.build_checked(name, 'select', '', _select_kernel, args, constexprs, SELECT_WARPS)\n"
+            "    built = aot.build_checked(name, 'select', '', _select_kernel, args, constexprs, select_warps())\n"
             "    print(name, constexprs['LISTS'], constexprs['PAIRED'], built.registers)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITONKV_SELECT_LIST="511", TRITONKV_COPY_PAIRED="1", TRITONKV_SELECT_COPY_ROWS="32")
+    env.update(TRITONKV_SELECT_LIST="511", TRITONKV_COPY_PAIRED="1", TRITONKV_SELECT_COPY_ROWS="32",
+               TRITONKV_SELECT_WARPS="8")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [line.split()[:3] for line in result.stdout.splitlines()] == [["keydiff", "True", "True"],

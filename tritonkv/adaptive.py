@@ -21,7 +21,7 @@ from .budget import fraction_to_count
 from .compiler import Call, CompiledPolicy, Launch, Layout, _align, run, scored
 from .kernels.common import cdiv
 from .kernels.pack import pack_chunks, pack_launches
-from .kernels.select import (SELECT_SEED_ARG, SELECT_WARPS, _select_kernel, select_launch, select_programs,
+from .kernels.select import (SELECT_SEED_ARG, select_warps, _select_kernel, select_launch, select_programs,
                              workspace_sizes)
 from .results import EvictedVarlen, varlen_from
 
@@ -66,12 +66,12 @@ def prepare_adaptive(compiled: CompiledPolicy, policy: dsl.Policy, alloc, keys, 
         grid, sargs, sconst, _ = select_launch(priorities, STAGE, (own - alloc.n_sink - alloc.n_recent,),
                                                alloc.n_sink, alloc.n_recent, rows, n, own, device, p1, select1,
                                                mark=mask)
-        launches.append(Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS, None, SELECT_SEED_ARG))
+        launches.append(Launch(_select_kernel, grid, sargs, sconst, select_warps(), None, SELECT_SEED_ARG))
     if pooled:
         flat = mask.view(b, h * n)
         grid, sargs, sconst, _ = select_launch(priorities.view(1, b, h * n), STAGE, (pooled,), 0, 0, b, h * n,
                                                pooled, device, p2, select2, skip=flat, mark=flat)
-        launches.append(Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS, None, SELECT_SEED_ARG))
+        launches.append(Launch(_select_kernel, grid, sargs, sconst, select_warps(), None, SELECT_SEED_ARG))
     packed = torch.empty(total + rows, dtype=torch.int64, device=device)
     out_k = keys.new_empty(total, d)
     out_v = values.new_empty(total, values.shape[-1])

@@ -39,7 +39,7 @@ from .kernels.common import blocks_per_sm
 from .kernels.launch import kernel_name, launch_options
 from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.pack import PACK_KERNELS
-from .kernels.select import SELECT_WARPS, _select_kernel, select_launch
+from .kernels.select import select_warps, _select_kernel, select_launch
 from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
 
@@ -159,13 +159,13 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
                                                  torch.device("meta"), programs=16, heads=heads,
                                                  moments=(workspace, [0] * len(program.clause_keys), 8),
                                                  shared=shared_selection(program), own_slots=True)
-    record("select", _select_kernel, args, constexprs, SELECT_WARPS)
+    record("select", _select_kernel, args, constexprs, select_warps())
     if paged and program.clause_keys:   # the select of a batched paged call (tritonkv.paged_plan)
         _, args, constexprs, _ = select_launch(priorities, program.clause_keys, [0] * len(program.clause_keys), 0,
                                                0, batch * heads, n, alloc.total, torch.device("meta"), programs=16,
                                                heads=heads, moments=(workspace, [0] * len(program.clause_keys), 8),
                                                sequences=sequences, own_slots=True)
-        record("select paged", _select_kernel, args, constexprs, SELECT_WARPS)
+        record("select paged", _select_kernel, args, constexprs, select_warps())
     if policy.heads == "adaptive":   # AdaKV's two selects (marking the kept tokens) and its pack
         call = prepare_adaptive(compiled, policy, alloc, keys, values, queries, 0, named)
         stages = iter(["select stage 1", "select stage 2"])

@@ -47,7 +47,7 @@ from .kernels.launch import launch
 from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
 from .kernels.keys import _priorities_kernel, priorities_launch
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
-from .kernels.select import (SELECT_SEED_ARG, SELECT_WARPS, _select_kernel, select_launch, select_programs,
+from .kernels.select import (SELECT_SEED_ARG, select_warps, _select_kernel, select_launch, select_programs,
                              workspace_sizes, zeroed_numel)
 
 
@@ -475,7 +475,7 @@ def _select(compiled: CompiledPolicy, call: Call, counts, n_sink: int, n_recent:
                                            n_kept, call.priorities.device, programs, select_ws, out_i,
                                            moments=(workspace, geo.clause_moments(program), geo.deferred_tiling[0]),
                                            shared=shared, own_slots=True, **options)
-    return Launch(_select_kernel, grid, sargs, sconst, SELECT_WARPS, None, SELECT_SEED_ARG)
+    return Launch(_select_kernel, grid, sargs, sconst, select_warps(), None, SELECT_SEED_ARG)
 
 
 def run(call: Call) -> None:

@@ -572,6 +572,16 @@ def cached_clause(keys, own_slots: bool) -> int:
     return len(keys) - 1 if len(keys) > 1 or last.sampled or last.normalized else -1
 
 
+def select_warps() -> int:
+    """``num_warps`` of select: SELECT_WARPS, or ``TRITONKV_SELECT_WARPS`` (4 or 8; off until
+    timed): twice the threads per program share its blocks' keys and its copy's tiles, so
+    fewer registers per thread and twice the warps per SM for the same programs."""
+    value = os.environ.get("TRITONKV_SELECT_WARPS", str(SELECT_WARPS))
+    if value not in ("4", "8"):
+        raise ValueError(f"TRITONKV_SELECT_WARPS: expected 4 or 8, got {value!r}")
+    return int(value)
+
+
 def paired_copy() -> bool:
     """Whether a gathering select loads a row's K and V tiles before storing either
     (``TRITONKV_COPY_PAIRED=1``; off until timed): two loads in flight per copy step where the
@@ -666,7 +676,7 @@ def select_programs(rows: int, n: int, keys, device: torch.device, d: int = 0, d
     """Programs per row that select_launch will use on ``device`` (occupancy learnt so far);
     keys: the clauses (kernels/keys.py ClauseKeys, or slot indices); d, dv: head dims of a
     fused gather, 0 for none; ``rows``: the rows selected (batch rows when ``shared``)."""
-    resident = resident_programs(_select_kernel, device, SELECT_WARPS,
+    resident = resident_programs(_select_kernel, device, select_warps(),
                                  _constexprs(clause_keys(keys), n, d, dv, skip, per_seq, shared, own_slots, mark))
     return chunking(n, programs_per_row(rows, n, device, resident))[1]
 
@@ -767,6 +777,6 @@ def select_indices(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent
 
 
 def launch_select(grid, args, constexprs, device: torch.device):
-    compiled = launch(_select_kernel, grid, args, constexprs, SELECT_WARPS)
+    compiled = launch(_select_kernel, grid, args, constexprs, select_warps())
     if device.type == "cuda":
-        record_occupancy(_select_kernel, compiled, SELECT_WARPS, constexprs)
+        record_occupancy(_select_kernel, compiled, select_warps(), constexprs)
