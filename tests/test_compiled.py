@@ -385,6 +385,28 @@ def test_select_copy_switches_gather_the_reference_rows(policy, switches, monkey
     assert compare(keys, values, queries, policy, 0.3)
 
 
+@pytest.mark.parametrize("unroll, heads", [("2", 3), ("8", 3), ("4", 8)])
+def test_heads_unrolled_score_keeps_the_reference_sets(unroll, heads, monkeypatch):
+    """TRITONKV_HEADS_UNROLL: the head-reducing score kernel (TOVA's score_heads) unrolls its loop
+    over the heads (a remainder where the heads are not a multiple); the kept sets stay the
+    reference's, and a count it does not take is refused by name."""
+    from tritonkv.geometry import clear_geometry, heads_unroll
+    monkeypatch.setenv("TRITONKV_HEADS_UNROLL", unroll)
+    clear_geometry()
+    try:
+        g = torch.Generator().manual_seed(heads)
+        b, n = 2, 203
+        keys, values = torch.randn(b, heads, n, 64, generator=g), torch.randn(b, heads, n, 64, generator=g)
+        queries = torch.randn(b, heads * 2, 4, 64, generator=g)
+        for policy in (policies.tova(), HEAD_REDUCED["two head-reduced tops"]):
+            assert compare(keys, values, queries, policy, 0.3)
+        monkeypatch.setenv("TRITONKV_HEADS_UNROLL", "3")
+        with pytest.raises(ValueError, match="TRITONKV_HEADS_UNROLL: expected 1, 2, 4 or 8"):
+            heads_unroll()
+    finally:
+        clear_geometry()
+
+
 def test_select_copy_rows_and_warps_refuse_other_counts(monkeypatch):
     from tritonkv.kernels.select import copy_rows, select_warps
     assert copy_rows(128, 128) == 64 and copy_rows(256, 64) == 32

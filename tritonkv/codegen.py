@@ -32,7 +32,7 @@ POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
 CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES",
-                  "ANCHOR_FOLD")
+                  "ANCHOR_FOLD", "HEADS_UNROLL")
 # the tile loops: STAGES-deep software pipelining of their loads, None for Triton's default (geometry.loop_stages)
 TILE_LOOP = "    for it in tl.range(0, tiles_per_prog, num_stages=STAGES):"
 
@@ -551,9 +551,15 @@ def _score_heads_kernel(slots: Sequence[Slot], program_globals, names: Names) ->
              TILE_START.format(ind=" " * 8, base=SCORE_TILE)]
     lines += [f"        acc_{k} = tl.full([BLOCK_N], {HEAD_INIT[slot.head_reduce]}, tl.float32)"
               for k, slot in enumerate(slots)]
-    lines += ["        for j_h in range(0, H):", "            i_h = i_bh * 0 + j_h   # a tensor, as program ids are",
-              "            i_row = i_bh * H + i_h"]
-    lines += [" " * 8 + line for line in per_row] + body
+    # the heads' loop: unrolled by HEADS_UNROLL (geometry.heads_unroll), so the loads of several
+    # heads' rows are in flight together; 1: a plain loop, one head's loads at a time
+    head = (["            i_h = i_bh * 0 + j_h   # a tensor, as program ids are", "            i_row = i_bh * H + i_h"]
+            + [" " * 8 + line for line in per_row] + body)
+    lines += ["        if HEADS_UNROLL > 1:",
+              "            for j_h in tl.range(0, H, loop_unroll_factor=HEADS_UNROLL):"]
+    lines += ["    " + line for line in head]
+    lines += ["        else:", "            for j_h in range(0, H):"]
+    lines += ["    " + line for line in head]
     for k, slot in enumerate(slots):
         if slot.head_reduce == "mean":
             lines.append(f"        acc_{k} = acc_{k} / H")
