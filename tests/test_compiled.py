@@ -571,8 +571,9 @@ def test_clauses_resolved_from_candidate_lists(policy, monkeypatch):
     keys, values = torch.randn(b, 2, n, 64, generator=g), torch.randn(b, 2, n, 32, generator=g)
     queries = torch.randn(b, 4, 16, 64, generator=g)
     monkeypatch.setenv("TRITONKV_SELECT_LIST", "511")
-    for stored in ("1", "0"):
+    for stored, prefetch in (("1", "0"), ("0", "0"), ("1", "1")):
         monkeypatch.setenv("TRITONKV_CACHE_KEYS", stored)
+        monkeypatch.setenv("TRITONKV_SELECT_PREFETCH", prefetch)   # the stored keys' pass a block ahead
         compare(keys, values, queries, policy, n // 3, seed=7)
 
 

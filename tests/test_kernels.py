@@ -48,28 +48,31 @@ def adversarial_priorities(draw):
 # parameters, not drawn: xdist spreads them over the cores. own_slots: the last clause's keys are stored in its
 # slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never;
 # listed (TRITONKV_SELECT_LIST): a clause resolved from a list of its last candidates once at most this many are
-# left ("511": as many as the list holds), "0" never (the default)
-@pytest.mark.parametrize("d, own_slots, sparse, listed", [(64, False, "64", "511"), (80, False, "64", "0"),
-                                                          (128, False, "64", "40"), (64, True, "64", "511"),
-                                                          (80, True, "100000", "0"), (128, True, "0", "200")])
+# left ("511": as many as the list holds), "0" never (the default); prefetch (TRITONKV_SELECT_PREFETCH): the digit
+# passes load a block's keys while counting the block before
+@pytest.mark.parametrize("d, own_slots, sparse, listed, prefetch", [
+    (64, False, "64", "511", "0"), (80, False, "64", "0", "1"), (128, False, "64", "40", "0"),
+    (64, True, "64", "511", "1"), (80, True, "100000", "0", "1"), (128, True, "0", "200", "0")])
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed):
+def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed, prefetch):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SPARSE_BINS", sparse)
         patch.setenv("TRITONKV_SELECT_LIST", listed)
+        patch.setenv("TRITONKV_SELECT_PREFETCH", prefetch)
         check_select_and_gather(case, d, own_slots)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
 @pytest.mark.parametrize("switches", [{}, {"TRITONKV_SELECT_LIST": "511"}, {"TRITONKV_SELECT_CHUNK": "16"},
-                                      {"TRITONKV_SELECT_WARPS": "8"}], ids=["default", "list", "chunk-16", "8-warps"])
+                                      {"TRITONKV_SELECT_WARPS": "8"}, {"TRITONKV_SELECT_PREFETCH": "1"}],
+                         ids=["default", "list", "chunk-16", "8-warps", "prefetch"])
 @pytest.mark.parametrize("n, levels", [(131072, 0), (70001, 50), (40001, 0)])
 def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, switches):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
     interpreter runs one per row), with and without candidate lists, with chunks of any
-    multiple of 16 tokens (TRITONKV_SELECT_CHUNK: chunks that end inside a scan block) and in
-    programs of 8 warps; ``levels``: priorities of few distinct values, so ties span many
+    multiple of 16 tokens (TRITONKV_SELECT_CHUNK: chunks that end inside a scan block), in
+    programs of 8 warps and with the keys' loads a block ahead; ``levels``: priorities of few distinct values, so ties span many
     programs' chunks (with the last clause's keys stored), 0 for floats."""
     g = torch.Generator().manual_seed(n)
     rows, counts = 6, (n // 10, n // 7, 1)
@@ -207,7 +210,7 @@ def test_every_kernel_compiles_for_hopper(config):
 
 def test_select_switches_compile_for_hopper():
     """sm_90 builds of select with its untimed switches on (candidate list, paired K / V copy, 32-row
-    copy steps, 8 warps; CI's builds of every policy leave them off), per head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
+    copy steps, 8 warps, keys loaded a block ahead; CI's builds of every policy leave them off), per head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
     the interpreter runs may still fail Triton's compiler (a jit helper's tuple default of ints
     did, in a version of the list that took a bracket)."""
     code = ("import torch, tritonkv.aot as aot, tritonkv.policies as P\n"
@@ -229,7 +232,7 @@ def test_select_switches_compile_for_hopper():
             "    print(name, constexprs['LISTS'], constexprs['PAIRED'], built.registers)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITONKV_SELECT_LIST="511", TRITONKV_COPY_PAIRED="1", TRITONKV_SELECT_COPY_ROWS="32",
-               TRITONKV_SELECT_WARPS="8")
+               TRITONKV_SELECT_WARPS="8", TRITONKV_SELECT_PREFETCH="1")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [line.split()[:3] for line in result.stdout.splitlines()] == [["keydiff", "True", "True"],

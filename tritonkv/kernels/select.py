@@ -175,6 +175,25 @@ def _candidates(j: tl.constexpr, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n
 
 
 @triton.jit
+def _count_digit(local, cand, key, digit: tl.constexpr, prefix, p_hist, SPARSE_BINS: tl.constexpr):
+    """``local`` plus the histogram of digit ``digit`` of the block's candidates whose higher
+    digits match ``prefix``; after the first digit, a block with at most SPARSE_BINS such keys
+    adds them to the row's histogram at ``p_hist`` by an atomic each instead."""
+    shift: tl.constexpr = 24 - 8 * digit
+    bins = ((key >> shift) & 0xFF).to(tl.int32)
+    if digit > 0:
+        cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+    if (digit == 0) | (SPARSE_BINS == 0):
+        local += tl.histogram(bins, 256, mask=cand)
+    else:
+        if tl.sum(cand.to(tl.int32), 0) > SPARSE_BINS:
+            local += tl.histogram(bins, 256, mask=cand)
+        else:   # a few keys still match: an atomic each, no 256-bin histogram
+            tl.atomic_add(p_hist + digit * 256 + bins, 1, mask=cand, sem="relaxed", scope="gpu")
+    return local
+
+
+@triton.jit
 def _key_at(j: tl.constexpr, o_n, m_n, prio_ptr, views, seed, i_row, rows, at, SAMPLED: tl.constexpr,
             NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, CACHED: tl.constexpr):
     """Clause j's key of the candidates o_n (where m_n): what its CACHED pass stored, else computed."""
@@ -294,7 +313,7 @@ def _select_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
     SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr, SPARSE_BINS: tl.constexpr,
-    LISTS: tl.constexpr, MARK: tl.constexpr, PAIRED: tl.constexpr,
+    LISTS: tl.constexpr, MARK: tl.constexpr, PAIRED: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -378,21 +397,24 @@ def _select_kernel(
                 if not listed:
                     shift = 24 - 8 * digit
                     local = tl.zeros([256], dtype=tl.int32)
-                    for start in range(0, chunk, BLOCK):
-                        o_n = lo + start + o_blk
-                        cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
-                                                views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
-                                                (j == CACHED) * (1 + (digit > 0)))   # stored, then read
-                        bins = ((key >> shift) & 0xFF).to(tl.int32)
-                        if digit > 0:
-                            cand = cand & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-                        if (digit == 0) | (SPARSE_BINS == 0):
-                            local += tl.histogram(bins, 256, mask=cand)
-                        else:
-                            if tl.sum(cand.to(tl.int32), 0) > SPARSE_BINS:
-                                local += tl.histogram(bins, 256, mask=cand)
-                            else:   # a few keys still match: an atomic each, no 256-bin histogram
-                                tl.atomic_add(p_hist + digit * 256 + bins, 1, mask=cand, sem="relaxed", scope="gpu")
+                    cache: tl.constexpr = (j == CACHED) * (1 + (digit > 0))   # stored, then read
+                    if PREFETCH:   # the next block's keys load while this block's are counted
+                        cand, key = _candidates(j, lo + o_blk, hi, prio_ptr, my_state, i_src, rows, N, n_sink,
+                                                n_recent, views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED,
+                                                STREAM_BASE, cache)
+                        for start in range(0, chunk, BLOCK):
+                            next_cand, next_key = _candidates(j, lo + start + BLOCK + o_blk, hi, prio_ptr, my_state,
+                                                              i_src, rows, N, n_sink, n_recent, views, seed, at,
+                                                              skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE, cache)
+                            local = _count_digit(local, cand, key, digit, prefix, p_hist, SPARSE_BINS)
+                            cand, key = next_cand, next_key
+                    else:
+                        for start in range(0, chunk, BLOCK):
+                            o_n = lo + start + o_blk
+                            cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
+                                                    views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
+                                                    cache)
+                            local = _count_digit(local, cand, key, digit, prefix, p_hist, SPARSE_BINS)
                     tl.atomic_add(p_hist + digit * 256 + o_bin, local, mask=local > 0, sem="relaxed", scope="gpu")
                     passed += 1
                     row_barrier(bar, P * passed)
@@ -582,6 +604,13 @@ def select_warps() -> int:
     return int(value)
 
 
+def prefetch_keys() -> bool:
+    """Whether select's digit passes load a block's keys while counting the block before
+    (``TRITONKV_SELECT_PREFETCH=1``; off until timed): under Nsight Compute 13% / 22% of KeyDiff's
+    select stall samples at B = 1 / 4 wait on those loads (128K, 10%; a chunk is 2 / 8 blocks)."""
+    return os.environ.get("TRITONKV_SELECT_PREFETCH", "0") == "1"
+
+
 def paired_copy() -> bool:
     """Whether a gathering select loads a row's K and V tiles before storing either
     (``TRITONKV_COPY_PAIRED=1``; off until timed): two loads in flight per copy step where the
@@ -692,7 +721,7 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
                 CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(), LISTS=list_entries() > 0, MARK=mark,
-                PAIRED=paired_copy() and d > 0,
+                PAIRED=paired_copy() and d > 0, PREFETCH=prefetch_keys(),
                 **key_args(keys, [0] * len(keys))[1])
 
 
