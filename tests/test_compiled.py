@@ -441,6 +441,10 @@ def test_head_reduced_policies_select_once_per_batch_row(name, heads):
     for gather in (True, False):
         call = prepare(compiled, alloc, *to_device(keys, values, queries), 0, (), gather)
         assert call.launches[-1].grid[1] == b            # one program row per batch row
+        # a score kernel that reduces the heads writes head 0's row alone: the one select ranks
+        if compiled.program.score_heads:
+            fused = [step for step in call.launches if step.fn is compiled.kernel("score_heads")]
+            assert fused and all(not step.constexprs["ALL_HEAD_ROWS"] for step in fused)
     out = evict_compiled(*to_device(keys, values, queries), policy, resolve_budget(0.3, n), 0, gather=False)
     assert out.keys is None and (out.indices == out.indices[:, :1]).all()
 

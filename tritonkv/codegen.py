@@ -32,7 +32,7 @@ POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
 CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES",
-                  "ANCHOR_FOLD", "HEADS_UNROLL")
+                  "ANCHOR_FOLD", "HEADS_UNROLL", "ALL_HEAD_ROWS")
 # the tile loops: STAGES-deep software pipelining of their loads, None for Triton's default (geometry.loop_stages)
 TILE_LOOP = "    for it in tl.range(0, tiles_per_prog, num_stages=STAGES):"
 
@@ -534,7 +534,9 @@ def _score_heads_kernel(slots: Sequence[Slot], program_globals, names: Names) ->
     head of its batch row, which re-reads the row statistics per head but no cache). Program
     (i_s, i_bh): tiles i_s * tiles_per_prog .. of batch row i_bh; per tile, each slot's scores of
     the H heads are reduced in head order (NaN as -inf, as the transform does) and the result is
-    stored in every head's row, which is what the score kernel and the transform leave there."""
+    stored in every head's row, which is what the score kernel and the transform leave there (or,
+    with ALL_HEAD_ROWS off, in head 0's alone: an evict call whose select ranks one row per batch
+    row, compiler.scored)."""
     per_row: List[str] = []
     body: List[str] = []
     emitter = TileEmitter(program_globals, per_row, body, " " * 12, names)
@@ -560,10 +562,13 @@ def _score_heads_kernel(slots: Sequence[Slot], program_globals, names: Names) ->
     lines += ["    " + line for line in head]
     lines += ["        else:", "            for j_h in range(0, H):"]
     lines += ["    " + line for line in head]
+    # every head's row gets the result (ALL_HEAD_ROWS: what the transform leaves there, which the
+    # slots' readers expect), or head 0's alone, the one row a shared selection ranks
+    lines += ["        head_rows = H", "        if not ALL_HEAD_ROWS:", "            head_rows = 1"]
     for k, slot in enumerate(slots):
         if slot.head_reduce == "mean":
             lines.append(f"        acc_{k} = acc_{k} / H")
-        lines += ["        for j_h in range(0, H):",
+        lines += ["        for j_h in range(0, head_rows):",
                   f"            tl.store(out_ptr + ({k} * rows + i_bh * H + j_h).to(tl.int64) * NS + o_n, acc_{k}, "
                   "mask=m_val)"]
     return _kernel("score_heads", program_globals, names, lines)

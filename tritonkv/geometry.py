@@ -293,7 +293,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page, ANCHOR_FOLD=fold,
-                      HEADS_UNROLL=heads_unroll() if program.score_heads else 1,
+                      HEADS_UNROLL=heads_unroll() if program.score_heads else 1, ALL_HEAD_ROWS=True,
                       IEEE=ieee_products(dtype),
                       STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize, anchored))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
