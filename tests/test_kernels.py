@@ -63,17 +63,23 @@ def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed, prefetc
         check_select_and_gather(case, d, own_slots)
 
 
+LONG_ROWS = [(131072, 0), (70001, 50), (40001, 0)]
+# the untimed switches at one shape each (the suite's time): ties across chunks, and chunks of odd ends
+SELECT_SWITCHES = [(70001, 50, {"TRITONKV_SELECT_CHUNK": "16"}), (40001, 0, {"TRITONKV_SELECT_CHUNK": "16"}),
+                   (70001, 50, {"TRITONKV_SELECT_WARPS": "8"}), (70001, 50, {"TRITONKV_SELECT_PREFETCH": "1"})]
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
-@pytest.mark.parametrize("switches", [{}, {"TRITONKV_SELECT_LIST": "511"}, {"TRITONKV_SELECT_CHUNK": "16"},
-                                      {"TRITONKV_SELECT_WARPS": "8"}, {"TRITONKV_SELECT_PREFETCH": "1"}],
-                         ids=["default", "list", "chunk-16", "8-warps", "prefetch"])
-@pytest.mark.parametrize("n, levels", [(131072, 0), (70001, 50), (40001, 0)])
+@pytest.mark.parametrize("n, levels, switches", [(n, levels, {}) for n, levels in LONG_ROWS]
+                         + [(n, levels, {"TRITONKV_SELECT_LIST": "511"}) for n, levels in LONG_ROWS]
+                         + SELECT_SWITCHES)
 def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, switches):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
     interpreter runs one per row), with and without candidate lists, with chunks of any
     multiple of 16 tokens (TRITONKV_SELECT_CHUNK: chunks that end inside a scan block), in
-    programs of 8 warps and with the keys' loads a block ahead; ``levels``: priorities of few distinct values, so ties span many
-    programs' chunks (with the last clause's keys stored), 0 for floats."""
+    programs of 8 warps and with the keys' loads a block ahead; ``levels``: priorities of few
+    distinct values, so ties span many programs' chunks (with the last clause's keys stored), 0
+    for floats."""
     g = torch.Generator().manual_seed(n)
     rows, counts = 6, (n // 10, n // 7, 1)
     prios = torch.rand(len(counts), rows, n, generator=g)
