@@ -216,7 +216,8 @@ def test_every_kernel_compiles_for_hopper(config):
 
 def test_select_switches_compile_for_hopper():
     """sm_90 builds of select with its untimed switches on (candidate list, paired K / V copy, 32-row
-    copy steps, 8 warps, keys loaded a block ahead; CI's builds of every policy leave them off), per head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
+    copy steps, 8 warps, keys loaded a block ahead; CI's builds of every policy leave them off), per
+    head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
     the interpreter runs may still fail Triton's compiler (a jit helper's tuple default of ints
     did, in a version of the list that took a bracket)."""
     code = ("import torch, tritonkv.aot as aot, tritonkv.policies as P\n"

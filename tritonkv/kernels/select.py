@@ -339,8 +339,8 @@ def _select_kernel(
     LISTS: once few enough keys of a row still match the digits found (at most ``list_len``,
     LIST_MAX and what the digit histograms left unused hold: 512, 511 or 255 after the first,
     second or third digit), their indices are listed there and the programs resolve the clause
-    by ranking the list, a share each (module docstring, _rank_list). MARK: instead of writing indices, the compaction sets
-    the kept tokens' bytes of the uint8 mask ``skip_ptr`` [rows, N] to 1 (AdaKV's stages,
+    by ranking the list, a share each (module docstring, _rank_list). MARK: instead of writing
+    indices, the compaction sets the kept tokens' bytes of the uint8 mask ``skip_ptr`` [rows, N] to 1 (AdaKV's stages,
     tritonkv/adaptive.py: the first stage's kept tokens are the second's skip mask, and both
     stages' are what kernels/pack.py packs)."""
     i_p = tl.program_id(0)
