@@ -60,7 +60,7 @@ def launch_rules(request, monkeypatch):
         monkeypatch.setattr(geometry, "stats_splits",
                             lambda rows, n_tiles, device: max(1, min(n_tiles, cdiv(4 * GPU_SMS, rows))))
         monkeypatch.setattr(select, "programs_per_row", lambda rows, n, device, resident: max(1, min(
-            GPU_SELECT_PER_SM * GPU_SMS // rows, cdiv(n, select.scan_block(n)), select.MAX_PROGRAMS_PER_ROW)))
+            GPU_SELECT_PER_SM * GPU_SMS // rows, cdiv(n, select.chunk_unit(n)), select.MAX_PROGRAMS_PER_ROW)))
     geometry.clear_geometry()
     yield request.param
     geometry.clear_geometry()
