@@ -366,16 +366,18 @@ HEAD_REDUCED = {
 }
 
 
-@pytest.mark.parametrize("switches", [{"TRITONKV_COPY_PAIRED": "1"}, {"TRITONKV_SELECT_COPY_ROWS": "16"},
-                                      {"TRITONKV_SELECT_WARPS": "8"}], ids=["paired", "16-rows", "8-warps"])
+@pytest.mark.parametrize("switches", [{}, {"TRITONKV_COPY_PAIRED": "0"}, {"TRITONKV_SELECT_COPY_ROWS": "16"},
+                                      {"TRITONKV_SELECT_WARPS": "8"}], ids=["paired", "unpaired", "16-rows", "8-warps"])
 @pytest.mark.parametrize("policy", [policies.keydiff(), policies.tova(), HEAD_REDUCED["two head-reduced tops"]],
                          ids=["keydiff", "tova", "two-head-reduced-tops"])
 def test_select_copy_switches_gather_the_reference_rows(policy, switches, monkeypatch):
-    """Select's fused copy with a row's K and V tiles loaded before either is stored
-    (TRITONKV_COPY_PAIRED=1), or 16 kept rows a step (TRITONKV_SELECT_COPY_ROWS), and select in
-    programs of 8 warps (TRITONKV_SELECT_WARPS), per head
-    (KeyDiff) and for every head of a shared selection (TOVA, two head-reduced clauses): the kept
-    sets and the copied rows stay the reference's."""
+    """Select's fused copy (forced for the shared selections, which gather in a launch of their
+    own by default) with a row's K and V tiles loaded before either is stored (the default), one
+    tensor after the other (TRITONKV_COPY_PAIRED=0), 16 kept rows a step
+    (TRITONKV_SELECT_COPY_ROWS), and select in programs of 8 warps (TRITONKV_SELECT_WARPS), per
+    head (KeyDiff) and for every head of a shared selection (TOVA, two head-reduced clauses): the
+    kept sets and the copied rows stay the reference's."""
+    monkeypatch.setenv("TRITONKV_FUSED_GATHER", "1")
     for name, value in switches.items():
         monkeypatch.setenv(name, value)
     g = torch.Generator().manual_seed(5)
@@ -425,8 +427,8 @@ def test_select_copy_rows_and_warps_refuse_other_counts(monkeypatch):
 @pytest.mark.parametrize("heads", [1, 3])
 def test_head_reduced_policies_select_once_per_batch_row(name, heads):
     """When every clause ranks a head-reduced priority, every head keeps the same tokens: select
-    runs one program row per batch row and writes (and gathers) every head's rows. The same
-    kept sets as the reference, with and without the fused gather."""
+    runs one program row per batch row and writes every head's indices, and a gather launch
+    copies the kept rows. The same kept sets as the reference."""
     from tritonkv.compiler import compile_policy, prepare, shared_selection
     policy = HEAD_REDUCED[name]
     g = torch.Generator().manual_seed(heads)
@@ -440,7 +442,10 @@ def test_head_reduced_policies_select_once_per_batch_row(name, heads):
     assert shared_selection(compiled.program)
     for gather in (True, False):
         call = prepare(compiled, alloc, *to_device(keys, values, queries), 0, (), gather)
-        assert call.launches[-1].grid[1] == b            # one program row per batch row
+        names = [_kernel_name(step) for step in call.launches]
+        assert call.launches[names.index("_select_kernel")].grid[1] == b   # one program row per batch row
+        # the kept rows: copied by a launch of their own over every head (compiler.fused_gather)
+        assert names[-1] == ("_gather_kernel" if gather else "_select_kernel"), names
         # a score kernel that reduces the heads writes head 0's row alone: the one select ranks
         if compiled.program.score_heads:
             fused = [step for step in call.launches if step.fn is compiled.kernel("score_heads")]
@@ -475,7 +480,7 @@ def test_a_score_pass_of_kept_logits_runs_its_own_programs():
         lowered, alloc = lower(policy, allocate(policy, 2560, resolve_budget(0.2, 2560)))
         compiled, inputs = compile_policy(lowered), to_device(keys, values, queries)
         call = prepare(compiled, alloc, *inputs, 0, (), True)
-        grids = {getattr(launch.fn, "fn", launch.fn).__name__: launch.grid for launch in call.launches}
+        grids = {_kernel_name(launch): launch.grid for launch in call.launches}
         score = grids.get("score_heads", grids.get("score"))   # TOVA's heads are reduced in its score kernel
         if DEVICE == "cpu":
             assert (score[0], grids["stats_0"][0]) == ((5, 3) if own else (3, 3)), (name, grids)
@@ -505,10 +510,13 @@ def test_window_rows_are_copied_whoever_holds_them():
 
 
 @pytest.mark.parametrize("name", ["keydiff", "tova", "snapkv"])
-def test_rows_gathered_after_select(name, monkeypatch):
-    """TRITONKV_FUSED_GATHER=0 (A/B timing): select writes the indices only and a gather launch
-    copies the rows. Its kept sets and rows are the reference's, the same as the fused path's,
-    and an Evictor (planned on a GPU, from its second call) returns them too."""
+def test_rows_gathered_by_select_or_after_it(name, monkeypatch):
+    """Select copies the kept rows itself (the per-head selections' default;
+    TRITONKV_FUSED_GATHER=1) or writes the indices and a gather launch copies the rows (the
+    default where the heads share one selection, TOVA; =0). Either path's kept sets and rows are
+    the reference's and the other path's, an Evictor (planned on a GPU, from its second call)
+    returns them too, and a value the switch does not take is refused by name."""
+    from tritonkv.compiler import compile_policy, fused_gather
     from tritonkv.runtime import Evictor
     g = torch.Generator().manual_seed(3)
     # the interpreter: fewer tiles and rows (a select program per row), the same launches
@@ -516,15 +524,22 @@ def test_rows_gathered_after_select(name, monkeypatch):
     keys, values = torch.randn(b, 2, n, 64, generator=g), torch.randn(b, 2, n, 48, generator=g)
     queries = torch.randn(b, 8, 64, 64, generator=g)
     policy = policies.PRESETS[name]()
+    program = compile_policy(policy).program
+    fused = fused_gather(program)
+    assert fused == (name != "tova")
     dev = to_device(keys, values, queries if policy.needs_queries else None)
-    fused = evict_compiled(*dev, policy, k, 0)
-    monkeypatch.setenv("TRITONKV_FUSED_GATHER", "0")
+    default = evict_compiled(*dev, policy, k, 0)
+    monkeypatch.setenv("TRITONKV_FUSED_GATHER", "0" if fused else "1")
+    assert fused_gather(program) != fused
     compare(keys, values, queries if policy.needs_queries else None, policy, k)
     evictor = Evictor(policy, k, backend="triton")
     for _ in range(2):
         out = evictor(dev[0], dev[1], queries=dev[2])
-        for got, want in zip((out.indices, out.keys, out.values), (fused.indices, fused.keys, fused.values)):
+        for got, want in zip((out.indices, out.keys, out.values), (default.indices, default.keys, default.values)):
             assert torch.equal(got.cpu(), want.cpu()), name
+    monkeypatch.setenv("TRITONKV_FUSED_GATHER", "yes")
+    with pytest.raises(ValueError, match="TRITONKV_FUSED_GATHER: expected 0 or 1"):
+        fused_gather(program)
 
 
 @pytest.mark.parametrize("policy", [
@@ -646,16 +661,20 @@ def test_pooled_statistics_keep_the_score_tiles():
                for name in ("snapkv", "keydiff", "keydiff_knorm", "h2o", "tova", "nacl", "chunkkv", "adakv"))
 
 
+def _kernel_name(launch) -> str:
+    return getattr(launch.fn, "fn", launch.fn).__name__
+
+
 def _score_launches(policy, keys, values, queries, named=()):
     """(slots as the launches leave them, the kernels' names) of one prepared call."""
     from tritonkv.compiler import compile_policy, prepare
     from tritonkv.compiler import run as run_call
     lowered, alloc = lower(policy, allocate(policy, keys.shape[2], max(1, keys.shape[2] // 3)))
     call = prepare(compile_policy(lowered), alloc, keys, values, queries, 0, named, True)
-    launches = [step for step in call.launches if getattr(step.fn, "fn", step.fn).__name__ != "_select_kernel"]
-    call.launches = launches
+    names = [_kernel_name(step) for step in call.launches]
+    call.launches = call.launches[:names.index("_select_kernel")]   # select and what reads its indices left out
     run_call(call)
-    return call.priorities.clone(), [getattr(step.fn, "fn", step.fn).__name__ for step in launches]
+    return call.priorities.clone(), names[:len(call.launches)]
 
 
 @settings(max_examples=12, deadline=None)

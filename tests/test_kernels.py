@@ -66,7 +66,8 @@ def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed, prefetc
 LONG_ROWS = [(131072, 0), (70001, 50), (40001, 0)]
 # the untimed switches at one shape each (the suite's time): ties across chunks, and chunks of odd ends
 SELECT_SWITCHES = [(70001, 50, {"TRITONKV_SELECT_CHUNK": "16"}), (40001, 0, {"TRITONKV_SELECT_CHUNK": "16"}),
-                   (70001, 50, {"TRITONKV_SELECT_WARPS": "8"}), (70001, 50, {"TRITONKV_SELECT_PREFETCH": "1"})]
+                   (70001, 50, {"TRITONKV_SELECT_WARPS": "8"}), (70001, 50, {"TRITONKV_SELECT_PREFETCH": "1"}),
+                   (70001, 50, {"TRITONKV_COPY_PAIRED": "0"})]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
@@ -77,7 +78,8 @@ def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, switches):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
     interpreter runs one per row), with and without candidate lists, with chunks of any
     multiple of 16 tokens (TRITONKV_SELECT_CHUNK: chunks that end inside a scan block), in
-    programs of 8 warps and with the keys' loads a block ahead; ``levels``: priorities of few
+    programs of 8 warps, with the keys' loads a block ahead and with K's rows copied before V's
+    (TRITONKV_COPY_PAIRED=0); ``levels``: priorities of few
     distinct values, so ties span many programs' chunks (with the last clause's keys stored), 0
     for floats."""
     g = torch.Generator().manual_seed(n)

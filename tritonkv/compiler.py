@@ -361,10 +361,17 @@ class Call:
     select_inputs: Optional[tuple] = None
 
 
-def fused_gather() -> bool:
-    """Whether select copies the kept K / V rows itself (``TRITONKV_FUSED_GATHER=0``: a gather
-    launch after select, with its own grid; A/B timing)."""
-    return os.environ.get("TRITONKV_FUSED_GATHER") != "0"
+def fused_gather(program) -> bool:
+    """Whether select copies the kept K / V rows itself, or writes the indices and a gather
+    launch with its own grid copies the rows. Fused unless the heads share one selection
+    (TOVA): that select runs one row per batch row, each program copying every head's rows, and
+    the gather launch's grid over all heads takes 0.94-0.99x its graph time (H100, 128K-512K,
+    B 1 / 4, 10% / 50%), where per-head selections (KeyDiff, KNorm) take 0.97-1.03x, median
+    1.007x. ``TRITONKV_FUSED_GATHER=1`` / ``0`` forces either (A/B timing)."""
+    forced = os.environ.get("TRITONKV_FUSED_GATHER", "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"TRITONKV_FUSED_GATHER: expected 0 or 1 (unset: by the policy), got {forced!r}")
+    return forced == "1" if forced else not shared_selection(program)
 
 
 def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=(), gather: bool = True) -> Call:
@@ -385,7 +392,7 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, n
         call.launches.append(_select(compiled, call, alloc.clause_counts, alloc.n_sink, alloc.n_recent, total,
                                      out_i.view(b * h, total), heads=h, seed=seed))
         return call
-    if not fused_gather():   # select writes the indices, then a gather launch copies the rows
+    if not fused_gather(compiled.program):   # select writes the indices, then a gather launch copies the rows
         call = prepare(compiled, alloc, keys, values, queries, seed, named, gather=False)
         grid, args, constexprs, (call.keys, call.values) = gather_launch(call.indices, keys, values)
         call.launches.append(Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS))
