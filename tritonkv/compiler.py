@@ -377,8 +377,9 @@ def fused_gather(program) -> bool:
 def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=(), gather: bool = True) -> Call:
     """Allocate an evict call's buffers and list its launches: statistics, score (which also
     zeroes select's counters), select (which also gathers the kept rows, unless ``gather`` is
-    False: then the call's keys and values are None); for a policy with nothing to rank (only
-    windows, or a budget that keeps everything) one gather that writes the indices too."""
+    False: then the call's keys and values are None; or a gather launch after it, see
+    fused_gather); for a policy with nothing to rank (only windows, or a budget that keeps
+    everything) one gather that writes the indices too."""
     b, h, n, d = keys.shape
     dv = values.shape[-1]
     total, device = alloc.total, keys.device
