@@ -409,6 +409,45 @@ def test_heads_unrolled_score_keeps_the_reference_sets(unroll, heads, monkeypatc
         clear_geometry()
 
 
+@pytest.mark.parametrize("block, warps", [("1024", "4"), ("64", "2"), ("512", "8")])
+def test_score_pass_in_its_own_tiles_keeps_the_reference_sets(block, warps, monkeypatch):
+    """TRITONKV_SCORE_BLOCK_N / TRITONKV_SCORE_WARPS: a score pass that reads no K or V (TOVA's
+    kept logits, head-reduced in score_heads, or per head with TRITONKV_SCORE_HEADS=0) runs in
+    tiles and warps of its own, the statistics passes in theirs; the kept sets stay the
+    reference's (rows of one tile and of several), and values it does not take are refused by name."""
+    from tritonkv.compiler import compile_policy, prepare
+    from tritonkv.geometry import clear_geometry, score_shape
+    monkeypatch.setenv("TRITONKV_SCORE_BLOCK_N", block)
+    monkeypatch.setenv("TRITONKV_SCORE_WARPS", warps)
+    clear_geometry()
+    try:
+        g = torch.Generator().manual_seed(int(block))
+        b, heads, n = 2, 3, 301
+        keys, values = torch.randn(b, heads, n, 64, generator=g), torch.randn(b, heads, n, 64, generator=g)
+        queries = torch.randn(b, heads * 2, 4, 64, generator=g)
+        for fused in ("1", "0"):
+            monkeypatch.setenv("TRITONKV_SCORE_HEADS", fused)
+            clear_geometry()
+            for policy in (policies.tova(), HEAD_REDUCED["two head-reduced tops"]):
+                assert compare(keys, values, queries, policy, 0.3)
+            lowered, alloc = lower(policies.tova(), allocate(policies.tova(), n, 90))
+            compiled = compile_policy(lowered)
+            call = prepare(compiled, alloc, *to_device(keys, values, queries), 0)
+            kernel = compiled.kernel("score_heads" if fused == "1" else "score")
+            score = next(step for step in call.launches if step.fn is kernel)
+            stats = next(step for step in call.launches if step.fn is compiled.kernel("stats_0"))
+            assert (score.constexprs["BLOCK_N"], score.num_warps) == (int(block), int(warps))
+            assert stats.constexprs["BLOCK_N"] == 256   # the statistics pass keeps its tiles (D = 64)
+        for name, bad, expected in [("TRITONKV_SCORE_BLOCK_N", "96", "a power of two >= 16 and over 32"),
+                                    ("TRITONKV_SCORE_WARPS", "3", "1, 2, 4, 8 or 16")]:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv(name, bad)
+                with pytest.raises(ValueError, match=f"{name}: expected {expected}"):
+                    score_shape(8)
+    finally:
+        clear_geometry()
+
+
 def test_select_copy_rows_and_warps_refuse_other_counts(monkeypatch):
     from tritonkv.kernels.select import copy_rows, select_warps
     assert copy_rows(128, 128) == 64 and copy_rows(256, 64) == 32

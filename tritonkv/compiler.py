@@ -266,10 +266,8 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
         score_args = list(args)
         score_args[score.arg_names.index("S")] = splits
         score_args[score.arg_names.index("tiles_per_prog")] = tiles
-    score_constexprs = geo.constexprs
-    if geo.score_heads and not head_rows:
-        score_constexprs = {**geo.constexprs, "ALL_HEAD_ROWS": False}
-    out.append(Launch(score, score_grid, score_args, score_constexprs, geo.num_warps, geo.num_stages, SEED_ARG,
+    score_constexprs, score_warps = geo.score_config(head_rows)
+    out.append(Launch(score, score_grid, score_args, score_constexprs, score_warps, geo.num_stages, SEED_ARG,
                       geo.score_maxnreg))
     program = compiled.program
     deferred = iter(geo.deferred)
