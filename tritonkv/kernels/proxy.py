@@ -184,6 +184,12 @@ def _pool_end(N, w, EXCLUDE: tl.constexpr):
 
 
 @triton.constexpr_function
+def _logit_rows(G):
+    """Rows of a tile of kept logits: the G query heads' (one query each), padded to a power of two."""
+    return 1 << (G - 1).bit_length()
+
+
+@triton.constexpr_function
 def _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
     """Whether each query head is pooled before the group reduction: average pooling is linear
     and commutes with a group sum or mean (SnapKV: one pool of [BLOCK_N] per tile instead of
@@ -250,19 +256,28 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
 
     b_q0, w_r0, b_lse0 are chunk 0 (proxy_chunk; no row mask: a padding row's lse is +inf),
     loaded once per program: when all query rows fit one chunk (the common case: G * W_PAD <=
-    QB) nothing is reloaded per tile. With LOGITS the chunk's logits come from the statistics
-    pass (``lg_ptr``), and ``b_k`` is not read."""
+    QB) nothing is reloaded per tile. With LOGITS the G heads' logits come from the statistics
+    pass (``lg_ptr``) in a tile of their rows alone, with their own statistics (the chunk-0
+    arguments and ``b_k`` are not read)."""
     NCH: tl.constexpr = QR // QB
     acc_grp = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_win = tl.zeros([BLOCK_N], dtype=tl.float32)
     if LOGITS:
-        o_r = tl.arange(0, QB)
-        s_t = tl.load(lg_ptr + o_r.to(tl.int64)[None, :] * NS + o_n[:, None], mask=m_n[:, None] & (o_r < G)[None, :],
+        # the kept logits of the G heads' one row each (W_PAD = 1): no tl.dot here, so no 16-row
+        # tile either; TOVA's 4 heads computed 16 rows' exponentials per token, 12 of them padding
+        QL: tl.constexpr = _logit_rows(G)
+        o_r = tl.arange(0, QL)
+        m_r = o_r < G
+        s_t = tl.load(lg_ptr + o_r.to(tl.int64)[None, :] * NS + o_n[:, None], mask=m_n[:, None] & m_r[None, :],
                       other=0.0)
+        lse_l = (tl.load(stats_ptr + o_r, mask=m_r, other=float("inf"))
+                 + tl.log2(tl.load(stats_ptr + QR + o_r, mask=m_r, other=1.0)))
+        acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, o_r * 0, lse_l, o_t, o_n, N, w,
+                                         BLOCK_N, G, 1, QL, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
     else:
-        s_t = _logits_t(b_k, b_q0, QK_SCALE, IEEE)
-    acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, w_r0, b_lse0, o_t, o_n, N, w,
-                                     BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
+        acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, _logits_t(b_k, b_q0, QK_SCALE, IEEE), w_r0, b_lse0,
+                                         o_t, o_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL, POOL_MAX,
+                                         GROUP_REDUCE, EXCLUDE)
     # chunks of 64 KB in bf16 reloaded per tile: pipelined 3 deep they overflow sm_90's shared memory
     CHUNK_STAGES: tl.constexpr = 1 if QB * BLOCK_D >= 32768 else None
     for c in tl.range(1, NCH, num_stages=CHUNK_STAGES):
