@@ -38,7 +38,7 @@ def main():
             if isinstance(plan, planned.Plan):
                 state = plan.graph_status()
                 bad += not state or state[0] != 1 or state[1][0] != 0
-                print(name, "whole" if state else "split", state, flush=True)
+                print(name, "whole" if plan.whole is not None else "split", state, flush=True)
                 if state and state[1][0]:
                     for i, step in enumerate(plan.steps):
                         k = step.kernel

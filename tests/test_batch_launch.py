@@ -127,8 +127,9 @@ class _Kernel:
 def test_a_plan_batches_its_launches(monkeypatch):
     """planned.Plan packs its steps as one graphed batch (a CUDA graph built on the first
     launch); each step patches the call's values by role (keys, scratch and seed for the score;
-    scratch, indices and kept keys for select). Without graphs it splits them where the outputs
-    are first written and packs each group as one batch; off, it keeps Triton's launcher per step."""
+    scratch, indices and kept keys for select). Split (TRITONKV_GRAPH_SPLIT=1) or without graphs it
+    cuts them where the outputs are first written and packs each group as one batch, graphed or
+    not; off, it keeps Triton's launcher per step."""
     import torch
 
     from tritonkv import planned
@@ -146,14 +147,21 @@ def test_a_plan_batches_its_launches(monkeypatch):
     launch, whole = plan.whole
     assert launch is mod.launch and mod.graph_state(whole) == 0   # built on its first launch
     assert [words(s) for s in mod.patched(whole, values)] == [want_score, want_select]
-    monkeypatch.setenv("TRITONKV_GRAPH_LAUNCH", "0")
-    plan = planned.Plan([score, select], device, shapes, 100)
-    assert plan.whole is None
-    (launch_early, early), (launch_late, late) = plan.early, plan.late
-    assert launch_early is mod.launch and launch_late is mod.launch
-    assert mod.graph_state(early) == mod.graph_state(late) == -1
-    assert [words(s) for s in mod.patched(early, values)] == [want_score]
-    assert [words(s) for s in mod.patched(late, values)] == [want_select]
+    assert plan.graph_status()[0] == 0   # not launched yet
+    for split, state in (("1", 0), ("0", -1)):   # two graphs (TRITONKV_GRAPH_SPLIT), or no graph
+        monkeypatch.setenv("TRITONKV_GRAPH_SPLIT" if split == "1" else "TRITONKV_GRAPH_LAUNCH", split)
+        plan = planned.Plan([score, select], device, shapes, 100)
+        assert plan.whole is None
+        (launch_early, early), (launch_late, late) = plan.early, plan.late
+        assert launch_early is mod.launch and launch_late is mod.launch
+        assert mod.graph_state(early) == mod.graph_state(late) == state
+        assert [words(s) for s in mod.patched(early, values)] == [want_score]
+        assert [words(s) for s in mod.patched(late, values)] == [want_select]
+        assert (plan.graph_status() is None) == (state < 0)
+    monkeypatch.setenv("TRITONKV_GRAPH_SPLIT", "yes")
+    with pytest.raises(ValueError, match="TRITONKV_GRAPH_SPLIT: expected 0 or 1"):
+        planned.Plan([score, select], device, shapes, 100)
+    monkeypatch.delenv("TRITONKV_GRAPH_SPLIT")
     monkeypatch.setenv("TRITONKV_BATCH_LAUNCH", "0")
     monkeypatch.delenv("TRITONKV_GRAPH_LAUNCH")
     plan = planned.Plan([score, select], device, shapes, 100)

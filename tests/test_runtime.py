@@ -151,26 +151,33 @@ def test_planned_calls_equal_unplanned_ones(name):
 
 
 @needs_gpu
-@pytest.mark.parametrize("name", ["snapkv", "adakv", "windows"])
-def test_graph_launches_equal_plain_ones(name, monkeypatch):
+@pytest.mark.parametrize("switch", [("TRITONKV_GRAPH_LAUNCH", "0"), ("TRITONKV_GRAPH_SPLIT", "1")],
+                         ids=["plain", "split"])
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "windows", "tova"])
+def test_graph_launches_equal_plain_ones(name, switch, monkeypatch):
     """A plan launching its kernels as a re-pointed CUDA graph gives, call after call on new
-    tensors, what the same plan gives through plain launches (TRITONKV_GRAPH_LAUNCH=0)."""
+    tensors, what the same plan gives through plain launches (TRITONKV_GRAPH_LAUNCH=0) and as two
+    graphs cut where the outputs are first written (TRITONKV_GRAPH_SPLIT=1; a plan of one launch,
+    the windows' copy, stays whole)."""
     policy = every_policy()[name]
-    graphed, plain = tkv.Evictor(policy, 0.25), tkv.Evictor(policy, 0.25)
+    graphed, other = tkv.Evictor(policy, 0.25), tkv.Evictor(policy, 0.25)
     outs = []
     for i in range(4):
         keys, values, queries = make(seed=i)
         q = queries if policy.needs_queries else None
         got = graphed(keys, values, queries=q, seed=i)
-        monkeypatch.setenv("TRITONKV_GRAPH_LAUNCH", "0")   # read where a plan is built (the second call)
-        outs.append((got, plain(keys, values, queries=q, seed=i)))
-        monkeypatch.delenv("TRITONKV_GRAPH_LAUNCH")
+        monkeypatch.setenv(*switch)   # read where a plan is built (the second call)
+        outs.append((got, other(keys, values, queries=q, seed=i)))
+        monkeypatch.delenv(switch[0])
         del keys, values, queries   # freed: later calls may get the same addresses, or others
     torch.cuda.synchronize()
     assert all(same(a, b) for a, b in outs)
-    plans = [p for ev in (graphed, plain) for p in ev._plans.values()]
+    plans = [p for ev in (graphed, other) for p in ev._plans.values()]
     assert all(isinstance(p, planned.Plan) for p in plans), plans
-    assert [p.whole is not None for p in plans] == [True, False]
+    split = switch[0] == "TRITONKV_GRAPH_SPLIT" and name != "windows"
+    assert [p.whole is not None for p in plans] == [True, switch[0] == "TRITONKV_GRAPH_SPLIT" and not split]
+    if batch_launch.module() is not None:   # graphed: the whole plan, or its late graph when split
+        assert [p.graph_status() is not None for p in plans] == [True, switch[0] == "TRITONKV_GRAPH_SPLIT"]
 
 
 def ev_budget(policy, keys):

@@ -11,6 +11,7 @@ offsets). Anything it cannot recognise leaves the signature unplanned (correct, 
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -69,12 +70,14 @@ class Plan:
 
     def __init__(self, steps: List[Step], device: torch.device, shapes, scratch_numel: int, packed_heads: int = 0):
         self.steps = steps   # what the launchers below were built from (diagnostics: perf/graph_launch_diag.py)
-        self.whole = _launcher(steps, device, graphed=True) if batch_launch.graphs_enabled() else None
-        if self.whole is None or self.whole[0] is _launch:   # no graph: two groups of launches
+        late = next((i for i, step in enumerate(steps)
+                     if any(role in (INDICES, OUT_KEYS, OUT_VALUES) for _, role, _ in step.patches)), len(steps))
+        graphed = batch_launch.graphs_enabled()
+        split = split_graphs() and graphed and 0 < late < len(steps)
+        self.whole = _launcher(steps, device, graphed=True) if graphed and not split else None
+        if self.whole is None or self.whole[0] is _launch:   # two groups of launches, split where outputs are written
             self.whole = None
-            late = next((i for i, step in enumerate(steps)
-                         if any(role in (INDICES, OUT_KEYS, OUT_VALUES) for _, role, _ in step.patches)), len(steps))
-            self.early, self.late = _launcher(steps[:late], device), _launcher(steps[late:], device)
+            self.early, self.late = _launcher(steps[:late], device, split), _launcher(steps[late:], device, split)
         self.device = device
         self.device_index = device.index
         self.indices_shape, self.keys_shape, self.values_shape = shapes
@@ -85,11 +88,13 @@ class Plan:
     def graph_status(self):
         """(graph state, (CUresult, step)) of this plan's CUDA graph, as kernels/batch_launch.c
         reports them (state 0: not launched yet, 1: on its graph; a CUresult other than 0 says
-        why the graph was dropped and at which step); None where the plan launches plainly."""
-        if self.whole is None:
+        why the graph was dropped and at which step), of its late graph where split_graphs
+        splits it; None where the plan launches plainly."""
+        launcher = self.whole if self.whole is not None else self.late
+        mod = batch_launch.module()
+        if launcher[0] is _launch or mod is None or mod.graph_state(launcher[1]) < 0:
             return None
-        mod, handle = batch_launch.module(), self.whole[1]
-        return mod.graph_state(handle), mod.graph_error(handle)
+        return mod.graph_state(launcher[1]), mod.graph_error(launcher[1])
 
     def __call__(self, keys, values, queries, seed, named=()):
         if hooks_installed():   # a profiler wants to see Triton's launches
@@ -117,6 +122,17 @@ class Plan:
         if self.packed_heads:
             return varlen_from(out_k, out_v, indices, self.packed_heads)
         return Evicted(out_k, out_v, indices)
+
+
+def split_graphs() -> bool:
+    """Whether a graphed plan is two CUDA graphs, split where the outputs are first written
+    (``TRITONKV_GRAPH_SPLIT=1``; off until timed): the statistics and score graph is launched
+    before the outputs are allocated, so the GPU starts while the host allocates them (three
+    allocations, ~2-3 us each), for a second graph launch."""
+    value = os.environ.get("TRITONKV_GRAPH_SPLIT", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"TRITONKV_GRAPH_SPLIT: expected 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _launcher(steps: List[Step], device: torch.device, graphed: bool = False):
