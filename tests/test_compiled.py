@@ -387,28 +387,6 @@ def test_select_copy_switches_gather_the_reference_rows(policy, switches, monkey
     assert compare(keys, values, queries, policy, 0.3)
 
 
-@pytest.mark.parametrize("unroll, heads", [("2", 3), ("8", 3), ("4", 8)])
-def test_heads_unrolled_score_keeps_the_reference_sets(unroll, heads, monkeypatch):
-    """TRITONKV_HEADS_UNROLL: the head-reducing score kernel (TOVA's score_heads) unrolls its loop
-    over the heads (a remainder where the heads are not a multiple); the kept sets stay the
-    reference's, and a count it does not take is refused by name."""
-    from tritonkv.geometry import clear_geometry, heads_unroll
-    monkeypatch.setenv("TRITONKV_HEADS_UNROLL", unroll)
-    clear_geometry()
-    try:
-        g = torch.Generator().manual_seed(heads)
-        b, n = 2, 203
-        keys, values = torch.randn(b, heads, n, 64, generator=g), torch.randn(b, heads, n, 64, generator=g)
-        queries = torch.randn(b, heads * 2, 4, 64, generator=g)
-        for policy in (policies.tova(), HEAD_REDUCED["two head-reduced tops"]):
-            assert compare(keys, values, queries, policy, 0.3)
-        monkeypatch.setenv("TRITONKV_HEADS_UNROLL", "3")
-        with pytest.raises(ValueError, match="TRITONKV_HEADS_UNROLL: expected 1, 2, 4 or 8"):
-            heads_unroll()
-    finally:
-        clear_geometry()
-
-
 @pytest.mark.parametrize("block, warps", [("1024", "4"), ("64", "2"), ("512", "8")])
 def test_score_pass_in_its_own_tiles_keeps_the_reference_sets(block, warps, monkeypatch):
     """TRITONKV_SCORE_BLOCK_N / TRITONKV_SCORE_WARPS: a score pass that reads no K or V (TOVA's
@@ -457,6 +435,11 @@ def test_select_copy_rows_and_warps_refuse_other_counts(monkeypatch):
     with pytest.raises(ValueError, match="TRITONKV_SELECT_COPY_ROWS: expected 16, 32 or 64 rows"):
         copy_rows(128, 128)
     assert select_warps() == 4
+    from tritonkv.kernels.select import scan_stages
+    assert scan_stages() is None
+    monkeypatch.setenv("TRITONKV_SELECT_STAGES", "5")
+    with pytest.raises(ValueError, match="TRITONKV_SELECT_STAGES: expected 0 \\(plain loops\\), 2, 3 or 4"):
+        scan_stages()
     monkeypatch.setenv("TRITONKV_SELECT_WARPS", "16")
     with pytest.raises(ValueError, match="TRITONKV_SELECT_WARPS: expected 4 or 8"):
         select_warps()
@@ -629,9 +612,10 @@ def test_clauses_resolved_from_candidate_lists(policy, monkeypatch):
     keys, values = torch.randn(b, 2, n, 64, generator=g), torch.randn(b, 2, n, 32, generator=g)
     queries = torch.randn(b, 4, 16, 64, generator=g)
     monkeypatch.setenv("TRITONKV_SELECT_LIST", "511")
-    for stored, prefetch in (("1", "0"), ("0", "0"), ("1", "1")):
+    for stored, stages in (("1", None), ("0", None), ("1", "2")):
         monkeypatch.setenv("TRITONKV_CACHE_KEYS", stored)
-        monkeypatch.setenv("TRITONKV_SELECT_PREFETCH", prefetch)   # the stored keys' pass a block ahead
+        if stages:   # the stored keys' passes pipelined
+            monkeypatch.setenv("TRITONKV_SELECT_STAGES", stages)
         compare(keys, values, queries, policy, n // 3, seed=7)
 
 

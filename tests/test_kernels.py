@@ -48,25 +48,26 @@ def adversarial_priorities(draw):
 # parameters, not drawn: xdist spreads them over the cores. own_slots: the last clause's keys are stored in its
 # slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never;
 # listed (TRITONKV_SELECT_LIST): a clause resolved from a list of its last candidates once at most this many are
-# left ("511": as many as the list holds), "0" never (the default); prefetch (TRITONKV_SELECT_PREFETCH): the digit
-# passes load a block's keys while counting the block before
-@pytest.mark.parametrize("d, own_slots, sparse, listed, prefetch", [
-    (64, False, "64", "511", "0"), (80, False, "64", "0", "1"), (128, False, "64", "40", "0"),
-    (64, True, "64", "511", "1"), (80, True, "100000", "0", "1"), (128, True, "0", "200", "0")])
+# left ("511": as many as the list holds), "0" never (the default); stages (TRITONKV_SELECT_STAGES): the digit and
+# tie passes software-pipelined ("": plain loops, the default)
+@pytest.mark.parametrize("d, own_slots, sparse, listed, stages", [
+    (64, False, "64", "511", ""), (80, False, "64", "0", "2"), (128, False, "64", "40", ""),
+    (64, True, "64", "511", "3"), (80, True, "100000", "0", "2"), (128, True, "0", "200", "")])
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed, prefetch):
+def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed, stages):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SPARSE_BINS", sparse)
         patch.setenv("TRITONKV_SELECT_LIST", listed)
-        patch.setenv("TRITONKV_SELECT_PREFETCH", prefetch)
+        if stages:
+            patch.setenv("TRITONKV_SELECT_STAGES", stages)
         check_select_and_gather(case, d, own_slots)
 
 
 LONG_ROWS = [(131072, 0), (70001, 50), (40001, 0)]
 # the untimed switches at one shape each (the suite's time): ties across chunks, and chunks of odd ends
 SELECT_SWITCHES = [(70001, 50, {"TRITONKV_SELECT_CHUNK": "16"}), (40001, 0, {"TRITONKV_SELECT_CHUNK": "16"}),
-                   (70001, 50, {"TRITONKV_SELECT_WARPS": "8"}), (70001, 50, {"TRITONKV_SELECT_PREFETCH": "1"}),
+                   (70001, 50, {"TRITONKV_SELECT_WARPS": "8"}), (70001, 50, {"TRITONKV_SELECT_STAGES": "2"}),
                    (70001, 50, {"TRITONKV_COPY_PAIRED": "0"})]
 
 
@@ -78,8 +79,8 @@ def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, switches):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
     interpreter runs one per row), with and without candidate lists, with chunks of any
     multiple of 16 tokens (TRITONKV_SELECT_CHUNK: chunks that end inside a scan block), in
-    programs of 8 warps, with the keys' loads a block ahead and with K's rows copied before V's
-    (TRITONKV_COPY_PAIRED=0); ``levels``: priorities of few
+    programs of 8 warps, with the digit and tie passes pipelined (TRITONKV_SELECT_STAGES) and with
+    K's rows copied before V's (TRITONKV_COPY_PAIRED=0); ``levels``: priorities of few
     distinct values, so ties span many programs' chunks (with the last clause's keys stored), 0
     for floats."""
     g = torch.Generator().manual_seed(n)
@@ -241,7 +242,7 @@ def test_select_switches_compile_for_hopper():
             "    print(name, constexprs['LISTS'], constexprs['PAIRED'], built.registers)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITONKV_SELECT_LIST="511", TRITONKV_COPY_PAIRED="1", TRITONKV_SELECT_COPY_ROWS="32",
-               TRITONKV_SELECT_WARPS="8", TRITONKV_SELECT_PREFETCH="1")
+               TRITONKV_SELECT_WARPS="8", TRITONKV_SELECT_STAGES="2")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [line.split()[:3] for line in result.stdout.splitlines()] == [["keydiff", "True", "True"],
@@ -249,26 +250,20 @@ def test_select_switches_compile_for_hopper():
         result.stdout
 
 
-def test_unrolled_heads_compile_for_hopper():
-    """TOVA's score_heads with its loop over the heads unrolled by 8 (TRITONKV_HEADS_UNROLL, off in
-    CI's builds of every policy) builds for sm_90: more code, more registers, no shared memory; so
-    does it in tiles and warps of its own (TRITONKV_SCORE_BLOCK_N=1024, TRITONKV_SCORE_WARPS=4)."""
+def test_score_in_its_own_tiles_compiles_for_hopper():
+    """TOVA's score_heads in tiles and warps of its own (TRITONKV_SCORE_BLOCK_N=1024,
+    TRITONKV_SCORE_WARPS=4; off in CI's builds of every policy) builds for sm_90, with no shared
+    memory, as it does by default."""
     code = ("import tritonkv.policies as P\nfrom tritonkv import aot\n"
             "for b in aot.build_policy('tova', P.tova(), paged=False):\n"
             "    if b.kernel == 'score_heads':\n"
             "        print(b.kernel, b.ptx_lines, b.registers, b.shared_bytes)\n")
-    lines = {}
-    for name, switches in [("1", dict(TRITONKV_HEADS_UNROLL="1")), ("8", dict(TRITONKV_HEADS_UNROLL="8")),
-                           ("1024x4", dict(TRITONKV_SCORE_BLOCK_N="1024", TRITONKV_SCORE_WARPS="4"))]:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.update(switches)
-        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        kernel, ptx, registers, shared = result.stdout.split()
-        lines[name] = int(ptx)
-        assert kernel == "score_heads" and int(registers) <= (128 if name == "1024x4" else 64) and shared == "0", \
-            (name, result.stdout)
-    assert lines["8"] > 3 * lines["1"], lines
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITONKV_SCORE_BLOCK_N="1024", TRITONKV_SCORE_WARPS="4")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    kernel, _, registers, shared = result.stdout.split()
+    assert kernel == "score_heads" and int(registers) <= 128 and shared == "0", result.stdout
 
 
 def _score_builds(cases: str) -> subprocess.CompletedProcess:

@@ -236,16 +236,6 @@ def anchor_fold(block_n: int) -> int:
     return min(fold, block_n)
 
 
-def heads_unroll() -> int:
-    """How many heads' rows a head-reducing score kernel (``score_heads``, TOVA) loads at once:
-    ``TRITONKV_HEADS_UNROLL`` (1, the default: one head per loop step; 2, 4, 8: its loop unrolled,
-    so several heads' loads are in flight; off until timed)."""
-    unroll = _override("TRITONKV_HEADS_UNROLL", 1)
-    if unroll not in (1, 2, 4, 8):
-        raise ValueError(f"TRITONKV_HEADS_UNROLL: expected 1, 2, 4 or 8, got {unroll}")
-    return unroll
-
-
 def score_shape(halo: int) -> Tuple[int, int]:
     """(tokens per tile, num_warps) of a score pass that reads no K or V (TOVA's: kept logits and
     row statistics, a few bytes per token and head), 0 for the statistics passes' own:
@@ -321,7 +311,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page, ANCHOR_FOLD=fold,
-                      HEADS_UNROLL=heads_unroll() if program.score_heads else 1, ALL_HEAD_ROWS=True,
+                      ALL_HEAD_ROWS=True,
                       IEEE=ieee_products(dtype),
                       STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize, anchored))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
