@@ -65,8 +65,9 @@ class Plan:
     call's addresses changed (H100: a node update and one graph launch cost less than a launch
     each). A graph's launches run in the order they were made, so calls of one plan on several
     streams no longer overlap on the GPU. Without graphs (``TRITONKV_GRAPH_LAUNCH=0``, or no C
-    module) the outputs are allocated after the launches that do not write them (statistics,
-    score) are queued, so the GPU starts while the host still allocates."""
+    module), or as two graphs (``split_graphs``), the outputs are allocated after the launches
+    that do not write them (statistics, score) are queued, so the GPU starts while the host
+    still allocates."""
 
     def __init__(self, steps: List[Step], device: torch.device, shapes, scratch_numel: int, packed_heads: int = 0):
         self.steps = steps   # what the launchers below were built from (diagnostics: perf/graph_launch_diag.py)

@@ -597,10 +597,11 @@ def scan_stages():
     """Software-pipelining depth of select's digit and tie passes over a chunk's blocks
     (``TRITONKV_SELECT_STAGES``: 2-4 has Triton load the next blocks' priorities through shared
     memory while this one is counted, as ``TRITONKV_LOOP_STAGES`` does for K; 0: None, plain
-    loops, the default until timed). At B = 4, 128K KeyDiff's select programs count 8 blocks a pass one
-    load at a time, and its ranking takes 107 us for 16 MB of priorities (H100, eb48fc6); loading
-    the next block into registers instead (a switch removed after its A/B) took 165
-    registers and 1.03x the time. sm_90, KeyDiff's select at 2: 168 registers against 112."""
+    loops, the default until timed). At B = 4, 128K KeyDiff's select programs count 8 blocks a
+    pass one load at a time, and its ranking takes 107 us for 16 MB of priorities (H100,
+    eb48fc6); loading the next block into registers instead (a switch removed after its A/B)
+    took 165 registers and 1.03x the time. sm_90, KeyDiff's select at 2: 168 registers
+    against 112."""
     value = os.environ.get("TRITONKV_SELECT_STAGES", "0")
     if value not in ("0", "2", "3", "4"):
         raise ValueError(f"TRITONKV_SELECT_STAGES: expected 0 (plain loops), 2, 3 or 4, got {value!r}")
