@@ -9,6 +9,7 @@ import tritonkv as tkv
 from tritonkv import policies, reference
 from tritonkv.budget import allocate, resolve_budget
 from tritonkv.compiled import evict_compiled
+from tritonkv.kernels.launch import kernel_name
 from tritonkv.lowering import lower
 from tritonkv.results import pack_varlen
 from tritonkv.validate import named_inputs as named_inputs_of
@@ -464,10 +465,10 @@ def test_head_reduced_policies_select_once_per_batch_row(name, heads):
     assert shared_selection(compiled.program)
     for gather in (True, False):
         call = prepare(compiled, alloc, *to_device(keys, values, queries), 0, (), gather)
-        names = [_kernel_name(step) for step in call.launches]
-        assert call.launches[names.index("_select_kernel")].grid[1] == b   # one program row per batch row
+        names = [kernel_name(step.fn) for step in call.launches]
+        assert call.launches[names.index("select")].grid[1] == b   # one program row per batch row
         # the kept rows: copied by a launch of their own over every head (compiler.fused_gather)
-        assert names[-1] == ("_gather_kernel" if gather else "_select_kernel"), names
+        assert names[-1] == ("gather" if gather else "select"), names
         # a score kernel that reduces the heads writes head 0's row alone: the one select ranks
         if compiled.program.score_heads:
             fused = [step for step in call.launches if step.fn is compiled.kernel("score_heads")]
@@ -502,7 +503,7 @@ def test_a_score_pass_of_kept_logits_runs_its_own_programs():
         lowered, alloc = lower(policy, allocate(policy, 2560, resolve_budget(0.2, 2560)))
         compiled, inputs = compile_policy(lowered), to_device(keys, values, queries)
         call = prepare(compiled, alloc, *inputs, 0, (), True)
-        grids = {_kernel_name(launch): launch.grid for launch in call.launches}
+        grids = {kernel_name(launch.fn): launch.grid for launch in call.launches}
         score = grids.get("score_heads", grids.get("score"))   # TOVA's heads are reduced in its score kernel
         if DEVICE == "cpu":
             assert (score[0], grids["stats_0"][0]) == ((5, 3) if own else (3, 3)), (name, grids)
@@ -684,18 +685,14 @@ def test_pooled_statistics_keep_the_score_tiles():
                for name in ("snapkv", "keydiff", "keydiff_knorm", "h2o", "tova", "nacl", "chunkkv", "adakv"))
 
 
-def _kernel_name(launch) -> str:
-    return getattr(launch.fn, "fn", launch.fn).__name__
-
-
 def _score_launches(policy, keys, values, queries, named=()):
     """(slots as the launches leave them, the kernels' names) of one prepared call."""
     from tritonkv.compiler import compile_policy, prepare
     from tritonkv.compiler import run as run_call
     lowered, alloc = lower(policy, allocate(policy, keys.shape[2], max(1, keys.shape[2] // 3)))
     call = prepare(compile_policy(lowered), alloc, keys, values, queries, 0, named, True)
-    names = [_kernel_name(step) for step in call.launches]
-    call.launches = call.launches[:names.index("_select_kernel")]   # select and what reads its indices left out
+    names = [kernel_name(step.fn) for step in call.launches]
+    call.launches = call.launches[:names.index("select")]   # select and what reads its indices left out
     run_call(call)
     return call.priorities.clone(), names[:len(call.launches)]
 
@@ -731,7 +728,7 @@ def test_heads_reduced_in_the_score_kernel_equal_the_transform(b, h, group, n, d
                 got[fused] = _score_launches(policy, k, v, q_or_none, named)
         clear_geometry()
         (fused_slots, fused_names), (plain_slots, plain_names) = got["1"], got["0"]
-        assert "score_heads" in fused_names and "_transform_kernel" not in fused_names, fused_names
-        assert "score" in plain_names and "_transform_kernel" in plain_names, plain_names
+        assert "score_heads" in fused_names and "transform" not in fused_names, fused_names
+        assert "score" in plain_names and "transform" in plain_names, plain_names
         ranked = (slice(None), slice(None, None, h))    # each batch row's head 0
         assert torch.equal(fused_slots[ranked] + 0.0, plain_slots[ranked] + 0.0), policy   # + 0.0: -0.0 as +0.0
