@@ -91,11 +91,12 @@ class Plan:
         reports them (state 0: not launched yet, 1: on its graph; a CUresult other than 0 says
         why the graph was dropped and at which step), of its late graph where split_graphs
         splits it; None where the plan launches plainly."""
-        launcher = self.whole if self.whole is not None else self.late
+        launch, handle = self.whole if self.whole is not None else self.late
         mod = batch_launch.module()
-        if launcher[0] is _launch or mod is None or mod.graph_state(launcher[1]) < 0:
+        if launch is _launch or mod is None:
             return None
-        return mod.graph_state(launcher[1]), mod.graph_error(launcher[1])
+        state = mod.graph_state(handle)
+        return None if state < 0 else (state, mod.graph_error(handle))
 
     def __call__(self, keys, values, queries, seed, named=()):
         if hooks_installed():   # a profiler wants to see Triton's launches

@@ -806,6 +806,7 @@ def select_indices(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent
 
 
 def launch_select(grid, args, constexprs, device: torch.device):
-    compiled = launch(_select_kernel, grid, args, constexprs, select_warps())
+    warps = select_warps()
+    compiled = launch(_select_kernel, grid, args, constexprs, warps)
     if device.type == "cuda":
-        record_occupancy(_select_kernel, compiled, select_warps(), constexprs)
+        record_occupancy(_select_kernel, compiled, warps, constexprs)
