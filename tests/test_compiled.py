@@ -388,45 +388,6 @@ def test_select_copy_switches_gather_the_reference_rows(policy, switches, monkey
     assert compare(keys, values, queries, policy, 0.3)
 
 
-@pytest.mark.parametrize("block, warps", [("1024", "4"), ("64", "2"), ("512", "8")])
-def test_score_pass_in_its_own_tiles_keeps_the_reference_sets(block, warps, monkeypatch):
-    """TRITONKV_SCORE_BLOCK_N / TRITONKV_SCORE_WARPS: a score pass that reads no K or V (TOVA's
-    kept logits, head-reduced in score_heads, or per head with TRITONKV_SCORE_HEADS=0) runs in
-    tiles and warps of its own, the statistics passes in theirs; the kept sets stay the
-    reference's (rows of one tile and of several), and values it does not take are refused by name."""
-    from tritonkv.compiler import compile_policy, prepare
-    from tritonkv.geometry import clear_geometry, score_shape
-    monkeypatch.setenv("TRITONKV_SCORE_BLOCK_N", block)
-    monkeypatch.setenv("TRITONKV_SCORE_WARPS", warps)
-    clear_geometry()
-    try:
-        g = torch.Generator().manual_seed(int(block))
-        b, heads, n = 2, 3, 301
-        keys, values = torch.randn(b, heads, n, 64, generator=g), torch.randn(b, heads, n, 64, generator=g)
-        queries = torch.randn(b, heads * 2, 4, 64, generator=g)
-        for fused in ("1", "0"):
-            monkeypatch.setenv("TRITONKV_SCORE_HEADS", fused)
-            clear_geometry()
-            for policy in (policies.tova(), HEAD_REDUCED["two head-reduced tops"]):
-                assert compare(keys, values, queries, policy, 0.3)
-            lowered, alloc = lower(policies.tova(), allocate(policies.tova(), n, 90))
-            compiled = compile_policy(lowered)
-            call = prepare(compiled, alloc, *to_device(keys, values, queries), 0)
-            kernel = compiled.kernel("score_heads" if fused == "1" else "score")
-            score = next(step for step in call.launches if step.fn is kernel)
-            stats = next(step for step in call.launches if step.fn is compiled.kernel("stats_0"))
-            assert (score.constexprs["BLOCK_N"], score.num_warps) == (int(block), int(warps))
-            assert stats.constexprs["BLOCK_N"] == 256   # the statistics pass keeps its tiles (D = 64)
-        for name, bad, expected in [("TRITONKV_SCORE_BLOCK_N", "96", "a power of two >= 16 and over 32"),
-                                    ("TRITONKV_SCORE_WARPS", "3", "1, 2, 4, 8 or 16")]:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv(name, bad)
-                with pytest.raises(ValueError, match=f"{name}: expected {expected}"):
-                    score_shape(8)
-    finally:
-        clear_geometry()
-
-
 def test_select_copy_rows_and_warps_refuse_other_counts(monkeypatch):
     from tritonkv.kernels.select import copy_rows, select_warps
     assert copy_rows(128, 128) == 64 and copy_rows(256, 64) == 32
@@ -436,11 +397,6 @@ def test_select_copy_rows_and_warps_refuse_other_counts(monkeypatch):
     with pytest.raises(ValueError, match="TRITONKV_SELECT_COPY_ROWS: expected 16, 32 or 64 rows"):
         copy_rows(128, 128)
     assert select_warps() == 4
-    from tritonkv.kernels.select import scan_stages
-    assert scan_stages() is None
-    monkeypatch.setenv("TRITONKV_SELECT_STAGES", "5")
-    with pytest.raises(ValueError, match="TRITONKV_SELECT_STAGES: expected 0 \\(plain loops\\), 2, 3 or 4"):
-        scan_stages()
     monkeypatch.setenv("TRITONKV_SELECT_WARPS", "16")
     with pytest.raises(ValueError, match="TRITONKV_SELECT_WARPS: expected 4 or 8"):
         select_warps()
@@ -613,10 +569,8 @@ def test_clauses_resolved_from_candidate_lists(policy, monkeypatch):
     keys, values = torch.randn(b, 2, n, 64, generator=g), torch.randn(b, 2, n, 32, generator=g)
     queries = torch.randn(b, 4, 16, 64, generator=g)
     monkeypatch.setenv("TRITONKV_SELECT_LIST", "511")
-    for stored, stages in (("1", None), ("0", None), ("1", "2")):
+    for stored in ("1", "0"):
         monkeypatch.setenv("TRITONKV_CACHE_KEYS", stored)
-        if stages:   # the stored keys' passes pipelined
-            monkeypatch.setenv("TRITONKV_SELECT_STAGES", stages)
         compare(keys, values, queries, policy, n // 3, seed=7)
 
 

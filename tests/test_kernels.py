@@ -48,26 +48,23 @@ def adversarial_priorities(draw):
 # parameters, not drawn: xdist spreads them over the cores. own_slots: the last clause's keys are stored in its
 # slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never;
 # listed (TRITONKV_SELECT_LIST): a clause resolved from a list of its last candidates once at most this many are
-# left ("511": as many as the list holds), "0" never (the default); stages (TRITONKV_SELECT_STAGES): the digit and
-# tie passes software-pipelined ("": plain loops, the default)
-@pytest.mark.parametrize("d, own_slots, sparse, listed, stages", [
-    (64, False, "64", "511", ""), (80, False, "64", "0", "2"), (128, False, "64", "40", ""),
-    (64, True, "64", "511", "3"), (80, True, "100000", "0", "2"), (128, True, "0", "200", "")])
+# left ("511": as many as the list holds), "0" never (the default)
+@pytest.mark.parametrize("d, own_slots, sparse, listed", [
+    (64, False, "64", "511"), (80, False, "64", "0"), (128, False, "64", "40"),
+    (64, True, "64", "511"), (80, True, "100000", "0"), (128, True, "0", "200")])
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed, stages):
+def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SPARSE_BINS", sparse)
         patch.setenv("TRITONKV_SELECT_LIST", listed)
-        if stages:
-            patch.setenv("TRITONKV_SELECT_STAGES", stages)
         check_select_and_gather(case, d, own_slots)
 
 
 LONG_ROWS = [(131072, 0), (70001, 50), (40001, 0)]
 # the untimed switches at one shape each (the suite's time): ties across chunks, and chunks of odd ends
 SELECT_SWITCHES = [(70001, 50, {"TRITONKV_SELECT_CHUNK": "16"}), (40001, 0, {"TRITONKV_SELECT_CHUNK": "16"}),
-                   (70001, 50, {"TRITONKV_SELECT_WARPS": "8"}), (70001, 50, {"TRITONKV_SELECT_STAGES": "2"}),
+                   (70001, 50, {"TRITONKV_SELECT_WARPS": "8"}),
                    (70001, 50, {"TRITONKV_COPY_PAIRED": "0"})]
 
 
@@ -79,8 +76,7 @@ def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, switches):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
     interpreter runs one per row), with and without candidate lists, with chunks of any
     multiple of 16 tokens (TRITONKV_SELECT_CHUNK: chunks that end inside a scan block), in
-    programs of 8 warps, with the digit and tie passes pipelined (TRITONKV_SELECT_STAGES) and with
-    K's rows copied before V's (TRITONKV_COPY_PAIRED=0); ``levels``: priorities of few
+    programs of 8 warps and with K's rows copied before V's (TRITONKV_COPY_PAIRED=0); ``levels``: priorities of few
     distinct values, so ties span many programs' chunks (with the last clause's keys stored), 0
     for floats."""
     g = torch.Generator().manual_seed(n)
@@ -219,7 +215,7 @@ def test_every_kernel_compiles_for_hopper(config):
 
 def test_select_switches_compile_for_hopper():
     """sm_90 builds of select with its untimed switches on (candidate list, paired K / V copy, 32-row
-    copy steps, 8 warps, keys loaded a block ahead; CI's builds of every policy leave them off), per
+    copy steps, 8 warps; CI's builds of every policy leave them off), per
     head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
     the interpreter runs may still fail Triton's compiler (a jit helper's tuple default of ints
     did, in a version of the list that took a bracket)."""
@@ -242,28 +238,12 @@ def test_select_switches_compile_for_hopper():
             "    print(name, constexprs['LISTS'], constexprs['PAIRED'], built.registers)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITONKV_SELECT_LIST="511", TRITONKV_COPY_PAIRED="1", TRITONKV_SELECT_COPY_ROWS="32",
-               TRITONKV_SELECT_WARPS="8", TRITONKV_SELECT_STAGES="2")
+               TRITONKV_SELECT_WARPS="8")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [line.split()[:3] for line in result.stdout.splitlines()] == [["keydiff", "True", "True"],
                                                                          ["tova", "True", "True"]], \
         result.stdout
-
-
-def test_score_in_its_own_tiles_compiles_for_hopper():
-    """TOVA's score_heads in tiles and warps of its own (TRITONKV_SCORE_BLOCK_N=1024,
-    TRITONKV_SCORE_WARPS=4; off in CI's builds of every policy) builds for sm_90, with no shared
-    memory, as it does by default."""
-    code = ("import tritonkv.policies as P\nfrom tritonkv import aot\n"
-            "for b in aot.build_policy('tova', P.tova(), paged=False):\n"
-            "    if b.kernel == 'score_heads':\n"
-            "        print(b.kernel, b.ptx_lines, b.registers, b.shared_bytes)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITONKV_SCORE_BLOCK_N="1024", TRITONKV_SCORE_WARPS="4")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    kernel, _, registers, shared = result.stdout.split()
-    assert kernel == "score_heads" and int(registers) <= 128 and shared == "0", result.stdout
 
 
 def _score_builds(cases: str) -> subprocess.CompletedProcess:

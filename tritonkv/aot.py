@@ -130,10 +130,10 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
         for level in range(len(program.levels)):
             record(f"stats_{level}", compiled.kernel(f"stats_{level}"), largs, geo.constexprs, geo.num_warps)
             record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
-        score_constexprs, score_warps = geo.score_config()
-        record("score", compiled.kernel("score"), largs, score_constexprs, score_warps, geo.score_maxnreg)
+        score_constexprs = geo.score_constexprs()
+        record("score", compiled.kernel("score"), largs, score_constexprs, geo.num_warps, geo.score_maxnreg)
         if geo.score_heads:   # what evict launches instead of score + transform here
-            record("score_heads", compiled.kernel("score_heads"), largs, score_constexprs, score_warps)
+            record("score_heads", compiled.kernel("score_heads"), largs, score_constexprs, geo.num_warps)
         if paged and program.reads_cache:   # the same kernels reading a paged cache (tritonkv.paged)
             layout = Layout(tuple(keys.shape), tuple(values.shape), keys.stride(), values.stride(), table, PAGE,
                             sequences)

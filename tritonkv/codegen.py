@@ -259,7 +259,7 @@ class TileEmitter:
             return self._assign(f"cosine_to(b_kf, {self.key_norm()}, b_anchor_{gi})")
         if isinstance(node, dsl.ProxyAttention):
             chunk = f"b_q_{gi}, w_r_{gi}, b_lse_{gi}"   # chunk 0: queries, window rows, log-sum-exp
-            self.prologue.append(f"    p_stats_{gi} = ws_ptr + fo_{gi} + i_row * (2 * QR_{gi})")
+            self.prologue.append(f"    p_stats_{gi} = ws_ptr + fo_{gi} + i_row * QR_{gi}")
             self.prologue.append(f"    p_lg_{gi} = ws_ptr + lo_{gi} + i_row.to(tl.int64) * G * NS")
             self.prologue.append(f"    b_q_{gi}, w_r_{gi}, _, b_lse_{gi} = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, i_b, i_h, "
                                  f"W_total, w_{gi}, 0, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, True)")

@@ -266,9 +266,8 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
         score_args = list(args)
         score_args[score.arg_names.index("S")] = splits
         score_args[score.arg_names.index("tiles_per_prog")] = tiles
-    score_constexprs, score_warps = geo.score_config(head_rows)
-    out.append(Launch(score, score_grid, score_args, score_constexprs, score_warps, geo.num_stages, SEED_ARG,
-                      geo.score_maxnreg))
+    out.append(Launch(score, score_grid, score_args, geo.score_constexprs(head_rows), geo.num_warps, geo.num_stages,
+                      SEED_ARG, geo.score_maxnreg))
     program = compiled.program
     deferred = iter(geo.deferred)
     moments = dict(zip(program.moment_slots, geo.moments))

@@ -134,19 +134,13 @@ class Geometry:
     # program) where they differ from the statistics passes' (score_splits); per batch row with score_heads
     score_heads: bool = False       # launch ``score_heads`` (heads reduced in the score kernel), no transform
     score_maxnreg: Optional[int] = None   # the score kernel's register cap (score_register_cap)
-    score_block: int = 0            # tokens per tile of a score pass that reads no K / V (0: BLOCK_N)
-    score_warps: int = 0            # and its num_warps (0: the statistics passes'), see score_shape
 
-    def score_config(self, head_rows: bool = True) -> Tuple[Dict, int]:
-        """(constexprs, num_warps) of the score launch: the statistics passes', with a score pass
-        that reads no K / V in its own tiles and warps where ``score_shape`` sets them, and a
-        head-reducing one's ``ALL_HEAD_ROWS`` off where ``head_rows`` is (a shared selection)."""
-        constexprs = dict(self.constexprs)
-        if self.score_block:
-            constexprs["BLOCK_N"] = self.score_block
+    def score_constexprs(self, head_rows: bool = True) -> Dict:
+        """The score launch's constexprs: the statistics passes', with a head-reducing score's
+        ``ALL_HEAD_ROWS`` off where ``head_rows`` is (a shared selection)."""
         if self.score_heads and not head_rows:
-            constexprs["ALL_HEAD_ROWS"] = False
-        return constexprs, self.score_warps or self.num_warps
+            return {**self.constexprs, "ALL_HEAD_ROWS": False}
+        return self.constexprs
 
     def ranking_numel(self, slots: int) -> int:
         """float32 elements of the ranking scratch with ``slots`` elements of slots."""
@@ -236,21 +230,6 @@ def anchor_fold(block_n: int) -> int:
     return min(fold, block_n)
 
 
-def score_shape(halo: int) -> Tuple[int, int]:
-    """(tokens per tile, num_warps) of a score pass that reads no K or V (TOVA's: kept logits and
-    row statistics, a few bytes per token and head), 0 for the statistics passes' own:
-    ``TRITONKV_SCORE_BLOCK_N`` (a power of two over 4 * halo) and ``TRITONKV_SCORE_WARPS`` (1-16),
-    off until timed. TOVA's score_heads runs 256-token tiles in 8 warps (4 logits a thread per
-    query row) and reads 67 MB in 37 us at B = 4, 128K (1.8 TB/s; H100, eb48fc6)."""
-    block, warps = _override("TRITONKV_SCORE_BLOCK_N", 0), _override("TRITONKV_SCORE_WARPS", 0)
-    if block and (block & (block - 1) or block <= 4 * halo or block < 16):
-        raise ValueError(f"TRITONKV_SCORE_BLOCK_N: expected a power of two >= 16 and over {4 * halo} "
-                         f"(four times the policy's halo), got {block}")
-    if warps not in (0, 1, 2, 4, 8, 16):
-        raise ValueError(f"TRITONKV_SCORE_WARPS: expected 1, 2, 4, 8 or 16, got {warps}")
-    return block, warps
-
-
 def _override(name: str, default):
     value = os.environ.get(name)
     return default if value is None else int(value)
@@ -326,7 +305,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
             w_pad, qb = proxy_tiling(w, group, d, itemsize)
             q_rows = max(group * w_pad, qb)   # query rows, padding included: nch chunks of qb
             nch = q_rows // qb
-            part, final = nch * splits * 2 * qb, 2 * q_rows
+            part, final = nch * splits * 2 * qb, q_rows   # final: each row's lse
             constexprs[f"W_PAD_{i}"], constexprs[f"QB_{i}"], constexprs[f"QR_{i}"] = w_pad, qb, q_rows
             constexprs[f"LG_{i}"] = keeps = keeps_logits(node, n, w_total, group, d, itemsize)
             if keeps:
@@ -358,26 +337,21 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     warps = _override("TRITONKV_WARPS", 8 if has_proxy or block_n * block_d >= 8192 else 4)
     stages = os.environ.get("TRITONKV_STAGES")
     dense = fixed_splits is None and page == 0   # the splits are this module's to choose
-    score_tiling, fused, score_block, score_warps = None, False, 0, 0
+    score_tiling, fused = None, False
     if dense and program.slots and not _score_reads_cache(program, constexprs):
-        # a score pass of a few bytes per token and head: its own programs (and tiles and warps,
-        # where score_shape sets them), and where every slot is head-reduced, one program row per
-        # batch row that reduces the heads itself
+        # a score pass of a few bytes per token and head: its own programs, and where every slot
+        # is head-reduced, one program row per batch row that reduces the heads itself
         fused = program.score_heads and os.environ.get("TRITONKV_SCORE_HEADS", "1") != "0"
-        score_block, score_warps = score_shape(program.halo)
-        score_tiles = cdiv(n, score_block - 2 * program.halo) if score_block else n_tiles
-        programs = score_splits(rows // h if fused else rows, score_tiles, device)
+        programs = score_splits(rows // h if fused else rows, n_tiles, device)
         if programs:
-            score_tiling = even_tiling(score_tiles, programs)
-        else:   # the statistics passes' programs, so their tiles
-            score_block = 0
+            score_tiling = even_tiling(n_tiles, programs)
         fused = fused and score_tiling is not None
     one_chunk = has_proxy and not logits_only and all(chunks[i] == 1 for i in program.proxies)
     cap = score_register_cap(dense and one_chunk and itemsize == 2 and block_d <= 128 and warps == 8
                              and stages is None and score_tiling is None)
     return Geometry(constexprs, tuple(per_global), rows, splits, tiles_per_prog, chunks_per_level,
                     workspace, warps, int(stages) if stages else None, tuple(deferred), tiling, tuple(moments),
-                    partials, n_tiles if dense else 0, score_tiling, fused, cap, score_block, score_warps)
+                    partials, n_tiles if dense else 0, score_tiling, fused, cap)
 
 
 SCORE_REGISTER_CAP = 128   # registers per thread of two 8-warp programs per multiprocessor

@@ -8,10 +8,10 @@ all: a group whose rows fill less than one tl.dot tile (G * W_PAD < 16) is one c
 rows past G * W_PAD are padding (masked, as rows w >= the window are).
 
 Softmax statistics per row (max m and sum l of 2^(s - m), s = q.k * log2(e) / sqrt(D)) come
-first, from ``proxy_stats_tile`` over all keys; ``proxy_attention_tile`` then forms the
-probabilities of a tile, 2^(s - lse) with lse = m + log2(l) per row (one subtraction and
-one exp2 per logit, no division), reduces them over the window, pools per query head and
-reduces over the group.
+first, from ``proxy_stats_tile`` over all keys, merged by ``proxy_stats_merge`` into one
+log2-sum-exp2 per row, lse = m + log2(l); ``proxy_attention_tile`` then forms the
+probabilities of a tile, 2^(s - lse) (one subtraction and one exp2 per logit, no division),
+reduces them over the window, pools per query head and reduces over the group.
 
 With one query per head (``window=1``: TOVA) the statistics pass also stores its logits
 (LOGITS: G float32 per token and KV head, at ``lg_ptr + g * NS + n``) and the score pass reads
@@ -90,13 +90,12 @@ def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, 
                 D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
                 QR: tl.constexpr, WITH_STATS: tl.constexpr):
     """Query rows of chunk c with their row index in the window, mask, and (if WITH_STATS)
-    their log2-sum-exp2 lse = m + log2(l) from the softmax statistics at stats_ptr (this
-    row's final m [QR], then l [QR]): a probability is then 2^(s - lse). A padding row gets
-    +inf, so that its probabilities are 0 with no mask."""
+    their log2-sum-exp2 lse = m + log2(l) from stats_ptr (this row's final lse [QR], written
+    by proxy_stats_merge): a probability is then 2^(s - lse). A padding row gets +inf, so
+    that its probabilities are 0 with no mask."""
     b_q, o_r, w_r, m_r = _query_rows(q_ptr, s_qb, s_qh, s_qw, s_qd, i_b, i_h, W_total, w, c, D, BLOCK_D, G, W_PAD, QB)
     if WITH_STATS:
-        b_lse = (tl.load(stats_ptr + o_r, mask=m_r, other=float("inf"))
-                 + tl.log2(tl.load(stats_ptr + QR + o_r, mask=m_r, other=1.0)))
+        b_lse = tl.load(stats_ptr + o_r, mask=m_r, other=float("inf"))
     else:
         b_lse = tl.zeros([QB], dtype=tl.float32)
     return b_q, w_r, m_r, b_lse
@@ -128,9 +127,11 @@ def proxy_stats_tile(run_m, run_l, b_k, b_q, w_r, N, w, o_n, m_val, lg_ptr, NS, 
 
 @triton.jit
 def proxy_stats_merge(ws_ptr, part, final, i_row, i_c, S, NCH, QB: tl.constexpr, QROWS: tl.constexpr):
-    """final[row] = (m [QROWS], l [QROWS]) from the partials of chunk i_c, read SB splits at a
-    time (one split per step made a chain of S dependent loads: 12-14 us for 8 rows of 65 splits
-    on an H100)."""
+    """final[row] = lse [QROWS], m + log2(l) of the row's softmax statistics merged from the
+    partials of chunk i_c, read SB splits at a time (one split per step made a chain of S
+    dependent loads: 12-14 us for 8 rows of 65 splits on an H100). The score passes read it once
+    per row (TOVA's score_heads: per head and tile), with no logarithm of their own: computing
+    m + log2(l) there was 60% of score_heads' instructions (H100, 73f367d)."""
     SB: tl.constexpr = max(1, MERGE_TILE // QB)
     o_q = tl.arange(0, QB)
     o_s = tl.arange(0, SB)
@@ -142,8 +143,7 @@ def proxy_stats_merge(ws_ptr, part, final, i_row, i_c, S, NCH, QB: tl.constexpr,
         t_m, t_l = softmax_of_partials(tl.load(base, mask=m_s, other=float("-inf")),
                                        tl.load(base + QB, mask=m_s, other=0.0), True)
         m, l = online_softmax_merge(m, l, t_m, t_l, True)
-    tl.store(ws_ptr + final + i_row * (2 * QROWS) + i_c * QB + o_q, m)
-    tl.store(ws_ptr + final + i_row * (2 * QROWS) + QROWS + i_c * QB + o_q, l)
+    tl.store(ws_ptr + final + i_row * QROWS + i_c * QB + o_q, m + tl.log2(l))
 
 
 @triton.jit
@@ -270,8 +270,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
         m_r = o_r < G
         s_t = tl.load(lg_ptr + o_r.to(tl.int64)[None, :] * NS + o_n[:, None], mask=m_n[:, None] & m_r[None, :],
                       other=0.0)
-        lse_l = (tl.load(stats_ptr + o_r, mask=m_r, other=float("inf"))
-                 + tl.log2(tl.load(stats_ptr + QR + o_r, mask=m_r, other=1.0)))
+        lse_l = tl.load(stats_ptr + o_r, mask=m_r, other=float("inf"))
         acc_grp, acc_win = _chunk_update(acc_grp, acc_win, 0, s_t, o_r * 0, lse_l, o_t, o_n, N, w,
                                          BLOCK_N, G, 1, QL, CAUSAL, REDUCE, POOL, POOL_MAX, GROUP_REDUCE, EXCLUDE)
     else:

@@ -313,7 +313,7 @@ def _select_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
     SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr, SPARSE_BINS: tl.constexpr,
-    LISTS: tl.constexpr, MARK: tl.constexpr, PAIRED: tl.constexpr, SCAN_STAGES: tl.constexpr = None,
+    LISTS: tl.constexpr, MARK: tl.constexpr, PAIRED: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -398,7 +398,7 @@ def _select_kernel(
                     shift = 24 - 8 * digit
                     local = tl.zeros([256], dtype=tl.int32)
                     cache: tl.constexpr = (j == CACHED) * (1 + (digit > 0))   # stored, then read
-                    for start in tl.range(0, chunk, BLOCK, num_stages=SCAN_STAGES):
+                    for start in range(0, chunk, BLOCK):
                         o_n = lo + start + o_blk
                         cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
                                                 views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
@@ -446,7 +446,7 @@ def _select_kernel(
             # ---- ties: count mine and the keys above the threshold, then find my cut
             n_eq = tl.full([], 0, tl.int32)
             n_gt = tl.full([], 0, tl.int32)
-            for start in tl.range(0, chunk, BLOCK, num_stages=SCAN_STAGES):
+            for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
                 cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
                                         views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
@@ -593,21 +593,6 @@ def select_warps() -> int:
     return int(value)
 
 
-def scan_stages():
-    """Software-pipelining depth of select's digit and tie passes over a chunk's blocks
-    (``TRITONKV_SELECT_STAGES``: 2-4 has Triton load the next blocks' priorities through shared
-    memory while this one is counted, as ``TRITONKV_LOOP_STAGES`` does for K; 0: None, plain
-    loops, the default until timed). At B = 4, 128K KeyDiff's select programs count 8 blocks a
-    pass one load at a time, and its ranking takes 107 us for 16 MB of priorities (H100,
-    eb48fc6); loading the next block into registers instead (a switch removed after its A/B)
-    took 165 registers and 1.03x the time. sm_90, KeyDiff's select at 2: 168 registers
-    against 112."""
-    value = os.environ.get("TRITONKV_SELECT_STAGES", "0")
-    if value not in ("0", "2", "3", "4"):
-        raise ValueError(f"TRITONKV_SELECT_STAGES: expected 0 (plain loops), 2, 3 or 4, got {value!r}")
-    return None if value == "0" else int(value)
-
-
 def paired_copy() -> bool:
     """Whether a gathering select loads a row's K and V tiles before storing either (two loads
     in flight per copy step; ``TRITONKV_COPY_PAIRED=0``: K's copy, then V's): 0.91-1.0x the graph
@@ -721,7 +706,7 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
                 CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(), LISTS=list_entries() > 0, MARK=mark,
-                PAIRED=paired_copy() and d > 0, SCAN_STAGES=scan_stages(),
+                PAIRED=paired_copy() and d > 0,
                 **key_args(keys, [0] * len(keys))[1])
 
 
