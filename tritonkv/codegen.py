@@ -262,7 +262,7 @@ class TileEmitter:
             self.prologue.append(f"    p_stats_{gi} = ws_ptr + fo_{gi} + i_row * QR_{gi}")
             self.prologue.append(f"    p_lg_{gi} = ws_ptr + lo_{gi} + i_row.to(tl.int64) * G * NS")
             self.prologue.append(f"    b_q_{gi}, w_r_{gi}, _, b_lse_{gi} = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, i_b, i_h, "
-                                 f"W_total, w_{gi}, 0, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, True)")
+                                 f"W_total, w_{gi}, 0, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, True)")
             self.keys()
             return self._assign(
                 f"proxy_attention_tile(b_k, {chunk}, q_ptr, s_qb, s_qh, s_qw, s_qd, p_stats_{gi}, p_lg_{gi}, NS, "
@@ -401,7 +401,7 @@ def _stats_parts(members: Sequence[int], program_globals, names: Names, prologue
             init.append(f"    run_m_{gi} = tl.full([QB_{gi}], float('-inf'), tl.float32)")
             init.append(f"    run_l_{gi} = tl.zeros([QB_{gi}], dtype=tl.float32)")
             init.append(f"    bs_q_{gi}, ws_r_{gi}, _, _ = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, ws_ptr, "
-                        f"i_b, i_h, W_total, w_{gi}, c_{gi}, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, False)")
+                        f"i_b, i_h, W_total, w_{gi}, c_{gi}, D, BLOCK_D, G, W_PAD_{gi}, QB_{gi}, False)")
             init.append(f"    p_lg_{gi} = ws_ptr + lo_{gi} + i_row.to(tl.int64) * G * NS")
             emitter.keys()
             update.append(f"run_m_{gi}, run_l_{gi} = proxy_stats_tile(run_m_{gi}, run_l_{gi}, b_k, bs_q_{gi}, "

@@ -88,7 +88,7 @@ def _visible(w_r, o_n, m_val, N, w, CAUSAL: tl.constexpr):
 @triton.jit
 def proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr, W_PAD: tl.constexpr, QB: tl.constexpr,
-                QR: tl.constexpr, WITH_STATS: tl.constexpr):
+                WITH_STATS: tl.constexpr):
     """Query rows of chunk c with their row index in the window, mask, and (if WITH_STATS)
     their log2-sum-exp2 lse = m + log2(l) from stats_ptr (this row's final lse [QR], written
     by proxy_stats_merge): a probability is then 2^(s - lse). A padding row gets +inf, so
@@ -281,7 +281,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
     CHUNK_STAGES: tl.constexpr = 1 if QB * BLOCK_D >= 32768 else None
     for c in tl.range(1, NCH, num_stages=CHUNK_STAGES):
         b_q, w_r, _, b_lse = proxy_chunk(q_ptr, s_qb, s_qh, s_qw, s_qd, stats_ptr, i_b, i_h, W_total, w, c,
-                                         D, BLOCK_D, G, W_PAD, QB, QR, True)
+                                         D, BLOCK_D, G, W_PAD, QB, True)
         acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, b_lse,
                                          o_t, o_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
                                          POOL_MAX, GROUP_REDUCE, EXCLUDE)
