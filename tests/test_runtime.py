@@ -174,10 +174,10 @@ def test_graph_launches_equal_plain_ones(name, switch, monkeypatch):
     assert all(same(a, b) for a, b in outs)
     plans = [p for ev in (graphed, other) for p in ev._plans.values()]
     assert all(isinstance(p, planned.Plan) for p in plans), plans
-    split = switch[0] == "TRITONKV_GRAPH_SPLIT" and name != "windows"
-    assert [p.whole is not None for p in plans] == [True, switch[0] == "TRITONKV_GRAPH_SPLIT" and not split]
+    splitting = switch[0] == "TRITONKV_GRAPH_SPLIT"
+    assert [p.whole is not None for p in plans] == [True, splitting and name == "windows"]
     if batch_launch.module() is not None:   # graphed: the whole plan, or its late graph when split
-        assert [p.graph_status() is not None for p in plans] == [True, switch[0] == "TRITONKV_GRAPH_SPLIT"]
+        assert [p.graph_status() is not None for p in plans] == [True, splitting]
 
 
 def ev_budget(policy, keys):
