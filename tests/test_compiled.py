@@ -553,27 +553,6 @@ def test_last_clause_keys_are_drawn_once(policy, monkeypatch):
     assert cached == [clauses - 1, -1]
 
 
-@pytest.mark.parametrize("policy", [
-    policies.nacl(sinks=8, proxy_window=16),
-    tkv.sink(4) | tkv.top(-tkv.key_norm(), share=0.5) | tkv.top(tkv.value_norm()),
-    tkv.recent(8) | tkv.sample(-tkv.key_norm().normalize(), temperature=0.5),
-], ids=["nacl", "two-tops", "sample-normalized"])
-def test_clauses_resolved_from_candidate_lists(policy, monkeypatch):
-    """TRITONKV_SELECT_LIST=511: a clause whose last candidates fit the list is resolved from it
-    (kernels/select.py), its keys looked up again for the list: stored ones, or computed (a
-    sample clause's noise, a normalized clause's moments) when the keys are not stored. The kept
-    sets stay the reference's either way."""
-    g = torch.Generator().manual_seed(9)
-    # the interpreter: rows past a 512-token scan block, fewer tiles, one batch row (a select program per row)
-    b, n = (2, 12289) if DEVICE == "cuda" else (1, 771)
-    keys, values = torch.randn(b, 2, n, 64, generator=g), torch.randn(b, 2, n, 32, generator=g)
-    queries = torch.randn(b, 4, 16, 64, generator=g)
-    monkeypatch.setenv("TRITONKV_SELECT_LIST", "511")
-    for stored in ("1", "0"):
-        monkeypatch.setenv("TRITONKV_CACHE_KEYS", stored)
-        compare(keys, values, queries, policy, n // 3, seed=7)
-
-
 STATS_POLICIES = {"snapkv": lambda: policies.snapkv(window=1, kernel=5), "keydiff": policies.keydiff,
                   "keydiff_knorm": policies.keydiff_knorm, "h2o": policies.h2o, "tova": policies.tova,
                   "nacl": lambda: policies.nacl(sinks=2, proxy_window=0.01)}

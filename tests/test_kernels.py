@@ -46,18 +46,15 @@ def adversarial_priorities(draw):
 
 
 # parameters, not drawn: xdist spreads them over the cores. own_slots: the last clause's keys are stored in its
-# slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never;
-# listed (TRITONKV_SELECT_LIST): a clause resolved from a list of its last candidates once at most this many are
-# left ("511": as many as the list holds), "0" never (the default)
-@pytest.mark.parametrize("d, own_slots, sparse, listed", [
-    (64, False, "64", "511"), (80, False, "64", "0"), (128, False, "64", "40"),
-    (64, True, "64", "511"), (80, True, "100000", "0"), (128, True, "0", "200")])
+# slot; sparse (TRITONKV_SPARSE_BINS): digit blocks counted by atomics when at most 64 keys match, always, never
+@pytest.mark.parametrize("d, own_slots, sparse", [
+    (64, False, "64"), (80, False, "64"), (128, False, "64"),
+    (64, True, "64"), (80, True, "100000"), (128, True, "0")])
 @given(case=adversarial_priorities())
 @settings(max_examples=examples(7))
-def test_select_and_gather_are_exact(case, d, own_slots, sparse, listed):
+def test_select_and_gather_are_exact(case, d, own_slots, sparse):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITONKV_SPARSE_BINS", sparse)
-        patch.setenv("TRITONKV_SELECT_LIST", listed)
         check_select_and_gather(case, d, own_slots)
 
 
@@ -69,12 +66,10 @@ SELECT_SWITCHES = [(70001, 50, {"TRITONKV_SELECT_CHUNK": "16"}), (40001, 0, {"TR
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="many programs per row run at once only on a GPU")
-@pytest.mark.parametrize("n, levels, switches", [(n, levels, {}) for n, levels in LONG_ROWS]
-                         + [(n, levels, {"TRITONKV_SELECT_LIST": "511"}) for n, levels in LONG_ROWS]
-                         + SELECT_SWITCHES)
+@pytest.mark.parametrize("n, levels, switches", [(n, levels, {}) for n, levels in LONG_ROWS] + SELECT_SWITCHES)
 def test_select_of_long_rows_is_exact_on_the_gpu(n, levels, switches):
     """Rows over SHORT_ROW, each shared by many programs that meet at row barriers (the
-    interpreter runs one per row), with and without candidate lists, with chunks of any
+    interpreter runs one per row), with chunks of any
     multiple of 16 tokens (TRITONKV_SELECT_CHUNK: chunks that end inside a scan block), in
     programs of 8 warps and with K's rows copied before V's (TRITONKV_COPY_PAIRED=0); ``levels``: priorities of few
     distinct values, so ties span many programs' chunks (with the last clause's keys stored), 0
@@ -214,11 +209,10 @@ def test_every_kernel_compiles_for_hopper(config):
 
 
 def test_select_switches_compile_for_hopper():
-    """sm_90 builds of select with its untimed switches on (candidate list, paired K / V copy, 32-row
-    copy steps, 8 warps; CI's builds of every policy leave them off), per
-    head with the fused copy (KeyDiff) and once per batch row (TOVA): a path
-    the interpreter runs may still fail Triton's compiler (a jit helper's tuple default of ints
-    did, in a version of the list that took a bracket)."""
+    """sm_90 builds of select with its switches off their defaults (32-row copy steps, 8 warps;
+    CI's builds of every policy take the defaults), per head with the fused copy (KeyDiff) and
+    once per batch row (TOVA): a path the interpreter runs may still fail Triton's compiler (a
+    jit helper's tuple default of ints did, in a removed candidate list that took a bracket)."""
     code = ("import torch, tritonkv.aot as aot, tritonkv.policies as P\n"
             "from tritonkv.budget import allocate\n"
             "from tritonkv.compiler import compile_policy, shared_selection\n"
@@ -235,14 +229,13 @@ def test_select_switches_compile_for_hopper():
             "        alloc.n_recent, b * h, n, alloc.total, torch.device('meta'), programs=16, heads=h,\n"
             "        moments=(slots, [0], 8), shared=shared_selection(program), own_slots=True, gather=tuple(kv))\n"
             "    built = aot.build_checked(name, 'select', '', _select_kernel, args, constexprs, select_warps())\n"
-            "    print(name, constexprs['LISTS'], constexprs['PAIRED'], built.registers)\n")
+            "    print(name, constexprs['GATHER_T'], constexprs['PAIRED'], built.registers)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITONKV_SELECT_LIST="511", TRITONKV_COPY_PAIRED="1", TRITONKV_SELECT_COPY_ROWS="32",
-               TRITONKV_SELECT_WARPS="8")
+    env.update(TRITONKV_COPY_PAIRED="1", TRITONKV_SELECT_COPY_ROWS="32", TRITONKV_SELECT_WARPS="8")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert [line.split()[:3] for line in result.stdout.splitlines()] == [["keydiff", "True", "True"],
-                                                                         ["tova", "True", "True"]], \
+    assert [line.split()[:3] for line in result.stdout.splitlines()] == [["keydiff", "32", "True"],
+                                                                         ["tova", "32", "True"]], \
         result.stdout
 
 

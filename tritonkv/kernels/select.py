@@ -16,20 +16,13 @@ How one clause is selected, exactly and without a sort:
      the keys equal to t are kept;
   3. the keys equal to t are kept in token order: each program counts its ties, and the
      program where the r-th tie falls finds its index (the "cut").
-  With TRITONKV_SELECT_LIST (off by default until timed; list_entries): once a digit leaves few
-  keys matching the digits found so far (at most 512 after the first digit, 511 after the
-  second, 255 after the third: what registers and the histograms of the digits left hold),
-  one more pass appends their indices to a list in those histograms; every program ranks a
-  share of the list against the whole list (key descending, index ascending), counts the kept
-  ones per chunk and the last kept one publishes t and the cut: the later digit passes and the
-  tie pass are skipped, for one pass and a short ranking between two row barriers.
 Compaction: every program counts what it keeps, so each knows how many kept tokens come
 before its chunk; it then writes the kept indices in token order. kernels/gather.py copies
 the K and V rows they name.
 
 P programs share a row, each owning a contiguous chunk of it. They meet at row barriers
 (an atomic counter per row), so all programs of the grid must be resident at once: the
-launcher keeps the grid within one program per multiprocessor. With P = 1 (the Triton
+launcher keeps the grid within what the GPU holds at once (programs_per_row). With P = 1 (the Triton
 interpreter, or many rows) the barriers return at once.
 """
 
@@ -54,9 +47,6 @@ SHORT_SCAN_BLOCK = 512   # and over a row of at most SHORT_ROW tokens: its small
 SHORT_ROW = 32768        # for more resident programs, so short rows get twice the programs (on an
                          # H200, 64 rows of 1,639 / 13,108 tokens: 84 -> 68 / 302 -> 277 us per evict)
 SPARSE_BINS = 64         # see _select_kernel's SPARSE_BINS
-LIST_ENTRIES = 0         # see list_entries: off until timed (TRITONKV_SELECT_LIST=511 turns it on)
-LIST_MAX: tl.constexpr = tl.constexpr(512)   # list entries held in registers (511 in the histograms after digit 1)
-RANK_BLOCK: tl.constexpr = tl.constexpr(8)   # listed entries a program ranks per step (_rank_list)
 MAX_PROGRAMS_PER_ROW = 256   # P_PAD of the kernel
 # what a clause whose keys are stored (CACHED) leaves in its slot for a token that is no candidate;
 # a candidate's key is at least orderable_key(-inf) = 0x007FFFFF
@@ -243,67 +233,10 @@ def _copy_kv_rows(k_ptr, s_kb, s_kh, s_kn, s_kd, v_ptr, s_vb, s_vh, s_vn, s_vd, 
             _copy_rows(v_ptr, s_vb, s_vh, s_vn, s_vd, out_v_ptr, row // H, row % H, idx, out_dst, m, DV, BLOCK_DV)
 
 
-@triton.jit
-def _list_candidates(j: tl.constexpr, lo, hi, chunk, o_blk, prefix, shift: tl.constexpr, prio_ptr, state_ptr, i_row,
-                     rows, N, n_sink, n_recent, views, seed, at, skip_ptr, p_count, p_list, list_len,
-                     HAS_SKIP: tl.constexpr, SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr,
-                     CACHE: tl.constexpr, BLOCK: tl.constexpr):
-    """Append the indices of my chunk's candidates whose key matches ``prefix`` above bit
-    ``shift`` (the digits found so far) to the row's list (``p_count`` counts them); returns how
-    many of my candidates are above that prefix (all of them kept)."""
-    above = tl.full([], 0, tl.int32)
-    for start in range(0, chunk, BLOCK):
-        o_n = lo + start + o_blk
-        cand, key = _candidates(j, o_n, hi, prio_ptr, state_ptr, i_row, rows, N, n_sink, n_recent, views, seed, at,
-                                skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE, CACHE)
-        high = key >> shift
-        match = cand & (high == (prefix >> shift))
-        above += tl.sum((cand & (high > (prefix >> shift))).to(tl.int32), 0)
-        base = tl.atomic_add(p_count, tl.sum(match.to(tl.int32), 0), sem="relaxed", scope="gpu")
-        pos = base + tl.cumsum(match.to(tl.int32), 0) - 1
-        # all of them fit: the histogram counted at most list_len
-        tl.store(p_list + pos, o_n, mask=match & (pos < list_len))
-    return above
-
-
-@triton.jit
-def _rank_list(j: tl.constexpr, p_count, p_list, remaining, chunk, i_p, P, p_kept, p_last, prio_ptr, views, seed,
-               i_row, rows, at, SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr,
-               CACHED: tl.constexpr):
-    """Program i_p's share of clause j's listed candidates (at most LIST_MAX; the row's P programs
-    share the list by position), each ranked against the whole list by (key descending, index
-    ascending): the ``remaining`` (>= 1) first are kept. Each kept entry adds one to its chunk's
-    count at ``p_kept`` (zeroed per program before the list's barrier), and the last one kept
-    stores its key and index at ``p_last``: the clause's threshold and cut. So a program compares
-    its share (a few entries) with the list, where finding the threshold by digits took every
-    program eight histograms of the whole list."""
-    o_c = tl.arange(0, LIST_MAX)
-    n_list = tl.load(p_count, cache_modifier=".cg")
-    m_c = o_c < n_list
-    idx = tl.load(p_list + o_c, mask=m_c, other=0, cache_modifier=".cg")
-    key = _key_at(j, idx, m_c, prio_ptr, views, seed, i_row, rows, at, SAMPLED, NORMED, STREAM_BASE, CACHED)
-    share = tl.cdiv(n_list, P)
-    first = i_p * share
-    end = tl.minimum(first + share, n_list)
-    o_r = tl.arange(0, RANK_BLOCK)
-    for e0 in range(first, end, RANK_BLOCK):
-        o_e = e0 + o_r
-        m_e = o_e < end
-        idx_e = tl.load(p_list + o_e, mask=m_e, other=0, cache_modifier=".cg")
-        key_e = _key_at(j, idx_e, m_e, prio_ptr, views, seed, i_row, rows, at, SAMPLED, NORMED, STREAM_BASE, CACHED)
-        ahead = m_c[None, :] & ((key[None, :] > key_e[:, None])
-                                | ((key[None, :] == key_e[:, None]) & (idx[None, :] < idx_e[:, None])))
-        rank = tl.sum(ahead.to(tl.int32), 1)
-        tl.atomic_add(p_kept + idx_e // chunk, 1, mask=m_e & (rank < remaining), sem="relaxed", scope="gpu")
-        last = m_e & (rank == remaining - 1)
-        tl.store(p_last + o_r * 0, key_e.to(tl.int32, bitcast=True), mask=last)
-        tl.store(p_last + 1 + o_r * 0, idx_e, mask=last)
-
-
-@triton.jit(do_not_specialize=["list_len", "N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S",
+@triton.jit(do_not_specialize=["N", "n_kept", "n_sink", "n_recent", "chunk", "P", "seed", "mom_S",
                                "drop_one", "count0", "count1", "count2", "count3", "mom0", "mom1", "mom2", "mom3"])
 def _select_kernel(
-    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, list_len, skip_ptr, ws_ptr, sq_ptr,
+    prio_ptr, out_i_ptr, hist_ptr, bar_ptr, cnt_ptr, state_ptr, skip_ptr, ws_ptr, sq_ptr,
     k_ptr, v_ptr, out_k_ptr, out_v_ptr, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, H,
     N, rows, n_kept, n_sink, n_recent, chunk, P, seed, mom_S, drop_one,
     count0, count1, count2, count3,
@@ -313,7 +246,7 @@ def _select_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SKIP: tl.constexpr,
     SAMPLED: tl.constexpr, NORMED: tl.constexpr, STREAM_BASE: tl.constexpr, PER_SEQ: tl.constexpr,
     SHARED: tl.constexpr, SPREAD_WINDOWS: tl.constexpr, CACHED: tl.constexpr, SPARSE_BINS: tl.constexpr,
-    LISTS: tl.constexpr, MARK: tl.constexpr, PAIRED: tl.constexpr,
+    MARK: tl.constexpr, PAIRED: tl.constexpr,
 ):
     """Program (i_p, i_row): the P programs of row i_row select together; with GATHER the
     program also copies the K / V rows of the tokens it keeps (no separate gather launch).
@@ -336,13 +269,9 @@ def _select_kernel(
     SPARSE_BINS: in the digit passes after the first, a block of keys of which at most this many
     still match the digits found so far counts them by an atomic add each instead of a 256-bin
     histogram (ballots over every lane of the block): after the first digit most blocks hold few.
-    LISTS: once few enough keys of a row still match the digits found (at most ``list_len``,
-    LIST_MAX and what the digit histograms left unused hold: 512, 511 or 255 after the first,
-    second or third digit), their indices are listed there and the programs resolve the clause
-    by ranking the list, a share each (module docstring, _rank_list). MARK: instead of writing
-    indices, the compaction sets the kept tokens' bytes of the uint8 mask ``skip_ptr`` [rows, N] to 1 (AdaKV's stages,
-    tritonkv/adaptive.py: the first stage's kept tokens are the second's skip mask, and both
-    stages' are what kernels/pack.py packs)."""
+    MARK: instead of writing indices, the compaction sets the kept tokens' bytes of the uint8 mask
+    ``skip_ptr`` [rows, N] to 1 (AdaKV's stages, tritonkv/adaptive.py: the first stage's kept
+    tokens are the second's skip mask, and both stages' are what kernels/pack.py packs)."""
     i_p = tl.program_id(0)
     i_row = tl.program_id(1)     # the row of select's workspace
     i_src = i_row                # the row of the slots ranked
@@ -371,11 +300,9 @@ def _select_kernel(
     for j in tl.static_range(C):
         remaining = counts[j] + 0
         prefix = tl.full([], 0, tl.uint32)
-        cut = tl.full([], -1, tl.int32)
         p_hist = hist_ptr + ((i_row * C + j) * 4) * 256
         p_cnt = cnt_ptr + (i_row * C + j) * 2 * P
         lowest = (drop_one != 0) & (j == C - 1)   # the same in every program of the grid
-        listed = tl.full([], 0, tl.int1)          # resolved from the list: decided after a digit, as one
         if lowest:
             # ---- the one token dropped: the lowest key (its ties below resolve which one). The
             # row's max of ~key (>= 0, so the zeroed cell starts below every value) is ~ its min
@@ -394,85 +321,53 @@ def _select_kernel(
         else:
             # ---- radix select: four digits of 8 bits, most significant first
             for digit in tl.static_range(4):
-                if not listed:
-                    shift = 24 - 8 * digit
-                    local = tl.zeros([256], dtype=tl.int32)
-                    cache: tl.constexpr = (j == CACHED) * (1 + (digit > 0))   # stored, then read
-                    for start in range(0, chunk, BLOCK):
-                        o_n = lo + start + o_blk
-                        cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
-                                                views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
-                                                cache)
-                        local = _count_digit(local, cand, key, digit, prefix, p_hist, SPARSE_BINS)
-                    tl.atomic_add(p_hist + digit * 256 + o_bin, local, mask=local > 0, sem="relaxed", scope="gpu")
-                    passed += 1
-                    row_barrier(bar, P * passed)
-                    hist = tl.load(p_hist + digit * 256 + o_bin, cache_modifier=".cg")
-                    suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist      # keys with this digit or above
-                    b_star = tl.max(tl.where(suffix >= remaining, o_bin, -1), 0)
-                    above = tl.sum(tl.where(o_bin == b_star, suffix - hist, 0), 0)
-                    prefix = prefix | (b_star.to(tl.uint32) << shift)
-                    remaining = remaining - above
-                    if LISTS & (digit < 3):
-                        matching = tl.sum(tl.where(o_bin == b_star, hist, 0), 0)
-                        space = tl.minimum(tl.minimum(list_len, (3 - digit) * 256 - 1), LIST_MAX)
-                        if (matching <= space) & (remaining > 0) & (b_star >= 0):
-                            # list them in the histograms of the digits left (zero, unused from here
-                            # on; their last int counts the list), then every program resolves the
-                            # clause from the list
-                            p_list = p_hist + (digit + 1) * 256
-                            p_count = p_hist + 4 * 256 - 1
-                            mine_above = _list_candidates(j, lo, hi, chunk, o_blk, prefix, shift, prio_ptr, my_state,
-                                                          i_src, rows, N, n_sink, n_recent, views, seed, at, skip_ptr,
-                                                          p_count, p_list, space, HAS_SKIP, SAMPLED, NORMED,
-                                                          STREAM_BASE, (j == CACHED) * 2, BLOCK)
-                            # compaction reads a listed clause's kept entries per chunk where ties are
-                            # counted (all ``remaining`` of them kept), and the keys above the list
-                            tl.store(p_cnt + i_p, 0)
-                            tl.store(p_cnt + P + i_p, mine_above)
-                            passed += 1
-                            row_barrier(bar, P * passed)
-                            # this digit's histogram, read by every program before that barrier, holds
-                            # the threshold and the cut
-                            p_last = p_hist + digit * 256
-                            _rank_list(j, p_count, p_list, remaining, chunk, i_p, P, p_cnt, p_last, prio_ptr, views,
-                                       seed, i_src, rows, at, SAMPLED, NORMED, STREAM_BASE, CACHED)
-                            passed += 1
-                            row_barrier(bar, P * passed)
-                            prefix = tl.load(p_last, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-                            cut = tl.load(p_last + 1, cache_modifier=".cg")
-                            listed = ~listed
-        if not listed:
-            # ---- ties: count mine and the keys above the threshold, then find my cut
-            n_eq = tl.full([], 0, tl.int32)
-            n_gt = tl.full([], 0, tl.int32)
+                shift = 24 - 8 * digit
+                local = tl.zeros([256], dtype=tl.int32)
+                for start in range(0, chunk, BLOCK):
+                    o_n = lo + start + o_blk
+                    cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
+                                            views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
+                                            (j == CACHED) * (1 + (digit > 0)))   # stored, then read
+                    local = _count_digit(local, cand, key, digit, prefix, p_hist, SPARSE_BINS)
+                tl.atomic_add(p_hist + digit * 256 + o_bin, local, mask=local > 0, sem="relaxed", scope="gpu")
+                passed += 1
+                row_barrier(bar, P * passed)
+                hist = tl.load(p_hist + digit * 256 + o_bin, cache_modifier=".cg")
+                suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist      # keys with this digit or above
+                b_star = tl.max(tl.where(suffix >= remaining, o_bin, -1), 0)
+                above = tl.sum(tl.where(o_bin == b_star, suffix - hist, 0), 0)
+                prefix = prefix | (b_star.to(tl.uint32) << shift)
+                remaining = remaining - above
+        # ---- ties: count mine and the keys above the threshold, then find my cut
+        n_eq = tl.full([], 0, tl.int32)
+        n_gt = tl.full([], 0, tl.int32)
+        for start in range(0, chunk, BLOCK):
+            o_n = lo + start + o_blk
+            cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
+                                    views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
+                                    (j == CACHED) * 2)
+            n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
+            n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
+        tl.store(p_cnt + i_p, n_eq)
+        tl.store(p_cnt + P + i_p, n_gt)
+        passed += 1
+        row_barrier(bar, P * passed)   # a lowest clause's second barrier
+        eq_all = tl.load(p_cnt + o_p, mask=m_p, other=0, cache_modifier=".cg")
+        if lowest:   # the ties kept: all but one of the keys equal to the lowest
+            remaining = counts[j] - tl.sum(tl.load(p_cnt + P + o_p, mask=m_p, other=0, cache_modifier=".cg"), 0)
+        need = remaining - tl.sum(tl.where(o_p < i_p, eq_all, 0), 0)   # ties still to keep, from my chunk on
+        cut = tl.where(need >= n_eq, N, -1)
+        if (need > 0) & (need < n_eq):
+            seen = tl.full([], 0, tl.int32)
             for start in range(0, chunk, BLOCK):
                 o_n = lo + start + o_blk
                 cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
                                         views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
                                         (j == CACHED) * 2)
-                n_eq += tl.sum((cand & (key == prefix)).to(tl.int32), 0)
-                n_gt += tl.sum((cand & (key > prefix)).to(tl.int32), 0)
-            tl.store(p_cnt + i_p, n_eq)
-            tl.store(p_cnt + P + i_p, n_gt)
-            passed += 1
-            row_barrier(bar, P * passed)   # a lowest clause's second barrier
-            eq_all = tl.load(p_cnt + o_p, mask=m_p, other=0, cache_modifier=".cg")
-            if lowest:   # the ties kept: all but one of the keys equal to the lowest
-                remaining = counts[j] - tl.sum(tl.load(p_cnt + P + o_p, mask=m_p, other=0, cache_modifier=".cg"), 0)
-            need = remaining - tl.sum(tl.where(o_p < i_p, eq_all, 0), 0)   # ties still to keep, from my chunk on
-            cut = tl.where(need >= n_eq, N, -1)
-            if (need > 0) & (need < n_eq):
-                seen = tl.full([], 0, tl.int32)
-                for start in range(0, chunk, BLOCK):
-                    o_n = lo + start + o_blk
-                    cand, key = _candidates(j, o_n, hi, prio_ptr, my_state, i_src, rows, N, n_sink, n_recent,
-                                            views, seed, at, skip_ptr, HAS_SKIP, SAMPLED, NORMED, STREAM_BASE,
-                                            (j == CACHED) * 2)
-                    eq = (cand & (key == prefix)).to(tl.int32)
-                    rank = seen + tl.cumsum(eq, 0)
-                    cut = tl.maximum(cut, tl.max(tl.where((eq > 0) & (rank == need), o_n, -1), 0))
-                    seen += tl.sum(eq, 0)
+                eq = (cand & (key == prefix)).to(tl.int32)
+                rank = seen + tl.cumsum(eq, 0)
+                cut = tl.maximum(cut, tl.max(tl.where((eq > 0) & (rank == need), o_n, -1), 0))
+                seen += tl.sum(eq, 0)
         tl.store(my_state + 3 * j, prefix.to(tl.int32, bitcast=True))
         tl.store(my_state + 3 * j + 1, cut)
         tl.store(my_state + 3 * j + 2, remaining)
@@ -622,16 +517,6 @@ def sparse_bins() -> int:
     return int(os.environ.get("TRITONKV_SPARSE_BINS", SPARSE_BINS))
 
 
-def list_entries() -> int:
-    """The most entries of select's candidate list (the kernel's ``list_len``; it also holds no
-    more than LIST_MAX and the unused digit histograms: 512, 511 or 255). Off (0: every clause by its
-    four digits and a tie pass) until an A/B times it; ``TRITONKV_SELECT_LIST=511`` turns it on."""
-    override = os.environ.get("TRITONKV_SELECT_LIST", str(LIST_ENTRIES))
-    if not override.isdigit():
-        raise ValueError(f"TRITONKV_SELECT_LIST: expected a count of entries, got {override!r}")
-    return int(override)
-
-
 def scan_block(n: int) -> int:
     """Tokens per step of select's passes over rows of ``n`` tokens (and the unit of its chunks);
     ``TRITONKV_SELECT_BLOCK`` overrides it (tuning)."""
@@ -665,7 +550,7 @@ def programs_per_row(rows: int, n: int, device: torch.device, resident: int) -> 
 
 
 def workspace_sizes(rows: int, programs: int, clauses: int):
-    """int32 elements of select's workspace: histograms (with the candidate lists), barrier
+    """int32 elements of select's workspace: histograms, barrier
     counters (these two first: they must start at zero), per-program tie counts, per-program
     clause states."""
     c = max(clauses, 1)
@@ -705,7 +590,7 @@ def _constexprs(keys, n: int, d: int = 0, dv: int = 0, skip: bool = False, per_s
     return dict(C=len(keys), P_PAD=MAX_PROGRAMS_PER_ROW, BLOCK=scan_block(n), GATHER=d > 0, GATHER_T=gather_t,
                 D=d, DV=dv, BLOCK_D=next_power_of_2(max(d, 1)), BLOCK_DV=next_power_of_2(max(dv, 1)),
                 HAS_SKIP=skip, PER_SEQ=per_seq, SHARED=shared, SPREAD_WINDOWS=spread_windows(),
-                CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(), LISTS=list_entries() > 0, MARK=mark,
+                CACHED=cached_clause(keys, own_slots), SPARSE_BINS=sparse_bins(), MARK=mark,
                 PAIRED=paired_copy() and d > 0,
                 **key_args(keys, [0] * len(keys))[1])
 
@@ -763,7 +648,7 @@ def select_launch(priorities: torch.Tensor, keys, counts, n_sink: int, n_recent:
     drop_one = int(clauses > 0 and n_kept == n - 1 and n_sink + n_recent + sum(counts) == n_kept
                    and skip is None and sequences is None and drop_one_enabled())
     mask = skip if mark is None else mark
-    args = [prio, out_i, hist, bar, cnt, state, list_entries(), prio if mask is None else mask, stats,
+    args = [prio, out_i, hist, bar, cnt, state, prio if mask is None else mask, stats,
             prio if sequences is None else sequences, *copy_args, n, rows, n_kept,
             n_sink, n_recent, chunk, p, seed, splits, drop_one, *count_args, *key_values]
     constexprs = _constexprs(keys, n, d, dv, skip is not None, sequences is not None, shared, own_slots,
