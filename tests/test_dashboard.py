@@ -72,6 +72,25 @@ def test_rule_flags_the_planted_regression_only(results):
     assert [k for k, c in changes.items() if c.improved] == [IMPROVED]
 
 
+def test_baseline_shares_cases_with_the_new_run(results, tmp_path_factory):
+    """A later run of other shapes (the compile suite's 32K beside the kernels suite's 128K /
+    512K) is no baseline: compare and the dashboard take the latest run with cases in common,
+    so a regression is not lost for want of cases to compare."""
+    directory, new_path, clean_path = results
+    clean_path.unlink()
+    other = {("knorm", 524288, 1, 0.5): (9e-3, 8e-3)}   # no case of the runs around it
+    write_run(directory, "2026-11-21T12:00:00", "eeee555", "NVIDIA H100", other)
+    new = load_run(new_path)
+    assert previous_run(new, directory).commit == "aaaa111"
+    out = subprocess.run([sys.executable, "-m", "tritonkv.dashboard", "compare", str(new_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "aaaa111" in out.stdout and "1 regression(s)" in out.stdout, out.stdout
+    lonely = write_run(tmp_path_factory.mktemp("lonely"), "2026-11-22T10:00:00", "ffff666", "NVIDIA H100", other)
+    assert previous_run(load_run(lonely), lonely.parent) is None
+    page = build_page(directory, tmp_path_factory.mktemp("site")).read_text()
+    assert f"vs previous run 2026-11-20T10:00 aaaa111 ({len(BASE)} cases in common)" in page
+
+
 def test_compare_command_exit_codes(results):
     directory, new_path, clean_path = results
     run = lambda *a: subprocess.run([sys.executable, "-m", "tritonkv.dashboard", "compare", *map(str, a)],  # noqa: E731

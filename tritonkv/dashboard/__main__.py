@@ -17,7 +17,9 @@ def main(argv=None) -> int:
     b.add_argument("--host-threshold", type=float, default=DEFAULT_HOST_THRESHOLD)
     c = sub.add_parser("compare", help="flag regressions of a run against a baseline; exit 1 if any")
     c.add_argument("new", help="result file of the new run")
-    c.add_argument("baseline", nargs="?", help="result file of the baseline (default: previous run, same GPU)")
+    c.add_argument("baseline", nargs="?",
+                   help="result file of the baseline (default: the latest earlier run on the same GPU with cases in "
+                        "common)")
     c.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="relative slowdown of replay median AND min that counts as a kernel regression "
                         "(0.10 = 10%%; also the wall-time rule for runs without replay times)")

@@ -9,7 +9,7 @@ from typing import List, Set, Tuple
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from .compare import DEFAULT_HOST_THRESHOLD, DEFAULT_THRESHOLD, compare
+from .compare import DEFAULT_HOST_THRESHOLD, DEFAULT_THRESHOLD, compare, latest_comparable
 from .generation import load_generation_runs, section
 from .results import Run, by_commit, fmt, load_runs
 
@@ -116,7 +116,8 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
     # one entry per commit: a suite measured over several calls shows as one run
     same_gpu = by_commit([r for r in runs if r.gpu == runs[-1].gpu])
     latest = same_gpu[-1]
-    changes = compare(latest, same_gpu[-2], threshold, host_threshold) if len(same_gpu) > 1 else []
+    previous = latest_comparable(latest, same_gpu[:-1])
+    changes = compare(latest, previous, threshold, host_threshold) if previous is not None else []
     flagged = {c.case.key for c in changes if c.regressed}
     per_side = {side: sum(side in c.regressed_sides() for c in changes) for side in ("kernel", "host", "wall")}
     parts, fig_id = [], 0
@@ -138,7 +139,8 @@ def build(results_dir: Path, out_dir: Path, threshold: float = DEFAULT_THRESHOLD
             parts.append(part)
         else:
             add(part)
-    baseline = f" vs previous run {same_gpu[-2].label}" if len(same_gpu) > 1 else " (no previous run on this GPU)"
+    baseline = (f" vs previous run {previous.label} ({len(changes)} cases in common)" if previous is not None
+                else " (no previous run on this GPU with cases in common)")
     meta = (f"latest run {html.escape(latest.label)} on {html.escape(latest.gpu)}: {len(latest.cases)} cases; "
             f"{len(runs)} result files ({len(same_gpu)} commits on this GPU) in {html.escape(str(results_dir))}; "
             f'<span class="flag">{len(flagged)} regression(s)</span>{html.escape(baseline)}: '

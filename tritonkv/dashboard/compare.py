@@ -129,12 +129,20 @@ def compare(new: Run, baseline: Run, threshold: float = DEFAULT_THRESHOLD,
     return changes
 
 
+def latest_comparable(new: Run, earlier: List[Run]) -> Optional[Run]:
+    """The latest of ``earlier`` (oldest first) that shares a case with ``new``: a run of other
+    shapes (the compile suite's 32K beside the kernels suite's 128K / 512K) has nothing to
+    compare, and taking it would report no regression for want of cases."""
+    return next((run for run in reversed(earlier) if run.cases.keys() & new.cases.keys()), None)
+
+
 def previous_run(new: Run, directory: Path) -> Optional[Run]:
-    """The latest run before ``new`` on the same GPU, from the directory holding results."""
+    """The latest run before ``new`` on the same GPU that shares cases with it, from the
+    directory holding results."""
     candidates = [r for r in load_runs(directory)
                   if r.gpu == new.gpu and r.path.resolve() != new.path.resolve()
                   and (r.datetime, r.path.name) < (new.datetime, new.path.name)]
-    return candidates[-1] if candidates else None
+    return latest_comparable(new, candidates)
 
 
 def _ratio_text(name: str, ratios: Optional[Tuple[float, Optional[float]]]) -> str:
@@ -159,7 +167,7 @@ def main(new_path: str, baseline_path: Optional[str], threshold: float, judge=SI
     new = load_run(Path(new_path))
     baseline = load_run(Path(baseline_path)) if baseline_path else previous_run(new, Path(new_path).parent)
     if baseline is None:
-        print(f"no baseline: no earlier run on {new.gpu} beside {new_path}")
+        print(f"no baseline: no earlier run on {new.gpu} with cases in common beside {new_path}")
         return 0
     changes = compare(new, baseline, threshold, host_threshold)
     print(f"{new.label} vs {baseline.label} on {new.gpu}: {len(changes)} common cases, judging "
