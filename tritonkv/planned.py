@@ -11,7 +11,6 @@ offsets). Anything it cannot recognise leaves the signature unplanned (correct, 
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -23,7 +22,7 @@ from .adaptive import adaptive_programs, prepare_adaptive
 from .compiled import evict_compiled
 from .compiler import Call, check_backend, compile_policy, prepare, run, score_programs, selection_programs
 from .kernels import batch_launch
-from .kernels.common import interpreting
+from .kernels.common import env_flag, interpreting
 from .kernels.launch import compiled_entry, hooks_installed, raw_stream
 from .results import Evicted, varlen_from
 
@@ -132,10 +131,7 @@ def split_graphs() -> bool:
     are allocated, so the GPU starts while the host allocates them, for a second graph launch.
     Off by default: at 128K it took 0.90-0.98x the wall time of one call, but 3-5 us more host
     time per call, which back-to-back calls pay (H100, 73f367d)."""
-    value = os.environ.get("TRITONKV_GRAPH_SPLIT", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"TRITONKV_GRAPH_SPLIT: expected 0 or 1, got {value!r}")
-    return value == "1"
+    return env_flag("TRITONKV_GRAPH_SPLIT", False)
 
 
 def _launcher(steps: List[Step], device: torch.device, graphed: bool = False):

@@ -18,6 +18,17 @@ def interpreting() -> bool:
     return _INTERPRET_AT_IMPORT
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """A ``0`` / ``1`` switch read from the environment (``default`` where unset); any other
+    value is refused, naming the variable."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}: expected 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def ieee_products(dtype: torch.dtype) -> bool:
     """The IEEE constexpr of kernels with tl.dot: full-precision float32 products for float32
     caches (not TF32), and for bfloat16 in the interpreter, whose bfloat16 tl.dot returns

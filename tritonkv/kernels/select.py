@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, interpreting, next_power_of_2, record_occupancy, resident_programs
+from .common import cdiv, env_flag, interpreting, next_power_of_2, record_occupancy, resident_programs
 from .keys import MAX_CLAUSES, clause_keys, clause_priority, clause_views, key_args
 from .launch import launch
 from .sequences import allocation_of, sequence_of
@@ -492,10 +492,7 @@ def paired_copy() -> bool:
     """Whether a gathering select loads a row's K and V tiles before storing either (two loads
     in flight per copy step; ``TRITONKV_COPY_PAIRED=0``: K's copy, then V's): 0.91-1.0x the graph
     time of the copy one tensor at a time (H100, KeyDiff, KNorm, TOVA fused, 128K-512K, B 1 / 4)."""
-    value = os.environ.get("TRITONKV_COPY_PAIRED", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"TRITONKV_COPY_PAIRED: expected 0 or 1, got {value!r}")
-    return value == "1"
+    return env_flag("TRITONKV_COPY_PAIRED", True)
 
 
 def copy_rows(d: int, dv: int) -> int:
