@@ -167,6 +167,11 @@ def test_l2_probe_runs_at_toy_size():
     assert "rows in turn close: True" in out.stdout   # and rows in turn, a launch pair per row
 
 
+def test_pdl_probe_runs_at_toy_size():
+    out = run([sys.executable, "perf/pdl_probe.py", "--toy"])
+    assert "matches torch" in out.stdout   # the chain's scores, against torch's
+
+
 def test_exp_probe_edits_the_current_kernel_source(tmp_path):
     """perf/exp_probe.sh times a copy of the tree with its exponentials removed, an edit of
     kernels/proxy.py by text: applied to this tree's source it finds its target and leaves no
