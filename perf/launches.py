@@ -2,6 +2,10 @@
 (compiler.prepare), replayed from a CUDA graph as prefixes (the first k launches, k = 1, 2, ...),
 so a launch's time is its prefix's time minus the one before. A launch is never timed alone:
 select needs the counters the score kernel zeroes, and a stage reads what the one before wrote.
+Every prefix graph starts with a one-element fill, and the graph of that fill alone is prefix 0
+("start": the graph's launch latency and the fill), so the first launch's time excludes what a
+graph takes to start, as the later launches' do; the whole call's time is timed without the fill,
+as the perf suite times it (start included).
 Beside each: the bytes of K the whole call must read, as the floor of that read at the run's
 copy bandwidth. A tool for tuning (where a policy's time over its floor goes), not the suite.
 
@@ -27,8 +31,13 @@ from tritonkv.kernels.launch import kernel_name  # noqa: E402
 from tritonkv.lowering import lower  # noqa: E402
 
 
-def prefix_us(launches, k: int, replays: int) -> float:
-    run = lambda: [step() for step in launches[:k]]   # noqa: E731
+def prefix_us(launches, k: int, replays: int, marker=None) -> float:
+    """Median graph time of the first ``k`` launches, after a fill of ``marker`` where given."""
+    def run():
+        if marker is not None:
+            marker.fill_(0)
+        for step in launches[:k]:
+            step()
     return statistics.median(graph_times(run, replays)) * 1e6
 
 
@@ -47,10 +56,12 @@ def breakdown(name: str, n: int, batch: int, budget: float, replays: int, bandwi
     compiler.run(compiler.prepare(compiled, alloc, keys, values, q, 0, gather=gather))   # compile; the select
     # and score kernels' occupancy, which the next call's geometry reads (score-waves, the select's programs)
     launches = compiler.prepare(compiled, alloc, keys, values, q, 0, gather=gather).launches
-    prefixes = [prefix_us(launches, i + 1, replays) for i in range(len(launches))]
-    steps = [dict(kernel=kernel_name(s.fn), grid=list(s.grid), us=t - (prefixes[i - 1] if i else 0.0))
-             for i, (s, t) in enumerate(zip(launches, prefixes))]
-    return dict(policy=name, N=n, B=batch, budget=budget, gather=gather, total_us=prefixes[-1],
+    marker = keys.new_empty(1)
+    prefixes = [prefix_us(launches, k, replays, marker) for k in range(len(launches) + 1)]
+    steps = [dict(kernel=kernel_name(s.fn), grid=list(s.grid), us=prefixes[i + 1] - prefixes[i])
+             for i, s in enumerate(launches)]
+    return dict(policy=name, N=n, B=batch, budget=budget, gather=gather,
+                total_us=prefix_us(launches, len(launches), replays), start_us=prefixes[0],
                 k_read_floor_us=keys.numel() * keys.element_size() / bandwidth * 1e6,
                 floor_us=floor, launches=steps)
 
@@ -81,7 +92,8 @@ def main(argv=None):
                         r = breakdown(name, n, batch, budget, args.replays, bandwidth, gather)
                         rows.append(r)
                         print(f"-- {name} N={n} B={batch} budget={budget}{'' if gather else ' indices only'}: "
-                              f"{r['total_us']:.1f} us, floor {r['floor_us']:.1f} (K read {r['k_read_floor_us']:.1f})")
+                              f"{r['total_us']:.1f} us, floor {r['floor_us']:.1f} (K read {r['k_read_floor_us']:.1f}); "
+                              f"start {r['start_us']:.1f}")
                         for s in r["launches"]:
                             print(f"   {s['kernel']:<24}{str(s['grid']):<18}{s['us']:>9.1f}")
     if args.json:

@@ -98,7 +98,7 @@ def test_launches_runs_at_toy_size(tmp_path):
     assert [[s["kernel"] for s in r["launches"]] for r in rows] == [
         # TOVA's head mean in its score kernel; its shared selection's rows copied by a gather launch
         ["stats_0", "merge_0", "score_heads", "select", "gather"], ["gather"]]
-    assert all(r["total_us"] > 0 and r["floor_us"] > 0 for r in rows)
+    assert all(r["total_us"] > 0 and r["floor_us"] > 0 and r["start_us"] > 0 for r in rows)
 
 
 def test_ncu_lines_sums_stall_samples_per_source_line(tmp_path, capsys):
