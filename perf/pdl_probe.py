@@ -12,8 +12,8 @@ three rounds alternating, the best round each; the two forms' scores must agree.
     python perf/pdl_probe.py [--n 131072] [--b 1,4]
     python perf/pdl_probe.py --toy      # CPU: the plain chain in the interpreter, against torch
 """
-import argparse
 
+import argparse
 import os
 
 import torch
