@@ -6,8 +6,9 @@ against its row's merged sum. Launched plainly, or with PDL (Hopper: the merge a
 are launched with the programmatic-serialization attribute, wait with griddepcontrol.wait at their
 top, and every kernel lets its dependents launch at its start), so that a dependent's launch and
 its programs' start overlap its predecessor's tail. Each form is timed as a CUDA graph of 50 chains
-back to back (a boundary saves at most a microsecond or two, so 50 chains per pair of events),
-three rounds alternating, the best round each; the two forms' scores must agree.
+back to back (perf.timing.graph_times, L2 flushed before each replay; a boundary saves at most a
+microsecond or two, so 50 chains per pair of events), three rounds alternating, the best round
+each; the two forms' scores must agree.
 
     python perf/pdl_probe.py [--n 131072] [--b 1,4]
     python perf/pdl_probe.py --toy      # CPU: the plain chain in the interpreter, against torch
@@ -15,11 +16,18 @@ three rounds alternating, the best round each; the two forms' scores must agree.
 
 import argparse
 import os
+import statistics
+import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perf.timing import graph_times  # noqa: E402
 
 
 @triton.jit
@@ -79,28 +87,9 @@ def chain(k, part, anchor, out, pdl, S, tiles):
     _pass2[(S, rows)](k, anchor, out, n, tiles, D=d, BLOCK_N=64, PDL=pdl, num_warps=8, launch_pdl=pdl)
 
 
-def graph_time(fn, reps=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / reps)
-    return sorted(times)[len(times) // 2]
+def chain_us(fn, chains: int = 50) -> float:
+    """Median graph time of ``chains`` calls of fn back to back, per call, us (perf.timing)."""
+    return statistics.median(graph_times(lambda: [fn() for _ in range(chains)], 5)) / chains * 1e6
 
 
 def toy():
@@ -140,7 +129,7 @@ def main():
         res = {False: [], True: []}
         for _ in range(3):
             for p in (False, True):
-                res[p].append(graph_time(lambda: chain(k, part, anchor, out[p], p, S, tiles)))
+                res[p].append(chain_us(lambda: chain(k, part, anchor, out[p], p, S, tiles)))
         torch.testing.assert_close(out[True], out[False])
         plain, pdl = min(res[False]), min(res[True])
         floor = k.numel() * 2 / 1e6  # MB
