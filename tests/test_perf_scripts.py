@@ -172,6 +172,14 @@ def test_pdl_probe_runs_at_toy_size():
     assert "matches torch" in out.stdout   # the chain's scores, against torch's
 
 
+def test_row_groups_probe_runs_at_toy_size():
+    """perf/row_groups_probe.py: the call cut into KV-head groups, on streams or one after another,
+    keeps what the uncut call keeps (on the CPU the streams are program order)."""
+    out = run([sys.executable, "perf/row_groups_probe.py", "--toy"])
+    modes = [line for line in out.stdout.splitlines() if "agrees:" in line]
+    assert len(modes) == 6 and all(line.endswith("agrees: True") for line in modes), out.stdout
+
+
 def test_exp_probe_edits_the_current_kernel_source(tmp_path):
     """perf/exp_probe.sh times a copy of the tree with its exponentials removed, an edit of
     kernels/proxy.py by text: applied to this tree's source it finds its target and leaves no

@@ -1,0 +1,193 @@
+"""Would splitting a call's rows into groups, pipelined on CUDA streams, pay? A probe for issue 20's item 2.
+
+An evict call's launches run one after another: statistics, merge, score (each a pass over K, bound
+by bandwidth) and select (its ranking bound by latency: a chain of passes over the scores and row
+barriers, ~12-15 us at any length on an H100, perf/launches.py). Rows (batch, KV head) are
+independent, so the KV heads can be cut into G groups, each prepared as its own call on a view of
+K / V (compiler.prepare takes any strides), and the groups' launches put on G streams so that one
+group's select runs beside the next group's passes over K. This probe times, as CUDA-graph replays
+(perf.timing.graph_times) of one process:
+  - ``one``: the call as evict makes it today;
+  - ``serial``: the G group calls (KV heads cut in G groups; the batch, for a policy whose heads
+    share one selection) one after another on one stream (what the cut alone costs);
+  - ``pipe@L``: group g's launches start once group g-1's launch L has finished, on its own
+    stream; the selects run one at a time, in group order (a select keeps all its programs
+    resident and spins at its row barriers, so two at once could wait on each other forever);
+    ``pipe@-`` gates nothing but the selects.
+Every mode's kept indices and rows must equal the one call's, head by head. A tool for deciding
+whether to build this into compiler.prepare, not the suite.
+
+    python perf/row_groups_probe.py --policies keydiff --n 131072 --batch 1 4 --budget 0.1 --groups 2 4
+    python perf/row_groups_probe.py --toy      # CPU (interpreter): the modes run and agree
+"""
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perf.floor import copy_bandwidth, floor_bytes  # noqa: E402
+from perf.test_evict import POLICIES, make_cache  # noqa: E402
+from perf.timing import CUDA, graph_times  # noqa: E402
+from tritonkv import compiler  # noqa: E402
+from tritonkv.budget import allocate, resolve_budget  # noqa: E402
+from tritonkv.kernels.launch import kernel_name  # noqa: E402
+from tritonkv.lowering import lower  # noqa: E402
+
+
+def _stream():
+    return torch.cuda.Stream() if CUDA else None
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+class _Event:
+    """A CUDA event, or nothing on the CPU (where the launches run in program order)."""
+
+    def __init__(self):
+        self.event = torch.cuda.Event() if CUDA else None
+
+    def record(self):
+        if self.event is not None:
+            self.event.record()
+
+    def wait(self, stream):
+        if self.event is not None:
+            stream.wait_event(self.event)
+
+
+def pipelined(calls, lag):
+    """A function that enqueues ``calls`` (prepared group calls) on one stream each, group g's
+    ranking launches gated on group g-1's launch ``lag`` (None: not gated), the selects in turn."""
+    streams = [_stream() for _ in calls]
+    at_select = select_index(calls[0])
+    done = [[_Event() for _ in call.launches] for call in calls]
+
+    def run():
+        main = torch.cuda.current_stream() if CUDA else None
+        for g, (call, stream) in enumerate(zip(calls, streams)):
+            if stream is not None:
+                stream.wait_stream(main)   # fork from the capturing stream
+            with _on(stream):
+                if g and lag is not None:
+                    done[g - 1][lag].wait(stream)
+                for i, step in enumerate(call.launches):
+                    if g and i == at_select:
+                        done[g - 1][at_select].wait(stream)   # one select at a time
+                    step()
+                    done[g][i].record()
+        for stream in streams:
+            if stream is not None:
+                main.wait_stream(stream)   # join
+    return run
+
+
+def select_index(call) -> int:
+    """Where a call's select launch is (a gather launch may follow it, TOVA's)."""
+    names = [kernel_name(step.fn) for step in call.launches]
+    return names.index("select") if "select" in names else len(names) - 1
+
+
+def serial(calls):
+    def run():
+        for call in calls:
+            for step in call.launches:
+                step()
+    return run
+
+
+def _views(tensor, split, axis, per_row=1):
+    return [tensor.narrow(axis, start * per_row, size * per_row) for start, size in split]
+
+
+def _split(rows: int, groups: int):
+    base, extra = divmod(rows, groups)
+    sizes = [base + (g < extra) for g in range(groups)]
+    starts = [sum(sizes[:g]) for g in range(groups)]
+    return list(zip(starts, sizes))
+
+
+def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: int, bandwidth: float) -> dict:
+    policy = POLICIES[name]
+    keys, values, queries = make_cache(batch, n)
+    q = queries if policy.needs_queries else None
+    k = resolve_budget(budget, n)
+    floor = floor_bytes(policy, keys, values, q, k) / bandwidth * 1e6
+    policy, alloc = lower(policy, allocate(policy, n, k))
+    compiled = compiler.compile_policy(policy)
+
+    def prepared(keys_, values_, q_):
+        compiler.run(compiler.prepare(compiled, alloc, keys_, values_, q_, 0))   # compile, record occupancy
+        return compiler.prepare(compiled, alloc, keys_, values_, q_, 0)
+
+    one = prepared(keys, values, q)
+    modes = {"one": serial([one])}
+    outputs = {"one": [one]}
+    # cut the KV heads, or the batch where a policy's heads share one selection (TOVA's head mean)
+    axis = 0 if compiler.shared_selection(compiled.program) else 1
+    rows = keys.shape[axis]
+    for groups in group_counts:
+        if groups < 2 or groups > rows:
+            continue
+        split = _split(rows, groups)
+        per_q = q.shape[1] // rows if q is not None and axis == 1 else 1
+        q_views = _views(q, split, axis, per_q) if q is not None else [None] * groups
+
+        def group_calls():
+            return [prepared(kv, vv, qv) for kv, vv, qv in
+                    zip(_views(keys, split, axis), _views(values, split, axis), q_views)]
+        calls = group_calls()
+        outputs[f"serial G={groups}"] = calls
+        modes[f"serial G={groups}"] = serial(calls)
+        for lag in [None] + list(range(select_index(calls[0]))):
+            label = f"pipe@{'-' if lag is None else lag} G={groups}"
+            fresh = group_calls()
+            outputs[label] = fresh
+            modes[label] = pipelined(fresh, lag)
+    times = {label: statistics.median(graph_times(fn, replays)) * 1e6 for label, fn in modes.items()}
+    agree = {}
+    for label, calls in outputs.items():
+        indices = torch.cat([c.indices for c in calls], dim=axis)
+        kept_k = torch.cat([c.keys for c in calls], dim=axis)
+        agree[label] = bool(torch.equal(indices, one.indices) and torch.equal(kept_k, one.keys))
+    return dict(policy=name, N=n, B=batch, budget=budget, floor_us=floor, cut="batch" if axis == 0 else "heads",
+                launches=len(one.launches), us=times, agree=agree)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", default="keydiff")
+    parser.add_argument("--n", type=int, nargs="+", default=[131072])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--budget", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--groups", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--toy", action="store_true", help="tiny sizes (CPU: checks the script)")
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.n, args.batch, args.budget, args.groups, args.replays = [64], [2], args.budget[:1], [2], 1
+    bandwidth = copy_bandwidth()
+    print(f"{'GPU' if CUDA else 'CPU'}  copy bandwidth {bandwidth / 1e9:.0f} GB/s  (us, CUDA-graph replay; "
+          f"x one: over the unsplit call)")
+    for name in args.policies.split(","):
+        for n in args.n:
+            for batch in args.batch:
+                for budget in args.budget:
+                    r = probe(name, n, batch, budget, args.groups, args.replays, bandwidth)
+                    base = r["us"]["one"]
+                    print(f"-- {name} N={n} B={batch} budget={budget}: floor {r['floor_us']:.1f} us, "
+                          f"{r['launches']} launches per call, {r['cut']} cut")
+                    for label, us in r["us"].items():
+                        print(f"   {label:<14}{us:>9.1f} us  {us / base:6.3f}x one  {us / r['floor_us']:5.2f}x floor"
+                              f"  agrees: {r['agree'][label]}")
+
+
+if __name__ == "__main__":
+    main()
