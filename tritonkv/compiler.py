@@ -228,7 +228,10 @@ def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out:
 @dataclass
 class Launch:
     """One kernel launch of an evict call (what kernels.launch.launch takes); ``seed_arg`` is
-    the position of the call's seed among ``args``, if it has one."""
+    the position of the call's seed among ``args``, if it has one; ``after``: the positions, in
+    its call's launches, of the launches it must wait for (None: the one before it). Calls run
+    their launches in list order, which every ``after`` allows; a CUDA graph of the call
+    (planned.py) keeps only these edges, so launches without one between them may overlap."""
 
     fn: object
     grid: Tuple[int, ...]
@@ -238,6 +241,7 @@ class Launch:
     num_stages: Optional[int] = None
     seed_arg: Optional[int] = None
     maxnreg: Optional[int] = None   # registers per thread the build may use (None: as ptxas likes)
+    after: Optional[Tuple[int, ...]] = None
 
     def __call__(self):
         return launch(self.fn, self.grid, self.args, self.constexprs, self.num_warps, self.num_stages, self.maxnreg)
@@ -347,7 +351,9 @@ def _align(n: int) -> int:
 class Call:
     """The launches of one evict call and the tensors they write: ``scratch`` holds the
     slots (``priorities``), the statistics and select's workspace (None when there is nothing
-    to rank); ``select_inputs``: what _select takes from _ranking."""
+    to rank; a list of such buffers for a call cut into row groups, row_groups.py);
+    ``select_inputs``: what _select takes from _ranking; ``aliases``: (view, the input it views,
+    byte offset) of each view of the call's inputs that its launches take."""
 
     launches: List[Launch]
     scratch: Optional[torch.Tensor]
@@ -356,6 +362,7 @@ class Call:
     keys: Optional[torch.Tensor]
     values: Optional[torch.Tensor]
     select_inputs: Optional[tuple] = None
+    aliases: Tuple[tuple, ...] = ()
 
 
 def fused_gather(program) -> bool:
@@ -371,18 +378,27 @@ def fused_gather(program) -> bool:
     return forced == "1" if forced else not shared_selection(program)
 
 
-def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=(), gather: bool = True) -> Call:
+def ranks(compiled: CompiledPolicy, alloc, n: int) -> bool:
+    """Whether a call ranks tokens (a select launch), or only copies its windows / every token."""
+    return len(compiled.program.clause_keys) > 0 and alloc.total < n
+
+
+def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=(), gather: bool = True,
+            out=None) -> Call:
     """Allocate an evict call's buffers and list its launches: statistics, score (which also
     zeroes select's counters), select (which also gathers the kept rows, unless ``gather`` is
     False: then the call's keys and values are None; or a gather launch after it, see
     fused_gather); for a policy with nothing to rank (only windows, or a budget that keeps
-    everything) one gather that writes the indices too."""
+    everything) one gather that writes the indices too. ``out``: (indices, keys, values) to
+    write instead of new tensors (contiguous; keys and values None without ``gather``)."""
     b, h, n, d = keys.shape
     dv = values.shape[-1]
     total, device = alloc.total, keys.device
-    out_i = torch.empty(b, h, total, dtype=torch.int64, device=device)
-    if len(compiled.program.clause_keys) == 0 or total == n:   # windows only: one launch
-        grid, args, constexprs, (out_k, out_v) = gather_launch(out_i, keys, values,
+    out_i, out_k, out_v = (None, None, None) if out is None else out
+    if out_i is None:
+        out_i = torch.empty(b, h, total, dtype=torch.int64, device=device)
+    if not ranks(compiled, alloc, n):   # windows only: one launch
+        grid, args, constexprs, (out_k, out_v) = gather_launch(out_i, keys, values, out_k, out_v,
                                                                n_sink=n if total == n else alloc.n_sink, rows=gather)
         return Call([Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS)], None, None, out_i, out_k, out_v)
     if not gather:
@@ -391,12 +407,13 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, n
                                      out_i.view(b * h, total), heads=h, seed=seed))
         return call
     if not fused_gather(compiled.program):   # select writes the indices, then a gather launch copies the rows
-        call = prepare(compiled, alloc, keys, values, queries, seed, named, gather=False)
-        grid, args, constexprs, (call.keys, call.values) = gather_launch(call.indices, keys, values)
+        call = prepare(compiled, alloc, keys, values, queries, seed, named, gather=False, out=(out_i, None, None))
+        grid, args, constexprs, (call.keys, call.values) = gather_launch(call.indices, keys, values, out_k, out_v)
         call.launches.append(Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS))
         return call
-    out_k = torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
-    out_v = torch.empty(b, h, total, dv, dtype=values.dtype, device=device)
+    if out_k is None:
+        out_k = torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
+        out_v = torch.empty(b, h, total, dv, dtype=values.dtype, device=device)
     call = _ranking(compiled, keys, values, queries, seed, named, Layout.dense(keys, values), (d, dv), out_i)
     call.launches.append(_select(compiled, call, alloc.clause_counts, alloc.n_sink, alloc.n_recent, total,
                                  out_i.view(b * h, total), gather=(keys, values, out_k, out_v), heads=h, seed=seed))

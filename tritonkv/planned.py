@@ -20,11 +20,12 @@ from .budget import allocate
 from .lowering import lower
 from .adaptive import adaptive_programs, prepare_adaptive
 from .compiled import evict_compiled
-from .compiler import Call, check_backend, compile_policy, prepare, run, score_programs, selection_programs
+from .compiler import Call, check_backend, compile_policy, run, score_programs, selection_programs
 from .kernels import batch_launch
 from .kernels.common import env_flag, interpreting
 from .kernels.launch import compiled_entry, hooks_installed, raw_stream
 from .results import Evicted, varlen_from
+from .row_groups import prepare_call
 
 # roles of per-call values, in the order Plan.__call__ lists them; the named inputs (signals,
 # directions) follow as NAMED, NAMED + 1, ...
@@ -32,16 +33,19 @@ KEYS, VALUES, QUERIES, SCRATCH, INDICES, OUT_KEYS, OUT_VALUES, SEED, NAMED = ran
 
 
 class Step:
-    """One recorded launch: ``launcher(*grid, stream, function, metadata, None, None, None, *args)``."""
+    """One recorded launch: ``launcher(*grid, stream, function, metadata, None, None, None, *args)``;
+    ``after``: the steps it waits for in a graph (compiler.Launch.after; None: the one before)."""
 
-    __slots__ = ("kernel", "launcher", "grid", "head", "template", "patches")
+    __slots__ = ("kernel", "launcher", "grid", "head", "template", "patches", "after")
 
-    def __init__(self, kernel, grid, template: list, patches: Sequence[Tuple[int, int, int]]):
+    def __init__(self, kernel, grid, template: list, patches: Sequence[Tuple[int, int, int]],
+                 after: Optional[Tuple[int, ...]] = None):
         self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.launcher, self.head = _launcher_of(kernel)
         self.template = template
         self.patches = tuple(patches)   # (argument position, role, byte offset)
+        self.after = after
 
 
 def _launcher_of(kernel):
@@ -77,7 +81,7 @@ class Plan:
         self.whole = _launcher(steps, device, graphed=True) if graphed and not split else None
         if self.whole is None or self.whole[0] is _launch:   # two groups of launches, split where outputs are written
             self.whole = None
-            self.early, self.late = _launcher(steps[:late], device, split), _launcher(steps[late:], device, split)
+            self.early, self.late = _launcher(steps[:late], device, split), _launcher(steps[late:], device, split, late)
         self.device = device
         self.device_index = device.index
         self.indices_shape, self.keys_shape, self.values_shape = shapes
@@ -134,14 +138,19 @@ def split_graphs() -> bool:
     return env_flag("TRITONKV_GRAPH_SPLIT", False)
 
 
-def _launcher(steps: List[Step], device: torch.device, graphed: bool = False):
+def _launcher(steps: List[Step], device: torch.device, graphed: bool = False, start: int = 0):
     """(launch, steps) with ``launch(steps, stream, values_of)`` running the steps in order:
     one batched call into C (``graphed``: as a re-pointed CUDA graph), or Triton's launcher
-    per step."""
+    per step. ``start``: the plan's position of ``steps[0]`` (their ``after`` count from the plan's
+    first step; edges to steps before ``start`` are kept by the stream's order)."""
     roles = 1 + max((role for step in steps for _, role, _ in step.patches), default=-1)
-    batched = batch_launch.batch([(s.kernel, s.grid, s.template, s.patches) for s in steps], device.index, roles,
-                                 graphed)
+    batched = batch_launch.batch([(s.kernel, s.grid, s.template, s.patches, _rebased(s.after, start))
+                                  for s in steps], device.index, roles, graphed)
     return (_launch, steps) if batched is None else batched
+
+
+def _rebased(after: Optional[Tuple[int, ...]], start: int) -> Optional[Tuple[int, ...]]:
+    return None if after is None else tuple(j - start for j in after if j >= start)
 
 
 def _launch(steps: List[Step], stream: int, values_of) -> None:
@@ -153,22 +162,41 @@ def _launch(steps: List[Step], stream: int, values_of) -> None:
 
 
 def _role(arg: torch.Tensor, inputs, buffers) -> Optional[Tuple[int, int]]:
-    for role, tensor in inputs:
+    """(role, byte offset) of a launch's tensor argument: an input or a view of one the call
+    named (by identity: inputs may share memory), or a view into one of the call's own buffers
+    (by address; ``buffers``: (role, tensor, the buffer's offset within its role))."""
+    for role, tensor, offset in inputs:
         if arg is tensor:
-            return role, 0
+            return role, offset
     ptr = arg.data_ptr()
-    for role, tensor in buffers:
+    for role, tensor, offset in buffers:
         base = tensor.data_ptr()
         if base <= ptr < base + max(1, tensor.numel() * tensor.element_size()):
-            return role, ptr - base
+            return role, offset + ptr - base
     return None
 
 
 def record(call: Call, keys, values, queries, named=(), packed_heads: int = 0) -> Optional[Plan]:
-    """A Plan replaying ``call`` (already run), or None if some launch cannot be replayed."""
-    inputs = [(KEYS, keys), (VALUES, values), (QUERIES, queries)] + [(NAMED + i, t) for i, t in enumerate(named)]
-    buffers = [(role, t) for role, t in ((SCRATCH, call.scratch), (INDICES, call.indices),
-                                         (OUT_KEYS, call.keys), (OUT_VALUES, call.values)) if t is not None]
+    """A Plan replaying ``call`` (already run), or None if some launch cannot be replayed. A call
+    cut into row groups (row_groups.py) has a scratch buffer per group: the plan allocates one,
+    each group's at its own 512-byte aligned offset."""
+    inputs = [(KEYS, keys, 0), (VALUES, values, 0), (QUERIES, queries, 0)] + \
+        [(NAMED + i, t, 0) for i, t in enumerate(named)]
+    for view, whole, offset in call.aliases:   # views of the inputs (a call cut into row groups)
+        role = next((role for role, t, _ in inputs if t is whole), None)
+        if role is None:
+            return None
+        inputs.append((role, view, offset))
+    buffers, scratch_numel = [], 0
+    if isinstance(call.scratch, list):   # float32 buffers, each at a 512-byte step
+        for scratch in call.scratch:
+            buffers.append((SCRATCH, scratch, scratch_numel * 4))
+            scratch_numel += -(-scratch.numel() // 128) * 128
+    elif call.scratch is not None:
+        buffers.append((SCRATCH, call.scratch, 0))
+        scratch_numel = call.scratch.numel()
+    buffers += [(role, t, 0) for role, t in ((INDICES, call.indices), (OUT_KEYS, call.keys),
+                                             (OUT_VALUES, call.values)) if t is not None]
     steps = []
     for launch in call.launches:
         entry = compiled_entry(launch.fn, launch.args, launch.constexprs, launch.num_warps, launch.num_stages,
@@ -187,8 +215,7 @@ def record(call: Call, keys, values, queries, named=(), packed_heads: int = 0) -
                 template[position] = None
         if launch.seed_arg is not None:
             patches.append((launch.seed_arg, SEED, 0))
-        steps.append(Step(kernel, launch.grid, template, patches))
-    scratch_numel = 0 if call.scratch is None else call.scratch.numel()
+        steps.append(Step(kernel, launch.grid, template, patches, launch.after))
     shapes = [None if t is None else tuple(t.shape) for t in (call.indices, call.keys, call.values)]
     return Plan(steps, keys.device, shapes, scratch_numel, packed_heads)
 
@@ -229,7 +256,7 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
         run(call)
         out = varlen_from(call.keys, call.values, call.indices, h)
     else:
-        call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
+        call = prepare_call(policy, compiled, alloc, keys, values, queries, seed, named, gather)
         run(call)
         out = Evicted(call.keys, call.values, call.indices)
     if grids() != before:
