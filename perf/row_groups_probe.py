@@ -8,14 +8,14 @@ K / V (compiler.prepare takes any strides), and the groups' launches put on G st
 group's select runs beside the next group's passes over K. This probe times, as CUDA-graph replays
 (perf.timing.graph_times) of one process:
   - ``one``: the call as evict makes it today;
-  - ``serial``: the G group calls (KV heads cut in G groups; the batch, for a policy whose heads
-    share one selection) one after another on one stream (what the cut alone costs);
+  - ``serial``: the G group calls (cut as tritonkv/row_groups.py cuts: the batch where B >= 2,
+    else the KV heads) one after another on one stream (what the cut alone costs);
   - ``pipe@L``: group g's launches start once group g-1's launch L has finished, on its own
     stream; the selects run one at a time, in group order (a select keeps all its programs
     resident and spins at its row barriers, so two at once could wait on each other forever);
-    ``pipe@-`` gates nothing but the selects.
-Every mode's kept indices and rows must equal the one call's, head by head. A tool for deciding
-whether to build this into compiler.prepare, not the suite.
+    ``pipe@-`` gates nothing but the selects; ``pipe@0`` is what TRITONKV_ROW_GROUPS builds.
+Every mode's kept indices and rows are compared with the one call's ("agrees"). A tool for
+choosing row_groups.py's edges and its default, not the suite.
 
     python perf/row_groups_probe.py --policies keydiff --n 131072 --batch 1 4 --budget 0.1 --groups 2 4
     python perf/row_groups_probe.py --toy      # CPU (interpreter): the modes run and agree
@@ -38,6 +38,7 @@ from tritonkv import compiler  # noqa: E402
 from tritonkv.budget import allocate, resolve_budget  # noqa: E402
 from tritonkv.kernels.launch import kernel_name  # noqa: E402
 from tritonkv.lowering import lower  # noqa: E402
+from tritonkv.row_groups import cut  # noqa: E402
 
 
 def _stream():
@@ -103,15 +104,8 @@ def serial(calls):
     return run
 
 
-def _views(tensor, split, axis, per_row=1):
-    return [tensor.narrow(axis, start * per_row, size * per_row) for start, size in split]
-
-
-def _split(rows: int, groups: int):
-    base, extra = divmod(rows, groups)
-    sizes = [base + (g < extra) for g in range(groups)]
-    starts = [sum(sizes[:g]) for g in range(groups)]
-    return list(zip(starts, sizes))
+def _views(tensor, parts, axis, per_row=1):
+    return [tensor.narrow(axis, start * per_row, size * per_row) for start, size in parts]
 
 
 def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: int, bandwidth: float) -> dict:
@@ -130,19 +124,18 @@ def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: i
     one = prepared(keys, values, q)
     modes = {"one": serial([one])}
     outputs = {"one": [one]}
-    # cut the KV heads, or the batch where a policy's heads share one selection (TOVA's head mean)
-    axis = 0 if compiler.shared_selection(compiled.program) else 1
-    rows = keys.shape[axis]
-    for groups in group_counts:
-        if groups < 2 or groups > rows:
+    axis = None
+    for groups in group_counts:   # cut as tritonkv/row_groups.py cuts (the batch where B >= 2, else the heads)
+        plan = cut(policy, compiled, alloc, keys.shape, groups)
+        if plan is None or len(plan[1]) < groups:
             continue
-        split = _split(rows, groups)
-        per_q = q.shape[1] // rows if q is not None and axis == 1 else 1
-        q_views = _views(q, split, axis, per_q) if q is not None else [None] * groups
+        axis, parts = plan
+        per_q = q.shape[1] // keys.shape[1] if q is not None and axis == 1 else 1
+        q_views = _views(q, parts, axis, per_q) if q is not None else [None] * groups
 
         def group_calls():
             return [prepared(kv, vv, qv) for kv, vv, qv in
-                    zip(_views(keys, split, axis), _views(values, split, axis), q_views)]
+                    zip(_views(keys, parts, axis), _views(values, parts, axis), q_views)]
         calls = group_calls()
         outputs[f"serial G={groups}"] = calls
         modes[f"serial G={groups}"] = serial(calls)
@@ -152,13 +145,14 @@ def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: i
             outputs[label] = fresh
             modes[label] = pipelined(fresh, lag)
     times = {label: statistics.median(graph_times(fn, replays)) * 1e6 for label, fn in modes.items()}
-    agree = {}
+    differ = {}   # where the groups' programs sum in another order, a near tie may go the other way
     for label, calls in outputs.items():
-        indices = torch.cat([c.indices for c in calls], dim=axis)
-        kept_k = torch.cat([c.keys for c in calls], dim=axis)
-        agree[label] = bool(torch.equal(indices, one.indices) and torch.equal(kept_k, one.keys))
-    return dict(policy=name, N=n, B=batch, budget=budget, floor_us=floor, cut="batch" if axis == 0 else "heads",
-                launches=len(one.launches), us=times, agree=agree)
+        indices = torch.cat([c.indices for c in calls], dim=axis or 0)
+        kept_k = torch.cat([c.keys for c in calls], dim=axis or 0)
+        differ[label] = int((indices != one.indices).sum()) + int((kept_k != one.keys).any(-1).sum())
+    return dict(policy=name, N=n, B=batch, budget=budget, floor_us=floor,
+                cut={None: "none", 0: "batch", 1: "heads"}[axis],
+                launches=len(one.launches), us=times, differ=differ)
 
 
 def main(argv=None):
@@ -185,8 +179,9 @@ def main(argv=None):
                     print(f"-- {name} N={n} B={batch} budget={budget}: floor {r['floor_us']:.1f} us, "
                           f"{r['launches']} launches per call, {r['cut']} cut")
                     for label, us in r["us"].items():
+                        differ = r["differ"][label]
                         print(f"   {label:<14}{us:>9.1f} us  {us / base:6.3f}x one  {us / r['floor_us']:5.2f}x floor"
-                              f"  agrees: {r['agree'][label]}")
+                              f"  {'agrees' if not differ else f'differs: {differ} kept indices / rows'}")
 
 
 if __name__ == "__main__":

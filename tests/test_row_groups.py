@@ -161,3 +161,46 @@ def test_a_plan_records_the_groups(monkeypatch):
         assert {offset for role, offset in roles if role == planned.KEYS} == {g * group_view}
         scratch = [offset for role, offset in roles if role == planned.SCRATCH]
         assert scratch and all(g * sizes[0] * 4 <= offset < (sizes[0] + g * sizes[1]) * 4 for offset in scratch)
+
+
+def test_lanes_follow_the_groups():
+    """Where a capturing stream records a plan, each group's steps share a lane (a stream) and a
+    plan without edges has none."""
+    def step(after):
+        return SimpleNamespace(after=after)
+    groups = [step(()), step((0,)), step((1,)), step((2,)), step((0,)), step((4,)), step((5,)), step((6, 3))]
+    assert planned.lanes_of(groups) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert planned.lanes_of([step(None), step(None)]) is None
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["keydiff", "snapkv"])
+def test_groups_in_a_captured_graph(name, monkeypatch):
+    """A planned call cut into groups, captured in the caller's CUDA graph (its steps on lanes,
+    joined by events) and through Evictor.graph, replays what the whole call keeps."""
+    policy = policies.PRESETS[name]()
+    monkeypatch.setenv("TRITONKV_ROW_GROUPS", "4")
+    ev = tkv.Evictor(policy, 0.25)
+    keys, values, queries = make(b=1, seed=5)
+    q = queries if policy.needs_queries else None
+    for _ in range(2):   # plan
+        ev(keys, values, queries=q)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            out = ev(keys, values, queries=q)
+    torch.cuda.current_stream().wait_stream(side)
+    replayed = ev.graph(keys, values, queries=q)
+    fresh = make(b=1, seed=6)
+    for t, new in zip((keys, values, queries), fresh):
+        t.copy_(new)
+    graph.replay()
+    got = replayed()
+    torch.cuda.synchronize()
+    monkeypatch.delenv("TRITONKV_ROW_GROUPS")
+    want = evict_compiled(keys, values, q, policy, resolve_budget(0.25, keys.shape[2]), 0)
+    assert same(out, want) and same(got, want)
+    plans = [p for p in ev._plans.values() if isinstance(p, planned.Plan)]
+    assert plans and all(p.lanes is not None and p.lanes.streams for p in plans)

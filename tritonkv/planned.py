@@ -11,6 +11,7 @@ offsets). Anything it cannot recognise leaves the signature unplanned (correct, 
 
 from __future__ import annotations
 
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -67,7 +68,10 @@ class Plan:
     kernel. Through C the launches are one CUDA graph whose kernel nodes are re-pointed where a
     call's addresses changed (H100: a node update and one graph launch cost less than a launch
     each). A graph's launches run in the order they were made, so calls of one plan on several
-    streams no longer overlap on the GPU. Without graphs (``TRITONKV_GRAPH_LAUNCH=0``, or no C
+    streams no longer overlap on the GPU. A plan whose steps name edges (``after``: a call cut
+    into row groups) is a graph of those edges; where the current stream is capturing (the
+    caller's own CUDA graph), its steps go on several streams instead (Lanes), so the caller's
+    graph records the same edges. Without graphs (``TRITONKV_GRAPH_LAUNCH=0``, or no C
     module), or as two graphs (``split_graphs``), the outputs are allocated after the launches
     that do not write them (statistics, score) are queued, so the GPU starts while the host
     still allocates."""
@@ -88,6 +92,7 @@ class Plan:
         self.scratch_numel = scratch_numel
         self.packed_heads = packed_heads   # AdaKV: KV heads of its packed result (indices hold the lengths too)
         self.fallback = None   # set by plan_compiled: the unplanned call, for launch hooks
+        self.lanes = None if lanes_of(steps) is None else Lanes(steps, device)
 
     def graph_status(self):
         """(graph state, (CUresult, step)) of this plan's CUDA graph, as kernels/batch_launch.c
@@ -112,7 +117,9 @@ class Plan:
                      0 if scratch is None else scratch.data_ptr(), 0, 0, 0, seed]
         if named:
             values_of += [t.data_ptr() for t in named]
-        if self.whole is None:
+        # a stream that is capturing records the plan's edges (row groups) through Lanes, all steps at once
+        capturing = self.lanes is not None and torch.cuda.is_current_stream_capturing()
+        if self.whole is None and not capturing:
             launch, steps = self.early
             launch(steps, stream, values_of)
         indices = keys.new_empty(*self.indices_shape, dtype=torch.int64)
@@ -123,7 +130,10 @@ class Plan:
             out_v = values.new_empty(*self.values_shape)
             values_of[OUT_KEYS:OUT_VALUES + 1] = out_k.data_ptr(), out_v.data_ptr()
         launch, steps = self.late if self.whole is None else self.whole
-        launch(steps, stream, values_of)
+        if capturing:
+            self.lanes.launch(values_of)
+        else:
+            launch(steps, stream, values_of)
         if self.packed_heads:
             return varlen_from(out_k, out_v, indices, self.packed_heads)
         return Evicted(out_k, out_v, indices)
@@ -155,10 +165,65 @@ def _rebased(after: Optional[Tuple[int, ...]], start: int) -> Optional[Tuple[int
 
 def _launch(steps: List[Step], stream: int, values_of) -> None:
     for step in steps:
-        args = step.template.copy()
-        for position, role, offset in step.patches:
-            args[position] = values_of[role] + offset
-        step.launcher(*step.grid, stream, *step.head, *args)
+        _launch_step(step, stream, values_of)
+
+
+def _launch_step(step: Step, stream: int, values_of) -> None:
+    args = step.template.copy()
+    for position, role, offset in step.patches:
+        args[position] = values_of[role] + offset
+    step.launcher(*step.grid, stream, *step.head, *args)
+
+
+def lanes_of(steps: List[Step]) -> Optional[List[int]]:
+    """Per step, the stream (lane) it goes on where a capturing stream records a plan with edges
+    (``after``; row_groups.py): a step that waits first for the step before it stays in that
+    step's lane, any other starts a new one. None where every step waits for the one before it."""
+    if all(step.after is None for step in steps):
+        return None
+    lanes: List[int] = []
+    for i, step in enumerate(steps):
+        chained = i > 0 and (step.after is None or step.after[:1] == (i - 1,))
+        lanes.append(lanes[-1] if chained else len(set(lanes)))
+    return lanes
+
+
+class Lanes:
+    """A plan's steps launched on several streams, so that a stream that is capturing (the
+    caller's CUDA graph; the plan's own graph is not launched then) records the plan's edges,
+    not a chain: lane 0 is the current stream, the others fork from it and join it at the end;
+    an edge between lanes is an event. The side streams and events are made on the first launch
+    and kept."""
+
+    def __init__(self, steps: List[Step], device: torch.device):
+        self.steps, self.device = steps, device
+        self.lane = lanes_of(steps)
+        self.streams = self.events = None
+        self.lock = threading.Lock()   # threads capturing the same plan at once take turns
+
+    def launch(self, values_of) -> None:
+        with self.lock:
+            self._launch(values_of)
+
+    def _launch(self, values_of) -> None:
+        if self.streams is None:
+            self.streams = [torch.cuda.Stream(self.device) for _ in range(max(self.lane))]
+            self.events = [torch.cuda.Event() for _ in range(len(self.steps) + 1)]   # per step, and the fork
+        current = torch.cuda.current_stream(self.device)
+        streams = [current] + self.streams
+        fork = self.events[-1]
+        fork.record(current)
+        for side in self.streams:
+            side.wait_event(fork)
+        for i, step in enumerate(self.steps):
+            stream = streams[self.lane[i]]
+            for j in (i - 1,) if step.after is None else step.after:
+                if j >= 0 and self.lane[j] != self.lane[i]:
+                    stream.wait_event(self.events[j])
+            _launch_step(step, stream.cuda_stream, values_of)
+            self.events[i].record(stream)
+        for side in self.streams:
+            current.wait_stream(side)
 
 
 def _role(arg: torch.Tensor, inputs, buffers) -> Optional[Tuple[int, int]]:
