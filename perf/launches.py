@@ -41,18 +41,24 @@ def prefix_us(launches, k: int, replays: int, marker=None) -> float:
     return statistics.median(graph_times(run, replays)) * 1e6
 
 
-def breakdown(name: str, n: int, batch: int, budget: float, replays: int, bandwidth: float,
-              gather: bool = True) -> dict:
-    """``gather=False``: select writes the kept indices only (its time then excludes the copy
-    of the kept K / V rows)."""
+def lowered_case(name: str, n: int, batch: int, budget: float, bandwidth: float):
+    """(lowered policy, its allocation, its compiled policy, keys, values, queries or None, floor
+    in us) of a perf-suite case: what evict launches for it (H2O's recency clause becomes its
+    recent window)."""
     policy = POLICIES[name]
     keys, values, queries = make_cache(batch, n)
     q = queries if policy.needs_queries else None
     k = resolve_budget(budget, n)
     floor = floor_bytes(policy, keys, values, q, k) / bandwidth * 1e6
-    # the launches evict makes: of the lowered policy (H2O's recency clause becomes its recent window)
     policy, alloc = lower(policy, allocate(policy, n, k))
-    compiled = compiler.compile_policy(policy)
+    return policy, alloc, compiler.compile_policy(policy), keys, values, q, floor
+
+
+def breakdown(name: str, n: int, batch: int, budget: float, replays: int, bandwidth: float,
+              gather: bool = True) -> dict:
+    """``gather=False``: select writes the kept indices only (its time then excludes the copy
+    of the kept K / V rows)."""
+    _, alloc, compiled, keys, values, q, floor = lowered_case(name, n, batch, budget, bandwidth)
     compiler.run(compiler.prepare(compiled, alloc, keys, values, q, 0, gather=gather))   # compile; the select
     # and score kernels' occupancy, which the next call's geometry reads (score-waves, the select's programs)
     launches = compiler.prepare(compiled, alloc, keys, values, q, 0, gather=gather).launches

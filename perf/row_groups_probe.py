@@ -31,13 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perf.floor import copy_bandwidth, floor_bytes  # noqa: E402
-from perf.test_evict import POLICIES, make_cache  # noqa: E402
+from perf.floor import copy_bandwidth  # noqa: E402
+from perf.launches import lowered_case  # noqa: E402
 from perf.timing import CUDA, graph_times  # noqa: E402
 from tritonkv import compiler  # noqa: E402
-from tritonkv.budget import allocate, resolve_budget  # noqa: E402
 from tritonkv.kernels.launch import kernel_name  # noqa: E402
-from tritonkv.lowering import lower  # noqa: E402
 from tritonkv.row_groups import cut  # noqa: E402
 
 
@@ -109,13 +107,7 @@ def _views(tensor, parts, axis, per_row=1):
 
 
 def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: int, bandwidth: float) -> dict:
-    policy = POLICIES[name]
-    keys, values, queries = make_cache(batch, n)
-    q = queries if policy.needs_queries else None
-    k = resolve_budget(budget, n)
-    floor = floor_bytes(policy, keys, values, q, k) / bandwidth * 1e6
-    policy, alloc = lower(policy, allocate(policy, n, k))
-    compiled = compiler.compile_policy(policy)
+    policy, alloc, compiled, keys, values, q, floor = lowered_case(name, n, batch, budget, bandwidth)
 
     def prepared(keys_, values_, q_):
         compiler.run(compiler.prepare(compiled, alloc, keys_, values_, q_, 0))   # compile, record occupancy
