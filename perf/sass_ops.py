@@ -5,7 +5,7 @@ Each of the policy's statistics and score kernels is compiled as evict() would l
 ships; the opcodes are counted, the exponent unit's (MUFU) by variant, over the whole listing
 (each loop once: compare two builds, a switch or a code change, not a count with a time) and over
 the body of the hottest loop ("stats_0 loop": one iteration's instructions per warp, what
-docs/performance.md sets against the pipes' rates).
+docs/performance-log.md sets against the pipes' rates).
 
     python perf/sass_ops.py --policies snapkv,h2o      # TRITON_INTERPRET unset
     TRITONKV_BLOCK_N=128 python perf/sass_ops.py --policies snapkv

@@ -2,7 +2,7 @@
 
 A call's launches form a chain: statistics and score passes over K, bound by bandwidth, then
 select, whose ranking is bound by latency (passes over the scores and row barriers: ~12-15 us
-on an H100 at any length, docs/performance.md). Rows (batch, KV head) are independent, so a
+on an H100 at any length, docs/performance-log.md). Rows (batch, KV head) are independent, so a
 call can be cut into G groups of rows, each prepared as its own call (compiler.prepare) on views
 of the inputs and writing into views of one set of outputs, and the groups' launches ordered as
 a graph instead of a chain (compiler.Launch.after):

@@ -33,7 +33,7 @@ REDUCE_CODES = {"mean": 0, "sum": 1, "max": 2}  # the REDUCE / GROUP_REDUCE cons
 @triton.jit
 def softmax_exp2(z):
     """The passes' one exponent per logit, 2^z (z <= 0), on the exponent unit (MUFU.EX2). Tried and
-    measured slower on an H100 (docs/performance.md, "The proxy passes' exponentials"): half-precision
+    measured slower on an H100 (docs/performance-log.md, "The proxy passes' exponentials"): half-precision
     ex2 (ptxas splits it, no fewer MUFU), one in 2 or 4 by a degree-5 polynomial on the FMA units
     (1.01-1.28x slower graph time). perf/exp_probe.sh times the passes with this returning z."""
     return tl.exp2(z)
