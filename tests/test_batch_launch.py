@@ -57,6 +57,10 @@ def test_the_module_patches_pointers_and_the_seed():
         mod.patched(handle, [1, 2, 3])
     with pytest.raises(ValueError, match="patch 0 out of range"):
         mod.build(0, 1, [(1, 1, 1, 1, 32, 0, False, False, first, ((0, 1, 0),))])
+    step = (1, 1, 1, 1, 32, 0, False, False, first, ())
+    for after in ((1,), (5,), (-1,), (0,) * 9, ("0",)):   # not earlier steps, or more than 8
+        with pytest.raises(ValueError, match="step 1: after: expected None or at most 8 earlier steps"):
+            mod.build(0, 1, [step, step + (after,)])
 
 
 def test_batching_can_be_turned_off(monkeypatch):

@@ -34,7 +34,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -356,7 +356,7 @@ class Call:
     byte offset) of each view of the call's inputs that its launches take."""
 
     launches: List[Launch]
-    scratch: Optional[torch.Tensor]
+    scratch: Union[None, torch.Tensor, List[torch.Tensor]]
     priorities: Optional[torch.Tensor]
     indices: torch.Tensor
     keys: Optional[torch.Tensor]

@@ -180,11 +180,6 @@ static void free_batch(PyObject *capsule) {
   if (batch) destroy(batch, batch->n_steps);
 }
 
-/* build(device, n_roles, steps, graphed=False): steps is a sequence of
- * (function, grid_x, grid_y, grid_z, block, shared, pdl, cooperative, slots: bytes, patches[, after])
- * with patches a sequence of (slot, role, offset) and after None (the step waits for the one
- * before it) or a sequence of earlier steps it waits for (the graph's edges; plain launches run
- * the steps in order, which such edges allow). */
 /* A step's ``after`` (None, or a sequence of earlier steps) into the step; -1 with an exception set. */
 static int parse_after(Step *step, PyObject *after_obj, Py_ssize_t i) {
   step->chained = after_obj == Py_None;
@@ -209,6 +204,11 @@ static int parse_after(Step *step, PyObject *after_obj, Py_ssize_t i) {
   return 0;
 }
 
+/* build(device, n_roles, steps, graphed=False): steps is a sequence of
+ * (function, grid_x, grid_y, grid_z, block, shared, pdl, cooperative, slots: bytes, patches[, after])
+ * with patches a sequence of (slot, role, offset) and after None (the step waits for the one
+ * before it) or a sequence of earlier steps it waits for (the graph's edges; plain launches run
+ * the steps in order, which such edges allow). */
 static PyObject *build(PyObject *self, PyObject *args) {
   int device, graphed = 0;
   unsigned n_roles;
