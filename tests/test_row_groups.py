@@ -16,7 +16,7 @@ from tritonkv.kernels import batch_launch
 from tritonkv.kernels.launch import kernel_name
 from tritonkv.lowering import lower
 from tritonkv import row_groups as row_groups_module
-from tritonkv.row_groups import cut, merge, prepare_call, row_groups, split
+from tritonkv.row_groups import cut, group_inputs, merge, prepare_call, row_groups, split
 
 from .checks import assert_unchanged, snapshot
 from .devices import CUDA
@@ -45,6 +45,19 @@ def test_the_cut():
     assert _cut(tkv.sink(2) | tkv.top(tkv.key_norm(), 0.5) | tkv.sample(tkv.key_norm()), (2, 4, 100, 64), 2) is None
     assert _cut(policies.keydiff().adaptive(), (2, 4, 100, 64), 2) is None
     assert _cut(policies.keydiff(), (2, 4, 100, 64), 2, named=(torch.empty(1),)) is None
+
+
+def test_group_inputs_are_views_of_the_call_inputs(monkeypatch):
+    """Each group's keys, values and queries (a KV head's query heads with it), as views."""
+    policy, alloc = lower(policies.snapkv(), allocate(policies.snapkv(), 100, 30))
+    keys, values, queries = make(b=1, h=4, n=100, group=2)
+    compiled = compile_policy(policy)
+    assert group_inputs(policy, compiled, alloc, keys, values, queries) == [(keys, values, queries)]
+    monkeypatch.setenv("TRITONKV_ROW_GROUPS", "2")
+    groups = group_inputs(policy, compiled, alloc, keys, values, queries)
+    assert [[tuple(t.shape[:2]) for t in g] for g in groups] == [[(1, 2), (1, 2), (1, 4)]] * 2
+    k, v, q = groups[1]
+    assert torch.equal(k, keys[:, 2:]) and torch.equal(q, queries[:, 4:]) and k.data_ptr() == keys[:, 2:].data_ptr()
 
 
 def test_the_switch_is_checked(monkeypatch):

@@ -26,7 +26,7 @@ from .kernels import batch_launch
 from .kernels.common import env_flag, interpreting
 from .kernels.launch import compiled_entry, hooks_installed, raw_stream
 from .results import Evicted, varlen_from
-from .row_groups import prepare_call
+from .row_groups import group_inputs, prepare_call
 
 # roles of per-call values, in the order Plan.__call__ lists them; the named inputs (signals,
 # directions) follow as NAMED, NAMED + 1, ...
@@ -310,10 +310,11 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
     adaptive = policy.heads == "adaptive"
     dims = (keys.shape[-1], values.shape[-1]) if gather else (0, 0)
 
-    def grids():   # what the launches' grids depend on, learnt by the first launches
-        selects = adaptive_programs(keys) if adaptive \
-            else selection_programs(compiled.program, b, h, n, keys.device, dims)
-        return selects, score_programs(compiled, keys, values, queries)
+    def grids():   # what the launches' grids depend on, learnt by the first launches (of each row group)
+        if adaptive:
+            return adaptive_programs(keys), score_programs(compiled, keys, values, queries)
+        return [(selection_programs(compiled.program, *k.shape[:3], keys.device, dims), score_programs(compiled, k, v, q))
+                for k, v, q in group_inputs(policy, compiled, alloc, keys, values, queries, named)]
 
     before = grids()
     if adaptive:

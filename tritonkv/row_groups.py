@@ -72,6 +72,26 @@ def cut(policy: dsl.Policy, compiled: CompiledPolicy, alloc, shape, groups: int,
     return None
 
 
+def parts_of(plan, *tensors, heads: int):
+    """Per part of a cut ``plan`` (cut's (axis, parts)), the views of ``tensors`` ([B, H, ...],
+    or None; a tensor of more rows than ``heads`` on axis 1 is a queries tensor whose query heads
+    of one KV head sit next to each other)."""
+    axis, parts = plan
+
+    def view(t, start, size):
+        if t is None:
+            return None
+        per = t.shape[1] // heads if axis == 1 else 1
+        return t.narrow(axis, start * per, size * per)
+    return [[view(t, start, size) for t in tensors] for start, size in parts]
+
+
+def group_inputs(policy: dsl.Policy, compiled: CompiledPolicy, alloc, keys, values, queries, named=()):
+    """(keys, values, queries) of each call that prepare_call prepares: one, or one per group."""
+    plan = cut(policy, compiled, alloc, keys.shape, row_groups(), named)
+    return [(keys, values, queries)] if plan is None else parts_of(plan, keys, values, queries, heads=keys.shape[1])
+
+
 def prepare_call(policy: dsl.Policy, compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=(),
                  gather: bool = True) -> Call:
     """compiler.prepare, or the same call cut into row groups where ``TRITONKV_ROW_GROUPS``
@@ -79,7 +99,6 @@ def prepare_call(policy: dsl.Policy, compiled: CompiledPolicy, alloc, keys, valu
     plan = cut(policy, compiled, alloc, keys.shape, row_groups(), named)
     if plan is None:
         return prepare(compiled, alloc, keys, values, queries, seed, named, gather)
-    axis, parts = plan
     b, h, n, d = keys.shape
     total = alloc.total
     out_i = torch.empty(b, h, total, dtype=torch.int64, device=keys.device)
@@ -87,17 +106,12 @@ def prepare_call(policy: dsl.Policy, compiled: CompiledPolicy, alloc, keys, valu
     if gather:
         out_k = torch.empty(b, h, total, d, dtype=keys.dtype, device=keys.device)
         out_v = torch.empty(b, h, total, values.shape[-1], dtype=values.dtype, device=values.device)
-    # queries: [B, H * group, W, D], a KV head's query heads next to each other
-    per_head = 1 if queries is None or axis == 0 else queries.shape[1] // h
     calls, aliases = [], []
-    for start, size in parts:
-        def part(t, per=1):
-            return None if t is None else t.narrow(axis, start * per, size * per)
-        inputs = [part(keys), part(values), part(queries, per_head)]
-        for whole, view in zip((keys, values, queries), inputs):
+    for k, v, q, i, ok, ov in parts_of(plan, keys, values, queries, out_i, out_k, out_v, heads=h):
+        for whole, view in ((keys, k), (values, v), (queries, q)):
             if view is not None:
                 aliases.append((view, whole, view.data_ptr() - whole.data_ptr()))
-        calls.append(prepare(compiled, alloc, *inputs, seed, (), gather, out=(part(out_i), part(out_k), part(out_v))))
+        calls.append(prepare(compiled, alloc, k, v, q, seed, (), gather, out=(i, ok, ov)))
     merged = merge(calls, out_i, out_k, out_v)
     merged.aliases = tuple(aliases)
     return merged
