@@ -36,7 +36,7 @@ from perf.launches import lowered_case  # noqa: E402
 from perf.timing import CUDA, graph_times  # noqa: E402
 from tritonkv import compiler  # noqa: E402
 from tritonkv.kernels.launch import kernel_name  # noqa: E402
-from tritonkv.row_groups import cut  # noqa: E402
+from tritonkv.row_groups import cut, parts_of  # noqa: E402
 
 
 def _stream():
@@ -102,10 +102,6 @@ def serial(calls):
     return run
 
 
-def _views(tensor, parts, axis, per_row=1):
-    return [tensor.narrow(axis, start * per_row, size * per_row) for start, size in parts]
-
-
 def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: int, bandwidth: float) -> dict:
     policy, alloc, compiled, keys, values, q, floor = lowered_case(name, n, batch, budget, bandwidth)
 
@@ -121,13 +117,11 @@ def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: i
         plan = cut(policy, compiled, alloc, keys.shape, groups)
         if plan is None or len(plan[1]) < groups:
             continue
-        axis, parts = plan
-        per_q = q.shape[1] // keys.shape[1] if q is not None and axis == 1 else 1
-        q_views = _views(q, parts, axis, per_q) if q is not None else [None] * groups
+        axis = plan[0]
+        inputs = parts_of(plan, keys, values, q, heads=keys.shape[1])
 
         def group_calls():
-            return [prepared(kv, vv, qv) for kv, vv, qv in
-                    zip(_views(keys, parts, axis), _views(values, parts, axis), q_views)]
+            return [prepared(*group) for group in inputs]
         calls = group_calls()
         outputs[f"serial G={groups}"] = calls
         modes[f"serial G={groups}"] = serial(calls)
