@@ -192,8 +192,8 @@ class Lanes:
     """A plan's steps launched on several streams, so that a stream that is capturing (the
     caller's CUDA graph; the plan's own graph is not launched then) records the plan's edges,
     not a chain: lane 0 is the current stream, the others fork from it and join it at the end;
-    an edge between lanes is an event. The side streams and events are made on the first launch
-    and kept."""
+    an edge between lanes is an event. The side streams and events are made once (``ready``:
+    plan_compiled calls it when it makes the plan, so that a capture does not create them)."""
 
     def __init__(self, steps: List[Step], device: torch.device):
         self.steps, self.device = steps, device
@@ -201,14 +201,23 @@ class Lanes:
         self.streams = self.events = None
         self.lock = threading.Lock()   # threads capturing the same plan at once take turns
 
+    def ready(self) -> None:
+        """Make the side streams and the events (an event's CUDA object is made at its first
+        record: each is recorded once on the current stream here)."""
+        with self.lock:
+            if self.streams is None:
+                current = torch.cuda.current_stream(self.device)
+                self.events = [torch.cuda.Event() for _ in range(len(self.steps) + 1)]   # per step, and the fork
+                for event in self.events:
+                    event.record(current)
+                self.streams = [torch.cuda.Stream(self.device) for _ in range(max(self.lane))]
+
     def launch(self, values_of) -> None:
+        self.ready()
         with self.lock:
             self._launch(values_of)
 
     def _launch(self, values_of) -> None:
-        if self.streams is None:
-            self.streams = [torch.cuda.Stream(self.device) for _ in range(max(self.lane))]
-            self.events = [torch.cuda.Event() for _ in range(len(self.steps) + 1)]   # per step, and the fork
         current = torch.cuda.current_stream(self.device)
         streams = [current] + self.streams
         fork = self.events[-1]
@@ -331,4 +340,6 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
     if plan is None:
         return unplanned, out
     plan.fallback = unplanned
+    if plan.lanes is not None:
+        plan.lanes.ready()
     return plan, out
