@@ -3,19 +3,24 @@
 An evict call's launches run one after another: statistics, merge, score (each a pass over K, bound
 by bandwidth) and select (its ranking bound by latency: a chain of passes over the scores and row
 barriers, ~12-15 us at any length on an H100, perf/launches.py). Rows (batch, KV head) are
-independent, so the KV heads can be cut into G groups, each prepared as its own call on a view of
-K / V (compiler.prepare takes any strides), and the groups' launches put on G streams so that one
+independent, so a call can be cut into G groups, each prepared as its own call on views of K / V
+(compiler.prepare takes any strides), and the groups' launches put on G streams so that one
 group's select runs beside the next group's passes over K. This probe times, as CUDA-graph replays
 (perf.timing.graph_times) of one process:
   - ``one``: the call as evict makes it today;
-  - ``serial``: the G group calls (cut as tritonkv/row_groups.py cuts: the batch where B >= 2,
-    else the KV heads) one after another on one stream (what the cut alone costs);
+  - ``serial``: the G group calls (the batch cut where B >= 2, else the KV heads) one after
+    another on one stream (what the cut alone costs);
   - ``pipe@L``: group g's launches start once group g-1's launch L has finished, on its own
     stream; the selects run one at a time, in group order (a select keeps all its programs
     resident and spins at its row barriers, so two at once could wait on each other forever);
-    ``pipe@-`` gates nothing but the selects; ``pipe@0`` is what TRITONKV_ROW_GROUPS builds.
-Every mode's kept indices and rows are compared with the one call's ("agrees"). A tool for
-choosing row_groups.py's edges and its default, not the suite.
+    ``pipe@-`` gates nothing but the selects.
+Every mode's kept indices and rows are compared with the one call's ("agrees").
+
+Answered on an H100 at c16e1f9 (perf/results/ab/row-groups-c16e1f9-H100/): no. The cut alone costs
+KeyDiff at B = 1, 128K, 10% 1.10x (two groups) to 1.87x (eight), and the best ordering only wins
+that back (1.002x at G = 2); at B = 4 the best was 0.984x. The library form of it (built in the
+twenty-fifth session as TRITONKV_ROW_GROUPS, one CUDA graph of the groups' edges) timed 1.06-1.57x at
+B = 1 and 0.99-1.00x at B = 4, and was removed (docs/performance-log.md).
 
     python perf/row_groups_probe.py --policies keydiff --n 131072 --batch 1 4 --budget 0.1 --groups 2 4
     python perf/row_groups_probe.py --toy      # CPU (interpreter): the modes run and agree
@@ -36,7 +41,6 @@ from perf.launches import lowered_case  # noqa: E402
 from perf.timing import CUDA, graph_times  # noqa: E402
 from tritonkv import compiler  # noqa: E402
 from tritonkv.kernels.launch import kernel_name  # noqa: E402
-from tritonkv.row_groups import cut, parts_of  # noqa: E402
 
 
 def _stream():
@@ -102,8 +106,35 @@ def serial(calls):
     return run
 
 
+def cut(program, shape, groups: int):
+    """(axis, parts) of a call cut into ``groups`` contiguous parts of its batch rows where B >= 2
+    (a batch row's heads stay together: heads that share one selection, TOVA's head mean), else
+    of the KV heads of B = 1 where each head selects its own tokens; None where it cannot be cut."""
+    b, h = shape[:2]
+    axis = 0 if b >= 2 else 1 if h >= 2 and not compiler.shared_selection(program) else None
+    if groups < 2 or axis is None:
+        return None
+    rows = shape[axis]
+    groups = min(groups, rows)
+    sizes = [rows // groups + (g < rows % groups) for g in range(groups)]
+    return axis, [(sum(sizes[:g]), size) for g, size in enumerate(sizes)]
+
+
+def parts_of(plan, *tensors, heads: int):
+    """Per part of ``plan``, the views of ``tensors`` ([B, H, ...] or None; on the heads' axis a
+    tensor of more rows than ``heads`` holds each KV head's query heads next to each other)."""
+    axis, parts = plan
+
+    def view(t, start, size):
+        if t is None:
+            return None
+        per = t.shape[1] // heads if axis == 1 else 1
+        return t.narrow(axis, start * per, size * per)
+    return [[view(t, start, size) for t in tensors] for start, size in parts]
+
+
 def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: int, bandwidth: float) -> dict:
-    policy, alloc, compiled, keys, values, q, floor = lowered_case(name, n, batch, budget, bandwidth)
+    _, alloc, compiled, keys, values, q, floor = lowered_case(name, n, batch, budget, bandwidth)
 
     def prepared(keys_, values_, q_):
         compiler.run(compiler.prepare(compiled, alloc, keys_, values_, q_, 0))   # compile, record occupancy
@@ -113,8 +144,9 @@ def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: i
     modes = {"one": serial([one])}
     outputs = {"one": [one]}
     axis = None
-    for groups in group_counts:   # cut as tritonkv/row_groups.py cuts (the batch where B >= 2, else the heads)
-        plan = cut(policy, compiled, alloc, keys.shape, groups)
+    for groups in group_counts:
+        ranks = len(compiled.program.clause_keys) > 0 and alloc.total < keys.shape[2]   # a select to overlap
+        plan = cut(compiled.program, keys.shape, groups) if ranks else None
         if plan is None or len(plan[1]) < groups:
             continue
         axis = plan[0]

@@ -173,7 +173,7 @@ def test_pdl_probe_runs_at_toy_size():
 
 
 def test_row_groups_probe_runs_at_toy_size():
-    """perf/row_groups_probe.py: the call cut into KV-head groups, on streams or one after another,
+    """perf/row_groups_probe.py: the call cut into groups of rows, on streams or one after another,
     keeps what the uncut call keeps (on the CPU the streams are program order)."""
     out = run([sys.executable, "perf/row_groups_probe.py", "--toy"])
     modes = [line for line in out.stdout.splitlines() if "x one " in line]

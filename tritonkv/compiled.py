@@ -8,10 +8,9 @@ import torch
 from . import dsl
 from .adaptive import evict_adaptive
 from .budget import allocate
-from .compiler import check_backend, compile_policy, run, score
+from .compiler import check_backend, compile_policy, prepare, run, score
 from .lowering import lower
 from .results import Evicted
-from .row_groups import prepare_call
 
 
 def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int, named=(),
@@ -32,7 +31,7 @@ def evict_compiled(keys, values, queries, policy: dsl.Policy, k: int, seed: int,
     if return_priorities and alloc.total == n:
         result = Evicted(keys.clone(), values.clone(), torch.arange(n, device=keys.device).expand(b, h, n).clone())
     else:
-        call = prepare_call(policy, compiled, alloc, keys, values, queries, seed, named, gather)
+        call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
         run(call)
         result = Evicted(call.keys, call.values, call.indices)   # keys, values None without gather
     return (result, score(compiled, keys, values, queries, seed, named, clauses=True)) if return_priorities else result

@@ -34,7 +34,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -228,10 +228,7 @@ def launch_args(compiled: CompiledPolicy, keys, values, queries, seed: int, out:
 @dataclass
 class Launch:
     """One kernel launch of an evict call (what kernels.launch.launch takes); ``seed_arg`` is
-    the position of the call's seed among ``args``, if it has one; ``after``: the positions, in
-    its call's launches, of the launches it must wait for (None: the one before it). Calls run
-    their launches in list order, which every ``after`` allows; a CUDA graph of the call
-    (planned.py) keeps only these edges, so launches without one between them may overlap."""
+    the position of the call's seed among ``args``, if it has one."""
 
     fn: object
     grid: Tuple[int, ...]
@@ -241,7 +238,6 @@ class Launch:
     num_stages: Optional[int] = None
     seed_arg: Optional[int] = None
     maxnreg: Optional[int] = None   # registers per thread the build may use (None: as ptxas likes)
-    after: Optional[Tuple[int, ...]] = None
 
     def __call__(self):
         return launch(self.fn, self.grid, self.args, self.constexprs, self.num_warps, self.num_stages, self.maxnreg)
@@ -351,18 +347,15 @@ def _align(n: int) -> int:
 class Call:
     """The launches of one evict call and the tensors they write: ``scratch`` holds the
     slots (``priorities``), the statistics and select's workspace (None when there is nothing
-    to rank; a list of such buffers for a call cut into row groups, row_groups.py);
-    ``select_inputs``: what _select takes from _ranking; ``aliases``: (view, the input it views,
-    byte offset) of each view of the call's inputs that its launches take."""
+    to rank); ``select_inputs``: what _select takes from _ranking."""
 
     launches: List[Launch]
-    scratch: Union[None, torch.Tensor, List[torch.Tensor]]
+    scratch: Optional[torch.Tensor]
     priorities: Optional[torch.Tensor]
     indices: torch.Tensor
     keys: Optional[torch.Tensor]
     values: Optional[torch.Tensor]
     select_inputs: Optional[tuple] = None
-    aliases: Tuple[tuple, ...] = ()
 
 
 def fused_gather(program) -> bool:
@@ -378,27 +371,18 @@ def fused_gather(program) -> bool:
     return forced == "1" if forced else not shared_selection(program)
 
 
-def ranks(compiled: CompiledPolicy, alloc, n: int) -> bool:
-    """Whether a call ranks tokens (a select launch), or only copies its windows / every token."""
-    return len(compiled.program.clause_keys) > 0 and alloc.total < n
-
-
-def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=(), gather: bool = True,
-            out=None) -> Call:
+def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, named=(), gather: bool = True) -> Call:
     """Allocate an evict call's buffers and list its launches: statistics, score (which also
     zeroes select's counters), select (which also gathers the kept rows, unless ``gather`` is
     False: then the call's keys and values are None; or a gather launch after it, see
     fused_gather); for a policy with nothing to rank (only windows, or a budget that keeps
-    everything) one gather that writes the indices too. ``out``: (indices, keys, values) to
-    write instead of new tensors (contiguous; keys and values None without ``gather``)."""
+    everything) one gather that writes the indices too."""
     b, h, n, d = keys.shape
     dv = values.shape[-1]
     total, device = alloc.total, keys.device
-    out_i, out_k, out_v = (None, None, None) if out is None else out
-    if out_i is None:
-        out_i = torch.empty(b, h, total, dtype=torch.int64, device=device)
-    if not ranks(compiled, alloc, n):   # windows only: one launch
-        grid, args, constexprs, (out_k, out_v) = gather_launch(out_i, keys, values, out_k, out_v,
+    out_i = torch.empty(b, h, total, dtype=torch.int64, device=device)
+    if len(compiled.program.clause_keys) == 0 or total == n:   # windows only: one launch
+        grid, args, constexprs, (out_k, out_v) = gather_launch(out_i, keys, values,
                                                                n_sink=n if total == n else alloc.n_sink, rows=gather)
         return Call([Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS)], None, None, out_i, out_k, out_v)
     if not gather:
@@ -407,13 +391,12 @@ def prepare(compiled: CompiledPolicy, alloc, keys, values, queries, seed: int, n
                                      out_i.view(b * h, total), heads=h, seed=seed))
         return call
     if not fused_gather(compiled.program):   # select writes the indices, then a gather launch copies the rows
-        call = prepare(compiled, alloc, keys, values, queries, seed, named, gather=False, out=(out_i, None, None))
-        grid, args, constexprs, (call.keys, call.values) = gather_launch(call.indices, keys, values, out_k, out_v)
+        call = prepare(compiled, alloc, keys, values, queries, seed, named, gather=False)
+        grid, args, constexprs, (call.keys, call.values) = gather_launch(call.indices, keys, values)
         call.launches.append(Launch(_gather_kernel, grid, args, constexprs, GATHER_WARPS))
         return call
-    if out_k is None:
-        out_k = torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
-        out_v = torch.empty(b, h, total, dv, dtype=values.dtype, device=device)
+    out_k = torch.empty(b, h, total, d, dtype=keys.dtype, device=device)
+    out_v = torch.empty(b, h, total, dv, dtype=values.dtype, device=device)
     call = _ranking(compiled, keys, values, queries, seed, named, Layout.dense(keys, values), (d, dv), out_i)
     call.launches.append(_select(compiled, call, alloc.clause_counts, alloc.n_sink, alloc.n_recent, total,
                                  out_i.view(b * h, total), gather=(keys, values, out_k, out_v), heads=h, seed=seed))

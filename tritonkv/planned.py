@@ -11,7 +11,6 @@ offsets). Anything it cannot recognise leaves the signature unplanned (correct, 
 
 from __future__ import annotations
 
-import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -21,12 +20,11 @@ from .budget import allocate
 from .lowering import lower
 from .adaptive import adaptive_programs, prepare_adaptive
 from .compiled import evict_compiled
-from .compiler import Call, check_backend, compile_policy, run, score_programs, selection_programs
+from .compiler import Call, check_backend, compile_policy, prepare, run, score_programs, selection_programs
 from .kernels import batch_launch
 from .kernels.common import env_flag, interpreting
 from .kernels.launch import compiled_entry, hooks_installed, raw_stream
 from .results import Evicted, varlen_from
-from .row_groups import group_inputs, prepare_call
 
 # roles of per-call values, in the order Plan.__call__ lists them; the named inputs (signals,
 # directions) follow as NAMED, NAMED + 1, ...
@@ -34,19 +32,16 @@ KEYS, VALUES, QUERIES, SCRATCH, INDICES, OUT_KEYS, OUT_VALUES, SEED, NAMED = ran
 
 
 class Step:
-    """One recorded launch: ``launcher(*grid, stream, function, metadata, None, None, None, *args)``;
-    ``after``: the steps it waits for in a graph (compiler.Launch.after; None: the one before)."""
+    """One recorded launch: ``launcher(*grid, stream, function, metadata, None, None, None, *args)``."""
 
-    __slots__ = ("kernel", "launcher", "grid", "head", "template", "patches", "after")
+    __slots__ = ("kernel", "launcher", "grid", "head", "template", "patches")
 
-    def __init__(self, kernel, grid, template: list, patches: Sequence[Tuple[int, int, int]],
-                 after: Optional[Tuple[int, ...]] = None):
+    def __init__(self, kernel, grid, template: list, patches: Sequence[Tuple[int, int, int]]):
         self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.launcher, self.head = _launcher_of(kernel)
         self.template = template
         self.patches = tuple(patches)   # (argument position, role, byte offset)
-        self.after = after
 
 
 def _launcher_of(kernel):
@@ -68,10 +63,7 @@ class Plan:
     kernel. Through C the launches are one CUDA graph whose kernel nodes are re-pointed where a
     call's addresses changed (H100: a node update and one graph launch cost less than a launch
     each). A graph's launches run in the order they were made, so calls of one plan on several
-    streams no longer overlap on the GPU. A plan whose steps name edges (``after``: a call cut
-    into row groups) is a graph of those edges; where the current stream is capturing (the
-    caller's own CUDA graph), its steps go on several streams instead (Lanes), so the caller's
-    graph records the same edges. Without graphs (``TRITONKV_GRAPH_LAUNCH=0``, or no C
+    streams no longer overlap on the GPU. Without graphs (``TRITONKV_GRAPH_LAUNCH=0``, or no C
     module), or as two graphs (``split_graphs``), the outputs are allocated after the launches
     that do not write them (statistics, score) are queued, so the GPU starts while the host
     still allocates."""
@@ -85,14 +77,13 @@ class Plan:
         self.whole = _launcher(steps, device, graphed=True) if graphed and not split else None
         if self.whole is None or self.whole[0] is _launch:   # two groups of launches, split where outputs are written
             self.whole = None
-            self.early, self.late = _launcher(steps[:late], device, split), _launcher(steps[late:], device, split, late)
+            self.early, self.late = _launcher(steps[:late], device, split), _launcher(steps[late:], device, split)
         self.device = device
         self.device_index = device.index
         self.indices_shape, self.keys_shape, self.values_shape = shapes
         self.scratch_numel = scratch_numel
         self.packed_heads = packed_heads   # AdaKV: KV heads of its packed result (indices hold the lengths too)
         self.fallback = None   # set by plan_compiled: the unplanned call, for launch hooks
-        self.lanes = None if lanes_of(steps) is None else Lanes(steps, device)
 
     def graph_status(self):
         """(graph state, (CUresult, step)) of this plan's CUDA graph, as kernels/batch_launch.c
@@ -117,9 +108,7 @@ class Plan:
                      0 if scratch is None else scratch.data_ptr(), 0, 0, 0, seed]
         if named:
             values_of += [t.data_ptr() for t in named]
-        # a stream that is capturing records the plan's edges (row groups) through Lanes, all steps at once
-        capturing = self.lanes is not None and torch.cuda.is_current_stream_capturing()
-        if self.whole is None and not capturing:
+        if self.whole is None:
             launch, steps = self.early
             launch(steps, stream, values_of)
         indices = keys.new_empty(*self.indices_shape, dtype=torch.int64)
@@ -130,10 +119,7 @@ class Plan:
             out_v = values.new_empty(*self.values_shape)
             values_of[OUT_KEYS:OUT_VALUES + 1] = out_k.data_ptr(), out_v.data_ptr()
         launch, steps = self.late if self.whole is None else self.whole
-        if capturing:
-            self.lanes.launch(values_of)
-        else:
-            launch(steps, stream, values_of)
+        launch(steps, stream, values_of)
         if self.packed_heads:
             return varlen_from(out_k, out_v, indices, self.packed_heads)
         return Evicted(out_k, out_v, indices)
@@ -148,129 +134,41 @@ def split_graphs() -> bool:
     return env_flag("TRITONKV_GRAPH_SPLIT", False)
 
 
-def _launcher(steps: List[Step], device: torch.device, graphed: bool = False, start: int = 0):
+def _launcher(steps: List[Step], device: torch.device, graphed: bool = False):
     """(launch, steps) with ``launch(steps, stream, values_of)`` running the steps in order:
     one batched call into C (``graphed``: as a re-pointed CUDA graph), or Triton's launcher
-    per step. ``start``: the plan's position of ``steps[0]`` (their ``after`` count from the plan's
-    first step; edges to steps before ``start`` are kept by the stream's order)."""
+    per step."""
     roles = 1 + max((role for step in steps for _, role, _ in step.patches), default=-1)
-    batched = batch_launch.batch([(s.kernel, s.grid, s.template, s.patches, _rebased(s.after, start))
-                                  for s in steps], device.index, roles, graphed)
+    batched = batch_launch.batch([(s.kernel, s.grid, s.template, s.patches) for s in steps], device.index, roles,
+                                 graphed)
     return (_launch, steps) if batched is None else batched
-
-
-def _rebased(after: Optional[Tuple[int, ...]], start: int) -> Optional[Tuple[int, ...]]:
-    return None if after is None else tuple(j - start for j in after if j >= start)
 
 
 def _launch(steps: List[Step], stream: int, values_of) -> None:
     for step in steps:
-        _launch_step(step, stream, values_of)
-
-
-def _launch_step(step: Step, stream: int, values_of) -> None:
-    args = step.template.copy()
-    for position, role, offset in step.patches:
-        args[position] = values_of[role] + offset
-    step.launcher(*step.grid, stream, *step.head, *args)
-
-
-def lanes_of(steps: List[Step]) -> Optional[List[int]]:
-    """Per step, the stream (lane) it goes on where a capturing stream records a plan with edges
-    (``after``; row_groups.py): a step that waits first for the step before it stays in that
-    step's lane, any other starts a new one. None where every step waits for the one before it."""
-    if all(step.after is None for step in steps):
-        return None
-    lanes: List[int] = []
-    for i, step in enumerate(steps):
-        chained = i > 0 and (step.after is None or step.after[:1] == (i - 1,))
-        lanes.append(lanes[-1] if chained else len(set(lanes)))
-    return lanes
-
-
-class Lanes:
-    """A plan's steps launched on several streams, so that a stream that is capturing (the
-    caller's CUDA graph; the plan's own graph is not launched then) records the plan's edges,
-    not a chain: lane 0 is the current stream, the others fork from it and join it at the end;
-    an edge between lanes is an event. The side streams and events are made once (``ready``:
-    plan_compiled calls it when it makes the plan, so that a capture does not create them)."""
-
-    def __init__(self, steps: List[Step], device: torch.device):
-        self.steps, self.device = steps, device
-        self.lane = lanes_of(steps)
-        self.streams = self.events = None
-        self.lock = threading.Lock()   # threads capturing the same plan at once take turns
-
-    def ready(self) -> None:
-        """Make the side streams and the events (an event's CUDA object is made at its first
-        record: each is recorded once on the current stream here)."""
-        with self.lock:
-            if self.streams is None:
-                current = torch.cuda.current_stream(self.device)
-                self.events = [torch.cuda.Event() for _ in range(len(self.steps) + 1)]   # per step, and the fork
-                for event in self.events:
-                    event.record(current)
-                self.streams = [torch.cuda.Stream(self.device) for _ in range(max(self.lane))]
-
-    def launch(self, values_of) -> None:
-        self.ready()
-        with self.lock:
-            self._launch(values_of)
-
-    def _launch(self, values_of) -> None:
-        current = torch.cuda.current_stream(self.device)
-        streams = [current] + self.streams
-        fork = self.events[-1]
-        fork.record(current)
-        for side in self.streams:
-            side.wait_event(fork)
-        for i, step in enumerate(self.steps):
-            stream = streams[self.lane[i]]
-            for j in (i - 1,) if step.after is None else step.after:
-                if j >= 0 and self.lane[j] != self.lane[i]:
-                    stream.wait_event(self.events[j])
-            _launch_step(step, stream.cuda_stream, values_of)
-            self.events[i].record(stream)
-        for side in self.streams:
-            current.wait_stream(side)
+        args = step.template.copy()
+        for position, role, offset in step.patches:
+            args[position] = values_of[role] + offset
+        step.launcher(*step.grid, stream, *step.head, *args)
 
 
 def _role(arg: torch.Tensor, inputs, buffers) -> Optional[Tuple[int, int]]:
-    """(role, byte offset) of a launch's tensor argument: an input or a view of one the call
-    named (by identity: inputs may share memory), or a view into one of the call's own buffers
-    (by address; ``buffers``: (role, tensor, the buffer's offset within its role))."""
-    for role, tensor, offset in inputs:
+    for role, tensor in inputs:
         if arg is tensor:
-            return role, offset
+            return role, 0
     ptr = arg.data_ptr()
-    for role, tensor, offset in buffers:
+    for role, tensor in buffers:
         base = tensor.data_ptr()
         if base <= ptr < base + max(1, tensor.numel() * tensor.element_size()):
-            return role, offset + ptr - base
+            return role, ptr - base
     return None
 
 
 def record(call: Call, keys, values, queries, named=(), packed_heads: int = 0) -> Optional[Plan]:
-    """A Plan replaying ``call`` (already run), or None if some launch cannot be replayed. A call
-    cut into row groups (row_groups.py) has a scratch buffer per group: the plan allocates one,
-    each group's at its own 512-byte aligned offset."""
-    inputs = [(KEYS, keys, 0), (VALUES, values, 0), (QUERIES, queries, 0)] + \
-        [(NAMED + i, t, 0) for i, t in enumerate(named)]
-    for view, whole, offset in call.aliases:   # views of the inputs (a call cut into row groups)
-        role = next((role for role, t, _ in inputs if t is whole), None)
-        if role is None:
-            return None
-        inputs.append((role, view, offset))
-    buffers, scratch_numel = [], 0
-    if isinstance(call.scratch, list):   # float32 buffers, each at a 512-byte step
-        for scratch in call.scratch:
-            buffers.append((SCRATCH, scratch, scratch_numel * 4))
-            scratch_numel += -(-scratch.numel() // 128) * 128
-    elif call.scratch is not None:
-        buffers.append((SCRATCH, call.scratch, 0))
-        scratch_numel = call.scratch.numel()
-    buffers += [(role, t, 0) for role, t in ((INDICES, call.indices), (OUT_KEYS, call.keys),
-                                             (OUT_VALUES, call.values)) if t is not None]
+    """A Plan replaying ``call`` (already run), or None if some launch cannot be replayed."""
+    inputs = [(KEYS, keys), (VALUES, values), (QUERIES, queries)] + [(NAMED + i, t) for i, t in enumerate(named)]
+    buffers = [(role, t) for role, t in ((SCRATCH, call.scratch), (INDICES, call.indices),
+                                         (OUT_KEYS, call.keys), (OUT_VALUES, call.values)) if t is not None]
     steps = []
     for launch in call.launches:
         entry = compiled_entry(launch.fn, launch.args, launch.constexprs, launch.num_warps, launch.num_stages,
@@ -289,7 +187,8 @@ def record(call: Call, keys, values, queries, named=(), packed_heads: int = 0) -
                 template[position] = None
         if launch.seed_arg is not None:
             patches.append((launch.seed_arg, SEED, 0))
-        steps.append(Step(kernel, launch.grid, template, patches, launch.after))
+        steps.append(Step(kernel, launch.grid, template, patches))
+    scratch_numel = 0 if call.scratch is None else call.scratch.numel()
     shapes = [None if t is None else tuple(t.shape) for t in (call.indices, call.keys, call.values)]
     return Plan(steps, keys.device, shapes, scratch_numel, packed_heads)
 
@@ -319,11 +218,10 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
     adaptive = policy.heads == "adaptive"
     dims = (keys.shape[-1], values.shape[-1]) if gather else (0, 0)
 
-    def grids():   # what the launches' grids depend on, learnt by the first launches (of each row group)
-        if adaptive:
-            return adaptive_programs(keys), score_programs(compiled, keys, values, queries)
-        return [(selection_programs(compiled.program, *k.shape[:3], keys.device, dims), score_programs(compiled, k, v, q))
-                for k, v, q in group_inputs(policy, compiled, alloc, keys, values, queries, named)]
+    def grids():   # what the launches' grids depend on, learnt by the first launches
+        selects = adaptive_programs(keys) if adaptive \
+            else selection_programs(compiled.program, b, h, n, keys.device, dims)
+        return selects, score_programs(compiled, keys, values, queries)
 
     before = grids()
     if adaptive:
@@ -331,7 +229,7 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
         run(call)
         out = varlen_from(call.keys, call.values, call.indices, h)
     else:
-        call = prepare_call(policy, compiled, alloc, keys, values, queries, seed, named, gather)
+        call = prepare(compiled, alloc, keys, values, queries, seed, named, gather)
         run(call)
         out = Evicted(call.keys, call.values, call.indices)
     if grids() != before:
@@ -340,6 +238,4 @@ def plan_compiled(policy: dsl.Policy, k: int, keys, values, queries, seed: int, 
     if plan is None:
         return unplanned, out
     plan.fallback = unplanned
-    if plan.lanes is not None:
-        plan.lanes.ready()
     return plan, out

@@ -34,18 +34,6 @@ def steps():
     return out
 
 
-def edges_of(batch, label):
-    """Build ``batch``'s graph (one launch) and print each new node's dependencies, as the
-    positions of the nodes this build added."""
-    first = ctypes.c_int.in_dll(stub, "nodes_added").value
-    mod.launch(batch, 0, [10, 20])
-    added = ctypes.c_int.in_dll(stub, "nodes_added").value
-    edges = (ctypes.c_int * 8 * 256).in_dll(stub, "edges")
-    n_edges = (ctypes.c_int * 256).in_dll(stub, "n_edges")
-    print(json.dumps(dict(label=label, edges=[sorted(edges[k][d] - first for d in range(n_edges[k]))
-                                              for k in range(first, added)])))
-
-
 print(json.dumps(dict(label="found", found=mod.graphs_found())))
 graphed = mod.build(0, 2, steps(), True)
 launch(graphed, [10, 20], "first")              # built and instantiated, launched as a graph
@@ -64,9 +52,3 @@ failing = mod.build(0, 2, steps(), True)
 launch(failing, [30, 40], "build fails")
 set_stub(fail_add_node=0)
 launch(mod.build(0, 2, steps()), [50, 60], "not graphed")
-# a graph of row groups (row_groups.py): a, b (after a), c (after b; empty grid: never launched),
-# d (chained: after c, so after b), e (after a, first of a second group), f (after e and d)
-one = steps()[0]
-empty = one[:1] + (0,) + one[2:]
-edges_of(mod.build(0, 2, [one, one + ((0,),), empty + ((1,),), one + (None,), one + ((0,),), one + ((4, 3),)], True),
-         "edges")

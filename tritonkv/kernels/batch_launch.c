@@ -8,9 +8,8 @@
  * no argument parsing per launch. A batch is read-only after build, so threads may launch
  * it at once; the GIL is released around the driver calls.
  *
- * A batch built with graphed=1 launches its steps as one CUDA graph instead: kernel nodes, each
- * after the one before it or after the steps it names (a call cut into row groups), instantiated
- * on the first launch, whose parameters each launch re-points
+ * A batch built with graphed=1 launches its steps as one CUDA graph instead: a chain of kernel
+ * nodes, instantiated on the first launch, whose parameters each launch re-points
  * (cuGraphExecKernelNodeSetParams, which copies them: a launch's values never reach another's)
  * before one cuGraphLaunch. A node update costs a fraction of a kernel launch (H100:
  * perf/graph_update_probe.py). The update and the launch hold the batch's mutex, so threads
@@ -31,7 +30,6 @@
 
 #define MAX_PARAMS 128
 #define MAX_VALUES 64
-#define MAX_AFTER 8   /* steps a step may wait for, and graph nodes it may depend on */
 
 typedef struct {
   uint32_t slot, role;
@@ -42,9 +40,6 @@ typedef struct {
   CUfunction function;
   unsigned grid[3], block, shared;
   int pdl, cooperative;
-  int chained;                /* waits for the step before it (else for ``after``) */
-  uint32_t n_after;
-  uint32_t after[MAX_AFTER];  /* earlier steps it waits for, where not chained */
   uint32_t n_slots, n_patches;
   uint64_t *slots;
   Patch *patches;
@@ -180,35 +175,9 @@ static void free_batch(PyObject *capsule) {
   if (batch) destroy(batch, batch->n_steps);
 }
 
-/* A step's ``after`` (None, or a sequence of earlier steps) into the step; -1 with an exception set. */
-static int parse_after(Step *step, PyObject *after_obj, Py_ssize_t i) {
-  step->chained = after_obj == Py_None;
-  if (step->chained) return 0;
-  PyObject *after = PySequence_Fast(after_obj, "after: expected None or a sequence of steps");
-  if (!after) return -1;
-  Py_ssize_t n = PySequence_Fast_GET_SIZE(after);
-  int ok = n <= MAX_AFTER;
-  for (Py_ssize_t k = 0; ok && k < n; k++) {
-    long long j = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(after, k));
-    ok = !(j == -1 && PyErr_Occurred()) && 0 <= j && j < i;
-    step->after[k] = (uint32_t)j;
-  }
-  Py_DECREF(after);
-  if (!ok) {
-    PyErr_Clear();
-    PyErr_Format(PyExc_ValueError, "batch_launch: step %zd: after: expected None or at most %d earlier steps' indices",
-                 i, MAX_AFTER);
-    return -1;
-  }
-  step->n_after = (uint32_t)n;
-  return 0;
-}
-
 /* build(device, n_roles, steps, graphed=False): steps is a sequence of
- * (function, grid_x, grid_y, grid_z, block, shared, pdl, cooperative, slots: bytes, patches[, after])
- * with patches a sequence of (slot, role, offset) and after None (the step waits for the one
- * before it) or a sequence of earlier steps it waits for (the graph's edges; plain launches run
- * the steps in order, which such edges allow). */
+ * (function, grid_x, grid_y, grid_z, block, shared, pdl, cooperative, slots: bytes, patches)
+ * with patches a sequence of (slot, role, offset). */
 static PyObject *build(PyObject *self, PyObject *args) {
   int device, graphed = 0;
   unsigned n_roles;
@@ -236,13 +205,12 @@ static PyObject *build(PyObject *self, PyObject *args) {
     unsigned long long function;
     const char *slots;
     Py_ssize_t slots_len;
-    PyObject *patches_obj, *after_obj = Py_None;
-    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(steps, i), "KIIIIIppy#O|O", &function, &step->grid[0],
+    PyObject *patches_obj;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(steps, i), "KIIIIIppy#O", &function, &step->grid[0],
                           &step->grid[1], &step->grid[2], &step->block, &step->shared, &step->pdl,
-                          &step->cooperative, &slots, &slots_len, &patches_obj, &after_obj))
+                          &step->cooperative, &slots, &slots_len, &patches_obj))
       goto fail;
     step->function = (CUfunction)(uintptr_t)function;
-    if (parse_after(step, after_obj, i) < 0) goto fail;
     if (slots_len % 8 || slots_len / 8 > MAX_PARAMS) {
       PyErr_Format(PyExc_ValueError, "batch_launch: step %zd: slots must be 8 bytes each, at most %d", i,
                    MAX_PARAMS);
@@ -376,48 +344,20 @@ static CUresult launch_steps(const Batch *batch, CUstream stream, const uint64_t
   return status;
 }
 
-/* Adds to deps (n of them, at most MAX_AFTER, each once) the nodes that stand for "step j has
- * run": its node, or for a step never launched (an empty grid) the nodes of the steps it waits
- * for. 0 where more than MAX_AFTER nodes would be needed. */
-static int done_nodes(const Batch *batch, uint32_t j, CUgraphNode *deps, size_t *n) {
-  const Step *step = &batch->steps[j];
-  if (batch->nodes[j]) {
-    for (size_t k = 0; k < *n; k++)
-      if (deps[k] == batch->nodes[j]) return 1;
-    if (*n == MAX_AFTER) return 0;
-    deps[(*n)++] = batch->nodes[j];
-    return 1;
-  }
-  if (step->chained) return j == 0 || done_nodes(batch, j - 1, deps, n);
-  for (uint32_t k = 0; k < step->n_after; k++)
-    if (!done_nodes(batch, step->after[k], deps, n)) return 0;
-  return 1;
-}
-
-/* The graph of kernel nodes (each step's edges: the step before it, or its ``after``), with
- * these values, instantiated (the batch's lock held). */
+/* The chain of kernel nodes, with these values, instantiated (the batch's lock held). */
 static CUresult build_graph(Batch *batch, const uint64_t *values) {
   uint64_t slots[MAX_PARAMS];
   void *params[MAX_PARAMS];
   CUresult status = graph_create(&batch->graph, 0);
+  CUgraphNode last = NULL;
   for (uint32_t i = 0; status == CUDA_SUCCESS && i < batch->n_steps; i++) {
     const Step *step = &batch->steps[i];
     if (grid_empty(step)) continue;
-    CUgraphNode deps[MAX_AFTER];
-    size_t n_deps = 0;
-    int fits = 1;
-    if (step->chained)
-      fits = i == 0 || done_nodes(batch, i - 1, deps, &n_deps);
-    for (uint32_t k = 0; fits && !step->chained && k < step->n_after; k++)
-      fits = done_nodes(batch, step->after[k], deps, &n_deps);
-    batch->graph_step = (int)i;
-    if (!fits) {
-      status = CUDA_ERROR_INVALID_VALUE;
-      break;
-    }
     fill(step, values, slots, params);
     CUDA_KERNEL_NODE_PARAMS_v2 p = node_params(step, params);
-    status = add_kernel_node(&batch->nodes[i], batch->graph, n_deps ? deps : NULL, n_deps, &p);
+    status = add_kernel_node(&batch->nodes[i], batch->graph, last ? &last : NULL, last ? 1 : 0, &p);
+    last = batch->nodes[i];
+    batch->graph_step = (int)i;
   }
   if (status == CUDA_SUCCESS) {
     batch->graph_step = (int)batch->n_steps;

@@ -101,17 +101,16 @@ def signature_of(kernel) -> Optional[Tuple[str, ...]]:
 
 def batch(launches, device_index: int, n_roles: int, graphed: bool = False):
     """(launch, handle) for ``launch(handle, stream, values)`` to run ``launches`` ((compiled
-    kernel, grid, template, patches[, after]) each) in order, ``values[role]`` patched in where a
-    patch names ``role``; None where batching is off, the module cannot be built or some kernel
-    cannot be batched. ``graphed``: as one re-pointed CUDA graph per launch, whose edges are each
-    launch's ``after`` (the earlier launches it waits for; None: the one before it)."""
+    kernel, grid, template, patches) each) in order, ``values[role]`` patched in where a patch
+    names ``role``; None where batching is off, the module cannot be built or some kernel
+    cannot be batched. ``graphed``: as one re-pointed CUDA graph per launch."""
     if not enabled() or not launches:
         return None
     mod = module()
     if mod is None:
         return None
     steps = []
-    for kernel, grid, template, patches, *after in launches:
+    for kernel, grid, template, patches in launches:
         signature = signature_of(kernel)
         if signature is None:
             return None
@@ -123,5 +122,5 @@ def batch(launches, device_index: int, n_roles: int, graphed: bool = False):
         run = kernel.run
         grid = tuple(grid) + (1,) * (3 - len(grid))
         steps.append((kernel.function, *grid, 32 * num_warps, shared, bool(run.launch_pdl),
-                      bool(run.launch_cooperative_grid), slots, by_slot, *after))
+                      bool(run.launch_cooperative_grid), slots, by_slot))
     return mod.launch, mod.build(device_index, n_roles, steps, graphed)
