@@ -54,14 +54,20 @@ def lowered_case(name: str, n: int, batch: int, budget: float, bandwidth: float)
     return policy, alloc, compiler.compile_policy(policy), keys, values, q, floor
 
 
+def prepared(compiled, alloc, keys, values, queries, gather: bool = True):
+    """A call's launches as evict would make them on its second call: a first call compiles and
+    learns the select and score kernels' occupancy, which the next call's geometry reads
+    (score waves, the select's programs)."""
+    compiler.run(compiler.prepare(compiled, alloc, keys, values, queries, 0, gather=gather))
+    return compiler.prepare(compiled, alloc, keys, values, queries, 0, gather=gather)
+
+
 def breakdown(name: str, n: int, batch: int, budget: float, replays: int, bandwidth: float,
               gather: bool = True) -> dict:
     """``gather=False``: select writes the kept indices only (its time then excludes the copy
     of the kept K / V rows)."""
     _, alloc, compiled, keys, values, q, floor = lowered_case(name, n, batch, budget, bandwidth)
-    compiler.run(compiler.prepare(compiled, alloc, keys, values, q, 0, gather=gather))   # compile; the select
-    # and score kernels' occupancy, which the next call's geometry reads (score-waves, the select's programs)
-    launches = compiler.prepare(compiled, alloc, keys, values, q, 0, gather=gather).launches
+    launches = prepared(compiled, alloc, keys, values, q, gather).launches
     marker = keys.new_empty(1)
     prefixes = [prefix_us(launches, k, replays, marker) for k in range(len(launches) + 1)]
     steps = [dict(kernel=kernel_name(s.fn), grid=list(s.grid), us=prefixes[i + 1] - prefixes[i])

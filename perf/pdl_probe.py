@@ -132,9 +132,9 @@ def main():
                 res[p].append(chain_us(lambda: chain(k, part, anchor, out[p], p, S, tiles)))
         torch.testing.assert_close(out[True], out[False])
         plain, pdl = min(res[False]), min(res[True])
-        floor = k.numel() * 2 / 1e6  # MB
+        k_mb = k.numel() * k.element_size() / 1e6
         print(f"B={b} N={a.n} rows={rows} S={S}: plain {plain:8.1f}  pdl {pdl:8.1f}  pdl/plain {pdl / plain:.3f}  "
-              f"({floor:.0f} MB of K read twice)")
+              f"({k_mb:.0f} MB of K read twice)")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perf.floor import copy_bandwidth  # noqa: E402
-from perf.launches import lowered_case  # noqa: E402
+from perf.launches import lowered_case, prepared  # noqa: E402
 from perf.timing import CUDA, graph_times  # noqa: E402
 from tritonkv import compiler  # noqa: E402
 from tritonkv.kernels.launch import kernel_name  # noqa: E402
@@ -135,17 +135,12 @@ def parts_of(plan, *tensors, heads: int):
 
 def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: int, bandwidth: float) -> dict:
     _, alloc, compiled, keys, values, q, floor = lowered_case(name, n, batch, budget, bandwidth)
-
-    def prepared(keys_, values_, q_):
-        compiler.run(compiler.prepare(compiled, alloc, keys_, values_, q_, 0))   # compile, record occupancy
-        return compiler.prepare(compiled, alloc, keys_, values_, q_, 0)
-
-    one = prepared(keys, values, q)
+    one = prepared(compiled, alloc, keys, values, q)
     modes = {"one": serial([one])}
     outputs = {"one": [one]}
     axis = None
+    ranks = len(compiled.program.clause_keys) > 0 and alloc.total < keys.shape[2]   # a select to overlap
     for groups in group_counts:
-        ranks = len(compiled.program.clause_keys) > 0 and alloc.total < keys.shape[2]   # a select to overlap
         plan = cut(compiled.program, keys.shape, groups) if ranks else None
         if plan is None or len(plan[1]) < groups:
             continue
@@ -153,7 +148,7 @@ def probe(name: str, n: int, batch: int, budget: float, group_counts, replays: i
         inputs = parts_of(plan, keys, values, q, heads=keys.shape[1])
 
         def group_calls():
-            return [prepared(*group) for group in inputs]
+            return [prepared(compiled, alloc, *group) for group in inputs]
         calls = group_calls()
         outputs[f"serial G={groups}"] = calls
         modes[f"serial G={groups}"] = serial(calls)
