@@ -13,6 +13,7 @@ query heads x a 64-token window), as kernels/proxy.py's proxy_stats_tile does:
     rot      the product of tile i + 1 issued before the softmax of tile i (its wgmma in flight
              while the exponentials run), pointer loads
     half     two programs per KV head of 128 query rows, 4 warps each (independent chains)
+    w16      ptr with 16 warps (four warpgroups of 64 query rows each)
 
     python perf/proxy_ws_probe.py --n 131072 --batch 1 --json OUT.json
     python perf/proxy_ws_probe.py --compile    # sm_90 build of every variant, no GPU (registers, shared memory)
@@ -33,7 +34,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LOG2E = 1.4426950408889634
-VARIANTS = ("ptr", "desc", "ws256", "ws128", "rot", "half")
+VARIANTS = ("ptr", "desc", "ws256", "ws128", "rot", "half", "w16")
 
 
 @triton.jit
@@ -94,7 +95,8 @@ def _stats_probe(q_ptr, q_desc, k_ptr, k_desc, out_ptr, N, H, S, tiles_per_prog,
 def config(variant: str):
     """(MODE, WS, QB, num_warps) of a variant."""
     return {"ptr": (0, False, 256, 8), "desc": (1, False, 256, 8), "ws256": (1, True, 256, 4),
-            "ws128": (1, True, 128, 4), "rot": (2, False, 256, 8), "half": (0, False, 128, 4)}[variant]
+            "ws128": (1, True, 128, 4), "rot": (2, False, 256, 8), "half": (0, False, 128, 4),
+            "w16": (0, False, 256, 16)}[variant]
 
 
 def make_inputs(rows: int, n: int, d: int, device, qr: int = 256, dtype=torch.bfloat16, seed: int = 0):
@@ -201,12 +203,16 @@ def main():
 
 
 def toy(variants):
-    """Every variant under the interpreter at a tiny size against reference_lse."""
-    q, k = make_inputs(2, 256, 64, "cpu", qr=256, dtype=torch.float32)
+    """Each variant at a tiny size against reference_lse: on the CPU (the interpreter, float32: its
+    bfloat16 tl.dot is wrong) those without descriptors; on a GPU also desc. Never the warp-specialized
+    ones: on an H100 they hung or faulted (run.log of perf/results/ab/proxy-ws-probe-7469e02-H100)."""
+    cuda = torch.cuda.is_available()
+    q, k = make_inputs(2, 256, 64, "cuda" if cuda else "cpu", qr=256, dtype=torch.bfloat16 if cuda else torch.float32)
     ref = reference_lse(q, k)
     for variant in variants:
-        if config(variant)[0] == 1:
-            continue   # TMA descriptors: GPU only
+        mode, ws = config(variant)[:2]
+        if ws or (mode == 1 and not cuda):
+            continue
         run, out = launch_args(variant, q, k, 2, stages=2)
         run()
         err = (merged(out) - ref).abs().max().item()

@@ -233,3 +233,10 @@ def test_waiting_patches_apply_to_this_tree():
         done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=ROOT, capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 0, (patch.name, done.stderr)
+
+
+def test_proxy_ws_probe_runs_at_toy_size():
+    """perf/proxy_ws_probe.py: its variants of the statistics loop give each query row's lse
+    (m + log2 l) of the reference, within 1e-3."""
+    out = run([sys.executable, "perf/proxy_ws_probe.py", "--toy"])
+    assert {"ptr:", "rot:", "half:", "w16:"} <= {line.split()[0] for line in out.stdout.splitlines()}, out.stdout
