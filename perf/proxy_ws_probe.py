@@ -14,8 +14,13 @@ query heads x a 64-token window), as kernels/proxy.py's proxy_stats_tile does:
              while the exponentials run), pointer loads
     half     two programs per KV head of 128 query rows, 4 warps each (independent chains)
     w16      ptr with 16 warps (four warpgroups of 64 query rows each)
+    gluon    the loop scheduled by hand in Gluon: TMA ring, tile i + 1's wgmma in flight during tile i's
+             softmax (168 registers: one program per SM)
+    gluon32  gluon with 32-key tiles (fewer registers)
 
     python perf/proxy_ws_probe.py --n 131072 --batch 1 --json OUT.json
+    python perf/proxy_ws_probe.py --variants gluon --stages 3 --no-library   # one variant (a process each: a
+                                                                              # variant that hangs takes only its own)
     python perf/proxy_ws_probe.py --compile    # sm_90 build of every variant, no GPU (registers, shared memory)
     python perf/proxy_ws_probe.py --toy        # CPU interpreter, tiny sizes: checks the variants' statistics
 """
@@ -30,11 +35,14 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LOG2E = 1.4426950408889634
-VARIANTS = ("ptr", "desc", "ws256", "ws128", "rot", "half", "w16")
+VARIANTS = ("ptr", "desc", "ws256", "ws128", "rot", "half", "w16", "gluon", "gluon32")
 
 
 @triton.jit
@@ -92,11 +100,89 @@ def _stats_probe(q_ptr, q_desc, k_ptr, k_desc, out_ptr, N, H, S, tiles_per_prog,
     tl.store(p_out + QB + o_q, run_l)
 
 
+@gluon.jit
+def _stats_gluon(q_desc, k_desc, out_ptr, N, S, tiles_per_prog,
+                 QK_SCALE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """_stats_probe's loop scheduled by hand (Gluon, sm_90): K tiles through TMA into a ring of STAGES
+    buffers, each awaited on its mbarrier; tile j + 1's product is issued (asynchronous wgmma) before
+    tile j's softmax statistics and awaited after them, so the tensor cores and the exponent unit
+    work at once within a warpgroup, which the Triton loop does not do (its wgmma wait sits right
+    after the issue: read from the rot variant's PTX). Writes (m, l) as _stats_probe does (one chunk)."""
+    QB: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    i_s = gl.program_id(0)
+    i_row = gl.program_id(1)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                 instr_shape=[16, BLOCK_N, 16])
+    rows: gl.constexpr = gl.SliceLayout(1, mma)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+    row0 = i_row * N + i_s * tiles_per_prog * BLOCK_N
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [i_row * QB, 0], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        pred = i < tiles_per_prog
+        mbarrier.expect(k_bar.index(i), k_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(k_desc, [row0 + i * BLOCK_N, 0], k_bar.index(i), k_smem.index(i), pred=pred)
+    zero = gl.zeros([QB, BLOCK_N], gl.float32, layout=mma)
+    m = gl.full([QB], float("-inf"), gl.float32, layout=rows)
+    l = gl.zeros([QB], gl.float32, layout=rows)
+    mbarrier.wait(q_bar, phase=0)
+    mbarrier.wait(k_bar.index(0), phase=0)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    for j in range(tiles_per_prog - 1):
+        # tile j's product is done: its slot takes tile j + STAGES
+        slot = j % STAGES
+        pred = j + STAGES < tiles_per_prog
+        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(k_desc, [row0 + (j + STAGES) * BLOCK_N, 0], k_bar.index(slot),
+                                        k_smem.index(slot), pred=pred)
+        # tile j + 1's product runs while tile j's exponentials do
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(k_bar.index(nxt), phase=((j + 1) // STAGES) & 1)
+        s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero, use_acc=False, is_async=True)
+        t_m = gl.max(s, 1) * QK_SCALE
+        m_new = gl.maximum(m, t_m)
+        l = l * gl.exp2(m - m_new) + gl.sum(gl.exp2(s * QK_SCALE - gl.expand_dims(m_new, 1)), 1)
+        m = m_new
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, ))
+    t_m = gl.max(s, 1) * QK_SCALE
+    m_new = gl.maximum(m, t_m)
+    l = l * gl.exp2(m - m_new) + gl.sum(gl.exp2(s * QK_SCALE - gl.expand_dims(m_new, 1)), 1)
+    m = m_new
+    o_q = gl.arange(0, QB, layout=rows)
+    p_out = out_ptr + (i_row * S + i_s) * 2 * QB
+    gl.store(p_out + o_q, m)
+    gl.store(p_out + QB + o_q, l)
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bar.index(i))
+
+
+
+def gluon_descriptors(q, k, block_n: int):
+    """Gluon TMA descriptors of q [rows, QR, D] (blocks of all QR rows) and k [rows, N, D] (blocks of
+    ``block_n`` keys), each as a 2-D tensor."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    d = k.shape[-1]
+    q2, k2 = q.reshape(-1, d), k.reshape(-1, d)
+    dtype = gl.bfloat16 if k.dtype == torch.bfloat16 else gl.float16
+    blocks = ([q.shape[1], d], [block_n, d])
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), b, gl.NVMMASharedLayout.get_default_for(b, dtype))
+                 for t, b in zip((q2, k2), blocks))
+
+
 def config(variant: str):
-    """(MODE, WS, QB, num_warps) of a variant."""
+    """(MODE, WS, QB, num_warps) of a variant (MODE 3: the Gluon kernel)."""
     return {"ptr": (0, False, 256, 8), "desc": (1, False, 256, 8), "ws256": (1, True, 256, 4),
             "ws128": (1, True, 128, 4), "rot": (2, False, 256, 8), "half": (0, False, 128, 4),
-            "w16": (0, False, 256, 16)}[variant]
+            "w16": (0, False, 256, 16), "gluon": (3, False, 256, 8), "gluon32": (3, False, 256, 8)}[variant]
 
 
 def make_inputs(rows: int, n: int, d: int, device, qr: int = 256, dtype=torch.bfloat16, seed: int = 0):
@@ -110,6 +196,8 @@ def launch_args(variant: str, q, k, splits: int, block_n: int = 64, stages=None)
     """(kernel launcher, out) of one variant over q [rows, QR, D], k [rows, N, D]."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     mode, ws, qb, warps = config(variant)
+    if variant == "gluon32":
+        block_n = 32
     rows, n, d = k.shape
     tiles = n // block_n
     assert n % block_n == 0 and tiles % splits == 0, "whole tiles, equal splits"
@@ -118,6 +206,14 @@ def launch_args(variant: str, q, k, splits: int, block_n: int = 64, stages=None)
     desc = TensorDescriptor.from_tensor(k.view(rows * n, d), [block_n, d]) if mode == 1 else k
     q_desc = TensorDescriptor.from_tensor(q.reshape(-1, d), [qb, d]) if mode == 1 else q
     qk_scale = LOG2E / math.sqrt(d)
+
+    if mode == 3:
+        qd, kd = gluon_descriptors(q, k, block_n)
+
+        def run():
+            _stats_gluon[(splits, rows)](qd, kd, out, n, splits, tiles // splits, QK_SCALE=qk_scale,
+                                         STAGES=stages or 3, num_warps=warps)
+        return run, out
 
     def run():
         _stats_probe[(splits, rows, chunks)](q, q_desc, k, desc, out, n, 1, splits, tiles // splits, D=d, QB=qb,
@@ -155,6 +251,7 @@ def main():
     ap.add_argument("--stages", type=int, nargs="*", default=[2, 3, 4])
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--no-library", action="store_true", help="skip timing the library's own statistics kernel")
     ap.add_argument("--json")
     ap.add_argument("--toy", action="store_true")
     ap.add_argument("--compile", action="store_true")
@@ -179,7 +276,8 @@ def main():
     results = dict(n=args.n, batch=args.batch, rows=rows, splits=splits, k_read_us=k_us,
                    device=torch.cuda.get_device_name(), variants={})
     try:
-        results["library_us"] = library_stats_us(args.n, args.batch, args.replays, bandwidth)
+        if not args.no_library:
+            results["library_us"] = library_stats_us(args.n, args.batch, args.replays, bandwidth)
     except Exception as e:   # the probe's own variants still count
         results["library_error"] = repr(e)
     print(f"K read at copy bandwidth {k_us:.1f} us; library stats_0 {results.get('library_us', float('nan')):.1f} us")
@@ -211,13 +309,29 @@ def toy(variants):
     ref = reference_lse(q, k)
     for variant in variants:
         mode, ws = config(variant)[:2]
-        if ws or (mode == 1 and not cuda):
+        if ws or (mode == 1 and not cuda) or mode == 3:   # Gluon has no interpreter; on a GPU the timed run checks it
             continue
         run, out = launch_args(variant, q, k, 2, stages=2)
         run()
         err = (merged(out) - ref).abs().max().item()
         print(f"{variant}: lse err {err:.2e}")
         assert err < 1e-3, variant
+
+
+def compile_gluon(variant: str, stages: int, rows: int = 8, n: int = 131072):
+    """The Gluon kernel built for sm_90 as its launch would build it (meta tensors through Triton's
+    binder, tritonkv.aot.specialized, then Gluon's own front end)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from tritonkv.aot import HOPPER, specialized
+    mode, _, qb, warps = config(variant)
+    block_n = 32 if variant == "gluon32" else 64
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    q, k = torch.empty(rows, qb, 128, **meta), torch.empty(rows, n, 128, **meta)
+    out = torch.empty(rows, 64, 2, qb, device="meta", dtype=torch.float32)
+    src, options = specialized(_stats_gluon, [*gluon_descriptors(q, k, block_n), out, n, 64, n // block_n // 64],
+                               dict(QK_SCALE=LOG2E / math.sqrt(128), STAGES=stages), warps)
+    return triton.compile(GluonASTSource(src.fn, src.signature, src.constants, src.attrs), target=HOPPER,
+                          options=options)
 
 
 def compile_all(variants, stage_list):
@@ -241,8 +355,11 @@ def compile_all(variants, stage_list):
                 attrs[(1,)] = [["tt.divisibility", 16]]
                 attrs[(3,)] = [["tt.divisibility", 16]]
             try:
-                c = triton.compile(ASTSource(_stats_probe, sig, consts, attrs), target=HOPPER,
-                                   options=dict(num_warps=warps))
+                if mode == 3:
+                    c = compile_gluon(variant, stages)
+                else:
+                    c = triton.compile(ASTSource(_stats_probe, sig, consts, attrs), target=HOPPER,
+                                       options=dict(num_warps=warps))
             except Exception as e:
                 print(f"{variant}/s{stages}: failed: {str(e).splitlines()[-1][:200] if str(e) else repr(e)}")
                 continue

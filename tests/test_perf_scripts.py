@@ -240,3 +240,15 @@ def test_proxy_ws_probe_runs_at_toy_size():
     (m + log2 l) of the reference, within 1e-3."""
     out = run([sys.executable, "perf/proxy_ws_probe.py", "--toy"])
     assert {"ptr:", "rot:", "half:", "w16:"} <= {line.split()[0] for line in out.stdout.splitlines()}, out.stdout
+
+
+def test_proxy_ws_probe_builds_its_gluon_kernel_for_sm90():
+    """The probe's Gluon kernel (no interpreter runs Gluon) builds for sm_90 with its asynchronous
+    products: two wgmma sites, each awaited once, and TMA loads; its numbers come from a GPU run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",) and not k.startswith("PYTEST_")}
+    out = subprocess.run([sys.executable, "perf/proxy_ws_probe.py", "--compile", "--variants", "gluon,gluon32",
+                          "--stages", "3"], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("gluon")]
+    assert len(lines) == 2 and all("32 wgmma" in line and "2 waits" in line and "failed" not in line
+                                   for line in lines), out.stdout + out.stderr
