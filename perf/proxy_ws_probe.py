@@ -17,6 +17,9 @@ query heads x a 64-token window), as kernels/proxy.py's proxy_stats_tile does:
     gluon    the loop scheduled by hand in Gluon: TMA ring, tile i + 1's wgmma in flight during tile i's
              softmax (168 registers: one program per SM)
     gluon32  gluon with 32-key tiles (fewer registers)
+    pingpong FlashAttention-3's schedule written out in Gluon: a producer warp streams K through TMA, two
+             consumer warpgroups (128 query rows each) take turns on the tensor cores, so one's softmax runs
+             during the other's product
 
     python perf/proxy_ws_probe.py --n 131072 --batch 1 --json OUT.json
     python perf/proxy_ws_probe.py --variants gluon --stages 3 --no-library   # one variant (a process each: a
@@ -42,7 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LOG2E = 1.4426950408889634
-VARIANTS = ("ptr", "desc", "ws256", "ws128", "rot", "half", "w16", "gluon", "gluon32")
+VARIANTS = ("ptr", "desc", "ws256", "ws128", "rot", "half", "w16", "gluon", "gluon32", "pingpong")
 
 
 @triton.jit
@@ -166,6 +169,85 @@ def _stats_gluon(q_desc, k_desc, out_ptr, N, S, tiles_per_prog,
 
 
 
+@gluon.jit
+def _pp_consumer(q_half, k_smem, ready, empty, turn_mine, turn_other, out_ptr, i_row, i_s, S, tiles,
+                 HALF: gl.constexpr, QK_SCALE: gl.constexpr, STAGES: gl.constexpr):
+    """One consumer warpgroup of _stats_pingpong: query rows HALF * 128 .. of the KV head. Its product of
+    tile j waits for its turn (``turn_mine``) and passes the turn on once done, so the two warpgroups'
+    products alternate and each one's softmax runs during the other's product (FlashAttention-3's
+    ping-pong); the K slot is released (``empty``, two arrivals) as soon as the product is done."""
+    QH: gl.constexpr = q_half.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    rows: gl.constexpr = gl.SliceLayout(1, mma)
+    zero = gl.zeros([QH, BLOCK_N], gl.float32, layout=mma)
+    m = gl.full([QH], float("-inf"), gl.float32, layout=rows)
+    l = gl.zeros([QH], gl.float32, layout=rows)
+    for j in range(tiles):
+        slot = j % STAGES
+        mbarrier.wait(ready.index(slot), phase=(j // STAGES) & 1)
+        mbarrier.wait(turn_mine, phase=j & 1)
+        s = warpgroup_mma(q_half, k_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        mbarrier.arrive(turn_other, count=1)
+        mbarrier.arrive(empty.index(slot), count=1)
+        t_m = gl.max(s, 1) * QK_SCALE
+        m_new = gl.maximum(m, t_m)
+        l = l * gl.exp2(m - m_new) + gl.sum(gl.exp2(s * QK_SCALE - gl.expand_dims(m_new, 1)), 1)
+        m = m_new
+    o_q = gl.arange(0, QH, layout=rows)
+    p_out = out_ptr + (i_row * S + i_s) * 4 * QH + HALF * QH
+    gl.store(p_out + o_q, m)
+    gl.store(p_out + 2 * QH + o_q, l)
+
+
+@gluon.jit
+def _pp_producer(k_desc, k_smem, ready, empty, row0, tiles, STAGES: gl.constexpr):
+    """The producer warp: K tile j into slot j % STAGES once both warpgroups released its last tile."""
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    for j in range(tiles):
+        slot = j % STAGES
+        mbarrier.wait(empty.index(slot), phase=((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
+        mbarrier.expect(ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row0 + j * BLOCK_N, 0], ready.index(slot), k_smem.index(slot))
+
+
+@gluon.jit
+def _stats_pingpong(q_desc, k_desc, out_ptr, N, S, tiles_per_prog,
+                    QK_SCALE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """_stats_gluon's statistics with warp specialization written out (Gluon, sm_90; num_warps = 4): the
+    kernel's warps are the first consumer warpgroup, a second one and a producer warp run beside them
+    (Triton pads the kernel to 12 warps); q_desc's blocks are half the head's 256 query rows."""
+    QH: gl.constexpr = q_desc.block_type.shape[0]
+    i_s = gl.program_id(0)
+    i_row = gl.program_id(1)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    mbarrier.init(q_bar, count=1)
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [i_row * 2 * QH, 0], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [i_row * 2 * QH + QH, 0], q_bar, q_smem.index(1))
+    mbarrier.wait(q_bar, phase=0)
+    mbarrier.arrive(turn.index(0), count=1)   # the first warpgroup takes the first tile's product
+    row0 = i_row * N + i_s * tiles_per_prog * k_desc.block_type.shape[0]
+    gl.warp_specialize([
+        (_pp_consumer, (q_smem.index(0), k_smem, ready, empty, turn.index(0), turn.index(1), out_ptr, i_row, i_s, S,
+                        tiles_per_prog, 0, QK_SCALE, STAGES)),
+        (_pp_consumer, (q_smem.index(1), k_smem, ready, empty, turn.index(1), turn.index(0), out_ptr, i_row, i_s, S,
+                        tiles_per_prog, 1, QK_SCALE, STAGES)),
+        (_pp_producer, (k_desc, k_smem, ready, empty, row0, tiles_per_prog, STAGES)),
+    ], [4, 1], [232, 40])
+
+
 def gluon_descriptors(q, k, block_n: int):
     """Gluon TMA descriptors of q [rows, QR, D] (blocks of all QR rows) and k [rows, N, D] (blocks of
     ``block_n`` keys), each as a 2-D tensor."""
@@ -179,10 +261,11 @@ def gluon_descriptors(q, k, block_n: int):
 
 
 def config(variant: str):
-    """(MODE, WS, QB, num_warps) of a variant (MODE 3: the Gluon kernel)."""
+    """(MODE, WS, QB, num_warps) of a variant (MODE 3: _stats_gluon, 4: _stats_pingpong)."""
     return {"ptr": (0, False, 256, 8), "desc": (1, False, 256, 8), "ws256": (1, True, 256, 4),
             "ws128": (1, True, 128, 4), "rot": (2, False, 256, 8), "half": (0, False, 128, 4),
-            "w16": (0, False, 256, 16), "gluon": (3, False, 256, 8), "gluon32": (3, False, 256, 8)}[variant]
+            "w16": (0, False, 256, 16), "gluon": (3, False, 256, 8), "gluon32": (3, False, 256, 8),
+            "pingpong": (4, False, 256, 4)}[variant]
 
 
 def make_inputs(rows: int, n: int, d: int, device, qr: int = 256, dtype=torch.bfloat16, seed: int = 0):
@@ -207,6 +290,13 @@ def launch_args(variant: str, q, k, splits: int, block_n: int = 64, stages=None)
     q_desc = TensorDescriptor.from_tensor(q.reshape(-1, d), [qb, d]) if mode == 1 else q
     qk_scale = LOG2E / math.sqrt(d)
 
+    if mode == 4:
+        qd, kd = gluon_descriptors(q.reshape(rows * 2, qb // 2, d), k, block_n)
+
+        def run():
+            _stats_pingpong[(splits, rows)](qd, kd, out, n, splits, tiles // splits, QK_SCALE=qk_scale,
+                                            STAGES=stages or 3, num_warps=warps)
+        return run, out
     if mode == 3:
         qd, kd = gluon_descriptors(q, k, block_n)
 
@@ -309,7 +399,7 @@ def toy(variants):
     ref = reference_lse(q, k)
     for variant in variants:
         mode, ws = config(variant)[:2]
-        if ws or (mode == 1 and not cuda) or mode == 3:   # Gluon has no interpreter; on a GPU the timed run checks it
+        if ws or (mode == 1 and not cuda) or mode >= 3:   # Gluon has no interpreter; on a GPU the timed run checks it
             continue
         run, out = launch_args(variant, q, k, 2, stages=2)
         run()
@@ -328,7 +418,10 @@ def compile_gluon(variant: str, stages: int, rows: int = 8, n: int = 131072):
     meta = dict(device="meta", dtype=torch.bfloat16)
     q, k = torch.empty(rows, qb, 128, **meta), torch.empty(rows, n, 128, **meta)
     out = torch.empty(rows, 64, 2, qb, device="meta", dtype=torch.float32)
-    src, options = specialized(_stats_gluon, [*gluon_descriptors(q, k, block_n), out, n, 64, n // block_n // 64],
+    kernel = _stats_pingpong if mode == 4 else _stats_gluon
+    if mode == 4:
+        q = q.reshape(rows * 2, qb // 2, 128)
+    src, options = specialized(kernel, [*gluon_descriptors(q, k, block_n), out, n, 64, n // block_n // 64],
                                dict(QK_SCALE=LOG2E / math.sqrt(128), STAGES=stages), warps)
     return triton.compile(GluonASTSource(src.fn, src.signature, src.constants, src.attrs), target=HOPPER,
                           options=options)
@@ -355,7 +448,7 @@ def compile_all(variants, stage_list):
                 attrs[(1,)] = [["tt.divisibility", 16]]
                 attrs[(3,)] = [["tt.divisibility", 16]]
             try:
-                if mode == 3:
+                if mode >= 3:
                     c = compile_gluon(variant, stages)
                 else:
                     c = triton.compile(ASTSource(_stats_probe, sig, consts, attrs), target=HOPPER,

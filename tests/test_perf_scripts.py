@@ -243,12 +243,14 @@ def test_proxy_ws_probe_runs_at_toy_size():
 
 
 def test_proxy_ws_probe_builds_its_gluon_kernel_for_sm90():
-    """The probe's Gluon kernel (no interpreter runs Gluon) builds for sm_90 with its asynchronous
-    products: two wgmma sites, each awaited once, and TMA loads; its numbers come from a GPU run."""
+    """The probe's Gluon kernels (no interpreter runs Gluon) build for sm_90: the overlapped loop with its
+    two asynchronous wgmma sites, each awaited once, and the ping-pong one with its partitions' register
+    moves (setmaxnreg); their numbers come from a GPU run."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",) and not k.startswith("PYTEST_")}
-    out = subprocess.run([sys.executable, "perf/proxy_ws_probe.py", "--compile", "--variants", "gluon,gluon32",
-                          "--stages", "3"], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                         text=True, timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("gluon")]
-    assert len(lines) == 2 and all("32 wgmma" in line and "2 waits" in line and "failed" not in line
-                                   for line in lines), out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "perf/proxy_ws_probe.py", "--compile", "--variants",
+                          "gluon,gluon32,pingpong", "--stages", "3"], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=600)
+    lines = {line.split("/")[0]: line for line in out.stdout.splitlines() if "/s3:" in line}
+    assert set(lines) == {"gluon", "gluon32", "pingpong"}, out.stdout + out.stderr
+    assert all("32 wgmma" in line and "2 waits" in line for line in lines.values()), out.stdout
+    assert " 0 setmaxnreg" not in lines["pingpong"] and "12 warps" in lines["pingpong"], out.stdout
