@@ -254,3 +254,16 @@ def test_proxy_ws_probe_builds_its_gluon_kernel_for_sm90():
     assert set(lines) == {"gluon", "gluon32", "pingpong"}, out.stdout + out.stderr
     assert all("32 wgmma" in line and "2 waits" in line for line in lines.values()), out.stdout
     assert " 0 setmaxnreg" not in lines["pingpong"] and "12 warps" in lines["pingpong"], out.stdout
+
+
+def test_proxy_score_probe_checks_its_loop_and_builds_gluon():
+    """perf/proxy_score_probe.py: its Triton loop gives the reference's per-key sums of probabilities at
+    toy size, and its Gluon loop builds for sm_90 with the next tile's product awaited after this one's
+    exponentials (two wgmma sites, a wait each)."""
+    out = run([sys.executable, "perf/proxy_score_probe.py", "--toy"])
+    assert "ptr: err" in out.stdout, out.stdout
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
+    built = subprocess.run([sys.executable, "perf/proxy_score_probe.py", "--compile"], cwd=ROOT,
+                           env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    gluon = [line for line in built.stdout.splitlines() if line.startswith("gluon:")]
+    assert gluon and "16 wgmma" in gluon[0] and "2 waits" in gluon[0], built.stdout + built.stderr
