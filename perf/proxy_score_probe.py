@@ -16,7 +16,6 @@ kernels/proxy.py's _logits_t; the library then also reduces by window and head a
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,11 +24,12 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perf.proxy_ws_probe import LOG2E, gluon_descriptors, make_inputs, reference_lse  # noqa: E402
+from perf.proxy_ws_probe import (LOG2E, gluon_descriptors, make_inputs, reference_lse, ring_end,  # noqa: E402
+                                 ring_start, ring_step, time_variant)
 
 VARIANTS = ("ptr", "gluon")
 
@@ -73,43 +73,25 @@ def _score_gluon(q_desc, k_desc, lse_ptr, out_ptr, N, tiles_per_prog,
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bar.index(i), count=1)
     t0 = i_s * tiles_per_prog
     row0 = i_row * N + t0 * BLOCK_N
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [i_row * QR, 0], q_bar, q_smem)
-    for i in gl.static_range(STAGES):
-        pred = i < tiles_per_prog
-        mbarrier.expect(k_bar.index(i), k_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(k_desc, [row0 + i * BLOCK_N, 0], k_bar.index(i), k_smem.index(i), pred=pred)
+    ring_start(q_desc, i_row * QR, q_smem, q_bar, k_desc, row0, k_smem, k_bar, tiles_per_prog, STAGES)
     lse = gl.expand_dims(gl.load(lse_ptr + i_row * QR + gl.arange(0, QR, layout=queries)), 0)
     o_t = gl.arange(0, BLOCK_N, layout=keys)
     p_out = out_ptr + i_row.to(gl.int64) * N + t0 * BLOCK_N
     zero = gl.zeros([BLOCK_N, QR], gl.float32, layout=mma)
     q_t = q_smem.permute((1, 0))
-    mbarrier.wait(q_bar, phase=0)
-    mbarrier.wait(k_bar.index(0), phase=0)
     s = warpgroup_mma(k_smem.index(0), q_t, zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     for j in range(tiles_per_prog - 1):
-        slot = j % STAGES
-        pred = j + STAGES < tiles_per_prog
-        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(k_desc, [row0 + (j + STAGES) * BLOCK_N, 0], k_bar.index(slot),
-                                        k_smem.index(slot), pred=pred)
-        nxt = (j + 1) % STAGES
-        mbarrier.wait(k_bar.index(nxt), phase=((j + 1) // STAGES) & 1)
-        s_next = warpgroup_mma(k_smem.index(nxt), q_t, zero, use_acc=False, is_async=True)
+        ring_step(k_desc, row0, k_smem, k_bar, j, tiles_per_prog, STAGES)
+        s_next = warpgroup_mma(k_smem.index((j + 1) % STAGES), q_t, zero, use_acc=False, is_async=True)
         p = gl.exp2(gl.minimum(s * QK_SCALE - lse, 0.0))
         gl.store(p_out + j * BLOCK_N + o_t, gl.sum(p, 1))
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, ))
     p = gl.exp2(gl.minimum(s * QK_SCALE - lse, 0.0))
     gl.store(p_out + (tiles_per_prog - 1) * BLOCK_N + o_t, gl.sum(p, 1))
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bar.index(i))
+    ring_end(q_bar, k_bar, STAGES)
 
 
 def reference_scores(q, k, lse):
@@ -162,7 +144,6 @@ def main():
     if args.toy:
         return toy()
     from perf.floor import copy_bandwidth
-    from perf.timing import graph_times
     rows = args.batch * args.heads
     q, k = make_inputs(rows, args.n, 128, torch.device("cuda"))
     lse = reference_lse(q, k)
@@ -179,18 +160,9 @@ def main():
             results["library_error"] = repr(e)
     print(f"K read at copy bandwidth {k_us:.1f} us; library score {results.get('library_us', float('nan')):.1f} us")
     for variant in args.variants.split(","):
-        try:
-            run, out = launch(variant, q, k, lse, splits, stages=args.stages)
-            run()
-            torch.cuda.synchronize()
-            err = ((out[:1] - ref).abs() / ref.abs().clamp_min(1e-6)).max().item()
-            us = statistics.median(graph_times(run, args.replays)) * 1e6
-        except Exception as e:
-            results["variants"][variant] = dict(error=repr(e)[:300])
-            print(f"{variant:8s} failed: {repr(e)[:200]}")
-            continue
-        results["variants"][variant] = dict(us=us, x_k_read=us / k_us, rel_err=err)
-        print(f"{variant:8s} {us:8.1f} us  {us / k_us:5.2f}x K read  max rel err {err:.2e}")
+        time_variant(results, variant, lambda: launch(variant, q, k, lse, splits, stages=args.stages),
+                     lambda out: ((out[:1] - ref).abs() / ref.abs().clamp_min(1e-6)).max().item(), "rel_err", k_us,
+                     args.replays)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -105,6 +105,42 @@ def _stats_probe(q_ptr, q_desc, k_ptr, k_desc, out_ptr, N, H, S, tiles_per_prog,
 
 
 @gluon.jit
+def ring_start(q_desc, q_row, q_smem, q_bar, k_desc, k_row, k_smem, k_bar, tiles, STAGES: gl.constexpr):
+    """Start a Gluon loop's loads: barriers initialized, the query block q_desc[q_row] into q_smem and
+    key tiles 0 .. STAGES - 1 (from row k_row of k_desc) into the ring's slots, each on its mbarrier."""
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        pred = i < tiles
+        mbarrier.expect(k_bar.index(i), k_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(k_desc, [k_row + i * k_desc.block_type.shape[0], 0], k_bar.index(i),
+                                        k_smem.index(i), pred=pred)
+    mbarrier.wait(q_bar, phase=0)
+    mbarrier.wait(k_bar.index(0), phase=0)
+
+
+@gluon.jit
+def ring_step(k_desc, k_row, k_smem, k_bar, j, tiles, STAGES: gl.constexpr):
+    """Tile j's product is done: its slot takes tile j + STAGES; then wait for tile j + 1."""
+    slot = j % STAGES
+    pred = j + STAGES < tiles
+    mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [k_row + (j + STAGES) * k_desc.block_type.shape[0], 0],
+                                    k_bar.index(slot), k_smem.index(slot), pred=pred)
+    mbarrier.wait(k_bar.index((j + 1) % STAGES), phase=((j + 1) // STAGES) & 1)
+
+
+@gluon.jit
+def ring_end(q_bar, k_bar, STAGES: gl.constexpr):
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bar.index(i))
+
+
+@gluon.jit
 def _stats_gluon(q_desc, k_desc, out_ptr, N, S, tiles_per_prog,
                  QK_SCALE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     """_stats_probe's loop scheduled by hand (Gluon, sm_90): K tiles through TMA into a ring of STAGES
@@ -123,34 +159,18 @@ def _stats_gluon(q_desc, k_desc, out_ptr, N, S, tiles_per_prog,
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bar.index(i), count=1)
     row0 = i_row * N + i_s * tiles_per_prog * BLOCK_N
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [i_row * QB, 0], q_bar, q_smem)
-    for i in gl.static_range(STAGES):
-        pred = i < tiles_per_prog
-        mbarrier.expect(k_bar.index(i), k_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(k_desc, [row0 + i * BLOCK_N, 0], k_bar.index(i), k_smem.index(i), pred=pred)
+    ring_start(q_desc, i_row * QB, q_smem, q_bar, k_desc, row0, k_smem, k_bar, tiles_per_prog, STAGES)
     zero = gl.zeros([QB, BLOCK_N], gl.float32, layout=mma)
     m = gl.full([QB], float("-inf"), gl.float32, layout=rows)
     l = gl.zeros([QB], gl.float32, layout=rows)
-    mbarrier.wait(q_bar, phase=0)
-    mbarrier.wait(k_bar.index(0), phase=0)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     for j in range(tiles_per_prog - 1):
-        # tile j's product is done: its slot takes tile j + STAGES
-        slot = j % STAGES
-        pred = j + STAGES < tiles_per_prog
-        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(k_desc, [row0 + (j + STAGES) * BLOCK_N, 0], k_bar.index(slot),
-                                        k_smem.index(slot), pred=pred)
+        ring_step(k_desc, row0, k_smem, k_bar, j, tiles_per_prog, STAGES)
         # tile j + 1's product runs while tile j's exponentials do
-        nxt = (j + 1) % STAGES
-        mbarrier.wait(k_bar.index(nxt), phase=((j + 1) // STAGES) & 1)
-        s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero, use_acc=False, is_async=True)
+        s_next = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), zero, use_acc=False,
+                               is_async=True)
         t_m = gl.max(s, 1) * QK_SCALE
         m_new = gl.maximum(m, t_m)
         l = l * gl.exp2(m - m_new) + gl.sum(gl.exp2(s * QK_SCALE - gl.expand_dims(m_new, 1)), 1)
@@ -164,9 +184,7 @@ def _stats_gluon(q_desc, k_desc, out_ptr, N, S, tiles_per_prog,
     p_out = out_ptr + (i_row * S + i_s) * 2 * QB
     gl.store(p_out + o_q, m)
     gl.store(p_out + QB + o_q, l)
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bar.index(i))
+    ring_end(q_bar, k_bar, STAGES)
 
 
 
@@ -354,7 +372,6 @@ def main():
     if args.toy:
         return toy(variants)
     from perf.floor import copy_bandwidth
-    from perf.timing import graph_times
     dev = torch.device("cuda")
     rows = args.batch * args.heads
     q, k = make_inputs(rows, args.n, 128, dev)
@@ -375,21 +392,30 @@ def main():
     print(f"K read at copy bandwidth {k_us:.1f} us; library stats_0 {results.get('library_us', float('nan')):.1f} us")
     for variant in variants:
         for stages in args.stages:
-            name = f"{variant}/s{stages}"
-            try:
-                run, out = launch_args(variant, q, k, splits, stages=stages)
-                run()
-                torch.cuda.synchronize()
-                err = (merged(out)[:1] - ref).abs().max().item()
-                us = statistics.median(graph_times(run, args.replays)) * 1e6
-            except Exception as e:
-                results["variants"][name] = dict(error=repr(e)[:300])
-                print(f"{name:14s} failed: {repr(e)[:200]}")
-                continue
-            results["variants"][name] = dict(us=us, x_k_read=us / k_us, lse_err=err)
-            print(f"{name:14s} {us:8.1f} us  {us / k_us:5.2f}x K read  lse err {err:.2e}")
+            time_variant(results, f"{variant}/s{stages}",
+                         lambda: launch_args(variant, q, k, splits, stages=stages),
+                         lambda out: (merged(out)[:1] - ref).abs().max().item(), "lse_err", k_us, args.replays)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def time_variant(results: dict, name: str, make, error_of, error_name: str, k_us: float, replays: int):
+    """One variant on the GPU: ``make()`` gives (launcher, output); one launch checked by ``error_of(output)``,
+    then graph replays timed; recorded in ``results["variants"][name]`` and printed. A variant that fails
+    (a build or a fault) is recorded as such, so the others still run."""
+    from perf.timing import graph_times
+    try:
+        run, out = make()
+        run()
+        torch.cuda.synchronize()
+        err = error_of(out)
+        us = statistics.median(graph_times(run, replays)) * 1e6
+    except Exception as e:
+        results["variants"][name] = dict(error=repr(e)[:300])
+        print(f"{name:14s} failed: {repr(e)[:200]}")
+        return
+    results["variants"][name] = {"us": us, "x_k_read": us / k_us, error_name: err}
+    print(f"{name:14s} {us:8.1f} us  {us / k_us:5.2f}x K read  {error_name} {err:.2e}")
 
 
 def toy(variants):
