@@ -28,8 +28,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perf.proxy_ws_probe import (LOG2E, gluon_descriptors, make_inputs, reference_lse, ring_end,  # noqa: E402
-                                 ring_start, ring_step, time_variant)
+from perf.proxy_ws_probe import (LOG2E, gpu_case, gluon_descriptors, make_inputs, reference_lse,  # noqa: E402
+                                 ring_end, ring_start, ring_step, time_variant)
 
 VARIANTS = ("ptr", "gluon")
 
@@ -119,13 +119,6 @@ def launch(variant: str, q, k, lse, splits: int, block_n: int = 64, stages: int 
     return run, out
 
 
-def library_score_us(n: int, batch: int, replays: int, bandwidth: float) -> float:
-    """The generated SnapKV score kernel's time in its evict call (perf/launches.py)."""
-    from perf.launches import breakdown
-    steps = breakdown("snapkv", n, batch, 0.1, replays, bandwidth)["launches"]
-    return next(s["us"] for s in steps if s["kernel"] == "score")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=131072)
@@ -143,22 +136,9 @@ def main():
         return compile_all()
     if args.toy:
         return toy()
-    from perf.floor import copy_bandwidth
-    rows = args.batch * args.heads
-    q, k = make_inputs(rows, args.n, 128, torch.device("cuda"))
+    q, k, splits, k_us, results = gpu_case(args, "score")
     lse = reference_lse(q, k)
-    splits = max(1, 512 // rows)
-    bandwidth = copy_bandwidth()
-    k_us = k.numel() * k.element_size() / bandwidth * 1e6
     ref = reference_scores(q[:1], k[:1], lse[:1])
-    results = dict(n=args.n, batch=args.batch, rows=rows, splits=splits, k_read_us=k_us,
-                   device=torch.cuda.get_device_name(), variants={})
-    if not args.no_library:
-        try:
-            results["library_us"] = library_score_us(args.n, args.batch, args.replays, bandwidth)
-        except Exception as e:
-            results["library_error"] = repr(e)
-    print(f"K read at copy bandwidth {k_us:.1f} us; library score {results.get('library_us', float('nan')):.1f} us")
     for variant in args.variants.split(","):
         time_variant(results, variant, lambda: launch(variant, q, k, lse, splits, stages=args.stages),
                      lambda out: ((out[:1] - ref).abs() / ref.abs().clamp_min(1e-6)).max().item(), "rel_err", k_us,

@@ -60,7 +60,7 @@ def _tile_stats(run_m, run_l, x, QK_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _stats_probe(q_ptr, q_desc, k_ptr, k_desc, out_ptr, N, H, S, tiles_per_prog,
+def _stats_probe(q_ptr, q_desc, k_ptr, k_desc, out_ptr, N, S, tiles_per_prog,
                  D: tl.constexpr, QB: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr,
                  STAGES: tl.constexpr, MODE: tl.constexpr, WS: tl.constexpr):
     """Program (split, row, chunk): rows chunk*QB .. of the row's proxy queries q [rows, QR, D] over
@@ -305,10 +305,7 @@ def launch_args(variant: str, q, k, splits: int, block_n: int = 64, stages=None)
     assert n % block_n == 0 and tiles % splits == 0, "whole tiles, equal splits"
     chunks = q.shape[1] // qb
     out = torch.empty(rows, chunks, splits, 2, qb, device=k.device, dtype=torch.float32)
-    desc = TensorDescriptor.from_tensor(k.view(rows * n, d), [block_n, d]) if mode == 1 else k
-    q_desc = TensorDescriptor.from_tensor(q.reshape(-1, d), [qb, d]) if mode == 1 else q
     qk_scale = LOG2E / math.sqrt(d)
-
     if mode == 4:
         qd, kd = gluon_descriptors(q.reshape(rows * 2, qb // 2, d), k, block_n)
 
@@ -323,9 +320,11 @@ def launch_args(variant: str, q, k, splits: int, block_n: int = 64, stages=None)
             _stats_gluon[(splits, rows)](qd, kd, out, n, splits, tiles // splits, QK_SCALE=qk_scale,
                                          STAGES=stages or 3, num_warps=warps)
         return run, out
+    desc = TensorDescriptor.from_tensor(k.view(rows * n, d), [block_n, d]) if mode == 1 else k
+    q_desc = TensorDescriptor.from_tensor(q.reshape(-1, d), [qb, d]) if mode == 1 else q
 
     def run():
-        _stats_probe[(splits, rows, chunks)](q, q_desc, k, desc, out, n, 1, splits, tiles // splits, D=d, QB=qb,
+        _stats_probe[(splits, rows, chunks)](q, q_desc, k, desc, out, n, splits, tiles // splits, D=d, QB=qb,
                                              BLOCK_N=block_n, QK_SCALE=qk_scale, STAGES=stages, MODE=mode, WS=ws,
                                              num_warps=warps)
     return run, out
@@ -344,11 +343,37 @@ def reference_lse(q, k):
     return torch.logsumexp(s * math.log(2), -1) / math.log(2)
 
 
-def library_stats_us(n: int, batch: int, replays: int, bandwidth: float) -> float:
-    """The generated SnapKV statistics kernel's time in its evict call (perf/launches.py)."""
+def library_us(kernel: str, n: int, batch: int, replays: int, bandwidth: float) -> float:
+    """The time of the generated SnapKV kernel ``kernel`` (its first launch of that name) in its evict
+    call at 10% (perf/launches.py)."""
     from perf.launches import breakdown
     steps = breakdown("snapkv", n, batch, 0.1, replays, bandwidth)["launches"]
-    return steps[0]["us"]
+    return next(step["us"] for step in steps if step["kernel"] == kernel)
+
+
+def gpu_case(args, kernel: str, splits: int = 0):
+    """(q, k, splits, k_us, results) of a probe's GPU run: the inputs at args.n, args.batch, args.heads
+    (256 query rows a KV head, D = 128, bf16), the programs per row (``splits``, else about 512 over all
+    rows; made to divide the 64-key tiles: 64 at 8 rows, as the library), K's read time at the copy bandwidth, and the
+    results so far (the library's ``kernel`` unless --no-library); prints their header."""
+    from perf.floor import copy_bandwidth
+    rows = args.batch * args.heads
+    q, k = make_inputs(rows, args.n, 128, torch.device("cuda"))
+    tiles = args.n // 64
+    splits = splits or max(1, 512 // rows)
+    while tiles % splits:
+        splits -= 1
+    bandwidth = copy_bandwidth()
+    k_us = k.numel() * k.element_size() / bandwidth * 1e6
+    results = dict(n=args.n, batch=args.batch, rows=rows, splits=splits, k_read_us=k_us,
+                   device=torch.cuda.get_device_name(), variants={})
+    try:
+        if not args.no_library:
+            results["library_us"] = library_us(kernel, args.n, args.batch, args.replays, bandwidth)
+    except Exception as e:   # the probe's own variants still count
+        results["library_error"] = repr(e)
+    print(f"K read at copy bandwidth {k_us:.1f} us; library {kernel} {results.get('library_us', float('nan')):.1f} us")
+    return q, k, splits, k_us, results
 
 
 def main():
@@ -371,25 +396,8 @@ def main():
         return compile_all(variants, args.stages)
     if args.toy:
         return toy(variants)
-    from perf.floor import copy_bandwidth
-    dev = torch.device("cuda")
-    rows = args.batch * args.heads
-    q, k = make_inputs(rows, args.n, 128, dev)
-    tiles = args.n // 64
-    splits = args.splits or max(1, 512 // rows)
-    while tiles % splits:
-        splits -= 1
-    bandwidth = copy_bandwidth()
-    k_us = k.numel() * k.element_size() / bandwidth * 1e6
+    q, k, splits, k_us, results = gpu_case(args, "stats_0", args.splits)
     ref = reference_lse(q[:1], k[:1])
-    results = dict(n=args.n, batch=args.batch, rows=rows, splits=splits, k_read_us=k_us,
-                   device=torch.cuda.get_device_name(), variants={})
-    try:
-        if not args.no_library:
-            results["library_us"] = library_stats_us(args.n, args.batch, args.replays, bandwidth)
-    except Exception as e:   # the probe's own variants still count
-        results["library_error"] = repr(e)
-    print(f"K read at copy bandwidth {k_us:.1f} us; library stats_0 {results.get('library_us', float('nan')):.1f} us")
     for variant in variants:
         for stages in args.stages:
             time_variant(results, f"{variant}/s{stages}",
@@ -465,7 +473,7 @@ def compile_all(variants, stage_list):
         for stages in stage_list:
             sig = {"q_ptr": "*bf16", "q_desc": f"tensordesc<bf16[{qb}, 128]>" if mode == 1 else "*bf16",
                    "k_ptr": "*bf16", "k_desc": "tensordesc<bf16[64, 128]>" if mode == 1 else "*bf16",
-                   "out_ptr": "*fp32", "N": "i32", "H": "i32", "S": "i32", "tiles_per_prog": "i32",
+                   "out_ptr": "*fp32", "N": "i32", "S": "i32", "tiles_per_prog": "i32",
                    "D": "constexpr", "QB": "constexpr", "BLOCK_N": "constexpr", "QK_SCALE": "constexpr",
                    "STAGES": "constexpr", "MODE": "constexpr", "WS": "constexpr"}
             consts = {"D": 128, "QB": qb, "BLOCK_N": 64, "QK_SCALE": LOG2E / math.sqrt(128), "STAGES": stages,
