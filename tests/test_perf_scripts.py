@@ -26,6 +26,16 @@ def run(args, env=None, timeout=600):
     return done
 
 
+def build(args, timeout=600):
+    """A script that compiles kernels for sm_90 without a GPU (Triton's AOT path), in a subprocess
+    outside the interpreter, which cannot compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**env, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="perf/run is a bash script")
 def test_perf_suite_runs_at_toy_size(tmp_path):
     run(["bash", "perf/run"], env=dict(PYTHON=sys.executable, TKV_BENCH_TOY="1", TKV_BENCH_N="128", TKV_BENCH_B="1",
@@ -214,10 +224,7 @@ def test_sass_ops_counts_snapkvs_hopper_instructions(tmp_path):
     their SASS: both passes multiply on the tensor cores (HGMMA, Hopper's warpgroup MMA) and take
     their exponents on the exponent unit (MUFU.EX2), in the whole listing and in the hottest loop."""
     report = tmp_path / "ops.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "perf/sass_ops.py", "--policies", "snapkv", "--json", str(report)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**env, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr[-3000:]
+    build([sys.executable, "perf/sass_ops.py", "--policies", "snapkv", "--json", str(report)])
     counts = json.loads(report.read_text())["snapkv"]
     for kernel in ("stats_0", "score", "stats_0 loop"):
         assert counts[kernel]["HGMMA"] > 0 and counts[kernel]["MUFU.EX2"] > 0, (kernel, counts[kernel])
@@ -246,10 +253,8 @@ def test_proxy_ws_probe_builds_its_gluon_kernel_for_sm90():
     """The probe's Gluon kernels (no interpreter runs Gluon) build for sm_90: the overlapped loop with its
     two asynchronous wgmma sites, each awaited once, and the ping-pong one with its partitions' register
     moves (setmaxnreg); their numbers come from a GPU run."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",) and not k.startswith("PYTEST_")}
-    out = subprocess.run([sys.executable, "perf/proxy_ws_probe.py", "--compile", "--variants",
-                          "gluon,gluon32,pingpong", "--stages", "3"], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=600)
+    out = build([sys.executable, "perf/proxy_ws_probe.py", "--compile", "--variants", "gluon,gluon32,pingpong",
+                 "--stages", "3"])
     lines = {line.split("/")[0]: line for line in out.stdout.splitlines() if "/s3:" in line}
     assert set(lines) == {"gluon", "gluon32", "pingpong"}, out.stdout + out.stderr
     assert all("32 wgmma" in line and "2 waits" in line for line in lines.values()), out.stdout
@@ -262,8 +267,6 @@ def test_proxy_score_probe_checks_its_loop_and_builds_gluon():
     exponentials (two wgmma sites, a wait each)."""
     out = run([sys.executable, "perf/proxy_score_probe.py", "--toy"])
     assert "ptr: err" in out.stdout, out.stdout
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
-    built = subprocess.run([sys.executable, "perf/proxy_score_probe.py", "--compile"], cwd=ROOT,
-                           env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    built = build([sys.executable, "perf/proxy_score_probe.py", "--compile"])
     gluon = [line for line in built.stdout.splitlines() if line.startswith("gluon:")]
     assert gluon and "16 wgmma" in gluon[0] and "2 waits" in gluon[0], built.stdout + built.stderr
