@@ -41,6 +41,7 @@ from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.pack import PACK_KERNELS
 from .kernels.select import select_warps, _select_kernel, select_launch
 from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
+from .kernels.pooling import POOL_WARPS, pool_launch, pool_segment
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -145,6 +146,14 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
             record("score paged", compiled.kernel("score"), pargs, geo.constexprs, geo.num_warps)
     workspace = torch.empty(1 << 20, device="meta", dtype=torch.float32)
     for index, slot in enumerate(program.slots):
+        gi = program.pooled_global(slot)
+        if gi is not None:   # the pooling after the score kernel, dense and paged (kernels/pooling.py)
+            node = program.globals[gi]
+            for page in ((0, PAGE) if paged else (0,)):
+                fn, _, pargs, pconst = pool_launch(priorities, workspace, sequences, index, batch * heads, n, window,
+                                                   0, heads, node.pool_kernel, group, node.exclude_window, page,
+                                                   pool_segment(n, page > 0))
+                record("pool" + (" paged" if page else ""), fn, pargs, pconst, POOL_WARPS)
         passes = deferred_launches(priorities, workspace, 0, index, batch * heads, n, 8, 4) if slot.deferred else []
         if index in program.moment_slots:
             passes.append(moments_launch(priorities, workspace, 0, index, batch * heads, n, 8, 4))

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import dsl
 from .kernels.keys import ClauseKey
+from .kernels.pooling import MAX_DEFERRED_KERNEL
 from .kernels.proxy import REDUCE_CODES
 
 GLOBAL_NODES = (dsl.AnchorSimilarity, dsl.ProxyAttention, dsl.Normalize, dsl.Softmax)
@@ -32,7 +33,7 @@ POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
 CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES",
-                  "ANCHOR_FOLD", "ALL_HEAD_ROWS")
+                  "ANCHOR_FOLD", "ALL_HEAD_ROWS", "POOL_SEG")
 # the tile loops: STAGES-deep software pipelining of their loads, None for Triton's default (geometry.loop_stages)
 TILE_LOOP = "    for it in tl.range(0, tiles_per_prog, num_stages=STAGES):"
 
@@ -51,14 +52,31 @@ def stats_level(node: dsl.Score) -> int:
     return 1 + max(inner) if inner else 0
 
 
-def halo(node: dsl.Score) -> int:
-    """How many neighbouring tokens on each side a token's value depends on."""
+def halo(node: dsl.Score, pooled_after: Sequence[dsl.Score] = ()) -> int:
+    """How many neighbouring tokens on each side a token's value depends on in the score kernel
+    (none for the pooling of a node in ``pooled_after``: kernels/pooling.py's pass pools it)."""
     own = 0
     if isinstance(node, dsl.Pool):
         own = node.kernel // 2
-    elif isinstance(node, dsl.ProxyAttention):
+    elif isinstance(node, dsl.ProxyAttention) and node not in pooled_after:
         own = node.pool_kernel // 2
-    return own + max((halo(c) for c in node.children()), default=0)
+    return own + max((halo(c, pooled_after) for c in node.children()), default=0)
+
+
+def poolable_after(node: dsl.Score) -> bool:
+    """A proxy attention whose pooling kernels/pooling.py can apply after the score kernel: an
+    average pooling (of width <= MAX_DEFERRED_KERNEL) that commutes with its group's sum or mean,
+    so the score kernel stores the group's sum unpooled (kernels/proxy.py's _pools_each_head)."""
+    return (isinstance(node, dsl.ProxyAttention) and 1 < node.pool_kernel <= MAX_DEFERRED_KERNEL
+            and node.pool_mode == "avg" and node.group_reduce != "max")
+
+
+def deferred_pools(slots: Sequence["Slot"]) -> Tuple[dsl.Score, ...]:
+    """The proxy attentions pooled after the score kernel: poolable_after, and the whole of what
+    some slots store and part of no other slot's score (which would need them pooled in the tile)."""
+    roots = [s.stored for s in slots]
+    inner = {node for root in roots for node in dsl.walk(root) if node is not root}
+    return tuple(dict.fromkeys(r for r in roots if poolable_after(r) and r not in inner))
 
 
 def own_tiles(node: dsl.Score) -> bool:
@@ -111,6 +129,12 @@ class Program:
     signals: Tuple[str, ...] = ()              # sg_i: the policy's signal tensors, in order
     directions: Tuple[str, ...] = ()           # dr_i: its key_dot directions, in order
     score_heads: bool = False                  # the module also has ``score_heads`` (heads_fusable)
+    pooled: Tuple[int, ...] = ()               # global indices of the proxy attentions pooled after
+    # the score kernel (deferred_pools; kernels/pooling.py), whose slots' edges follow their row statistics
+
+    def pooled_global(self, slot: "Slot") -> Optional[int]:
+        """The global index of the proxy attention a slot stores unpooled, else None."""
+        return next((gi for gi in self.pooled if self.globals[gi] == slot.stored), None)
 
     @property
     def proxies(self) -> Tuple[int, ...]:
@@ -157,8 +181,9 @@ class TileEmitter:
     """Emits the lines that evaluate score nodes on the current tile."""
 
     def __init__(self, program_globals: Tuple[dsl.Score, ...], prologue: List[str], body: List[str], indent: str,
-                 names: "Names", causal: bool = True):
+                 names: "Names", causal: bool = True, pooled_after: Sequence[dsl.Score] = ()):
         self.globals = program_globals
+        self.pooled_after = pooled_after   # proxy attentions emitted unpooled (FINISH off)
         self.names = names
         self.causal = causal   # False: the tile is before every causal window's keys (no compare)
         self.prologue = prologue
@@ -269,7 +294,8 @@ class TileEmitter:
                 f"i_b, i_h, N, W_total, w_{gi}, o_t, o_n, m_n, D, BLOCK_D, BLOCK_N, G, W_PAD_{gi}, QB_{gi}, QR_{gi}, "
                 f"{node.causal and self.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, "
                 f"{node.pool_mode == 'max'}, "
-                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE, LG_{gi})")
+                f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE, LG_{gi}, "
+                f"{node not in self.pooled_after})")
         if isinstance(node, dsl.Normalize):
             self.prologue.append(f"    mean_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
             self.prologue.append(f"    std_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2 + 1)")
@@ -287,6 +313,7 @@ HEADER = '''# Generated by tritonkv.codegen for:
 import triton
 import triton.language as tl
 
+from tritonkv.kernels.pooling import store_edges
 from tritonkv.kernels.primitives import (cosine_to, pool, position, row_norm, softmax_apply, standardize,
                                          token_rows, uniform)
 from tritonkv.kernels.proxy import proxy_attention_tile, proxy_chunk, proxy_stats_merge, proxy_stats_tile
@@ -490,16 +517,21 @@ SCORE_SPLIT = '''    free = N - {windows}
 CAUSAL_LOOP = "    for it in tl.range(n_free, tiles_per_prog, num_stages=1):"
 
 
-def _score_body(slots: Sequence[Slot], program_globals, names: Names, prologue: List[str], causal: bool) -> List[str]:
+def _score_body(slots: Sequence[Slot], program_globals, names: Names, prologue: List[str], causal: bool,
+                pooled_after: Sequence[dsl.Score]) -> List[str]:
     body: List[str] = [TILE_START.format(ind=" " * 8, base=SCORE_TILE)]
-    emitter = TileEmitter(program_globals, prologue, body, " " * 8, names, causal)
+    emitter = TileEmitter(program_globals, prologue, body, " " * 8, names, causal, pooled_after)
     for index, slot in enumerate(slots):
         x = emitter.value(slot.stored)
         emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * NS + o_n, {x}, mask=m_val)")
+        if slot.stored in pooled_after:   # the keys next to each pooling segment's ends (kernels/pooling.py)
+            gi, half = program_globals.index(slot.stored), slot.stored.pool_kernel // 2
+            emitter.emit(f"store_edges(ws_ptr + fo_{gi} + rows * QR_{gi} + i_row.to(tl.int64) * "
+                         f"(tl.cdiv(NS, POOL_SEG) * {2 * half}), {x}, o_n, m_val, POOL_SEG, {half})")
     return body
 
 
-def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[str]:
+def _score_kernel(slots: Sequence[Slot], program_globals, names: Names, pooled_after: Sequence[dsl.Score]) -> List[str]:
     """Per tile, every slot's score. With causal windows (H2O) the tiles before the windows' keys
     drop the causal compare, whose per-query positions held through the loop cost registers and
     two instructions a logit; the program's remaining tiles (at most the last w + HALO keys) keep it."""
@@ -509,10 +541,10 @@ def _score_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[
                 "    zero_fill(z_ptr, z_numel, i_row * S + i_s, S * rows)"]
     windows = causal_windows(program_globals)
     if not windows:
-        body = _score_body(slots, program_globals, names, prologue, True)   # adds to the prologue
+        body = _score_body(slots, program_globals, names, prologue, True, pooled_after)   # adds to the prologue
         return _kernel("score", program_globals, names, prologue + [TILE_LOOP] + body)
-    free = _score_body(slots, program_globals, names, prologue, False)
-    masked = _score_body(slots, program_globals, names, [], True)   # the same prologue lines
+    free = _score_body(slots, program_globals, names, prologue, False, pooled_after)
+    masked = _score_body(slots, program_globals, names, [], True, pooled_after)   # the same prologue lines
     lines = (prologue + [SCORE_SPLIT.format(windows=_max_of(windows))]
              + [TILE_LOOP.replace("tiles_per_prog", "n_free", 1)] + free + [CAUSAL_LOOP] + masked)
     return _kernel("score", program_globals, names, lines)
@@ -522,10 +554,11 @@ HEAD_REDUCE = {"mean": "acc_{k} + x_{k}", "sum": "acc_{k} + x_{k}", "max": "tl.m
 HEAD_INIT = {"mean": "0.0", "sum": "0.0", "max": "float('-inf')"}
 
 
-def heads_fusable(slots: Sequence[Slot]) -> bool:
+def heads_fusable(slots: Sequence[Slot], pooled_after: Sequence[dsl.Score] = ()) -> bool:
     """Whether every slot is a head-reduced priority the score kernel could reduce itself
-    (``score_heads``): reduced over heads, not chunked, not normalized after the score kernel."""
-    return bool(slots) and all(s.head_reduce is not None and s.chunk == 1 and not s.deferred for s in slots)
+    (``score_heads``): reduced over heads, not chunked, not normalized or pooled after the score kernel."""
+    return bool(slots) and all(s.head_reduce is not None and s.chunk == 1 and not s.deferred
+                               and s.stored not in pooled_after for s in slots)
 
 
 def _score_heads_kernel(slots: Sequence[Slot], program_globals, names: Names) -> List[str]:
@@ -576,7 +609,8 @@ def generate(policy: dsl.Policy) -> Program:
     n_levels = 1 + max((stats_level(g) for g in program_globals), default=-1)
     levels = tuple(tuple(i for i, g in enumerate(program_globals) if stats_level(g) == level)
                    for level in range(n_levels))
-    max_halo = max((halo(s.score) for s in slots), default=0)
+    pooled_after = deferred_pools(slots)
+    max_halo = max((halo(s.stored, pooled_after) for s in slots), default=0)
     names = Names(policy.signals, policy.directions)
     lines = [HEADER.format(policy=repr(policy).replace("\n", " "))]
     own = tuple(all(own_tiles(program_globals[gi]) for gi in members) for members in levels)
@@ -584,13 +618,14 @@ def generate(policy: dsl.Policy) -> Program:
         lines += _stats_kernel(level, members, program_globals, names, own[level])
         lines += _merge_kernel(level, members, program_globals, names)
     if slots:
-        lines += _score_kernel(slots, program_globals, names)
-    fusable = heads_fusable(slots)
+        lines += _score_kernel(slots, program_globals, names, pooled_after)
+    fusable = heads_fusable(slots, pooled_after)
     if fusable:
         lines += _score_heads_kernel(slots, program_globals, names)
     reads_cache = any(s.stored.needs_keys or s.stored.needs_values for s in slots)
     return Program(slots, clause_keys, reads_cache, program_globals, levels, max_halo, own, "\n".join(lines) + "\n",
-                   names.signals, names.directions, fusable)
+                   names.signals, names.directions, fusable,
+                   tuple(program_globals.index(node) for node in pooled_after))
 
 
 def qk_scale(d: int) -> float:

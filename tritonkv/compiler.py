@@ -46,6 +46,7 @@ from .kernels.gather import GATHER_WARPS, _gather_kernel, gather_launch
 from .kernels.launch import launch
 from .kernels.deferred import DEFERRED_WARPS, deferred_launches, moments_launch
 from .kernels.keys import _priorities_kernel, priorities_launch
+from .kernels.pooling import POOL_WARPS, pool_launch
 from .kernels.transform import TRANSFORM_WARPS, _transform_kernel, transform_launch
 from .kernels.select import (SELECT_SEED_ARG, select_warps, _select_kernel, select_launch, select_programs,
                              workspace_sizes, zeroed_numel)
@@ -245,8 +246,9 @@ class Launch:
 
 def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, workspace, shape,
                     head_rows: bool = True) -> List[Launch]:
-    """Statistics and merge per level, the score kernel, then per slot its deferred normalize,
-    its transform and the moment partials a sample clause's key reads. ``head_rows=False``: a
+    """Statistics and merge per level, the score kernel, then per slot its pooling (a proxy
+    attention pooled after the score kernel), its deferred normalize, its transform and the moment
+    partials a sample clause's key reads. ``head_rows=False``: a
     score kernel that reduces the heads itself writes head 0's row only (a shared selection
     ranks no other; score_heads at B = 4, 128K: 2 MB written instead of 17)."""
     out = []
@@ -272,7 +274,9 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
     deferred = iter(geo.deferred)
     moments = dict(zip(program.moment_slots, geo.moments))
     for index, slot in enumerate(program.slots):
-        passes = [(*step, DEFERRED_WARPS) for step in deferred_launches(
+        passes = [_pool_step(program, slot, index, score, args, priorities, workspace, geo)] \
+            if program.pooled_global(slot) is not None else []
+        passes += [(*step, DEFERRED_WARPS) for step in deferred_launches(
             priorities, workspace, next(deferred), index, geo.rows, n, *geo.deferred_tiling)] if slot.deferred else []
         if slot.transformed and not geo.score_heads:
             passes.append((_transform_kernel, *transform_launch(priorities, index, b, h, n, slot.chunk,
@@ -282,6 +286,18 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
                                            *geo.deferred_tiling), DEFERRED_WARPS))
         out += [Launch(fn, grid, pargs, pconst, warps) for fn, grid, pargs, pconst, warps in passes]
     return out
+
+
+def _pool_step(program: Program, slot, index: int, score, args, priorities, workspace, geo: Geometry):
+    """(kernel, grid, args, constexprs, warps) of the pass that pools slot ``index`` after the score
+    kernel (kernels/pooling.py), from the score launch's own arguments (its window, lse offset, rows)."""
+    gi = program.pooled_global(slot)
+    node = program.globals[gi]
+    arg = lambda name: args[score.arg_names.index(name)]  # noqa: E731
+    edges = arg(f"fo_{gi}") + geo.rows * geo.constexprs[f"QR_{gi}"]
+    return (*pool_launch(priorities, workspace, arg("sq_ptr"), index, geo.rows, arg("N"), arg(f"w_{gi}"), edges,
+                         arg("H"), node.pool_kernel, geo.constexprs["G"] if node.group_reduce == "mean" else 1,
+                         node.exclude_window, geo.constexprs["PAGE"], geo.constexprs["POOL_SEG"]), POOL_WARPS)
 
 
 def score_tiling(compiled: CompiledPolicy, geo: Geometry, device: torch.device) -> Optional[Tuple[int, int]]:

@@ -3,7 +3,8 @@ the workspace layout, from shapes, strides and dtypes alone (cached per program 
 
 The float32 scratch of the ranking passes, from the workspace pointer the kernels get:
   [0, workspace)            what is read after the score kernel starts: the row statistics
-                            (finals) the score kernel reads, the logits a one-query proxy
+                            (finals) the score kernel reads (a proxy attention pooled after it:
+                            its slot's edges next, kernels/pooling.py), the logits a one-query proxy
                             attention keeps from its statistics pass (kernels/proxy.py: G per
                             token and row), the moment partials of slots (kernels/deferred.py,
                             kernels/keys.py);
@@ -25,6 +26,7 @@ from . import dsl
 from .codegen import Program, qk_scale
 from .kernels.common import cdiv, even_tiling, ieee_products, interpreting, multiprocessor_count, next_power_of_2
 from .kernels.deferred import deferred_tiling
+from .kernels.pooling import edge_floats, pool_segment
 from .reference import proxy_window
 
 QUERY_CHUNK = 256  # most proxy query rows per tl.dot
@@ -290,7 +292,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                       HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page, ANCHOR_FOLD=fold,
-                      ALL_HEAD_ROWS=True,
+                      ALL_HEAD_ROWS=True, POOL_SEG=pool_segment(n, page > 0),
                       IEEE=ieee_products(dtype),
                       STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize, anchored))
     placed: List[Tuple[int, int, List[int]]] = []   # per global: partials and final offsets, (window, logits)
@@ -318,6 +320,8 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         placed.append((partials, offset, [w, 0] if isinstance(node, dsl.ProxyAttention) else []))
         partials += rows * part
         offset += rows * final
+        if i in program.pooled:   # its slot's edges (kernels/pooling.py), right after its rows' lse
+            offset += rows * edge_floats(n, node.pool_kernel, constexprs["POOL_SEG"])
     for i, numel in logits_regions:
         placed[i][2][1] = offset
         offset += numel

@@ -251,8 +251,10 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
                          QR: tl.constexpr, CAUSAL: tl.constexpr, REDUCE: tl.constexpr, POOL: tl.constexpr,
                          POOL_MAX: tl.constexpr,
                          GROUP_REDUCE: tl.constexpr, EXCLUDE: tl.constexpr, QK_SCALE: tl.constexpr,
-                         IEEE: tl.constexpr, LOGITS: tl.constexpr):
-    """reference.proxy_attention for one tile of keys.
+                         IEEE: tl.constexpr, LOGITS: tl.constexpr, FINISH: tl.constexpr):
+    """reference.proxy_attention for one tile of keys; with FINISH off, the group's sum before the
+    pooling, the group mean's division and the window's exclusion, which kernels/pooling.py's pass
+    then applies (an average pooling that commutes with the group reduction: codegen.deferred_pool).
 
     b_q0, w_r0, b_lse0 are chunk 0 (proxy_chunk; no row mask: a padding row's lse is +inf),
     loaded once per program: when all query rows fit one chunk (the common case: G * W_PAD <=
@@ -285,10 +287,11 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
         acc_grp, acc_win = _chunk_update(acc_grp, acc_win, c, _logits_t(b_k, b_q, QK_SCALE, IEEE), w_r, b_lse,
                                          o_t, o_n, N, w, BLOCK_N, G, W_PAD, QB, CAUSAL, REDUCE, POOL,
                                          POOL_MAX, GROUP_REDUCE, EXCLUDE)
-    if POOL > 1 and not _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
-        acc_grp = pool(acc_grp, o_t, o_n, _pool_end(N, w, EXCLUDE), POOL, POOL_MAX, BLOCK_N)
-    if GROUP_REDUCE == 0:
-        acc_grp = acc_grp / G
-    if EXCLUDE:   # the window's own keys score 0
-        acc_grp = tl.where(o_n < N - w, acc_grp, 0.0)
+    if FINISH:
+        if POOL > 1 and not _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
+            acc_grp = pool(acc_grp, o_t, o_n, _pool_end(N, w, EXCLUDE), POOL, POOL_MAX, BLOCK_N)
+        if GROUP_REDUCE == 0:
+            acc_grp = acc_grp / G
+        if EXCLUDE:   # the window's own keys score 0
+            acc_grp = tl.where(o_n < N - w, acc_grp, 0.0)
     return acc_grp

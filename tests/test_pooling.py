@@ -1,0 +1,96 @@
+"""kernels/pooling.py: a slot pooled in place after the score kernel, from the edges the score
+kernel stores, against the same float32 operations in PyTorch (bit for bit) and reference.pool1d."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tritonkv import reference
+from tritonkv.kernels.launch import launch
+from tritonkv.kernels.pooling import edge_floats, pool_launch, pool_segment, store_edges
+
+from .devices import to_device
+from .strategies import examples
+
+TILE = 32
+
+
+@triton.jit
+def _edges_of(x_ptr, edge_ptr, N, SEG: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    """What the score kernel stores beside a pooled slot: a row's edges, tile by tile."""
+    i_t = tl.program_id(0)
+    i_row = tl.program_id(1)
+    o_n = i_t * BLOCK + tl.arange(0, BLOCK)
+    m = o_n < N
+    x = tl.load(x_ptr + i_row * N + o_n, mask=m, other=0.0)
+    store_edges(edge_ptr + i_row * (tl.cdiv(N, SEG) * 2 * HALF), x, o_n, m, SEG, HALF)
+
+
+def pooled_as_the_tile_does(x, kernel: int, divisor: int, n_pool: int, w_zero: int):
+    """kernels/proxy.py's FINISH in PyTorch, operation for operation: pool (0 outside [0, n_pool)),
+    then the group mean's division, then the keys from w_zero on set to 0."""
+    n = x.shape[-1]
+    half = kernel // 2
+    padded = torch.zeros(x.shape[0], n + 2 * half, dtype=torch.float32)
+    padded[:, half: half + n_pool] = x[:, :n_pool]
+    acc = padded[:, 0:n].clone()
+    for j in range(1, kernel):
+        acc = acc + padded[:, j: j + n]
+    acc = acc / kernel
+    if divisor != 1:
+        acc = acc / divisor
+    acc[:, w_zero:] = 0.0
+    return acc
+
+
+@given(n=st.one_of(st.integers(1, 70), st.integers(1000, 2600)), rows=st.integers(1, 3),
+       kernel=st.sampled_from([3, 5, 7, 15]), divisor=st.sampled_from([1, 4, 7]),
+       exclude=st.booleans(), w_share=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 31))
+@settings(max_examples=examples(12))
+def test_pooled_in_place_from_edges_matches_the_tile(n, rows, kernel, divisor, exclude, w_share, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(rows, n, generator=gen) * torch.randint(0, 2, (rows, n), generator=gen).float()
+    w = int(w_share * n) if exclude else 0
+    half, seg = kernel // 2, pool_segment(n)
+    slots = torch.full((2, rows, n), float("nan"))
+    slots[1] = x   # slot 1 pooled: slot 0 must stay as it is
+    edges_at = 5   # the edges' offset in the workspace, as the geometry places them after other regions
+    workspace = torch.full((edges_at + rows * edge_floats(n, kernel, seg),), float("nan"))
+    slots, workspace, xd = to_device(slots, workspace, x.contiguous())
+    launch(_edges_of, (triton.cdiv(n, TILE), rows), [xd, workspace[edges_at:], n], dict(SEG=seg, HALF=half,
+                                                                                          BLOCK=TILE))
+    fn, grid, args, constexprs = pool_launch(slots, workspace, workspace, 1, rows, n, w, edges_at, 1, kernel,
+                                             divisor, exclude, 0, seg)
+    launch(fn, grid, args, constexprs)
+    got = slots.cpu()
+    assert got[0].isnan().all(), "only the pooled slot is written"
+    expected = pooled_as_the_tile_does(x, kernel, divisor, n - w, n - w if exclude else n)
+    assert torch.equal(got[1], expected)
+    # and what reference.proxy_attention does: pool the prefix before the window alone
+    prefix = reference.pool1d(x[:, :n - w], kernel, "avg") / divisor
+    torch.testing.assert_close(got[1][:, :n - w], prefix, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n, expected", [(1, 16), (130, 32), (8192, 1024), (1 << 20, 2048)])
+def test_segments_are_an_eighth_of_a_short_row_within_bounds(n, expected):
+    assert pool_segment(n) == expected and pool_segment(n, paged=True) == 2048
+    assert edge_floats(n, 5, expected) == triton.cdiv(n, expected) * 4
+
+
+def test_snapkv_defers_its_pooling_and_h2o_and_max_pooling_do_not():
+    from tritonkv import dsl
+    from tritonkv.codegen import generate
+    from tritonkv.policies import snapkv
+    from tritonkv.policies.attention import h2o
+    assert generate(snapkv()).pooled == (0,) and generate(snapkv()).halo == 0
+    assert generate(h2o()).pooled == ()
+    assert generate(snapkv(pool_mode="max")).pooled == () and generate(snapkv(pool_mode="max")).halo == 2
+    # inside another score the tile needs it pooled: the halo stays
+    attention = dsl.proxy_attention(window=8, causal=True, pool=5, exclude_window=True)
+    mixed = generate(dsl.top(attention + dsl.key_norm()) | dsl.top(attention))
+    assert mixed.pooled == () and mixed.halo == 2
+
+

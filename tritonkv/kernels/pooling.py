@@ -1,0 +1,112 @@
+"""A proxy attention's average pooling over keys, after the score kernel instead of inside it.
+
+Pooled in the score kernel, a key's score needs its neighbours' (HALF = kernel // 2 on each
+side): tiles of 64 keys overlap by 2 * HALF (60 new keys a tile at SnapKV's kernel 5) and the
+pooling shifts each tile's [BLOCK_N] vector through shared memory once per offset. On an H100
+(perf/proxy_score_probe.py, 128K, B = 1 / 4) that made SnapKV's score pass 1.14x / 1.18x the same
+pass unpooled in whole tiles. So where a slot is such an attention (codegen.deferred_pool), the
+score kernel stores the unpooled sum over the group's heads (proxy_attention_tile with FINISH
+off), and ``_pool_kernel`` finishes it in place as proxy_attention_tile would have: the pooling
+(zero padding outside [0, N - w) with exclude_window, else [0, N)), the group mean's division,
+the window's keys set to 0. The same float32 operations in the same order: the same values.
+
+In place, the program of one segment of a row (POOL_SEG keys, ``pool_segment``) cannot read the
+keys beside its segment once the neighbouring programs have pooled theirs: the score kernel also stores, per segment,
+the first and last HALF unpooled values (``store_edges``) in an edge region of the workspace
+(2 * HALF floats per segment and row, after the attention's row statistics), and a program
+reads the keys beside its segment from there.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import cdiv, next_power_of_2
+from .sequences import sequence_of
+
+POOL_WARPS = 4
+MAX_SEGMENT = 2048   # keys per program of the pooling pass (16 float32 a thread at 4 warps; edges: 1 B per 256 keys)
+MAX_DEFERRED_KERNEL = 15   # the widest pooling deferred (HALF <= 7 fits the narrowest segment)
+
+
+def pool_segment(n: int, paged: bool = False) -> int:
+    """Keys per program of the pooling pass over rows of ``n`` keys (the score kernel's POOL_SEG):
+    about an eighth of a short row (so that the edges between segments are exercised at the sizes
+    tests run), at most MAX_SEGMENT, at least 16 (> 2 * HALF for every deferred kernel). Paged:
+    MAX_SEGMENT, whatever the length, so that sequences of any length batch together (the
+    constexprs of a batch's kernels are one, tritonkv.paged_plan)."""
+    return MAX_SEGMENT if paged else max(16, min(MAX_SEGMENT, next_power_of_2(cdiv(n, 8))))
+
+
+def edge_floats(n: int, kernel: int, seg: int) -> int:
+    """Float32 elements of one row's edges: 2 * HALF per segment of ``seg`` keys."""
+    return cdiv(n, seg) * 2 * (kernel // 2)
+
+
+@triton.jit
+def store_edges(edge_ptr, x, o_n, m, SEG: tl.constexpr, HALF: tl.constexpr):
+    """Store the lanes of x [BLOCK_N] (tokens o_n, mask m) that are among the first or last HALF
+    of their segment of SEG tokens at edge_ptr + segment * 2 * HALF + (0 .. 2 * HALF - 1): first
+    ones, then last ones (one row's edges)."""
+    r = o_n % SEG
+    at = tl.where(r < HALF, r, r - (SEG - 2 * HALF))
+    tl.store(edge_ptr + (o_n // SEG) * (2 * HALF) + at, x, mask=m & ((r < HALF) | (r >= SEG - HALF)))
+
+
+@triton.jit
+def _neighbour(row, edges, o_n, J: tl.constexpr, lo, n_pool, SEG: tl.constexpr, HALF: tl.constexpr):
+    """The unpooled value of token o_n + J, 0 outside [0, n_pool): from the slot inside this
+    program's segment [lo, lo + SEG), from the neighbouring segment's edges outside it."""
+    p = o_n + J
+    ok = (p >= 0) & (p < n_pool)
+    inside = (p >= lo) & (p < lo + SEG)
+    # left of the segment: the previous segment's last HALF (edge slots HALF ..); right: the next one's first
+    at = tl.where(p < lo, (lo // SEG - 1) * (2 * HALF) + 2 * HALF + (p - lo),
+                  (lo // SEG + 1) * (2 * HALF) + (p - lo - SEG))
+    own = tl.load(row + p, mask=ok & inside, other=0.0)
+    beside = tl.load(edges + at, mask=ok & ((p < lo) | (p >= lo + SEG)), other=0.0)
+    return tl.where(inside, own, beside)
+
+
+@triton.jit(do_not_specialize=["slot", "rows", "N", "w", "edge_off", "H"])
+def _pool_kernel(prio_ptr, ws_ptr, sq_ptr, slot, rows, N, w, edge_off, H, SEG: tl.constexpr, KERNEL: tl.constexpr,
+                 DIVISOR: tl.constexpr, EXCLUDE: tl.constexpr, PAGE: tl.constexpr):
+    """Program (segment, row): pool the segment's unpooled values in place, divide by DIVISOR
+    (the group mean's G, else 1), and with EXCLUDE set the window's w keys to 0. N is the
+    slots' row stride (the longest sequence where PAGE > 0, each row's length then read from
+    its sequence table entry)."""
+    HALF: tl.constexpr = KERNEL // 2
+    i_seg = tl.program_id(0)
+    i_row = tl.program_id(1)
+    NS = N
+    if PAGE > 0:
+        _, N, _, _, _ = sequence_of(sq_ptr, i_row // H)
+    n_pool = N
+    if EXCLUDE:
+        n_pool = N - w
+    lo = i_seg * SEG
+    o_n = lo + tl.arange(0, SEG)
+    row = prio_ptr + (slot * rows + i_row).to(tl.int64) * NS
+    edges = ws_ptr + edge_off + i_row.to(tl.int64) * (tl.cdiv(NS, SEG) * 2 * HALF)
+    acc = _neighbour(row, edges, o_n, -HALF, lo, n_pool, SEG, HALF)
+    for j in tl.static_range(1 - HALF, HALF + 1):
+        acc = acc + _neighbour(row, edges, o_n, j, lo, n_pool, SEG, HALF)
+    acc = acc / KERNEL
+    if DIVISOR != 1:
+        acc = acc / DIVISOR
+    if EXCLUDE:
+        acc = tl.where(o_n < N - w, acc, 0.0)
+    tl.debug_barrier()   # every thread's loads of the segment before any thread's stores into it
+    tl.store(row + o_n, acc, mask=o_n < N)
+
+
+def pool_launch(priorities, workspace, sequences, slot: int, rows: int, n: int, w: int, edge_off: int, heads: int,
+                kernel: int, divisor: int, exclude: bool, page: int, seg: int):
+    """(kernel, grid, args, constexprs) of the pooling pass over one slot of ``priorities``
+    [n_slots, rows, n] in segments of ``seg`` keys (the score kernel's POOL_SEG); ``edge_off``: the
+    slot's edges in ``workspace``; ``sequences``: a paged call's sequence table (else any tensor:
+    not read)."""
+    return (_pool_kernel, (cdiv(n, seg), rows),
+            [priorities, workspace, sequences, slot, rows, n, w, edge_off, heads],
+            dict(SEG=seg, KERNEL=kernel, DIVISOR=divisor, EXCLUDE=exclude, PAGE=page))
