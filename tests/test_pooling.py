@@ -12,7 +12,7 @@ from tritonkv import reference
 from tritonkv.kernels.launch import launch
 from tritonkv.kernels.pooling import edge_floats, pool_launch, pool_segment, store_edges
 
-from .devices import to_device
+from .devices import CUDA, to_device
 from .strategies import examples
 
 TILE = 32
@@ -68,7 +68,10 @@ def test_pooled_in_place_from_edges_matches_the_tile(n, rows, kernel, divisor, e
     got = slots.cpu()
     assert got[0].isnan().all(), "only the pooled slot is written"
     expected = pooled_as_the_tile_does(x, kernel, divisor, n - w, n - w if exclude else n)
-    assert torch.equal(got[1], expected)
+    if CUDA:   # Triton divides with div.full.f32 (within 2 ulp), PyTorch exactly: two divisions
+        torch.testing.assert_close(got[1], expected, rtol=5e-7, atol=0.0)
+    else:
+        assert torch.equal(got[1], expected)
     # and what reference.proxy_attention does: pool the prefix before the window alone
     prefix = reference.pool1d(x[:, :n - w], kernel, "avg") / divisor
     torch.testing.assert_close(got[1][:, :n - w], prefix, rtol=1e-6, atol=1e-7)

@@ -44,6 +44,12 @@ def edge_floats(n: int, kernel: int, seg: int) -> int:
     return cdiv(n, seg) * 2 * (kernel // 2)
 
 
+@triton.constexpr_function
+def _end_lanes(HALF):
+    """Lanes of the tensor of a segment's 2 * HALF end tokens (a power of two)."""
+    return max(2, 1 << (2 * HALF - 1).bit_length())
+
+
 @triton.jit
 def store_edges(edge_ptr, x, o_n, m, SEG: tl.constexpr, HALF: tl.constexpr):
     """Store the lanes of x [BLOCK_N] (tokens o_n, mask m) that are among the first or last HALF
@@ -55,18 +61,27 @@ def store_edges(edge_ptr, x, o_n, m, SEG: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _neighbour(row, edges, o_n, J: tl.constexpr, lo, n_pool, SEG: tl.constexpr, HALF: tl.constexpr):
-    """The unpooled value of token o_n + J, 0 outside [0, n_pool): from the slot inside this
-    program's segment [lo, lo + SEG), from the neighbouring segment's edges outside it."""
-    p = o_n + J
+def _unpooled(row, edges, p, lo, n_pool, SEG: tl.constexpr, HALF: tl.constexpr):
+    """The unpooled values of tokens p next to a segment's ends, 0 outside [0, n_pool): from the
+    slot inside the segment [lo, lo + SEG), else from the neighbouring segment's edges (the
+    previous one's last HALF at its slots HALF .., the next one's first HALF at 0 ..)."""
     ok = (p >= 0) & (p < n_pool)
     inside = (p >= lo) & (p < lo + SEG)
-    # left of the segment: the previous segment's last HALF (edge slots HALF ..); right: the next one's first
-    at = tl.where(p < lo, (lo // SEG - 1) * (2 * HALF) + 2 * HALF + (p - lo),
-                  (lo // SEG + 1) * (2 * HALF) + (p - lo - SEG))
-    own = tl.load(row + p, mask=ok & inside, other=0.0)
-    beside = tl.load(edges + at, mask=ok & ((p < lo) | (p >= lo + SEG)), other=0.0)
-    return tl.where(inside, own, beside)
+    at = tl.where(p < lo, (lo // SEG - 1) * (2 * HALF) + 2 * HALF + (p - lo), (lo // SEG + 1) * (2 * HALF) + (p - lo - SEG))
+    return tl.where(inside, tl.load(row + p, mask=ok & inside, other=0.0),
+                    tl.load(edges + at, mask=ok & ((p < lo) | (p >= lo + SEG)), other=0.0))
+
+
+@triton.jit
+def _finish(acc, q, N, w, KERNEL: tl.constexpr, DIVISOR: tl.constexpr, EXCLUDE: tl.constexpr):
+    """proxy_attention_tile's FINISH after the neighbours' sum: the average, the group mean, the
+    window's keys 0."""
+    acc = acc / KERNEL
+    if DIVISOR != 1:
+        acc = acc / DIVISOR
+    if EXCLUDE:
+        acc = tl.where(q < N - w, acc, 0.0)
+    return acc
 
 
 @triton.jit(do_not_specialize=["slot", "rows", "N", "w", "edge_off", "H"])
@@ -75,7 +90,9 @@ def _pool_kernel(prio_ptr, ws_ptr, sq_ptr, slot, rows, N, w, edge_off, H, SEG: t
     """Program (segment, row): pool the segment's unpooled values in place, divide by DIVISOR
     (the group mean's G, else 1), and with EXCLUDE set the window's w keys to 0. N is the
     slots' row stride (the longest sequence where PAGE > 0, each row's length then read from
-    its sequence table entry)."""
+    its sequence table entry). A lane's neighbours come from shifted loads of the segment
+    itself; the HALF lanes at each end, whose neighbours lie partly outside it, are pooled
+    apart from the edges (token by token: 4 of 2,048 at SnapKV's kernel 5)."""
     HALF: tl.constexpr = KERNEL // 2
     i_seg = tl.program_id(0)
     i_row = tl.program_id(1)
@@ -86,19 +103,25 @@ def _pool_kernel(prio_ptr, ws_ptr, sq_ptr, slot, rows, N, w, edge_off, H, SEG: t
     if EXCLUDE:
         n_pool = N - w
     lo = i_seg * SEG
-    o_n = lo + tl.arange(0, SEG)
+    o_i = tl.arange(0, SEG)
     row = prio_ptr + (slot * rows + i_row).to(tl.int64) * NS
+    seg_row = row + lo
     edges = ws_ptr + edge_off + i_row.to(tl.int64) * (tl.cdiv(NS, SEG) * 2 * HALF)
-    acc = _neighbour(row, edges, o_n, -HALF, lo, n_pool, SEG, HALF)
+    acc = tl.load(seg_row + o_i - HALF, mask=(o_i >= HALF) & (lo + o_i - HALF < n_pool), other=0.0)
     for j in tl.static_range(1 - HALF, HALF + 1):
-        acc = acc + _neighbour(row, edges, o_n, j, lo, n_pool, SEG, HALF)
-    acc = acc / KERNEL
-    if DIVISOR != 1:
-        acc = acc / DIVISOR
-    if EXCLUDE:
-        acc = tl.where(o_n < N - w, acc, 0.0)
+        acc = acc + tl.load(seg_row + o_i + j, mask=(o_i + j >= 0) & (o_i + j < SEG) & (lo + o_i + j < n_pool),
+                            other=0.0)
+    acc = _finish(acc, lo + o_i, N, w, KERNEL, DIVISOR, EXCLUDE)
+    # the first and last HALF tokens, with the neighbours beside the segment
+    o_e = tl.arange(0, _end_lanes(HALF))
+    q = tl.where(o_e < HALF, lo + o_e, lo + SEG - 2 * HALF + o_e)
+    end = _unpooled(row, edges, q - HALF, lo, n_pool, SEG, HALF)
+    for j in tl.static_range(1 - HALF, HALF + 1):
+        end = end + _unpooled(row, edges, q + j, lo, n_pool, SEG, HALF)
+    end = _finish(end, q, N, w, KERNEL, DIVISOR, EXCLUDE)
     tl.debug_barrier()   # every thread's loads of the segment before any thread's stores into it
-    tl.store(row + o_n, acc, mask=o_n < N)
+    tl.store(seg_row + o_i, acc, mask=(o_i >= HALF) & (o_i < SEG - HALF) & (lo + o_i < N))
+    tl.store(row + q, end, mask=(o_e < 2 * HALF) & (q < N))
 
 
 def pool_launch(priorities, workspace, sequences, slot: int, rows: int, n: int, w: int, edge_off: int, heads: int,
