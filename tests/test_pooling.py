@@ -83,17 +83,52 @@ def test_segments_are_an_eighth_of_a_short_row_within_bounds(n, expected):
     assert edge_floats(n, 5, expected) == triton.cdiv(n, expected) * 4
 
 
-def test_snapkv_defers_its_pooling_and_h2o_and_max_pooling_do_not():
+def test_snapkv_can_pool_after_its_score_pass_and_h2o_and_max_pooling_cannot():
     from tritonkv import dsl
     from tritonkv.codegen import generate
     from tritonkv.policies import snapkv
     from tritonkv.policies.attention import h2o
-    assert generate(snapkv()).pooled == (0,) and generate(snapkv()).halo == 0
+    program = generate(snapkv())
+    assert program.pooled == (0,) and program.halo == 2 and program.halo_pooled_after == 0
     assert generate(h2o()).pooled == ()
-    assert generate(snapkv(pool_mode="max")).pooled == () and generate(snapkv(pool_mode="max")).halo == 2
+    assert generate(snapkv(pool_mode="max")).pooled == () and generate(snapkv(pool_mode="max")).halo_pooled_after == 2
     # inside another score the tile needs it pooled: the halo stays
     attention = dsl.proxy_attention(window=8, causal=True, pool=5, exclude_window=True)
     mixed = generate(dsl.top(attention + dsl.key_norm()) | dsl.top(attention))
-    assert mixed.pooled == () and mixed.halo == 2
+    assert mixed.pooled == () and mixed.halo_pooled_after == 2
+
+
+@pytest.mark.parametrize("name", ["snapkv", "snapkv+sample", "pyramidkv", "adakv"])
+def test_pooling_after_the_score_pass_keeps_what_the_tile_keeps(name, monkeypatch):
+    """TRITONKV_POOL_AFTER=1 against the in-tile pooling: the same kept sets (and the same float32
+    priorities, so also under ties), dense at lengths of one to several pooling segments, and paged."""
+    import tritonkv as tkv
+    from tritonkv import geometry, paged_plan, policies
+
+    from .test_paged import Pool, check, run_both
+    policy = policies.COMPOSITES[name] if name in policies.COMPOSITES else policies.PRESETS[name]()
+    gen = torch.Generator()
+    results = {}
+    for after in ("0", "1"):
+        monkeypatch.setenv("TRITONKV_POOL_AFTER", after)
+        geometry.clear_geometry()
+        paged_plan.clear_plans()
+        for n in (70, 300, 1100):
+            gen.manual_seed(n)   # the same inputs for both settings
+            k, v = (torch.randn(1, 2, n, 32, generator=gen) for _ in range(2))
+            q = torch.randn(1, 4, 64, 32, generator=gen)
+            k, v, q = to_device(k, v, q)
+            # a new Evictor: plans under the setting of the moment (tkv.evict's would be reused)
+            out = tkv.Evictor(policy, n // 5, backend="triton")(k, v, queries=q, seed=1)
+            results.setdefault(n, []).append(out.indices.cpu())
+        if name == "snapkv":   # paged: a batch of lengths, one launch of each stage
+            pool = Pool([64, 300, 129], 16, heads=1, d=32, dv=32, seed=4)
+            before_k, before_v = pool.k.clone(), pool.v.clone()
+            got, want = run_both(pool, policy, 20, "triton")
+            check(pool, got, want, before_k, before_v)
+    geometry.clear_geometry()
+    paged_plan.clear_plans()
+    for n, (tile, after) in results.items():
+        assert torch.equal(tile, after), n
 
 

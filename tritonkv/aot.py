@@ -133,6 +133,10 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
             record(f"merge_{level}", compiled.kernel(f"merge_{level}"), largs, geo.constexprs, 4)
         score_constexprs = geo.score_constexprs()
         record("score", compiled.kernel("score"), largs, score_constexprs, geo.num_warps, geo.score_maxnreg)
+        if program.pooled:   # TRITONKV_POOL_AFTER=1: the score kernel that leaves its pooling to kernels/pooling.py
+            record("score pooled after", compiled.kernel("score"), largs,
+                   {**score_constexprs, "POOL_AFTER": True, "HALO": program.halo_pooled_after}, geo.num_warps,
+                   geo.score_maxnreg)
         if geo.score_heads:   # what evict launches instead of score + transform here
             record("score_heads", compiled.kernel("score_heads"), largs, score_constexprs, geo.num_warps)
         if paged and program.reads_cache:   # the same kernels reading a paged cache (tritonkv.paged)

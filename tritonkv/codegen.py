@@ -33,7 +33,7 @@ POINTER_ARGS = ("k_ptr", "v_ptr", "q_ptr", "ws_ptr", "out_ptr", "z_ptr", "bt_ptr
 STRIDE_ARGS = ("s_kb", "s_kh", "s_kn", "s_kd", "s_vb", "s_vh", "s_vn", "s_vd", "s_qb", "s_qh", "s_qw", "s_qd")
 SEED_ARG = len(POINTER_ARGS) + len(STRIDE_ARGS) + RUNTIME_ARGS.index("seed")   # where the seed is passed
 CONSTEXPR_ARGS = ("D", "DV", "G", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "HALO", "IEEE", "QK_SCALE", "PAGE", "STAGES",
-                  "ANCHOR_FOLD", "ALL_HEAD_ROWS", "POOL_SEG")
+                  "ANCHOR_FOLD", "ALL_HEAD_ROWS", "POOL_AFTER", "POOL_SEG")
 # the tile loops: STAGES-deep software pipelining of their loads, None for Triton's default (geometry.loop_stages)
 TILE_LOOP = "    for it in tl.range(0, tiles_per_prog, num_stages=STAGES):"
 
@@ -123,14 +123,15 @@ class Program:
     reads_cache: bool                          # some score loads K or V tiles
     globals: Tuple[dsl.Score, ...]            # index i names po_i / fo_i / w_i
     levels: Tuple[Tuple[int, ...], ...]       # global indices per statistics level
-    halo: int
+    halo: int                                  # pooling in the tile
     own_tiles: Tuple[bool, ...]               # per level: its statistics tile the tokens without halo
     source: str
     signals: Tuple[str, ...] = ()              # sg_i: the policy's signal tensors, in order
     directions: Tuple[str, ...] = ()           # dr_i: its key_dot directions, in order
     score_heads: bool = False                  # the module also has ``score_heads`` (heads_fusable)
-    pooled: Tuple[int, ...] = ()               # global indices of the proxy attentions pooled after
-    # the score kernel (deferred_pools; kernels/pooling.py), whose slots' edges follow their row statistics
+    pooled: Tuple[int, ...] = ()               # global indices of the proxy attentions that may be pooled
+    # after the score kernel (deferred_pools; kernels/pooling.py; POOL_AFTER), their slots' edges after their lse
+    halo_pooled_after: int = 0                 # the halo with those pooled after the score kernel
 
     def pooled_global(self, slot: "Slot") -> Optional[int]:
         """The global index of the proxy attention a slot stores unpooled, else None."""
@@ -295,7 +296,7 @@ class TileEmitter:
                 f"{node.causal and self.causal}, {REDUCE_CODES[node.reduce]}, {node.pool_kernel}, "
                 f"{node.pool_mode == 'max'}, "
                 f"{REDUCE_CODES[node.group_reduce]}, {node.exclude_window}, QK_SCALE, IEEE, LG_{gi}, "
-                f"{node not in self.pooled_after})")
+                f"{'not POOL_AFTER' if node in self.pooled_after else True})")
         if isinstance(node, dsl.Normalize):
             self.prologue.append(f"    mean_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2)")
             self.prologue.append(f"    std_{gi} = tl.load(ws_ptr + fo_{gi} + i_row * 2 + 1)")
@@ -526,7 +527,8 @@ def _score_body(slots: Sequence[Slot], program_globals, names: Names, prologue: 
         emitter.emit(f"tl.store(out_ptr + ({index} * rows + i_row).to(tl.int64) * NS + o_n, {x}, mask=m_val)")
         if slot.stored in pooled_after:   # the keys next to each pooling segment's ends (kernels/pooling.py)
             gi, half = program_globals.index(slot.stored), slot.stored.pool_kernel // 2
-            emitter.emit(f"store_edges(ws_ptr + fo_{gi} + rows * QR_{gi} + i_row.to(tl.int64) * "
+            emitter.emit("if POOL_AFTER:")
+            emitter.emit(f"    store_edges(ws_ptr + fo_{gi} + rows * QR_{gi} + i_row.to(tl.int64) * "
                          f"(tl.cdiv(NS, POOL_SEG) * {2 * half}), {x}, o_n, m_val, POOL_SEG, {half})")
     return body
 
@@ -610,7 +612,7 @@ def generate(policy: dsl.Policy) -> Program:
     levels = tuple(tuple(i for i, g in enumerate(program_globals) if stats_level(g) == level)
                    for level in range(n_levels))
     pooled_after = deferred_pools(slots)
-    max_halo = max((halo(s.stored, pooled_after) for s in slots), default=0)
+    max_halo = max((halo(s.stored) for s in slots), default=0)
     names = Names(policy.signals, policy.directions)
     lines = [HEADER.format(policy=repr(policy).replace("\n", " "))]
     own = tuple(all(own_tiles(program_globals[gi]) for gi in members) for members in levels)
@@ -625,7 +627,8 @@ def generate(policy: dsl.Policy) -> Program:
     reads_cache = any(s.stored.needs_keys or s.stored.needs_values for s in slots)
     return Program(slots, clause_keys, reads_cache, program_globals, levels, max_halo, own, "\n".join(lines) + "\n",
                    names.signals, names.directions, fusable,
-                   tuple(program_globals.index(node) for node in pooled_after))
+                   tuple(program_globals.index(node) for node in pooled_after),
+                   max((halo(s.stored, pooled_after) for s in slots), default=0))
 
 
 def qk_scale(d: int) -> float:

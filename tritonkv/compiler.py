@@ -275,7 +275,7 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
     moments = dict(zip(program.moment_slots, geo.moments))
     for index, slot in enumerate(program.slots):
         passes = [_pool_step(program, slot, index, score, args, priorities, workspace, geo)] \
-            if program.pooled_global(slot) is not None else []
+            if geo.constexprs["POOL_AFTER"] and program.pooled_global(slot) is not None else []
         passes += [(*step, DEFERRED_WARPS) for step in deferred_launches(
             priorities, workspace, next(deferred), index, geo.rows, n, *geo.deferred_tiling)] if slot.deferred else []
         if slot.transformed and not geo.score_heads:

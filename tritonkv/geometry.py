@@ -232,6 +232,14 @@ def anchor_fold(block_n: int) -> int:
     return min(fold, block_n)
 
 
+def pool_after(program: Program) -> bool:
+    """Whether the proxy attentions that can be (codegen.deferred_pools: SnapKV's) are pooled after
+    the score kernel (kernels/pooling.py) rather than in its tiles: ``TRITONKV_POOL_AFTER=1``; off by
+    default until timed against the in-tile pooling (the twenty-seventh session's first pass was
+    level with it on an H100, its second is untimed: performance-log.md)."""
+    return bool(program.pooled) and os.environ.get("TRITONKV_POOL_AFTER", "0") != "0"
+
+
 def _override(name: str, default):
     value = os.environ.get(name)
     return default if value is None else int(value)
@@ -272,7 +280,9 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
     # cap (256 tokens vs 64 at D = 128, bf16: 0.875-0.969x TOVA's time on an H100, perf/results/ab)
     logits_only = has_proxy and all(keeps_logits(program.globals[i], n, w_total, group, d, itemsize)
                                     for i in program.proxies)
-    block_n = block_tokens(max(d, dv), program.halo, has_proxy and not logits_only, itemsize, program.reads_cache)
+    after = pool_after(program)
+    halo = program.halo_pooled_after if after else program.halo
+    block_n = block_tokens(max(d, dv), halo, has_proxy and not logits_only, itemsize, program.reads_cache)
     if logits_only:   # a key block of 64 KB at most (shared memory holds a few in flight)
         block_n = max(16, min(block_n, 65536 // (next_power_of_2(d) * itemsize)))
     anchored = any(isinstance(g, dsl.AnchorSimilarity) for g in program.globals)
@@ -280,18 +290,18 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         # the anchor pass holds a [BLOCK_N, BLOCK_D] tile in float32 and its accumulator in
         # registers: keep the tiles at 8K floats
         block_n = max(16, min(block_n, 8192 // next_power_of_2(d)))
-        while block_n <= 4 * program.halo:
+        while block_n <= 4 * halo:
             block_n *= 2
     block_n = _override("TRITONKV_BLOCK_N", block_n)
     fold = anchor_fold(block_n) if anchored else 1
-    n_tiles = cdiv(n, block_n - 2 * program.halo)
+    n_tiles = cdiv(n, block_n - 2 * halo)
     if fixed_splits is None:
         splits, tiles_per_prog = even_tiling(n_tiles, stats_splits(rows, n_tiles, device))
     else:
         splits, tiles_per_prog = fixed_splits, cdiv(n_tiles, fixed_splits)
     block_d, block_dv = next_power_of_2(d), next_power_of_2(dv)
     constexprs = dict(D=d, DV=dv, G=group, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                      HALO=program.halo, QK_SCALE=qk_scale(d), PAGE=page, ANCHOR_FOLD=fold,
+                      HALO=halo, QK_SCALE=qk_scale(d), PAGE=page, ANCHOR_FOLD=fold, POOL_AFTER=after,
                       ALL_HEAD_ROWS=True, POOL_SEG=pool_segment(n, page > 0),
                       IEEE=ieee_products(dtype),
                       STAGES=loop_stages(has_proxy, block_n * max(block_d, block_dv) * itemsize, anchored))
@@ -320,7 +330,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         placed.append((partials, offset, [w, 0] if isinstance(node, dsl.ProxyAttention) else []))
         partials += rows * part
         offset += rows * final
-        if i in program.pooled:   # its slot's edges (kernels/pooling.py), right after its rows' lse
+        if after and i in program.pooled:   # its slot's edges (kernels/pooling.py), right after its rows' lse
             offset += rows * edge_floats(n, node.pool_kernel, constexprs["POOL_SEG"])
     for i, numel in logits_regions:
         placed[i][2][1] = offset
