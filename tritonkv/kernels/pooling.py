@@ -4,17 +4,18 @@ Pooled in the score kernel, a key's score needs its neighbours' (HALF = kernel /
 side): tiles of 64 keys overlap by 2 * HALF (60 new keys a tile at SnapKV's kernel 5) and the
 pooling shifts each tile's [BLOCK_N] vector through shared memory once per offset. On an H100
 (perf/proxy_score_probe.py, 128K, B = 1 / 4) that made SnapKV's score pass 1.14x / 1.18x the same
-pass unpooled in whole tiles. So where a slot is such an attention (codegen.deferred_pool), the
-score kernel stores the unpooled sum over the group's heads (proxy_attention_tile with FINISH
-off), and ``_pool_kernel`` finishes it in place as proxy_attention_tile would have: the pooling
-(zero padding outside [0, N - w) with exclude_window, else [0, N)), the group mean's division,
-the window's keys set to 0. The same float32 operations in the same order: the same values.
+pass unpooled in whole tiles. So where a slot is such an attention (codegen.deferred_pools) and
+``TRITONKV_POOL_AFTER=1`` (geometry.pool_after), the score kernel stores the unpooled sum over the
+group's heads (proxy_attention_tile with FINISH off), and ``_pool_kernel`` finishes it in place as
+proxy_attention_tile would have: the pooling (zero padding outside [0, N - w) with
+exclude_window, else [0, N)), the group mean's division, the window's keys set to 0. The same
+float32 operations in the same order: the same values.
 
 In place, the program of one segment of a row (POOL_SEG keys, ``pool_segment``) cannot read the
-keys beside its segment once the neighbouring programs have pooled theirs: the score kernel also stores, per segment,
-the first and last HALF unpooled values (``store_edges``) in an edge region of the workspace
-(2 * HALF floats per segment and row, after the attention's row statistics), and a program
-reads the keys beside its segment from there.
+keys beside its segment once the neighbouring programs have pooled theirs: the score kernel
+also stores, per segment, the first and last HALF unpooled values (``store_edges``) in an edge
+region of the workspace (2 * HALF floats per segment and row, after the attention's row
+statistics), and a program reads the keys beside its segment from there.
 """
 
 from __future__ import annotations
