@@ -63,7 +63,7 @@ def test_pooled_in_place_from_edges_matches_the_tile(n, rows, kernel, divisor, e
     launch(_edges_of, (triton.cdiv(n, TILE), rows), [xd, workspace[edges_at:], n], dict(SEG=seg, HALF=half,
                                                                                           BLOCK=TILE))
     fn, grid, args, constexprs = pool_launch(slots, workspace, workspace, 1, rows, n, w, edges_at, 1, kernel,
-                                             divisor, exclude, 0, seg)
+                                             divisor, divisor != 1, exclude, 0, seg)
     launch(fn, grid, args, constexprs)
     got = slots.cpu()
     assert got[0].isnan().all(), "only the pooled slot is written"

@@ -134,7 +134,7 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
         score_constexprs = geo.score_constexprs()
         record("score", compiled.kernel("score"), largs, score_constexprs, geo.num_warps, geo.score_maxnreg)
         if program.pooled:   # TRITONKV_POOL_AFTER=1: the score kernel that leaves its pooling to kernels/pooling.py
-            record("score pooled after", compiled.kernel("score"), largs,
+            record("score unpooled", compiled.kernel("score"), largs,
                    {**score_constexprs, "POOL_AFTER": True, "HALO": program.halo_pooled_after}, geo.num_warps,
                    geo.score_maxnreg)
         if geo.score_heads:   # what evict launches instead of score + transform here
@@ -155,7 +155,8 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
             node = program.globals[gi]
             for page in ((0, PAGE) if paged else (0,)):
                 fn, _, pargs, pconst = pool_launch(priorities, workspace, sequences, index, batch * heads, n, window,
-                                                   0, heads, node.pool_kernel, group, node.exclude_window, page,
+                                                   0, heads, node.pool_kernel, group, node.group_reduce == "mean",
+                                                   node.exclude_window, page,
                                                    pool_segment(n, page > 0))
                 record("pool" + (" paged" if page else ""), fn, pargs, pconst, POOL_WARPS)
         passes = deferred_launches(priorities, workspace, 0, index, batch * heads, n, 8, 4) if slot.deferred else []

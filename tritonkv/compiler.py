@@ -296,7 +296,7 @@ def _pool_step(program: Program, slot, index: int, score, args, priorities, work
     arg = lambda name: args[score.arg_names.index(name)]  # noqa: E731
     edges = arg(f"fo_{gi}") + geo.rows * geo.constexprs[f"QR_{gi}"]
     return (*pool_launch(priorities, workspace, arg("sq_ptr"), index, geo.rows, arg("N"), arg(f"w_{gi}"), edges,
-                         arg("H"), node.pool_kernel, geo.constexprs["G"] if node.group_reduce == "mean" else 1,
+                         arg("H"), node.pool_kernel, geo.constexprs["G"], node.group_reduce == "mean",
                          node.exclude_window, geo.constexprs["PAGE"], geo.constexprs["POOL_SEG"]), POOL_WARPS)
 
 

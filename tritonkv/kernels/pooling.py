@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, next_power_of_2
+from .proxy import group_finish
 from .sequences import sequence_of
 
 POOL_WARPS = 4
@@ -73,23 +74,12 @@ def _unpooled(row, edges, p, lo, n_pool, SEG: tl.constexpr, HALF: tl.constexpr):
                     tl.load(edges + at, mask=ok & ((p < lo) | (p >= lo + SEG)), other=0.0))
 
 
-@triton.jit
-def _finish(acc, q, N, w, KERNEL: tl.constexpr, DIVISOR: tl.constexpr, EXCLUDE: tl.constexpr):
-    """proxy_attention_tile's FINISH after the neighbours' sum: the average, the group mean, the
-    window's keys 0."""
-    acc = acc / KERNEL
-    if DIVISOR != 1:
-        acc = acc / DIVISOR
-    if EXCLUDE:
-        acc = tl.where(q < N - w, acc, 0.0)
-    return acc
-
-
 @triton.jit(do_not_specialize=["slot", "rows", "N", "w", "edge_off", "H"])
 def _pool_kernel(prio_ptr, ws_ptr, sq_ptr, slot, rows, N, w, edge_off, H, SEG: tl.constexpr, KERNEL: tl.constexpr,
-                 DIVISOR: tl.constexpr, EXCLUDE: tl.constexpr, PAGE: tl.constexpr):
-    """Program (segment, row): pool the segment's unpooled values in place, divide by DIVISOR
-    (the group mean's G, else 1), and with EXCLUDE set the window's w keys to 0. N is the
+                 G: tl.constexpr, GROUP_MEAN: tl.constexpr, EXCLUDE: tl.constexpr, PAGE: tl.constexpr):
+    """Program (segment, row): pool the segment's unpooled values in place (the average of
+    primitives.pool), then proxy.group_finish: with GROUP_MEAN divide by the group's G, with
+    EXCLUDE set the window's w keys to 0. N is the
     slots' row stride (the longest sequence where PAGE > 0, each row's length then read from
     its sequence table entry). A lane's neighbours come from shifted loads of the segment
     itself; the HALF lanes at each end, whose neighbours lie partly outside it, are pooled
@@ -112,25 +102,25 @@ def _pool_kernel(prio_ptr, ws_ptr, sq_ptr, slot, rows, N, w, edge_off, H, SEG: t
     for j in tl.static_range(1 - HALF, HALF + 1):
         acc = acc + tl.load(seg_row + o_i + j, mask=(o_i + j >= 0) & (o_i + j < SEG) & (lo + o_i + j < n_pool),
                             other=0.0)
-    acc = _finish(acc, lo + o_i, N, w, KERNEL, DIVISOR, EXCLUDE)
+    acc = group_finish(acc / KERNEL, lo + o_i, N, w, G, GROUP_MEAN, EXCLUDE)
     # the first and last HALF tokens, with the neighbours beside the segment
     o_e = tl.arange(0, _end_lanes(HALF))
     q = tl.where(o_e < HALF, lo + o_e, lo + SEG - 2 * HALF + o_e)
     end = _unpooled(row, edges, q - HALF, lo, n_pool, SEG, HALF)
     for j in tl.static_range(1 - HALF, HALF + 1):
         end = end + _unpooled(row, edges, q + j, lo, n_pool, SEG, HALF)
-    end = _finish(end, q, N, w, KERNEL, DIVISOR, EXCLUDE)
+    end = group_finish(end / KERNEL, q, N, w, G, GROUP_MEAN, EXCLUDE)
     tl.debug_barrier()   # every thread's loads of the segment before any thread's stores into it
     tl.store(seg_row + o_i, acc, mask=(o_i >= HALF) & (o_i < SEG - HALF) & (lo + o_i < N))
     tl.store(row + q, end, mask=(o_e < 2 * HALF) & (q < N))
 
 
 def pool_launch(priorities, workspace, sequences, slot: int, rows: int, n: int, w: int, edge_off: int, heads: int,
-                kernel: int, divisor: int, exclude: bool, page: int, seg: int):
+                kernel: int, group: int, group_mean: bool, exclude: bool, page: int, seg: int):
     """(kernel, grid, args, constexprs) of the pooling pass over one slot of ``priorities``
     [n_slots, rows, n] in segments of ``seg`` keys (the score kernel's POOL_SEG); ``edge_off``: the
     slot's edges in ``workspace``; ``sequences``: a paged call's sequence table (else any tensor:
     not read)."""
     return (_pool_kernel, (cdiv(n, seg), rows),
             [priorities, workspace, sequences, slot, rows, n, w, edge_off, heads],
-            dict(SEG=seg, KERNEL=kernel, DIVISOR=divisor, EXCLUDE=exclude, PAGE=page))
+            dict(SEG=seg, KERNEL=kernel, G=group, GROUP_MEAN=group_mean, EXCLUDE=exclude, PAGE=page))

@@ -254,7 +254,7 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
                          IEEE: tl.constexpr, LOGITS: tl.constexpr, FINISH: tl.constexpr):
     """reference.proxy_attention for one tile of keys; with FINISH off, the group's sum before the
     pooling, the group mean's division and the window's exclusion, which kernels/pooling.py's pass
-    then applies (an average pooling that commutes with the group reduction: codegen.deferred_pool).
+    then applies (an average pooling that commutes with the group reduction: codegen.deferred_pools).
 
     b_q0, w_r0, b_lse0 are chunk 0 (proxy_chunk; no row mask: a padding row's lse is +inf),
     loaded once per program: when all query rows fit one chunk (the common case: G * W_PAD <=
@@ -290,8 +290,16 @@ def proxy_attention_tile(b_k, b_q0, w_r0, b_lse0, q_ptr, s_qb, s_qh, s_qw, s_qd,
     if FINISH:
         if POOL > 1 and not _pools_each_head(POOL, POOL_MAX, GROUP_REDUCE):
             acc_grp = pool(acc_grp, o_t, o_n, _pool_end(N, w, EXCLUDE), POOL, POOL_MAX, BLOCK_N)
-        if GROUP_REDUCE == 0:
-            acc_grp = acc_grp / G
-        if EXCLUDE:   # the window's own keys score 0
-            acc_grp = tl.where(o_n < N - w, acc_grp, 0.0)
+        acc_grp = group_finish(acc_grp, o_n, N, w, G, GROUP_REDUCE == 0, EXCLUDE)
     return acc_grp
+
+
+@triton.jit
+def group_finish(acc, o_n, N, w, G: tl.constexpr, GROUP_MEAN: tl.constexpr, EXCLUDE: tl.constexpr):
+    """The last steps of a proxy attention's score, after its pooling (here or in kernels/pooling.py):
+    the group mean's division, the window's own keys set to 0 (exclude_window)."""
+    if GROUP_MEAN:
+        acc = acc / G
+    if EXCLUDE:
+        acc = tl.where(o_n < N - w, acc, 0.0)
+    return acc
