@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tritonkv import reference
 from tritonkv.kernels.launch import launch
-from tritonkv.kernels.pooling import edge_floats, pool_launch, pool_segment, store_edges
+from tritonkv.kernels.pooling import edge_floats, pool_launch, pool_segment, row_edges, store_edges
 
 from .devices import CUDA, to_device
 from .strategies import examples
@@ -19,14 +19,14 @@ TILE = 32
 
 
 @triton.jit
-def _edges_of(x_ptr, edge_ptr, N, SEG: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+def _edges_of(x_ptr, ws_ptr, lse_off, rows, q_rows, N, SEG: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
     """What the score kernel stores beside a pooled slot: a row's edges, tile by tile."""
     i_t = tl.program_id(0)
     i_row = tl.program_id(1)
     o_n = i_t * BLOCK + tl.arange(0, BLOCK)
     m = o_n < N
     x = tl.load(x_ptr + i_row * N + o_n, mask=m, other=0.0)
-    store_edges(edge_ptr + i_row * (tl.cdiv(N, SEG) * 2 * HALF), x, o_n, m, SEG, HALF)
+    store_edges(row_edges(ws_ptr, lse_off, rows, q_rows, i_row, N, SEG, HALF), x, o_n, m, SEG, HALF)
 
 
 def pooled_as_the_tile_does(x, kernel: int, divisor: int, n_pool: int, w_zero: int):
@@ -57,12 +57,13 @@ def test_pooled_in_place_from_edges_matches_the_tile(n, rows, kernel, divisor, e
     half, seg = kernel // 2, pool_segment(n)
     slots = torch.full((2, rows, n), float("nan"))
     slots[1] = x   # slot 1 pooled: slot 0 must stay as it is
-    edges_at = 5   # the edges' offset in the workspace, as the geometry places them after other regions
-    workspace = torch.full((edges_at + rows * edge_floats(n, kernel, seg),), float("nan"))
+    lse_at, q_rows = 5, 3   # the attention's row statistics in the workspace: its edges right after them
+    workspace = torch.full((lse_at + rows * q_rows + rows * edge_floats(n, kernel, seg),), float("nan"))
     slots, workspace, xd = to_device(slots, workspace, x.contiguous())
-    launch(_edges_of, (triton.cdiv(n, TILE), rows), [xd, workspace[edges_at:], n], dict(SEG=seg, HALF=half,
-                                                                                          BLOCK=TILE))
-    fn, grid, args, constexprs = pool_launch(slots, workspace, workspace, 1, rows, n, w, edges_at, 1, kernel,
+    launch(_edges_of, (triton.cdiv(n, TILE), rows), [xd, workspace, lse_at, rows, q_rows, n],
+           dict(SEG=seg, HALF=half, BLOCK=TILE))
+    assert workspace[:lse_at + rows * q_rows].isnan().all(), "the edges lie after the row statistics"
+    fn, grid, args, constexprs = pool_launch(slots, workspace, workspace, 1, rows, n, w, lse_at, q_rows, 1, kernel,
                                              divisor, divisor != 1, exclude, 0, seg)
     launch(fn, grid, args, constexprs)
     got = slots.cpu()

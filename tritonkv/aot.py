@@ -155,7 +155,7 @@ def build_policy(name: str, policy: dsl.Policy, *, batch=1, heads=8, n=4096, d=1
             node = program.globals[gi]
             for page in ((0, PAGE) if paged else (0,)):
                 fn, _, pargs, pconst = pool_launch(priorities, workspace, sequences, index, batch * heads, n, window,
-                                                   0, heads, node.pool_kernel, group, node.group_reduce == "mean",
+                                                   0, 1, heads, node.pool_kernel, group, node.group_reduce == "mean",
                                                    node.exclude_window, page,
                                                    pool_segment(n, page > 0))
                 record("pool" + (" paged" if page else ""), fn, pargs, pconst, POOL_WARPS)

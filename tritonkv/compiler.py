@@ -294,8 +294,8 @@ def _pool_step(program: Program, slot, index: int, score, args, priorities, work
     gi = program.pooled_global(slot)
     node = program.globals[gi]
     arg = lambda name: args[score.arg_names.index(name)]  # noqa: E731
-    edges = arg(f"fo_{gi}") + geo.rows * geo.constexprs[f"QR_{gi}"]
-    return (*pool_launch(priorities, workspace, arg("sq_ptr"), index, geo.rows, arg("N"), arg(f"w_{gi}"), edges,
+    return (*pool_launch(priorities, workspace, arg("sq_ptr"), index, geo.rows, arg("N"), arg(f"w_{gi}"),
+                         arg(f"fo_{gi}"), geo.constexprs[f"QR_{gi}"],
                          arg("H"), node.pool_kernel, geo.constexprs["G"], node.group_reduce == "mean",
                          node.exclude_window, geo.constexprs["PAGE"], geo.constexprs["POOL_SEG"]), POOL_WARPS)
 

@@ -330,7 +330,7 @@ def _geometry(program: Program, k_shape, v_shape, q_shape, dtype: torch.dtype, i
         placed.append((partials, offset, [w, 0] if isinstance(node, dsl.ProxyAttention) else []))
         partials += rows * part
         offset += rows * final
-        if after and i in program.pooled:   # its slot's edges (kernels/pooling.py), right after its rows' lse
+        if after and i in program.pooled:   # its slot's edges, right after its rows' lse (kernels/pooling.row_edges)
             offset += rows * edge_floats(n, node.pool_kernel, constexprs["POOL_SEG"])
     for i, numel in logits_regions:
         placed[i][2][1] = offset

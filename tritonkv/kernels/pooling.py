@@ -46,6 +46,15 @@ def edge_floats(n: int, kernel: int, seg: int) -> int:
     return cdiv(n, seg) * 2 * (kernel // 2)
 
 
+@triton.jit
+def row_edges(ws_ptr, lse_off, rows, q_rows, i_row, NS, SEG: tl.constexpr, HALF: tl.constexpr):
+    """Pointer to row i_row's edges (rows of NS keys, segments of SEG): a pooled slot's edges lie right
+    after its attention's row statistics (lse_off + rows * q_rows floats into the workspace, where
+    geometry allocates them), a row's after another (edge_floats). The score kernel's stores and the
+    pass's loads both address them through here."""
+    return ws_ptr + lse_off + rows * q_rows + i_row.to(tl.int64) * (tl.cdiv(NS, SEG) * 2 * HALF)
+
+
 @triton.constexpr_function
 def _end_lanes(HALF):
     """Lanes of the tensor of a segment's 2 * HALF end tokens (a power of two)."""
@@ -74,8 +83,8 @@ def _unpooled(row, edges, p, lo, n_pool, SEG: tl.constexpr, HALF: tl.constexpr):
                     tl.load(edges + at, mask=ok & ((p < lo) | (p >= lo + SEG)), other=0.0))
 
 
-@triton.jit(do_not_specialize=["slot", "rows", "N", "w", "edge_off", "H"])
-def _pool_kernel(prio_ptr, ws_ptr, sq_ptr, slot, rows, N, w, edge_off, H, SEG: tl.constexpr, KERNEL: tl.constexpr,
+@triton.jit(do_not_specialize=["slot", "rows", "N", "w", "lse_off", "q_rows", "H"])
+def _pool_kernel(prio_ptr, ws_ptr, sq_ptr, slot, rows, N, w, lse_off, q_rows, H, SEG: tl.constexpr, KERNEL: tl.constexpr,
                  G: tl.constexpr, GROUP_MEAN: tl.constexpr, EXCLUDE: tl.constexpr, PAGE: tl.constexpr):
     """Program (segment, row): pool the segment's unpooled values in place (the average of
     primitives.pool), then proxy.group_finish: with GROUP_MEAN divide by the group's G, with
@@ -97,7 +106,7 @@ def _pool_kernel(prio_ptr, ws_ptr, sq_ptr, slot, rows, N, w, edge_off, H, SEG: t
     o_i = tl.arange(0, SEG)
     row = prio_ptr + (slot * rows + i_row).to(tl.int64) * NS
     seg_row = row + lo
-    edges = ws_ptr + edge_off + i_row.to(tl.int64) * (tl.cdiv(NS, SEG) * 2 * HALF)
+    edges = row_edges(ws_ptr, lse_off, rows, q_rows, i_row, NS, SEG, HALF)
     acc = tl.load(seg_row + o_i - HALF, mask=(o_i >= HALF) & (lo + o_i - HALF < n_pool), other=0.0)
     for j in tl.static_range(1 - HALF, HALF + 1):
         acc = acc + tl.load(seg_row + o_i + j, mask=(o_i + j >= 0) & (o_i + j < SEG) & (lo + o_i + j < n_pool),
@@ -115,12 +124,12 @@ def _pool_kernel(prio_ptr, ws_ptr, sq_ptr, slot, rows, N, w, edge_off, H, SEG: t
     tl.store(row + q, end, mask=(o_e < 2 * HALF) & (q < N))
 
 
-def pool_launch(priorities, workspace, sequences, slot: int, rows: int, n: int, w: int, edge_off: int, heads: int,
-                kernel: int, group: int, group_mean: bool, exclude: bool, page: int, seg: int):
+def pool_launch(priorities, workspace, sequences, slot: int, rows: int, n: int, w: int, lse_off: int, q_rows: int,
+                heads: int, kernel: int, group: int, group_mean: bool, exclude: bool, page: int, seg: int):
     """(kernel, grid, args, constexprs) of the pooling pass over one slot of ``priorities``
-    [n_slots, rows, n] in segments of ``seg`` keys (the score kernel's POOL_SEG); ``edge_off``: the
-    slot's edges in ``workspace``; ``sequences``: a paged call's sequence table (else any tensor:
-    not read)."""
+    [n_slots, rows, n] in segments of ``seg`` keys (the score kernel's POOL_SEG); ``lse_off``,
+    ``q_rows``: the slot's attention's row statistics in ``workspace``, its edges after them
+    (row_edges); ``sequences``: a paged call's sequence table (else any tensor: not read)."""
     return (_pool_kernel, (cdiv(n, seg), rows),
-            [priorities, workspace, sequences, slot, rows, n, w, edge_off, heads],
+            [priorities, workspace, sequences, slot, rows, n, w, lse_off, q_rows, heads],
             dict(SEG=seg, KERNEL=kernel, G=group, GROUP_MEAN=group_mean, EXCLUDE=exclude, PAGE=page))
