@@ -274,8 +274,8 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
     deferred = iter(geo.deferred)
     moments = dict(zip(program.moment_slots, geo.moments))
     for index, slot in enumerate(program.slots):
-        passes = [_pool_step(program, slot, index, score, args, priorities, workspace, geo)] \
-            if geo.constexprs["POOL_AFTER"] and program.pooled_global(slot) is not None else []
+        pooled = program.pooled_global(slot) if geo.constexprs["POOL_AFTER"] else None
+        passes = [] if pooled is None else [_pool_step(program, pooled, index, score, args, priorities, workspace, geo)]
         passes += [(*step, DEFERRED_WARPS) for step in deferred_launches(
             priorities, workspace, next(deferred), index, geo.rows, n, *geo.deferred_tiling)] if slot.deferred else []
         if slot.transformed and not geo.score_heads:
@@ -288,10 +288,10 @@ def _score_launches(compiled: CompiledPolicy, geo: Geometry, args, priorities, w
     return out
 
 
-def _pool_step(program: Program, slot, index: int, score, args, priorities, workspace, geo: Geometry):
-    """(kernel, grid, args, constexprs, warps) of the pass that pools slot ``index`` after the score
-    kernel (kernels/pooling.py), from the score launch's own arguments (its window, lse offset, rows)."""
-    gi = program.pooled_global(slot)
+def _pool_step(program: Program, gi: int, index: int, score, args, priorities, workspace, geo: Geometry):
+    """(kernel, grid, args, constexprs, warps) of the pass that pools slot ``index``, global ``gi``'s proxy
+    attention stored unpooled, after the score kernel (kernels/pooling.py), from the score launch's own
+    arguments (its window, lse offset, rows)."""
     node = program.globals[gi]
     arg = lambda name: args[score.arg_names.index(name)]  # noqa: E731
     return (*pool_launch(priorities, workspace, arg("sq_ptr"), index, geo.rows, arg("N"), arg(f"w_{gi}"),
